@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The whole Lazarus test suite, from a fresh machine with only the Rust toolchain.
+#
+#   bash scripts/test.sh
+#
+# It installs and starts what the tests need, and stops it afterwards, also
+# when tests fail:
+# - an S3-compatible server (moto, from PyPI, in a venv under target/) on
+#   loopback, with a bucket, unless LAZARUS_TEST_S3_ENDPOINT is already set
+#   (then the suite uses that server: MinIO, AWS, ...; set AWS_ACCESS_KEY_ID,
+#   AWS_SECRET_ACCESS_KEY, AWS_REGION and LAZARUS_TEST_S3_BUCKET too);
+# - cargo-nextest is used when installed, `cargo test` otherwise.
+# Then it runs fmt, clippy, every test of the workspace and the doc tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TOOLS="$ROOT/target/test-tools"
+mkdir -p "$TOOLS"
+
+log() { printf '\n== %s\n' "$*"; }
+
+need_root_for() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "scripts/test.sh: $1 is missing and installing it needs root (apt-get); install it or run as root" >&2
+        exit 1
+    fi
+}
+
+apt_install() {
+    need_root_for "$*"
+    if [ ! -f "$TOOLS/.apt-updated" ]; then
+        apt-get update -qq && touch "$TOOLS/.apt-updated"
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+SERVER_PID=""
+cleanup() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        echo "stopped S3 server (pid $SERVER_PID)"
+    fi
+}
+trap cleanup EXIT INT TERM
+
+start_moto() {
+    command -v python3 >/dev/null || apt_install python3 python3-venv
+    local venv="$TOOLS/moto-venv"
+    if [ ! -x "$venv/bin/moto_server" ]; then
+        log "installing moto (S3-compatible server) into $venv"
+        if ! python3 -m venv "$venv" 2>/dev/null; then
+            rm -rf "$venv"
+            apt_install python3-venv
+            python3 -m venv "$venv"
+        fi
+        "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==5.*"
+    fi
+    local port
+    port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$TOOLS/moto.log" 2>&1 &
+    SERVER_PID=$!
+    export LAZARUS_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
+    export LAZARUS_TEST_S3_BUCKET=lazarus-test
+    export AWS_ACCESS_KEY_ID=lazarus AWS_SECRET_ACCESS_KEY=lazarus-secret AWS_REGION=us-east-1
+    # Wait (bounded: 60 tries, 30 s) for the server, then create the bucket.
+    "$venv/bin/python" - "$LAZARUS_TEST_S3_ENDPOINT" "$LAZARUS_TEST_S3_BUCKET" <<'PY'
+import sys, time, urllib.request
+endpoint, bucket = sys.argv[1], sys.argv[2]
+for _ in range(60):
+    try:
+        urllib.request.urlopen(endpoint, timeout=1)
+        break
+    except Exception:
+        time.sleep(0.5)
+else:
+    sys.exit(f"S3 server at {endpoint} did not come up in 30 s")
+urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=5)
+print(f"S3 server (moto) up at {endpoint}, bucket {bucket}")
+PY
+}
+
+if [ -n "${LAZARUS_TEST_S3_ENDPOINT:-}" ]; then
+    log "using the S3-compatible server at $LAZARUS_TEST_S3_ENDPOINT (bucket ${LAZARUS_TEST_S3_BUCKET:-lazarus-test})"
+else
+    log "starting an S3-compatible server"
+    start_moto
+fi
+export AWS_ALLOW_HTTP=true AWS_ENDPOINT="$LAZARUS_TEST_S3_ENDPOINT"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+if cargo nextest --version >/dev/null 2>&1; then
+    log "cargo nextest run (workspace)"
+    cargo nextest run --workspace --all-targets --no-fail-fast
+else
+    log "cargo test (workspace; cargo-nextest not installed)"
+    cargo test --workspace --all-targets --no-fail-fast
+fi
+log "doc tests"
+cargo test --workspace --doc --quiet
+
+if [ -n "$SERVER_PID" ]; then
+    requests=$(grep -c '"\(PUT\|GET\|POST\|DELETE\|HEAD\) /lazarus-test' "$TOOLS/moto.log" || true)
+    log "S3 suite ran against moto (pid $SERVER_PID, $LAZARUS_TEST_S3_ENDPOINT): $requests HTTP requests served"
+fi

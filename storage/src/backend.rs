@@ -1,0 +1,203 @@
+//! Opening a store from a URL. This is the only module that knows which
+//! object_store backend is behind a [`CheckpointStore`].
+//!
+//! | URL | backend |
+//! | --- | --- |
+//! | `file:///abs/dir` | local directory; objects are fsynced before a put returns |
+//! | `s3://bucket/prefix` | any S3-compatible store; endpoint, region, credentials and `allow_http` from the `AWS_*` environment or [`StoreOptions::s3`] |
+//! | `memory://` | in-process memory, for unit tests |
+
+use std::collections::BTreeMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::ObjectStore;
+
+use crate::error::{Result, StorageError};
+
+/// Tunables of a store connection. Components (the object store itself) are
+/// passed to [`CheckpointStore::from_object_store`], not through here.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// S3 settings by object_store config key (`endpoint`, `region`,
+    /// `access_key_id`, `secret_access_key`, `allow_http`, …). They override
+    /// the `AWS_*` environment variables.
+    pub s3: BTreeMap<String, String>,
+    /// Objects larger than this (bytes) are uploaded with multipart upload.
+    /// Default 16 MiB: below it one PUT is faster, above it parts upload in
+    /// parallel and a failed part is retried alone.
+    pub multipart_threshold: u64,
+    /// Size of one multipart part in bytes. Default 16 MiB; S3 needs at least
+    /// 5 MiB for every part but the last.
+    pub part_size: usize,
+    /// Parts (and objects) in flight at once. Default 4: enough to fill a
+    /// link to one endpoint without holding many parts in memory.
+    pub upload_concurrency: usize,
+    /// zstd level for [`Codec::Zstd`](crate::Codec). Default 1: the fastest,
+    /// since checkpoint latency matters more than a few percent of size.
+    pub zstd_level: i32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            s3: BTreeMap::new(),
+            multipart_threshold: 16 << 20,
+            part_size: 16 << 20,
+            upload_concurrency: 4,
+            zstd_level: 1,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Checks every field; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &'static str, reason: String| {
+            Err(StorageError::InvalidArgument { what, reason })
+        };
+        if self.part_size < 5 << 20 {
+            return bad(
+                "part_size",
+                format!("{} bytes is below the 5 MiB S3 minimum", self.part_size),
+            );
+        }
+        if self.upload_concurrency == 0 {
+            return bad("upload_concurrency", "must be at least 1".into());
+        }
+        if !(1..=22).contains(&self.zstd_level) {
+            return bad(
+                "zstd_level",
+                format!("{} is outside 1..=22", self.zstd_level),
+            );
+        }
+        for key in self.s3.keys() {
+            if key.parse::<AmazonS3ConfigKey>().is_err() {
+                return bad(
+                    "s3",
+                    format!(
+                        "{key:?} is not an S3 option (for example endpoint, region, allow_http)"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which kind of backend a store is; decides durability steps.
+#[derive(Debug, Clone)]
+pub(crate) enum BackendKind {
+    /// A local directory: object_store writes files without fsync, so the
+    /// store fsyncs each object and its directories itself.
+    File { root: PathBuf },
+    /// S3 or anything else remote: a successful PUT is durable.
+    Remote,
+}
+
+/// An opened backend: the object store, the key prefix all objects live
+/// under, and what kind it is.
+pub(crate) struct Backend {
+    pub(crate) object_store: Arc<dyn ObjectStore>,
+    pub(crate) prefix: String,
+    pub(crate) kind: BackendKind,
+}
+
+fn invalid(url: &str, reason: impl Into<String>) -> StorageError {
+    StorageError::InvalidUrl {
+        url: url.to_string(),
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn open(url_str: &str, options: &StoreOptions) -> Result<Backend> {
+    options.validate()?;
+    let url = url::Url::parse(url_str).map_err(|e| {
+        invalid(
+            url_str,
+            format!("{e}; expected file:///abs/dir, s3://bucket/prefix or memory://"),
+        )
+    })?;
+    match url.scheme() {
+        "file" => {
+            if url
+                .host_str()
+                .is_some_and(|h| !h.is_empty() && h != "localhost")
+            {
+                return Err(invalid(
+                    url_str,
+                    "a file:// URL takes no host; write file:///abs/dir",
+                ));
+            }
+            let root = url
+                .to_file_path()
+                .map_err(|()| invalid(url_str, "not an absolute local path"))?;
+            std::fs::create_dir_all(&root)
+                .map_err(|e| StorageError::io("create store directory", &root, e))?;
+            let fs = LocalFileSystem::new_with_prefix(&root)
+                .map_err(|e| invalid(url_str, format!("cannot open directory: {e}")))?;
+            Ok(Backend {
+                object_store: Arc::new(fs),
+                prefix: String::new(),
+                kind: BackendKind::File { root },
+            })
+        }
+        "s3" => {
+            let bucket = url
+                .host_str()
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| invalid(url_str, "missing bucket; write s3://bucket/prefix"))?;
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            for (key, value) in &options.s3 {
+                let key: AmazonS3ConfigKey = key
+                    .parse()
+                    .map_err(|e| invalid(url_str, format!("S3 option {key:?}: {e}")))?;
+                builder = builder.with_config(key, value);
+            }
+            let s3 = builder
+                .build()
+                .map_err(|e| invalid(url_str, format!("S3 configuration: {e}")))?;
+            Ok(Backend {
+                object_store: Arc::new(s3),
+                prefix: url.path().trim_matches('/').to_string(),
+                kind: BackendKind::Remote,
+            })
+        }
+        "memory" => Ok(Backend {
+            object_store: Arc::new(InMemory::new()),
+            prefix: String::new(),
+            kind: BackendKind::Remote,
+        }),
+        other => Err(invalid(
+            url_str,
+            format!("unsupported scheme {other:?}; expected file://, s3:// or memory://"),
+        )),
+    }
+}
+
+/// Makes a file written by object_store durable: fsync the file, then every
+/// directory from its parent up to the store root (new directories must be
+/// durable entries of their parents too).
+pub(crate) fn fsync_path(root: &FsPath, key: &str) -> Result<()> {
+    let path = root.join(key);
+    let file =
+        std::fs::File::open(&path).map_err(|e| StorageError::io("open for fsync", &path, e))?;
+    file.sync_all()
+        .map_err(|e| StorageError::io("fsync", &path, e))?;
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        let handle = std::fs::File::open(d)
+            .map_err(|e| StorageError::io("open directory for fsync", d, e))?;
+        handle
+            .sync_all()
+            .map_err(|e| StorageError::io("fsync directory", d, e))?;
+        if d == root {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(())
+}

@@ -1,0 +1,284 @@
+//! Restore: a worker's chunks are copied into a local cache directory and
+//! handed out as memory-mapped, CRC-checked views that rkyv reads in place.
+//!
+//! A cache file is itself a frame with codec none and the raw payload, so a
+//! zstd chunk is decoded once, on download, and every later access is a map.
+//! Cache files are written under a temporary name and renamed into place only
+//! after the downloaded frame passed every check; a cache hit is re-checked
+//! against the manifest's raw CRC before it is used, so a damaged cache file
+//! is fetched again, never handed out.
+
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::Mmap;
+use rkyv::bytecheck::CheckBytes;
+use rkyv::rancor;
+use rkyv::Portable;
+use tracing::Instrument;
+
+use crate::error::{CorruptReason, Result, StorageError};
+use crate::frame::{Codec, FrameHeader, FrameKind, HEADER_LEN};
+use crate::ids::WorkerId;
+use crate::manifest::{ChunkRef, Manifest};
+use crate::store::JobStore;
+
+/// A local directory holding restored chunks, shared by restores of any job.
+#[derive(Debug, Clone)]
+pub struct LocalCache {
+    dir: PathBuf,
+}
+
+impl LocalCache {
+    /// A cache in `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> Result<LocalCache> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StorageError::io("create cache directory", &dir, e))?;
+        Ok(LocalCache { dir })
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the chunk `rel` of `job` lives in the cache. `rel` was validated
+    /// as a chunk key (`keys::parse_chunk`), so it cannot leave the directory.
+    fn path_of(&self, job: &str, rel: &str) -> PathBuf {
+        self.dir.join(job).join(rel)
+    }
+}
+
+/// One restored chunk: a read-only map of a CRC-checked cache file.
+#[derive(Debug)]
+pub struct MappedChunk {
+    key: String,
+    map: Mmap,
+}
+
+impl MappedChunk {
+    /// Maps the cache file at `path` and checks it: a codec-none chunk frame
+    /// whose payload has length `raw_len` and CRC `raw_crc`.
+    fn open(path: &Path, key: &str, raw_len: u64, raw_crc: u32) -> Result<MappedChunk> {
+        let file = File::open(path).map_err(|e| StorageError::io("open cache file", path, e))?;
+        // SAFETY: the cache directory belongs to this process's agent and files
+        // in it are only ever created by rename, never modified in place, so
+        // the mapped bytes do not change under us.
+        let map =
+            unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io("map cache file", path, e))?;
+        let corrupt = |reason| {
+            StorageError::corrupt(format!("{key} (cache file {})", path.display()), reason)
+        };
+        let header = FrameHeader::decode(key, FrameKind::Chunk, &map)?;
+        if header.codec != Codec::None {
+            return Err(corrupt(CorruptReason::UnknownCodec(1)));
+        }
+        let payload = &map[HEADER_LEN..];
+        if payload.len() as u64 != header.payload_len || header.payload_len != raw_len {
+            return Err(corrupt(CorruptReason::Length {
+                expected: raw_len,
+                actual: payload.len() as u64,
+            }));
+        }
+        let computed = crc32fast::hash(payload);
+        if computed != raw_crc || header.payload_crc != raw_crc {
+            return Err(corrupt(CorruptReason::PayloadCrc {
+                expected: raw_crc,
+                computed,
+            }));
+        }
+        Ok(MappedChunk {
+            key: key.to_string(),
+            map,
+        })
+    }
+
+    /// The full key of the chunk in the store.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The raw payload, CRC-checked. It starts 32-byte aligned.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[HEADER_LEN..]
+    }
+
+    /// The payload read in place as an rkyv archive of type `T`, validated
+    /// first: no deserialization pass, and no access to bytes that fail
+    /// validation.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), lazarus_storage::StorageError> {
+    /// use lazarus_storage::*;
+    /// let job = CheckpointStore::open("memory://")?.job(JobId::new("j")?);
+    /// let worker = WorkerId::new("w")?;
+    /// let state: Vec<u64> = vec![1, 2, 3];
+    /// let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&state).expect("serialize");
+    /// let chunk = job.write_chunk(CheckpointId(1), &worker, "s", bytes.to_vec().into(), Codec::None).await?;
+    /// let mut manifest = Manifest::new(job.job().clone(), CheckpointId(1), Epoch(1));
+    /// manifest.workers.insert(worker.clone(), WorkerSnapshot { chunks: vec![chunk], metadata: vec![] });
+    /// job.commit(&manifest).await?;
+    ///
+    /// let cache = LocalCache::new(tempfile::tempdir().expect("dir").keep())?;
+    /// let restored = job.restore_worker(&job.latest().await?, &worker, &cache).await?;
+    /// let archived = restored.chunks[0].access::<rkyv::Archived<Vec<u64>>>()?;
+    /// assert_eq!(archived.len(), 3);
+    /// assert_eq!(archived[2], 3);
+    /// # Ok(()) }
+    /// ```
+    pub fn access<T>(&self) -> Result<&T>
+    where
+        T: Portable + for<'a> CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>,
+    {
+        rkyv::access::<T, rancor::Error>(self.bytes())
+            .map_err(|e| StorageError::corrupt(&self.key, CorruptReason::Archive(e.to_string())))
+    }
+}
+
+/// A worker's state restored from a checkpoint.
+#[derive(Debug)]
+pub struct RestoredWorker {
+    /// The checkpoint restored.
+    pub checkpoint: crate::CheckpointId,
+    /// The worker.
+    pub worker: WorkerId,
+    /// The metadata stored beside the state (for example source positions).
+    pub metadata: Vec<u8>,
+    /// The chunks, in the order the worker wrote them.
+    pub chunks: Vec<MappedChunk>,
+    /// Bytes downloaded from the store (0 when everything was cached).
+    pub fetched_bytes: u64,
+    /// Chunks served from the cache without download.
+    pub cache_hits: usize,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl JobStore {
+    /// Restores `worker`'s state of `manifest` into `cache` and maps it.
+    /// Chunks already cached with the right CRC are not fetched again.
+    pub async fn restore_worker(
+        &self,
+        manifest: &Manifest,
+        worker: &WorkerId,
+        cache: &LocalCache,
+    ) -> Result<RestoredWorker> {
+        let snapshot =
+            manifest
+                .workers
+                .get(worker)
+                .ok_or_else(|| StorageError::WorkerNotFound {
+                    job: self.job.to_string(),
+                    id: manifest.checkpoint,
+                    worker: worker.to_string(),
+                })?;
+        let span = tracing::info_span!("restore", job = %self.job, checkpoint = %manifest.checkpoint, %worker);
+        async {
+            let mut chunks = Vec::with_capacity(snapshot.chunks.len());
+            let mut fetched_bytes = 0;
+            let mut cache_hits = 0;
+            // Chunks are fetched one after another; each streams through a
+            // bounded channel, so memory stays at a few buffers however large
+            // the state. Parallel fetch is left to the store's own parallelism.
+            for chunk in &snapshot.chunks {
+                let (mapped, fetched) = self.restore_chunk(chunk, cache).await?;
+                match fetched {
+                    0 => cache_hits += 1,
+                    n => fetched_bytes += n,
+                }
+                chunks.push(mapped);
+            }
+            tracing::info!(fetched_bytes, cache_hits, "restored");
+            Ok(RestoredWorker {
+                checkpoint: manifest.checkpoint,
+                worker: worker.clone(),
+                metadata: snapshot.metadata.clone(),
+                chunks,
+                fetched_bytes,
+                cache_hits,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Returns the mapped chunk and how many bytes were downloaded for it.
+    async fn restore_chunk(
+        &self,
+        chunk: &ChunkRef,
+        cache: &LocalCache,
+    ) -> Result<(MappedChunk, u64)> {
+        let key = self.full_key(&chunk.key);
+        let path = cache.path_of(self.job.as_str(), &chunk.key);
+        let (raw_len, raw_crc) = (chunk.raw_len, chunk.raw_crc);
+        if path.exists() {
+            let (p, k) = (path.clone(), key.clone());
+            match blocking(move || MappedChunk::open(&p, &k, raw_len, raw_crc)).await? {
+                Ok(mapped) => return Ok((mapped, 0)),
+                Err(e) => tracing::warn!(error = %e, "cached chunk is bad; fetching it again"),
+            }
+        }
+        let parent = path
+            .parent()
+            .expect("cache paths have a parent")
+            .to_path_buf();
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| StorageError::io("create cache directory", &parent, e))?;
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}-{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("chunk"),
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut file =
+            File::create(&tmp).map_err(|e| StorageError::io("create cache file", &tmp, e))?;
+        // Room for the header, written once the payload is known good.
+        file.write_all(&[0u8; HEADER_LEN])
+            .map_err(|e| StorageError::io("write cache file", &tmp, e))?;
+        let outcome = self
+            .read_chunk_into(chunk, BufWriter::with_capacity(1 << 20, file))
+            .await;
+        let (writer, summary) = match outcome {
+            Ok(ok) => ok,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let (tmp2, path2, key2) = (tmp.clone(), path.clone(), key.clone());
+        let finished = blocking(move || -> Result<MappedChunk> {
+            let mut file = writer
+                .into_inner()
+                .map_err(|e| StorageError::io("write cache file", &tmp2, e.into_error()))?;
+            let header = FrameHeader {
+                codec: Codec::None,
+                kind: FrameKind::Chunk,
+                payload_len: summary.raw_len,
+                raw_len: summary.raw_len,
+                payload_crc: summary.raw_crc,
+            };
+            file.seek(SeekFrom::Start(0))
+                .and_then(|_| file.write_all(&header.encode()))
+                .map_err(|e| StorageError::io("write cache file header", &tmp2, e))?;
+            drop(file);
+            std::fs::rename(&tmp2, &path2)
+                .map_err(|e| StorageError::io("rename cache file", &path2, e))?;
+            MappedChunk::open(&path2, &key2, raw_len, raw_crc)
+        })
+        .await?;
+        if finished.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        Ok((finished?, chunk.stored_len))
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::io("blocking task", "", std::io::Error::other(e)))
+}

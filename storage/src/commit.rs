@@ -1,0 +1,141 @@
+//! Committing a checkpoint, and fencing.
+//!
+//! The rules (also in `docs/format.md`):
+//! 1. A writer claims its epoch by creating `epochs/<epoch>` (create-if-absent;
+//!    finding it already there is fine: the same supervisor, a retry).
+//! 2. Before writing a manifest it lists the epoch markers; if any is higher
+//!    than its own it is **fenced** and writes nothing.
+//! 3. The manifest is written with a create-if-absent put. Of writers racing
+//!    on one checkpoint id exactly one wins; a loser learns whether it lost to
+//!    a higher epoch (fenced) or to a peer (already committed).
+//! 4. Steps 2 and 3 are not one atomic step, so a writer that checked before a
+//!    newer epoch claimed the job can still land a manifest afterwards.
+//!    Readers close that gap: a manifest whose epoch is lower than the epoch
+//!    of a manifest with a smaller id is a zombie's and is never restored
+//!    (see `reader`).
+
+use object_store::PutPayload;
+use tracing::Instrument;
+
+use crate::error::{ErrorKind, Result, StorageError};
+use crate::frame::{self, Codec, FrameKind};
+use crate::ids::Epoch;
+use crate::keys;
+use crate::manifest::Manifest;
+use crate::store::JobStore;
+
+impl JobStore {
+    /// Claims `epoch` for this job: from now on commits with a lower epoch
+    /// are fenced. Fails with [`StorageError::Fenced`] if a higher epoch has
+    /// claimed the job already. A supervisor calls this when it takes over.
+    pub async fn claim_epoch(&self, epoch: Epoch) -> Result<()> {
+        let rel = keys::epoch_marker(epoch);
+        let body = serde_json::to_vec(&serde_json::json!({ "epoch": epoch.0 }))
+            .expect("a json value always serializes");
+        let encoded = frame::encode(FrameKind::EpochMarker, Codec::None, 1, body.into())?;
+        match self
+            .put_small(&rel, PutPayload::from(encoded.to_vec()), true)
+            .await
+        {
+            Ok(()) => self.make_durable(&rel).await?,
+            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(StorageError::backend("put", self.full_key(&rel), e)),
+        }
+        let current = self.current_epoch().await?;
+        if current > epoch {
+            return Err(StorageError::Fenced {
+                job: self.job.to_string(),
+                attempted: epoch,
+                current,
+            });
+        }
+        Ok(())
+    }
+
+    /// The highest epoch that has claimed this job (0 if none has).
+    pub async fn current_epoch(&self) -> Result<Epoch> {
+        Ok(self
+            .list_rel(keys::EPOCHS)
+            .await?
+            .iter()
+            .filter_map(|(key, _)| keys::parse_epoch_marker(key))
+            .max()
+            .unwrap_or(Epoch(0)))
+    }
+
+    /// Commits `manifest`: after this returns `Ok`, the checkpoint is
+    /// committed and durable. Errors: [`StorageError::Fenced`] if a higher
+    /// epoch claimed the job, [`StorageError::AlreadyCommitted`] if another
+    /// writer committed this id first, `InvalidArgument` if the manifest is
+    /// not for this job or references chunks it may not.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), lazarus_storage::StorageError> {
+    /// use lazarus_storage::*;
+    /// let job = CheckpointStore::open("memory://")?.job(JobId::new("j")?);
+    /// let worker = WorkerId::new("w")?;
+    /// let chunk = job.write_chunk(CheckpointId(1), &worker, "s", b"x".to_vec().into(), Codec::None).await?;
+    /// let mut manifest = Manifest::new(job.job().clone(), CheckpointId(1), Epoch(1));
+    /// manifest.workers.insert(worker, WorkerSnapshot { chunks: vec![chunk], metadata: vec![] });
+    /// job.commit(&manifest).await?;
+    /// assert_eq!(job.latest().await?.checkpoint, CheckpointId(1));
+    /// # Ok(()) }
+    /// ```
+    pub async fn commit(&self, manifest: &Manifest) -> Result<()> {
+        let span = tracing::info_span!("commit", job = %self.job, checkpoint = %manifest.checkpoint, epoch = %manifest.epoch);
+        async {
+            manifest
+                .validate(&self.job, manifest.checkpoint)
+                .map_err(|reason| StorageError::InvalidArgument {
+                    what: "manifest",
+                    reason,
+                })?;
+            self.claim_epoch(manifest.epoch).await?;
+            let rel = keys::manifest(manifest.checkpoint);
+            let encoded = frame::encode(
+                FrameKind::Manifest,
+                Codec::None,
+                1,
+                manifest.to_json().into(),
+            )?;
+            match self
+                .put_small(&rel, PutPayload::from(encoded.to_vec()), true)
+                .await
+            {
+                Ok(()) => {
+                    self.make_durable(&rel).await?;
+                    tracing::info!(bytes = manifest.stored_bytes(), "checkpoint committed");
+                    Ok(())
+                }
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => {
+                    // Lost the race. Say to whom: a higher epoch means we are
+                    // fenced, anything else is a peer that got there first.
+                    let winner = match self.manifest(manifest.checkpoint).await {
+                        Ok(m) => m.epoch,
+                        Err(e) if e.kind() == ErrorKind::Fenced => manifest.epoch,
+                        Err(e) => return Err(e),
+                    };
+                    tracing::warn!(%winner, "lost commit race");
+                    if winner > manifest.epoch {
+                        Err(StorageError::Fenced {
+                            job: self.job.to_string(),
+                            attempted: manifest.epoch,
+                            current: winner,
+                        })
+                    } else {
+                        Err(StorageError::AlreadyCommitted {
+                            job: self.job.to_string(),
+                            id: manifest.checkpoint,
+                            winner,
+                        })
+                    }
+                }
+                Err(e) => Err(StorageError::backend("put", self.full_key(&rel), e)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}

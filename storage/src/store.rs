@@ -1,0 +1,252 @@
+//! [`CheckpointStore`] (one per store URL) and [`JobStore`] (one job within
+//! it). The operations on a job live in their own modules: `writer` (chunks),
+//! `commit` (manifests and fencing), `reader` (listing, verify), `cache`
+//! (restore) and `retention` (gc).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::backend::{self, Backend, BackendKind, StoreOptions};
+use crate::error::{Result, StorageError};
+use crate::ids::JobId;
+
+/// A connection to one checkpoint store. Cheap to clone.
+#[derive(Clone)]
+pub struct CheckpointStore {
+    inner: Arc<StoreInner>,
+}
+
+pub(crate) struct StoreInner {
+    /// The backend; nothing outside `backend` looks at which one it is.
+    pub(crate) object_store: Arc<dyn ObjectStore>,
+    /// Key prefix under which this store's objects live (from the URL path).
+    pub(crate) prefix: String,
+    /// Durability steps needed after a put.
+    pub(crate) kind: BackendKind,
+    /// The URL it was opened from, for messages.
+    pub(crate) url: String,
+    /// Upload and codec tunables.
+    pub(crate) options: StoreOptions,
+}
+
+impl std::fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointStore")
+            .field("url", &self.inner.url)
+            .finish()
+    }
+}
+
+impl CheckpointStore {
+    /// Opens the store at `url` with default options.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), lazarus_storage::StorageError> {
+    /// let store = lazarus_storage::CheckpointStore::open("memory://")?;
+    /// assert_eq!(store.url(), "memory://");
+    /// # Ok(()) }
+    /// ```
+    pub fn open(url: &str) -> Result<CheckpointStore> {
+        Self::open_with(url, StoreOptions::default())
+    }
+
+    /// Opens the store at `url` with `options`.
+    pub fn open_with(url: &str, options: StoreOptions) -> Result<CheckpointStore> {
+        let Backend {
+            object_store,
+            prefix,
+            kind,
+        } = backend::open(url, &options)?;
+        Ok(CheckpointStore {
+            inner: Arc::new(StoreInner {
+                object_store,
+                prefix,
+                kind,
+                url: url.to_string(),
+                options,
+            }),
+        })
+    }
+
+    /// Wraps an object store built elsewhere (for fault-injection tests).
+    /// `description` stands for the URL in messages.
+    pub fn from_object_store(
+        object_store: Arc<dyn ObjectStore>,
+        description: &str,
+        options: StoreOptions,
+    ) -> Result<CheckpointStore> {
+        options.validate()?;
+        Ok(CheckpointStore {
+            inner: Arc::new(StoreInner {
+                object_store,
+                prefix: String::new(),
+                kind: BackendKind::Remote,
+                url: description.to_string(),
+                options,
+            }),
+        })
+    }
+
+    /// The URL this store was opened from.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.options
+    }
+
+    /// The part of the store that belongs to `job`.
+    pub fn job(&self, job: JobId) -> JobStore {
+        let root = if self.inner.prefix.is_empty() {
+            format!("jobs/{job}")
+        } else {
+            format!("{}/jobs/{job}", self.inner.prefix)
+        };
+        JobStore {
+            store: self.inner.clone(),
+            job,
+            root,
+        }
+    }
+
+    /// Names of the jobs that have objects in this store.
+    pub async fn jobs(&self) -> Result<Vec<JobId>> {
+        let base = if self.inner.prefix.is_empty() {
+            "jobs".to_string()
+        } else {
+            format!("{}/jobs", self.inner.prefix)
+        };
+        let listing = self
+            .inner
+            .object_store
+            .list_with_delimiter(Some(&Path::from(base.as_str())))
+            .await
+            .map_err(|e| StorageError::backend("list", &base, e))?;
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().and_then(|n| JobId::new(n).ok()))
+            .collect())
+    }
+}
+
+/// One job's checkpoints in a store. Cheap to clone.
+#[derive(Clone)]
+pub struct JobStore {
+    pub(crate) store: Arc<StoreInner>,
+    pub(crate) job: JobId,
+    /// `[prefix/]jobs/<job>`: every key of the job starts with it.
+    pub(crate) root: String,
+}
+
+impl std::fmt::Debug for JobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobStore")
+            .field("url", &self.store.url)
+            .field("job", &self.job)
+            .finish()
+    }
+}
+
+impl JobStore {
+    /// The job.
+    pub fn job(&self) -> &JobId {
+        &self.job
+    }
+
+    /// The URL of the store.
+    pub fn url(&self) -> &str {
+        &self.store.url
+    }
+
+    /// The full object key of `rel` (a key relative to the job root), as
+    /// shown to people: `[prefix/]jobs/<job>/<rel>`.
+    pub fn full_key(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.root)
+    }
+
+    pub(crate) fn path(&self, rel: &str) -> Path {
+        Path::from(self.full_key(rel).as_str())
+    }
+
+    /// Lists keys (relative to the job root) under `dir`, with sizes.
+    pub(crate) async fn list_rel(&self, dir: &str) -> Result<Vec<(String, u64)>> {
+        let prefix = self.path(dir);
+        let strip = format!("{}/", self.root);
+        let metas: Vec<_> = self
+            .store
+            .object_store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| StorageError::backend("list", self.full_key(dir), e))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let full = m.location.to_string();
+                full.strip_prefix(&strip).map(|r| (r.to_string(), m.size))
+            })
+            .collect())
+    }
+
+    /// Reads a whole (small) object.
+    pub(crate) async fn get_bytes(&self, rel: &str) -> Result<Bytes> {
+        let result = self
+            .store
+            .object_store
+            .get(&self.path(rel))
+            .await
+            .map_err(|e| StorageError::backend("get", self.full_key(rel), e))?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| StorageError::backend("read", self.full_key(rel), e))
+    }
+
+    /// Writes a small object in one put; with `create_only` it fails with
+    /// `AlreadyExists` if the key exists (the atomic create-if-absent that
+    /// commits and epoch claims rely on). Durable when it returns.
+    pub(crate) async fn put_small(
+        &self,
+        rel: &str,
+        payload: PutPayload,
+        create_only: bool,
+    ) -> Result<(), object_store::Error> {
+        let mode = if create_only {
+            PutMode::Create
+        } else {
+            PutMode::Overwrite
+        };
+        self.store
+            .object_store
+            .put_opts(&self.path(rel), payload, PutOptions::from(mode))
+            .await?;
+        Ok(())
+    }
+
+    /// Makes a just-written object durable where the backend needs help.
+    pub(crate) async fn make_durable(&self, rel: &str) -> Result<()> {
+        if let BackendKind::File { root } = &self.store.kind {
+            let root = root.clone();
+            let key = self.full_key(rel);
+            tokio::task::spawn_blocking(move || backend::fsync_path(&root, &key))
+                .await
+                .map_err(|e| StorageError::io("fsync task", rel, std::io::Error::other(e)))??;
+        }
+        Ok(())
+    }
+
+    /// Deletes objects by relative key; a key already gone is not an error.
+    pub(crate) async fn delete_rel(&self, rel: &str) -> Result<()> {
+        match self.store.object_store.delete(&self.path(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StorageError::backend("delete", self.full_key(rel), e)),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Writing chunks: a worker's state, framed and uploaded. A chunk's bytes
+//! are held once: the frame header is a separate 32-byte buffer, codec none
+//! shares the caller's buffer, and multipart parts are slices of it.
+
+use bytes::Bytes;
+use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use tracing::Instrument;
+
+use crate::error::{Result, StorageError};
+use crate::frame::{self, Codec, FrameKind};
+use crate::ids::{CheckpointId, WorkerId};
+use crate::keys;
+use crate::manifest::ChunkRef;
+use crate::store::JobStore;
+
+impl JobStore {
+    /// Writes one chunk of `worker`'s state for checkpoint `id` and returns
+    /// the reference to put in the manifest. `name` tells the worker's chunks
+    /// apart (for example a key-group range). Framing (CRC, compression) runs
+    /// on a blocking thread; objects over the multipart threshold are uploaded
+    /// in parts, [`StoreOptions::upload_concurrency`](crate::StoreOptions) at a time.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), lazarus_storage::StorageError> {
+    /// use lazarus_storage::{CheckpointId, CheckpointStore, Codec, JobId, WorkerId};
+    /// let job = CheckpointStore::open("memory://")?.job(JobId::new("wordcount")?);
+    /// let worker = WorkerId::new("counter-0")?;
+    /// let chunk = job
+    ///     .write_chunk(CheckpointId(1), &worker, "kg-0", b"state".to_vec().into(), Codec::Zstd)
+    ///     .await?;
+    /// assert_eq!(chunk.raw_len, 5);
+    /// # Ok(()) }
+    /// ```
+    pub async fn write_chunk(
+        &self,
+        id: CheckpointId,
+        worker: &WorkerId,
+        name: &str,
+        data: Bytes,
+        codec: Codec,
+    ) -> Result<ChunkRef> {
+        let rel = keys::chunk(id, worker, name)?;
+        let span = tracing::debug_span!("write_chunk", job = %self.job, checkpoint = %id, key = %rel, bytes = data.len());
+        async {
+            let level = self.store.options.zstd_level;
+            let encoded = tokio::task::spawn_blocking(move || {
+                frame::encode(FrameKind::Chunk, codec, level, data)
+            })
+            .await
+            .map_err(|e| StorageError::io("encode task", &rel, std::io::Error::other(e)))??;
+            let total = encoded.len();
+            let header = Bytes::copy_from_slice(&encoded.header);
+            if total <= self.store.options.multipart_threshold {
+                let payload = PutPayload::from_iter([header, encoded.payload.clone()]);
+                self.put_small(&rel, payload, false)
+                    .await
+                    .map_err(|e| StorageError::backend("put", self.full_key(&rel), e))?;
+            } else {
+                self.put_multipart(&rel, header, encoded.payload.clone())
+                    .await?;
+            }
+            self.make_durable(&rel).await?;
+            tracing::debug!(stored = total, "chunk written");
+            Ok(ChunkRef {
+                key: rel.clone(),
+                codec,
+                stored_len: total,
+                stored_crc: encoded.payload_crc,
+                raw_len: encoded.raw_len,
+                raw_crc: encoded.raw_crc,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn put_multipart(&self, rel: &str, header: Bytes, mut payload: Bytes) -> Result<()> {
+        let options = &self.store.options;
+        let upload = self
+            .store
+            .object_store
+            .put_multipart(&self.path(rel))
+            .await
+            .map_err(|e| StorageError::backend("start multipart upload", self.full_key(rel), e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, options.part_size);
+        writer.put(header);
+        // Feed one part at a time, waiting for a free slot first, so at most
+        // `upload_concurrency` parts are in flight. Slices share `payload`.
+        while !payload.is_empty() {
+            if let Err(e) = writer.wait_for_capacity(options.upload_concurrency).await {
+                // Best effort: the upload failed already; report that error.
+                let _ = writer.abort().await;
+                return Err(StorageError::backend(
+                    "upload part of",
+                    self.full_key(rel),
+                    e,
+                ));
+            }
+            let take = payload.len().min(options.part_size);
+            writer.put(payload.split_to(take));
+        }
+        writer.finish().await.map_err(|e| {
+            StorageError::backend("complete multipart upload", self.full_key(rel), e)
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,569 @@
+//! The storage integration suite, run twice: against `file://` and against a
+//! real S3-compatible server over HTTP (see `common`).
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use common::{state_bytes, Env};
+use lazarus_storage::rkyv;
+use lazarus_storage::*;
+
+fn job(name: &str) -> JobId {
+    JobId::new(name).expect("job")
+}
+
+fn worker(name: &str) -> WorkerId {
+    WorkerId::new(name).expect("worker")
+}
+
+/// Writes one chunk per (worker, name, data) and commits checkpoint `id`.
+async fn commit_checkpoint(
+    js: &JobStore,
+    id: u64,
+    epoch: u64,
+    parts: &[(&str, &str, Vec<u8>, Codec)],
+    reuse: &[(&str, ChunkRef)],
+) -> Manifest {
+    let mut manifest = Manifest::new(js.job().clone(), CheckpointId(id), Epoch(epoch));
+    for (w, name, data, codec) in parts {
+        let chunk = js
+            .write_chunk(
+                CheckpointId(id),
+                &worker(w),
+                name,
+                data.clone().into(),
+                *codec,
+            )
+            .await
+            .expect("write chunk");
+        let snapshot = manifest.workers.entry(worker(w)).or_default();
+        snapshot.chunks.push(chunk);
+        snapshot.metadata = format!("pos-{id}").into_bytes();
+    }
+    for (w, chunk) in reuse {
+        manifest
+            .workers
+            .entry(worker(w))
+            .or_default()
+            .chunks
+            .push(chunk.clone());
+    }
+    js.commit(&manifest).await.expect("commit");
+    manifest
+}
+
+async fn test_round_trip_and_restore_both_codecs(env: &Env) {
+    let js = env.store.job(job("roundtrip"));
+    let counts: Vec<u64> = (0..10_000).collect();
+    let archived = rkyv::to_bytes::<rkyv::rancor::Error>(&counts)
+        .expect("archive")
+        .to_vec();
+    let text = state_bytes(300_000, 1);
+    let m = commit_checkpoint(
+        &js,
+        1,
+        1,
+        &[
+            ("counter-0", "kg-0", archived.clone(), Codec::None),
+            ("counter-0", "kg-1", text.clone(), Codec::Zstd),
+            ("source-0", "pos", vec![], Codec::Zstd),
+        ],
+        &[],
+    )
+    .await;
+    let zstd_chunk = &m.workers[&worker("counter-0")].chunks[1];
+    assert!(
+        zstd_chunk.stored_len < zstd_chunk.raw_len * 6 / 10,
+        "zstd should compress: {zstd_chunk:?}"
+    );
+
+    let latest = js.latest().await.expect("latest");
+    assert_eq!(latest, m);
+    assert_eq!(js.manifest(CheckpointId(1)).await.expect("by id"), m);
+    assert!(js.verify(&latest).await.expect("verify").is_ok());
+
+    let cache_dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(cache_dir.path()).expect("cache");
+    let restored = js
+        .restore_worker(&latest, &worker("counter-0"), &cache)
+        .await
+        .expect("restore");
+    assert_eq!(restored.cache_hits, 0);
+    assert!(restored.fetched_bytes > 0);
+    assert_eq!(restored.metadata, b"pos-1");
+    let view = restored.chunks[0]
+        .access::<rkyv::Archived<Vec<u64>>>()
+        .expect("rkyv access in place");
+    assert_eq!(view.len(), 10_000);
+    assert_eq!(view[9_999], 9_999);
+    assert_eq!(restored.chunks[1].bytes(), &text[..]);
+    // Read in place: the view points into the map, which starts page-aligned.
+    assert_eq!(restored.chunks[0].bytes().as_ptr() as usize % 16, 0);
+
+    // Again: everything comes from the cache.
+    let again = js
+        .restore_worker(&latest, &worker("counter-0"), &cache)
+        .await
+        .expect("restore again");
+    assert_eq!((again.cache_hits, again.fetched_bytes), (2, 0));
+    let empty = js
+        .restore_worker(&latest, &worker("source-0"), &cache)
+        .await
+        .expect("empty state");
+    assert_eq!(empty.chunks[0].bytes(), b"");
+
+    let err = js
+        .restore_worker(&latest, &worker("nobody"), &cache)
+        .await
+        .expect_err("unknown worker");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let err = js.manifest(CheckpointId(9)).await.expect_err("missing id");
+    assert!(
+        err.to_string().contains("checkpoint 9 is not committed"),
+        "{err}"
+    );
+    let err = env
+        .store
+        .job(job("nothing-here"))
+        .latest()
+        .await
+        .expect_err("no checkpoints");
+    assert!(
+        err.to_string().contains("has no committed checkpoint"),
+        "{err}"
+    );
+}
+
+async fn test_large_chunk_uses_multipart(env: &Env) {
+    let js = env.store.job(job("large"));
+    let size = (64 << 20) + 12_345;
+    let data = state_bytes(size, 7);
+    let m = commit_checkpoint(&js, 1, 1, &[("w", "big", data.clone(), Codec::None)], &[]).await;
+    let chunk = &m.workers[&worker("w")].chunks[0];
+    assert_eq!(chunk.raw_len, size as u64);
+    if env.is_s3 {
+        // S3 marks objects assembled from parts with an ETag of the form
+        // "<md5 of part md5s>-<number of parts>".
+        let etag = env.raw_etag(&js.full_key(&chunk.key)).await.expect("etag");
+        assert!(
+            etag.trim_matches('"').ends_with("-5"),
+            "expected a 5-part upload, ETag {etag}"
+        );
+    }
+    let cache_dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(cache_dir.path()).expect("cache");
+    let restored = js
+        .restore_worker(&m, &worker("w"), &cache)
+        .await
+        .expect("restore");
+    assert!(
+        restored.chunks[0].bytes() == &data[..],
+        "64 MiB chunk differs after restore"
+    );
+    assert!(js.verify(&m).await.expect("verify").is_ok());
+}
+
+async fn test_commit_race_has_one_winner(env: &Env) {
+    let js = env.store.job(job("race"));
+    let chunk = js
+        .write_chunk(
+            CheckpointId(1),
+            &worker("w"),
+            "s",
+            b"state".to_vec().into(),
+            Codec::None,
+        )
+        .await
+        .expect("chunk");
+    // 16 committers, each with its own connection, all on checkpoint 1.
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let store =
+            CheckpointStore::open_with(&env.url, env.store.options().clone()).expect("open");
+        let js = store.job(job("race"));
+        let mut m = Manifest::new(job("race"), CheckpointId(1), Epoch(1));
+        m.workers.insert(
+            worker("w"),
+            WorkerSnapshot {
+                chunks: vec![chunk.clone()],
+                metadata: format!("writer-{i}").into_bytes(),
+            },
+        );
+        tasks.push(tokio::spawn(async move { (i, js.commit(&m).await) }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        let (i, result) = t.await.expect("task");
+        match result {
+            Ok(()) => winners.push(i),
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+                assert!(e.to_string().contains("already committed"), "{e}");
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let committed = js.latest().await.expect("latest");
+    assert_eq!(
+        committed.workers[&worker("w")].metadata,
+        format!("writer-{}", winners[0]).into_bytes()
+    );
+}
+
+async fn test_fencing_refuses_lower_epochs(env: &Env) {
+    let js = env.store.job(job("fence"));
+    commit_checkpoint(&js, 1, 2, &[("w", "s", b"a".to_vec(), Codec::None)], &[]).await;
+    // A writer from epoch 1 (an older supervisor) tries to commit checkpoint 2.
+    let chunk = js
+        .write_chunk(
+            CheckpointId(2),
+            &worker("w"),
+            "s",
+            b"b".to_vec().into(),
+            Codec::None,
+        )
+        .await
+        .expect("chunk");
+    let mut m = Manifest::new(job("fence"), CheckpointId(2), Epoch(1));
+    m.workers.insert(
+        worker("w"),
+        WorkerSnapshot {
+            chunks: vec![chunk],
+            metadata: vec![],
+        },
+    );
+    let err = js.commit(&m).await.expect_err("fenced");
+    assert_eq!(err.kind(), ErrorKind::Fenced);
+    assert!(err.to_string().starts_with("fenced:"), "{err}");
+    // A new supervisor claims epoch 5 before committing anything: epoch 2 is now fenced too.
+    js.claim_epoch(Epoch(5)).await.expect("claim");
+    assert_eq!(js.current_epoch().await.expect("epoch"), Epoch(5));
+    m.epoch = Epoch(2);
+    let err = js.commit(&m).await.expect_err("fenced by claim");
+    assert!(err.to_string().contains("is at epoch 5"), "{err}");
+    let err = js.claim_epoch(Epoch(3)).await.expect_err("claim below");
+    assert_eq!(err.kind(), ErrorKind::Fenced);
+    // The same epoch commits; so does a higher one.
+    m.epoch = Epoch(5);
+    js.commit(&m).await.expect("epoch 5 commits");
+    // Racing a lower epoch against a committed id reports fencing, not a plain conflict.
+    let mut late = m.clone();
+    late.epoch = Epoch(4);
+    let err = js
+        .commit(&late)
+        .await
+        .expect_err("lower epoch on committed id");
+    assert_eq!(err.kind(), ErrorKind::Fenced);
+}
+
+async fn test_retention_keeps_shared_and_in_progress_chunks(env: &Env) {
+    let js = env.store.job(job("retain"));
+    // Checkpoint 1 writes a base chunk; 2..=5 each write a delta and reference base.
+    let m1 = commit_checkpoint(
+        &js,
+        1,
+        1,
+        &[("w", "base", state_bytes(1000, 1), Codec::Zstd)],
+        &[],
+    )
+    .await;
+    let base = m1.workers[&worker("w")].chunks[0].clone();
+    let mut manifests = vec![m1];
+    for id in 2..=5 {
+        let m = commit_checkpoint(
+            &js,
+            id,
+            1,
+            &[("w", "delta", state_bytes(500, id), Codec::None)],
+            &[("w", base.clone())],
+        )
+        .await;
+        manifests.push(m);
+    }
+    // Garbage of an aborted checkpoint 3b (same id range as committed ones)...
+    let aborted = js
+        .write_chunk(
+            CheckpointId(3),
+            &worker("w"),
+            "aborted",
+            b"x".to_vec().into(),
+            Codec::None,
+        )
+        .await
+        .expect("aborted chunk");
+    // ...and checkpoint 6, still in progress: its chunk must survive.
+    let in_progress = js
+        .write_chunk(
+            CheckpointId(6),
+            &worker("w"),
+            "delta",
+            b"y".to_vec().into(),
+            Codec::None,
+        )
+        .await
+        .expect("in-progress chunk");
+
+    let report = js.gc(2).await.expect("gc");
+    assert_eq!(report.retained, vec![CheckpointId(4), CheckpointId(5)]);
+    assert_eq!(
+        report.deleted_manifests,
+        vec![CheckpointId(1), CheckpointId(2), CheckpointId(3)]
+    );
+    assert_eq!(report.kept_in_progress, 1);
+    // Deltas of 1..=3 are not shared (3 of them) plus the aborted chunk; base is shared.
+    assert_eq!(report.deleted_chunks, 3);
+
+    let remaining: HashSet<String> = js
+        .list()
+        .await
+        .expect("list")
+        .iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    assert_eq!(remaining, HashSet::from(["4".to_string(), "5".to_string()]));
+    for m in &manifests[3..] {
+        assert!(
+            js.verify(m).await.expect("verify").is_ok(),
+            "retained checkpoint {} broken",
+            m.checkpoint
+        );
+    }
+    let cache_dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(cache_dir.path()).expect("cache");
+    let restored = js
+        .restore_worker(&manifests[3], &worker("w"), &cache)
+        .await
+        .expect("restore 4");
+    assert_eq!(restored.chunks.len(), 2);
+    assert_eq!(restored.chunks[1].bytes(), &state_bytes(1000, 1)[..]);
+    // The in-progress chunk is still there and can be committed.
+    let mut m6 = Manifest::new(job("retain"), CheckpointId(6), Epoch(1));
+    m6.workers.insert(
+        worker("w"),
+        WorkerSnapshot {
+            chunks: vec![in_progress, base],
+            metadata: vec![],
+        },
+    );
+    js.commit(&m6).await.expect("commit in-progress checkpoint");
+    assert!(js.verify(&m6).await.expect("verify 6").is_ok());
+    // The aborted chunk, though, is gone.
+    let mut ghost = Manifest::new(job("retain"), CheckpointId(7), Epoch(1));
+    ghost.workers.insert(
+        worker("w"),
+        WorkerSnapshot {
+            chunks: vec![aborted],
+            metadata: vec![],
+        },
+    );
+    js.commit(&ghost).await.expect("commit references garbage");
+    let report = js.verify(&ghost).await.expect("verify ghost");
+    assert!(!report.is_ok());
+    let err = js.gc(0).await.expect_err("keep 0");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+}
+
+async fn test_falls_back_past_corrupt_and_incomplete(env: &Env) {
+    let js = env.store.job(job("fallback"));
+    let m1 = commit_checkpoint(
+        &js,
+        1,
+        1,
+        &[("w", "s", state_bytes(4000, 1), Codec::Zstd)],
+        &[],
+    )
+    .await;
+    let m2 = commit_checkpoint(
+        &js,
+        2,
+        1,
+        &[("w", "s", state_bytes(4000, 2), Codec::None)],
+        &[],
+    )
+    .await;
+    let m3 = commit_checkpoint(
+        &js,
+        3,
+        1,
+        &[("w", "s", state_bytes(4000, 3), Codec::Zstd)],
+        &[],
+    )
+    .await;
+    commit_checkpoint(
+        &js,
+        4,
+        1,
+        &[("w", "s", state_bytes(10, 4), Codec::None)],
+        &[],
+    )
+    .await;
+    // 4: the manifest itself is damaged. 3: a chunk byte flipped. 2: a chunk missing.
+    env.flip_byte(&js.full_key("manifests/00000000000000000004.manifest"), 40)
+        .await;
+    let bad3 = js.full_key(&m3.workers[&worker("w")].chunks[0].key);
+    env.flip_byte(&bad3, 100).await;
+    let gone2 = js.full_key(&m2.workers[&worker("w")].chunks[0].key);
+    env.raw_delete(&gone2).await;
+
+    let entries = js.list().await.expect("list");
+    assert!(
+        matches!(entries[3].status, CheckpointStatus::Corrupt(_)),
+        "{:?}",
+        entries[3]
+    );
+    assert_eq!(
+        js.latest().await.expect("latest").checkpoint,
+        CheckpointId(3)
+    );
+
+    let (good, skipped) = js.newest_verified().await.expect("newest verified");
+    assert_eq!(good, m1);
+    let ids: Vec<u64> = skipped.iter().map(|s| s.id.0).collect();
+    assert_eq!(ids, vec![4, 3, 2]);
+    assert!(
+        skipped[0]
+            .reason
+            .contains("manifests/00000000000000000004.manifest"),
+        "{:?}",
+        skipped[0]
+    );
+    assert!(
+        skipped[1].reason.contains(&bad3) && skipped[1].reason.contains("CRC"),
+        "{:?}",
+        skipped[1]
+    );
+    assert!(
+        skipped[2].reason.contains(&gone2) && skipped[2].reason.contains("not found"),
+        "{:?}",
+        skipped[2]
+    );
+
+    // Restoring the corrupt checkpoint fails, names the object, and leaves no cache file.
+    let cache_dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(cache_dir.path()).expect("cache");
+    let err = js
+        .restore_worker(&m3, &worker("w"), &cache)
+        .await
+        .expect_err("corrupt restore");
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    assert!(err.to_string().contains(&bad3), "{err}");
+    let leftovers: Vec<_> = walk(cache_dir.path());
+    assert!(leftovers.is_empty(), "cache holds {leftovers:?}");
+    let err = js
+        .manifest(CheckpointId(4))
+        .await
+        .expect_err("corrupt manifest");
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+async fn test_damaged_cache_file_is_fetched_again(env: &Env) {
+    let js = env.store.job(job("cache"));
+    let data = state_bytes(100_000, 9);
+    let m = commit_checkpoint(&js, 1, 1, &[("w", "s", data.clone(), Codec::Zstd)], &[]).await;
+    let cache_dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(cache_dir.path()).expect("cache");
+    let first = js
+        .restore_worker(&m, &worker("w"), &cache)
+        .await
+        .expect("restore");
+    drop(first);
+    let files = walk(cache_dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut bytes = std::fs::read(&files[0]).expect("read cache file");
+    bytes[5000] ^= 1;
+    std::fs::write(&files[0], bytes).expect("damage cache file");
+    let again = js
+        .restore_worker(&m, &worker("w"), &cache)
+        .await
+        .expect("restore again");
+    assert_eq!(
+        again.cache_hits, 0,
+        "a damaged cache file must not count as a hit"
+    );
+    assert_eq!(again.chunks[0].bytes(), &data[..]);
+}
+
+async fn test_concurrent_writers_of_many_chunks(env: &Env) {
+    // Four workers write eight chunks each at once, then one manifest commits them all.
+    let js = Arc::new(env.store.job(job("parallel")));
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        for c in 0..8u64 {
+            let js = js.clone();
+            tasks.push(tokio::spawn(async move {
+                let data = state_bytes(50_000, w * 100 + c);
+                let chunk = js
+                    .write_chunk(
+                        CheckpointId(1),
+                        &worker(&format!("w{w}")),
+                        &format!("c{c}"),
+                        data.into(),
+                        Codec::Zstd,
+                    )
+                    .await
+                    .expect("write");
+                (w, chunk)
+            }));
+        }
+    }
+    let mut m = Manifest::new(job("parallel"), CheckpointId(1), Epoch(1));
+    for t in tasks {
+        let (w, chunk) = t.await.expect("task");
+        m.workers
+            .entry(worker(&format!("w{w}")))
+            .or_default()
+            .chunks
+            .push(chunk);
+    }
+    js.commit(&m).await.expect("commit");
+    let report = js.verify(&m).await.expect("verify");
+    assert!(report.is_ok());
+    assert_eq!(report.objects.len(), 1 + 32);
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod file {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&super::Env::file()).await
+                }
+            )*
+        }
+        mod s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&super::Env::s3(stringify!($name))).await
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    test_round_trip_and_restore_both_codecs,
+    test_large_chunk_uses_multipart,
+    test_commit_race_has_one_winner,
+    test_fencing_refuses_lower_epochs,
+    test_retention_keeps_shared_and_in_progress_chunks,
+    test_falls_back_past_corrupt_and_incomplete,
+    test_damaged_cache_file_is_fetched_again,
+    test_concurrent_writers_of_many_chunks,
+);
