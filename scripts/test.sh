@@ -95,11 +95,13 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 if cargo nextest --version >/dev/null 2>&1; then
     log "cargo nextest run (workspace)"
-    cargo nextest run --workspace --all-targets --no-fail-fast
+    cargo nextest run --workspace --lib --bins --tests --no-fail-fast
 else
     log "cargo test (workspace; cargo-nextest not installed)"
-    cargo test --workspace --all-targets --no-fail-fast
+    cargo test --workspace --lib --bins --tests --no-fail-fast
 fi
+log "benchmark smoke run (small size; real figures: cargo bench -p lazarus-benches)"
+LAZARUS_BENCH_SIZE=64MiB LAZARUS_BENCH_ROUNDS=1 cargo test -p lazarus-benches --benches --quiet
 log "doc tests"
 cargo test --workspace --doc --quiet
 

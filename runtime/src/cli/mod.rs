@@ -1,0 +1,162 @@
+//! Command-line interface: argument definitions and dispatch. Each command
+//! returns an exit code; errors carry context for people (anyhow).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use lazarus_storage::{CheckpointStore, Codec, JobId};
+
+pub mod bench;
+pub mod checkpoints;
+
+/// Lazarus: checkpointing fault-tolerance runtime for stateful workers.
+#[derive(Debug, Parser)]
+#[command(name = "lazarus", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect and maintain a job's checkpoints in a store.
+    Checkpoints {
+        /// Which checkpoint command.
+        #[command(subcommand)]
+        command: CheckpointsCommand,
+    },
+    /// Store-level tools.
+    Storage {
+        /// Which storage command.
+        #[command(subcommand)]
+        command: StorageCommand,
+    },
+}
+
+/// Where a job's checkpoints are.
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// Store URL: file:///abs/dir, s3://bucket/prefix (endpoint and
+    /// credentials from AWS_* variables) or memory://.
+    #[arg(long, env = "LAZARUS_STORE")]
+    pub store: String,
+    /// Job name.
+    #[arg(long)]
+    pub job: String,
+}
+
+impl JobArgs {
+    fn open(&self) -> anyhow::Result<(CheckpointStore, JobId)> {
+        let store = CheckpointStore::open(&self.store)?;
+        let job = JobId::new(self.job.clone())?;
+        Ok((store, job))
+    }
+}
+
+/// `lazarus checkpoints …`
+#[derive(Debug, Subcommand)]
+pub enum CheckpointsCommand {
+    /// List a job's checkpoints: id, epoch, time, size, workers, status.
+    List {
+        #[command(flatten)]
+        /// The job.
+        job: JobArgs,
+    },
+    /// Show one checkpoint's manifest (the latest committed by default).
+    Inspect {
+        #[command(flatten)]
+        /// The job.
+        job: JobArgs,
+        /// Checkpoint id.
+        #[arg(long)]
+        id: Option<u64>,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every object of a checkpoint (all checkpoints by default).
+    /// Exits 0 only when every object is good; names each bad one otherwise.
+    Verify {
+        #[command(flatten)]
+        /// The job.
+        job: JobArgs,
+        /// Checkpoint id.
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// Keep the newest N committed checkpoints; delete older ones and every
+    /// chunk no kept checkpoint references.
+    Gc {
+        #[command(flatten)]
+        /// The job.
+        job: JobArgs,
+        /// How many committed checkpoints to keep (at least 1).
+        #[arg(long)]
+        keep: usize,
+    },
+}
+
+/// `lazarus storage …`
+#[derive(Debug, Subcommand)]
+pub enum StorageCommand {
+    /// Write a checkpoint of generated state, restore it, check it, and print
+    /// write and restore throughput. Use it to size a store.
+    Bench(BenchArgs),
+}
+
+/// Arguments of `lazarus storage bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Store URL.
+    #[arg(long, env = "LAZARUS_STORE")]
+    pub store: String,
+    /// Job to write the checkpoint under.
+    #[arg(long, default_value = "lazarus-bench")]
+    pub job: String,
+    /// Total state size, for example 64MiB or 1GiB.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size_arg)]
+    pub size: u64,
+    /// Payload codec.
+    #[arg(long, default_value = "none", value_parser = parse_codec_arg)]
+    pub codec: Codec,
+    /// Workers the state is split across.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+    /// Largest chunk, for example 64MiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size_arg)]
+    pub chunk_size: u64,
+    /// Keep the checkpoint committed in the store (default: delete it after).
+    #[arg(long)]
+    pub keep: bool,
+    /// Local cache directory for the restore (default: a temporary directory).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::units::parse_size(s)
+}
+
+fn parse_codec_arg(s: &str) -> Result<Codec, String> {
+    s.parse::<Codec>().map_err(|e| e.to_string())
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Checkpoints { command } => match command {
+            CheckpointsCommand::List { job } => checkpoints::list(&job).await,
+            CheckpointsCommand::Inspect { job, id, json } => {
+                checkpoints::inspect(&job, id, json).await
+            }
+            CheckpointsCommand::Verify { job, id } => checkpoints::verify(&job, id).await,
+            CheckpointsCommand::Gc { job, keep } => checkpoints::gc(&job, keep).await,
+        },
+        Command::Storage {
+            command: StorageCommand::Bench(args),
+        } => bench::run(&args).await,
+    }
+}

@@ -1,0 +1,310 @@
+//! The `lazarus` binary, run as a process: checkpoint commands on real
+//! stores, and the errors people get for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn lazarus(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .args(args)
+        .env_remove("LAZARUS_STORE")
+        .output()
+        .expect("run lazarus")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn chunk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(chunk_files(&p));
+        } else if p.extension().is_some_and(|x| x == "chunk") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn test_bench_keep_then_verify_catches_a_flipped_chunk_byte() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("file://{}", dir.path().display());
+    let out = lazarus(&[
+        "storage", "bench", "--store", &url, "--job", "j", "--size", "64MiB", "--keep",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("MiB/s") && t.contains("restored state equals written state"),
+        "{t}"
+    );
+
+    let out = lazarus(&["checkpoints", "verify", "--store", &url, "--job", "j"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("all 3 objects good"), "{}", text(&out));
+
+    // Flip one byte in the middle of one chunk file.
+    let chunks = chunk_files(dir.path());
+    assert_eq!(chunks.len(), 2, "{chunks:?}");
+    let victim = &chunks[1];
+    let mut bytes = std::fs::read(victim).expect("read chunk");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(victim, bytes).expect("write chunk");
+
+    let out = lazarus(&["checkpoints", "verify", "--store", &url, "--job", "j"]);
+    assert!(
+        !out.status.success(),
+        "verify passed a corrupt chunk: {}",
+        text(&out)
+    );
+    let key = victim
+        .strip_prefix(dir.path())
+        .expect("inside store")
+        .to_string_lossy()
+        .to_string();
+    let t = text(&out);
+    assert!(
+        t.contains(&format!("BAD {key}")),
+        "verify output does not name {key}: {t}"
+    );
+    assert!(t.contains("CRC mismatch"), "{t}");
+    // The other chunk is still reported good.
+    assert!(t.contains("(2 good)"), "{t}");
+}
+
+#[test]
+fn test_list_inspect_gc_on_several_checkpoints() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("file://{}", dir.path().display());
+    for codec in ["none", "zstd", "zstd"] {
+        let out = lazarus(&[
+            "storage",
+            "bench",
+            "--store",
+            &url,
+            "--job",
+            "k",
+            "--size",
+            "3MiB",
+            "--codec",
+            codec,
+            "--keep",
+            "--workers",
+            "3",
+            "--chunk-size",
+            "512KiB",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = lazarus(&["checkpoints", "list", "--store", &url, "--job", "k"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert_eq!(
+        t.lines().filter(|l| l.contains("committed")).count(),
+        3,
+        "{t}"
+    );
+
+    let out = lazarus(&[
+        "checkpoints",
+        "inspect",
+        "--store",
+        &url,
+        "--job",
+        "k",
+        "--id",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("inspect --json is JSON");
+    assert_eq!(manifest["checkpoint"], 2);
+    assert_eq!(manifest["workers"].as_object().map(|w| w.len()), Some(3));
+    assert_eq!(manifest["workers"]["bench-0"]["chunks"][0]["codec"], "zstd");
+
+    let out = lazarus(&[
+        "checkpoints",
+        "gc",
+        "--store",
+        &url,
+        "--job",
+        "k",
+        "--keep",
+        "1",
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("kept checkpoints: 3") && t.contains("deleted manifests: 1, 2"),
+        "{t}"
+    );
+    assert_eq!(
+        chunk_files(dir.path()).len(),
+        6,
+        "only checkpoint 3's chunks remain"
+    );
+    let out = lazarus(&["checkpoints", "verify", "--store", &url, "--job", "k"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = lazarus(&[
+        "checkpoints",
+        "inspect",
+        "--store",
+        &url,
+        "--job",
+        "k",
+        "--id",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("checkpoint 1 is not committed"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn test_bench_without_keep_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("file://{}", dir.path().display());
+    let out = lazarus(&[
+        "storage", "bench", "--store", &url, "--size", "1MiB", "--codec", "zstd",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(chunk_files(dir.path()).is_empty());
+    let out = lazarus(&[
+        "checkpoints",
+        "list",
+        "--store",
+        &url,
+        "--job",
+        "lazarus-bench",
+    ]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn test_bad_input_gets_clear_errors() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("file://{}", dir.path().display());
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "checkpoints",
+                "list",
+                "--store",
+                "ftp://host/x",
+                "--job",
+                "j",
+            ],
+            "unsupported scheme \"ftp\"",
+        ),
+        (
+            &["checkpoints", "list", "--store", "not a url", "--job", "j"],
+            "invalid store URL \"not a url\"",
+        ),
+        (
+            &[
+                "checkpoints",
+                "list",
+                "--store",
+                "file://relative/dir",
+                "--job",
+                "j",
+            ],
+            "takes no host",
+        ),
+        (
+            &["checkpoints", "list", "--store", "s3://", "--job", "j"],
+            "missing bucket",
+        ),
+        (
+            &[
+                "checkpoints",
+                "list",
+                "--store",
+                &url,
+                "--job",
+                "no-such-job",
+            ],
+            "job no-such-job has no checkpoints",
+        ),
+        (
+            &["checkpoints", "verify", "--store", &url, "--job", "../etc"],
+            "invalid job name \"../etc\"",
+        ),
+        (
+            &[
+                "checkpoints",
+                "gc",
+                "--store",
+                &url,
+                "--job",
+                "j",
+                "--keep",
+                "-1",
+            ],
+            "--keep",
+        ),
+        (
+            &["storage", "bench", "--store", &url, "--size", "12XB"],
+            "unknown unit",
+        ),
+        (
+            &["storage", "bench", "--store", &url, "--codec", "lz4"],
+            "expected \"none\" or \"zstd\"",
+        ),
+        (
+            &["storage", "bench", "--store", &url, "--size", "0"],
+            "--size must be more than 0",
+        ),
+        (&["checkpoints", "list", "--job", "j"], "--store"),
+        (&["checkpoints", "frobnicate"], "unrecognized subcommand"),
+    ];
+    for (args, expected) in cases {
+        let out = lazarus(args);
+        let t = text(&out);
+        assert!(!out.status.success(), "{args:?} succeeded: {t}");
+        assert!(
+            t.contains(expected),
+            "{args:?}: expected {expected:?} in: {t}"
+        );
+        assert!(!t.contains("panicked"), "{args:?} panicked: {t}");
+    }
+}
+
+#[test]
+fn test_bench_and_verify_against_s3() {
+    let endpoint = std::env::var("LAZARUS_TEST_S3_ENDPOINT")
+        .expect("LAZARUS_TEST_S3_ENDPOINT is not set: run scripts/test.sh, which starts an S3-compatible server");
+    let bucket = std::env::var("LAZARUS_TEST_S3_BUCKET").unwrap_or_else(|_| "lazarus-test".into());
+    let url = format!("s3://{bucket}/cli-{}", std::process::id());
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lazarus"))
+            .args(args)
+            .env("AWS_ENDPOINT", &endpoint)
+            .env("AWS_ALLOW_HTTP", "true")
+            .output()
+            .expect("run lazarus")
+    };
+    let out = run(&[
+        "storage", "bench", "--store", &url, "--job", "s", "--size", "20MiB", "--codec", "zstd",
+        "--keep",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&["checkpoints", "verify", "--store", &url, "--job", "s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("all 3 objects good"), "{}", text(&out));
+}
