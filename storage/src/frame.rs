@@ -627,3 +627,39 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz_like {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Arbitrary bytes, and arbitrary bytes behind a valid-looking
+        // header, never panic a reader: they are errors or valid frames.
+        #[test]
+        fn prop_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048), codec in 0u8..3, kind in 0u8..4, raw_len in 0u64..4096) {
+            let _ = decode("k", FrameKind::Chunk, &bytes);
+            let mut h = [0u8; HEADER_LEN];
+            h[0..4].copy_from_slice(&MAGIC);
+            h[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+            h[6] = codec;
+            h[7] = kind;
+            h[8..16].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+            h[16..24].copy_from_slice(&raw_len.to_le_bytes());
+            h[24..28].copy_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+            let crc = crc32fast::hash(&h[0..28]);
+            h[28..32].copy_from_slice(&crc.to_le_bytes());
+            let mut f = h.to_vec();
+            f.extend_from_slice(&bytes);
+            if let Ok(raw) = decode("k", FrameKind::Chunk, &f) {
+                prop_assert_eq!(raw.len() as u64, raw_len);
+            }
+        }
+
+        #[test]
+        fn prop_arbitrary_manifest_json_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let job = crate::JobId::new("j").expect("job");
+            let _ = crate::manifest::Manifest::from_json("k", &job, crate::CheckpointId(1), &bytes);
+        }
+    }
+}
