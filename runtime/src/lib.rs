@@ -4,13 +4,21 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | `cli` | argument definitions and dispatch (`lazarus checkpoints …`, `lazarus storage …`) |
+//! | `cli` | argument definitions and dispatch (`lazarus run`, `checkpoints …`, `storage …`) |
 //! | `cli::checkpoints` | `list`, `inspect`, `verify`, `gc` of a job's checkpoints |
 //! | `cli::bench` | `storage bench`: write, restore and check a generated checkpoint |
+//! | `spec` | the TOML job spec, its validation and the worker plan |
+//! | `coordinator` | the checkpoint coordinator: pure decisions, unit-tested without I/O |
+//! | `agent` | starts worker processes, reports their exits at once, kills them |
+//! | `supervisor` | runs a job: handshake, checkpoints, commits, restarts (job lifecycle) |
 //! | `units` | byte sizes (`64MiB`) and times for people |
 //!
-//! The supervisor and the agent arrive with the streaming runtime (see
-//! DESIGN.md); everything storage-related goes through `lazarus-storage`.
+//! Dependency direction: `runtime → worker-sdk → storage`; the wire protocol
+//! lives in `lazarus_sdk::protocol`, imported by both sides.
 
+pub mod agent;
 pub mod cli;
+pub mod coordinator;
+pub mod spec;
+pub mod supervisor;
 pub mod units;

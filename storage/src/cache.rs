@@ -45,6 +45,42 @@ impl LocalCache {
         &self.dir
     }
 
+    /// Puts a chunk this host just wrote into the cache, so a restart on the
+    /// same host restores from local disk. `raw` must be the chunk's raw
+    /// payload; a later restore checks it against `chunk.raw_crc` anyway.
+    pub fn insert(&self, job: &crate::JobId, chunk: &ChunkRef, raw: &[u8]) -> Result<()> {
+        if crate::keys::parse_chunk(&chunk.key).is_none() {
+            return Err(StorageError::InvalidArgument {
+                what: "chunk reference",
+                reason: format!("{:?} is not a chunk key", chunk.key),
+            });
+        }
+        let path = self.path_of(job.as_str(), &chunk.key);
+        let parent = path.parent().expect("cache paths have a parent");
+        std::fs::create_dir_all(parent)
+            .map_err(|e| StorageError::io("create cache directory", parent, e))?;
+        let tmp = parent.join(format!(
+            ".insert.tmp-{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let header = FrameHeader {
+            codec: Codec::None,
+            kind: FrameKind::Chunk,
+            payload_len: raw.len() as u64,
+            raw_len: raw.len() as u64,
+            payload_crc: chunk.raw_crc,
+        };
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&header.encode())?;
+            f.write_all(raw)?;
+            Ok(())
+        };
+        write().map_err(|e| StorageError::io("write cache file", &tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename cache file", &path, e))
+    }
+
     /// Where the chunk `rel` of `job` lives in the cache. `rel` was validated
     /// as a chunk key (`keys::parse_chunk`), so it cannot leave the directory.
     fn path_of(&self, job: &str, rel: &str) -> PathBuf {

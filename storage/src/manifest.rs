@@ -38,6 +38,13 @@ impl ChunkRef {
     pub fn written_by(&self) -> Option<CheckpointId> {
         keys::parse_chunk(&self.key)
     }
+
+    /// The chunk's name (the last key segment without `.chunk`), which
+    /// workers use to tell their state parts apart.
+    pub fn name(&self) -> &str {
+        let last = self.key.rsplit('/').next().unwrap_or(&self.key);
+        last.strip_suffix(".chunk").unwrap_or(last)
+    }
 }
 
 /// One worker's part of a checkpoint.

@@ -1,18 +1,32 @@
 //! The Lazarus worker SDK: what a worker author links.
 //!
-//! It will hold the Operator/Source/Sink traits, typed and keyed state, and
-//! the worker process main loop (barriers, snapshot, restore, heartbeats);
-//! see DESIGN.md. Today it re-exports the storage types a worker's state is
-//! made of, so worker code can already be written against one crate.
+//! A worker binary registers its operator kinds and hands control to the
+//! SDK, whose main loop connects to the supervisor, restores state, runs the
+//! operator, aligns checkpoint barriers, snapshots without stopping the
+//! world, and publishes sink output exactly once. See `docs/sdk.md`.
 //!
-//! ```
-//! use lazarus_sdk::storage::{CheckpointId, WorkerId};
-//! let worker = WorkerId::new("counter-0").expect("valid name");
-//! assert_eq!(CheckpointId(1).next(), CheckpointId(2));
-//! assert_eq!(worker.as_str(), "counter-0");
-//! ```
+//! # Layout
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `record` | [`Record`], [`Emitter`], key groups and their owners |
+//! | `operator` | the [`Source`], [`Operator`] and [`Sink`] traits, [`Context`], [`Registry`] |
+//! | `state` | [`Snapshot`], [`Restored`], [`KeyedState`] (copy-on-write, incremental) |
+//! | `protocol` | the wire protocol shared with the supervisor (control and data frames) |
+//! | `worker` | the worker process main loop: [`run_worker`] |
 
 #![deny(missing_docs)]
+
+mod operator;
+pub mod protocol;
+mod record;
+mod state;
+mod worker;
+
+pub use operator::{BoxError, Context, Operator, Registry, Role, Sink, Source, SourcePoll};
+pub use record::{group_owner, key_group, Emitter, Record};
+pub use state::{to_rkyv, KeyedState, PartContent, Restored, Snapshot, StateKey};
+pub use worker::run_worker;
 
 /// Checkpoint storage, as the SDK sees it.
 pub use lazarus_storage as storage;

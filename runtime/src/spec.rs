@@ -1,0 +1,726 @@
+//! The job spec: a TOML file describing operators, edges, checkpointing,
+//! restarts, storage and parameters. Parsing rejects unknown fields;
+//! [`JobSpec::validate`] checks the graph. Every error names the field.
+//!
+//! ```toml
+//! [job]
+//! name = "wordcount"
+//! worker = "wordcount"        # worker binary: a path (relative to this file) or a name
+//! key_groups = 128            # fixed for the job's lifetime
+//!
+//! [checkpoint]
+//! interval = "1s"             # or "off"
+//! timeout = "60s"
+//! max_concurrent = 1
+//! retention = 3
+//! codec = "zstd"
+//!
+//! [restart]
+//! max_attempts = 20
+//! backoff = "100ms"           # doubled per consecutive failure, up to max_backoff
+//! max_backoff = "5s"
+//!
+//! [[operator]]
+//! name = "source"
+//! kind = "file-source"
+//! parallelism = 1
+//!
+//! [[edge]]
+//! from = "source"
+//! to = "tokenizer"
+//! partition = "rebalance"     # forward | hash | rebalance
+//!
+//! [params]
+//! input = "input.txt"
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lazarus_sdk::protocol::{OutputEdge, Partition};
+use lazarus_storage::{Codec, JobId, WorkerId};
+use serde::{Deserialize, Deserializer};
+
+/// A spec that cannot be used, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("job spec {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML or a field's type or value is wrong.
+    #[error("job spec {origin}: {message}")]
+    Parse {
+        /// The file (or "<inline>").
+        origin: String,
+        /// The parser's message (names the field and line).
+        message: String,
+    },
+    /// A field is well-formed but invalid.
+    #[error("job spec {origin}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        origin: String,
+        /// The field, for example `operator[1].parallelism`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Parses durations like `250ms`, `1s`, `1.5s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write for example \"500ms\" or \"2s\""))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "us" => value / 1e6,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use us, ms, s, m or h"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim() == "off" {
+        return Ok(None);
+    }
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// `[job]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Job name (also its name in the store).
+    pub name: String,
+    /// The worker binary: a path (relative to the spec file), or a name
+    /// looked up next to the `lazarus` binary and then on `PATH`.
+    pub worker: String,
+    /// Key groups for keyed state; at least the largest parallelism. Default 128.
+    #[serde(default = "default_key_groups")]
+    pub key_groups: u32,
+    /// Worker heartbeat interval. Default 500ms.
+    #[serde(default = "default_heartbeat", deserialize_with = "de_duration")]
+    pub heartbeat_interval: Duration,
+    /// A worker silent this long is declared failed. Default 10s (a worker
+    /// that exits is seen at once; this catches hangs).
+    #[serde(
+        default = "default_heartbeat_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub heartbeat_timeout: Duration,
+}
+
+fn default_key_groups() -> u32 {
+    128
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_heartbeat_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `[checkpoint]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Time between checkpoint triggers; `"off"` takes only the final one.
+    /// Default 1s. Shorter means less replay after a failure, more overhead.
+    #[serde(default = "default_interval", deserialize_with = "de_interval")]
+    pub interval: Option<Duration>,
+    /// A checkpoint not committed this long after its trigger is aborted. Default 60s.
+    #[serde(default = "default_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Checkpoints in flight at once. Default 1.
+    #[serde(default = "one")]
+    pub max_concurrent: u32,
+    /// Committed checkpoints kept in the store. Default 3.
+    #[serde(default = "three")]
+    pub retention: usize,
+    /// Codec of state chunks. Default zstd (level 1).
+    #[serde(default = "default_codec")]
+    pub codec: Codec,
+}
+
+fn default_interval() -> Option<Duration> {
+    Some(Duration::from_secs(1))
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn one() -> u32 {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn default_codec() -> Codec {
+    Codec::Zstd
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection {
+            interval: default_interval(),
+            timeout: default_timeout(),
+            max_concurrent: 1,
+            retention: 3,
+            codec: Codec::Zstd,
+        }
+    }
+}
+
+/// `[restart]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSection {
+    /// Restarts allowed before the job fails. Default 20.
+    #[serde(default = "twenty")]
+    pub max_attempts: u32,
+    /// Wait before the first restart, doubled per consecutive failure. Default 100ms.
+    #[serde(default = "default_backoff", deserialize_with = "de_duration")]
+    pub backoff: Duration,
+    /// Longest wait between restarts. Default 5s.
+    #[serde(default = "default_max_backoff", deserialize_with = "de_duration")]
+    pub max_backoff: Duration,
+}
+
+fn twenty() -> u32 {
+    20
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for RestartSection {
+    fn default() -> Self {
+        RestartSection {
+            max_attempts: 20,
+            backoff: default_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Store URL; default a local directory (see `lazarus run --help`).
+    pub url: Option<String>,
+}
+
+/// `[[operator]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSpec {
+    /// Name, unique in the job; workers are named `<name>-<index>`.
+    pub name: String,
+    /// Which registered kind of the worker binary builds it.
+    pub kind: String,
+    /// Instances. Default 1.
+    #[serde(default = "one")]
+    pub parallelism: u32,
+}
+
+/// `[[edge]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSpec {
+    /// Upstream operator.
+    pub from: String,
+    /// Downstream operator.
+    pub to: String,
+    /// How records are spread.
+    pub partition: Partition,
+}
+
+/// A parsed job spec.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// `[job]`
+    pub job: JobSection,
+    /// `[checkpoint]`
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    /// `[restart]`
+    #[serde(default)]
+    pub restart: RestartSection,
+    /// `[store]`
+    #[serde(default)]
+    pub store: StoreSection,
+    /// `[[operator]]`
+    #[serde(rename = "operator", default)]
+    pub operators: Vec<OperatorSpec>,
+    /// `[[edge]]`
+    #[serde(rename = "edge", default)]
+    pub edges: Vec<EdgeSpec>,
+    /// `[params]`, passed to every operator.
+    #[serde(default)]
+    pub params: BTreeMap<String, toml::Value>,
+    /// Where the spec came from (for messages and relative paths).
+    #[serde(skip)]
+    pub origin: String,
+    /// Directory of the spec file.
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+/// One worker of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedWorker {
+    /// Its id.
+    pub id: WorkerId,
+    /// Operator name.
+    pub operator: String,
+    /// Operator kind.
+    pub kind: String,
+    /// Instance index.
+    pub index: u32,
+    /// Operator parallelism.
+    pub parallelism: u32,
+    /// Upstream workers (one input channel each).
+    pub inputs: Vec<WorkerId>,
+    /// Output edges.
+    pub outputs: Vec<OutputEdge>,
+    /// True for sources (operators with no inputs).
+    pub is_source: bool,
+}
+
+impl JobSpec {
+    /// Reads and validates the spec at `path`.
+    pub fn from_file(path: &Path) -> Result<JobSpec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, &path.display().to_string(), dir)
+    }
+
+    /// Parses and validates spec text.
+    pub fn parse(text: &str, origin: &str, dir: PathBuf) -> Result<JobSpec, SpecError> {
+        let mut spec: JobSpec = toml::from_str(text).map_err(|e| SpecError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        spec.origin = origin.to_string();
+        spec.dir = dir;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    fn invalid(&self, field: impl Into<String>, message: impl Into<String>) -> SpecError {
+        SpecError::Invalid {
+            origin: self.origin.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Checks everything parsing cannot: names, ranges, the graph.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        JobId::new(self.job.name.clone()).map_err(|e| self.invalid("job.name", e.to_string()))?;
+        if self.job.worker.trim().is_empty() {
+            return Err(self.invalid("job.worker", "must name the worker binary"));
+        }
+        if self.operators.is_empty() {
+            return Err(self.invalid("operator", "the job has no [[operator]]"));
+        }
+        let mut names = BTreeSet::new();
+        let mut max_par = 1;
+        for (i, op) in self.operators.iter().enumerate() {
+            let field = |f: &str| format!("operator[{i}].{f}");
+            WorkerId::new(format!("{}-0", op.name))
+                .map_err(|e| self.invalid(field("name"), e.to_string()))?;
+            if !names.insert(op.name.as_str()) {
+                return Err(self.invalid(field("name"), format!("{:?} is used twice", op.name)));
+            }
+            if op.kind.trim().is_empty() {
+                return Err(self.invalid(field("kind"), "must not be empty"));
+            }
+            if !(1..=256).contains(&op.parallelism) {
+                return Err(self.invalid(
+                    field("parallelism"),
+                    format!("must be between 1 and 256, got {}", op.parallelism),
+                ));
+            }
+            max_par = max_par.max(op.parallelism);
+        }
+        if self.job.key_groups < max_par || self.job.key_groups > 32_768 {
+            return Err(self.invalid(
+                "job.key_groups",
+                format!(
+                    "must be between the largest parallelism ({max_par}) and 32768, got {}",
+                    self.job.key_groups
+                ),
+            ));
+        }
+        let par = |name: &str| {
+            self.operators
+                .iter()
+                .find(|o| o.name == name)
+                .map(|o| o.parallelism)
+        };
+        let mut seen = BTreeSet::new();
+        for (i, e) in self.edges.iter().enumerate() {
+            let from = par(&e.from).ok_or_else(|| {
+                self.invalid(
+                    format!("edge[{i}].from"),
+                    format!("unknown operator {:?}", e.from),
+                )
+            })?;
+            let to = par(&e.to).ok_or_else(|| {
+                self.invalid(
+                    format!("edge[{i}].to"),
+                    format!("unknown operator {:?}", e.to),
+                )
+            })?;
+            if e.from == e.to {
+                return Err(self.invalid(format!("edge[{i}]"), "an operator cannot feed itself"));
+            }
+            if !seen.insert((e.from.as_str(), e.to.as_str())) {
+                return Err(self.invalid(
+                    format!("edge[{i}]"),
+                    format!("{} -> {} is declared twice", e.from, e.to),
+                ));
+            }
+            if e.partition == Partition::Forward && from != to {
+                return Err(self.invalid(
+                    format!("edge[{i}].partition"),
+                    format!("forward needs equal parallelism, {} has {from} and {} has {to}; use rebalance or hash", e.from, e.to),
+                ));
+            }
+        }
+        // Acyclic: repeatedly remove operators without remaining inputs.
+        let mut remaining: BTreeSet<&str> = names.clone();
+        loop {
+            let free: Vec<&str> = remaining
+                .iter()
+                .copied()
+                .filter(|n| {
+                    !self
+                        .edges
+                        .iter()
+                        .any(|e| e.to == *n && remaining.contains(e.from.as_str()))
+                })
+                .collect();
+            if free.is_empty() {
+                break;
+            }
+            for n in free {
+                remaining.remove(n);
+            }
+        }
+        if !remaining.is_empty() {
+            return Err(self.invalid(
+                "edge",
+                format!(
+                    "the graph has a cycle through {}",
+                    remaining.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        let c = &self.checkpoint;
+        if c.timeout.is_zero() {
+            return Err(self.invalid("checkpoint.timeout", "must be more than 0"));
+        }
+        if c.interval.is_some_and(|i| i < Duration::from_millis(10)) {
+            return Err(self.invalid("checkpoint.interval", "must be at least 10ms (or \"off\")"));
+        }
+        if c.max_concurrent == 0 {
+            return Err(self.invalid("checkpoint.max_concurrent", "must be at least 1"));
+        }
+        if c.retention == 0 {
+            return Err(self.invalid("checkpoint.retention", "must be at least 1"));
+        }
+        if self.job.heartbeat_interval.is_zero()
+            || self.job.heartbeat_timeout <= self.job.heartbeat_interval
+        {
+            return Err(self.invalid(
+                "job.heartbeat_timeout",
+                "must be longer than job.heartbeat_interval, which must be more than 0",
+            ));
+        }
+        for (k, v) in &self.params {
+            if !matches!(
+                v,
+                toml::Value::String(_)
+                    | toml::Value::Integer(_)
+                    | toml::Value::Float(_)
+                    | toml::Value::Boolean(_)
+            ) {
+                return Err(
+                    self.invalid(format!("params.{k}"), "must be a string, number or boolean")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The job id.
+    pub fn job_id(&self) -> JobId {
+        JobId::new(self.job.name.clone()).expect("validated")
+    }
+
+    /// `[params]` as strings, after `overrides` (`--set KEY=VALUE`).
+    pub fn params(&self) -> BTreeMap<String, String> {
+        self.params
+            .iter()
+            .map(|(k, v)| {
+                let s = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), s)
+            })
+            .collect()
+    }
+
+    /// Applies `KEY=VALUE` overrides to `[params]`.
+    pub fn set_params(&mut self, overrides: &[String]) -> Result<(), SpecError> {
+        for o in overrides {
+            let (k, v) = o
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| self.invalid("--set", format!("{o:?} is not KEY=VALUE")))?;
+            self.params
+                .insert(k.trim().to_string(), toml::Value::String(v.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Every worker of the job, with its channels.
+    pub fn plan(&self) -> Vec<PlannedWorker> {
+        let wid = |op: &str, i: u32| WorkerId::new(format!("{op}-{i}")).expect("validated names");
+        let mut plan = Vec::new();
+        for op in &self.operators {
+            for index in 0..op.parallelism {
+                let mut inputs = Vec::new();
+                for e in self.edges.iter().filter(|e| e.to == op.name) {
+                    let up = self
+                        .operators
+                        .iter()
+                        .find(|o| o.name == e.from)
+                        .expect("validated");
+                    for j in 0..up.parallelism {
+                        if e.partition != Partition::Forward || j == index {
+                            inputs.push(wid(&up.name, j));
+                        }
+                    }
+                }
+                let outputs = self
+                    .edges
+                    .iter()
+                    .filter(|e| e.from == op.name)
+                    .map(|e| {
+                        let down = self
+                            .operators
+                            .iter()
+                            .find(|o| o.name == e.to)
+                            .expect("validated");
+                        let targets = match e.partition {
+                            Partition::Forward => vec![wid(&down.name, index)],
+                            _ => (0..down.parallelism).map(|j| wid(&down.name, j)).collect(),
+                        };
+                        OutputEdge {
+                            partition: e.partition,
+                            targets,
+                        }
+                    })
+                    .collect();
+                plan.push(PlannedWorker {
+                    id: wid(&op.name, index),
+                    operator: op.name.clone(),
+                    kind: op.kind.clone(),
+                    index,
+                    parallelism: op.parallelism,
+                    is_source: inputs.is_empty(),
+                    inputs,
+                    outputs,
+                });
+            }
+        }
+        plan
+    }
+
+    /// Finds the worker binary: a path (relative to the spec's directory),
+    /// else a file of that name next to `lazarus` itself, else on `PATH`.
+    pub fn resolve_worker(&self) -> Result<PathBuf, SpecError> {
+        let name = &self.job.worker;
+        let mut tried = Vec::new();
+        if name.contains('/') {
+            let p = self.dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+            tried.push(p);
+        } else {
+            if let Some(dir) = std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Path::to_path_buf))
+            {
+                let p = dir.join(name);
+                if p.is_file() {
+                    return Ok(p);
+                }
+                tried.push(p);
+            }
+            for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+                let p = dir.join(name);
+                if p.is_file() {
+                    return Ok(p);
+                }
+            }
+            tried.push(PathBuf::from(format!("$PATH/{name}")));
+        }
+        Err(self.invalid(
+            "job.worker",
+            format!(
+                "worker binary {name:?} not found (tried {}); build it first, for example `cargo build --release -p wordcount`",
+                tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [job]
+        name = "wc"
+        worker = "wordcount"
+        [checkpoint]
+        interval = "250ms"
+        [[operator]]
+        name = "source"
+        kind = "file-source"
+        [[operator]]
+        name = "tok"
+        kind = "tokenizer"
+        parallelism = 2
+        [[operator]]
+        name = "count"
+        kind = "counter"
+        parallelism = 2
+        [[edge]]
+        from = "source"
+        to = "tok"
+        partition = "rebalance"
+        [[edge]]
+        from = "tok"
+        to = "count"
+        partition = "hash"
+        [params]
+        input = "in.txt"
+        n = 3
+    "#;
+
+    fn parse(text: &str) -> Result<JobSpec, SpecError> {
+        JobSpec::parse(text, "test.toml", PathBuf::from("."))
+    }
+
+    #[test]
+    fn test_good_spec_plans_workers_and_channels() {
+        let spec = parse(GOOD).expect("valid");
+        assert_eq!(spec.checkpoint.interval, Some(Duration::from_millis(250)));
+        assert_eq!(spec.params()["n"], "3");
+        let plan = spec.plan();
+        assert_eq!(plan.len(), 5);
+        let count1 = plan
+            .iter()
+            .find(|w| w.id.as_str() == "count-1")
+            .expect("count-1");
+        assert_eq!(count1.inputs.len(), 2);
+        assert!(plan[0].is_source && plan[0].outputs[0].targets.len() == 2);
+    }
+
+    #[test]
+    fn test_bad_specs_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "parallelism = 2",
+                "operator[2].parallelism: must be between 1 and 256, got 0",
+            ),
+            ("partition = \"hash\"", "unknown operator \"nope\""),
+            ("kind = \"tokenizer\"", "unknown field `paralelism`"),
+            ("interval = \"250ms\"", "unknown unit"),
+            ("[params]", "forward needs equal parallelism"),
+            ("name = \"wc\"", "invalid job name"),
+        ];
+        let broken = [
+            GOOD.replacen(
+                "parallelism = 2\n        [[edge]]",
+                "parallelism = 0\n        [[edge]]",
+                1,
+            ),
+            GOOD.replacen("to = \"count\"", "to = \"nope\"", 1),
+            GOOD.replacen(
+                "kind = \"tokenizer\"",
+                "kind = \"tokenizer\"\n        paralelism = 3",
+                1,
+            ),
+            GOOD.replacen("\"250ms\"", "\"250 fortnights\"", 1),
+            GOOD.replacen("partition = \"rebalance\"", "partition = \"forward\"", 1),
+            GOOD.replacen("name = \"wc\"", "name = \"w/c\"", 1),
+        ];
+        for ((_, expected), text) in cases.iter().zip(broken.iter()) {
+            let err = parse(text).expect_err(expected).to_string();
+            assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+            assert!(err.starts_with("job spec test.toml"), "{err}");
+        }
+        let cyclic =
+            format!("{GOOD}\n[[edge]]\nfrom = \"count\"\nto = \"tok\"\npartition = \"hash\"\n");
+        // [params] comes last in GOOD, so an appended [[edge]] is fine TOML.
+        let err = parse(&cyclic).expect_err("cycle").to_string();
+        assert!(err.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn test_set_overrides_params() {
+        let mut spec = parse(GOOD).expect("valid");
+        spec.set_params(&["input=/tmp/x".into(), "new=1".into()])
+            .expect("set");
+        assert_eq!(spec.params()["input"], "/tmp/x");
+        assert!(spec.set_params(&["novalue".into()]).is_err());
+    }
+}

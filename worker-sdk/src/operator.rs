@@ -1,0 +1,258 @@
+//! The traits a worker author implements, the context they are built with,
+//! and the registry that maps a job spec's operator `kind` to a constructor.
+
+use std::collections::BTreeMap;
+
+use lazarus_storage::{CheckpointId, JobId, WorkerId};
+
+use crate::record::{Emitter, Record};
+use crate::state::{Restored, Snapshot};
+
+/// Errors from operator code: anything displayable.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Who an operator instance is and what the job gave it.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The job.
+    pub job: JobId,
+    /// This worker.
+    pub worker: WorkerId,
+    /// The operator's name in the job spec.
+    pub operator: String,
+    /// Instance index, `0..parallelism`.
+    pub index: u32,
+    /// The operator's parallelism.
+    pub parallelism: u32,
+    /// The job's key groups.
+    pub key_groups: u32,
+    /// The job's `[params]`.
+    pub params: BTreeMap<String, String>,
+}
+
+impl Context {
+    /// A required parameter, or an error that names it.
+    ///
+    /// ```
+    /// # let ctx = lazarus_sdk::Context::for_test("op", 0, 1);
+    /// assert!(ctx.param("input").unwrap_err().to_string().contains("missing parameter \"input\""));
+    /// ```
+    pub fn param(&self, name: &str) -> Result<&str, BoxError> {
+        self.params.get(name).map(String::as_str).ok_or_else(|| {
+            format!(
+                "operator {}: missing parameter {name:?} in [params]",
+                self.operator
+            )
+            .into()
+        })
+    }
+
+    /// A context for unit tests of operators.
+    ///
+    /// ```
+    /// let ctx = lazarus_sdk::Context::for_test("counter", 1, 2);
+    /// assert_eq!(ctx.worker.as_str(), "counter-1");
+    /// ```
+    pub fn for_test(operator: &str, index: u32, parallelism: u32) -> Context {
+        Context {
+            job: JobId::new("test").expect("valid"),
+            worker: WorkerId::new(format!("{operator}-{index}")).expect("valid operator name"),
+            operator: operator.to_string(),
+            index,
+            parallelism,
+            key_groups: 128,
+            params: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a source's poll produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourcePoll {
+    /// It emitted records (maybe none right now); poll again.
+    Ready,
+    /// There is no more input; the job finishes after a final checkpoint.
+    Exhausted,
+}
+
+/// A replayable source: its read position is part of its state, and after
+/// a restore it continues from the restored position.
+///
+/// ```
+/// use lazarus_sdk::*;
+/// struct Numbers { next: u64, end: u64 }
+/// impl Source for Numbers {
+///     fn poll(&mut self, out: &mut Emitter, max: usize) -> Result<SourcePoll, BoxError> {
+///         for _ in 0..max {
+///             if self.next == self.end { return Ok(SourcePoll::Exhausted); }
+///             out.emit(Record::new("", self.next.to_string()));
+///             self.next += 1;
+///         }
+///         Ok(SourcePoll::Ready)
+///     }
+///     fn snapshot(&mut self) -> Snapshot { Snapshot::with_metadata(self.next.to_le_bytes().to_vec()) }
+///     fn restore(&mut self, state: &Restored) -> Result<(), BoxError> {
+///         self.next = u64::from_le_bytes(state.metadata().try_into()?);
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Source: Send + 'static {
+    /// Emits up to `max` records.
+    fn poll(&mut self, out: &mut Emitter, max: usize) -> Result<SourcePoll, BoxError>;
+    /// Captures the position (and any state); must be quick.
+    fn snapshot(&mut self) -> Snapshot;
+    /// Seeks to a restored position.
+    fn restore(&mut self, state: &Restored) -> Result<(), BoxError>;
+}
+
+/// An operator: takes records, emits records, may keep state.
+///
+/// ```
+/// use lazarus_sdk::*;
+/// struct Upper;
+/// impl Operator for Upper {
+///     fn process(&mut self, r: Record, out: &mut Emitter) -> Result<(), BoxError> {
+///         out.emit(Record::new(r.key, r.value.to_ascii_uppercase()));
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Operator: Send + 'static {
+    /// Handles one record.
+    fn process(&mut self, record: Record, out: &mut Emitter) -> Result<(), BoxError>;
+    /// Captures state at a barrier; must be quick (freeze, don't serialize).
+    fn snapshot(&mut self) -> Snapshot {
+        Snapshot::default()
+    }
+    /// Restores state.
+    fn restore(&mut self, _state: &Restored) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// An exactly-once sink (two-phase commit): output is staged per checkpoint
+/// and published only after that checkpoint commits.
+///
+/// The runtime calls `pre_commit(n)` at barrier `n` (make the output staged
+/// since the previous barrier durable under `n`), `commit(n)` when
+/// checkpoint `n` has committed (publish everything staged up to `n`;
+/// idempotent), and on start `recover(restored)`: publish what is staged up
+/// to the restored checkpoint and drop everything staged after it.
+///
+/// ```
+/// use lazarus_sdk::*;
+/// use lazarus_storage::CheckpointId;
+/// #[derive(Default)]
+/// struct Collect { staged: Vec<(CheckpointId, Vec<Record>)>, open: Vec<Record>, published: Vec<Record> }
+/// impl Sink for Collect {
+///     fn write(&mut self, r: Record) -> Result<(), BoxError> { self.open.push(r); Ok(()) }
+///     fn pre_commit(&mut self, n: CheckpointId) -> Result<(), BoxError> {
+///         self.staged.push((n, std::mem::take(&mut self.open)));
+///         Ok(())
+///     }
+///     fn commit(&mut self, n: CheckpointId) -> Result<(), BoxError> {
+///         let (done, keep) = std::mem::take(&mut self.staged).into_iter().partition(|(id, _)| *id <= n);
+///         self.staged = keep;
+///         self.published.extend(done.into_iter().flat_map(|(_, r): (CheckpointId, Vec<Record>)| r));
+///         Ok(())
+///     }
+///     fn recover(&mut self, _restored: Option<CheckpointId>) -> Result<(), BoxError> { Ok(()) }
+/// }
+/// ```
+pub trait Sink: Send + 'static {
+    /// Stages one record for the checkpoint in progress.
+    fn write(&mut self, record: Record) -> Result<(), BoxError>;
+    /// Barrier `checkpoint`: make the staged output durable under it.
+    fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<(), BoxError>;
+    /// Checkpoint committed: publish staged output up to it.
+    fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), BoxError>;
+    /// On start: publish staged output up to `restored`, drop the rest.
+    fn recover(&mut self, restored: Option<CheckpointId>) -> Result<(), BoxError>;
+}
+
+/// A constructed operator instance.
+pub enum Role {
+    /// A source.
+    Source(Box<dyn Source>),
+    /// An operator.
+    Operator(Box<dyn Operator>),
+    /// A sink.
+    Sink(Box<dyn Sink>),
+}
+
+type Ctor = Box<dyn Fn(&Context) -> Result<Role, BoxError> + Send + Sync>;
+
+/// Maps operator kinds (the job spec's `kind`) to constructors. A worker
+/// binary builds one and hands it to [`crate::run_worker`].
+///
+/// ```no_run
+/// use lazarus_sdk::*;
+/// # struct Upper;
+/// # impl Operator for Upper { fn process(&mut self, r: Record, o: &mut Emitter) -> Result<(), BoxError> { o.emit(r); Ok(()) } }
+/// fn main() -> std::process::ExitCode {
+///     let registry = Registry::new().operator("upper", |_ctx| Ok(Upper));
+///     lazarus_sdk::run_worker(registry)
+/// }
+/// ```
+#[derive(Default)]
+pub struct Registry {
+    ctors: BTreeMap<String, Ctor>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Registers a source kind.
+    pub fn source<S: Source>(
+        mut self,
+        kind: &str,
+        f: impl Fn(&Context) -> Result<S, BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        self.ctors.insert(
+            kind.to_string(),
+            Box::new(move |ctx| Ok(Role::Source(Box::new(f(ctx)?)))),
+        );
+        self
+    }
+
+    /// Registers an operator kind.
+    pub fn operator<O: Operator>(
+        mut self,
+        kind: &str,
+        f: impl Fn(&Context) -> Result<O, BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        self.ctors.insert(
+            kind.to_string(),
+            Box::new(move |ctx| Ok(Role::Operator(Box::new(f(ctx)?)))),
+        );
+        self
+    }
+
+    /// Registers a sink kind.
+    pub fn sink<S: Sink>(
+        mut self,
+        kind: &str,
+        f: impl Fn(&Context) -> Result<S, BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        self.ctors.insert(
+            kind.to_string(),
+            Box::new(move |ctx| Ok(Role::Sink(Box::new(f(ctx)?)))),
+        );
+        self
+    }
+
+    /// Builds an instance of `kind`.
+    pub fn build(&self, kind: &str, ctx: &Context) -> Result<Role, BoxError> {
+        let ctor = self.ctors.get(kind).ok_or_else(|| {
+            format!(
+                "unknown operator kind {kind:?}; this worker binary provides: {}",
+                self.ctors.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        ctor(ctx)
+    }
+}

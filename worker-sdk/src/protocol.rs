@@ -1,0 +1,429 @@
+//! The wire protocol between supervisor, agents and workers: the one module
+//! both sides import (DESIGN.md). Two kinds of connection:
+//!
+//! - **control** (worker ↔ supervisor, TCP): frames of `u32` little-endian
+//!   length + JSON of [`ToSupervisor`] / [`ToWorker`]. Rare and small, so
+//!   readable and self-describing beats compact.
+//! - **data** (worker → worker, TCP): frames of `u32` length + `u8` tag +
+//!   body, carrying record batches, barriers (in-band) and end of stream.
+//!   Binary, because this is the hot path.
+//!
+//! Every decoder checks lengths before it allocates and names what is wrong.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use lazarus_storage::{CheckpointId, Epoch, JobId, WorkerId, WorkerSnapshot};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::record::Record;
+
+/// Largest control frame accepted (acks list chunk references).
+pub const MAX_CONTROL_FRAME: usize = 64 << 20;
+/// Largest data frame accepted.
+pub const MAX_DATA_FRAME: usize = 64 << 20;
+
+/// A protocol failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame is longer than allowed.
+    #[error("{kind} frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Control or data.
+        kind: &'static str,
+        /// Announced length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A frame does not decode.
+    #[error("malformed {kind} frame: {reason}")]
+    Malformed {
+        /// Control or data.
+        kind: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// How records on an edge are spread over the downstream instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Partition {
+    /// Instance i sends to instance i (equal parallelism).
+    Forward,
+    /// By key group of the record key: the instance that owns the key's
+    /// group gets it, so keyed state and routing agree.
+    Hash,
+    /// Round-robin over all downstream instances.
+    Rebalance,
+}
+
+/// One output edge of a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputEdge {
+    /// Partitioning.
+    pub partition: Partition,
+    /// Downstream workers, in instance order.
+    pub targets: Vec<WorkerId>,
+}
+
+/// What a worker is told to be.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The job.
+    pub job: JobId,
+    /// This worker.
+    pub worker: WorkerId,
+    /// The operator's name in the job spec.
+    pub operator: String,
+    /// The operator's kind: which registered constructor builds it.
+    pub kind: String,
+    /// Instance index within the operator, `0..parallelism`.
+    pub index: u32,
+    /// The operator's parallelism.
+    pub parallelism: u32,
+    /// Key groups of the job (fixed for its lifetime).
+    pub key_groups: u32,
+    /// The job's `[params]`.
+    pub params: BTreeMap<String, String>,
+    /// Store URL for checkpoints.
+    pub store: String,
+    /// The supervisor's epoch.
+    pub epoch: Epoch,
+    /// The checkpoint to restore, if any.
+    pub restore: Option<CheckpointId>,
+    /// Upstream workers, one per input channel.
+    pub inputs: Vec<WorkerId>,
+    /// Output edges.
+    pub outputs: Vec<OutputEdge>,
+    /// Local cache directory for restores (kept by the agent across restarts).
+    pub cache_dir: PathBuf,
+    /// Heartbeat interval in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Codec for state chunks.
+    pub codec: lazarus_storage::Codec,
+}
+
+/// Worker → supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToSupervisor {
+    /// First message on a control connection.
+    Hello {
+        /// Who is speaking.
+        worker: WorkerId,
+        /// The restart attempt the worker was started for; stale workers are refused.
+        attempt: u64,
+    },
+    /// The worker restored its state and listens for inputs here.
+    Listening {
+        /// Data address.
+        addr: SocketAddr,
+    },
+    /// All channels are connected; processing.
+    Running,
+    /// Checkpoint `checkpoint` is snapshotted and uploaded.
+    Ack {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// What the worker wrote (and reused).
+        snapshot: WorkerSnapshot,
+        /// How long processing was paused for the synchronous part, in µs.
+        pause_us: u64,
+    },
+    /// A source has no more input.
+    SourceExhausted,
+    /// Liveness and progress.
+    Heartbeat {
+        /// Records taken in (sources: produced) since start.
+        records_in: u64,
+    },
+    /// The worker cannot go on.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// Supervisor → worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// The worker's role.
+    Assign(Box<Assignment>),
+    /// Data addresses of every worker: connect outputs and go.
+    Start {
+        /// Address of each worker.
+        addrs: BTreeMap<WorkerId, SocketAddr>,
+    },
+    /// Sources: take checkpoint `checkpoint` now.
+    Trigger {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+    },
+    /// Checkpoint committed: sinks publish output up to it.
+    Committed {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+    },
+    /// Checkpoint abandoned.
+    Abort {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+    },
+    /// Stop now.
+    Shutdown,
+}
+
+/// Writes one control frame.
+pub async fn write_control<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), ProtocolError> {
+    let body = serde_json::to_vec(msg).map_err(|e| ProtocolError::Malformed {
+        kind: "control",
+        reason: e.to_string(),
+    })?;
+    if body.len() > MAX_CONTROL_FRAME {
+        return Err(ProtocolError::TooLarge {
+            kind: "control",
+            len: body.len(),
+            max: MAX_CONTROL_FRAME,
+        });
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one control frame; `None` on a clean end of stream.
+pub async fn read_control<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> Result<Option<T>, ProtocolError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_CONTROL_FRAME {
+        return Err(ProtocolError::TooLarge {
+            kind: "control",
+            len,
+            max: MAX_CONTROL_FRAME,
+        });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| ProtocolError::Malformed {
+            kind: "control",
+            reason: e.to_string(),
+        })
+}
+
+/// A message on a data channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataMsg {
+    /// First frame: who the sender is.
+    Hello(WorkerId),
+    /// Records.
+    Batch(Vec<Record>),
+    /// Checkpoint barrier, in-band after every record before the cut.
+    Barrier(CheckpointId),
+    /// The sender will send nothing more.
+    End,
+}
+
+const TAG_HELLO: u8 = 0;
+const TAG_BATCH: u8 = 1;
+const TAG_BARRIER: u8 = 2;
+const TAG_END: u8 = 3;
+
+impl DataMsg {
+    /// Appends the frame of this message to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; 4]);
+        match self {
+            DataMsg::Hello(w) => {
+                out.push(TAG_HELLO);
+                out.extend_from_slice(w.as_str().as_bytes());
+            }
+            DataMsg::Batch(records) => {
+                out.push(TAG_BATCH);
+                out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+                for r in records {
+                    out.extend_from_slice(&(r.key.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&r.key);
+                    out.extend_from_slice(&(r.value.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&r.value);
+                }
+            }
+            DataMsg::Barrier(id) => {
+                out.push(TAG_BARRIER);
+                out.extend_from_slice(&id.0.to_le_bytes());
+            }
+            DataMsg::End => out.push(TAG_END),
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Decodes a frame body (after the length prefix).
+    pub fn decode(body: &[u8]) -> Result<DataMsg, ProtocolError> {
+        let bad = |reason: String| ProtocolError::Malformed {
+            kind: "data",
+            reason,
+        };
+        let (&tag, mut rest) = body
+            .split_first()
+            .ok_or_else(|| bad("empty frame".into()))?;
+        let mut take = |n: usize, what: &str| -> Result<&[u8], ProtocolError> {
+            if rest.len() < n {
+                return Err(bad(format!("{what}: needs {n} bytes, {} left", rest.len())));
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
+        };
+        let msg = match tag {
+            TAG_HELLO => {
+                let name = std::str::from_utf8(take(body.len() - 1, "worker name")?)
+                    .map_err(|_| bad("worker name is not UTF-8".into()))?;
+                DataMsg::Hello(WorkerId::new(name).map_err(|e| bad(e.to_string()))?)
+            }
+            TAG_BATCH => {
+                let count =
+                    u32::from_le_bytes(take(4, "record count")?.try_into().expect("4 bytes"))
+                        as usize;
+                // Each record needs at least 8 bytes of lengths: bound the
+                // allocation by what the frame can actually hold.
+                if count > body.len() / 8 {
+                    return Err(bad(format!(
+                        "batch claims {count} records in {} bytes",
+                        body.len()
+                    )));
+                }
+                let mut records = Vec::with_capacity(count);
+                for i in 0..count {
+                    let klen =
+                        u32::from_le_bytes(take(4, "key length")?.try_into().expect("4 bytes"))
+                            as usize;
+                    let key = take(klen, &format!("key of record {i}"))?.to_vec();
+                    let vlen =
+                        u32::from_le_bytes(take(4, "value length")?.try_into().expect("4 bytes"))
+                            as usize;
+                    let value = take(vlen, &format!("value of record {i}"))?.to_vec();
+                    records.push(Record { key, value });
+                }
+                DataMsg::Batch(records)
+            }
+            TAG_BARRIER => DataMsg::Barrier(CheckpointId(u64::from_le_bytes(
+                take(8, "checkpoint id")?.try_into().expect("8 bytes"),
+            ))),
+            TAG_END => DataMsg::End,
+            other => return Err(bad(format!("unknown tag {other}"))),
+        };
+        if !rest.is_empty() {
+            return Err(bad(format!("{} trailing bytes", rest.len())));
+        }
+        Ok(msg)
+    }
+}
+
+/// Reads one data frame; `None` on a clean end of stream.
+pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<DataMsg>, ProtocolError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_DATA_FRAME {
+        return Err(ProtocolError::TooLarge {
+            kind: "data",
+            len,
+            max: MAX_DATA_FRAME,
+        });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    DataMsg::decode(&body).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(msg: DataMsg) -> DataMsg {
+        let mut buf = Vec::new();
+        msg.encode(&mut buf);
+        let len = u32::from_le_bytes(buf[..4].try_into().expect("4")) as usize;
+        assert_eq!(len, buf.len() - 4);
+        DataMsg::decode(&buf[4..]).expect("decode")
+    }
+
+    #[test]
+    fn test_data_messages_round_trip() {
+        let w = WorkerId::new("tok-1").expect("w");
+        assert_eq!(round_trip(DataMsg::Hello(w.clone())), DataMsg::Hello(w));
+        assert_eq!(
+            round_trip(DataMsg::Barrier(CheckpointId(9))),
+            DataMsg::Barrier(CheckpointId(9))
+        );
+        assert_eq!(round_trip(DataMsg::End), DataMsg::End);
+        let batch = DataMsg::Batch(vec![Record::new("k", "v"), Record::new("", "")]);
+        assert_eq!(round_trip(batch.clone()), batch);
+    }
+
+    #[test]
+    fn test_malformed_data_frames_are_named() {
+        let err = DataMsg::decode(&[TAG_BATCH, 255, 255, 255, 255]).expect_err("huge count");
+        assert!(err.to_string().contains("batch claims"), "{err}");
+        let err = DataMsg::decode(&[9]).expect_err("tag");
+        assert!(err.to_string().contains("unknown tag 9"), "{err}");
+        let err = DataMsg::decode(&[TAG_BARRIER, 1, 2]).expect_err("short");
+        assert!(err.to_string().contains("checkpoint id"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn test_control_frames_round_trip_and_reject_garbage() {
+        let msg = ToSupervisor::Heartbeat { records_in: 5 };
+        let mut buf = Vec::new();
+        write_control(&mut buf, &msg).await.expect("write");
+        let back: Option<ToSupervisor> = read_control(&mut buf.as_slice()).await.expect("read");
+        assert_eq!(back, Some(msg));
+        let mut garbage = 3u32.to_le_bytes().to_vec();
+        garbage.extend_from_slice(b"{x}");
+        let err = read_control::<_, ToSupervisor>(&mut garbage.as_slice())
+            .await
+            .expect_err("garbage");
+        assert!(err.to_string().contains("malformed control frame"), "{err}");
+        let huge = u32::MAX.to_le_bytes().to_vec();
+        let err = read_control::<_, ToSupervisor>(&mut huge.as_slice())
+            .await
+            .expect_err("huge");
+        assert!(err.to_string().contains("exceeds"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn prop_data_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = DataMsg::decode(&bytes);
+        }
+    }
+}

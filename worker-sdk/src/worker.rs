@@ -1,0 +1,734 @@
+//! The worker process main loop. A worker author's `main` is one call:
+//! [`run_worker`]. Everything else happens here:
+//!
+//! 1. connect to the supervisor (`LAZARUS_SUPERVISOR`), say hello, get the
+//!    [`Assignment`];
+//! 2. restore state from the assigned checkpoint (through the local cache);
+//!    sinks recover (publish what that checkpoint committed, drop the rest);
+//! 3. listen for inputs, report the address, connect outputs when told;
+//! 4. process: records in, records routed out over bounded channels (a slow
+//!    consumer applies backpressure all the way up); barriers aligned across
+//!    inputs (an input that delivered barrier `n` is not read again until
+//!    every input has); at alignment, snapshot (freeze only), forward the
+//!    barrier, and hand the frozen parts to the uploader, which serializes
+//!    and writes them off the processing path and then acks;
+//! 5. sinks publish on `Committed`; heartbeats carry progress; `Shutdown`
+//!    exits cleanly. Any error exits non-zero: the supervisor rolls the job
+//!    back to the last committed checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lazarus_storage::{
+    CheckpointId, CheckpointStore, ChunkRef, JobStore, LocalCache, WorkerId, WorkerSnapshot,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::operator::{BoxError, Context, Registry, Role};
+use crate::protocol::{self, Assignment, DataMsg, Partition, ToSupervisor, ToWorker};
+use crate::record::{group_owner, key_group, Emitter, Record};
+use crate::state::{PartContent, Restored, Snapshot};
+
+type Result<T, E = BoxError> = std::result::Result<T, E>;
+
+/// Records a source emits per poll, and the most records in one data frame.
+const BATCH: usize = 1024;
+/// Data frames buffered per output channel before the sender waits.
+const CHANNEL_DEPTH: usize = 8;
+
+/// Runs this process as a Lazarus worker with the operator kinds in
+/// `registry`, and returns its exit code. Configuration comes from the
+/// environment the agent sets: `LAZARUS_SUPERVISOR` (address),
+/// `LAZARUS_WORKER` (worker id), `LAZARUS_ATTEMPT`, and optionally
+/// `LAZARUS_BIND_IP` (data listener address, default 127.0.0.1) and
+/// `LAZARUS_LOG` (tracing filter).
+///
+/// ```no_run
+/// use lazarus_sdk::*;
+/// struct Pass;
+/// impl Operator for Pass {
+///     fn process(&mut self, r: Record, out: &mut Emitter) -> Result<(), BoxError> { out.emit(r); Ok(()) }
+/// }
+/// fn main() -> std::process::ExitCode {
+///     run_worker(Registry::new().operator("pass", |_| Ok(Pass)))
+/// }
+/// ```
+pub fn run_worker(registry: Registry) -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAZARUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let env = match WorkerEnv::from_env() {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("lazarus worker: {e} (this binary is started by a lazarus agent)");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lazarus worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let worker = env.worker.clone();
+    match runtime.block_on(main_loop(registry, env)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lazarus worker {worker}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct WorkerEnv {
+    supervisor: SocketAddr,
+    worker: WorkerId,
+    attempt: u64,
+    bind_ip: IpAddr,
+}
+
+impl WorkerEnv {
+    fn from_env() -> Result<WorkerEnv> {
+        let var = |name: &str| {
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))
+        };
+        let supervisor = var("LAZARUS_SUPERVISOR")?
+            .parse()
+            .map_err(|e| format!("LAZARUS_SUPERVISOR: {e}"))?;
+        let worker = WorkerId::new(var("LAZARUS_WORKER")?)?;
+        let attempt = var("LAZARUS_ATTEMPT")?
+            .parse()
+            .map_err(|e| format!("LAZARUS_ATTEMPT: {e}"))?;
+        let bind_ip = match std::env::var("LAZARUS_BIND_IP") {
+            Ok(ip) => ip.parse().map_err(|e| format!("LAZARUS_BIND_IP: {e}"))?,
+            Err(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        Ok(WorkerEnv {
+            supervisor,
+            worker,
+            attempt,
+            bind_ip,
+        })
+    }
+}
+
+/// The sending side of one output edge.
+struct EdgeOut {
+    partition: Partition,
+    senders: Vec<mpsc::Sender<DataMsg>>,
+    /// Round-robin position (rebalance edges).
+    next: usize,
+    /// The job's key groups (hash edges route by key group owner).
+    key_groups: u32,
+}
+
+/// A snapshot on its way to storage.
+struct UploadJob {
+    checkpoint: CheckpointId,
+    parts: Vec<(String, PartContent)>,
+    metadata: Vec<u8>,
+    pause: Duration,
+}
+
+async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
+    let stream = TcpStream::connect(env.supervisor)
+        .await
+        .map_err(|e| format!("connect to supervisor {}: {e}", env.supervisor))?;
+    stream.set_nodelay(true)?;
+    let (mut ctl_read, mut ctl_write) = stream.into_split();
+    let (to_sup, mut to_sup_rx) = mpsc::unbounded_channel::<ToSupervisor>();
+    let control_writer = tokio::spawn(async move {
+        while let Some(msg) = to_sup_rx.recv().await {
+            if protocol::write_control(&mut ctl_write, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    to_sup.send(ToSupervisor::Hello {
+        worker: env.worker.clone(),
+        attempt: env.attempt,
+    })?;
+    let assignment = match protocol::read_control::<_, ToWorker>(&mut ctl_read).await? {
+        Some(ToWorker::Assign(a)) => *a,
+        Some(ToWorker::Shutdown) | None => return Ok(()),
+        Some(other) => return Err(format!("expected an assignment, got {other:?}").into()),
+    };
+    if assignment.worker != env.worker {
+        return Err(format!(
+            "assigned as {}, started as {}",
+            assignment.worker, env.worker
+        )
+        .into());
+    }
+    let span = tracing::info_span!("worker", worker = %assignment.worker);
+
+    // Control messages from the supervisor; `None` means it went away.
+    let (ctl_tx, mut ctl_in) = mpsc::unbounded_channel::<Option<ToWorker>>();
+    tokio::spawn(async move {
+        loop {
+            match protocol::read_control::<_, ToWorker>(&mut ctl_read).await {
+                Ok(Some(msg)) => {
+                    if ctl_tx.send(Some(msg)).is_err() {
+                        break;
+                    }
+                }
+                _ => {
+                    let _ = ctl_tx.send(None);
+                    break;
+                }
+            }
+        }
+    });
+
+    let result = run_assignment(registry, &env, assignment, &to_sup, &mut ctl_in)
+        .instrument(span)
+        .await;
+    if let Err(e) = &result {
+        let _ = to_sup.send(ToSupervisor::Failed {
+            error: e.to_string(),
+        });
+    }
+    drop(to_sup);
+    // Let the last messages (acks, the failure) reach the supervisor.
+    let _ = tokio::time::timeout(Duration::from_secs(2), control_writer).await;
+    result
+}
+
+async fn run_assignment(
+    registry: Registry,
+    env: &WorkerEnv,
+    a: Assignment,
+    to_sup: &mpsc::UnboundedSender<ToSupervisor>,
+    ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
+) -> Result<()> {
+    let ctx = Context {
+        job: a.job.clone(),
+        worker: a.worker.clone(),
+        operator: a.operator.clone(),
+        index: a.index,
+        parallelism: a.parallelism,
+        key_groups: a.key_groups,
+        params: a.params.clone(),
+    };
+    let mut role = registry.build(&a.kind, &ctx)?;
+    let store = CheckpointStore::open(&a.store)?;
+    let js = store.job(a.job.clone());
+    let cache = LocalCache::new(&a.cache_dir)?;
+
+    // Restore.
+    let mut base: HashMap<String, ChunkRef> = HashMap::new();
+    if let Some(n) = a.restore {
+        let manifest = js.manifest(n).await?;
+        let restored = if manifest.workers.contains_key(&a.worker) {
+            let r = js.restore_worker(&manifest, &a.worker, &cache).await?;
+            let snapshot = &manifest.workers[&a.worker];
+            for c in &snapshot.chunks {
+                base.insert(c.name().to_string(), c.clone());
+            }
+            let parts: BTreeMap<String, _> = snapshot
+                .chunks
+                .iter()
+                .map(|c| c.name().to_string())
+                .zip(r.chunks)
+                .collect();
+            tracing::info!(checkpoint = %n, fetched = r.fetched_bytes, cache_hits = r.cache_hits, "restored");
+            Restored::new(n, parts, r.metadata)
+        } else {
+            Restored::default()
+        };
+        match &mut role {
+            Role::Source(s) => s.restore(&restored)?,
+            Role::Operator(o) => o.restore(&restored)?,
+            Role::Sink(_) => {}
+        }
+    }
+    if let Role::Sink(s) = &mut role {
+        s.recover(a.restore)?;
+    }
+
+    // Data plane: listen, report, wait for everyone's address, connect.
+    let listener = TcpListener::bind((env.bind_ip, 0)).await?;
+    to_sup.send(ToSupervisor::Listening {
+        addr: listener.local_addr()?,
+    })?;
+    let addrs = loop {
+        match ctl_in.recv().await.flatten() {
+            Some(ToWorker::Start { addrs }) => break addrs,
+            Some(ToWorker::Shutdown) | None => return Ok(()),
+            Some(other) => tracing::debug!(?other, "ignored before start"),
+        }
+    };
+    let expected = a.inputs.clone();
+    let accept = tokio::spawn(accept_inputs(listener, expected));
+    let mut outputs = Vec::new();
+    for edge in &a.outputs {
+        let mut senders = Vec::new();
+        for target in &edge.targets {
+            let addr = addrs
+                .get(target)
+                .ok_or_else(|| format!("no address for output {target}"))?;
+            senders.push(connect_output(&a.worker, *addr).await?);
+        }
+        outputs.push(EdgeOut {
+            partition: edge.partition,
+            senders,
+            next: 0,
+            key_groups: a.key_groups,
+        });
+    }
+    let mut inputs = tokio::time::timeout(Duration::from_secs(30), accept)
+        .await
+        .map_err(|_| "inputs did not all connect within 30 s")???;
+    to_sup.send(ToSupervisor::Running)?;
+
+    // Progress and liveness.
+    let records_in = Arc::new(AtomicU64::new(0));
+    {
+        let (to_sup, records_in) = (to_sup.clone(), records_in.clone());
+        let every = Duration::from_millis(a.heartbeat_ms.max(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let msg = ToSupervisor::Heartbeat {
+                    records_in: records_in.load(Ordering::Relaxed),
+                };
+                if to_sup.send(msg).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    // The uploader: serializes and writes frozen parts in checkpoint order,
+    // off the processing path, then acks. A failure ends the worker.
+    let (upload_tx, upload_rx) = mpsc::unbounded_channel::<UploadJob>();
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel::<BoxError>();
+    tokio::spawn(uploader(
+        js.clone(),
+        cache,
+        a.clone(),
+        base,
+        upload_rx,
+        to_sup.clone(),
+        fatal_tx,
+    ));
+
+    let mut emitter = Emitter::default();
+    let n_in = inputs.len();
+    let mut blocked = vec![false; n_in];
+    let mut closed = vec![false; n_in];
+    let mut aligning: Option<CheckpointId> = None;
+    let mut exhausted = false;
+
+    loop {
+        if matches!(role, Role::Source(_)) {
+            // Control first (a trigger puts the barrier at a record boundary).
+            loop {
+                match ctl_in.try_recv() {
+                    Ok(msg) => {
+                        if !handle_control(msg, &mut role, &mut outputs, &upload_tx).await? {
+                            return Ok(());
+                        }
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        return Err("control channel closed".into())
+                    }
+                }
+            }
+            if let Ok(e) = fatal_rx.try_recv() {
+                return Err(e);
+            }
+            if !exhausted {
+                let Role::Source(source) = &mut role else {
+                    unreachable!("checked above")
+                };
+                let status = source.poll(&mut emitter, BATCH)?;
+                records_in.fetch_add(emitter.len() as u64, Ordering::Relaxed);
+                route(&mut outputs, &mut emitter).await?;
+                if status == crate::SourcePoll::Exhausted {
+                    exhausted = true;
+                    to_sup.send(ToSupervisor::SourceExhausted)?;
+                }
+                tokio::task::yield_now().await;
+            } else {
+                tokio::select! {
+                    msg = ctl_in.recv() => {
+                        if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx).await? {
+                            return Ok(());
+                        }
+                    }
+                    Some(e) = fatal_rx.recv() => return Err(e),
+                }
+            }
+            continue;
+        }
+
+        let skip: Vec<bool> = (0..n_in).map(|i| blocked[i] || closed[i]).collect();
+        tokio::select! {
+            biased;
+            msg = ctl_in.recv() => {
+                if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx).await? {
+                    return Ok(());
+                }
+            }
+            Some(e) = fatal_rx.recv() => return Err(e),
+            (i, msg) = next_input(&mut inputs, &skip) => {
+                match msg {
+                    Some(Ok(DataMsg::Batch(records))) => {
+                        records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
+                        match &mut role {
+                            Role::Operator(op) => {
+                                for r in records {
+                                    op.process(r, &mut emitter)?;
+                                }
+                                route(&mut outputs, &mut emitter).await?;
+                            }
+                            Role::Sink(sink) => {
+                                for r in records {
+                                    sink.write(r)?;
+                                }
+                            }
+                            Role::Source(_) => unreachable!("sources have no inputs"),
+                        }
+                    }
+                    Some(Ok(DataMsg::Barrier(n))) => {
+                        if let Some(m) = aligning {
+                            if m != n {
+                                return Err(format!("barrier {n} on input {i} while aligning barrier {m}").into());
+                            }
+                        }
+                        aligning = Some(n);
+                        blocked[i] = true;
+                    }
+                    Some(Ok(DataMsg::End)) | None => closed[i] = true,
+                    Some(Ok(DataMsg::Hello(w))) => return Err(format!("unexpected hello from {w} on input {i}").into()),
+                    Some(Err(e)) => return Err(e.into()),
+                }
+                // Aligned: every input that is still open delivered the barrier.
+                if let Some(n) = aligning {
+                    if (0..n_in).all(|j| blocked[j] || closed[j]) {
+                        snapshot_now(n, &mut role, &mut outputs, &upload_tx).await?;
+                        blocked.iter_mut().for_each(|b| *b = false);
+                        aligning = None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Handles one control message; `false` means stop.
+async fn handle_control(
+    msg: Option<ToWorker>,
+    role: &mut Role,
+    outputs: &mut [EdgeOut],
+    upload_tx: &mpsc::UnboundedSender<UploadJob>,
+) -> Result<bool> {
+    match msg {
+        None => Err("supervisor connection lost".into()),
+        Some(ToWorker::Shutdown) => Ok(false),
+        Some(ToWorker::Trigger { checkpoint }) => {
+            if matches!(role, Role::Source(_)) {
+                // Sources snapshot right here, between two polls.
+                snapshot_now(checkpoint, role, outputs, upload_tx).await?;
+            }
+            Ok(true)
+        }
+        Some(ToWorker::Committed { checkpoint }) => {
+            if let Role::Sink(sink) = role {
+                sink.commit(checkpoint)?;
+            }
+            Ok(true)
+        }
+        Some(ToWorker::Abort { checkpoint }) => {
+            // Staged sink output stays: the next committed checkpoint covers it.
+            tracing::debug!(%checkpoint, "checkpoint aborted");
+            Ok(true)
+        }
+        Some(other) => Err(format!("unexpected control message {other:?}").into()),
+    }
+}
+
+/// The synchronous part of a snapshot: pre-commit sinks, freeze state,
+/// forward the barrier. Serialization and upload happen in the uploader.
+async fn snapshot_now(
+    n: CheckpointId,
+    role: &mut Role,
+    outputs: &mut [EdgeOut],
+    upload_tx: &mpsc::UnboundedSender<UploadJob>,
+) -> Result<()> {
+    let started = Instant::now();
+    let snapshot = match role {
+        Role::Source(s) => s.snapshot(),
+        Role::Operator(o) => o.snapshot(),
+        Role::Sink(s) => {
+            s.pre_commit(n)?;
+            Snapshot::default()
+        }
+    };
+    // The barrier goes behind the records already queued on each channel,
+    // as it must; a full channel makes it wait (backpressure).
+    for edge in outputs.iter_mut() {
+        for tx in &edge.senders {
+            tx.send(DataMsg::Barrier(n))
+                .await
+                .map_err(|_| "output channel closed")?;
+        }
+    }
+    let (parts, metadata) = snapshot.into_parts();
+    upload_tx
+        .send(UploadJob {
+            checkpoint: n,
+            parts,
+            metadata,
+            pause: started.elapsed(),
+        })
+        .map_err(|_| "uploader stopped")?;
+    Ok(())
+}
+
+async fn uploader(
+    js: JobStore,
+    cache: LocalCache,
+    a: Assignment,
+    mut base: HashMap<String, ChunkRef>,
+    mut jobs: mpsc::UnboundedReceiver<UploadJob>,
+    to_sup: mpsc::UnboundedSender<ToSupervisor>,
+    fatal: mpsc::UnboundedSender<BoxError>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let span = tracing::info_span!("snapshot_upload", checkpoint = %job.checkpoint, worker = %a.worker);
+        let (checkpoint, pause) = (job.checkpoint, job.pause);
+        let result = upload(&js, &cache, &a, &base, job).instrument(span).await;
+        match result {
+            Ok(snapshot) => {
+                base = snapshot
+                    .chunks
+                    .iter()
+                    .map(|c| (c.name().to_string(), c.clone()))
+                    .collect();
+                let ack = ToSupervisor::Ack {
+                    checkpoint,
+                    snapshot,
+                    pause_us: pause.as_micros() as u64,
+                };
+                if to_sup.send(ack).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = fatal.send(e);
+                return;
+            }
+        }
+    }
+}
+
+/// Resolves unchanged parts to the chunks already written (incremental
+/// checkpoints) and writes the fresh ones, four at a time.
+async fn upload(
+    js: &JobStore,
+    cache: &LocalCache,
+    a: &Assignment,
+    base: &HashMap<String, ChunkRef>,
+    job: UploadJob,
+) -> Result<WorkerSnapshot> {
+    let mut chunks: Vec<Option<ChunkRef>> = Vec::with_capacity(job.parts.len());
+    let mut handles = Vec::new();
+    let limit = Arc::new(tokio::sync::Semaphore::new(4));
+    for (name, content) in job.parts {
+        match content {
+            PartContent::Unchanged => {
+                let prior = base.get(&name).ok_or_else(|| {
+                    format!("state part {name:?} is marked unchanged but was never written")
+                })?;
+                chunks.push(Some(prior.clone()));
+            }
+            PartContent::Fresh(serialize) => {
+                chunks.push(None);
+                let slot = chunks.len() - 1;
+                let (js, cache, worker, job_id, codec, limit) = (
+                    js.clone(),
+                    cache.clone(),
+                    a.worker.clone(),
+                    a.job.clone(),
+                    a.codec,
+                    limit.clone(),
+                );
+                let checkpoint = job.checkpoint;
+                handles.push(tokio::spawn(async move {
+                    let _permit = limit.acquire_owned().await?;
+                    let bytes = Bytes::from(tokio::task::spawn_blocking(serialize).await??);
+                    let chunk = js
+                        .write_chunk(checkpoint, &worker, &name, bytes.clone(), codec)
+                        .await?;
+                    let c2 = chunk.clone();
+                    tokio::task::spawn_blocking(move || cache.insert(&job_id, &c2, &bytes))
+                        .await??;
+                    Ok::<_, BoxError>((slot, chunk))
+                }));
+            }
+        }
+    }
+    for handle in handles {
+        let (slot, chunk) = handle.await??;
+        chunks[slot] = Some(chunk);
+    }
+    Ok(WorkerSnapshot {
+        chunks: chunks
+            .into_iter()
+            .map(|c| c.expect("every slot filled"))
+            .collect(),
+        metadata: job.metadata,
+    })
+}
+
+/// Sends everything the emitter holds over the output edges.
+async fn route(outputs: &mut [EdgeOut], emitter: &mut Emitter) -> Result<()> {
+    if emitter.records.is_empty() {
+        return Ok(());
+    }
+    let mut records = std::mem::take(&mut emitter.records);
+    let n_edges = outputs.len();
+    for (e, edge) in outputs.iter_mut().enumerate() {
+        // The last edge takes the records; earlier ones get copies.
+        let records = if e + 1 == n_edges {
+            std::mem::take(&mut records)
+        } else {
+            records.clone()
+        };
+        let n = edge.senders.len() as u32;
+        let mut per_target: Vec<Vec<Record>> = vec![Vec::new(); n as usize];
+        for r in records {
+            let t = match edge.partition {
+                // Forward edges pair instance i with i; the supervisor checks
+                // equal parallelism, so this worker's edge has one target.
+                Partition::Forward => 0,
+                // The targets list is in instance order, and instance i owns
+                // the key groups `group_owner` assigns it: the same rule as
+                // KeyedState, so a key always reaches the state that holds it.
+                Partition::Hash => {
+                    group_owner(key_group(&r.key, edge.key_groups), edge.key_groups, n) as usize
+                }
+                Partition::Rebalance => {
+                    edge.next = (edge.next + 1) % n as usize;
+                    edge.next
+                }
+            };
+            per_target[t].push(r);
+        }
+        for (t, batch) in per_target.into_iter().enumerate() {
+            for piece in batch.chunks(BATCH) {
+                edge.senders[t]
+                    .send(DataMsg::Batch(piece.to_vec()))
+                    .await
+                    .map_err(|_| "output channel closed")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connect_output(me: &WorkerId, addr: SocketAddr) -> Result<mpsc::Sender<DataMsg>> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect output {addr}: {e}"))?;
+    stream.set_nodelay(true)?;
+    let mut hello = Vec::new();
+    DataMsg::Hello(me.clone()).encode(&mut hello);
+    stream.write_all(&hello).await?;
+    let (tx, mut rx) = mpsc::channel::<DataMsg>(CHANNEL_DEPTH);
+    tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(64 << 10);
+        while let Some(msg) = rx.recv().await {
+            buf.clear();
+            msg.encode(&mut buf);
+            if stream.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(tx)
+}
+
+type InputRx = mpsc::Receiver<Result<DataMsg, protocol::ProtocolError>>;
+
+async fn accept_inputs(listener: TcpListener, expected: Vec<WorkerId>) -> Result<Vec<InputRx>> {
+    let mut slots: Vec<Option<InputRx>> = (0..expected.len()).map(|_| None).collect();
+    let mut missing = expected.len();
+    while missing > 0 {
+        let (mut stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).await?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > 1024 {
+            return Err(format!("data hello of {len} bytes").into());
+        }
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await?;
+        let DataMsg::Hello(from) = DataMsg::decode(&body)? else {
+            return Err("first data frame was not a hello".into());
+        };
+        let idx = expected
+            .iter()
+            .enumerate()
+            .position(|(i, w)| *w == from && slots[i].is_none())
+            .ok_or_else(|| format!("unexpected input connection from {from}"))?;
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        tokio::spawn(async move {
+            loop {
+                match protocol::read_data(&mut stream).await {
+                    Ok(Some(msg)) => {
+                        if tx.send(Ok(msg)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        slots[idx] = Some(rx);
+        missing -= 1;
+    }
+    Ok(slots.into_iter().map(|s| s.expect("all filled")).collect())
+}
+
+async fn next_input(
+    inputs: &mut [InputRx],
+    skip: &[bool],
+) -> (usize, Option<Result<DataMsg, protocol::ProtocolError>>) {
+    let futures: Vec<_> = inputs
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| !skip[*i])
+        .map(|(i, rx)| Box::pin(async move { (i, rx.recv().await) }))
+        .collect();
+    if futures.is_empty() {
+        return std::future::pending().await;
+    }
+    futures::future::select_all(futures).await.0
+}
