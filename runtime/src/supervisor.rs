@@ -1,1 +1,765 @@
+//! The supervisor: runs a job. In local mode (`lazarus run`) it shares the
+//! process with one [`Agent`]; workers are child processes.
+//!
+//! Lifecycle (a typed state machine, [`JobState`]): `Starting` (workers
+//! spawned, handshake: hello → assignment → listening → start → running),
+//! `Running` (checkpoints per the [`CheckpointCoordinator`]), `Recovering`
+//! (a worker failed: kill every worker, back off, restart all of them from
+//! the last committed checkpoint), and then `Finished` (the final checkpoint
+//! committed and every worker exited cleanly), `Stopped` (asked to stop) or
+//! `Failed` (the restart strategy gave up, or this supervisor was fenced).
+//!
+//! Exactly-once rests on three rules carried out here: a manifest is
+//! committed only after every worker acked; `Committed(n)` is announced only
+//! after the commit is durable; and recovery always restores the newest
+//! committed checkpoint with every worker restarted, so no record is counted
+//! twice and none is lost.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use lazarus_sdk::protocol::{self, Assignment, ToSupervisor, ToWorker};
+use lazarus_storage::{CheckpointId, CheckpointStore, Epoch, ErrorKind, JobId, JobStore, WorkerId};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::agent::{Agent, ExitKind, WorkerExited};
+use crate::coordinator::{CheckpointCoordinator, CoordinatorConfig, Decision};
+use crate::spec::{JobSpec, PlannedWorker};
+use crate::units::format_bytes;
+
+/// Random worker kills, to watch recovery live.
+#[derive(Debug, Clone, Copy)]
+pub struct Chaos {
+    /// Mean time between kills; each gap is drawn from 0.5 to 1.5 times it.
+    pub every: Duration,
+    /// Seed of the choice of victims and gaps.
+    pub seed: u64,
+    /// Stop killing after this many kills (so a run is sure to finish).
+    pub max_kills: Option<u32>,
+}
+
+/// A local run's settings.
+#[derive(Debug, Clone)]
+pub struct LocalRun {
+    /// The job.
+    pub spec: JobSpec,
+    /// Where checkpoints go.
+    pub store_url: String,
+    /// The worker binary.
+    pub worker_binary: PathBuf,
+    /// Logs and the local cache.
+    pub state_dir: PathBuf,
+    /// Random SIGKILLs, if any.
+    pub chaos: Option<Chaos>,
+    /// Print a status line this often.
+    pub status_every: Option<Duration>,
+    /// On a stop request, take a final checkpoint before shutting down.
+    pub final_checkpoint_on_stop: bool,
+}
+
+/// Where the job is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Workers starting and connecting.
+    Starting,
+    /// Processing, taking checkpoints.
+    Running,
+    /// Rolling back after a failure.
+    Recovering,
+    /// The final checkpoint committed and every worker exited.
+    Finished,
+    /// Stopped on request.
+    Stopped,
+    /// Gave up.
+    Failed(String),
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The job.
+    pub job: JobId,
+    /// This supervisor's epoch.
+    pub epoch: Epoch,
+    /// How it ended.
+    pub state: JobState,
+    /// Checkpoints committed in this run.
+    pub committed: u64,
+    /// The newest committed checkpoint.
+    pub last_checkpoint: Option<CheckpointId>,
+    /// Restarts after failures.
+    pub restarts: u32,
+    /// Workers killed by chaos.
+    pub chaos_kills: u32,
+    /// Chaos kills that hit while a checkpoint was in flight.
+    pub kills_during_checkpoint: u32,
+    /// Records produced by sources, summed over attempts (replays included).
+    pub source_records: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Trigger-to-commit latency of each committed checkpoint.
+    pub checkpoint_latencies: Vec<Duration>,
+    /// Synchronous snapshot pause of every ack.
+    pub pauses: Vec<Duration>,
+    /// State size of the newest checkpoint (stored bytes).
+    pub last_checkpoint_bytes: u64,
+}
+
+enum Event {
+    Hello {
+        worker: WorkerId,
+        attempt: u64,
+        read: tokio::net::tcp::OwnedReadHalf,
+        write: tokio::net::tcp::OwnedWriteHalf,
+    },
+    Message {
+        worker: WorkerId,
+        attempt: u64,
+        msg: Option<ToSupervisor>,
+    },
+}
+
+enum Outcome {
+    Finished,
+    Stopped,
+    Failed(String),
+    Fenced(String),
+}
+
+/// Runs `run` until it finishes, is stopped (`stop` turns true), or fails.
+pub async fn run_local(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Result<RunSummary> {
+    let job = run.spec.job_id();
+    let span = tracing::info_span!("job", %job);
+    Supervisor::start(run, stop)
+        .instrument(span.clone())
+        .await?
+        .run()
+        .instrument(span)
+        .await
+}
+
+struct Supervisor {
+    run: LocalRun,
+    job: JobId,
+    js: JobStore,
+    epoch: Epoch,
+    plan: Vec<PlannedWorker>,
+    agent: Agent,
+    exits: mpsc::UnboundedReceiver<WorkerExited>,
+    addr: SocketAddr,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    accept_task: tokio::task::JoinHandle<()>,
+    stop: watch::Receiver<bool>,
+    started: Instant,
+    next_id: CheckpointId,
+    summary: RunSummary,
+    rng: u64,
+    consecutive_failures: u32,
+    /// Source records of finished attempts.
+    records_before: u64,
+    /// When the next chaos kill is due. One schedule for the whole run, not
+    /// per attempt, so an attempt's lifetime varies like a real failure's.
+    chaos_at: tokio::time::Instant,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        self.agent.kill_all();
+    }
+}
+
+impl Supervisor {
+    async fn start(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Result<Supervisor> {
+        let job = run.spec.job_id();
+        let store =
+            CheckpointStore::open(&run.store_url).context("opening the checkpoint store")?;
+        let js = store.job(job.clone());
+        // A new supervisor takes a new epoch: commits of any older one are fenced.
+        let epoch = Epoch(
+            js.current_epoch()
+                .await
+                .context("reading the job's epoch")?
+                .0
+                + 1,
+        );
+        js.claim_epoch(epoch)
+            .await
+            .context("claiming the job's epoch")?;
+        let next_id = match js.latest().await {
+            Ok(m) => m.checkpoint.next(),
+            Err(e) if e.kind() == ErrorKind::NotFound => CheckpointId(1),
+            Err(e) => return Err(e).context("reading the latest checkpoint"),
+        };
+        let (agent, exits) = Agent::new("local", run.worker_binary.clone(), &run.state_dir)
+            .with_context(|| format!("preparing state directory {}", run.state_dir.display()))?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the control port")?;
+        let addr = listener.local_addr()?;
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let accept_task = tokio::spawn(accept_loop(listener, events_tx.clone()));
+        tracing::info!(%epoch, %addr, next = %next_id, "supervisor started");
+        let plan = run.spec.plan();
+        let rng = run.chaos.map(|c| c.seed).unwrap_or(1) | 1;
+        let chaos_at = tokio::time::Instant::now()
+            + run
+                .chaos
+                .map(|c| c.every)
+                .unwrap_or(Duration::from_secs(3600));
+        Ok(Supervisor {
+            summary: RunSummary {
+                job: job.clone(),
+                epoch,
+                state: JobState::Starting,
+                committed: 0,
+                last_checkpoint: None,
+                restarts: 0,
+                chaos_kills: 0,
+                kills_during_checkpoint: 0,
+                source_records: 0,
+                elapsed: Duration::ZERO,
+                checkpoint_latencies: Vec::new(),
+                pauses: Vec::new(),
+                last_checkpoint_bytes: 0,
+            },
+            run,
+            job,
+            js,
+            epoch,
+            plan,
+            agent,
+            exits,
+            addr,
+            events_tx,
+            events,
+            accept_task,
+            stop,
+            started: Instant::now(),
+            next_id,
+            rng,
+            consecutive_failures: 0,
+            records_before: 0,
+            chaos_at,
+        })
+    }
+
+    async fn run(mut self) -> anyhow::Result<RunSummary> {
+        let mut attempt = 0u64;
+        loop {
+            let restore = match self.js.latest().await {
+                Ok(m) => Some(m.checkpoint),
+                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                Err(e) => return Err(e).context("reading the latest checkpoint"),
+            };
+            self.summary.state = if attempt == 0 {
+                JobState::Starting
+            } else {
+                JobState::Recovering
+            };
+            tracing::info!(attempt, ?restore, "starting workers");
+            let mut outcome = self.attempt(attempt, restore).await;
+            if let Outcome::Failed(why) = &outcome {
+                // One crash makes its peers lose their connections too; give
+                // the crashed process's exit a moment to arrive and name it.
+                if let Some(cause) = self.root_cause(attempt).await {
+                    let detail = last_log_line(&self.agent.log_path(&cause.worker))
+                        .map(|l| format!(": {l}"))
+                        .unwrap_or_default();
+                    let first = format!("worker {} {}{detail}", cause.worker, cause.exit);
+                    outcome =
+                        Outcome::Failed(if why.starts_with(&format!("worker {} ", cause.worker)) {
+                            first
+                        } else {
+                            format!("{first} (then: {why})")
+                        });
+                }
+            }
+            self.records_before = self.summary.source_records;
+            // Whatever happened, no worker of this attempt survives it.
+            self.agent.kill_all();
+            self.drain_exits(attempt).await;
+            match outcome {
+                Outcome::Finished => {
+                    self.summary.state = JobState::Finished;
+                    break;
+                }
+                Outcome::Stopped => {
+                    self.summary.state = JobState::Stopped;
+                    break;
+                }
+                Outcome::Fenced(why) => {
+                    self.summary.state = JobState::Failed(format!("fenced: {why}"));
+                    break;
+                }
+                Outcome::Failed(why) => {
+                    self.summary.restarts += 1;
+                    self.consecutive_failures += 1;
+                    let max = self.run.spec.restart.max_attempts;
+                    if self.summary.restarts > max {
+                        let newest = match self.js.latest().await {
+                            Ok(m) => m.checkpoint.to_string(),
+                            Err(_) => "none".into(),
+                        };
+                        self.summary.state = JobState::Failed(format!(
+                            "{why}; the restart strategy gave up after {max} restarts (committed checkpoints are kept; newest: {newest})"
+                        ));
+                        break;
+                    }
+                    let backoff = self.backoff();
+                    tracing::info!(%why, restarts = self.summary.restarts, ?backoff, "worker failure; rolling back to the last committed checkpoint");
+                    if self.run.status_every.is_some() {
+                        eprintln!("[lazarus] failure: {why}; restarting from the last committed checkpoint in {backoff:?}");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    attempt += 1;
+                }
+            }
+        }
+        self.summary.elapsed = self.started.elapsed();
+        Ok(self.summary.clone())
+    }
+
+    /// The first abnormal exit of `attempt` reported within 100 ms.
+    async fn root_cause(&mut self, attempt: u64) -> Option<WorkerExited> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        while let Ok(Some(e)) = tokio::time::timeout_at(deadline, self.exits.recv()).await {
+            self.agent.reap(&e.worker, e.attempt);
+            if e.attempt == attempt && e.exit != ExitKind::Success {
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    fn backoff(&self) -> Duration {
+        let r = &self.run.spec.restart;
+        let factor = 1u32 << self.consecutive_failures.saturating_sub(1).min(16);
+        (r.backoff * factor).min(r.max_backoff)
+    }
+
+    /// Waits (bounded) until every worker of `attempt` has exited.
+    async fn drain_exits(&mut self, attempt: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.agent.running().is_empty() {
+            match tokio::time::timeout_at(deadline, self.exits.recv()).await {
+                Ok(Some(e)) => self.agent.reap(&e.worker, e.attempt),
+                _ => break,
+            }
+        }
+        let _ = attempt;
+        // Drop control traffic of the dead attempt.
+        while self.events.try_recv().is_ok() {}
+    }
+
+    /// Schedules the next chaos kill 0.5 to 1.5 mean gaps from now.
+    fn schedule_chaos(&mut self) {
+        if let Some(c) = self.run.chaos {
+            let factor = 0.5 + (self.next_random() % 1000) as f64 / 1000.0;
+            self.chaos_at = tokio::time::Instant::now() + c.every.mul_f64(factor);
+        }
+    }
+
+    fn chaos_armed(&self) -> bool {
+        self.run
+            .chaos
+            .is_some_and(|c| c.max_kills.is_none_or(|m| self.summary.chaos_kills < m))
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    async fn attempt(&mut self, attempt: u64, restore: Option<CheckpointId>) -> Outcome {
+        let spec = self.run.spec.clone();
+        for w in &self.plan {
+            self.agent.spawn(&w.id, attempt, self.addr);
+        }
+        let by_id: BTreeMap<WorkerId, PlannedWorker> = self
+            .plan
+            .iter()
+            .map(|w| (w.id.clone(), w.clone()))
+            .collect();
+        let sources: Vec<WorkerId> = self
+            .plan
+            .iter()
+            .filter(|w| w.is_source)
+            .map(|w| w.id.clone())
+            .collect();
+        let mut senders: BTreeMap<WorkerId, mpsc::UnboundedSender<ToWorker>> = BTreeMap::new();
+        let mut listening: BTreeMap<WorkerId, SocketAddr> = BTreeMap::new();
+        let mut running: BTreeSet<WorkerId> = BTreeSet::new();
+        let mut exited_clean: BTreeSet<WorkerId> = BTreeSet::new();
+        let mut last_seen: BTreeMap<WorkerId, Instant> = BTreeMap::new();
+        let mut records: BTreeMap<WorkerId, u64> = BTreeMap::new();
+        let mut coordinator = CheckpointCoordinator::new(
+            CoordinatorConfig {
+                interval: spec.checkpoint.interval,
+                timeout: spec.checkpoint.timeout,
+                max_concurrent: spec.checkpoint.max_concurrent as usize,
+            },
+            self.job.clone(),
+            self.epoch,
+            self.plan.iter().map(|w| w.id.clone()),
+            sources.iter().cloned(),
+            self.next_id,
+        );
+        let origin = Instant::now();
+        let startup_deadline = origin + Duration::from_secs(60);
+        let mut finishing = false;
+        let mut is_running = false;
+        let tick_every = spec
+            .checkpoint
+            .interval
+            .map_or(Duration::from_millis(50), |i| {
+                (i / 4).clamp(Duration::from_millis(5), Duration::from_millis(100))
+            });
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let status_every = self.run.status_every.unwrap_or(Duration::from_secs(3600));
+        let mut status =
+            tokio::time::interval_at(tokio::time::Instant::now() + status_every, status_every);
+        let mut last_status = (Instant::now(), 0u64);
+
+        macro_rules! broadcast {
+            ($msg:expr) => {
+                for tx in senders.values() {
+                    let _ = tx.send($msg.clone());
+                }
+            };
+        }
+
+        loop {
+            let mut decisions: Vec<Decision> = Vec::new();
+            tokio::select! {
+                Some(exit) = self.exits.recv() => {
+                    self.agent.reap(&exit.worker, exit.attempt);
+                    if exit.attempt != attempt {
+                        continue;
+                    }
+                    if finishing && exit.exit == ExitKind::Success {
+                        exited_clean.insert(exit.worker.clone());
+                        if exited_clean.len() == self.plan.len() {
+                            return Outcome::Finished;
+                        }
+                        continue;
+                    }
+                    let log = self.agent.log_path(&exit.worker);
+                    let detail = last_log_line(&log).map(|l| format!(": {l}")).unwrap_or_default();
+                    let _ = coordinator.on_failure();
+                    self.next_id = coordinator.next_id();
+                    return Outcome::Failed(format!("worker {} {}{detail}", exit.worker, exit.exit));
+                }
+                Some(event) = self.events.recv() => match event {
+                    Event::Hello { worker, attempt: a, read, write } => {
+                        if a != attempt || !by_id.contains_key(&worker) || senders.contains_key(&worker) {
+                            tracing::debug!(%worker, a, "refusing stale or unknown worker");
+                            continue;
+                        }
+                        let w = &by_id[&worker];
+                        let tx = spawn_connection(worker.clone(), a, read, write, self.events_tx.clone());
+                        let assignment = Assignment {
+                            job: self.job.clone(),
+                            worker: worker.clone(),
+                            operator: w.operator.clone(),
+                            kind: w.kind.clone(),
+                            index: w.index,
+                            parallelism: w.parallelism,
+                            key_groups: spec.job.key_groups,
+                            params: spec.params(),
+                            store: self.run.store_url.clone(),
+                            epoch: self.epoch,
+                            restore,
+                            inputs: w.inputs.clone(),
+                            outputs: w.outputs.clone(),
+                            cache_dir: self.agent.cache_dir().to_path_buf(),
+                            heartbeat_ms: spec.job.heartbeat_interval.as_millis() as u64,
+                            codec: spec.checkpoint.codec,
+                        };
+                        let _ = tx.send(ToWorker::Assign(Box::new(assignment)));
+                        senders.insert(worker.clone(), tx);
+                        last_seen.insert(worker, Instant::now());
+                    }
+                    Event::Message { worker, attempt: a, msg } => {
+                        if a != attempt {
+                            continue;
+                        }
+                        last_seen.insert(worker.clone(), Instant::now());
+                        match msg {
+                            None => {
+                                if finishing {
+                                    continue;
+                                }
+                                let _ = coordinator.on_failure();
+                                self.next_id = coordinator.next_id();
+                                return Outcome::Failed(format!("worker {worker} disconnected"));
+                            }
+                            Some(ToSupervisor::Listening { addr }) => {
+                                listening.insert(worker, addr);
+                                if listening.len() == self.plan.len() {
+                                    broadcast!(ToWorker::Start { addrs: listening.clone() });
+                                }
+                            }
+                            Some(ToSupervisor::Running) => {
+                                running.insert(worker);
+                                if running.len() == self.plan.len() {
+                                    is_running = true;
+                                    // A kill that fell due while nothing ran is not fired in a burst.
+                                    if self.chaos_at <= tokio::time::Instant::now() {
+                                        self.schedule_chaos();
+                                    }
+                                    self.summary.state = JobState::Running;
+                                    tracing::info!(attempt, "all workers running");
+                                }
+                            }
+                            Some(ToSupervisor::Ack { checkpoint, snapshot, pause_us }) => {
+                                self.summary.pauses.push(Duration::from_micros(pause_us));
+                                decisions.extend(coordinator.on_ack(&worker, checkpoint, snapshot));
+                            }
+                            Some(ToSupervisor::SourceExhausted) => {
+                                decisions.extend(coordinator.on_source_exhausted(origin.elapsed(), &worker));
+                            }
+                            Some(ToSupervisor::Heartbeat { records_in }) => {
+                                records.insert(worker, records_in);
+                            }
+                            Some(ToSupervisor::Failed { error }) => {
+                                let _ = coordinator.on_failure();
+                                self.next_id = coordinator.next_id();
+                                return Outcome::Failed(format!("worker {worker} failed: {error}"));
+                            }
+                            Some(ToSupervisor::Hello { .. }) => {}
+                        }
+                    }
+                },
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if !is_running {
+                        if now > startup_deadline {
+                            return Outcome::Failed(format!(
+                                "workers did not start within 60 s ({} of {} running)",
+                                running.len(),
+                                self.plan.len()
+                            ));
+                        }
+                        continue;
+                    }
+                    if !finishing {
+                        if let Some((w, _)) = last_seen.iter().find(|(_, t)| now.duration_since(**t) > spec.job.heartbeat_timeout) {
+                            let _ = coordinator.on_failure();
+                            self.next_id = coordinator.next_id();
+                            return Outcome::Failed(format!("worker {w} missed heartbeats for {:?}", spec.job.heartbeat_timeout));
+                        }
+                    }
+                    decisions.extend(coordinator.tick(origin.elapsed()));
+                }
+                _ = tokio::time::sleep_until(self.chaos_at), if self.chaos_armed() && is_running && !finishing => {
+                    self.schedule_chaos();
+                    let pick = (self.next_random() % self.plan.len() as u64) as usize;
+                    let victim = self.plan[pick].id.clone();
+                    tracing::info!(%victim, "chaos: SIGKILL");
+                    self.summary.chaos_kills += 1;
+                    if !coordinator.in_flight().is_empty() {
+                        self.summary.kills_during_checkpoint += 1;
+                    }
+                    self.agent.kill(&victim);
+                }
+                _ = status.tick(), if self.run.status_every.is_some() => {
+                    let total: u64 = sources.iter().filter_map(|s| records.get(s)).sum();
+                    let (t0, r0) = last_status;
+                    let rate = total.saturating_sub(r0) as f64 / t0.elapsed().as_secs_f64().max(1e-3);
+                    last_status = (Instant::now(), total);
+                    eprintln!(
+                        "[lazarus {:>6.1}s] {:<10} {:>10.0} records/s | checkpoint {} ({} ms, {}) | restarts {}",
+                        self.started.elapsed().as_secs_f64(),
+                        format!("{:?}", self.summary.state).to_lowercase(),
+                        rate,
+                        self.summary.last_checkpoint.map_or("-".into(), |c| c.to_string()),
+                        self.summary.checkpoint_latencies.last().map_or(0, |d| d.as_millis()),
+                        format_bytes(self.summary.last_checkpoint_bytes),
+                        self.summary.restarts,
+                    );
+                }
+                changed = self.stop.changed() => {
+                    if changed.is_err() || *self.stop.borrow() {
+                        if self.run.final_checkpoint_on_stop && is_running && !finishing {
+                            tracing::info!("stop requested: taking a final checkpoint");
+                            decisions.extend(coordinator.request_final(origin.elapsed()));
+                        } else {
+                            broadcast!(ToWorker::Shutdown);
+                            return Outcome::Stopped;
+                        }
+                    }
+                }
+            }
+            self.summary.source_records =
+                self.records_before + sources.iter().filter_map(|s| records.get(s)).sum::<u64>();
+
+            // Carry out decisions; a commit may produce more of them.
+            let mut queue: std::collections::VecDeque<Decision> = decisions.into();
+            while let Some(d) = queue.pop_front() {
+                match d {
+                    Decision::Trigger {
+                        checkpoint,
+                        sources,
+                    } => {
+                        tracing::debug!(%checkpoint, "trigger");
+                        for s in sources {
+                            if let Some(tx) = senders.get(&s) {
+                                let _ = tx.send(ToWorker::Trigger { checkpoint });
+                            }
+                        }
+                    }
+                    Decision::Commit(manifest) => {
+                        let checkpoint = manifest.checkpoint;
+                        let span =
+                            tracing::info_span!("checkpoint", %checkpoint, epoch = %self.epoch);
+                        match self.js.commit(&manifest).instrument(span).await {
+                            Ok(()) => {
+                                if let Some(t) = coordinator.triggered_at(checkpoint) {
+                                    self.summary
+                                        .checkpoint_latencies
+                                        .push(origin.elapsed().saturating_sub(t));
+                                }
+                                self.summary.committed += 1;
+                                self.summary.last_checkpoint = Some(checkpoint);
+                                self.summary.last_checkpoint_bytes = manifest.stored_bytes();
+                                self.consecutive_failures = 0;
+                                broadcast!(ToWorker::Committed { checkpoint });
+                                queue.extend(coordinator.on_committed(checkpoint));
+                                if let Err(e) = self.js.gc(spec.checkpoint.retention).await {
+                                    tracing::warn!(error = %e, "retention pass failed; will retry after the next commit");
+                                }
+                            }
+                            Err(e) if e.kind() == ErrorKind::Fenced => {
+                                broadcast!(ToWorker::Shutdown);
+                                return Outcome::Fenced(e.to_string());
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, %checkpoint, "commit failed");
+                                queue.extend(
+                                    coordinator.on_commit_failed(checkpoint, e.to_string()),
+                                );
+                            }
+                        }
+                    }
+                    Decision::Abort { checkpoint, reason } => {
+                        tracing::info!(%checkpoint, ?reason, "checkpoint aborted");
+                        broadcast!(ToWorker::Abort { checkpoint });
+                    }
+                    Decision::Finish => {
+                        tracing::info!("final checkpoint committed; shutting down");
+                        finishing = true;
+                        broadcast!(ToWorker::Shutdown);
+                    }
+                }
+            }
+            self.next_id = coordinator.next_id();
+        }
+    }
+}
+
+/// The telling line of a worker's log for failure messages: the last panic
+/// or error line, else the last line. Worker logs are appended across
+/// attempts, so only the tail is read.
+fn last_log_line(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let tail: Vec<&str> = text
+        .lines()
+        .rev()
+        .filter(|l| !l.trim().is_empty())
+        .take(200)
+        .collect();
+    let pick = tail
+        .iter()
+        .find(|l| l.contains("panicked at"))
+        .or_else(|| tail.iter().find(|l| l.starts_with("lazarus worker")))
+        .or(tail.first())?;
+    let line: String = pick.chars().take(300).collect();
+    // A panic's message is on the line after "panicked at".
+    if line.contains("panicked at") {
+        if let Some(pos) = tail.iter().position(|l| *l == *pick) {
+            if pos > 0 {
+                return Some(format!(
+                    "{line} {}",
+                    tail[pos - 1].chars().take(200).collect::<String>()
+                ));
+            }
+        }
+    }
+    Some(line)
+}
+
+/// Accepts control connections and reads each one's hello (bounded wait).
+async fn accept_loop(listener: TcpListener, events: mpsc::UnboundedSender<Event>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let events = events.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let (mut read, write) = stream.into_split();
+            let hello = tokio::time::timeout(
+                Duration::from_secs(10),
+                protocol::read_control::<_, ToSupervisor>(&mut read),
+            )
+            .await;
+            if let Ok(Ok(Some(ToSupervisor::Hello { worker, attempt }))) = hello {
+                let _ = events.send(Event::Hello {
+                    worker,
+                    attempt,
+                    read,
+                    write,
+                });
+            }
+        });
+    }
+}
+
+/// Starts the reader and writer tasks of one worker's control connection.
+fn spawn_connection(
+    worker: WorkerId,
+    attempt: u64,
+    mut read: tokio::net::tcp::OwnedReadHalf,
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    events: mpsc::UnboundedSender<Event>,
+) -> mpsc::UnboundedSender<ToWorker> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if protocol::write_control(&mut write, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let msg = protocol::read_control::<_, ToSupervisor>(&mut read)
+                .await
+                .ok()
+                .flatten();
+            let end = msg.is_none();
+            if events
+                .send(Event::Message {
+                    worker: worker.clone(),
+                    attempt,
+                    msg,
+                })
+                .is_err()
+                || end
+            {
+                break;
+            }
+        }
+    });
+    tx
+}

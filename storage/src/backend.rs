@@ -178,26 +178,41 @@ pub(crate) fn open(url_str: &str, options: &StoreOptions) -> Result<Backend> {
     }
 }
 
-/// Makes a file written by object_store durable: fsync the file, then every
-/// directory from its parent up to the store root (new directories must be
-/// durable entries of their parents too).
-pub(crate) fn fsync_path(root: &FsPath, key: &str) -> Result<()> {
+/// Makes a file written by object_store durable: its data (fsync of the
+/// file). Its directory entry is made durable by [`fsync_dirs`], which the
+/// commit calls once per directory before it writes the manifest, so a
+/// checkpoint of many chunks costs one fsync per chunk, not one per
+/// directory level per chunk.
+pub(crate) fn fsync_file(root: &FsPath, key: &str) -> Result<()> {
     let path = root.join(key);
     let file =
         std::fs::File::open(&path).map_err(|e| StorageError::io("open for fsync", &path, e))?;
     file.sync_all()
-        .map_err(|e| StorageError::io("fsync", &path, e))?;
-    let mut dir = path.parent();
-    while let Some(d) = dir {
+        .map_err(|e| StorageError::io("fsync", &path, e))
+}
+
+/// Fsyncs the directories holding `keys`, and every ancestor up to the store
+/// root, each once.
+pub(crate) fn fsync_dirs<'a>(root: &FsPath, keys: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for key in keys {
+        let path = root.join(key);
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            if !dirs.insert(d.to_path_buf()) || d == root {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+    dirs.insert(root.to_path_buf());
+    // Deepest first: a directory's entry in its parent is synced after its own contents.
+    for d in dirs.iter().rev() {
         let handle = std::fs::File::open(d)
             .map_err(|e| StorageError::io("open directory for fsync", d, e))?;
         handle
             .sync_all()
             .map_err(|e| StorageError::io("fsync directory", d, e))?;
-        if d == root {
-            break;
-        }
-        dir = d.parent();
     }
     Ok(())
 }

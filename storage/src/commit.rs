@@ -37,7 +37,7 @@ impl JobStore {
             .put_small(&rel, PutPayload::from(encoded.to_vec()), true)
             .await
         {
-            Ok(()) => self.make_durable(&rel).await?,
+            Ok(()) => self.make_durable(&rel, true).await?,
             Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(StorageError::backend("put", self.full_key(&rel), e)),
         }
@@ -92,6 +92,14 @@ impl JobStore {
                     reason,
                 })?;
             self.claim_epoch(manifest.epoch).await?;
+            // The directory entries of the chunks this checkpoint wrote must be
+            // durable before the manifest that makes them reachable.
+            let written: Vec<String> = manifest
+                .chunks()
+                .filter(|c| c.written_by() == Some(manifest.checkpoint))
+                .map(|c| c.key.clone())
+                .collect();
+            self.make_dirs_durable(written).await?;
             let rel = keys::manifest(manifest.checkpoint);
             let encoded = frame::encode(
                 FrameKind::Manifest,
@@ -104,7 +112,7 @@ impl JobStore {
                 .await
             {
                 Ok(()) => {
-                    self.make_durable(&rel).await?;
+                    self.make_durable(&rel, true).await?;
                     tracing::info!(bytes = manifest.stored_bytes(), "checkpoint committed");
                     Ok(())
                 }

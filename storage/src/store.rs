@@ -230,14 +230,34 @@ impl JobStore {
         Ok(())
     }
 
-    /// Makes a just-written object durable where the backend needs help.
-    pub(crate) async fn make_durable(&self, rel: &str) -> Result<()> {
+    /// Makes a just-written object's data durable where the backend needs
+    /// help (local directories); `dirs_too` also syncs its directory chain.
+    pub(crate) async fn make_durable(&self, rel: &str, dirs_too: bool) -> Result<()> {
+        self.sync_local(vec![rel.to_string()], true, dirs_too).await
+    }
+
+    /// Syncs the directory entries of `rels` (local directories only).
+    pub(crate) async fn make_dirs_durable(&self, rels: Vec<String>) -> Result<()> {
+        self.sync_local(rels, false, true).await
+    }
+
+    async fn sync_local(&self, rels: Vec<String>, files: bool, dirs: bool) -> Result<()> {
         if let BackendKind::File { root } = &self.store.kind {
             let root = root.clone();
-            let key = self.full_key(rel);
-            tokio::task::spawn_blocking(move || backend::fsync_path(&root, &key))
-                .await
-                .map_err(|e| StorageError::io("fsync task", rel, std::io::Error::other(e)))??;
+            let keys: Vec<String> = rels.iter().map(|r| self.full_key(r)).collect();
+            tokio::task::spawn_blocking(move || {
+                if files {
+                    for k in &keys {
+                        backend::fsync_file(&root, k)?;
+                    }
+                }
+                if dirs {
+                    backend::fsync_dirs(&root, keys.iter().map(String::as_str))?;
+                }
+                Ok::<_, StorageError>(())
+            })
+            .await
+            .map_err(|e| StorageError::io("fsync task", "", std::io::Error::other(e)))??;
         }
         Ok(())
     }

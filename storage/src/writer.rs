@@ -60,7 +60,9 @@ impl JobStore {
                 self.put_multipart(&rel, header, encoded.payload.clone())
                     .await?;
             }
-            self.make_durable(&rel).await?;
+            // Data now; the directory entries are synced once per directory
+            // when the manifest that references this chunk is committed.
+            self.make_durable(&rel, false).await?;
             tracing::debug!(stored = total, "chunk written");
             Ok(ChunkRef {
                 key: rel.clone(),

@@ -39,10 +39,17 @@ use crate::state::{PartContent, Restored, Snapshot};
 
 type Result<T, E = BoxError> = std::result::Result<T, E>;
 
-/// Records a source emits per poll, and the most records in one data frame.
+/// The most records in one data frame.
 const BATCH: usize = 1024;
+/// Records a source emits per poll: small, so a trigger (handled between
+/// polls) is not kept waiting and little is in flight ahead of a barrier.
+const SOURCE_BATCH: usize = 256;
 /// Data frames buffered per output channel before the sender waits.
-const CHANNEL_DEPTH: usize = 8;
+const CHANNEL_DEPTH: usize = 4;
+/// Kernel socket buffers of data channels. Small on purpose: everything in
+/// flight must drain before a barrier passes (aligned checkpoints), so
+/// buffering bounds checkpoint latency under backpressure.
+const SOCKET_BUFFER: u32 = 64 << 10;
 
 /// Runs this process as a Lazarus worker with the operator kinds in
 /// `registry`, and returns its exit code. Configuration comes from the
@@ -264,7 +271,17 @@ async fn run_assignment(
     }
 
     // Data plane: listen, report, wait for everyone's address, connect.
-    let listener = TcpListener::bind((env.bind_ip, 0)).await?;
+    let listener = {
+        let addr = SocketAddr::new(env.bind_ip, 0);
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_recv_buffer_size(SOCKET_BUFFER)?;
+        socket.bind(addr)?;
+        socket.listen(64)?
+    };
     to_sup.send(ToSupervisor::Listening {
         addr: listener.local_addr()?,
     })?;
@@ -361,7 +378,7 @@ async fn run_assignment(
                 let Role::Source(source) = &mut role else {
                     unreachable!("checked above")
                 };
-                let status = source.poll(&mut emitter, BATCH)?;
+                let status = source.poll(&mut emitter, SOURCE_BATCH)?;
                 records_in.fetch_add(emitter.len() as u64, Ordering::Relaxed);
                 route(&mut outputs, &mut emitter).await?;
                 if status == crate::SourcePoll::Exhausted {
@@ -649,7 +666,14 @@ async fn route(outputs: &mut [EdgeOut], emitter: &mut Emitter) -> Result<()> {
 }
 
 async fn connect_output(me: &WorkerId, addr: SocketAddr) -> Result<mpsc::Sender<DataMsg>> {
-    let mut stream = TcpStream::connect(addr)
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_send_buffer_size(SOCKET_BUFFER)?;
+    let mut stream = socket
+        .connect(addr)
         .await
         .map_err(|e| format!("connect output {addr}: {e}"))?;
     stream.set_nodelay(true)?;

@@ -9,6 +9,7 @@ use lazarus_storage::{CheckpointStore, Codec, JobId};
 
 pub mod bench;
 pub mod checkpoints;
+pub mod run;
 
 /// Lazarus: checkpointing fault-tolerance runtime for stateful workers.
 #[derive(Debug, Parser)]
@@ -22,6 +23,9 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a job locally: supervisor and agent in this process, workers as
+    /// child processes, checkpoints in a local directory by default.
+    Run(RunArgs),
     /// Inspect and maintain a job's checkpoints in a store.
     Checkpoints {
         /// Which checkpoint command.
@@ -34,6 +38,39 @@ pub enum Command {
         #[command(subcommand)]
         command: StorageCommand,
     },
+}
+
+/// Arguments of `lazarus run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The job spec (TOML).
+    pub spec: PathBuf,
+    /// Store URL (overrides the spec's [store] url). Default:
+    /// file://<state dir>/store.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Override a [params] entry: --set KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// SIGKILL a random worker process about this often (for example 500ms;
+    /// each gap is drawn from 0.5 to 1.5 times it).
+    #[arg(long, value_parser = run::parse_duration_arg)]
+    pub chaos_kill_every: Option<std::time::Duration>,
+    /// Seed for the choice of chaos victims and moments.
+    #[arg(long, default_value_t = 1)]
+    pub chaos_seed: u64,
+    /// Stop the chaos after this many kills.
+    #[arg(long)]
+    pub chaos_max_kills: Option<u32>,
+    /// Worker logs and local cache (default .lazarus/<job>).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// No status line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// On Ctrl-C, take a final checkpoint before stopping.
+    #[arg(long)]
+    pub final_checkpoint_on_stop: bool,
 }
 
 /// Where a job's checkpoints are.
@@ -147,6 +184,7 @@ fn parse_codec_arg(s: &str) -> Result<Codec, String> {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => run::run(&args).await,
         Command::Checkpoints { command } => match command {
             CheckpointsCommand::List { job } => checkpoints::list(&job).await,
             CheckpointsCommand::Inspect { job, id, json } => {

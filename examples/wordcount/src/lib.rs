@@ -1,0 +1,320 @@
+//! Exactly-once word count on Lazarus.
+//!
+//! `file-source` (UTF-8 lines, replayable by byte offset) → `tokenizer`
+//! (`str::split_whitespace`) → `counter` (keyed state: word → count; emits
+//! `word<TAB>count` after every increment) → `file-sink` (two-phase commit:
+//! output staged per checkpoint under `_staging/`, published as
+//! `part-<sink>-<checkpoint>.txt` when the checkpoint commits).
+//!
+//! So a correct run's output holds, for every word seen N times, exactly the
+//! lines `w 1` … `w N`, each once, however often workers are killed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use lazarus_sdk::storage::CheckpointId;
+use lazarus_sdk::*;
+
+/// The operator kinds of this binary.
+pub fn registry() -> Registry {
+    Registry::new()
+        .source("file-source", FileSource::new)
+        .operator("tokenizer", |ctx| {
+            if ctx
+                .params
+                .get("panic_on_start")
+                .is_some_and(|v| v == "tokenizer")
+            {
+                panic!("tokenizer: panic_on_start is set (used by the tests)");
+            }
+            Ok(Tokenizer)
+        })
+        .operator("counter", |ctx| Ok(Counter::new(ctx)))
+        .sink("file-sink", FileSink::new)
+}
+
+/// Reads lines of a file; its state is the byte offset of the next line.
+pub struct FileSource {
+    path: PathBuf,
+    reader: BufReader<File>,
+    offset: u64,
+    line: String,
+}
+
+impl FileSource {
+    fn new(ctx: &Context) -> Result<FileSource, BoxError> {
+        if ctx.parallelism != 1 {
+            return Err(format!(
+                "file-source reads one file: parallelism must be 1, got {}",
+                ctx.parallelism
+            )
+            .into());
+        }
+        let path = PathBuf::from(ctx.param("input")?);
+        let file = File::open(&path).map_err(|e| format!("input {}: {e}", path.display()))?;
+        Ok(FileSource {
+            path,
+            reader: BufReader::with_capacity(1 << 20, file),
+            offset: 0,
+            line: String::new(),
+        })
+    }
+}
+
+impl Source for FileSource {
+    fn poll(&mut self, out: &mut Emitter, max: usize) -> Result<SourcePoll, BoxError> {
+        for _ in 0..max {
+            self.line.clear();
+            let n = self
+                .reader
+                .read_line(&mut self.line)
+                .map_err(|e| format!("reading {}: {e}", self.path.display()))?;
+            if n == 0 {
+                return Ok(SourcePoll::Exhausted);
+            }
+            self.offset += n as u64;
+            out.emit(Record::new(
+                Vec::new(),
+                self.line.trim_end_matches(['\n', '\r']).as_bytes(),
+            ));
+        }
+        Ok(SourcePoll::Ready)
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        Snapshot::with_metadata(self.offset.to_le_bytes().to_vec())
+    }
+
+    fn restore(&mut self, state: &Restored) -> Result<(), BoxError> {
+        let bytes: [u8; 8] = state.metadata().try_into().map_err(|_| {
+            format!(
+                "file-source: restored position has {} bytes, expected 8",
+                state.metadata().len()
+            )
+        })?;
+        self.offset = u64::from_le_bytes(bytes);
+        self.reader.seek(SeekFrom::Start(self.offset))?;
+        Ok(())
+    }
+}
+
+/// Splits lines into words; stateless.
+pub struct Tokenizer;
+
+impl Operator for Tokenizer {
+    fn process(&mut self, record: Record, out: &mut Emitter) -> Result<(), BoxError> {
+        let line = record.value_str().ok_or("tokenizer: line is not UTF-8")?;
+        for word in line.split_whitespace() {
+            out.emit(Record::new(word.as_bytes(), Vec::new()));
+        }
+        Ok(())
+    }
+}
+
+/// Counts words in keyed state; emits `word<TAB>count` per increment.
+pub struct Counter {
+    counts: KeyedState<String, u64>,
+}
+
+impl Counter {
+    fn new(ctx: &Context) -> Counter {
+        Counter {
+            counts: KeyedState::new("counts", ctx),
+        }
+    }
+}
+
+impl Operator for Counter {
+    fn process(&mut self, record: Record, out: &mut Emitter) -> Result<(), BoxError> {
+        let word = record
+            .key_str()
+            .ok_or("counter: key is not UTF-8")?
+            .to_string();
+        let count = self.counts.entry(word.clone()).or_insert(0);
+        *count += 1;
+        let line = format!("{word}\t{count}");
+        out.emit(Record::new(word, line));
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        self.counts.snapshot()
+    }
+
+    fn restore(&mut self, state: &Restored) -> Result<(), BoxError> {
+        self.counts.restore(state)
+    }
+}
+
+/// Writes lines to files in the output directory, exactly once.
+///
+/// Layout: `OUTPUT/_staging/sink-<i>/open.tmp` (lines since the last
+/// barrier), `OUTPUT/_staging/sink-<i>/<checkpoint>.part` (closed at barrier
+/// `checkpoint`, durable), `OUTPUT/part-<i>-<checkpoint>.txt` (published once
+/// `checkpoint` committed). Names starting with `_` or `.` are not output.
+pub struct FileSink {
+    output: PathBuf,
+    staging: PathBuf,
+    index: u32,
+    open: Option<BufWriter<File>>,
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl FileSink {
+    fn new(ctx: &Context) -> Result<FileSink, BoxError> {
+        let output = PathBuf::from(ctx.param("output")?);
+        let staging = output.join("_staging").join(format!("sink-{}", ctx.index));
+        fs::create_dir_all(&staging).map_err(|e| format!("output {}: {e}", output.display()))?;
+        Ok(FileSink {
+            output,
+            staging,
+            index: ctx.index,
+            open: None,
+        })
+    }
+
+    fn open_path(&self) -> PathBuf {
+        self.staging.join("open.tmp")
+    }
+
+    fn staged(&self) -> Result<Vec<(CheckpointId, PathBuf)>, BoxError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.staging)? {
+            let path = entry?.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".part"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            out.push((CheckpointId(id), path));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn publish_up_to(&mut self, n: CheckpointId) -> Result<(), BoxError> {
+        let mut any = false;
+        for (id, path) in self.staged()? {
+            if id <= n {
+                let target = self
+                    .output
+                    .join(format!("part-{}-{:020}.txt", self.index, id.0));
+                fs::rename(&path, &target)?;
+                any = true;
+            }
+        }
+        if any {
+            fsync_dir(&self.output)?;
+            fsync_dir(&self.staging)?;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for FileSink {
+    fn write(&mut self, record: Record) -> Result<(), BoxError> {
+        if self.open.is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(self.open_path())?;
+            self.open = Some(BufWriter::with_capacity(1 << 20, f));
+        }
+        let w = self.open.as_mut().expect("opened above");
+        w.write_all(&record.value)?;
+        w.write_all(b"\n")?;
+        Ok(())
+    }
+
+    fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<(), BoxError> {
+        if let Some(w) = self.open.take() {
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            f.sync_data()?;
+            fs::rename(
+                self.open_path(),
+                self.staging.join(format!("{:020}.part", checkpoint.0)),
+            )?;
+            fsync_dir(&self.staging)?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, checkpoint: CheckpointId) -> Result<(), BoxError> {
+        self.publish_up_to(checkpoint)
+    }
+
+    fn recover(&mut self, restored: Option<CheckpointId>) -> Result<(), BoxError> {
+        // Lines after the restored checkpoint will be produced again: drop them.
+        let _ = fs::remove_file(self.open_path());
+        for (id, path) in self.staged()? {
+            if restored.is_none_or(|r| id > r) {
+                fs::remove_file(path)?;
+            }
+        }
+        if let Some(r) = restored {
+            self.publish_up_to(r)?;
+        }
+        Ok(())
+    }
+}
+
+/// `wordcount generate WORDS FILE [SEED]`: a corpus of WORDS words in lines
+/// of up to 12, drawn from a skewed vocabulary, deterministic per seed.
+pub fn generate_cli(args: &[String]) -> Result<(), String> {
+    let usage = "usage: wordcount generate WORDS FILE [SEED]";
+    let words: u64 = args
+        .first()
+        .ok_or(usage)?
+        .parse()
+        .map_err(|_| format!("WORDS must be a number; {usage}"))?;
+    let file = args.get(1).ok_or(usage)?;
+    let seed: u64 = args
+        .get(2)
+        .map_or(Ok(7), |s| s.parse())
+        .map_err(|_| format!("SEED must be a number; {usage}"))?;
+    generate(words, Path::new(file), seed).map_err(|e| format!("{file}: {e}"))
+}
+
+/// Writes a corpus of `words` words to `path`.
+pub fn generate(words: u64, path: &Path, seed: u64) -> std::io::Result<()> {
+    const SYLLABLES: [&str; 16] = [
+        "la", "za", "rus", "ka", "mi", "to", "ne", "ri", "so", "vu", "pe", "do", "qi", "fa", "gu",
+        "he",
+    ];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = BufWriter::new(File::create(path)?);
+    let mut left = words;
+    while left > 0 {
+        let n = (next() % 12 + 1).min(left);
+        for i in 0..n {
+            // Skewed vocabulary: small ids are far more frequent (about 20k words).
+            let r = next();
+            let id = (r % 20_000) % (1 + (r >> 32) % 20_000);
+            let mut id = id + 1;
+            if i > 0 {
+                out.write_all(if r & 1 == 0 { b" " } else { b"  " })?;
+            }
+            while id > 0 {
+                out.write_all(SYLLABLES[(id % 16) as usize].as_bytes())?;
+                id /= 16;
+            }
+        }
+        out.write_all(b"\n")?;
+        left -= n;
+    }
+    out.flush()
+}

@@ -1,0 +1,19 @@
+//! The wordcount worker binary. Started by a lazarus agent it runs one
+//! operator of the job; `wordcount generate WORDS FILE [SEED]` writes a test
+//! corpus instead.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("generate") {
+        return match wordcount::generate_cli(&args[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wordcount generate: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    lazarus_sdk::run_worker(wordcount::registry())
+}

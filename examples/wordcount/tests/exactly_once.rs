@@ -1,0 +1,223 @@
+//! Wordcount, end to end with real processes: the committed output is
+//! compared, as a multiset of lines, with what an independent count of the
+//! input predicts, after runs with and without worker processes SIGKILLed at
+//! random moments.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lazarus::spec::JobSpec;
+use lazarus::supervisor::{run_local, Chaos, JobState, LocalRun, RunSummary};
+use lazarus_sdk::storage::{CheckpointStore, JobId};
+
+fn spec(dir: &Path, input: &Path, output: &Path, extra: &str) -> JobSpec {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/job.toml"))
+        .expect("job.toml");
+    // Faster checkpoints and restarts than the example's defaults, so a test
+    // run sees many kills and still makes progress between them.
+    let text = text
+        .replace("interval = \"250ms\"", "interval = \"100ms\"")
+        .replace("backoff = \"50ms\"", "backoff = \"10ms\"")
+        .replace("max_backoff = \"1s\"", "max_backoff = \"200ms\"")
+        .replace(
+            "key_groups = 32",
+            "key_groups = 32\nheartbeat_interval = \"50ms\"",
+        )
+        .replace("[params]", &format!("{extra}\n[params]"));
+    let mut spec = JobSpec::parse(&text, "job.toml", dir.to_path_buf()).expect("spec");
+    spec.set_params(&[
+        format!("input={}", input.display()),
+        format!("output={}", output.display()),
+    ])
+    .expect("params");
+    spec
+}
+
+async fn run(spec: JobSpec, state: &Path, chaos: Option<Chaos>) -> RunSummary {
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let run = LocalRun {
+        spec,
+        store_url: format!("file://{}", state.join("store").display()),
+        worker_binary: PathBuf::from(env!("CARGO_BIN_EXE_wordcount")),
+        state_dir: state.to_path_buf(),
+        chaos,
+        status_every: None,
+        final_checkpoint_on_stop: false,
+    };
+    tokio::time::timeout(Duration::from_secs(600), run_local(run, stop_rx))
+        .await
+        .expect("the job finishes within 10 minutes")
+        .expect("run")
+}
+
+/// The lines a correct run must produce: `w\t1` … `w\tN` for every word seen N times.
+fn expected_lines(input: &Path) -> HashMap<String, u64> {
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for line in std::fs::read_to_string(input).expect("input").lines() {
+        for w in line.split_whitespace() {
+            *counts.entry(w.to_string()).or_default() += 1;
+        }
+    }
+    let mut lines = HashMap::new();
+    for (w, n) in counts {
+        for i in 1..=n {
+            lines.insert(format!("{w}\t{i}"), 1);
+        }
+    }
+    lines
+}
+
+fn output_lines(output: &Path) -> HashMap<String, u64> {
+    let mut lines: HashMap<String, u64> = HashMap::new();
+    for entry in std::fs::read_dir(output).expect("output dir") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        if name.starts_with('.') || name.starts_with('_') {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).expect("output file").lines() {
+            *lines.entry(line.to_string()).or_default() += 1;
+        }
+    }
+    lines
+}
+
+fn assert_same_multiset(expected: &HashMap<String, u64>, actual: &HashMap<String, u64>) {
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|(l, n)| actual.get(*l) < Some(n))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = actual
+        .iter()
+        .filter(|(l, n)| expected.get(*l).copied().unwrap_or(0) < **n)
+        .take(5)
+        .collect();
+    let total_e: u64 = expected.values().sum();
+    let total_a: u64 = actual.values().sum();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "output differs from an independent count: expected {total_e} lines, got {total_a}; missing e.g. {missing:?}; doubled or unexpected e.g. {extra:?}"
+    );
+}
+
+async fn verify_store(state: &Path) {
+    let store =
+        CheckpointStore::open(&format!("file://{}", state.join("store").display())).expect("store");
+    let js = store.job(JobId::new("wordcount").expect("job"));
+    let entries = js.list().await.expect("list");
+    assert!(!entries.is_empty());
+    for e in entries {
+        let m = e.manifest().expect("readable manifest").clone();
+        let report = js.verify(&m).await.expect("verify");
+        assert!(
+            report.is_ok(),
+            "checkpoint {} has bad objects: {:?}",
+            m.checkpoint,
+            report.bad().collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_wordcount_is_exactly_once_with_and_without_sigkills() {
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("input.txt");
+    wordcount::generate(1_500_000, &input, 42).expect("corpus");
+    let expected = expected_lines(&input);
+    assert_eq!(expected.values().sum::<u64>(), 1_500_000);
+
+    // Without failures.
+    let (out_a, state_a) = (dir.path().join("out-a"), dir.path().join("state-a"));
+    let summary = run(spec(dir.path(), &input, &out_a, ""), &state_a, None).await;
+    assert_eq!(summary.state, JobState::Finished, "{summary:?}");
+    assert_eq!(summary.restarts, 0);
+    let clean = output_lines(&out_a);
+    assert_same_multiset(&expected, &clean);
+    verify_store(&state_a).await;
+
+    // 12 SIGKILLs of random worker processes at random moments (gaps of
+    // 75 to 225 ms); some land mid-checkpoint.
+    let (out_b, state_b) = (dir.path().join("out-b"), dir.path().join("state-b"));
+    let chaos = Chaos {
+        every: Duration::from_millis(150),
+        seed: 1234,
+        max_kills: Some(12),
+    };
+    let summary = run(spec(dir.path(), &input, &out_b, ""), &state_b, Some(chaos)).await;
+    eprintln!("chaos run: {summary:?}");
+    assert_eq!(summary.state, JobState::Finished, "{summary:?}");
+    assert_eq!(
+        summary.chaos_kills, 12,
+        "the job ended before every kill: make the input larger"
+    );
+    assert!(
+        summary.kills_during_checkpoint >= 1,
+        "no kill landed during a checkpoint: {summary:?}"
+    );
+    assert!(summary.restarts >= 10, "{summary:?}");
+    let chaotic = output_lines(&out_b);
+    assert_same_multiset(&expected, &chaotic);
+    assert_eq!(clean, chaotic, "chaos changed the output");
+    verify_store(&state_b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_worker_panicking_on_start_gives_up_clearly_and_keeps_checkpoints() {
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("input.txt");
+    wordcount::generate(20_000, &input, 3).expect("corpus");
+    let (out, state) = (dir.path().join("out"), dir.path().join("state"));
+    let good = run(spec(dir.path(), &input, &out, ""), &state, None).await;
+    assert_eq!(good.state, JobState::Finished);
+    let committed = good.last_checkpoint.expect("a checkpoint");
+
+    let mut bad = spec(dir.path(), &input, &out, "");
+    bad.restart.max_attempts = 2;
+    bad.set_params(&["panic_on_start=tokenizer".into()])
+        .expect("param");
+    let summary = run(bad, &state, None).await;
+    let JobState::Failed(why) = &summary.state else {
+        panic!("expected failure, got {summary:?}")
+    };
+    assert!(why.contains("gave up after 2 restarts"), "{why}");
+    assert!(why.contains("tokenizer-"), "names the worker: {why}");
+    assert!(
+        why.contains("panic_on_start"),
+        "carries the worker's own message: {why}"
+    );
+    assert_eq!(summary.restarts, 3);
+    // Nothing committed was lost.
+    let store =
+        CheckpointStore::open(&format!("file://{}", state.join("store").display())).expect("store");
+    let latest = store
+        .job(JobId::new("wordcount").expect("job"))
+        .latest()
+        .await
+        .expect("latest");
+    assert_eq!(latest.checkpoint, committed);
+    verify_store(&state).await;
+    assert_same_multiset(&expected_lines(&input), &output_lines(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_missing_input_fails_with_the_workers_reason() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut s = spec(
+        dir.path(),
+        &dir.path().join("no-such-file.txt"),
+        &dir.path().join("out"),
+        "",
+    );
+    s.restart.max_attempts = 1;
+    let summary = run(s, &dir.path().join("state"), None).await;
+    let JobState::Failed(why) = &summary.state else {
+        panic!("expected failure, got {summary:?}")
+    };
+    assert!(why.contains("no-such-file.txt"), "{why}");
+}

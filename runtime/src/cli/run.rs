@@ -1,0 +1,131 @@
+//! `lazarus run JOB.toml`: local mode. Supervisor and agent in this process,
+//! workers as child processes, a local-directory store by default.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::RunArgs;
+use crate::spec::JobSpec;
+use crate::supervisor::{self, Chaos, JobState, LocalRun, RunSummary};
+use crate::units::format_bytes;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+/// Runs the job.
+pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let mut spec = JobSpec::from_file(&args.spec)?;
+    spec.set_params(&args.set)?;
+    let worker_binary = spec.resolve_worker()?;
+    let state_dir = absolute(
+        &args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".lazarus").join(&spec.job.name)),
+    )?;
+    let store_url = match (&args.store, &spec.store.url) {
+        (Some(url), _) => url.clone(),
+        (None, Some(url)) => url.clone(),
+        (None, None) => format!("file://{}", state_dir.join("store").display()),
+    };
+    let chaos = args.chaos_kill_every.map(|every| Chaos {
+        every,
+        seed: args.chaos_seed,
+        max_kills: args.chaos_max_kills,
+    });
+    eprintln!(
+        "[lazarus] job {} ({} workers) from {}; store {}; worker binary {}",
+        spec.job.name,
+        spec.plan().len(),
+        args.spec.display(),
+        store_url,
+        worker_binary.display()
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ctrl_c = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("[lazarus] stopping (Ctrl-C again to force)");
+            let _ = stop_tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    let summary = supervisor::run_local(
+        LocalRun {
+            spec,
+            store_url: store_url.clone(),
+            worker_binary,
+            state_dir,
+            chaos,
+            status_every: (!args.quiet).then_some(Duration::from_secs(1)),
+            final_checkpoint_on_stop: args.final_checkpoint_on_stop,
+        },
+        stop_rx,
+    )
+    .await;
+    ctrl_c.abort();
+    let summary = summary?;
+    print_summary(&summary, &store_url);
+    Ok(match summary.state {
+        JobState::Finished | JobState::Stopped => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn print_summary(s: &RunSummary, store: &str) {
+    let mut lat = s.checkpoint_latencies.clone();
+    lat.sort();
+    let mut pauses = s.pauses.clone();
+    pauses.sort();
+    let state = match &s.state {
+        JobState::Failed(why) => format!("FAILED: {why}"),
+        other => format!("{other:?}").to_lowercase(),
+    };
+    println!("job {} (epoch {}): {state}", s.job, s.epoch);
+    println!(
+        "  {:.1} s, {} source records read (replays included), {} checkpoints committed (newest {}, {}), {} restarts, {} chaos kills ({} during a checkpoint)",
+        s.elapsed.as_secs_f64(),
+        s.source_records,
+        s.committed,
+        s.last_checkpoint.map_or("none".into(), |c| c.to_string()),
+        format_bytes(s.last_checkpoint_bytes),
+        s.restarts,
+        s.chaos_kills,
+        s.kills_during_checkpoint
+    );
+    println!(
+        "  checkpoint latency p50 {} ms, p99 {} ms; snapshot pause p50 {} us, max {} us",
+        percentile(&lat, 0.5).as_millis(),
+        percentile(&lat, 0.99).as_millis(),
+        percentile(&pauses, 0.5).as_micros(),
+        pauses.last().copied().unwrap_or_default().as_micros()
+    );
+    println!(
+        "  checkpoints: lazarus checkpoints list --store {store} --job {}",
+        s.job
+    );
+}
+
+/// Parses `--chaos-kill-every` and friends.
+pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    let d = crate::spec::parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
+}
