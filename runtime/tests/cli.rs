@@ -308,3 +308,91 @@ fn test_bench_and_verify_against_s3() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("all 3 objects good"), "{}", text(&out));
 }
+
+const SPEC: &str = r#"
+[job]
+name = "j"
+worker = "WORKER"
+[[operator]]
+name = "a"
+kind = "file-source"
+[[operator]]
+name = "b"
+kind = "file-sink"
+parallelism = PAR
+[[edge]]
+from = "a"
+to = "b"
+partition = "rebalance"
+"#;
+
+fn write_spec(dir: &Path, worker: &str, par: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("job-{n}.toml"));
+    std::fs::write(&path, SPEC.replace("WORKER", worker).replace("PAR", par)).expect("write spec");
+    path.display().to_string()
+}
+
+#[test]
+fn test_run_rejects_bad_specs_and_arguments_clearly() {
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("state").display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![write_spec(dir.path(), "wordcount", "0")],
+            "operator[1].parallelism: must be between 1 and 256, got 0",
+        ),
+        (
+            vec![write_spec(dir.path(), "no-such-worker-binary", "1")],
+            "job.worker: worker binary \"no-such-worker-binary\" not found",
+        ),
+        (
+            vec![write_spec(dir.path(), "./bin/missing", "1")],
+            "worker binary \"./bin/missing\" not found",
+        ),
+        (
+            vec![dir.path().join("absent.toml").display().to_string()],
+            "absent.toml",
+        ),
+        (
+            vec![
+                write_spec(dir.path(), "x", "1"),
+                "--set".into(),
+                "novalue".into(),
+            ],
+            "\"novalue\" is not KEY=VALUE",
+        ),
+        (
+            vec![
+                write_spec(dir.path(), "x", "1"),
+                "--chaos-kill-every".into(),
+                "often".into(),
+            ],
+            "not a duration",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["run".to_string()];
+        full.extend(args.clone());
+        full.extend(["--state-dir".to_string(), state.clone()]);
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        let out = lazarus(&refs);
+        let t = text(&out);
+        assert!(!out.status.success(), "{args:?} succeeded: {t}");
+        assert!(
+            t.contains(expected),
+            "{args:?}: expected {expected:?} in: {t}"
+        );
+        assert!(!t.contains("panicked"), "{t}");
+    }
+    // Malformed TOML names the line.
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, "[job]\nname = \"j\"\nworker = \n").expect("write");
+    let out = lazarus(&["run", &path.display().to_string()]);
+    let t = text(&out);
+    assert!(
+        !out.status.success() && t.contains("broken.toml") && t.contains("line 3"),
+        "{t}"
+    );
+}

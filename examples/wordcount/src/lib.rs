@@ -318,3 +318,54 @@ pub fn generate(words: u64, path: &Path, seed: u64) -> std::io::Result<()> {
     }
     out.flush()
 }
+
+/// `wordcount check INPUT OUTPUT_DIR`: compares the committed output (files
+/// not starting with `.` or `_`) with what a plain count of INPUT predicts,
+/// as multisets of lines.
+pub fn check_cli(args: &[String]) -> Result<String, String> {
+    let usage = "usage: wordcount check INPUT OUTPUT_DIR";
+    let input = Path::new(args.first().ok_or(usage)?);
+    let output = Path::new(args.get(1).ok_or(usage)?);
+    let text = fs::read_to_string(input).map_err(|e| format!("{}: {e}", input.display()))?;
+    let mut counts: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for w in text.split_whitespace() {
+        *counts.entry(w).or_default() += 1;
+    }
+    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let entries = fs::read_dir(output).map_err(|e| format!("{}: {e}", output.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') || name.starts_with('_') {
+            continue;
+        }
+        for line in fs::read_to_string(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .lines()
+        {
+            *seen.entry(line.to_string()).or_default() += 1;
+        }
+    }
+    let (mut missing, mut doubled) = (0u64, 0u64);
+    let mut expected_total = 0u64;
+    for (w, n) in &counts {
+        for i in 1..=*n {
+            expected_total += 1;
+            match seen.remove(&format!("{w}\t{i}")) {
+                None => missing += 1,
+                Some(1) => {}
+                Some(k) => doubled += k - 1,
+            }
+        }
+    }
+    let unexpected: u64 = seen.values().sum();
+    if missing + doubled + unexpected > 0 {
+        return Err(format!(
+            "output is wrong: {missing} lines missing, {doubled} doubled, {unexpected} unexpected (of {expected_total})"
+        ));
+    }
+    Ok(format!(
+        "output ok: {expected_total} lines, each exactly once ({} distinct words)",
+        counts.len()
+    ))
+}
