@@ -100,8 +100,10 @@ else
     log "cargo test (workspace; cargo-nextest not installed)"
     cargo test --workspace --lib --bins --tests --no-fail-fast
 fi
-log "benchmark smoke run (small size; real figures: cargo bench -p lazarus-benches)"
-LAZARUS_BENCH_SIZE=64MiB LAZARUS_BENCH_ROUNDS=1 cargo test -p lazarus-benches --benches --quiet
+log "benchmark smoke runs (small sizes; real figures: cargo bench -p lazarus-benches)"
+LAZARUS_BENCH_SIZE=64MiB LAZARUS_BENCH_ROUNDS=1 cargo test -p lazarus-benches --bench storage --quiet
+LAZARUS_BENCH_WORDS=200000 LAZARUS_BENCH_STATE_SIZES=4MiB LAZARUS_BENCH_STATE_MS=3000 \
+    cargo test -p lazarus-benches --bench streaming --quiet
 log "doc tests"
 cargo test --workspace --doc --quiet
 

@@ -12,11 +12,13 @@
 //! | `record` | [`Record`], [`Emitter`], key groups and their owners |
 //! | `operator` | the [`Source`], [`Operator`] and [`Sink`] traits, [`Context`], [`Registry`] |
 //! | `state` | [`Snapshot`], [`Restored`], [`KeyedState`] (copy-on-write, incremental) |
+//! | `align` | barrier alignment across inputs (a pure state machine) |
 //! | `protocol` | the wire protocol shared with the supervisor (control and data frames) |
 //! | `worker` | the worker process main loop: [`run_worker`] |
 
 #![deny(missing_docs)]
 
+mod align;
 mod operator;
 pub mod protocol;
 mod record;

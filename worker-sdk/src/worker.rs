@@ -32,6 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::align::BarrierAligner;
 use crate::operator::{BoxError, Context, Registry, Role};
 use crate::protocol::{self, Assignment, DataMsg, Partition, ToSupervisor, ToWorker};
 use crate::record::{group_owner, key_group, Emitter, Record};
@@ -350,9 +351,7 @@ async fn run_assignment(
 
     let mut emitter = Emitter::default();
     let n_in = inputs.len();
-    let mut blocked = vec![false; n_in];
-    let mut closed = vec![false; n_in];
-    let mut aligning: Option<CheckpointId> = None;
+    let mut aligner = BarrierAligner::new(n_in);
     let mut exhausted = false;
 
     loop {
@@ -399,7 +398,7 @@ async fn run_assignment(
             continue;
         }
 
-        let skip: Vec<bool> = (0..n_in).map(|i| blocked[i] || closed[i]).collect();
+        let skip: Vec<bool> = (0..n_in).map(|i| aligner.skip(i)).collect();
         tokio::select! {
             biased;
             msg = ctl_in.recv() => {
@@ -428,25 +427,17 @@ async fn run_assignment(
                         }
                     }
                     Some(Ok(DataMsg::Barrier(n))) => {
-                        if let Some(m) = aligning {
-                            if m != n {
-                                return Err(format!("barrier {n} on input {i} while aligning barrier {m}").into());
-                            }
+                        if let Some(n) = aligner.on_barrier(i, n)? {
+                            snapshot_now(n, &mut role, &mut outputs, &upload_tx).await?;
                         }
-                        aligning = Some(n);
-                        blocked[i] = true;
                     }
-                    Some(Ok(DataMsg::End)) | None => closed[i] = true,
+                    Some(Ok(DataMsg::End)) | None => {
+                        if let Some(n) = aligner.on_closed(i) {
+                            snapshot_now(n, &mut role, &mut outputs, &upload_tx).await?;
+                        }
+                    }
                     Some(Ok(DataMsg::Hello(w))) => return Err(format!("unexpected hello from {w} on input {i}").into()),
                     Some(Err(e)) => return Err(e.into()),
-                }
-                // Aligned: every input that is still open delivered the barrier.
-                if let Some(n) = aligning {
-                    if (0..n_in).all(|j| blocked[j] || closed[j]) {
-                        snapshot_now(n, &mut role, &mut outputs, &upload_tx).await?;
-                        blocked.iter_mut().for_each(|b| *b = false);
-                        aligning = None;
-                    }
                 }
             }
         }

@@ -1,0 +1,196 @@
+//! Streaming benchmarks, each figure beside its baseline from the same run.
+//!
+//!     cargo bench -p lazarus-benches --bench streaming
+//!
+//! 1. wordcount records/s (words) with checkpoints every 1 s beside
+//!    checkpoints off (only the final one): the overhead in %.
+//!    `LAZARUS_BENCH_WORDS` (default 10,000,000).
+//! 2. checkpoint latency (trigger → commit) p50/p99 and the processing pause
+//!    of the snapshot (the synchronous part, per worker and checkpoint) at
+//!    keyed-state sizes of 10 MiB, 100 MiB and 1 GiB with 10 % of the key
+//!    groups dirtied between checkpoints. The pause should not grow with the
+//!    state. `LAZARUS_BENCH_STATE_SIZES` (default `10MiB,100MiB,1GiB`),
+//!    `LAZARUS_BENCH_STATE_MS` (run length per size, default 9000).
+//!
+//! Workers are real processes (the `lazarus-bench-worker` binary); the store
+//! is a local directory under `target/`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lazarus::spec::JobSpec;
+use lazarus::supervisor::{run_local, JobState, LocalRun, RunSummary};
+
+fn percentile(v: &[Duration], p: f64) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return Duration::ZERO;
+    }
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn run(rt: &tokio::runtime::Runtime, spec: JobSpec, state: &Path) -> RunSummary {
+    let _ = std::fs::remove_dir_all(state);
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let run = LocalRun {
+        spec,
+        store_url: format!("file://{}", state.join("store").display()),
+        worker_binary: PathBuf::from(env!("CARGO_BIN_EXE_lazarus-bench-worker")),
+        state_dir: state.to_path_buf(),
+        chaos: None,
+        status_every: None,
+        final_checkpoint_on_stop: false,
+    };
+    let summary = rt.block_on(run_local(run, rx)).expect("run");
+    assert_eq!(summary.state, JobState::Finished, "{summary:?}");
+    summary
+}
+
+fn wordcount_spec(dir: &Path, input: &Path, output: &Path, interval: &str) -> JobSpec {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/wordcount/job.toml"
+    ))
+    .expect("job.toml")
+    .replace(
+        "interval = \"250ms\"",
+        &format!("interval = \"{interval}\""),
+    );
+    let mut spec = JobSpec::parse(&text, "wordcount", dir.to_path_buf()).expect("spec");
+    spec.set_params(&[
+        format!("input={}", input.display()),
+        format!("output={}", output.display()),
+    ])
+    .expect("params");
+    spec
+}
+
+fn state_spec(dir: &Path, bytes: u64, duration_ms: u64) -> JobSpec {
+    let text = format!(
+        r#"
+        [job]
+        name = "state-bench"
+        worker = "lazarus-bench-worker"
+        key_groups = 128
+        [checkpoint]
+        interval = "1s"
+        timeout = "120s"
+        codec = "none"
+        retention = 2
+        [[operator]]
+        name = "keys"
+        kind = "key-source"
+        [[operator]]
+        name = "state"
+        kind = "state-holder"
+        [[edge]]
+        from = "keys"
+        to = "state"
+        partition = "hash"
+        [params]
+        state_bytes = "{bytes}"
+        dirty_percent = "10"
+        window_ms = "1000"
+        duration_ms = "{duration_ms}"
+        rate = "20000"
+        "#
+    );
+    JobSpec::parse(&text, "state-bench", dir.to_path_buf()).expect("spec")
+}
+
+fn main() {
+    let base = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/bench-streaming"
+    ));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).expect("dir");
+    let base = base.canonicalize().expect("canonical");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    // 1. Throughput with and without checkpoints.
+    let words: u64 = std::env::var("LAZARUS_BENCH_WORDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000_000);
+    let input = base.join("words.txt");
+    wordcount::generate(words, &input, 11).expect("corpus");
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    let mut latencies = Vec::new();
+    for round in 0..2 {
+        for (interval, out) in [("off", &mut off), ("1s", &mut on)] {
+            let dir = base.join(format!("wc-{interval}-{round}"));
+            let spec = wordcount_spec(&base, &input, &dir.join("out"), interval);
+            let s = run(&rt, spec, &dir.join("state"));
+            if interval == "1s" {
+                latencies.extend(s.checkpoint_latencies.iter().copied());
+            }
+            out.push(words as f64 / s.elapsed.as_secs_f64());
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    let (on, off) = (best(&on), best(&off));
+    println!("wordcount, {words} words, 7 worker processes (best of 2 runs each):");
+    println!(
+        "  {:<44} {:>12.0} words/s",
+        "baseline: checkpoints off (final one only)", off
+    );
+    println!(
+        "  {:<44} {:>12.0} words/s   overhead {:.1} %   (checkpoint latency p50 {} ms, p99 {} ms)",
+        "checkpoints every 1 s",
+        on,
+        100.0 * (off - on) / off,
+        percentile(&latencies, 0.5).as_millis(),
+        percentile(&latencies, 0.99).as_millis()
+    );
+
+    // 2. Latency and pause against state size.
+    let sizes =
+        std::env::var("LAZARUS_BENCH_STATE_SIZES").unwrap_or_else(|_| "10MiB,100MiB,1GiB".into());
+    let state_ms: u64 = std::env::var("LAZARUS_BENCH_STATE_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(9000);
+    println!();
+    println!("keyed state, 128 key groups, 10 % of them dirtied per 1 s checkpoint interval, codec none:");
+    println!(
+        "  {:>10}  {:>14}  {:>14}  {:>14}  {:>16}  {:>16}",
+        "state",
+        "first ckpt ms",
+        "latency p50 ms",
+        "latency p99 ms",
+        "pause p50 us",
+        "pause max us"
+    );
+    for size in sizes.split(',') {
+        let bytes = lazarus::units::parse_size(size).expect("size");
+        let dir = base.join(format!("state-{size}"));
+        let s = run(&rt, state_spec(&base, bytes, state_ms), &dir);
+        let (first, rest) = s
+            .checkpoint_latencies
+            .split_first()
+            .map_or((Duration::ZERO, &[][..]), |(f, r)| (*f, r));
+        println!(
+            "  {:>10}  {:>14}  {:>14}  {:>14}  {:>16}  {:>16}",
+            size,
+            first.as_millis(),
+            percentile(rest, 0.5).as_millis(),
+            percentile(rest, 0.99).as_millis(),
+            percentile(&s.pauses, 0.5).as_micros(),
+            s.pauses
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()
+                .as_micros()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
