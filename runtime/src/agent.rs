@@ -130,6 +130,10 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true);
+        // Own process group: a Ctrl-C at the terminal reaches the supervisor,
+        // which stops the job in order, not every worker at once.
+        #[cfg(unix)]
+        cmd.process_group(0);
         match log {
             Ok(f) => {
                 cmd.stderr(Stdio::from(f));

@@ -253,6 +253,10 @@ impl Supervisor {
     async fn run(mut self) -> anyhow::Result<RunSummary> {
         let mut attempt = 0u64;
         loop {
+            if *self.stop.borrow() {
+                self.summary.state = JobState::Stopped;
+                break;
+            }
             let restore = match self.js.latest().await {
                 Ok(m) => Some(m.checkpoint),
                 Err(e) if e.kind() == ErrorKind::NotFound => None,
@@ -317,13 +321,56 @@ impl Supervisor {
                     if self.run.status_every.is_some() {
                         eprintln!("[lazarus] failure: {why}; restarting from the last committed checkpoint in {backoff:?}");
                     }
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.stop.changed() => {}
+                    }
                     attempt += 1;
                 }
             }
         }
         self.summary.elapsed = self.started.elapsed();
         Ok(self.summary.clone())
+    }
+
+    /// Retention in the store, then in the agent's local cache. Failures are
+    /// logged and retried after the next commit: they cost space, not data.
+    async fn retention(&self, keep: usize) {
+        let report = match self.js.gc(keep).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention pass failed; will retry after the next commit");
+                return;
+            }
+        };
+        let Some(newest) = report.retained.last().copied() else {
+            return;
+        };
+        let referenced: std::collections::HashSet<String> = match self.js.list().await {
+            Ok(entries) => entries
+                .iter()
+                .filter(|e| report.retained.contains(&e.id))
+                .filter_map(|e| e.manifest())
+                .flat_map(|m| m.chunks().map(|c| c.key.clone()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing checkpoints for cache retention failed");
+                return;
+            }
+        };
+        let cache = match lazarus_storage::LocalCache::new(self.agent.cache_dir()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "opening the local cache failed");
+                return;
+            }
+        };
+        let job = self.job.clone();
+        match tokio::task::spawn_blocking(move || cache.prune(&job, &referenced, newest)).await {
+            Ok(Ok(n)) => tracing::debug!(deleted = n, "local cache pruned"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "pruning the local cache failed"),
+            Err(e) => tracing::warn!(error = %e, "cache pruning task failed"),
+        }
     }
 
     /// The first abnormal exit of `attempt` reported within 100 ms.
@@ -446,7 +493,12 @@ impl Supervisor {
                     if exit.attempt != attempt {
                         continue;
                     }
-                    if finishing && exit.exit == ExitKind::Success {
+                    // After the final commit only a sink matters: one that dies
+                    // abnormally may not have published, so the job recovers
+                    // (its restart publishes). Anything else in flight after
+                    // the final checkpoint is uncommitted and is dropped.
+                    let is_sink = by_id.get(&exit.worker).is_some_and(|w| w.outputs.is_empty());
+                    if finishing && (exit.exit == ExitKind::Success || !is_sink) {
                         exited_clean.insert(exit.worker.clone());
                         if exited_clean.len() == self.plan.len() {
                             return Outcome::Finished;
@@ -532,6 +584,10 @@ impl Supervisor {
                                 records.insert(worker, records_in);
                             }
                             Some(ToSupervisor::Failed { error }) => {
+                                if finishing && by_id.get(&worker).is_some_and(|w| !w.outputs.is_empty()) {
+                                    tracing::debug!(%worker, %error, "ignored while finishing");
+                                    continue;
+                                }
                                 let _ = coordinator.on_failure();
                                 self.next_id = coordinator.next_id();
                                 return Outcome::Failed(format!("worker {worker} failed: {error}"));
@@ -635,9 +691,7 @@ impl Supervisor {
                                 self.consecutive_failures = 0;
                                 broadcast!(ToWorker::Committed { checkpoint });
                                 queue.extend(coordinator.on_committed(checkpoint));
-                                if let Err(e) = self.js.gc(spec.checkpoint.retention).await {
-                                    tracing::warn!(error = %e, "retention pass failed; will retry after the next commit");
-                                }
+                                self.retention(spec.checkpoint.retention).await;
                             }
                             Err(e) if e.kind() == ErrorKind::Fenced => {
                                 broadcast!(ToWorker::Shutdown);

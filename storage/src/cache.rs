@@ -81,6 +81,55 @@ impl LocalCache {
         std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename cache file", &path, e))
     }
 
+    /// Deletes cached chunks of `job` that no retained checkpoint references,
+    /// by the rule of store retention: a chunk written by a checkpoint newer
+    /// than `newest_committed` may belong to a checkpoint in progress and is
+    /// kept. Returns how many files were deleted.
+    pub fn prune(
+        &self,
+        job: &crate::JobId,
+        referenced: &std::collections::HashSet<String>,
+        newest_committed: crate::CheckpointId,
+    ) -> Result<usize> {
+        let root = self.dir.join(job.as_str());
+        let chunks = root.join(crate::keys::CHUNKS);
+        let mut deleted = 0;
+        let mut stack = vec![chunks];
+        while let Some(dir) = stack.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StorageError::io("list cache directory", &dir, e)),
+            };
+            for entry in entries {
+                let path = entry
+                    .map_err(|e| StorageError::io("list cache directory", &dir, e))?
+                    .path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let Some(rel) = path
+                    .strip_prefix(&root)
+                    .ok()
+                    .and_then(|p| p.to_str())
+                    .map(str::to_string)
+                else {
+                    continue;
+                };
+                let Some(writer) = crate::keys::parse_chunk(&rel) else {
+                    continue; // temporary files and strangers are left alone
+                };
+                if writer <= newest_committed && !referenced.contains(&rel) {
+                    std::fs::remove_file(&path)
+                        .map_err(|e| StorageError::io("delete cache file", &path, e))?;
+                    deleted += 1;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Where the chunk `rel` of `job` lives in the cache. `rel` was validated
     /// as a chunk key (`keys::parse_chunk`), so it cannot leave the directory.
     fn path_of(&self, job: &str, rel: &str) -> PathBuf {

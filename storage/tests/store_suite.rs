@@ -567,3 +567,48 @@ suite!(
     test_damaged_cache_file_is_fetched_again,
     test_concurrent_writers_of_many_chunks,
 );
+
+#[tokio::test]
+async fn test_cache_prune_keeps_referenced_and_in_progress_chunks() {
+    let env = Env::file();
+    let js = env.store.job(job("prune"));
+    let dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(dir.path()).expect("cache");
+    let mut keys = Vec::new();
+    for id in 1..=3u64 {
+        let data = state_bytes(100, id);
+        let c = js
+            .write_chunk(
+                CheckpointId(id),
+                &worker("w"),
+                "s",
+                data.clone().into(),
+                Codec::None,
+            )
+            .await
+            .expect("write");
+        cache.insert(js.job(), &c, &data).expect("insert");
+        keys.push(c.key);
+    }
+    // Checkpoint 2 is the newest committed and references its own chunk;
+    // checkpoint 3 may be in progress.
+    let referenced = HashSet::from([keys[1].clone()]);
+    let deleted = cache
+        .prune(js.job(), &referenced, CheckpointId(2))
+        .expect("prune");
+    assert_eq!(deleted, 1);
+    let left: Vec<String> = walk(dir.path())
+        .iter()
+        .map(|p| {
+            p.strip_prefix(dir.path().join("prune"))
+                .expect("in job dir")
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.contains(&keys[1]) && left.contains(&keys[2]),
+        "{left:?}"
+    );
+}

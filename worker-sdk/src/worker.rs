@@ -137,6 +137,16 @@ impl WorkerEnv {
     }
 }
 
+/// Aborts a task when dropped: the tasks an assignment starts end with it,
+/// whichever way it ends.
+struct TaskGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The sending side of one output edge.
 struct EdgeOut {
     partition: Partition,
@@ -318,10 +328,10 @@ async fn run_assignment(
 
     // Progress and liveness.
     let records_in = Arc::new(AtomicU64::new(0));
-    {
+    let _heartbeat = {
         let (to_sup, records_in) = (to_sup.clone(), records_in.clone());
         let every = Duration::from_millis(a.heartbeat_ms.max(10));
-        tokio::spawn(async move {
+        TaskGuard(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
@@ -332,8 +342,8 @@ async fn run_assignment(
                     break;
                 }
             }
-        });
-    }
+        }))
+    };
 
     // The uploader: serializes and writes frozen parts in checkpoint order,
     // off the processing path, then acks. A failure ends the worker.

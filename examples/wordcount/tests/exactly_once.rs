@@ -221,3 +221,48 @@ async fn test_missing_input_fails_with_the_workers_reason() {
     };
     assert!(why.contains("no-such-file.txt"), "{why}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_stop_with_final_checkpoint_then_resume_is_exactly_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("input.txt");
+    wordcount::generate(3_000_000, &input, 9).expect("corpus");
+    let (out, state) = (dir.path().join("out"), dir.path().join("state"));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let first = LocalRun {
+        spec: spec(dir.path(), &input, &out, ""),
+        store_url: format!("file://{}", state.join("store").display()),
+        worker_binary: PathBuf::from(env!("CARGO_BIN_EXE_wordcount")),
+        state_dir: state.clone(),
+        chaos: None,
+        status_every: None,
+        final_checkpoint_on_stop: true,
+    };
+    let handle = tokio::spawn(run_local(first, stop_rx));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop_tx.send(true).expect("stop");
+    let stopped = tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("stops promptly")
+        .expect("task")
+        .expect("run");
+    // Stopped with a final checkpoint: every worker exited, output so far committed.
+    assert!(
+        matches!(stopped.state, JobState::Finished | JobState::Stopped),
+        "{stopped:?}"
+    );
+    let partial: u64 = output_lines(&out).values().sum();
+    assert!(
+        partial > 0 && partial < 3_000_000,
+        "stopped mid-way: {partial} lines"
+    );
+    // A second run resumes from the final checkpoint and completes the job.
+    let resumed = run(spec(dir.path(), &input, &out, ""), &state, None).await;
+    assert_eq!(resumed.state, JobState::Finished, "{resumed:?}");
+    assert!(
+        resumed.epoch > stopped.epoch,
+        "a new supervisor takes a new epoch"
+    );
+    assert_same_multiset(&expected_lines(&input), &output_lines(&out));
+    verify_store(&state).await;
+}
