@@ -80,6 +80,9 @@ print(f"S3 server (moto) up at {endpoint}, bucket {bucket}")
 PY
 }
 
+# The VIP tests run hosts as network namespaces: iproute2 and bash, as root.
+command -v ip >/dev/null || apt_install iproute2
+
 if [ -n "${LAZARUS_TEST_S3_ENDPOINT:-}" ]; then
     log "using the S3-compatible server at $LAZARUS_TEST_S3_ENDPOINT (bucket ${LAZARUS_TEST_S3_BUCKET:-lazarus-test})"
 else

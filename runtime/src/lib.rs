@@ -11,6 +11,7 @@
 //! | `coordinator` | the checkpoint coordinator: pure decisions, unit-tested without I/O |
 //! | `agent` | starts worker processes, reports their exits at once, kills them |
 //! | `supervisor` | runs a job: handshake, checkpoints, commits, restarts (job lifecycle) |
+//! | `vip` | the service VIP on this host: netlink add/remove, gratuitous ARP and unsolicited NA bursts |
 //! | `units` | byte sizes (`64MiB`) and times for people |
 //!
 //! Dependency direction: `runtime → worker-sdk → storage`; the wire protocol
@@ -22,3 +23,4 @@ pub mod coordinator;
 pub mod spec;
 pub mod supervisor;
 pub mod units;
+pub mod vip;

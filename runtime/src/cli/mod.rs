@@ -32,6 +32,14 @@ pub enum Command {
         #[command(subcommand)]
         command: CheckpointsCommand,
     },
+    /// Hold, announce or drop a virtual IP on this host (needs
+    /// CAP_NET_ADMIN and CAP_NET_RAW). Agents do this on failover; the
+    /// command is for operators and tests.
+    Vip {
+        /// Which VIP command.
+        #[command(subcommand)]
+        command: VipCommand,
+    },
     /// Store-level tools.
     Storage {
         /// Which storage command.
@@ -136,6 +144,35 @@ pub enum CheckpointsCommand {
     },
 }
 
+/// `lazarus vip …`
+#[derive(Debug, Subcommand)]
+pub enum VipCommand {
+    /// Add the VIP to the interface and announce it (gratuitous ARP in
+    /// request and reply form, or unsolicited NA for IPv6).
+    Acquire(VipArgs),
+    /// Announce the VIP again without adding it.
+    Announce(VipArgs),
+    /// Remove the VIP from the interface.
+    Release(VipArgs),
+}
+
+/// Arguments of `lazarus vip …`.
+#[derive(Debug, Clone, Args)]
+pub struct VipArgs {
+    /// Interface.
+    #[arg(long)]
+    pub iface: String,
+    /// Address with prefix, for example 198.18.0.100/24 or 2001:2::100/64.
+    #[arg(long)]
+    pub address: String,
+    /// Announcements per burst.
+    #[arg(long, default_value_t = 5)]
+    pub count: u32,
+    /// Delay between announcements.
+    #[arg(long, default_value = "20ms", value_parser = run::parse_duration_arg)]
+    pub delay: std::time::Duration,
+}
+
 /// `lazarus storage …`
 #[derive(Debug, Subcommand)]
 pub enum StorageCommand {
@@ -196,5 +233,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Storage {
             command: StorageCommand::Bench(args),
         } => bench::run(&args).await,
+        Command::Vip { command } => {
+            let (args, op) = match &command {
+                VipCommand::Acquire(a) => (a, "acquire"),
+                VipCommand::Announce(a) => (a, "announce"),
+                VipCommand::Release(a) => (a, "release"),
+            };
+            let (addr, prefix) = crate::vip::parse_vip(&args.address)?;
+            let vip = crate::vip::Vip {
+                iface: args.iface.clone(),
+                addr,
+                prefix,
+                count: args.count,
+                delay: args.delay,
+            };
+            match op {
+                "acquire" => vip.acquire().await?,
+                "announce" => vip.announce().await?,
+                _ => vip.release().await?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
