@@ -9,6 +9,7 @@
 //! | `cli::bench` | `storage bench`: write, restore and check a generated checkpoint |
 //! | `spec` | the TOML job spec, its validation and the worker plan |
 //! | `coordinator` | the checkpoint coordinator: pure decisions, unit-tested without I/O |
+//! | `lease` | VIP leases: the authority interface, the in-supervisor table, the holder's self-fencing (pure) |
 //! | `agent` | starts worker processes, reports their exits at once, kills them |
 //! | `supervisor` | runs a job: handshake, checkpoints, commits, restarts (job lifecycle) |
 //! | `vip` | the service VIP on this host: netlink add/remove, gratuitous ARP and unsolicited NA bursts |
@@ -20,6 +21,7 @@
 pub mod agent;
 pub mod cli;
 pub mod coordinator;
+pub mod lease;
 pub mod spec;
 pub mod supervisor;
 pub mod units;
