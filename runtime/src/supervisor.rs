@@ -288,7 +288,7 @@ impl Supervisor {
             self.records_before = self.summary.source_records;
             // Whatever happened, no worker of this attempt survives it.
             self.agent.kill_all();
-            self.drain_exits(attempt).await;
+            self.drain_exits().await;
             match outcome {
                 Outcome::Finished => {
                     self.summary.state = JobState::Finished;
@@ -391,8 +391,8 @@ impl Supervisor {
         (r.backoff * factor).min(r.max_backoff)
     }
 
-    /// Waits (bounded) until every worker of `attempt` has exited.
-    async fn drain_exits(&mut self, attempt: u64) {
+    /// Waits (bounded: 10 s) until every worker the agent started has exited.
+    async fn drain_exits(&mut self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !self.agent.running().is_empty() {
             match tokio::time::timeout_at(deadline, self.exits.recv()).await {
@@ -400,7 +400,6 @@ impl Supervisor {
                 _ => break,
             }
         }
-        let _ = attempt;
         // Drop control traffic of the dead attempt.
         while self.events.try_recv().is_ok() {}
     }
