@@ -35,10 +35,25 @@ fn spec(dir: &Path, input: &Path, output: &Path, extra: &str) -> JobSpec {
 }
 
 async fn run(spec: JobSpec, state: &Path, chaos: Option<Chaos>) -> RunSummary {
+    run_on(
+        spec,
+        state,
+        chaos,
+        format!("file://{}", state.join("store").display()),
+    )
+    .await
+}
+
+async fn run_on(
+    spec: JobSpec,
+    state: &Path,
+    chaos: Option<Chaos>,
+    store_url: String,
+) -> RunSummary {
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let run = LocalRun {
         spec,
-        store_url: format!("file://{}", state.join("store").display()),
+        store_url,
         worker_binary: PathBuf::from(env!("CARGO_BIN_EXE_wordcount")),
         state_dir: state.to_path_buf(),
         chaos,
@@ -265,4 +280,50 @@ async fn test_stop_with_final_checkpoint_then_resume_is_exactly_once() {
     );
     assert_same_multiset(&expected_lines(&input), &output_lines(&out));
     verify_store(&state).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_wordcount_on_s3_store_with_sigkills() {
+    // Workers inherit AWS_ENDPOINT, AWS_ALLOW_HTTP and the credentials that
+    // scripts/test.sh exports for its S3 server.
+    let endpoint = std::env::var("LAZARUS_TEST_S3_ENDPOINT")
+        .expect("LAZARUS_TEST_S3_ENDPOINT is not set: run scripts/test.sh, which starts an S3-compatible server");
+    assert!(
+        std::env::var("AWS_ENDPOINT").is_ok_and(|e| e == endpoint),
+        "AWS_ENDPOINT must point at LAZARUS_TEST_S3_ENDPOINT for the worker processes"
+    );
+    let bucket = std::env::var("LAZARUS_TEST_S3_BUCKET").unwrap_or_else(|_| "lazarus-test".into());
+    let url = format!("s3://{bucket}/wordcount-{}", std::process::id());
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("input.txt");
+    wordcount::generate(300_000, &input, 5).expect("corpus");
+    let out = dir.path().join("out");
+    let chaos = Chaos {
+        every: Duration::from_millis(300),
+        seed: 99,
+        max_kills: Some(2),
+    };
+    let summary = run_on(
+        spec(dir.path(), &input, &out, ""),
+        &dir.path().join("state"),
+        Some(chaos),
+        url.clone(),
+    )
+    .await;
+    assert_eq!(summary.state, JobState::Finished, "{summary:?}");
+    assert!(summary.committed >= 1);
+    assert_same_multiset(&expected_lines(&input), &output_lines(&out));
+    let js = CheckpointStore::open(&url)
+        .expect("store")
+        .job(JobId::new("wordcount").expect("job"));
+    let entries = js.list().await.expect("list");
+    assert!(!entries.is_empty(), "no checkpoint reached the S3 store");
+    for e in entries {
+        let m = e.manifest().expect("manifest").clone();
+        assert!(
+            js.verify(&m).await.expect("verify").is_ok(),
+            "checkpoint {} on S3",
+            m.checkpoint
+        );
+    }
 }
