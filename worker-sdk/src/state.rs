@@ -19,7 +19,7 @@ use lazarus_storage::{CheckpointId, MappedChunk};
 use crate::operator::{BoxError, Context};
 use crate::record::{group_owner, key_group};
 
-type Serializer = Box<dyn FnOnce() -> Result<Vec<u8>, BoxError> + Send>;
+type Serializer = Box<dyn FnOnce() -> Result<bytes::Bytes, BoxError> + Send>;
 
 /// One named part of a snapshot.
 pub enum PartContent {
@@ -55,13 +55,15 @@ impl Snapshot {
     }
 
     /// Adds a part that `serialize` turns into bytes later, on a blocking thread.
-    pub fn add_fresh(
+    pub fn add_fresh<B: Into<bytes::Bytes>>(
         &mut self,
         name: impl Into<String>,
-        serialize: impl FnOnce() -> Result<Vec<u8>, BoxError> + Send + 'static,
+        serialize: impl FnOnce() -> Result<B, BoxError> + Send + 'static,
     ) {
-        self.parts
-            .push((name.into(), PartContent::Fresh(Box::new(serialize))));
+        self.parts.push((
+            name.into(),
+            PartContent::Fresh(Box::new(move || serialize().map(Into::into))),
+        ));
     }
 
     /// Adds a part unchanged since the previous checkpoint.
@@ -327,7 +329,7 @@ where
 mod tests {
     use super::*;
 
-    fn serialize_all(s: Snapshot) -> BTreeMap<String, Option<Vec<u8>>> {
+    fn serialize_all(s: Snapshot) -> BTreeMap<String, Option<bytes::Bytes>> {
         let (parts, _) = s.into_parts();
         parts
             .into_iter()

@@ -595,22 +595,32 @@ async fn upload(
                 let checkpoint = job.checkpoint;
                 handles.push(tokio::spawn(async move {
                     let _permit = limit.acquire_owned().await?;
-                    let bytes = Bytes::from(tokio::task::spawn_blocking(serialize).await??);
+                    let bytes: Bytes = tokio::task::spawn_blocking(serialize).await??;
                     let chunk = js
                         .write_chunk(checkpoint, &worker, &name, bytes.clone(), codec)
                         .await?;
-                    let c2 = chunk.clone();
-                    tokio::task::spawn_blocking(move || cache.insert(&job_id, &c2, &bytes))
-                        .await??;
-                    Ok::<_, BoxError>((slot, chunk))
+                    // The local copy (for restarts on this host) is written
+                    // without holding up the ack: it is an optimisation, and
+                    // a missing one only means a restore downloads the chunk.
+                    let (c2, local) = (chunk.clone(), bytes);
+                    let cache_copy = tokio::task::spawn_blocking(move || {
+                        if let Err(e) = cache.insert(&job_id, &c2, &local) {
+                            tracing::warn!(error = %e, "local cache copy failed");
+                        }
+                    });
+                    Ok::<_, BoxError>((slot, chunk, cache_copy))
                 }));
             }
         }
     }
+    let mut cache_copies = Vec::new();
     for handle in handles {
-        let (slot, chunk) = handle.await??;
+        let (slot, chunk, cache_copy) = handle.await??;
         chunks[slot] = Some(chunk);
+        cache_copies.push(cache_copy);
     }
+    // Bounded: these finish on their own; the uploader does not wait for them.
+    drop(cache_copies);
     Ok(WorkerSnapshot {
         chunks: chunks
             .into_iter()
