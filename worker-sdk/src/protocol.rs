@@ -205,10 +205,13 @@ pub async fn write_control<W: AsyncWrite + Unpin, T: Serialize>(
     Ok(())
 }
 
-/// Reads one control frame; `None` on a clean end of stream.
-pub async fn read_control<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+/// Reads one length-prefixed frame body of at most `max` bytes; `None` on
+/// a clean end of stream. The length is checked before anything is allocated.
+async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
-) -> Result<Option<T>, ProtocolError> {
+    kind: &'static str,
+    max: usize,
+) -> Result<Option<Vec<u8>>, ProtocolError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -216,15 +219,21 @@ pub async fn read_control<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_CONTROL_FRAME {
-        return Err(ProtocolError::TooLarge {
-            kind: "control",
-            len,
-            max: MAX_CONTROL_FRAME,
-        });
+    if len > max {
+        return Err(ProtocolError::TooLarge { kind, len, max });
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+/// Reads one control frame; `None` on a clean end of stream.
+pub async fn read_control<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> Result<Option<T>, ProtocolError> {
+    let Some(body) = read_frame(r, "control", MAX_CONTROL_FRAME).await? else {
+        return Ok(None);
+    };
     serde_json::from_slice(&body)
         .map(Some)
         .map_err(|e| ProtocolError::Malformed {
@@ -345,23 +354,10 @@ impl DataMsg {
 
 /// Reads one data frame; `None` on a clean end of stream.
 pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<DataMsg>, ProtocolError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    match read_frame(r, "data", MAX_DATA_FRAME).await? {
+        Some(body) => DataMsg::decode(&body).map(Some),
+        None => Ok(None),
     }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_DATA_FRAME {
-        return Err(ProtocolError::TooLarge {
-            kind: "data",
-            len,
-            max: MAX_DATA_FRAME,
-        });
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    DataMsg::decode(&body).map(Some)
 }
 
 #[cfg(test)]
