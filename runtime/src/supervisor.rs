@@ -346,18 +346,7 @@ impl Supervisor {
         let Some(newest) = report.retained.last().copied() else {
             return;
         };
-        let referenced: std::collections::HashSet<String> = match self.js.list().await {
-            Ok(entries) => entries
-                .iter()
-                .filter(|e| report.retained.contains(&e.id))
-                .filter_map(|e| e.manifest())
-                .flat_map(|m| m.chunks().map(|c| c.key.clone()))
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "listing checkpoints for cache retention failed");
-                return;
-            }
-        };
+        let referenced = report.referenced;
         let cache = match lazarus_storage::LocalCache::new(self.agent.cache_dir()) {
             Ok(c) => c,
             Err(e) => {

@@ -38,6 +38,9 @@ pub struct GcReport {
     pub deleted_bytes: u64,
     /// Chunk objects kept because a newer checkpoint may be in progress.
     pub kept_in_progress: usize,
+    /// Keys (relative to the job root) of every chunk the retained
+    /// checkpoints reference, for pruning local caches by the same rule.
+    pub referenced: HashSet<String>,
 }
 
 impl JobStore {
@@ -78,6 +81,7 @@ impl JobStore {
 
         let mut report = GcReport {
             retained: retained.iter().map(|m| m.checkpoint).collect(),
+            referenced: referenced.iter().map(|k| k.to_string()).collect(),
             ..GcReport::default()
         };
         // 1. Manifests older than the oldest retained one (committed past

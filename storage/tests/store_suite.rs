@@ -314,6 +314,13 @@ async fn test_retention_keeps_shared_and_in_progress_chunks(env: &Env) {
     assert_eq!(report.kept_in_progress, 1);
     // Deltas of 1..=3 are not shared (3 of them) plus the aborted chunk; base is shared.
     assert_eq!(report.deleted_chunks, 3);
+    // What the kept checkpoints reference (used to prune local caches): base and the deltas of 4 and 5.
+    let expected: HashSet<String> = manifests[3..]
+        .iter()
+        .flat_map(|m| m.chunks().map(|c| c.key.clone()))
+        .collect();
+    assert_eq!(report.referenced, expected);
+    assert!(report.referenced.contains(&base.key));
 
     let remaining: HashSet<String> = js
         .list()

@@ -231,6 +231,15 @@ where
         format!("{}-kg{group}", self.name)
     }
 
+    /// The owned key groups with their part names (collected, so the caller
+    /// may mutate the groups while walking them).
+    fn owned_parts(&self) -> Vec<(u32, String)> {
+        self.groups
+            .keys()
+            .map(|g| (*g, self.part_name(*g)))
+            .collect()
+    }
+
     fn group_of(&self, key: &K) -> u32 {
         key_group(key.key_bytes(), self.key_groups)
     }
@@ -279,12 +288,7 @@ where
     /// groups are serialized later by the runtime, clean ones are referenced.
     pub fn snapshot(&mut self) -> Snapshot {
         let mut snapshot = Snapshot::default();
-        let names: Vec<(u32, String)> = self
-            .groups
-            .keys()
-            .map(|g| (*g, self.part_name(*g)))
-            .collect();
-        for (group, name) in names {
+        for (group, name) in self.owned_parts() {
             let g = self.groups.get_mut(&group).expect("listed above");
             if g.dirty {
                 let frozen = Arc::clone(&g.map);
@@ -303,12 +307,7 @@ where
 
     /// Restores the owned groups from `state` (validated rkyv archives).
     pub fn restore(&mut self, state: &Restored) -> Result<(), BoxError> {
-        let names: Vec<(u32, String)> = self
-            .groups
-            .keys()
-            .map(|g| (*g, self.part_name(*g)))
-            .collect();
-        for (group, name) in names {
+        for (group, name) in self.owned_parts() {
             let Some(bytes) = state.part(&name) else {
                 return Err(
                     format!("restored state has no part {name:?} for key group {group}").into(),

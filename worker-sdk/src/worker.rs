@@ -602,25 +602,22 @@ async fn upload(
                     // The local copy (for restarts on this host) is written
                     // without holding up the ack: it is an optimisation, and
                     // a missing one only means a restore downloads the chunk.
+                    // The task reports its own failure; nothing waits for it.
                     let (c2, local) = (chunk.clone(), bytes);
-                    let cache_copy = tokio::task::spawn_blocking(move || {
+                    tokio::task::spawn_blocking(move || {
                         if let Err(e) = cache.insert(&job_id, &c2, &local) {
                             tracing::warn!(error = %e, "local cache copy failed");
                         }
                     });
-                    Ok::<_, BoxError>((slot, chunk, cache_copy))
+                    Ok::<_, BoxError>((slot, chunk))
                 }));
             }
         }
     }
-    let mut cache_copies = Vec::new();
     for handle in handles {
-        let (slot, chunk, cache_copy) = handle.await??;
+        let (slot, chunk) = handle.await??;
         chunks[slot] = Some(chunk);
-        cache_copies.push(cache_copy);
     }
-    // Bounded: these finish on their own; the uploader does not wait for them.
-    drop(cache_copies);
     Ok(WorkerSnapshot {
         chunks: chunks
             .into_iter()
