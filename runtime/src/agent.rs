@@ -5,6 +5,11 @@
 //!
 //! Each child is owned by one task that waits for it; a kill request reaches
 //! that task over a channel. Dropping the agent kills every child.
+//!
+//! A worker has at most two processes here: its primary and, on another
+//! host than the primary, a hot standby ([`Slot`]). A promoted standby keeps
+//! its process and becomes the primary slot. Worker processes run without
+//! CAP_NET_ADMIN and CAP_NET_RAW: only the agent moves the VIP.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +31,8 @@ pub enum ExitKind {
     Signal(i32),
     /// The binary could not be started.
     SpawnFailed(String),
+    /// Its host was declared lost (missed heartbeats).
+    HostLost(String),
 }
 
 impl std::fmt::Display for ExitKind {
@@ -35,6 +42,7 @@ impl std::fmt::Display for ExitKind {
             ExitKind::Code(c) => write!(f, "exited with code {c}"),
             ExitKind::Signal(s) => write!(f, "killed by signal {s}"),
             ExitKind::SpawnFailed(e) => write!(f, "could not be started: {e}"),
+            ExitKind::HostLost(h) => write!(f, "was lost with its host {h}"),
         }
     }
 }
@@ -46,12 +54,30 @@ pub struct WorkerExited {
     pub worker: WorkerId,
     /// The attempt it was started for.
     pub attempt: u64,
+    /// Whether it was a standby process.
+    pub standby: bool,
+    /// The host (agent name) it ran on.
+    pub host: String,
     /// How it ended.
     pub exit: ExitKind,
+    /// The telling line of its log (its panic or error), if any.
+    pub detail: Option<String>,
 }
 
+/// Which process of a worker: its primary or its hot standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Slot {
+    /// The process doing the work.
+    Primary,
+    /// A hot standby following commits.
+    Standby,
+}
+
+/// What an exit is reported as; a promotion changes it under the waiting task.
+type Tag = std::sync::Arc<std::sync::Mutex<(u64, Slot)>>;
+
 struct Child {
-    attempt: u64,
+    tag: Tag,
     pid: Option<u32>,
     kill: Option<oneshot::Sender<()>>,
 }
@@ -63,7 +89,7 @@ pub struct Agent {
     log_dir: PathBuf,
     cache_dir: PathBuf,
     extra_env: Vec<(String, String)>,
-    children: BTreeMap<WorkerId, Child>,
+    children: BTreeMap<(WorkerId, Slot), Child>,
     exits: mpsc::UnboundedSender<WorkerExited>,
 }
 
@@ -115,9 +141,10 @@ impl Agent {
         self.extra_env.push((key.to_string(), value.to_string()));
     }
 
-    /// Starts `worker` for `attempt`, told to report to `supervisor`.
-    /// A failure to start is reported as an exit, like any other.
-    pub fn spawn(&mut self, worker: &WorkerId, attempt: u64, supervisor: SocketAddr) {
+    /// Starts `worker` for `attempt` in `slot`, told to report to
+    /// `supervisor`. A failure to start is reported as an exit, like any
+    /// other.
+    pub fn spawn(&mut self, worker: &WorkerId, attempt: u64, slot: Slot, supervisor: SocketAddr) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -126,6 +153,10 @@ impl Agent {
         cmd.env("LAZARUS_SUPERVISOR", supervisor.to_string())
             .env("LAZARUS_WORKER", worker.as_str())
             .env("LAZARUS_ATTEMPT", attempt.to_string())
+            .env(
+                "LAZARUS_STANDBY",
+                if slot == Slot::Standby { "1" } else { "0" },
+            )
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -134,6 +165,12 @@ impl Agent {
         // which stops the job in order, not every worker at once.
         #[cfg(unix)]
         cmd.process_group(0);
+        #[cfg(target_os = "linux")]
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls prctl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(drop_network_capabilities);
+        }
         match log {
             Ok(f) => {
                 cmd.stderr(Stdio::from(f));
@@ -145,10 +182,14 @@ impl Agent {
         let exits = self.exits.clone();
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let w = worker.clone();
+        let tag: Tag = std::sync::Arc::new(std::sync::Mutex::new((attempt, slot)));
+        let log_path = self.log_path(worker);
+        let host = self.name.clone();
         match cmd.spawn() {
             Ok(mut child) => {
                 let pid = child.id();
-                tracing::debug!(worker = %w, attempt, ?pid, "worker started");
+                tracing::debug!(worker = %w, attempt, ?slot, ?pid, "worker started");
+                let task_tag = tag.clone();
                 tokio::spawn(async move {
                     let status = tokio::select! {
                         status = child.wait() => status,
@@ -161,16 +202,25 @@ impl Agent {
                         Ok(s) => classify(s),
                         Err(e) => ExitKind::SpawnFailed(e.to_string()),
                     };
+                    let detail = if exit == ExitKind::Success {
+                        None
+                    } else {
+                        last_log_line(&log_path)
+                    };
+                    let (attempt, slot) = *task_tag.lock().unwrap_or_else(|p| p.into_inner());
                     let _ = exits.send(WorkerExited {
                         worker: w,
                         attempt,
+                        standby: slot == Slot::Standby,
+                        host,
                         exit,
+                        detail,
                     });
                 });
                 self.children.insert(
-                    worker.clone(),
+                    (worker.clone(), slot),
                     Child {
-                        attempt,
+                        tag,
                         pid,
                         kill: Some(kill_tx),
                     },
@@ -180,47 +230,141 @@ impl Agent {
                 let _ = exits.send(WorkerExited {
                     worker: w,
                     attempt,
+                    standby: slot == Slot::Standby,
+                    host: self.name.clone(),
                     exit: ExitKind::SpawnFailed(format!("{}: {e}", self.binary.display())),
+                    detail: None,
                 });
             }
         }
     }
 
-    /// Sends SIGKILL to `worker` (if it runs); its exit is reported as usual.
-    pub fn kill(&mut self, worker: &WorkerId) {
-        if let Some(child) = self.children.get_mut(worker) {
+    /// Makes `worker`'s standby process its primary for `attempt`: it keeps
+    /// running, and its exit is reported as the primary's from now on.
+    /// Returns false if there is no standby process.
+    pub fn promote(&mut self, worker: &WorkerId, attempt: u64) -> bool {
+        let Some(child) = self.children.remove(&(worker.clone(), Slot::Standby)) else {
+            return false;
+        };
+        *child.tag.lock().unwrap_or_else(|p| p.into_inner()) = (attempt, Slot::Primary);
+        if let Some(old) = self.children.insert((worker.clone(), Slot::Primary), child) {
+            // A primary still registered here is being replaced: end it.
+            if let Some(kill) = old.kill {
+                let _ = kill.send(());
+            }
+        }
+        true
+    }
+
+    /// Sends SIGKILL to `worker`'s process in `slot` (if it runs); its exit
+    /// is reported as usual.
+    pub fn kill(&mut self, worker: &WorkerId, slot: Slot) {
+        if let Some(child) = self.children.get_mut(&(worker.clone(), slot)) {
             if let Some(kill) = child.kill.take() {
                 let _ = kill.send(());
             }
         }
     }
 
-    /// Kills every worker.
-    pub fn kill_all(&mut self) {
-        let ids: Vec<WorkerId> = self.children.keys().cloned().collect();
+    /// Kills every primary; standbys keep following.
+    pub fn kill_primaries(&mut self) {
+        let ids: Vec<WorkerId> = self
+            .children
+            .keys()
+            .filter(|(_, s)| *s == Slot::Primary)
+            .map(|(w, _)| w.clone())
+            .collect();
         for w in ids {
-            self.kill(&w);
+            self.kill(&w, Slot::Primary);
         }
     }
 
-    /// Forgets a worker whose exit was reported.
-    pub fn reap(&mut self, worker: &WorkerId, attempt: u64) {
+    /// Kills every process, standbys included.
+    pub fn kill_all(&mut self) {
+        let ids: Vec<(WorkerId, Slot)> = self.children.keys().cloned().collect();
+        for (w, s) in ids {
+            self.kill(&w, s);
+        }
+    }
+
+    /// Forgets a process whose exit was reported.
+    pub fn reap(&mut self, exit: &WorkerExited) {
+        let slot = if exit.standby {
+            Slot::Standby
+        } else {
+            Slot::Primary
+        };
+        let key = (exit.worker.clone(), slot);
         if self
             .children
-            .get(worker)
-            .is_some_and(|c| c.attempt == attempt)
+            .get(&key)
+            .is_some_and(|c| c.tag.lock().unwrap_or_else(|p| p.into_inner()).0 == exit.attempt)
         {
-            self.children.remove(worker);
+            self.children.remove(&key);
         }
     }
 
-    /// Workers believed running, with their pids.
-    pub fn running(&self) -> Vec<(WorkerId, Option<u32>)> {
+    /// Processes believed running, with their slots and pids.
+    pub fn running(&self) -> Vec<(WorkerId, Slot, Option<u32>)> {
         self.children
             .iter()
-            .map(|(w, c)| (w.clone(), c.pid))
+            .map(|((w, s), c)| (w.clone(), *s, c.pid))
             .collect()
     }
+
+    /// Whether `worker` has a process in `slot`.
+    pub fn has(&self, worker: &WorkerId, slot: Slot) -> bool {
+        self.children.contains_key(&(worker.clone(), slot))
+    }
+}
+
+/// Removes CAP_NET_ADMIN and CAP_NET_RAW from the bounding set, so that the
+/// exec'd worker cannot hold them even when the agent runs as root.
+#[cfg(target_os = "linux")]
+fn drop_network_capabilities() -> std::io::Result<()> {
+    const CAP_NET_ADMIN: libc::c_ulong = 12;
+    const CAP_NET_RAW: libc::c_ulong = 13;
+    for cap in [CAP_NET_ADMIN, CAP_NET_RAW] {
+        // SAFETY: prctl with PR_CAPBSET_DROP takes plain integers.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        // EPERM: the agent itself lacks CAP_SETPCAP, so it has no network
+        // capabilities to pass on either.
+        if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The telling line of a worker's log for failure messages: the last panic
+/// or error line, else the last line. Worker logs are appended across
+/// attempts, so only the tail is read.
+pub fn last_log_line(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let tail: Vec<&str> = text
+        .lines()
+        .rev()
+        .filter(|l| !l.trim().is_empty())
+        .take(200)
+        .collect();
+    let pick = tail
+        .iter()
+        .find(|l| l.contains("panicked at"))
+        .or_else(|| tail.iter().find(|l| l.starts_with("lazarus worker")))
+        .or(tail.first())?;
+    let line: String = pick.chars().take(300).collect();
+    // A panic's message is on the line after "panicked at".
+    if line.contains("panicked at") {
+        if let Some(pos) = tail.iter().position(|l| *l == *pick) {
+            if pos > 0 {
+                return Some(format!(
+                    "{line} {}",
+                    tail[pos - 1].chars().take(200).collect::<String>()
+                ));
+            }
+        }
+    }
+    Some(line)
 }
 
 #[cfg(unix)]

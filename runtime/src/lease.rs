@@ -121,6 +121,11 @@ impl LeaseTable {
         }
     }
 
+    /// The current lease's id, expired or not.
+    pub fn current_id(&self) -> Option<LeaseId> {
+        self.current.as_ref().map(|c| c.id)
+    }
+
     fn grant(&mut self, holder: &str, now: Duration) -> LeaseDecision {
         let id = LeaseId(self.next_id);
         self.next_id += 1;

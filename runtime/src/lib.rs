@@ -20,8 +20,11 @@
 
 pub mod agent;
 pub mod cli;
+pub mod cluster;
 pub mod coordinator;
+pub mod fleet;
 pub mod lease;
+pub mod placement;
 pub mod spec;
 pub mod supervisor;
 pub mod units;

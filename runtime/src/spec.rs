@@ -254,6 +254,37 @@ pub struct OperatorSpec {
     /// Instances. Default 1.
     #[serde(default = "one")]
     pub parallelism: u32,
+    /// How a failed worker of this operator is replaced (several hosts):
+    /// `hot`, `cold` or `none` (default).
+    #[serde(default)]
+    pub standby: StandbyKind,
+    /// IPv4 service VIP with prefix (`198.18.0.100/24`), held by the
+    /// agent of this operator's primary. Needs parallelism 1.
+    #[serde(default)]
+    pub vip: Option<String>,
+    /// IPv6 service VIP with prefix (`2001:2::100/64`), as `vip`.
+    #[serde(default)]
+    pub vip6: Option<String>,
+    /// The service port on the VIP; the worker sees it as parameter
+    /// `lazarus.port` (and the VIPs as `lazarus.vip`, `lazarus.vip6`).
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// How a failed worker is replaced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StandbyKind {
+    /// A process on another host follows each commit into its local cache
+    /// and is promoted without a download.
+    Hot,
+    /// A host is chosen ahead of time; on failure a process starts there
+    /// and restores from storage.
+    Cold,
+    /// On failure the worker restarts on another healthy host if there is
+    /// one (else on the same host).
+    #[default]
+    None,
 }
 
 /// `[[edge]]`
@@ -319,6 +350,32 @@ pub struct PlannedWorker {
     pub outputs: Vec<OutputEdge>,
     /// True for sources (operators with no inputs).
     pub is_source: bool,
+    /// How it is replaced after a failure.
+    pub standby: StandbyKind,
+    /// The VIPs its primary's agent holds (`addr/prefix`).
+    pub vips: Vec<String>,
+    /// Its service port, if any.
+    pub port: Option<u16>,
+}
+
+impl PlannedWorker {
+    /// Parameters only this worker gets: its port and VIPs.
+    pub fn own_params(&self) -> BTreeMap<String, String> {
+        let mut p = BTreeMap::new();
+        if let Some(port) = self.port {
+            p.insert("lazarus.port".to_string(), port.to_string());
+        }
+        for v in &self.vips {
+            let addr = v.split('/').next().unwrap_or(v).to_string();
+            let key = if addr.contains(':') {
+                "lazarus.vip6"
+            } else {
+                "lazarus.vip"
+            };
+            p.insert(key.to_string(), addr);
+        }
+        p
+    }
 }
 
 impl JobSpec {
@@ -383,6 +440,26 @@ impl JobSpec {
                 ));
             }
             max_par = max_par.max(op.parallelism);
+            for (f, v, v6) in [("vip", &op.vip, false), ("vip6", &op.vip6, true)] {
+                let Some(v) = v else { continue };
+                let (addr, _) =
+                    crate::vip::parse_vip(v).map_err(|e| self.invalid(field(f), e.to_string()))?;
+                if addr.is_ipv6() != v6 {
+                    return Err(self.invalid(
+                        field(f),
+                        format!("{v:?} is not an IPv{} address", if v6 { 6 } else { 4 }),
+                    ));
+                }
+                if op.parallelism != 1 {
+                    return Err(self.invalid(
+                        field(f),
+                        "a VIP is served by one primary: parallelism must be 1",
+                    ));
+                }
+            }
+            if op.port == Some(0) {
+                return Err(self.invalid(field("port"), "must be 1..=65535"));
+            }
         }
         if self.job.key_groups < max_par || self.job.key_groups > 32_768 {
             return Err(self.invalid(
@@ -575,6 +652,9 @@ impl JobSpec {
                     is_source: inputs.is_empty(),
                     inputs,
                     outputs,
+                    standby: op.standby,
+                    vips: op.vip.iter().chain(op.vip6.iter()).cloned().collect(),
+                    port: op.port,
                 });
             }
         }

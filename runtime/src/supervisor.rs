@@ -1,5 +1,14 @@
 //! The supervisor: runs a job. In local mode (`lazarus run`) it shares the
-//! process with one [`Agent`]; workers are child processes.
+//! process with one [`Agent`]; on a cluster (`lazarus supervisor`) its
+//! workers run on agents of other hosts. Either way it drives a [`Fleet`].
+//!
+//! Placement (see [`crate::placement`]) decides at each attempt where each
+//! worker's primary runs and where its standby waits. A hot standby is a
+//! process that follows every commit into its host's local cache; when its
+//! primary fails, the standby process itself is promoted (no download), a
+//! new standby is placed, and the worker's VIPs move to the new primary's
+//! host under a lease. Each recovery claims a new epoch, so a commit from a
+//! demoted attempt is fenced in storage.
 //!
 //! Lifecycle (a typed state machine, [`JobState`]): `Starting` (workers
 //! spawned, handshake: hello → assignment → listening → start → running),
@@ -15,9 +24,11 @@
 //! committed checkpoint with every worker restarted, so no record is counted
 //! twice and none is lost.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -27,9 +38,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::agent::{Agent, ExitKind, WorkerExited};
+use crate::agent::{Agent, ExitKind, Slot, WorkerExited};
+use crate::cluster::wire::{job_status_cell, JobStatusCell, WorkerStatus};
 use crate::coordinator::{CheckpointCoordinator, CoordinatorConfig, Decision};
-use crate::spec::{JobSpec, PlannedWorker};
+use crate::fleet::{Fleet, FleetEvent};
+use crate::placement::{self, Placed};
+use crate::spec::{JobSpec, PlannedWorker, StandbyKind};
 use crate::units::format_bytes;
 
 /// Random worker kills, to watch recovery live.
@@ -112,16 +126,31 @@ pub struct RunSummary {
 
 enum Event {
     Hello {
+        conn: u64,
         worker: WorkerId,
         attempt: u64,
+        standby: bool,
         read: tokio::net::tcp::OwnedReadHalf,
         write: tokio::net::tcp::OwnedWriteHalf,
     },
     Message {
-        worker: WorkerId,
-        attempt: u64,
+        conn: u64,
         msg: Option<ToSupervisor>,
     },
+}
+
+/// Whom a control connection belongs to.
+#[derive(Debug, Clone)]
+enum ConnRole {
+    Primary { worker: WorkerId, attempt: u64 },
+    Standby { worker: WorkerId },
+}
+
+/// A connected hot standby.
+struct StandbyConn {
+    conn: u64,
+    tx: mpsc::UnboundedSender<ToWorker>,
+    followed: Option<CheckpointId>,
 }
 
 enum Outcome {
@@ -133,14 +162,45 @@ enum Outcome {
 
 /// Runs `run` until it finishes, is stopped (`stop` turns true), or fails.
 pub async fn run_local(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Result<RunSummary> {
+    let (agent, exits) = Agent::new("local", run.worker_binary.clone(), &run.state_dir)
+        .with_context(|| format!("preparing state directory {}", run.state_dir.display()))?;
+    let (fleet, events) = Fleet::local(agent, exits);
+    let status = job_status_cell(&run.spec.job_id(), Epoch(0));
+    run_job(
+        run,
+        fleet,
+        events,
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        status,
+        stop,
+    )
+    .await
+}
+
+/// Runs `run` on `fleet` (whose events arrive on `events`), with the job's
+/// control port on `control_ip` and its state published to `status`.
+pub async fn run_job(
+    run: LocalRun,
+    fleet: Fleet,
+    events: mpsc::UnboundedReceiver<FleetEvent>,
+    control_ip: IpAddr,
+    status: JobStatusCell,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<RunSummary> {
     let job = run.spec.job_id();
     let span = tracing::info_span!("job", %job);
-    Supervisor::start(run, stop)
-        .instrument(span.clone())
-        .await?
-        .run()
-        .instrument(span)
-        .await
+    let result = async {
+        Supervisor::start(run, fleet, events, control_ip, status.clone(), stop)
+            .await?
+            .run()
+            .await
+    }
+    .instrument(span)
+    .await;
+    if let Err(e) = &result {
+        status.lock().unwrap_or_else(|p| p.into_inner()).state = format!("failed: {e:#}");
+    }
+    result
 }
 
 struct Supervisor {
@@ -149,8 +209,8 @@ struct Supervisor {
     js: JobStore,
     epoch: Epoch,
     plan: Vec<PlannedWorker>,
-    agent: Agent,
-    exits: mpsc::UnboundedReceiver<WorkerExited>,
+    fleet: Fleet,
+    fleet_events: mpsc::UnboundedReceiver<FleetEvent>,
     addr: SocketAddr,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -166,17 +226,47 @@ struct Supervisor {
     /// When the next chaos kill is due. One schedule for the whole run, not
     /// per attempt, so an attempt's lifetime varies like a real failure's.
     chaos_at: tokio::time::Instant,
+    /// Where each worker runs now.
+    placement: BTreeMap<WorkerId, Placed>,
+    /// Workers whose primary failed: they move at the next placement.
+    failed: BTreeSet<WorkerId>,
+    /// Connected hot standbys.
+    standbys: BTreeMap<WorkerId, StandbyConn>,
+    /// Control connections by id.
+    conns: HashMap<u64, ConnRole>,
+    /// The checkpoint a restore starts from now.
+    restore_point: Option<CheckpointId>,
+    /// The current attempt.
+    attempt: u64,
+    /// Primaries running in the current attempt.
+    running_now: BTreeSet<WorkerId>,
+    /// Bytes each worker's last restore downloaded.
+    fetched: BTreeMap<WorkerId, u64>,
+    status: JobStatusCell,
+    last_failure: Option<String>,
 }
 
 impl Drop for Supervisor {
     fn drop(&mut self) {
         self.accept_task.abort();
-        self.agent.kill_all();
+        self.fleet.kill_all(true);
+        for w in &self.plan {
+            for v in &w.vips {
+                self.fleet.unassign_vip(v);
+            }
+        }
     }
 }
 
 impl Supervisor {
-    async fn start(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Result<Supervisor> {
+    async fn start(
+        run: LocalRun,
+        fleet: Fleet,
+        fleet_events: mpsc::UnboundedReceiver<FleetEvent>,
+        control_ip: IpAddr,
+        status: JobStatusCell,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Supervisor> {
         let job = run.spec.job_id();
         let store =
             CheckpointStore::open(&run.store_url).context("opening the checkpoint store")?;
@@ -197,9 +287,7 @@ impl Supervisor {
             Err(e) if e.kind() == ErrorKind::NotFound => CheckpointId(1),
             Err(e) => return Err(e).context("reading the latest checkpoint"),
         };
-        let (agent, exits) = Agent::new("local", run.worker_binary.clone(), &run.state_dir)
-            .with_context(|| format!("preparing state directory {}", run.state_dir.display()))?;
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(SocketAddr::new(control_ip, 0))
             .await
             .context("binding the control port")?;
         let addr = listener.local_addr()?;
@@ -234,8 +322,8 @@ impl Supervisor {
             js,
             epoch,
             plan,
-            agent,
-            exits,
+            fleet,
+            fleet_events,
             addr,
             events_tx,
             events,
@@ -247,6 +335,16 @@ impl Supervisor {
             consecutive_failures: 0,
             records_before: 0,
             chaos_at,
+            placement: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            standbys: BTreeMap::new(),
+            conns: HashMap::new(),
+            restore_point: None,
+            attempt: 0,
+            running_now: BTreeSet::new(),
+            fetched: BTreeMap::new(),
+            status,
+            last_failure: None,
         })
     }
 
@@ -262,18 +360,38 @@ impl Supervisor {
                 Err(e) if e.kind() == ErrorKind::NotFound => None,
                 Err(e) => return Err(e).context("reading the latest checkpoint"),
             };
+            self.restore_point = restore;
+            if attempt > 0 {
+                // A new term per recovery: anything the previous attempt
+                // still tries to commit is fenced in storage.
+                let next = Epoch(self.epoch.0 + 1);
+                match self.js.claim_epoch(next).await {
+                    Ok(()) => {
+                        self.epoch = next;
+                        self.summary.epoch = self.epoch;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Fenced => {
+                        self.summary.state = JobState::Failed(format!("fenced: {e}"));
+                        break;
+                    }
+                    Err(e) => return Err(e).context("claiming the next epoch"),
+                }
+            }
             self.summary.state = if attempt == 0 {
                 JobState::Starting
             } else {
                 JobState::Recovering
             };
-            tracing::info!(attempt, ?restore, "starting workers");
+            self.attempt = attempt;
+            tracing::info!(attempt, ?restore, epoch = %self.epoch, "starting workers");
             let mut outcome = self.attempt(attempt, restore).await;
             if let Outcome::Failed(why) = &outcome {
                 // One crash makes its peers lose their connections too; give
                 // the crashed process's exit a moment to arrive and name it.
                 if let Some(cause) = self.root_cause(attempt).await {
-                    let detail = last_log_line(&self.agent.log_path(&cause.worker))
+                    let detail = cause
+                        .detail
+                        .as_ref()
                         .map(|l| format!(": {l}"))
                         .unwrap_or_default();
                     let first = format!("worker {} {}{detail}", cause.worker, cause.exit);
@@ -286,8 +404,10 @@ impl Supervisor {
                 }
             }
             self.records_before = self.summary.source_records;
-            // Whatever happened, no worker of this attempt survives it.
-            self.agent.kill_all();
+            self.running_now.clear();
+            // Whatever happened, no primary of this attempt survives it.
+            // Hot standbys keep following.
+            self.fleet.kill_all(false);
             self.drain_exits().await;
             match outcome {
                 Outcome::Finished => {
@@ -305,6 +425,7 @@ impl Supervisor {
                 Outcome::Failed(why) => {
                     self.summary.restarts += 1;
                     self.consecutive_failures += 1;
+                    self.last_failure = Some(why.clone());
                     let max = self.run.spec.restart.max_attempts;
                     if self.summary.restarts > max {
                         let newest = match self.js.latest().await {
@@ -317,6 +438,8 @@ impl Supervisor {
                         break;
                     }
                     let backoff = self.backoff();
+                    self.summary.state = JobState::Recovering;
+                    self.publish();
                     tracing::info!(%why, restarts = self.summary.restarts, ?backoff, "worker failure; rolling back to the last committed checkpoint");
                     if self.run.status_every.is_some() {
                         eprintln!("[lazarus] failure: {why}; restarting from the last committed checkpoint in {backoff:?}");
@@ -329,12 +452,54 @@ impl Supervisor {
                 }
             }
         }
+        self.fleet.kill_all(true);
+        for w in &self.plan {
+            for v in &w.vips {
+                self.fleet.unassign_vip(v);
+            }
+        }
         self.summary.elapsed = self.started.elapsed();
+        self.publish();
         Ok(self.summary.clone())
     }
 
-    /// Retention in the store, then in the agent's local cache. Failures are
-    /// logged and retried after the next commit: they cost space, not data.
+    /// Publishes the job's state for `lazarus status`.
+    fn publish(&self) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.state = match &self.summary.state {
+            JobState::Failed(why) => format!("failed: {why}"),
+            other => format!("{other:?}").to_lowercase(),
+        };
+        st.epoch = self.epoch.0;
+        st.attempt = self.attempt;
+        st.restarts = self.summary.restarts;
+        st.committed = self.summary.committed;
+        st.last_checkpoint = self.summary.last_checkpoint.map(|c| c.0);
+        st.last_failure = self.last_failure.clone();
+        st.workers = self
+            .plan
+            .iter()
+            .filter_map(|w| {
+                let placed = self.placement.get(&w.id)?.clone();
+                Some(WorkerStatus {
+                    worker: w.id.clone(),
+                    standby_kind: w.standby,
+                    placed,
+                    running: self.running_now.contains(&w.id),
+                    restore_fetched_bytes: self.fetched.get(&w.id).copied().unwrap_or(0),
+                    standby_checkpoint: self
+                        .standbys
+                        .get(&w.id)
+                        .and_then(|s| s.followed)
+                        .map(|c| c.0),
+                })
+            })
+            .collect();
+    }
+
+    /// Retention in the store, then in the hosts' local caches. Failures
+    /// are logged and retried after the next commit: they cost space, not
+    /// data.
     async fn retention(&self, keep: usize) {
         let report = match self.js.gc(keep).await {
             Ok(r) => r,
@@ -347,7 +512,11 @@ impl Supervisor {
             return;
         };
         let referenced = report.referenced;
-        let cache = match lazarus_storage::LocalCache::new(self.agent.cache_dir()) {
+        let Fleet::Local(agent) = &self.fleet else {
+            self.fleet.prune_remote(&referenced, newest);
+            return;
+        };
+        let cache = match lazarus_storage::LocalCache::new(agent.cache_dir()) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "opening the local cache failed");
@@ -362,16 +531,46 @@ impl Supervisor {
         }
     }
 
-    /// The first abnormal exit of `attempt` reported within 100 ms.
+    /// The first abnormal exit of `attempt` reported within 100 ms. Lost
+    /// hosts and standby events seen meanwhile are handled.
     async fn root_cause(&mut self, attempt: u64) -> Option<WorkerExited> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
-        while let Ok(Some(e)) = tokio::time::timeout_at(deadline, self.exits.recv()).await {
-            self.agent.reap(&e.worker, e.attempt);
-            if e.attempt == attempt && e.exit != ExitKind::Success {
-                return Some(e);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, self.fleet_events.recv()).await {
+            match ev {
+                FleetEvent::Exited(e) => {
+                    self.fleet.reap(&e);
+                    if e.standby {
+                        self.standby_gone(&e.worker);
+                    } else if e.attempt == attempt && e.exit != ExitKind::Success {
+                        self.failed.insert(e.worker.clone());
+                        return Some(e);
+                    }
+                }
+                FleetEvent::HostLost(h) => self.host_lost(&h),
             }
         }
         None
+    }
+
+    /// Forgets everything on a lost host; its primaries move at the next
+    /// placement.
+    fn host_lost(&mut self, host: &str) {
+        for (w, slot) in self.fleet.host_lost(host) {
+            if slot == Slot::Standby {
+                self.standby_gone(&w);
+            }
+        }
+        for (w, p) in &self.placement {
+            if p.primary == host {
+                self.failed.insert(w.clone());
+            }
+        }
+    }
+
+    fn standby_gone(&mut self, worker: &WorkerId) {
+        if let Some(s) = self.standbys.remove(worker) {
+            self.conns.remove(&s.conn);
+        }
     }
 
     fn backoff(&self) -> Duration {
@@ -380,17 +579,161 @@ impl Supervisor {
         (r.backoff * factor).min(r.max_backoff)
     }
 
-    /// Waits (bounded: 10 s) until every worker the agent started has exited.
+    /// Waits (bounded: 10 s) until every primary the fleet started has
+    /// exited, handling standby traffic meanwhile.
     async fn drain_exits(&mut self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !self.agent.running().is_empty() {
-            match tokio::time::timeout_at(deadline, self.exits.recv()).await {
-                Ok(Some(e)) => self.agent.reap(&e.worker, e.attempt),
+        while self.fleet.running_primaries() > 0 {
+            match tokio::time::timeout_at(deadline, self.fleet_events.recv()).await {
+                Ok(Some(FleetEvent::Exited(e))) => {
+                    self.fleet.reap(&e);
+                    if e.standby {
+                        self.standby_gone(&e.worker);
+                    }
+                }
+                Ok(Some(FleetEvent::HostLost(h))) => self.host_lost(&h),
                 _ => break,
             }
         }
-        // Drop control traffic of the dead attempt.
-        while self.events.try_recv().is_ok() {}
+        self.pump_events();
+    }
+
+    /// Handles queued control traffic between attempts: standbys are kept
+    /// (hellos answered, progress noted); the dead attempt's is dropped.
+    fn pump_events(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            match ev {
+                Event::Hello {
+                    conn,
+                    worker,
+                    standby: true,
+                    read,
+                    write,
+                    ..
+                } => self.on_standby_hello(conn, worker, read, write),
+                Event::Message { conn, msg } => {
+                    if let Some(ConnRole::Standby { worker }) = self.conns.get(&conn).cloned() {
+                        self.on_standby_message(conn, &worker, msg);
+                    }
+                }
+                Event::Hello { .. } => {}
+            }
+        }
+    }
+
+    /// The assignment of `w` restoring `restore`, on `host`.
+    fn assignment(
+        &self,
+        w: &PlannedWorker,
+        restore: Option<CheckpointId>,
+        host: &str,
+    ) -> Assignment {
+        let spec = &self.run.spec;
+        let mut params = spec.params();
+        params.extend(w.own_params());
+        Assignment {
+            job: self.job.clone(),
+            worker: w.id.clone(),
+            operator: w.operator.clone(),
+            kind: w.kind.clone(),
+            index: w.index,
+            parallelism: w.parallelism,
+            key_groups: spec.job.key_groups,
+            params,
+            store: self.run.store_url.clone(),
+            epoch: self.epoch,
+            restore,
+            inputs: w.inputs.clone(),
+            outputs: w.outputs.clone(),
+            cache_dir: self.fleet.cache_dir(host),
+            heartbeat_ms: spec.job.heartbeat_interval.as_millis() as u64,
+            codec: spec.checkpoint.codec,
+        }
+    }
+
+    /// A standby process connected: it follows from the restore point on.
+    fn on_standby_hello(
+        &mut self,
+        conn: u64,
+        worker: WorkerId,
+        read: tokio::net::tcp::OwnedReadHalf,
+        write: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let Some(host) = self.fleet.host_of(&worker, Slot::Standby) else {
+            tracing::debug!(%worker, "refusing a standby that is not placed");
+            return;
+        };
+        let Some(w) = self.plan.iter().find(|w| w.id == worker).cloned() else {
+            return;
+        };
+        if self.standbys.contains_key(&worker) {
+            return;
+        }
+        let tx = spawn_connection(conn, read, write, self.events_tx.clone());
+        let a = self.assignment(&w, self.restore_point, &host);
+        let _ = tx.send(ToWorker::Standby(Box::new(a)));
+        self.conns.insert(
+            conn,
+            ConnRole::Standby {
+                worker: worker.clone(),
+            },
+        );
+        tracing::info!(%worker, %host, "hot standby connected");
+        self.standbys.insert(
+            worker,
+            StandbyConn {
+                conn,
+                tx,
+                followed: None,
+            },
+        );
+    }
+
+    fn on_standby_message(&mut self, conn: u64, worker: &WorkerId, msg: Option<ToSupervisor>) {
+        match msg {
+            Some(ToSupervisor::Followed {
+                checkpoint,
+                fetched_bytes,
+            }) => {
+                tracing::debug!(%worker, %checkpoint, fetched_bytes, "standby followed");
+                if let Some(s) = self.standbys.get_mut(worker).filter(|s| s.conn == conn) {
+                    s.followed = Some(checkpoint);
+                }
+            }
+            Some(ToSupervisor::Failed { error }) => {
+                tracing::warn!(%worker, %error, "hot standby failed; it is replaced");
+                self.fleet.kill(worker, Slot::Standby);
+                self.standby_gone(worker);
+            }
+            None => {
+                if self.standbys.get(worker).is_some_and(|s| s.conn == conn) {
+                    self.standby_gone(worker);
+                }
+                self.conns.remove(&conn);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Starts or moves hot standby processes to their placed hosts.
+    fn ensure_standbys(&mut self, attempt: u64) {
+        let plan = self.plan.clone();
+        for w in plan.iter().filter(|w| w.standby == StandbyKind::Hot) {
+            let want = self.placement.get(&w.id).and_then(|p| p.standby.clone());
+            let have = self.fleet.host_of(&w.id, Slot::Standby);
+            if have == want {
+                continue;
+            }
+            if have.is_some() {
+                self.fleet.kill(&w.id, Slot::Standby);
+                self.standby_gone(&w.id);
+            }
+            if let Some(h) = want {
+                tracing::info!(worker = %w.id, host = %h, "starting hot standby");
+                self.fleet
+                    .spawn(&h, &w.id, attempt, Slot::Standby, self.addr);
+            }
+        }
     }
 
     /// Schedules the next chaos kill 0.5 to 1.5 mean gaps from now.
@@ -416,9 +759,55 @@ impl Supervisor {
 
     async fn attempt(&mut self, attempt: u64, restore: Option<CheckpointId>) -> Outcome {
         let spec = self.run.spec.clone();
-        for w in &self.plan {
-            self.agent.spawn(&w.id, attempt, self.addr);
+        self.pump_events();
+        let kinds: Vec<(WorkerId, StandbyKind)> = self
+            .plan
+            .iter()
+            .map(|w| (w.id.clone(), w.standby))
+            .collect();
+        let alive = self.fleet.hosts();
+        self.placement = match placement::place(&kinds, &alive, &self.placement, &self.failed) {
+            Ok(p) => p,
+            Err(e) => {
+                // No host right now: wait a little for one to (re)join.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Outcome::Failed(e.to_string());
+            }
+        };
+        self.failed.clear();
+        let mut senders: BTreeMap<WorkerId, mpsc::UnboundedSender<ToWorker>> = BTreeMap::new();
+        let plan = self.plan.clone();
+        for w in &plan {
+            let host = self.placement[&w.id].primary.clone();
+            let promotable = self.standbys.contains_key(&w.id)
+                && self.fleet.host_of(&w.id, Slot::Standby).as_deref() == Some(host.as_str());
+            if promotable {
+                let s = self.standbys.remove(&w.id).expect("checked");
+                self.fleet.promote(&w.id, attempt);
+                self.conns.insert(
+                    s.conn,
+                    ConnRole::Primary {
+                        worker: w.id.clone(),
+                        attempt,
+                    },
+                );
+                let a = self.assignment(w, restore, &host);
+                let _ = s.tx.send(ToWorker::Assign(Box::new(a)));
+                tracing::info!(worker = %w.id, %host, followed = ?s.followed, "hot standby promoted");
+                senders.insert(w.id.clone(), s.tx);
+            } else {
+                tracing::info!(worker = %w.id, %host, "starting primary");
+                self.fleet
+                    .spawn(&host, &w.id, attempt, Slot::Primary, self.addr);
+            }
+            if self.fleet.has_vips() {
+                for v in &w.vips {
+                    self.fleet.assign_vip(v, &host);
+                }
+            }
         }
+        self.ensure_standbys(attempt);
+        self.publish();
         let by_id: BTreeMap<WorkerId, PlannedWorker> = self
             .plan
             .iter()
@@ -430,7 +819,6 @@ impl Supervisor {
             .filter(|w| w.is_source)
             .map(|w| w.id.clone())
             .collect();
-        let mut senders: BTreeMap<WorkerId, mpsc::UnboundedSender<ToWorker>> = BTreeMap::new();
         let mut listening: BTreeMap<WorkerId, SocketAddr> = BTreeMap::new();
         let mut running: BTreeSet<WorkerId> = BTreeSet::new();
         let mut exited_clean: BTreeSet<WorkerId> = BTreeSet::new();
@@ -476,8 +864,35 @@ impl Supervisor {
         loop {
             let mut decisions: Vec<Decision> = Vec::new();
             tokio::select! {
-                Some(exit) = self.exits.recv() => {
-                    self.agent.reap(&exit.worker, exit.attempt);
+                Some(ev) = self.fleet_events.recv() => {
+                    let exit = match ev {
+                        FleetEvent::Exited(exit) => exit,
+                        FleetEvent::HostLost(host) => {
+                            self.host_lost(&host);
+                            let lost: Vec<String> = self
+                                .placement
+                                .iter()
+                                .filter(|(_, p)| p.primary == host)
+                                .map(|(w, _)| w.to_string())
+                                .collect();
+                            if lost.is_empty() || finishing {
+                                self.ensure_standbys(attempt);
+                                continue;
+                            }
+                            let _ = coordinator.on_failure();
+                            self.next_id = coordinator.next_id();
+                            return Outcome::Failed(format!(
+                                "host {host} lost (missed heartbeats) with {}",
+                                lost.join(", ")
+                            ));
+                        }
+                    };
+                    self.fleet.reap(&exit);
+                    if exit.standby {
+                        tracing::warn!(worker = %exit.worker, exit = %exit.exit, "hot standby exited; it is replaced after the next commit");
+                        self.standby_gone(&exit.worker);
+                        continue;
+                    }
                     if exit.attempt != attempt {
                         continue;
                     }
@@ -493,46 +908,40 @@ impl Supervisor {
                         }
                         continue;
                     }
-                    let log = self.agent.log_path(&exit.worker);
-                    let detail = last_log_line(&log).map(|l| format!(": {l}")).unwrap_or_default();
+                    let detail = exit.detail.as_ref().map(|l| format!(": {l}")).unwrap_or_default();
                     let _ = coordinator.on_failure();
                     self.next_id = coordinator.next_id();
+                    self.failed.insert(exit.worker.clone());
                     return Outcome::Failed(format!("worker {} {}{detail}", exit.worker, exit.exit));
                 }
                 Some(event) = self.events.recv() => match event {
-                    Event::Hello { worker, attempt: a, read, write } => {
+                    Event::Hello { conn, worker, standby: true, read, write, .. } => {
+                        self.on_standby_hello(conn, worker, read, write);
+                        self.publish();
+                    }
+                    Event::Hello { conn, worker, attempt: a, read, write, .. } => {
                         if a != attempt || !by_id.contains_key(&worker) || senders.contains_key(&worker) {
                             tracing::debug!(%worker, a, "refusing stale or unknown worker");
                             continue;
                         }
                         let w = &by_id[&worker];
-                        let tx = spawn_connection(worker.clone(), a, read, write, self.events_tx.clone());
-                        let assignment = Assignment {
-                            job: self.job.clone(),
-                            worker: worker.clone(),
-                            operator: w.operator.clone(),
-                            kind: w.kind.clone(),
-                            index: w.index,
-                            parallelism: w.parallelism,
-                            key_groups: spec.job.key_groups,
-                            params: spec.params(),
-                            store: self.run.store_url.clone(),
-                            epoch: self.epoch,
-                            restore,
-                            inputs: w.inputs.clone(),
-                            outputs: w.outputs.clone(),
-                            cache_dir: self.agent.cache_dir().to_path_buf(),
-                            heartbeat_ms: spec.job.heartbeat_interval.as_millis() as u64,
-                            codec: spec.checkpoint.codec,
-                        };
+                        let tx = spawn_connection(conn, read, write, self.events_tx.clone());
+                        self.conns.insert(conn, ConnRole::Primary { worker: worker.clone(), attempt });
+                        let host = self.placement[&worker].primary.clone();
+                        let assignment = self.assignment(w, restore, &host);
                         let _ = tx.send(ToWorker::Assign(Box::new(assignment)));
                         senders.insert(worker.clone(), tx);
                         last_seen.insert(worker, Instant::now());
                     }
-                    Event::Message { worker, attempt: a, msg } => {
-                        if a != attempt {
-                            continue;
-                        }
+                    Event::Message { conn, msg } => {
+                        let worker = match self.conns.get(&conn).cloned() {
+                            Some(ConnRole::Primary { worker, attempt: a }) if a == attempt => worker,
+                            Some(ConnRole::Standby { worker }) => {
+                                self.on_standby_message(conn, &worker, msg);
+                                continue;
+                            }
+                            _ => continue,
+                        };
                         last_seen.insert(worker.clone(), Instant::now());
                         match msg {
                             None => {
@@ -543,7 +952,8 @@ impl Supervisor {
                                 self.next_id = coordinator.next_id();
                                 return Outcome::Failed(format!("worker {worker} disconnected"));
                             }
-                            Some(ToSupervisor::Listening { addr }) => {
+                            Some(ToSupervisor::Listening { addr, fetched_bytes }) => {
+                                self.fetched.insert(worker.clone(), fetched_bytes);
                                 listening.insert(worker, addr);
                                 if listening.len() == self.plan.len() {
                                     broadcast!(ToWorker::Start { addrs: listening.clone() });
@@ -553,11 +963,13 @@ impl Supervisor {
                                 running.insert(worker);
                                 if running.len() == self.plan.len() {
                                     is_running = true;
+                                    self.running_now = running.clone();
                                     // A kill that fell due while nothing ran is not fired in a burst.
                                     if self.chaos_at <= tokio::time::Instant::now() {
                                         self.schedule_chaos();
                                     }
                                     self.summary.state = JobState::Running;
+                                    self.publish();
                                     tracing::info!(attempt, "all workers running");
                                 }
                             }
@@ -580,7 +992,7 @@ impl Supervisor {
                                 self.next_id = coordinator.next_id();
                                 return Outcome::Failed(format!("worker {worker} failed: {error}"));
                             }
-                            Some(ToSupervisor::Hello { .. }) => {}
+                            Some(ToSupervisor::Hello { .. }) | Some(ToSupervisor::Followed { .. }) => {}
                         }
                     }
                 },
@@ -600,6 +1012,7 @@ impl Supervisor {
                         if let Some((w, _)) = last_seen.iter().find(|(_, t)| now.duration_since(**t) > spec.job.heartbeat_timeout) {
                             let _ = coordinator.on_failure();
                             self.next_id = coordinator.next_id();
+                            self.failed.insert(w.clone());
                             return Outcome::Failed(format!("worker {w} missed heartbeats for {:?}", spec.job.heartbeat_timeout));
                         }
                     }
@@ -614,7 +1027,7 @@ impl Supervisor {
                     if !coordinator.in_flight().is_empty() {
                         self.summary.kills_during_checkpoint += 1;
                     }
-                    self.agent.kill(&victim);
+                    self.fleet.kill(&victim, Slot::Primary);
                 }
                 _ = status.tick(), if self.run.status_every.is_some() => {
                     let total: u64 = sources.iter().filter_map(|s| records.get(s)).sum();
@@ -678,8 +1091,14 @@ impl Supervisor {
                                 self.summary.last_checkpoint_bytes = manifest.stored_bytes();
                                 self.consecutive_failures = 0;
                                 broadcast!(ToWorker::Committed { checkpoint });
+                                self.restore_point = Some(checkpoint);
+                                for s in self.standbys.values() {
+                                    let _ = s.tx.send(ToWorker::Follow { checkpoint });
+                                }
                                 queue.extend(coordinator.on_committed(checkpoint));
                                 self.retention(spec.checkpoint.retention).await;
+                                self.ensure_standbys(attempt);
+                                self.publish();
                             }
                             Err(e) if e.kind() == ErrorKind::Fenced => {
                                 broadcast!(ToWorker::Shutdown);
@@ -709,44 +1128,15 @@ impl Supervisor {
     }
 }
 
-/// The telling line of a worker's log for failure messages: the last panic
-/// or error line, else the last line. Worker logs are appended across
-/// attempts, so only the tail is read.
-fn last_log_line(path: &std::path::Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let tail: Vec<&str> = text
-        .lines()
-        .rev()
-        .filter(|l| !l.trim().is_empty())
-        .take(200)
-        .collect();
-    let pick = tail
-        .iter()
-        .find(|l| l.contains("panicked at"))
-        .or_else(|| tail.iter().find(|l| l.starts_with("lazarus worker")))
-        .or(tail.first())?;
-    let line: String = pick.chars().take(300).collect();
-    // A panic's message is on the line after "panicked at".
-    if line.contains("panicked at") {
-        if let Some(pos) = tail.iter().position(|l| *l == *pick) {
-            if pos > 0 {
-                return Some(format!(
-                    "{line} {}",
-                    tail[pos - 1].chars().take(200).collect::<String>()
-                ));
-            }
-        }
-    }
-    Some(line)
-}
-
 /// Accepts control connections and reads each one's hello (bounded wait).
 async fn accept_loop(listener: TcpListener, events: mpsc::UnboundedSender<Event>) {
+    let next_conn = Arc::new(AtomicU64::new(1));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let events = events.clone();
+        let conn = next_conn.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let (mut read, write) = stream.into_split();
@@ -755,10 +1145,17 @@ async fn accept_loop(listener: TcpListener, events: mpsc::UnboundedSender<Event>
                 protocol::read_control::<_, ToSupervisor>(&mut read),
             )
             .await;
-            if let Ok(Ok(Some(ToSupervisor::Hello { worker, attempt }))) = hello {
+            if let Ok(Ok(Some(ToSupervisor::Hello {
+                worker,
+                attempt,
+                standby,
+            }))) = hello
+            {
                 let _ = events.send(Event::Hello {
+                    conn,
                     worker,
                     attempt,
+                    standby,
                     read,
                     write,
                 });
@@ -767,10 +1164,9 @@ async fn accept_loop(listener: TcpListener, events: mpsc::UnboundedSender<Event>
     }
 }
 
-/// Starts the reader and writer tasks of one worker's control connection.
+/// Starts the reader and writer tasks of one control connection.
 fn spawn_connection(
-    worker: WorkerId,
-    attempt: u64,
+    conn: u64,
     mut read: tokio::net::tcp::OwnedReadHalf,
     mut write: tokio::net::tcp::OwnedWriteHalf,
     events: mpsc::UnboundedSender<Event>,
@@ -790,15 +1186,7 @@ fn spawn_connection(
                 .ok()
                 .flatten();
             let end = msg.is_none();
-            if events
-                .send(Event::Message {
-                    worker: worker.clone(),
-                    attempt,
-                    msg,
-                })
-                .is_err()
-                || end
-            {
+            if events.send(Event::Message { conn, msg }).is_err() || end {
                 break;
             }
         }

@@ -32,3 +32,5 @@ pub use worker::run_worker;
 
 /// Checkpoint storage, as the SDK sees it.
 pub use lazarus_storage as storage;
+/// A checkpoint's number (re-exported from the storage crate).
+pub use lazarus_storage::CheckpointId;

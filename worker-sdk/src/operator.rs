@@ -69,8 +69,12 @@ impl Context {
 /// What a source's poll produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourcePoll {
-    /// It emitted records (maybe none right now); poll again.
+    /// It emitted records; poll again at once.
     Ready,
+    /// Nothing to do right now (for example a service waiting for
+    /// requests): the worker handles control messages and polls again
+    /// within a millisecond, instead of spinning a core.
+    Idle,
     /// There is no more input; the job finishes after a final checkpoint.
     Exhausted,
 }
@@ -102,8 +106,44 @@ pub trait Source: Send + 'static {
     fn poll(&mut self, out: &mut Emitter, max: usize) -> Result<SourcePoll, BoxError>;
     /// Captures the position (and any state); must be quick.
     fn snapshot(&mut self) -> Snapshot;
+    /// Called right before [`Source::snapshot`] with the checkpoint it is
+    /// for, so that a source can tie what it staged to that checkpoint and
+    /// release it in [`Source::committed`]. The default does nothing.
+    ///
+    /// ```
+    /// use lazarus_sdk::*;
+    /// struct Staging { current: Vec<String>, staged: Vec<(CheckpointId, Vec<String>)> }
+    /// impl Staging {
+    ///     fn on_prepare(&mut self, n: CheckpointId) {
+    ///         let batch = std::mem::take(&mut self.current);
+    ///         self.staged.push((n, batch));
+    ///     }
+    /// }
+    /// ```
+    fn prepare_snapshot(&mut self, checkpoint: CheckpointId) {
+        let _ = checkpoint;
+    }
     /// Seeks to a restored position.
     fn restore(&mut self, state: &Restored) -> Result<(), BoxError>;
+    /// Checkpoint `checkpoint` committed: everything this source did before
+    /// its snapshot for it survives any failure from now on. A service
+    /// acknowledges writes here (see `examples/kv-service`). The default
+    /// does nothing.
+    ///
+    /// ```
+    /// use lazarus_sdk::*;
+    /// struct Acks { pending: Vec<(CheckpointId, String)> }
+    /// impl Acks {
+    ///     fn on_committed(&mut self, n: CheckpointId) {
+    ///         // Everything staged at or before `n` is now durable.
+    ///         self.pending.retain(|(at, _)| *at > n);
+    ///     }
+    /// }
+    /// ```
+    fn committed(&mut self, checkpoint: CheckpointId) -> Result<(), BoxError> {
+        let _ = checkpoint;
+        Ok(())
+    }
 }
 
 /// An operator: takes records, emits records, may keep state.

@@ -120,11 +120,25 @@ pub enum ToSupervisor {
         worker: WorkerId,
         /// The restart attempt the worker was started for; stale workers are refused.
         attempt: u64,
+        /// Started as a hot standby: it follows commits until promoted.
+        #[serde(default)]
+        standby: bool,
     },
     /// The worker restored its state and listens for inputs here.
     Listening {
         /// Data address.
         addr: SocketAddr,
+        /// Bytes the restore downloaded (0 when the local cache had every
+        /// chunk, as for a promoted hot standby).
+        #[serde(default)]
+        fetched_bytes: u64,
+    },
+    /// A hot standby restored checkpoint `checkpoint` into its local cache.
+    Followed {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// Bytes it downloaded for it (chunks it did not have yet).
+        fetched_bytes: u64,
     },
     /// All channels are connected; processing.
     Running,
@@ -157,6 +171,15 @@ pub enum ToSupervisor {
 pub enum ToWorker {
     /// The worker's role.
     Assign(Box<Assignment>),
+    /// Be a hot standby for this assignment: restore each checkpoint named
+    /// by [`ToWorker::Follow`] into the local cache, and start processing
+    /// when an [`ToWorker::Assign`] promotes this process.
+    Standby(Box<Assignment>),
+    /// Standbys: checkpoint `checkpoint` committed; fetch what it adds.
+    Follow {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+    },
     /// Data addresses of every worker: connect outputs and go.
     Start {
         /// Address of each worker.

@@ -56,7 +56,8 @@ const SOCKET_BUFFER: u32 = 64 << 10;
 /// `registry`, and returns its exit code. Configuration comes from the
 /// environment the agent sets: `LAZARUS_SUPERVISOR` (address),
 /// `LAZARUS_WORKER` (worker id), `LAZARUS_ATTEMPT`, and optionally
-/// `LAZARUS_BIND_IP` (data listener address, default 127.0.0.1) and
+/// `LAZARUS_BIND_IP` (data listener address, default 127.0.0.1),
+/// `LAZARUS_STANDBY=1` (start as a hot standby) and
 /// `LAZARUS_LOG` (tracing filter).
 ///
 /// ```no_run
@@ -110,6 +111,7 @@ struct WorkerEnv {
     worker: WorkerId,
     attempt: u64,
     bind_ip: IpAddr,
+    standby: bool,
 }
 
 impl WorkerEnv {
@@ -128,11 +130,13 @@ impl WorkerEnv {
             Ok(ip) => ip.parse().map_err(|e| format!("LAZARUS_BIND_IP: {e}"))?,
             Err(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
         };
+        let standby = std::env::var("LAZARUS_STANDBY").is_ok_and(|v| v == "1");
         Ok(WorkerEnv {
             supervisor,
             worker,
             attempt,
             bind_ip,
+            standby,
         })
     }
 }
@@ -182,9 +186,14 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
     to_sup.send(ToSupervisor::Hello {
         worker: env.worker.clone(),
         attempt: env.attempt,
+        standby: env.standby,
     })?;
     let assignment = match protocol::read_control::<_, ToWorker>(&mut ctl_read).await? {
         Some(ToWorker::Assign(a)) => *a,
+        Some(ToWorker::Standby(a)) => match follow(*a, &mut ctl_read, &to_sup).await? {
+            Some(a) => a,
+            None => return Ok(()),
+        },
         Some(ToWorker::Shutdown) | None => return Ok(()),
         Some(other) => return Err(format!("expected an assignment, got {other:?}").into()),
     };
@@ -229,6 +238,68 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
     result
 }
 
+/// A hot standby's life before promotion: restore every checkpoint the
+/// supervisor names into the local cache (downloading only the chunks it does
+/// not have yet, and checking them), so that promotion restores from local
+/// disk. Returns the assignment that promotes it, or `None` on shutdown.
+async fn follow(
+    standby: Assignment,
+    ctl_read: &mut tokio::net::tcp::OwnedReadHalf,
+    to_sup: &mpsc::UnboundedSender<ToSupervisor>,
+) -> Result<Option<Assignment>> {
+    let store = CheckpointStore::open(&standby.store)?;
+    let js = store.job(standby.job.clone());
+    let cache = LocalCache::new(&standby.cache_dir)?;
+    let fetch = |n: CheckpointId| {
+        let (js, cache, worker) = (js.clone(), cache.clone(), standby.worker.clone());
+        async move {
+            let span = tracing::info_span!("standby_follow", checkpoint = %n, %worker);
+            async {
+                let manifest = js.manifest(n).await?;
+                let fetched = if manifest.workers.contains_key(&worker) {
+                    js.restore_worker(&manifest, &worker, &cache)
+                        .await?
+                        .fetched_bytes
+                } else {
+                    0
+                };
+                tracing::info!(fetched, "standby follows");
+                Ok::<_, BoxError>(fetched)
+            }
+            .instrument(span)
+            .await
+        }
+    };
+    if let Some(n) = standby.restore {
+        let fetched_bytes = fetch(n).await?;
+        to_sup.send(ToSupervisor::Followed {
+            checkpoint: n,
+            fetched_bytes,
+        })?;
+    }
+    loop {
+        match protocol::read_control::<_, ToWorker>(ctl_read).await? {
+            Some(ToWorker::Follow { checkpoint }) => {
+                let fetched_bytes = fetch(checkpoint).await?;
+                to_sup.send(ToSupervisor::Followed {
+                    checkpoint,
+                    fetched_bytes,
+                })?;
+            }
+            Some(ToWorker::Assign(a)) => {
+                if a.worker != standby.worker {
+                    return Err(
+                        format!("standby of {} promoted as {}", standby.worker, a.worker).into(),
+                    );
+                }
+                return Ok(Some(*a));
+            }
+            Some(ToWorker::Shutdown) | None => return Ok(None),
+            Some(other) => tracing::debug!(?other, "ignored by a standby"),
+        }
+    }
+}
+
 async fn run_assignment(
     registry: Registry,
     env: &WorkerEnv,
@@ -252,6 +323,7 @@ async fn run_assignment(
 
     // Restore.
     let mut base: HashMap<String, ChunkRef> = HashMap::new();
+    let mut fetched_bytes = 0;
     if let Some(n) = a.restore {
         let manifest = js.manifest(n).await?;
         let restored = if manifest.workers.contains_key(&a.worker) {
@@ -267,6 +339,7 @@ async fn run_assignment(
                 .zip(r.chunks)
                 .collect();
             tracing::info!(checkpoint = %n, fetched = r.fetched_bytes, cache_hits = r.cache_hits, "restored");
+            fetched_bytes = r.fetched_bytes;
             Restored::new(n, parts, r.metadata)
         } else {
             Restored::default()
@@ -295,6 +368,7 @@ async fn run_assignment(
     };
     to_sup.send(ToSupervisor::Listening {
         addr: listener.local_addr()?,
+        fetched_bytes,
     })?;
     let addrs = loop {
         match ctl_in.recv().await.flatten() {
@@ -390,11 +464,24 @@ async fn run_assignment(
                 let status = source.poll(&mut emitter, SOURCE_BATCH)?;
                 records_in.fetch_add(emitter.len() as u64, Ordering::Relaxed);
                 route(&mut outputs, &mut emitter).await?;
-                if status == crate::SourcePoll::Exhausted {
-                    exhausted = true;
-                    to_sup.send(ToSupervisor::SourceExhausted)?;
+                match status {
+                    crate::SourcePoll::Ready => tokio::task::yield_now().await,
+                    crate::SourcePoll::Idle => {
+                        tokio::select! {
+                            msg = ctl_in.recv() => {
+                                if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx).await? {
+                                    return Ok(());
+                                }
+                            }
+                            Some(e) = fatal_rx.recv() => return Err(e),
+                            _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                        }
+                    }
+                    crate::SourcePoll::Exhausted => {
+                        exhausted = true;
+                        to_sup.send(ToSupervisor::SourceExhausted)?;
+                    }
                 }
-                tokio::task::yield_now().await;
             } else {
                 tokio::select! {
                     msg = ctl_in.recv() => {
@@ -472,8 +559,10 @@ async fn handle_control(
             Ok(true)
         }
         Some(ToWorker::Committed { checkpoint }) => {
-            if let Role::Sink(sink) = role {
-                sink.commit(checkpoint)?;
+            match role {
+                Role::Sink(sink) => sink.commit(checkpoint)?,
+                Role::Source(source) => source.committed(checkpoint)?,
+                Role::Operator(_) => {}
             }
             Ok(true)
         }
@@ -496,7 +585,10 @@ async fn snapshot_now(
 ) -> Result<()> {
     let started = Instant::now();
     let snapshot = match role {
-        Role::Source(s) => s.snapshot(),
+        Role::Source(s) => {
+            s.prepare_snapshot(n);
+            s.snapshot()
+        }
         Role::Operator(o) => o.snapshot(),
         Role::Sink(s) => {
             s.pre_commit(n)?;

@@ -9,6 +9,7 @@ use lazarus_storage::{CheckpointStore, Codec, JobId};
 
 pub mod bench;
 pub mod checkpoints;
+pub mod cluster;
 pub mod run;
 
 /// Lazarus: checkpointing fault-tolerance runtime for stateful workers.
@@ -40,6 +41,18 @@ pub enum Command {
         #[command(subcommand)]
         command: VipCommand,
     },
+    /// Run the supervisor of a cluster: agents register here, jobs are
+    /// submitted here.
+    Supervisor(cluster::SupervisorArgs),
+    /// Run this host's agent: starts workers for the supervisor and holds
+    /// VIPs under leases (needs CAP_NET_ADMIN and CAP_NET_RAW for VIPs).
+    Agent(cluster::AgentArgs),
+    /// Submit a job to a supervisor.
+    Submit(cluster::SubmitArgs),
+    /// Show hosts, jobs, placements, VIP holders and leases.
+    Status(cluster::StatusArgs),
+    /// Stop a job on a supervisor.
+    Stop(cluster::StopArgs),
     /// Store-level tools.
     Storage {
         /// Which storage command.
@@ -222,6 +235,11 @@ fn parse_codec_arg(s: &str) -> Result<Codec, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(&args).await,
+        Command::Supervisor(args) => cluster::supervisor(&args).await,
+        Command::Agent(args) => cluster::agent(&args).await,
+        Command::Submit(args) => cluster::submit(&args).await,
+        Command::Status(args) => cluster::status(&args).await,
+        Command::Stop(args) => cluster::stop(&args).await,
         Command::Checkpoints { command } => match command {
             CheckpointsCommand::List { job } => checkpoints::list(&job).await,
             CheckpointsCommand::Inspect { job, id, json } => {

@@ -84,6 +84,11 @@ pub fn parse_vip(s: &str) -> Result<(IpAddr, u8), VipError> {
     Ok((addr, prefix))
 }
 
+/// Whether interface `name` exists on this host.
+pub fn interface_exists(name: &str) -> bool {
+    interface(name).is_ok()
+}
+
 fn interface(name: &str) -> Result<NetworkInterface, VipError> {
     datalink::interfaces()
         .into_iter()
@@ -129,7 +134,19 @@ impl Vip {
         self.acquire_inner().instrument(span).await
     }
 
+    /// Adds the address to the interface over netlink, without announcing
+    /// it (the caller sends the burst, for example in the background).
+    pub async fn add(&self) -> Result<(), VipError> {
+        let span = tracing::info_span!("vip_add", vip = %self.addr, iface = %self.iface);
+        self.add_inner().instrument(span).await
+    }
+
     async fn acquire_inner(&self) -> Result<(), VipError> {
+        self.add_inner().await?;
+        self.announce().await
+    }
+
+    async fn add_inner(&self) -> Result<(), VipError> {
         let handle = netlink().await.map_err(|e| self.nl_err("connect", e))?;
         let index = self.link_index(&handle).await?;
         let mut req = handle
@@ -141,7 +158,7 @@ impl Vip {
         }
         req.execute().await.map_err(|e| self.nl_err("add", e))?;
         tracing::info!("VIP added");
-        self.announce().await
+        Ok(())
     }
 
     /// Removes the address (absent already is fine).

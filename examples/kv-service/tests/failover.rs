@@ -1,0 +1,449 @@
+//! Failover of the kv-service across hosts, on real network namespaces:
+//! a supervisor, two agents and a client that talks only to the VIP.
+//!
+//! Each test writes acknowledged keys, breaks the primary (SIGKILL of its
+//! worker process, or its host's cable cut), keeps writing through the
+//! failover, and then checks: the service answers on the VIP again, the
+//! client's kernel neighbour entry for the VIP holds the new primary's MAC,
+//! every acknowledged write is readable, and exactly one host holds the VIP.
+//!
+//! Needs root; fails (never skips) without it.
+
+#[path = "../../../runtime/tests/common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::cluster::{self, LzCluster, FAST};
+use common::netns::{http, pids_with_env};
+
+const VIP4: &str = "198.18.0.100";
+const VIP6: &str = "2001:2::100";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    /// SIGKILL of the primary worker process.
+    Kill,
+    /// The primary host's link set down.
+    LinkDown,
+}
+
+struct Scenario {
+    tag: &'static str,
+    standby: &'static str,
+    v6: bool,
+    fault: Fault,
+    config: String,
+    lease: Duration,
+}
+
+fn spec(dir: &std::path::Path, standby: &str) -> PathBuf {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/job.toml"))
+        .expect("job.toml");
+    let worker = env!("CARGO_BIN_EXE_kv-service");
+    let text = text
+        .replace("worker = \"kv-service\"", &format!("worker = \"{worker}\""))
+        .replace("standby = \"hot\"", &format!("standby = \"{standby}\""));
+    assert!(text.contains(worker) && text.contains(&format!("standby = \"{standby}\"")));
+    let path = dir.join("kv.toml");
+    std::fs::write(&path, text).expect("spec");
+    path
+}
+
+/// PUT until acknowledged (bounded: `limit`). Returns whether it was.
+fn put_acked(addr: SocketAddr, key: &str, value: &str, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok((status, _)) = http(
+            addr,
+            "PUT",
+            &format!("/kv/{key}"),
+            value.as_bytes(),
+            Duration::from_millis(500),
+        ) {
+            if status == 201 || status == 204 {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+fn cap_eff(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .expect("CapEff");
+    u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).expect("hex")
+}
+
+fn run(s: Scenario) {
+    let c = LzCluster::start(s.tag, &["a", "b"], &["cl"], &s.config);
+    let spec = spec(c.dir.path(), s.standby);
+    c.submit(&spec, &[]);
+    let vip_key = if s.v6 {
+        "2001:2::100/64"
+    } else {
+        "198.18.0.100/24"
+    };
+    let vip_ip = if s.v6 { VIP6 } else { VIP4 };
+    let addr: SocketAddr = if s.v6 {
+        format!("[{VIP6}]:8080")
+    } else {
+        format!("{VIP4}:8080")
+    }
+    .parse()
+    .expect("addr");
+    let hot = s.standby == "hot";
+    let ready = c.wait(
+        "kv running, VIP held by its primary",
+        Duration::from_secs(30),
+        |st| {
+            let (Some(w), Some(j), Some(v)) = (
+                cluster::worker(st, "kv", "kv-0"),
+                cluster::job(st, "kv"),
+                cluster::vip(st, vip_key),
+            ) else {
+                return false;
+            };
+            j["state"] == "running"
+                && w["running"] == true
+                && v["holder"] == w["primary"]
+                && (!hot || !w["standby_checkpoint"].is_null())
+        },
+    );
+    let w = cluster::worker(&ready, "kv", "kv-0").expect("worker");
+    let old = w["primary"].as_str().expect("primary").to_string();
+    let other = if old == "a" { "b" } else { "a" };
+    if s.standby != "none" {
+        assert_eq!(
+            w["standby"].as_str(),
+            Some(other),
+            "standby on the other host: {w}"
+        );
+    }
+    let v = cluster::vip(&ready, vip_key).expect("vip");
+    assert!(
+        v["lease_id"].is_u64() && v["lease_expires_in_ms"].is_u64(),
+        "status shows the lease: {v}"
+    );
+
+    // Acknowledged writes before the fault.
+    let before = c
+        .bed
+        .in_host("cl", move || {
+            (0..30)
+                .map(|i| {
+                    (
+                        format!("k{i}"),
+                        format!("v{i}"),
+                        put_acked(
+                            addr,
+                            &format!("k{i}"),
+                            &format!("v{i}"),
+                            Duration::from_secs(10),
+                        ),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("client");
+    assert!(
+        before.iter().all(|(_, _, acked)| *acked),
+        "writes before the fault: {before:?}\n{}",
+        c.logs()
+    );
+
+    // A prober reads through the VIP every millisecond (bounded: 30 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
+    let prober = {
+        let (stop, probes) = (stop.clone(), probes.clone());
+        c.bed.in_host("cl", move || {
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
+                let ok = matches!(http(addr, "GET", "/kv/k0", b"", Duration::from_millis(100)), Ok((200, ref b)) if b == b"v0");
+                probes.lock().expect("probes").push((Instant::now(), ok));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    // Watch who holds the VIP (host loss: never two holders).
+    let holders: Arc<Mutex<Vec<(Instant, bool, bool)>>> = Arc::default();
+    std::thread::sleep(Duration::from_millis(100));
+
+    let fault_at = Instant::now();
+    match s.fault {
+        Fault::Kill => {
+            let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(&old));
+            let pids = pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip]);
+            assert_eq!(pids.len(), 1, "one kv-0 process on {old}: {pids:?}");
+            common::netns::ok("kill", &["-KILL", &pids[0].to_string()]);
+        }
+        Fault::LinkDown => c.bed.link_down(&old),
+    }
+    let watch_until = Instant::now() + s.lease * 3 + Duration::from_millis(1500);
+    while Instant::now() < watch_until && s.fault == Fault::LinkDown {
+        let (ha, hb) = (c.bed.holds("a", vip_ip), c.bed.holds("b", vip_ip));
+        holders
+            .lock()
+            .expect("holders")
+            .push((Instant::now(), ha, hb));
+    }
+
+    // Writes through the failover: each retried until acknowledged.
+    let during = c
+        .bed
+        .in_host("cl", move || {
+            (0..20)
+                .map(|i| {
+                    (
+                        format!("w{i}"),
+                        format!("x{i}"),
+                        put_acked(
+                            addr,
+                            &format!("w{i}"),
+                            &format!("x{i}"),
+                            Duration::from_secs(20),
+                        ),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("client");
+
+    let after = c.wait(
+        "kv running on the new primary with the VIP",
+        Duration::from_secs(30),
+        |st| {
+            let (Some(w), Some(j), Some(v)) = (
+                cluster::worker(st, "kv", "kv-0"),
+                cluster::job(st, "kv"),
+                cluster::vip(st, vip_key),
+            ) else {
+                return false;
+            };
+            j["state"] == "running"
+                && w["running"] == true
+                && w["primary"] == other
+                && v["holder"] == other
+        },
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    prober.join().expect("prober");
+
+    // The client's kernel now sends VIP traffic to the new primary's MAC.
+    let entry = c.bed.neighbour("cl", vip_ip);
+    assert_eq!(
+        entry.as_ref().map(|(m, _)| m.clone()),
+        Some(c.bed.mac(other)),
+        "client neighbour entry for {vip_ip}"
+    );
+    // Every acknowledged write is readable.
+    assert!(
+        during.iter().all(|(_, _, a)| *a),
+        "writes during failover not acknowledged in time: {during:?}\n{}",
+        c.logs()
+    );
+    let all: Vec<(String, String)> = before
+        .iter()
+        .chain(during.iter())
+        .map(|(k, v, _)| (k.clone(), v.clone()))
+        .collect();
+    let reads = c
+        .bed
+        .in_host("cl", move || {
+            all.into_iter()
+                .map(|(k, v)| {
+                    let got = http(
+                        addr,
+                        "GET",
+                        &format!("/kv/{k}"),
+                        b"",
+                        Duration::from_secs(2),
+                    );
+                    (
+                        k,
+                        v,
+                        got.map(|(s, b)| (s, String::from_utf8_lossy(&b).to_string()))
+                            .map_err(|e| e.to_string()),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("client");
+    for (k, v, got) in &reads {
+        assert_eq!(
+            got.as_ref().ok(),
+            Some(&(200, v.clone())),
+            "acknowledged write {k}={v} after failover"
+        );
+    }
+    // The service answered again after the fault; the outage is the
+    // longest gap between two good reads around it.
+    let probes = probes.lock().expect("probes").clone();
+    assert!(
+        probes
+            .iter()
+            .any(|(t, ok)| *t > fault_at + Duration::from_millis(50) && *ok),
+        "no successful read through the VIP after the fault"
+    );
+    let good: Vec<Instant> = probes
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(t, _)| *t)
+        .collect();
+    let outage = good
+        .windows(2)
+        .filter(|w| w[1] > fault_at)
+        .map(|w| w[1].duration_since(w[0]))
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{}: client-visible outage {outage:?} ({} probes, {} good)",
+        s.tag,
+        probes.len(),
+        good.len()
+    );
+    // Exactly one host holds the VIP.
+    assert!(c.bed.holds(other, vip_ip), "{other} holds {vip_ip}");
+    assert!(!c.bed.holds(&old, vip_ip), "{old} still holds {vip_ip}");
+    let w = cluster::worker(&after, "kv", "kv-0").expect("worker");
+    match s.standby {
+        // Promotion restored from the local cache the standby kept current.
+        "hot" => assert_eq!(
+            w["restore_fetched_bytes"], 0,
+            "promoted hot standby downloaded nothing: {w}"
+        ),
+        _ => assert!(
+            w["restore_fetched_bytes"].as_u64().is_some_and(|b| b > 0),
+            "a new process restored from storage: {w}"
+        ),
+    }
+    // The worker process has no network capabilities; only the agent does.
+    let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(other));
+    let pids = pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip]);
+    assert!(!pids.is_empty(), "kv-0 runs on {other}");
+    for pid in pids {
+        let caps = cap_eff(pid);
+        assert_eq!(
+            caps & (1 << 12 | 1 << 13),
+            0,
+            "worker {pid} has CAP_NET_ADMIN/CAP_NET_RAW: {caps:#x}"
+        );
+    }
+    if s.fault == Fault::LinkDown {
+        // The isolated host dropped the VIP by its lease expiry, and from
+        // then on never two holders (in fact never at any sample).
+        let h = holders.lock().expect("holders").clone();
+        let bound = s.lease + Duration::from_millis(150);
+        let old_is_a = old == "a";
+        let dropped = h
+            .iter()
+            .find(|(_, ha, hb)| !(if old_is_a { *ha } else { *hb }))
+            .map(|(t, _, _)| t.duration_since(fault_at));
+        assert!(
+            dropped.is_some_and(|d| d <= bound),
+            "{old} removed the VIP {dropped:?} after the cut; bound {bound:?}"
+        );
+        let both: Vec<_> = h
+            .iter()
+            .filter(|(_, a, b)| *a && *b)
+            .map(|(t, _, _)| t.duration_since(fault_at))
+            .collect();
+        assert!(
+            both.is_empty(),
+            "two hosts held the VIP at {both:?} after the cut ({} samples)",
+            h.len()
+        );
+        eprintln!(
+            "{}: {old} removed the VIP {dropped:?} after the cut ({} samples, never two holders)",
+            s.tag,
+            h.len()
+        );
+    }
+}
+
+#[test]
+fn test_hot_standby_takes_over_after_sigkill_ipv4() {
+    run(Scenario {
+        tag: "kvhot",
+        standby: "hot",
+        v6: false,
+        fault: Fault::Kill,
+        config: FAST.into(),
+        lease: Duration::from_millis(100),
+    });
+}
+
+#[test]
+fn test_host_loss_moves_vip_after_lease_expiry() {
+    // The default 1 s lease: the isolated host drops the VIP by then, the
+    // new holder gets it only after lease + drift margin.
+    run(Scenario {
+        tag: "kvloss",
+        standby: "hot",
+        v6: false,
+        fault: Fault::LinkDown,
+        config: "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n".into(),
+        lease: Duration::from_secs(1),
+    });
+}
+
+#[test]
+fn test_host_loss_with_100ms_lease() {
+    run(Scenario {
+        tag: "kvloss1",
+        standby: "hot",
+        v6: false,
+        fault: Fault::LinkDown,
+        config: FAST.into(),
+        lease: Duration::from_millis(100),
+    });
+}
+
+#[test]
+fn test_cold_standby_restores_from_storage() {
+    run(Scenario {
+        tag: "kvcold",
+        standby: "cold",
+        v6: false,
+        fault: Fault::Kill,
+        config: FAST.into(),
+        lease: Duration::from_millis(100),
+    });
+}
+
+#[test]
+fn test_no_standby_restarts_on_the_other_host() {
+    run(Scenario {
+        tag: "kvnone",
+        standby: "none",
+        v6: false,
+        fault: Fault::Kill,
+        config: FAST.into(),
+        lease: Duration::from_millis(100),
+    });
+}
+
+#[test]
+fn test_ipv6_vip_moves_with_unsolicited_na() {
+    run(Scenario {
+        tag: "kvv6",
+        standby: "hot",
+        v6: true,
+        fault: Fault::Kill,
+        config: FAST.into(),
+        lease: Duration::from_millis(100),
+    });
+}

@@ -1,0 +1,136 @@
+//! `lazarus submit`, `lazarus status` and `lazarus stop`: one request, one
+//! reply, over the supervisor's port.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lazarus_sdk::protocol;
+use tokio::net::TcpStream;
+
+use crate::cluster::wire::{ClientReply, ClientRequest, StatusReport};
+
+/// Sends `req` and returns the reply (bounded: 5 s to connect, 10 s to answer).
+pub async fn request(supervisor: SocketAddr, req: &ClientRequest) -> anyhow::Result<ClientReply> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(supervisor))
+        .await
+        .with_context(|| format!("connecting to the supervisor at {supervisor} timed out"))?
+        .with_context(|| format!("connecting to the supervisor at {supervisor}"))?;
+    protocol::write_control(&mut stream, req).await?;
+    tokio::time::timeout(Duration::from_secs(10), protocol::read_control(&mut stream))
+        .await
+        .context("the supervisor did not answer within 10 s")??
+        .context("the supervisor closed the connection without answering")
+}
+
+/// Submits the spec at `path` with `set` overrides.
+pub async fn submit(supervisor: SocketAddr, path: &Path, set: &[String]) -> anyhow::Result<String> {
+    let spec =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let dir = std::fs::canonicalize(path)
+        .with_context(|| format!("resolving {}", path.display()))?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let req = ClientRequest::Submit {
+        spec,
+        origin: path.display().to_string(),
+        dir,
+        set: set.to_vec(),
+    };
+    match request(supervisor, &req).await? {
+        ClientReply::Ok { message } => Ok(message),
+        ClientReply::Error { message } => anyhow::bail!("{message}"),
+        ClientReply::Status(_) => anyhow::bail!("unexpected status reply"),
+    }
+}
+
+/// The cluster's status.
+pub async fn status(supervisor: SocketAddr) -> anyhow::Result<StatusReport> {
+    match request(supervisor, &ClientRequest::Status).await? {
+        ClientReply::Status(s) => Ok(*s),
+        ClientReply::Error { message } => anyhow::bail!("{message}"),
+        ClientReply::Ok { message } => anyhow::bail!("unexpected reply: {message}"),
+    }
+}
+
+/// Renders a status report for people.
+pub fn render(s: &StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "heartbeat {} ms, host timeout {} ms, lease {} ms (+{} ms drift margin)",
+        s.heartbeat_ms, s.host_timeout_ms, s.lease_ms, s.drift_margin_ms
+    );
+    let _ = writeln!(
+        out,
+        "\nHOST            ADDRESS          STATE  LAST HEARTBEAT"
+    );
+    for h in &s.hosts {
+        let _ = writeln!(
+            out,
+            "{:<15} {:<16} {:<6} {} ms ago",
+            h.name,
+            h.addr,
+            if h.alive { "alive" } else { "lost" },
+            h.last_heartbeat_ms
+        );
+    }
+    for j in &s.jobs {
+        let _ = writeln!(
+            out,
+            "\nJOB {} — {} (epoch {}, attempt {}, restarts {}, {} checkpoints, last {})",
+            j.job,
+            j.state,
+            j.epoch,
+            j.attempt,
+            j.restarts,
+            j.committed,
+            j.last_checkpoint.map_or("-".into(), |c| c.to_string())
+        );
+        if let Some(f) = &j.last_failure {
+            let _ = writeln!(out, "  last failure: {f}");
+        }
+        let _ = writeln!(
+            out,
+            "  WORKER          PRIMARY         STANDBY              RUNNING"
+        );
+        for w in &j.workers {
+            let standby = match (&w.placed.standby, w.standby_checkpoint) {
+                (Some(h), Some(c)) => format!("{h} ({:?}, at {c})", w.standby_kind).to_lowercase(),
+                (Some(h), None) => format!("{h} ({:?})", w.standby_kind).to_lowercase(),
+                (None, _) => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<15} {:<15} {:<20} {}",
+                w.worker.to_string(),
+                w.placed.primary,
+                standby,
+                w.running
+            );
+        }
+    }
+    if !s.vips.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nVIP                  ASSIGNED        HOLDER          LEASE"
+        );
+        for v in &s.vips {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<15} {:<15} {}",
+                v.vip,
+                v.assigned.as_deref().unwrap_or("-"),
+                v.holder.as_deref().unwrap_or("-"),
+                match (v.lease_id, v.lease_expires_in_ms) {
+                    (Some(id), Some(ms)) => format!("#{id}, expires in {ms} ms"),
+                    _ => "-".into(),
+                }
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,22 @@
+//! Several hosts: `lazarus supervisor`, `lazarus agent`, `lazarus submit`
+//! and `lazarus status`.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `wire` | agent, client and supervisor messages |
+//! | `state` | the supervisor's view of hosts, jobs and VIP leases (one lock) |
+//! | `server` | `lazarus supervisor`: accepts agents and clients, heartbeats, host loss, leases, jobs |
+//! | `agent` | `lazarus agent`: runs workers for the supervisor, holds VIPs under leases, fences itself |
+//! | `client` | `lazarus submit` and `lazarus status` |
+//! | `config` | the supervisor's `--config` file |
+//!
+//! A job on the cluster runs the same [`crate::supervisor`] as `lazarus
+//! run`, with a [`crate::fleet::Fleet`] that reaches the agents through
+//! [`state::ClusterState`].
+
+pub mod agent;
+pub mod client;
+pub mod config;
+pub mod server;
+pub mod state;
+pub mod wire;

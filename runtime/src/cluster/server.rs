@@ -1,0 +1,323 @@
+//! `lazarus supervisor`: one listening port for agents and clients. Agents
+//! register and heartbeat; a host that stays silent past the timeout is
+//! lost, and every job hears it. VIP leases are granted, renewed and taken
+//! back here ([`crate::cluster::state`]). Jobs run as [`crate::supervisor`]
+//! tasks on a cluster [`Fleet`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use lazarus_sdk::protocol;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::agent::WorkerExited;
+use crate::cluster::config::ClusterConfig;
+use crate::cluster::state::{Cluster, JobEntry};
+use crate::cluster::wire::{job_status_cell, AgentMsg, ClientReply, ClientRequest, SupervisorMsg};
+use crate::fleet::{Fleet, FleetEvent};
+use crate::spec::JobSpec;
+use crate::supervisor::{self, LocalRun};
+
+/// `lazarus supervisor`'s settings.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Where agents, workers and clients connect.
+    pub listen: SocketAddr,
+    /// Default store of submitted jobs (a spec's `[store] url` wins).
+    pub store: Option<String>,
+    /// Heartbeats, leases, announcements.
+    pub config: ClusterConfig,
+    /// The supervisor's own state (nothing durable: checkpoints are in the
+    /// store).
+    pub state_dir: PathBuf,
+}
+
+/// Runs the supervisor until `stop` turns true. `ready` gets the bound
+/// address.
+pub async fn serve(
+    opts: ServerOptions,
+    mut stop: watch::Receiver<bool>,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    opts.config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("supervisor config: {e}"))?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding {}", opts.listen))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(%bound, "supervisor listening");
+    if let Some(r) = ready {
+        let _ = r.send(bound);
+    }
+    let cluster = Cluster::new(opts.config);
+    let heartbeats = tokio::spawn(heartbeat_loop(cluster.clone()));
+    let opts = std::sync::Arc::new(ServerOptions {
+        listen: bound,
+        ..opts
+    });
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let (cluster, opts) = (cluster.clone(), opts.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, peer, cluster, opts).await {
+                        tracing::debug!(%peer, error = %e, "connection ended");
+                    }
+                });
+            }
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    heartbeats.abort();
+    // Stop every job; each kills its workers and releases its VIPs.
+    let jobs: Vec<_> = {
+        let c = cluster.lock();
+        c.jobs.values().map(|j| j.stop.clone()).collect()
+    };
+    for stop in jobs {
+        let _ = stop.send(true);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
+}
+
+/// Sends heartbeats and declares silent hosts lost.
+async fn heartbeat_loop(cluster: Cluster) {
+    let every = cluster.lock().config.heartbeat_interval;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut c = cluster.lock();
+        for h in c.alive() {
+            c.send(&h, SupervisorMsg::Heartbeat);
+        }
+        for h in c.overdue() {
+            c.lose(&h, "missed heartbeats");
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    cluster: Cluster,
+    opts: std::sync::Arc<ServerOptions>,
+) -> anyhow::Result<()> {
+    stream.set_nodelay(true)?;
+    let (mut read, mut write) = stream.into_split();
+    let first: serde_json::Value =
+        tokio::time::timeout(Duration::from_secs(10), protocol::read_control(&mut read))
+            .await
+            .context("no first message within 10 s")??
+            .context("closed before the first message")?;
+    if let Ok(AgentMsg::Register { name, state_dir }) = serde_json::from_value(first.clone()) {
+        return agent_session(name, state_dir, peer.ip(), read, write, cluster).await;
+    }
+    let reply = match serde_json::from_value::<ClientRequest>(first) {
+        Ok(req) => client_request(req, &cluster, &opts),
+        Err(e) => ClientReply::Error {
+            message: format!("unrecognised first message: {e}"),
+        },
+    };
+    protocol::write_control(&mut write, &reply).await?;
+    Ok(())
+}
+
+async fn agent_session(
+    name: String,
+    state_dir: PathBuf,
+    addr: IpAddr,
+    mut read: OwnedReadHalf,
+    mut write: OwnedWriteHalf,
+    cluster: Cluster,
+) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_whitespace() || c == '/') {
+        let refused = SupervisorMsg::Refused {
+            reason: format!("invalid agent name {name:?}: 1 to 64 characters, no spaces or '/'"),
+        };
+        protocol::write_control(&mut write, &refused).await?;
+        return Ok(());
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<SupervisorMsg>();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if protocol::write_control(&mut write, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let conn = {
+        let mut c = cluster.lock();
+        let welcome = SupervisorMsg::Welcome {
+            heartbeat_ms: c.config.heartbeat_interval.as_millis() as u64,
+            lease_ms: c.config.lease.length.as_millis() as u64,
+            renew_ms: c.config.lease.renew_every.as_millis() as u64,
+        };
+        let _ = tx.send(welcome);
+        c.register(&name, addr, state_dir, tx.clone())
+    };
+    loop {
+        let msg = match protocol::read_control::<_, AgentMsg>(&mut read).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(host = %name, error = %e, "bad message from agent; closing its session");
+                break;
+            }
+        };
+        let mut c = cluster.lock();
+        if !c.current(&name, conn) {
+            // Declared lost (or replaced): this session is over.
+            break;
+        }
+        if let Some(h) = c.hosts.get_mut(&name) {
+            h.last_heard = Instant::now();
+        }
+        let reply = match msg {
+            AgentMsg::Heartbeat | AgentMsg::Register { .. } => None,
+            AgentMsg::Exited {
+                job,
+                worker,
+                attempt,
+                standby,
+                exit,
+                detail,
+            } => {
+                if let Some(j) = c.jobs.get(&job) {
+                    let _ = j.events.send(FleetEvent::Exited(WorkerExited {
+                        worker,
+                        attempt,
+                        standby,
+                        host: name.clone(),
+                        exit: exit.into(),
+                        detail,
+                    }));
+                }
+                None
+            }
+            AgentMsg::LeaseAcquire { vip, seq } => Some(c.lease_acquire(&name, &vip, seq)),
+            AgentMsg::LeaseRenew { vip, id, seq } => Some(c.lease_renew(&name, &vip, id, seq)),
+            AgentMsg::LeaseReleased { vip, id } => {
+                c.lease_released(&name, &vip, id);
+                None
+            }
+        };
+        if let Some(r) = reply {
+            let _ = tx.send(r);
+        }
+    }
+    // The connection closed: the host is gone for its jobs now, not after
+    // the heartbeat timeout. Its VIP lease still runs out on its own clock.
+    let mut c = cluster.lock();
+    if c.current(&name, conn) {
+        c.lose(&name, "connection closed");
+    }
+    Ok(())
+}
+
+fn client_request(req: ClientRequest, cluster: &Cluster, opts: &ServerOptions) -> ClientReply {
+    match req {
+        ClientRequest::Status => ClientReply::Status(Box::new(cluster.lock().report())),
+        ClientRequest::Stop { job } => match cluster.lock().jobs.get(&job) {
+            Some(j) => {
+                let _ = j.stop.send(true);
+                ClientReply::Ok {
+                    message: format!("stopping job {job}"),
+                }
+            }
+            None => ClientReply::Error {
+                message: format!("no job {job}"),
+            },
+        },
+        ClientRequest::Submit {
+            spec,
+            origin,
+            dir,
+            set,
+        } => match submit(spec, origin, dir, set, cluster, opts) {
+            Ok(message) => ClientReply::Ok { message },
+            Err(e) => ClientReply::Error {
+                message: format!("{e:#}"),
+            },
+        },
+    }
+}
+
+fn submit(
+    text: String,
+    origin: String,
+    dir: PathBuf,
+    set: Vec<String>,
+    cluster: &Cluster,
+    opts: &ServerOptions,
+) -> anyhow::Result<String> {
+    let mut spec = JobSpec::parse(&text, &origin, dir)?;
+    spec.set_params(&set)?;
+    spec.validate()?;
+    let binary = spec.resolve_worker()?;
+    let store_url = spec
+        .store
+        .url
+        .clone()
+        .or_else(|| opts.store.clone())
+        .context(
+        "the job has no store: set [store] url in the spec or start the supervisor with --store",
+    )?;
+    let job = spec.job_id();
+    let mut c = cluster.lock();
+    if let Some(j) = c.jobs.get(&job) {
+        let state = j
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state
+            .clone();
+        let done = state == "finished" || state == "stopped" || state.starts_with("failed");
+        if !done {
+            anyhow::bail!("job {job} is already running ({state})");
+        }
+    }
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status = job_status_cell(&job, lazarus_storage::Epoch(0));
+    c.jobs.insert(
+        job.clone(),
+        JobEntry {
+            events: events_tx,
+            status: status.clone(),
+            stop: stop_tx,
+        },
+    );
+    let run = LocalRun {
+        spec,
+        store_url,
+        worker_binary: binary.clone(),
+        state_dir: opts.state_dir.join(job.as_str()),
+        chaos: None,
+        status_every: None,
+        final_checkpoint_on_stop: false,
+    };
+    let fleet = Fleet::cluster(job.clone(), cluster.clone(), binary);
+    let control_ip = opts.listen.ip();
+    let j = job.clone();
+    tokio::spawn(async move {
+        match supervisor::run_job(run, fleet, events_rx, control_ip, status, stop_rx).await {
+            Ok(summary) => {
+                tracing::info!(job = %j, state = ?summary.state, committed = summary.committed, restarts = summary.restarts, "job ended")
+            }
+            Err(e) => tracing::error!(job = %j, error = %format!("{e:#}"), "job failed"),
+        }
+    });
+    Ok(format!("job {job} submitted"))
+}

@@ -1,0 +1,343 @@
+//! The supervisor's view of the cluster: live hosts and their connections,
+//! running jobs (where their events go), and one lease table per VIP. One
+//! mutex guards it; nothing awaits while holding it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lazarus_storage::JobId;
+use tokio::sync::{mpsc, watch};
+
+use crate::cluster::config::ClusterConfig;
+use crate::cluster::wire::{HostStatus, JobStatusCell, StatusReport, SupervisorMsg, VipStatus};
+use crate::fleet::FleetEvent;
+use crate::lease::{LeaseAuthority, LeaseDecision, LeaseId, LeaseTable};
+
+/// One agent.
+#[derive(Debug)]
+pub struct Host {
+    /// Its address as seen from the supervisor.
+    pub addr: IpAddr,
+    /// Its state directory (logs, caches).
+    pub state_dir: PathBuf,
+    /// Its connection, to send on.
+    pub tx: mpsc::UnboundedSender<SupervisorMsg>,
+    /// Which connection is current (a re-registration replaces it).
+    pub conn: u64,
+    /// Last message from it.
+    pub last_heard: Instant,
+    /// False once declared lost; a lost host must register again.
+    pub alive: bool,
+}
+
+/// A running job.
+#[derive(Debug)]
+pub struct JobEntry {
+    /// Where its fleet events go.
+    pub events: mpsc::UnboundedSender<FleetEvent>,
+    /// Its status.
+    pub status: JobStatusCell,
+    /// Asks it to stop.
+    pub stop: watch::Sender<bool>,
+}
+
+/// One VIP.
+#[derive(Debug)]
+struct VipEntry {
+    table: LeaseTable,
+    assigned: Option<String>,
+}
+
+/// Hosts, jobs and leases.
+#[derive(Debug)]
+pub struct ClusterState {
+    /// Settings.
+    pub config: ClusterConfig,
+    /// Agents by name.
+    pub hosts: BTreeMap<String, Host>,
+    /// Jobs by id.
+    pub jobs: BTreeMap<JobId, JobEntry>,
+    vips: BTreeMap<String, VipEntry>,
+    origin: Instant,
+    next_conn: u64,
+}
+
+/// The shared handle.
+#[derive(Debug, Clone)]
+pub struct Cluster(Arc<Mutex<ClusterState>>);
+
+impl Cluster {
+    /// An empty cluster.
+    pub fn new(config: ClusterConfig) -> Cluster {
+        Cluster(Arc::new(Mutex::new(ClusterState {
+            config,
+            hosts: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            vips: BTreeMap::new(),
+            origin: Instant::now(),
+            next_conn: 1,
+        })))
+    }
+
+    /// Locks the state (a poisoned lock is taken over: the state stays
+    /// consistent between statements).
+    pub fn lock(&self) -> MutexGuard<'_, ClusterState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ClusterState {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Registers (or re-registers) host `name`; returns the connection id.
+    pub fn register(
+        &mut self,
+        name: &str,
+        addr: IpAddr,
+        state_dir: PathBuf,
+        tx: mpsc::UnboundedSender<SupervisorMsg>,
+    ) -> u64 {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let replaced = self.hosts.insert(
+            name.to_string(),
+            Host {
+                addr,
+                state_dir,
+                tx,
+                conn,
+                last_heard: Instant::now(),
+                alive: true,
+            },
+        );
+        if replaced.is_some_and(|h| h.alive) {
+            // Its old processes belong to a connection that is gone; their
+            // jobs learn it as a host loss and place them again.
+            tracing::warn!(
+                host = name,
+                "host re-registered; its previous session is lost"
+            );
+            self.notify_lost(name);
+        }
+        tracing::info!(host = name, %addr, "agent registered");
+        conn
+    }
+
+    /// Whether `conn` is `name`'s current, live connection.
+    pub fn current(&self, name: &str, conn: u64) -> bool {
+        self.hosts
+            .get(name)
+            .is_some_and(|h| h.conn == conn && h.alive)
+    }
+
+    /// Sends to a live host; false if it is not live.
+    pub fn send(&self, host: &str, msg: SupervisorMsg) -> bool {
+        match self.hosts.get(host) {
+            Some(h) if h.alive => h.tx.send(msg).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Names of live hosts.
+    pub fn alive(&self) -> BTreeSet<String> {
+        self.hosts
+            .iter()
+            .filter(|(_, h)| h.alive)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Declares `name` lost: its connection is dropped, and every job hears it.
+    pub fn lose(&mut self, name: &str, why: &str) {
+        let Some(h) = self.hosts.get_mut(name) else {
+            return;
+        };
+        if !h.alive {
+            return;
+        }
+        h.alive = false;
+        // Dropping the sender ends the connection's writer: the agent sees
+        // its session end and fences itself.
+        let (dead, _) = mpsc::unbounded_channel();
+        h.tx = dead;
+        tracing::warn!(host = name, why, "host lost");
+        self.notify_lost(name);
+    }
+
+    fn notify_lost(&self, name: &str) {
+        for j in self.jobs.values() {
+            let _ = j.events.send(FleetEvent::HostLost(name.to_string()));
+        }
+    }
+
+    /// Hosts silent for longer than the timeout.
+    pub fn overdue(&self) -> Vec<String> {
+        let timeout = self.config.host_timeout;
+        self.hosts
+            .iter()
+            .filter(|(_, h)| h.alive && h.last_heard.elapsed() > timeout)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Makes `host` the one that should hold `vip`: the current holder (if
+    /// another) is told to release, `host` to acquire the lease.
+    pub fn assign_vip(&mut self, vip: &str, host: &str) {
+        let now = self.now();
+        let lease = self.config.lease;
+        let garp = self.config.garp;
+        let entry = self
+            .vips
+            .entry(vip.to_string())
+            .or_insert_with(|| VipEntry {
+                table: LeaseTable::new(lease),
+                assigned: None,
+            });
+        let previous = entry.assigned.replace(host.to_string());
+        let holder = entry.table.holder(now).map(|(h, _)| h);
+        for old in [previous, holder].into_iter().flatten() {
+            if old != host {
+                self.send(&old, SupervisorMsg::ReleaseVip { vip: vip.into() });
+            }
+        }
+        tracing::info!(vip, host, "VIP assigned");
+        self.send(
+            host,
+            SupervisorMsg::HoldVip {
+                vip: vip.into(),
+                garp,
+            },
+        );
+    }
+
+    /// Nobody should hold `vip` any more (its job ended).
+    pub fn unassign_vip(&mut self, vip: &str) {
+        let now = self.now();
+        let Some(entry) = self.vips.get_mut(vip) else {
+            return;
+        };
+        let previous = entry.assigned.take();
+        let holder = entry.table.holder(now).map(|(h, _)| h);
+        for h in [previous, holder].into_iter().flatten() {
+            self.send(&h, SupervisorMsg::ReleaseVip { vip: vip.into() });
+        }
+    }
+
+    /// A lease request from `host`.
+    pub fn lease_acquire(&mut self, host: &str, vip: &str, seq: u64) -> SupervisorMsg {
+        let now = self.now();
+        let Some(entry) = self.vips.get_mut(vip) else {
+            return SupervisorMsg::LeaseLost { vip: vip.into() };
+        };
+        if entry.assigned.as_deref() != Some(host) {
+            return SupervisorMsg::LeaseLost { vip: vip.into() };
+        }
+        match entry.table.acquire(host, now) {
+            LeaseDecision::Granted { id, length } => {
+                tracing::info!(vip, host, lease = id.0, "VIP lease granted");
+                SupervisorMsg::LeaseGranted {
+                    vip: vip.into(),
+                    id: id.0,
+                    length_ms: length.as_millis() as u64,
+                    seq,
+                }
+            }
+            LeaseDecision::Held { holder, retry_at } => SupervisorMsg::LeaseHeld {
+                vip: vip.into(),
+                holder,
+                retry_ms: retry_at.saturating_sub(now).as_millis() as u64 + 1,
+            },
+            LeaseDecision::Lost => SupervisorMsg::LeaseLost { vip: vip.into() },
+        }
+    }
+
+    /// A renewal from `host`.
+    pub fn lease_renew(&mut self, host: &str, vip: &str, id: u64, seq: u64) -> SupervisorMsg {
+        let now = self.now();
+        let Some(entry) = self.vips.get_mut(vip) else {
+            return SupervisorMsg::LeaseLost { vip: vip.into() };
+        };
+        if entry.assigned.as_deref() != Some(host) {
+            return SupervisorMsg::LeaseLost { vip: vip.into() };
+        }
+        match entry.table.renew(host, LeaseId(id), now) {
+            LeaseDecision::Granted { id, length } => SupervisorMsg::LeaseGranted {
+                vip: vip.into(),
+                id: id.0,
+                length_ms: length.as_millis() as u64,
+                seq,
+            },
+            _ => SupervisorMsg::LeaseLost { vip: vip.into() },
+        }
+    }
+
+    /// `host` dropped `vip`: the lease ends now, and the assigned host (if
+    /// another) is told to ask again at once.
+    pub fn lease_released(&mut self, host: &str, vip: &str, id: u64) {
+        let garp = self.config.garp;
+        let Some(entry) = self.vips.get_mut(vip) else {
+            return;
+        };
+        entry.table.release(host, LeaseId(id));
+        tracing::info!(vip, host, lease = id, "VIP lease released");
+        if let Some(next) = entry.assigned.clone().filter(|a| a != host) {
+            self.send(
+                &next,
+                SupervisorMsg::HoldVip {
+                    vip: vip.into(),
+                    garp,
+                },
+            );
+        }
+    }
+
+    /// The cluster for `lazarus status`.
+    pub fn report(&self) -> StatusReport {
+        let now = self.now();
+        let c = &self.config;
+        StatusReport {
+            heartbeat_ms: c.heartbeat_interval.as_millis() as u64,
+            host_timeout_ms: c.host_timeout.as_millis() as u64,
+            lease_ms: c.lease.length.as_millis() as u64,
+            drift_margin_ms: c.lease.drift_margin.as_millis() as u64,
+            hosts: self
+                .hosts
+                .iter()
+                .map(|(name, h)| HostStatus {
+                    name: name.clone(),
+                    addr: h.addr.to_string(),
+                    alive: h.alive,
+                    last_heartbeat_ms: h.last_heard.elapsed().as_millis() as u64,
+                })
+                .collect(),
+            jobs: self
+                .jobs
+                .values()
+                .map(|j| j.status.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .collect(),
+            vips: self
+                .vips
+                .iter()
+                .map(|(vip, e)| {
+                    let held = e.table.holder(now);
+                    VipStatus {
+                        vip: vip.clone(),
+                        assigned: e.assigned.clone(),
+                        holder: held.as_ref().map(|(h, _)| h.clone()),
+                        lease_id: held
+                            .as_ref()
+                            .and_then(|_| e.table.current_id())
+                            .map(|i| i.0),
+                        lease_expires_in_ms: held
+                            .map(|(_, until)| until.saturating_sub(now).as_millis() as u64),
+                    }
+                })
+                .collect(),
+        }
+    }
+}

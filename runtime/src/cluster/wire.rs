@@ -1,0 +1,384 @@
+//! Messages between the supervisor, its agents and CLI clients. Framed like
+//! the worker control protocol (`lazarus_sdk::protocol::write_control`):
+//! length-prefixed JSON, each message tagged by `type`. The first frame on
+//! a connection says who is speaking: `register` (an agent), `submit` or
+//! `status` (a client).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use lazarus_storage::{CheckpointId, Epoch, JobId, WorkerId};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::ExitKind;
+use crate::placement::Placed;
+use crate::spec::StandbyKind;
+
+/// Agent → supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMsg {
+    /// First frame: who the agent is.
+    Register {
+        /// Host name, unique in the cluster.
+        name: String,
+        /// Where its worker logs and local cache live.
+        state_dir: PathBuf,
+    },
+    /// Liveness, every heartbeat interval.
+    Heartbeat,
+    /// A worker process ended.
+    Exited {
+        /// Its job.
+        job: JobId,
+        /// The worker.
+        worker: WorkerId,
+        /// The attempt it ran for.
+        attempt: u64,
+        /// Whether it was a standby.
+        standby: bool,
+        /// How it ended.
+        exit: WireExit,
+        /// Its log's telling line.
+        detail: Option<String>,
+    },
+    /// Asks for the lease of `vip`; `seq` pairs the answer with this request.
+    LeaseAcquire {
+        /// The VIP (`addr/prefix`).
+        vip: String,
+        /// Request number.
+        seq: u64,
+    },
+    /// Renews lease `id` of `vip`.
+    LeaseRenew {
+        /// The VIP.
+        vip: String,
+        /// The lease.
+        id: u64,
+        /// Request number.
+        seq: u64,
+    },
+    /// The VIP is off the interface: lease `id` may go to someone else now.
+    LeaseReleased {
+        /// The VIP.
+        vip: String,
+        /// The lease.
+        id: u64,
+    },
+}
+
+/// How a worker ended, on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WireExit {
+    /// Exit code 0.
+    Success,
+    /// Non-zero exit code.
+    Code {
+        /// The code.
+        code: i32,
+    },
+    /// Killed by a signal.
+    Signal {
+        /// The signal.
+        signal: i32,
+    },
+    /// Could not be started.
+    SpawnFailed {
+        /// Why.
+        error: String,
+    },
+}
+
+impl From<&ExitKind> for WireExit {
+    fn from(e: &ExitKind) -> Self {
+        match e {
+            ExitKind::Success => WireExit::Success,
+            ExitKind::Code(code) => WireExit::Code { code: *code },
+            ExitKind::Signal(signal) => WireExit::Signal { signal: *signal },
+            ExitKind::SpawnFailed(error) | ExitKind::HostLost(error) => WireExit::SpawnFailed {
+                error: error.clone(),
+            },
+        }
+    }
+}
+
+impl From<WireExit> for ExitKind {
+    fn from(e: WireExit) -> Self {
+        match e {
+            WireExit::Success => ExitKind::Success,
+            WireExit::Code { code } => ExitKind::Code(code),
+            WireExit::Signal { signal } => ExitKind::Signal(signal),
+            WireExit::SpawnFailed { error } => ExitKind::SpawnFailed(error),
+        }
+    }
+}
+
+/// Gratuitous ARP / unsolicited NA settings (keepalived's garp_master_*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GarpSettings {
+    /// Frames per burst (`garp_master_repeat`).
+    pub count: u32,
+    /// Gap between frames of a burst, ms.
+    pub delay_ms: u64,
+    /// Repeat the burst this often while holding, ms; 0 = never
+    /// (`garp_master_refresh`).
+    pub refresh_ms: u64,
+}
+
+/// Supervisor → agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SupervisorMsg {
+    /// Registration accepted; the settings both sides use.
+    Welcome {
+        /// Heartbeat interval, ms.
+        heartbeat_ms: u64,
+        /// Lease length, ms: also how long the agent runs workers without
+        /// hearing from the supervisor before it stops them.
+        lease_ms: u64,
+        /// Lease renewal interval, ms.
+        renew_ms: u64,
+    },
+    /// Registration refused.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Liveness.
+    Heartbeat,
+    /// Start a worker process.
+    Spawn {
+        /// Its job.
+        job: JobId,
+        /// The worker.
+        worker: WorkerId,
+        /// The attempt.
+        attempt: u64,
+        /// Start it as a hot standby.
+        standby: bool,
+        /// The worker binary.
+        binary: PathBuf,
+        /// The job's control address.
+        supervisor: SocketAddr,
+    },
+    /// The worker's standby process becomes its primary for `attempt`.
+    Promote {
+        /// Its job.
+        job: JobId,
+        /// The worker.
+        worker: WorkerId,
+        /// The attempt.
+        attempt: u64,
+    },
+    /// SIGKILL one process.
+    Kill {
+        /// Its job.
+        job: JobId,
+        /// The worker.
+        worker: WorkerId,
+        /// The standby process, not the primary.
+        standby: bool,
+    },
+    /// SIGKILL every primary of a job (`standbys` too if set).
+    KillAll {
+        /// The job.
+        job: JobId,
+        /// Standbys as well.
+        standbys: bool,
+    },
+    /// Hold `vip` on the agent's interface (ask for its lease first).
+    HoldVip {
+        /// The VIP (`addr/prefix`).
+        vip: String,
+        /// Announcement settings.
+        garp: GarpSettings,
+    },
+    /// Remove `vip` and give its lease back.
+    ReleaseVip {
+        /// The VIP.
+        vip: String,
+    },
+    /// Lease answer: granted (or renewed) for `length_ms` from the request.
+    LeaseGranted {
+        /// The VIP.
+        vip: String,
+        /// The lease.
+        id: u64,
+        /// Its length, ms.
+        length_ms: u64,
+        /// The request answered.
+        seq: u64,
+    },
+    /// Lease answer: held by someone else; ask again in `retry_ms`.
+    LeaseHeld {
+        /// The VIP.
+        vip: String,
+        /// The current holder.
+        holder: String,
+        /// When to ask again, ms from now.
+        retry_ms: u64,
+    },
+    /// Lease answer: the lease is gone; drop the VIP now.
+    LeaseLost {
+        /// The VIP.
+        vip: String,
+    },
+    /// Prune the job's local cache to these chunk keys (retention ran).
+    Prune {
+        /// The job.
+        job: JobId,
+        /// Chunk keys retained manifests refer to.
+        referenced: Vec<String>,
+        /// The newest retained checkpoint.
+        newest: CheckpointId,
+    },
+}
+
+/// Client → supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientRequest {
+    /// Run a job.
+    Submit {
+        /// The spec's TOML text.
+        spec: String,
+        /// Where it came from (for messages).
+        origin: String,
+        /// Its directory (relative paths, the worker binary).
+        dir: PathBuf,
+        /// `--set KEY=VALUE` overrides.
+        set: Vec<String>,
+    },
+    /// The cluster's state.
+    Status,
+    /// Stop a job.
+    Stop {
+        /// The job.
+        job: JobId,
+    },
+}
+
+/// Supervisor → client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientReply {
+    /// Accepted.
+    Ok {
+        /// What happened.
+        message: String,
+    },
+    /// Refused.
+    Error {
+        /// Why.
+        message: String,
+    },
+    /// The cluster's state.
+    Status(Box<StatusReport>),
+}
+
+/// `lazarus status --json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Heartbeat interval, ms.
+    pub heartbeat_ms: u64,
+    /// A host is lost after this long without a heartbeat, ms.
+    pub host_timeout_ms: u64,
+    /// Lease length, ms.
+    pub lease_ms: u64,
+    /// Lease drift margin, ms.
+    pub drift_margin_ms: u64,
+    /// Hosts by name.
+    pub hosts: Vec<HostStatus>,
+    /// Jobs.
+    pub jobs: Vec<JobStatus>,
+    /// VIPs and their leases.
+    pub vips: Vec<VipStatus>,
+}
+
+/// One host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// Its name.
+    pub name: String,
+    /// Its address as the supervisor sees it.
+    pub addr: String,
+    /// Alive or lost.
+    pub alive: bool,
+    /// Since the last heartbeat, ms.
+    pub last_heartbeat_ms: u64,
+}
+
+/// One job.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// The job.
+    pub job: String,
+    /// Its state (`starting`, `running`, `recovering`, `finished`,
+    /// `stopped`, `failed: …`).
+    pub state: String,
+    /// The supervisor's current epoch for it.
+    pub epoch: u64,
+    /// The current attempt (0 = first start).
+    pub attempt: u64,
+    /// Restarts after failures.
+    pub restarts: u32,
+    /// Checkpoints committed.
+    pub committed: u64,
+    /// The newest committed checkpoint.
+    pub last_checkpoint: Option<u64>,
+    /// The last failure, if any.
+    pub last_failure: Option<String>,
+    /// Its workers.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// The worker.
+    pub worker: WorkerId,
+    /// Its standby kind.
+    pub standby_kind: StandbyKind,
+    /// Where it runs.
+    #[serde(flatten)]
+    pub placed: Placed,
+    /// Its primary is running (connected, processing).
+    pub running: bool,
+    /// Bytes its last restore downloaded.
+    pub restore_fetched_bytes: u64,
+    /// The newest checkpoint its hot standby holds locally.
+    pub standby_checkpoint: Option<u64>,
+}
+
+/// One VIP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VipStatus {
+    /// The VIP (`addr/prefix`).
+    pub vip: String,
+    /// The host that should hold it.
+    pub assigned: Option<String>,
+    /// The lease holder.
+    pub holder: Option<String>,
+    /// The lease.
+    pub lease_id: Option<u64>,
+    /// Until the lease expires, ms (authority clock).
+    pub lease_expires_in_ms: Option<u64>,
+}
+
+/// Job → the cluster's status view.
+pub type JobStatusCell = std::sync::Arc<std::sync::Mutex<JobStatus>>;
+
+/// A job's status with a fresh state.
+pub fn job_status_cell(job: &JobId, epoch: Epoch) -> JobStatusCell {
+    std::sync::Arc::new(std::sync::Mutex::new(JobStatus {
+        job: job.to_string(),
+        state: "starting".into(),
+        epoch: epoch.0,
+        ..JobStatus::default()
+    }))
+}
+
+/// Workers by id, for status.
+pub type WorkerTable = BTreeMap<WorkerId, WorkerStatus>;

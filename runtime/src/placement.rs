@@ -1,0 +1,181 @@
+//! Placement: which host runs each worker's primary, and where its standby
+//! waits. Pure: the supervisor passes in the live hosts, the previous
+//! placement and what failed, and gets the next placement back.
+//!
+//! Rules, in order:
+//! - a worker whose primary did not fail stays where it is (its local cache
+//!   is warm there);
+//! - a failed worker (or one whose host is gone) moves to its standby host
+//!   if that host is alive (`hot` and `cold`); without a standby it moves to
+//!   the least loaded other live host, and stays only if there is none;
+//! - each worker with a standby gets one on a live host other than its
+//!   primary, kept where it was if possible, else the least loaded host.
+//!   With a single live host there is no standby until another joins.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lazarus_storage::WorkerId;
+
+use crate::spec::StandbyKind;
+
+/// Where one worker runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Placed {
+    /// The host of its primary process.
+    pub primary: String,
+    /// The host of its standby, if it has one.
+    pub standby: Option<String>,
+}
+
+/// No live host to run on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no live host to place {0} on")]
+pub struct NoHost(pub WorkerId);
+
+/// The next placement of `workers` (in plan order) on `alive` hosts.
+pub fn place(
+    workers: &[(WorkerId, StandbyKind)],
+    alive: &BTreeSet<String>,
+    previous: &BTreeMap<WorkerId, Placed>,
+    failed: &BTreeSet<WorkerId>,
+) -> Result<BTreeMap<WorkerId, Placed>, NoHost> {
+    let mut load: BTreeMap<&str, usize> = alive.iter().map(|h| (h.as_str(), 0)).collect();
+    let least_loaded = |load: &BTreeMap<&str, usize>, not: Option<&str>| {
+        load.iter()
+            .filter(|(h, _)| Some(**h) != not)
+            .min_by_key(|(h, n)| (**n, **h))
+            .map(|(h, _)| h.to_string())
+    };
+    let mut next = BTreeMap::new();
+    // Primaries first, so standbys go where primaries are fewest.
+    for (w, kind) in workers {
+        let prev = previous.get(w);
+        let stays = prev.filter(|p| alive.contains(&p.primary) && !failed.contains(w));
+        let primary = match (stays, prev) {
+            (Some(p), _) => p.primary.clone(),
+            (None, Some(p))
+                if *kind != StandbyKind::None
+                    && p.standby.as_ref().is_some_and(|s| alive.contains(s)) =>
+            {
+                p.standby.clone().expect("checked")
+            }
+            (None, Some(p)) => least_loaded(&load, Some(&p.primary))
+                .or_else(|| alive.contains(&p.primary).then(|| p.primary.clone()))
+                .ok_or_else(|| NoHost(w.clone()))?,
+            (None, None) => least_loaded(&load, None).ok_or_else(|| NoHost(w.clone()))?,
+        };
+        *load.get_mut(primary.as_str()).expect("a live host") += 1;
+        next.insert(
+            w.clone(),
+            Placed {
+                primary,
+                standby: None,
+            },
+        );
+    }
+    for (w, kind) in workers {
+        if *kind == StandbyKind::None {
+            continue;
+        }
+        let primary = next[w].primary.clone();
+        let keep = previous
+            .get(w)
+            .and_then(|p| p.standby.clone())
+            .filter(|s| alive.contains(s) && *s != primary);
+        let standby = keep.or_else(|| least_loaded(&load, Some(&primary)));
+        if let Some(s) = &standby {
+            *load.get_mut(s.as_str()).expect("a live host") += 1;
+        }
+        next.get_mut(w).expect("placed above").standby = standby;
+    }
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(s: &str) -> WorkerId {
+        WorkerId::new(s).expect("valid")
+    }
+
+    fn hosts(h: &[&str]) -> BTreeSet<String> {
+        h.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn test_spreads_primaries_and_puts_standby_elsewhere() {
+        let workers = [
+            (w("src-0"), StandbyKind::None),
+            (w("kv-0"), StandbyKind::Hot),
+            (w("sink-0"), StandbyKind::Cold),
+        ];
+        let p = place(
+            &workers,
+            &hosts(&["a", "b", "c"]),
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+        )
+        .expect("placed");
+        let primaries: BTreeSet<_> = p.values().map(|x| x.primary.clone()).collect();
+        assert_eq!(primaries.len(), 3, "{p:?}");
+        for (id, kind) in &workers {
+            let x = &p[id];
+            match kind {
+                StandbyKind::None => assert_eq!(x.standby, None),
+                _ => assert!(x.standby.as_ref().is_some_and(|s| *s != x.primary), "{x:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn test_failed_worker_moves_to_its_standby_and_gets_a_new_one() {
+        let workers = [(w("kv-0"), StandbyKind::Hot)];
+        let alive = hosts(&["a", "b"]);
+        let first = place(&workers, &alive, &BTreeMap::new(), &BTreeSet::new()).expect("placed");
+        let old = first[&w("kv-0")].clone();
+        let second = place(&workers, &alive, &first, &BTreeSet::from([w("kv-0")])).expect("placed");
+        let new = &second[&w("kv-0")];
+        assert_eq!(Some(new.primary.clone()), old.standby);
+        assert_eq!(new.standby, Some(old.primary.clone()));
+        // Not failed: nothing moves.
+        let third = place(&workers, &alive, &second, &BTreeSet::new()).expect("placed");
+        assert_eq!(third, second);
+    }
+
+    #[test]
+    fn test_lost_host_moves_everything_on_it() {
+        let workers = [(w("a-0"), StandbyKind::None), (w("b-0"), StandbyKind::Cold)];
+        let first = place(
+            &workers,
+            &hosts(&["h1", "h2"]),
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+        )
+        .expect("placed");
+        let lost = first[&w("b-0")].primary.clone();
+        let alive: BTreeSet<String> = hosts(&["h1", "h2"])
+            .into_iter()
+            .filter(|h| *h != lost)
+            .collect();
+        let second = place(&workers, &alive, &first, &BTreeSet::new()).expect("placed");
+        for x in second.values() {
+            assert!(alive.contains(&x.primary), "{second:?}");
+            assert_eq!(x.standby, None, "one host left: no standby");
+        }
+    }
+
+    #[test]
+    fn test_no_standby_restarts_on_another_host_or_stays() {
+        let workers = [(w("x-0"), StandbyKind::None)];
+        let two = hosts(&["a", "b"]);
+        let first = place(&workers, &two, &BTreeMap::new(), &BTreeSet::new()).expect("placed");
+        let failed = BTreeSet::from([w("x-0")]);
+        let second = place(&workers, &two, &first, &failed).expect("placed");
+        assert_ne!(second[&w("x-0")].primary, first[&w("x-0")].primary);
+        let only = hosts(&[first[&w("x-0")].primary.as_str()]);
+        let third = place(&workers, &only, &first, &failed).expect("placed");
+        assert_eq!(third[&w("x-0")].primary, first[&w("x-0")].primary);
+        assert!(place(&workers, &BTreeSet::new(), &first, &failed).is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! A Lazarus cluster on the namespace test bed: `lazarus supervisor` in
+//! host `sup` (198.18.0.1), `lazarus agent` in each agent host, clients in
+//! the remaining hosts. Processes and namespaces go away on drop.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::netns::{Proc, Testbed};
+
+/// Where the workspace's binaries are (next to the test executable's
+/// `deps/` directory).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_path_buf();
+    assert!(
+        dir.join("lazarus").exists(),
+        "{} has no lazarus binary: build the workspace first (cargo build --workspace)",
+        dir.display()
+    );
+    dir
+}
+
+/// Heartbeats every 50 ms, a host lost after 400 ms, 100 ms leases.
+pub const FAST: &str = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n[lease]\nlength = \"100ms\"\nrenew_every = \"25ms\"\ndrift_margin = \"50ms\"\n[garp]\ncount = 3\ndelay = \"5ms\"\n";
+
+pub struct LzCluster {
+    // Fields drop in order: agents (they stop their workers), the
+    // supervisor, then the test bed (sweep, namespaces deleted).
+    pub agents: Vec<Proc>,
+    pub sup: Option<Proc>,
+    pub bed: Testbed,
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub agent_names: Vec<String>,
+}
+
+impl LzCluster {
+    /// Starts a supervisor with `config` and one agent per `agents` name;
+    /// `others` are plain hosts (clients). Waits until every agent is alive.
+    pub fn start(tag: &str, agents: &[&str], others: &[&str], config: &str) -> LzCluster {
+        let mut names = vec!["sup"];
+        names.extend_from_slice(agents);
+        names.extend_from_slice(others);
+        let bed = Testbed::new(tag, &names);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bins = bin_dir();
+        let config_path = dir.path().join("supervisor.toml");
+        std::fs::write(&config_path, config).expect("config");
+        let addr = format!("{}:7070", bed.ip("sup"));
+        let store = format!("file://{}", dir.path().join("store").display());
+        let sup = bed.spawn(
+            "sup",
+            &bins.join("lazarus"),
+            &[
+                "supervisor",
+                "--listen",
+                &addr,
+                "--store",
+                &store,
+                "--config",
+                config_path.to_str().expect("utf-8"),
+                "--state-dir",
+                dir.path().join("sup").to_str().expect("utf-8"),
+            ],
+            &[("LAZARUS_LOG", "info")],
+            &dir.path().join("supervisor.log"),
+        );
+        let mut cluster = LzCluster {
+            agents: Vec::new(),
+            sup: Some(sup),
+            bed,
+            dir,
+            addr,
+            agent_names: agents.iter().map(|s| s.to_string()).collect(),
+        };
+        for a in agents {
+            let state = cluster.dir.path().join(format!("agent-{a}"));
+            let log = cluster.dir.path().join(format!("agent-{a}.log"));
+            let p = cluster.bed.spawn(
+                a,
+                &bins.join("lazarus"),
+                &[
+                    "agent",
+                    "--name",
+                    a,
+                    "--supervisor",
+                    &cluster.addr,
+                    "--iface",
+                    "eth0",
+                    "--state-dir",
+                    state.to_str().expect("utf-8"),
+                ],
+                &[("LAZARUS_LOG", "info")],
+                &log,
+            );
+            cluster.agents.push(p);
+        }
+        let n = agents.len();
+        cluster.wait("every agent registered", Duration::from_secs(20), |s| {
+            s["hosts"]
+                .as_array()
+                .is_some_and(|h| h.iter().filter(|h| h["alive"] == true).count() == n)
+        });
+        cluster
+    }
+
+    /// `lazarus status --json`, run in the supervisor's host.
+    pub fn status(&self) -> Result<serde_json::Value, String> {
+        let lazarus = bin_dir().join("lazarus");
+        let out = self.bed.exec(
+            "sup",
+            lazarus.to_str().expect("utf-8"),
+            &["status", "--json", "--supervisor", &self.addr],
+        );
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// Polls the status (bounded by `limit`) until `f` holds; panics with
+    /// the last status and the logs otherwise.
+    pub fn wait(
+        &self,
+        what: &str,
+        limit: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < limit {
+            match self.status() {
+                Ok(s) if f(&s) => return s,
+                Ok(s) => last = Some(s),
+                Err(e) => last = Some(serde_json::Value::String(e)),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "waited {limit:?} for {what}; last status: {}\n{}",
+            serde_json::to_string_pretty(&last).unwrap_or_default(),
+            self.logs()
+        );
+    }
+
+    /// Supervisor and agent logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in self.sup.iter().chain(self.agents.iter()) {
+            let text = p.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("--- {} ({}) ---\n", p.name, p.log.display()));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// `lazarus submit SPEC`.
+    pub fn submit(&self, spec: &Path, set: &[&str]) {
+        let lazarus = bin_dir().join("lazarus");
+        let mut args = vec![
+            "submit",
+            spec.to_str().expect("utf-8"),
+            "--supervisor",
+            &self.addr,
+        ];
+        for s in set {
+            args.push("--set");
+            args.push(s);
+        }
+        let out = self
+            .bed
+            .exec("sup", lazarus.to_str().expect("utf-8"), &args);
+        assert!(
+            out.status.success(),
+            "submit failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The job's first worker entry in a status.
+pub fn worker<'a>(
+    s: &'a serde_json::Value,
+    job: &str,
+    worker: &str,
+) -> Option<&'a serde_json::Value> {
+    s["jobs"].as_array()?.iter().find(|j| j["job"] == job)?["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["worker"] == worker)
+}
+
+/// The job's entry in a status.
+pub fn job<'a>(s: &'a serde_json::Value, job: &str) -> Option<&'a serde_json::Value> {
+    s["jobs"].as_array()?.iter().find(|j| j["job"] == job)
+}
+
+/// The VIP's entry in a status.
+pub fn vip<'a>(s: &'a serde_json::Value, vip: &str) -> Option<&'a serde_json::Value> {
+    s["vips"].as_array()?.iter().find(|v| v["vip"] == vip)
+}
