@@ -1,0 +1,85 @@
+//! Wordcount across three hosts (network namespaces, one agent each), with
+//! the host of a counter worker cut off mid-run: the job rolls back, places
+//! that host's workers on the others, and the committed output is still
+//! exactly once, compared with an independent count.
+//!
+//! Needs root; fails (never skips) without it.
+
+#[path = "../../../runtime/tests/common/mod.rs"]
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{self, LzCluster, FAST};
+
+#[test]
+fn test_wordcount_across_three_hosts_survives_host_loss() {
+    let c = LzCluster::start("wc3", &["a", "b", "c"], &[], FAST);
+    let input = c.dir.path().join("input.txt");
+    let output = c.dir.path().join("output");
+    wordcount::generate(3_000_000, &input, 11).expect("input");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/job.toml"))
+        .expect("job.toml")
+        .replace(
+            "worker = \"wordcount\"",
+            &format!("worker = \"{}\"", env!("CARGO_BIN_EXE_wordcount")),
+        )
+        .replace("interval = \"250ms\"", "interval = \"100ms\"")
+        .replace("backoff = \"50ms\"", "backoff = \"10ms\"")
+        .replace(
+            "key_groups = 32",
+            "key_groups = 32\nheartbeat_interval = \"50ms\"",
+        );
+    let spec = c.dir.path().join("wordcount.toml");
+    std::fs::write(&spec, text).expect("spec");
+    c.submit(
+        &spec,
+        &[
+            &format!("input={}", input.display()),
+            &format!("output={}", output.display()),
+        ],
+    );
+    // Mid-run: running, some checkpoints committed, far from done.
+    let st = c.wait(
+        "wordcount running with 2 checkpoints",
+        Duration::from_secs(60),
+        |s| {
+            cluster::job(s, "wordcount").is_some_and(|j| {
+                j["state"] == "running" && j["committed"].as_u64().is_some_and(|n| n >= 2)
+            })
+        },
+    );
+    let j = cluster::job(&st, "wordcount").expect("job");
+    let hosts: std::collections::BTreeSet<&str> = j["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["primary"].as_str())
+        .collect();
+    assert_eq!(hosts.len(), 3, "workers spread over the three hosts: {j}");
+    let victim = cluster::worker(&st, "wordcount", "counter-0").expect("counter-0")["primary"]
+        .as_str()
+        .expect("host")
+        .to_string();
+    c.bed.link_down(&victim);
+    let done = c.wait("wordcount finished", Duration::from_secs(240), |s| {
+        cluster::job(s, "wordcount").is_some_and(|j| {
+            j["state"] != "running" && j["state"] != "starting" && j["state"] != "recovering"
+        })
+    });
+    let j = cluster::job(&done, "wordcount").expect("job");
+    assert_eq!(j["state"], "finished", "{j}\n{}", c.logs());
+    assert!(j["restarts"].as_u64().is_some_and(|r| r >= 1), "{j}");
+    let failure = j["last_failure"].as_str().unwrap_or("");
+    assert!(
+        failure.contains(&format!("host {victim} lost")),
+        "{failure}"
+    );
+    for w in j["workers"].as_array().expect("workers") {
+        assert_ne!(w["primary"].as_str(), Some(victim.as_str()), "{w}");
+    }
+    let verdict =
+        wordcount::check_cli(&[input.display().to_string(), output.display().to_string()]);
+    assert!(verdict.is_ok(), "{verdict:?}");
+    eprintln!("{} after losing host {victim}", verdict.unwrap_or_default());
+}
