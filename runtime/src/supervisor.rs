@@ -386,9 +386,16 @@ impl Supervisor {
             tracing::info!(attempt, ?restore, epoch = %self.epoch, "starting workers");
             let mut outcome = self.attempt(attempt, restore).await;
             if let Outcome::Failed(why) = &outcome {
-                // One crash makes its peers lose their connections too; give
+                // One crash makes its peers lose their connections too; when
+                // the failure named no worker yet (a lost connection), give
                 // the crashed process's exit a moment to arrive and name it.
-                if let Some(cause) = self.root_cause(attempt).await {
+                let named = !self.failed.is_empty();
+                let cause = if named {
+                    None
+                } else {
+                    self.root_cause(attempt).await
+                };
+                if let Some(cause) = cause {
                     let detail = cause
                         .detail
                         .as_ref()
@@ -715,8 +722,30 @@ impl Supervisor {
         }
     }
 
-    /// Starts or moves hot standby processes to their placed hosts.
+    /// Places missing standbys (a host joined or came back) without moving
+    /// any primary, then starts or moves hot standby processes to their
+    /// hosts.
     fn ensure_standbys(&mut self, attempt: u64) {
+        let kinds: Vec<(WorkerId, StandbyKind)> = self
+            .plan
+            .iter()
+            .map(|w| (w.id.clone(), w.standby))
+            .collect();
+        if let Ok(next) = placement::place(
+            &kinds,
+            &self.fleet.hosts(),
+            &self.placement,
+            &BTreeSet::new(),
+        ) {
+            for (w, p) in next {
+                if let Some(cur) = self.placement.get_mut(&w) {
+                    if cur.primary == p.primary && cur.standby != p.standby {
+                        tracing::info!(worker = %w, standby = ?p.standby, "standby placed");
+                        cur.standby = p.standby;
+                    }
+                }
+            }
+        }
         let plan = self.plan.clone();
         for w in plan.iter().filter(|w| w.standby == StandbyKind::Hot) {
             let want = self.placement.get(&w.id).and_then(|p| p.standby.clone());

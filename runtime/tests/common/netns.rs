@@ -238,6 +238,46 @@ impl Testbed {
         );
     }
 
+    /// Partitions host `name` with its carrier up: its bridge port leaves
+    /// the bridge, so frames stop flowing but no link goes down.
+    pub fn partition(&self, name: &str) {
+        ok(
+            "ip",
+            &[
+                "-n",
+                &self.bridge,
+                "link",
+                "set",
+                &format!("v{name}"),
+                "nomaster",
+            ],
+        );
+    }
+
+    /// Heals [`Testbed::partition`].
+    pub fn heal(&self, name: &str) {
+        ok(
+            "ip",
+            &[
+                "-n",
+                &self.bridge,
+                "link",
+                "set",
+                &format!("v{name}"),
+                "master",
+                "br0",
+            ],
+        );
+    }
+
+    /// Reconnects host `name`'s cable.
+    pub fn link_up(&self, name: &str) {
+        ok(
+            "ip",
+            &["-n", &self.bridge, "link", "set", &format!("v{name}"), "up"],
+        );
+    }
+
     /// The neighbour entry of `addr` in host `client`: (MAC, state).
     pub fn neighbour(&self, client: &str, addr: &str) -> Option<(String, String)> {
         let out = ok(

@@ -1,0 +1,602 @@
+//! Failover benchmark: the client-visible outage of a service on a VIP, with
+//! Lazarus and, as the baseline, keepalived moving the same VIP between the
+//! same namespace hosts, measured by the same client in the same run.
+//!
+//!     cargo bench -p lazarus-benches --bench failover
+//!
+//! A client in its own namespace reads the VIP over HTTP every millisecond
+//! (each probe bounded by 10 ms); the outage of a trial is the longest gap
+//! between two good reads around the fault. Scenarios (`LAZARUS_BENCH_TRIALS`
+//! trials each, default 20):
+//! - Lazarus kv-service, SIGKILL of the primary worker, hot standby;
+//! - the same with a cold standby;
+//! - Lazarus, host loss (the primary host's cable cut), default 1 s lease;
+//! - the same with a 100 ms lease;
+//! - keepalived 2.2 (Debian package), VRRPv3 with advert_int 0.01 s, a
+//!   responder on both hosts: process crash found by track_script (interval
+//!   1 s, the default), and host loss. keepalived moves only the address;
+//!   its responders are stateless. It also reports how long two hosts held
+//!   the VIP after a host loss (Lazarus: never, asserted by the tests).
+//!
+//! Needs root, iproute2 and keepalived (`apt-get install keepalived`); it
+//! builds `lazarus` and `kv-service` for its own profile first.
+
+#[path = "../../runtime/tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::cluster::{self, LzCluster};
+use common::netns::{http, ok, pids_with_env, Proc, Testbed};
+
+const VIP: &str = "198.18.0.100";
+const VIP_KEY: &str = "198.18.0.100/24";
+
+fn percentile(v: &[Duration], p: f64) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return Duration::ZERO;
+    }
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Reads the VIP every millisecond from the client host until dropped.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    probes: Arc<Mutex<Vec<(Instant, bool)>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    fn start(bed: &Testbed, client: &str, addr: SocketAddr) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
+        let (s, p) = (stop.clone(), probes.clone());
+        let handle = bed.in_host(client, move || {
+            let start = Instant::now();
+            // Bounded: at most one hour of probing.
+            while !s.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(3600) {
+                let good = matches!(
+                    http(addr, "GET", "/kv/k0", b"", Duration::from_millis(10)),
+                    Ok((200, ref b)) if b == b"v0"
+                );
+                p.lock().expect("probes").push((Instant::now(), good));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Prober {
+            stop,
+            probes,
+            handle: Some(handle),
+        }
+    }
+
+    /// Waits (bounded) for `n` good reads in a row after `since`.
+    fn wait_good(&self, since: Instant, n: usize, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let p = self.probes.lock().expect("probes");
+            let tail = p
+                .iter()
+                .rev()
+                .take_while(|(t, good)| *t > since && *good)
+                .count();
+            if tail >= n {
+                return true;
+            }
+            drop(p);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// The longest gap between two good reads from `from` on.
+    fn outage(&self, from: Instant) -> Duration {
+        let p = self.probes.lock().expect("probes");
+        let good: Vec<Instant> = p.iter().filter(|(_, g)| *g).map(|(t, _)| *t).collect();
+        good.windows(2)
+            .filter(|w| w[1] > from)
+            .map(|w| w[1].duration_since(w[0]))
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL of the service process.
+    Kill,
+    /// The primary host's link set down (carrier lost).
+    LinkDown,
+    /// The primary host cut off with its carrier up (its bridge port
+    /// leaves the bridge): a partition.
+    Partition,
+}
+
+/// Samples which of hosts a and b hold the VIP for `span`; returns how long
+/// both did (sum of sample intervals with both).
+fn both_holders(bed: &Testbed, span: Duration) -> Duration {
+    let start = Instant::now();
+    let mut both = Duration::ZERO;
+    let mut last = Instant::now();
+    while start.elapsed() < span {
+        let (a, b) = (bed.holds("a", VIP), bed.holds("b", VIP));
+        let now = Instant::now();
+        if a && b {
+            both += now.duration_since(last);
+        }
+        last = now;
+    }
+    both
+}
+
+fn kv_spec(dir: &Path, bins: &Path, standby: &str) -> PathBuf {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/kv-service/job.toml"
+    ))
+    .expect("kv job.toml");
+    let text = text
+        .replace(
+            "worker = \"kv-service\"",
+            &format!("worker = \"{}\"", bins.join("kv-service").display()),
+        )
+        .replace("standby = \"hot\"", &format!("standby = \"{standby}\""));
+    let path = dir.join(format!("kv-{standby}.toml"));
+    std::fs::write(&path, text).expect("spec");
+    path
+}
+
+fn lazarus_trials(
+    tag: &str,
+    standby: &str,
+    fault: Fault,
+    config: &str,
+    trials: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let c = LzCluster::start(tag, &["a", "b"], &["cl"], config);
+    let bins = cluster::bin_dir();
+    c.submit(&kv_spec(c.dir.path(), &bins, standby), &[]);
+    let addr: SocketAddr = format!("{VIP}:8080").parse().expect("addr");
+    let ready = |what: &str| {
+        c.wait(what, Duration::from_secs(60), |s| {
+            let (Some(w), Some(j), Some(v)) = (
+                cluster::worker(s, "kv", "kv-0"),
+                cluster::job(s, "kv"),
+                cluster::vip(s, VIP_KEY),
+            ) else {
+                return false;
+            };
+            let alive = s["hosts"]
+                .as_array()
+                .is_some_and(|h| h.iter().all(|h| h["alive"] == true));
+            j["state"] == "running"
+                && w["running"] == true
+                && v["holder"] == w["primary"]
+                && alive
+                && !w["standby"].is_null()
+                && (standby != "hot" || !w["standby_checkpoint"].is_null())
+        })
+    };
+    ready("kv ready");
+    let seeded = c
+        .bed
+        .in_host("cl", move || {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if let Ok((201 | 204, _)) =
+                    http(addr, "PUT", "/kv/k0", b"v0", Duration::from_secs(1))
+                {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            false
+        })
+        .join()
+        .expect("client");
+    assert!(seeded, "could not write k0\n{}", c.logs());
+    let prober = Prober::start(&c.bed, "cl", addr);
+    let mut outages = Vec::new();
+    let mut two_holders = Vec::new();
+    for trial in 0..trials {
+        let st = ready("kv ready for the next trial");
+        let old = cluster::worker(&st, "kv", "kv-0").expect("kv-0")["primary"]
+            .as_str()
+            .expect("host")
+            .to_string();
+        assert!(
+            prober.wait_good(Instant::now(), 50, Duration::from_secs(10)),
+            "no steady reads before trial {trial}"
+        );
+        let fault_at = Instant::now();
+        match fault {
+            Fault::Kill => {
+                let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(&old));
+                let pids = pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip]);
+                assert_eq!(pids.len(), 1, "one kv-0 process on {old}");
+                ok("kill", &["-KILL", &pids[0].to_string()]);
+            }
+            Fault::LinkDown => c.bed.link_down(&old),
+            Fault::Partition => c.bed.partition(&old),
+        }
+        let both = if fault == Fault::Partition {
+            both_holders(&c.bed, Duration::from_secs(2))
+        } else {
+            Duration::ZERO
+        };
+        assert!(
+            prober.wait_good(fault_at, 50, Duration::from_secs(30)),
+            "{tag}: the service did not come back in trial {trial}\n{}",
+            c.logs()
+        );
+        let outage = prober.outage(fault_at - Duration::from_millis(50));
+        outages.push(outage);
+        two_holders.push(both);
+        eprintln!(
+            "  {tag} trial {trial}: outage {}, two holders {}",
+            ms(outage),
+            ms(both)
+        );
+        match fault {
+            Fault::LinkDown => c.bed.link_up(&old),
+            Fault::Partition => c.bed.heal(&old),
+            Fault::Kill => {}
+        }
+    }
+    (outages, two_holders)
+}
+
+/// `--serve PORT PIDFILE`: the stateless responder keepalived fails over.
+fn serve(port: u16, pidfile: &str) {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind responder");
+    std::fs::write(pidfile, std::process::id().to_string()).expect("pidfile");
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { continue };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 << 10 {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nv0");
+    }
+}
+
+struct Keepalived {
+    // Drop order: processes, then the bed.
+    procs: Vec<Proc>,
+    responders: Vec<Option<Proc>>,
+    bed: Testbed,
+    dir: tempfile::TempDir,
+}
+
+impl Keepalived {
+    fn responder(&self, host: &str) -> Proc {
+        let pidfile = self.dir.path().join(format!("{host}.pid"));
+        let exe = std::env::current_exe().expect("bench executable");
+        self.bed.spawn(
+            host,
+            &exe,
+            &["--serve", "8080", pidfile.to_str().expect("utf-8")],
+            &[],
+            &self.dir.path().join(format!("responder-{host}.log")),
+        )
+    }
+
+    fn holders(&self) -> (bool, bool) {
+        (self.bed.holds("a", VIP), self.bed.holds("b", VIP))
+    }
+}
+
+fn keepalived_trials(fault: Fault, trials: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let tag = match fault {
+        Fault::Kill => "kak",
+        Fault::LinkDown => "kal",
+        Fault::Partition => "kap",
+    };
+    let bed = Testbed::new(tag, &["a", "b", "cl"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut k = Keepalived {
+        procs: Vec::new(),
+        responders: vec![None, None],
+        bed,
+        dir,
+    };
+    for (i, host) in ["a", "b"].iter().enumerate() {
+        k.responders[i] = Some(k.responder(host));
+        let pidfile = k.dir.path().join(format!("{host}.pid"));
+        let conf = format!(
+            r#"global_defs {{
+    router_id ka_{host}
+    vrrp_version 3
+    enable_script_security
+    script_user root
+    vrrp_garp_master_repeat 3
+}}
+vrrp_script chk_service {{
+    script "/bin/sh -c 'kill -0 $(cat {pid})'"
+    interval 1
+    fall 1
+    rise 1
+}}
+vrrp_instance VI_1 {{
+    state BACKUP
+    nopreempt
+    interface eth0
+    virtual_router_id 51
+    priority {prio}
+    advert_int 0.01
+    virtual_ipaddress {{
+        {VIP_KEY} dev eth0
+    }}
+    track_script {{
+        chk_service
+    }}
+}}
+"#,
+            pid = pidfile.display(),
+            prio = if i == 0 { 150 } else { 100 },
+        );
+        let path = k.dir.path().join(format!("keepalived-{host}.conf"));
+        std::fs::write(&path, conf).expect("conf");
+        let d = k.dir.path();
+        let args = [
+            "--dont-fork",
+            "--log-console",
+            "--vrrp",
+            "-f",
+            path.to_str().expect("utf-8"),
+            "-p",
+            &format!("{}/{host}-main.pid", d.display()),
+            "-r",
+            &format!("{}/{host}-vrrp.pid", d.display()),
+            "-c",
+            &format!("{}/{host}-checkers.pid", d.display()),
+        ];
+        let p = k.bed.spawn(
+            host,
+            Path::new("/usr/sbin/keepalived"),
+            &args,
+            &[],
+            &d.join(format!("keepalived-{host}.log")),
+        );
+        k.procs.push(p);
+    }
+    let single = |k: &Keepalived, limit: Duration| {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let (a, b) = k.holders();
+            if a != b {
+                return Some(if a { "a" } else { "b" });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    };
+    single(&k, Duration::from_secs(20)).expect("keepalived elected a master");
+    let addr: SocketAddr = format!("{VIP}:8080").parse().expect("addr");
+    let prober = Prober::start(&k.bed, "cl", addr);
+    let mut outages = Vec::new();
+    let mut two_holders = Vec::new();
+    for trial in 0..trials {
+        // A stable single master, serving.
+        let master = single(&k, Duration::from_secs(20))
+            .expect("one master")
+            .to_string();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            prober.wait_good(Instant::now(), 50, Duration::from_secs(10)),
+            "keepalived: no steady reads before trial {trial}"
+        );
+        let idx = if master == "a" { 0 } else { 1 };
+        let fault_at = Instant::now();
+        match fault {
+            Fault::Kill => {
+                if let Some(mut r) = k.responders[idx].take() {
+                    let _ = r.child.kill();
+                    let _ = r.child.wait();
+                }
+            }
+            Fault::LinkDown => k.bed.link_down(&master),
+            Fault::Partition => k.bed.partition(&master),
+        }
+        let both = if fault == Fault::Partition {
+            both_holders(&k.bed, Duration::from_secs(2))
+        } else {
+            Duration::ZERO
+        };
+        assert!(
+            prober.wait_good(fault_at, 50, Duration::from_secs(30)),
+            "keepalived: no failover in trial {trial}"
+        );
+        let outage = prober.outage(fault_at - Duration::from_millis(50));
+        outages.push(outage);
+        two_holders.push(both);
+        match fault {
+            Fault::LinkDown => k.bed.link_up(&master),
+            Fault::Partition => k.bed.heal(&master),
+            Fault::Kill => {
+                k.responders[idx] = Some(k.responder(&master));
+                // Let its track script see the service again.
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+        }
+        eprintln!(
+            "  keepalived {tag} trial {trial}: outage {}, two holders {}",
+            ms(outage),
+            ms(both)
+        );
+    }
+    drop(prober);
+    (outages, two_holders)
+}
+
+fn build_binaries() {
+    let exe = std::env::current_exe().expect("bench executable");
+    let release = exe.components().any(|c| c.as_os_str() == "release");
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let mut args = vec!["build", "-q", "-p", "lazarus", "-p", "kv-service"];
+    if release {
+        args.push("--release");
+    }
+    let status = std::process::Command::new(cargo)
+        .args(&args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building lazarus and kv-service failed");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--serve") {
+        let port = args
+            .get(i + 1)
+            .and_then(|p| p.parse().ok())
+            .expect("--serve PORT PIDFILE");
+        serve(port, args.get(i + 2).expect("--serve PORT PIDFILE"));
+        return;
+    }
+    let trials: usize = std::env::var("LAZARUS_BENCH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    build_binaries();
+    assert!(
+        Path::new("/usr/sbin/keepalived").exists(),
+        "the baseline needs keepalived: apt-get install keepalived"
+    );
+    let default = "heartbeat_interval = \"100ms\"\nhost_timeout = \"500ms\"\n";
+    let fast = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n[lease]\nlength = \"100ms\"\nrenew_every = \"25ms\"\ndrift_margin = \"50ms\"\n";
+    let fastest = "heartbeat_interval = \"10ms\"\nhost_timeout = \"40ms\"\n[lease]\nlength = \"40ms\"\nrenew_every = \"10ms\"\ndrift_margin = \"10ms\"\n";
+    println!("failover: client-visible outage, {trials} trials each (probe every 1 ms, 10 ms probe timeout)");
+    let scenarios: Vec<(&str, &str, &str, Fault, &str, &str)> = vec![
+        (
+            "lazarus SIGKILL, hot standby",
+            "fbh",
+            "hot",
+            Fault::Kill,
+            default,
+            "exit seen at once; no lease wait (release confirmed)",
+        ),
+        (
+            "lazarus SIGKILL, cold standby",
+            "fbc",
+            "cold",
+            Fault::Kill,
+            default,
+            "exit seen at once; no lease wait; restore from storage",
+        ),
+        (
+            "lazarus host loss, 1 s lease",
+            "fbl",
+            "hot",
+            Fault::LinkDown,
+            default,
+            "heartbeat 100 ms, host timeout 500 ms; lease 1 s + 200 ms margin",
+        ),
+        (
+            "lazarus host loss, 100 ms lease",
+            "fbf",
+            "hot",
+            Fault::LinkDown,
+            fast,
+            "heartbeat 50 ms, host timeout 400 ms; lease 100 ms + 50 ms margin",
+        ),
+        (
+            "lazarus host loss, 40 ms lease",
+            "fbx",
+            "hot",
+            Fault::LinkDown,
+            fastest,
+            "heartbeat 10 ms, host timeout 40 ms; lease 40 ms + 10 ms margin",
+        ),
+        (
+            "lazarus partition, 40 ms lease",
+            "fbp",
+            "hot",
+            Fault::Partition,
+            fastest,
+            "as above; carrier stays up",
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, tag, standby, fault, config, bound) in scenarios {
+        let (v, both) = lazarus_trials(tag, standby, fault, config, trials);
+        rows.push((name.to_string(), v, both, bound.to_string()));
+    }
+    for (name, fault, bound) in [
+        (
+            "keepalived process crash",
+            Fault::Kill,
+            "track_script interval 1 s (default), advert 0.01 s",
+        ),
+        (
+            "keepalived host loss",
+            Fault::LinkDown,
+            "advert 0.01 s (master down after ≈ 3 adverts)",
+        ),
+        (
+            "keepalived partition",
+            Fault::Partition,
+            "advert 0.01 s; carrier stays up",
+        ),
+    ] {
+        let (v, both) = keepalived_trials(fault, trials);
+        rows.push((name.to_string(), v, both, bound.to_string()));
+    }
+    println!("\n| scenario | p50 | p99 | max | two VIP holders (max) | bounds |\n| --- | --- | --- | --- | --- | --- |");
+    for (name, v, both, bound) in &rows {
+        println!(
+            "| {name} | {} | {} | {} | {} | {bound} |",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99)),
+            ms(percentile(v, 1.0)),
+            ms(percentile(both, 1.0))
+        );
+    }
+    let p50 = |i: usize| percentile(&rows[i].1, 0.5);
+    let ratio = |a: usize, b: usize| p50(a).as_secs_f64() / p50(b).as_secs_f64().max(1e-9);
+    println!("\nratio of p50 outages (keepalived / lazarus):");
+    println!(
+        "  process crash: keepalived {} / lazarus hot standby {} = {:.1}x",
+        ms(p50(6)),
+        ms(p50(0)),
+        ratio(6, 0)
+    );
+    println!(
+        "  host loss:     keepalived {} / lazarus 40 ms lease {} = {:.2}x",
+        ms(p50(7)),
+        ms(p50(4)),
+        ratio(7, 4)
+    );
+    println!(
+        "  partition:     keepalived {} / lazarus 40 ms lease {} = {:.2}x",
+        ms(p50(8)),
+        ms(p50(5)),
+        ratio(8, 5)
+    );
+}
