@@ -9,6 +9,8 @@
 #   loopback, with a bucket, unless LAZARUS_TEST_S3_ENDPOINT is already set
 #   (then the suite uses that server: MinIO, AWS, ...; set AWS_ACCESS_KEY_ID,
 #   AWS_SECRET_ACCESS_KEY, AWS_REGION and LAZARUS_TEST_S3_BUCKET too);
+# - iproute2 and keepalived (Debian packages) for the namespace tests and the
+#   failover benchmark's baseline;
 # - cargo-nextest is used when installed, `cargo test` otherwise.
 # Then it runs fmt, clippy, every test of the workspace and the doc tests.
 set -euo pipefail
@@ -80,8 +82,10 @@ print(f"S3 server (moto) up at {endpoint}, bucket {bucket}")
 PY
 }
 
-# The VIP tests run hosts as network namespaces: iproute2 and bash, as root.
+# The VIP and failover tests run hosts as network namespaces: iproute2 and
+# bash, as root. The failover benchmark's baseline is keepalived.
 command -v ip >/dev/null || apt_install iproute2
+[ -x /usr/sbin/keepalived ] || apt_install keepalived
 
 if [ -n "${LAZARUS_TEST_S3_ENDPOINT:-}" ]; then
     log "using the S3-compatible server at $LAZARUS_TEST_S3_ENDPOINT (bucket ${LAZARUS_TEST_S3_BUCKET:-lazarus-test})"
@@ -107,6 +111,7 @@ log "benchmark smoke runs (small sizes; real figures: cargo bench -p lazarus-ben
 LAZARUS_BENCH_SIZE=64MiB LAZARUS_BENCH_ROUNDS=1 cargo test -p lazarus-benches --bench storage --quiet
 LAZARUS_BENCH_WORDS=200000 LAZARUS_BENCH_STATE_SIZES=4MiB LAZARUS_BENCH_STATE_MS=3000 \
     cargo test -p lazarus-benches --bench streaming --quiet
+LAZARUS_BENCH_TRIALS=1 cargo test -p lazarus-benches --bench failover --quiet
 log "doc tests"
 cargo test --workspace --doc --quiet
 

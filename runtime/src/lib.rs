@@ -10,8 +10,11 @@
 //! | `spec` | the TOML job spec, its validation and the worker plan |
 //! | `coordinator` | the checkpoint coordinator: pure decisions, unit-tested without I/O |
 //! | `lease` | VIP leases: the authority interface, the in-supervisor table, the holder's self-fencing (pure) |
-//! | `agent` | starts worker processes, reports their exits at once, kills them |
-//! | `supervisor` | runs a job: handshake, checkpoints, commits, restarts (job lifecycle) |
+//! | `agent` | starts worker processes (primary and standby slots), reports their exits at once, kills them |
+//! | `supervisor` | runs a job: placement, handshake, checkpoints, commits, standbys, restarts (job lifecycle) |
+//! | `fleet` | where a job's processes run: the local agent or the cluster's agents |
+//! | `placement` | which host runs each primary and standby (pure) |
+//! | `cluster` | several hosts: `lazarus supervisor`, `agent`, `submit`, `status`; leases and host loss |
 //! | `vip` | the service VIP on this host: netlink add/remove, gratuitous ARP and unsolicited NA bursts |
 //! | `units` | byte sizes (`64MiB`) and times for people |
 //!

@@ -796,6 +796,56 @@ mod tests {
     }
 
     #[test]
+    fn test_standby_and_vips_are_checked() {
+        let with = |extra: &str| {
+            let text = GOOD.replacen(
+                "kind = \"tokenizer\"",
+                &format!("kind = \"tokenizer\"\n        {extra}"),
+                1,
+            );
+            parse(&text).map_err(|e| e.to_string())
+        };
+        let ok = GOOD.replacen("parallelism = 2", "parallelism = 1", 1);
+        let one = |extra: &str| {
+            let text = ok.replacen(
+                "kind = \"tokenizer\"",
+                &format!("kind = \"tokenizer\"\n        {extra}"),
+                1,
+            );
+            parse(&text).map_err(|e| e.to_string())
+        };
+        let e = with("standby = \"warm\"").expect_err("unknown standby");
+        assert!(e.contains("unknown variant `warm`"), "{e}");
+        let e = one("vip6 = \"198.18.0.100/24\"").expect_err("v4 as vip6");
+        assert!(
+            e.contains(".vip6") && e.contains("not an IPv6 address"),
+            "{e}"
+        );
+        let e = one("vip = \"198.18.0.300/24\"").expect_err("bad address");
+        assert!(e.contains(".vip: invalid VIP"), "{e}");
+        let e = one("port = 0").expect_err("port 0");
+        assert!(e.contains(".port: must be 1..=65535"), "{e}");
+        let spec = one("standby = \"hot\"\n        vip = \"198.18.0.100/24\"\n        vip6 = \"2001:2::100/64\"\n        port = 8080")
+            .expect("valid");
+        let w = spec
+            .plan()
+            .into_iter()
+            .find(|w| w.vips.len() == 2)
+            .expect("the VIP operator");
+        assert_eq!(w.standby, StandbyKind::Hot);
+        let p = w.own_params();
+        assert_eq!(p.get("lazarus.port").map(String::as_str), Some("8080"));
+        assert_eq!(
+            p.get("lazarus.vip").map(String::as_str),
+            Some("198.18.0.100")
+        );
+        assert_eq!(
+            p.get("lazarus.vip6").map(String::as_str),
+            Some("2001:2::100")
+        );
+    }
+
+    #[test]
     fn test_set_overrides_params() {
         let mut spec = parse(GOOD).expect("valid");
         spec.set_params(&["input=/tmp/x".into(), "new=1".into()])

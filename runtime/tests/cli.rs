@@ -396,3 +396,134 @@ fn test_run_rejects_bad_specs_and_arguments_clearly() {
         "{t}"
     );
 }
+
+#[test]
+fn test_cluster_commands_name_bad_input() {
+    // No supervisor at that address: a clear error, not a hang.
+    let out = lazarus(&["status", "--supervisor", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("connecting to the supervisor at 127.0.0.1:1"),
+        "{}",
+        text(&out)
+    );
+    // A bad address.
+    let out = lazarus(&["status", "--supervisor", "nowhere"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--supervisor"), "{}", text(&out));
+    // A config with a misspelt field.
+    let dir = tempfile::tempdir().expect("dir");
+    let cfg = dir.path().join("sup.toml");
+    std::fs::write(
+        &cfg,
+        "heartbeat_interval = \"50ms\"\nhost_timout = \"1s\"\n",
+    )
+    .expect("cfg");
+    let out = lazarus(&[
+        "supervisor",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        cfg.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("unknown field `host_timout`"),
+        "{}",
+        text(&out)
+    );
+    // An interface that does not exist.
+    let out = lazarus(&[
+        "agent",
+        "--name",
+        "a",
+        "--supervisor",
+        "127.0.0.1:1",
+        "--iface",
+        "no-such-if0",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--iface no-such-if0"), "{}", text(&out));
+}
+
+#[test]
+fn test_supervisor_refuses_bad_submissions_and_garbage() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("dir");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut sup = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .args([
+            "supervisor",
+            "--listen",
+            &addr,
+            "--state-dir",
+            dir.path().join("sup").to_str().expect("utf-8"),
+        ])
+        .spawn()
+        .expect("supervisor");
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "supervisor did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A spec with an error: the supervisor names it; no store: says so.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[job]\nname = \"j\"\nworker = \"w\"\n[[operator]]\nname = \"x\"\nkind = \"k\"\nparallelism = 0\n").expect("spec");
+    let out = lazarus(&[
+        "submit",
+        bad.to_str().expect("utf-8"),
+        "--supervisor",
+        &addr,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("operator[0].parallelism"),
+        "{}",
+        text(&out)
+    );
+    let vip = dir.path().join("vip.toml");
+    std::fs::write(&vip, "[job]\nname = \"j\"\nworker = \"w\"\n[[operator]]\nname = \"x\"\nkind = \"k\"\nparallelism = 2\nvip = \"198.18.0.100/24\"\n").expect("spec");
+    let out = lazarus(&[
+        "submit",
+        vip.to_str().expect("utf-8"),
+        "--supervisor",
+        &addr,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("operator[0].vip: a VIP is served by one primary"),
+        "{}",
+        text(&out)
+    );
+    // Garbage on the wire: an error frame back, and the supervisor lives on.
+    let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+    let body = br#"{"type":"launch_missiles"}"#;
+    s.write_all(&(body.len() as u32).to_le_bytes())
+        .expect("write");
+    s.write_all(body).expect("write");
+    let mut reply = Vec::new();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.read_to_end(&mut reply);
+    assert!(
+        String::from_utf8_lossy(&reply).contains("unrecognised first message"),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
+    let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+    s.write_all(&u32::MAX.to_le_bytes()).expect("write");
+    drop(s);
+    let out = lazarus(&["status", "--supervisor", &addr, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(status["hosts"].as_array().map(Vec::len), Some(0));
+    let _ = sup.kill();
+    let _ = sup.wait();
+}

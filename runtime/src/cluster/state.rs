@@ -341,3 +341,93 @@ impl ClusterState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::wire::SupervisorMsg as M;
+
+    fn host(c: &mut ClusterState, name: &str) -> mpsc::UnboundedReceiver<M> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        c.register(
+            name,
+            "198.18.0.9".parse().expect("ip"),
+            PathBuf::from("/x"),
+            tx,
+        );
+        rx
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<M>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.push(format!("{m:?}"));
+        }
+        out
+    }
+
+    #[test]
+    fn test_vip_moves_only_after_a_confirmed_release() {
+        let cluster = Cluster::new(ClusterConfig::default());
+        let mut c = cluster.lock();
+        let (mut a, mut b) = (host(&mut c, "a"), host(&mut c, "b"));
+        let v = "198.18.0.100/24";
+        c.assign_vip(v, "a");
+        assert!(drain(&mut a).iter().any(|m| m.starts_with("HoldVip")));
+        let M::LeaseGranted { id: first, .. } = c.lease_acquire("a", v, 1) else {
+            panic!("a gets the lease");
+        };
+        // Someone not assigned cannot take it.
+        assert!(matches!(c.lease_acquire("b", v, 2), M::LeaseLost { .. }));
+        c.assign_vip(v, "b");
+        assert!(drain(&mut a).iter().any(|m| m.starts_with("ReleaseVip")));
+        assert!(drain(&mut b).iter().any(|m| m.starts_with("HoldVip")));
+        // a has not confirmed: b must wait for expiry plus margin.
+        assert!(
+            matches!(c.lease_acquire("b", v, 3), M::LeaseHeld { ref holder, .. } if holder == "a")
+        );
+        // a's renewal is refused now that the VIP is b's.
+        assert!(matches!(
+            c.lease_renew("a", v, first, 4),
+            M::LeaseLost { .. }
+        ));
+        // a confirms; b is told to ask again and gets it at once.
+        c.lease_released("a", v, first);
+        assert!(drain(&mut b).iter().any(|m| m.starts_with("HoldVip")));
+        assert!(matches!(c.lease_acquire("b", v, 5), M::LeaseGranted { id, .. } if id != first));
+        let r = c.report();
+        assert_eq!(r.vips[0].holder.as_deref(), Some("b"));
+        assert!(r.vips[0].lease_expires_in_ms.is_some_and(|ms| ms <= 1000));
+    }
+
+    #[test]
+    fn test_lost_host_is_reported_to_jobs_and_stops_receiving() {
+        let cluster = Cluster::new(ClusterConfig::default());
+        let mut c = cluster.lock();
+        let mut a = host(&mut c, "a");
+        let (events, mut rx) = mpsc::unbounded_channel();
+        let (stop, _) = watch::channel(false);
+        let job = JobId::new("j").expect("job");
+        c.jobs.insert(
+            job.clone(),
+            JobEntry {
+                events,
+                status: crate::cluster::wire::job_status_cell(&job, lazarus_storage::Epoch(1)),
+                stop,
+            },
+        );
+        assert!(c.send("a", M::Heartbeat));
+        c.lose("a", "test");
+        assert_eq!(rx.try_recv().ok(), Some(FleetEvent::HostLost("a".into())));
+        assert!(!c.send("a", M::Heartbeat), "a lost host gets nothing");
+        assert!(c.alive().is_empty());
+        assert_eq!(
+            drain(&mut a).len(),
+            1,
+            "only the heartbeat sent before the loss"
+        );
+        // It comes back: a fresh, live registration.
+        let _a2 = host(&mut c, "a");
+        assert_eq!(c.alive().len(), 1);
+    }
+}
