@@ -85,7 +85,7 @@ pub enum LeaseDecision {
 }
 
 /// Grants, renews and takes back the VIP lease.
-pub trait LeaseAuthority {
+pub trait LeaseAuthority: std::fmt::Debug + Send {
     /// `holder` asks for the lease at `now`.
     fn acquire(&mut self, holder: &str, now: Duration) -> LeaseDecision;
     /// `holder` renews lease `id` at `now`.
@@ -94,6 +94,8 @@ pub trait LeaseAuthority {
     fn release(&mut self, holder: &str, id: LeaseId);
     /// Who holds the lease at `now`, and until when (authority clock).
     fn holder(&self, now: Duration) -> Option<(String, Duration)>;
+    /// The id of the current lease, expired or not (for status).
+    fn lease_id(&self) -> Option<LeaseId>;
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +186,10 @@ impl LeaseAuthority for LeaseTable {
         {
             self.current = None;
         }
+    }
+
+    fn lease_id(&self) -> Option<LeaseId> {
+        self.current_id()
     }
 
     fn holder(&self, now: Duration) -> Option<(String, Duration)> {

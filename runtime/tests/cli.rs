@@ -432,6 +432,26 @@ fn test_cluster_commands_name_bad_input() {
         "{}",
         text(&out)
     );
+    // An agent config with a bad field.
+    let acfg = dir.path().join("agent.toml");
+    std::fs::write(&acfg, "bind_ip = \"not-an-ip\"\n").expect("cfg");
+    let out = lazarus(&[
+        "agent",
+        "--name",
+        "a",
+        "--supervisor",
+        "127.0.0.1:1",
+        "--iface",
+        "lo",
+        "--config",
+        acfg.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("agent config") && text(&out).contains("invalid IP"),
+        "{}",
+        text(&out)
+    );
     // An interface that does not exist.
     let out = lazarus(&[
         "agent",

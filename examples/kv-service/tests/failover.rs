@@ -33,6 +33,8 @@ enum Fault {
 }
 
 struct Scenario {
+    /// Stop the job at the end and check that everything is released.
+    stop: bool,
     tag: &'static str,
     standby: &'static str,
     v6: bool,
@@ -160,6 +162,21 @@ fn run(s: Scenario) {
         "writes before the fault: {before:?}\n{}",
         c.logs()
     );
+    // An acknowledged delete survives too.
+    let deleted = c
+        .bed
+        .in_host("cl", move || {
+            http(addr, "DELETE", "/kv/k29", b"", Duration::from_secs(5))
+                .map(|(s, _)| s)
+                .ok()
+        })
+        .join()
+        .expect("client");
+    assert_eq!(deleted, Some(204), "DELETE k29");
+    let before: Vec<_> = before.into_iter().filter(|(k, _, _)| k != "k29").collect();
+    let epoch_before = cluster::job(&ready, "kv").expect("job")["epoch"]
+        .as_u64()
+        .expect("epoch");
 
     // A prober reads through the VIP every millisecond (bounded: 30 s).
     let stop = Arc::new(AtomicBool::new(false));
@@ -289,6 +306,28 @@ fn run(s: Scenario) {
             "acknowledged write {k}={v} after failover"
         );
     }
+    let gone = c
+        .bed
+        .in_host("cl", move || {
+            http(addr, "GET", "/kv/k29", b"", Duration::from_secs(2))
+                .map(|(s, _)| s)
+                .ok()
+        })
+        .join()
+        .expect("client");
+    assert_eq!(
+        gone,
+        Some(404),
+        "the acknowledged delete of k29 survived the failover"
+    );
+    // The recovery took a new epoch: the demoted attempt's commits are fenced.
+    let epoch_after = cluster::job(&after, "kv").expect("job")["epoch"]
+        .as_u64()
+        .expect("epoch");
+    assert!(
+        epoch_after > epoch_before,
+        "epoch {epoch_before} -> {epoch_after}"
+    );
     // The service answered again after the fault; the outage is the
     // longest gap between two good reads around it.
     let probes = probes.lock().expect("probes").clone();
@@ -372,11 +411,52 @@ fn run(s: Scenario) {
             h.len()
         );
     }
+    // LAZARUS_TEST_LOGS=1 prints the supervisor's and agents' logs.
+    if std::env::var("LAZARUS_TEST_LOGS").is_ok() {
+        eprintln!("{}", c.logs());
+    }
+    if s.stop {
+        let lazarus = cluster::bin_dir().join("lazarus");
+        let out = c.bed.exec(
+            "sup",
+            lazarus.to_str().expect("utf-8"),
+            &["stop", "kv", "--supervisor", &c.addr],
+        );
+        assert!(
+            out.status.success(),
+            "stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.wait("kv stopped, VIP released", Duration::from_secs(20), |st| {
+            cluster::job(st, "kv").is_some_and(|j| j["state"] == "stopped")
+                && cluster::vip(st, vip_key)
+                    .is_some_and(|v| v["holder"].is_null() && v["assigned"].is_null())
+        });
+        let start = Instant::now();
+        while (c.bed.holds("a", vip_ip) || c.bed.holds("b", vip_ip))
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !c.bed.holds("a", vip_ip) && !c.bed.holds("b", vip_ip),
+            "a stopped job leaves no VIP"
+        );
+        let kv = |tag: &str| pids_with_env(tag, &["LAZARUS_WORKER=kv-0"]);
+        while !kv(&c.bed.tag).is_empty() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            kv(&c.bed.tag).is_empty(),
+            "a stopped job leaves no worker process"
+        );
+    }
 }
 
 #[test]
 fn test_hot_standby_takes_over_after_sigkill_ipv4() {
     run(Scenario {
+        stop: true,
         tag: "kvhot",
         standby: "hot",
         v6: false,
@@ -391,6 +471,7 @@ fn test_host_loss_moves_vip_after_lease_expiry() {
     // The default 1 s lease: the isolated host drops the VIP by then, the
     // new holder gets it only after lease + drift margin.
     run(Scenario {
+        stop: false,
         tag: "kvloss",
         standby: "hot",
         v6: false,
@@ -403,6 +484,7 @@ fn test_host_loss_moves_vip_after_lease_expiry() {
 #[test]
 fn test_host_loss_with_100ms_lease() {
     run(Scenario {
+        stop: false,
         tag: "kvloss1",
         standby: "hot",
         v6: false,
@@ -415,6 +497,7 @@ fn test_host_loss_with_100ms_lease() {
 #[test]
 fn test_cold_standby_restores_from_storage() {
     run(Scenario {
+        stop: false,
         tag: "kvcold",
         standby: "cold",
         v6: false,
@@ -427,6 +510,7 @@ fn test_cold_standby_restores_from_storage() {
 #[test]
 fn test_no_standby_restarts_on_the_other_host() {
     run(Scenario {
+        stop: false,
         tag: "kvnone",
         standby: "none",
         v6: false,
@@ -439,6 +523,7 @@ fn test_no_standby_restarts_on_the_other_host() {
 #[test]
 fn test_ipv6_vip_moves_with_unsolicited_na() {
     run(Scenario {
+        stop: false,
         tag: "kvv6",
         standby: "hot",
         v6: true,

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 use tokio::sync::watch;
 
-use crate::cluster::agent::{run_agent, AgentOptions};
+use crate::cluster::agent::{run_agent, AgentConfig, AgentOptions};
 use crate::cluster::client;
 use crate::cluster::config::ClusterConfig;
 use crate::cluster::server::{serve, ServerOptions};
@@ -48,6 +48,9 @@ pub struct AgentArgs {
     /// Worker logs and local caches (default .lazarus/agent-<name>).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Agent settings (TOML: state_dir, bind_ip); flags win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// Arguments of `lazarus submit`.
@@ -138,9 +141,14 @@ pub async fn supervisor(args: &SupervisorArgs) -> anyhow::Result<ExitCode> {
 
 /// `lazarus agent`.
 pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
+    let config = match &args.config {
+        Some(p) => AgentConfig::from_file(p).map_err(|e| anyhow::anyhow!("agent config {e}"))?,
+        None => AgentConfig::default(),
+    };
     let state_dir = args
         .state_dir
         .clone()
+        .or(config.state_dir)
         .unwrap_or_else(|| PathBuf::from(format!(".lazarus/agent-{}", args.name)));
     if !crate::vip::interface_exists(&args.iface) {
         anyhow::bail!("--iface {}: no such interface on this host", args.iface);
@@ -151,6 +159,7 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
             supervisor: args.supervisor,
             iface: args.iface.clone(),
             state_dir,
+            bind_ip: config.bind_ip,
         },
         stop_on_signals(),
     )

@@ -36,6 +36,33 @@ pub struct AgentOptions {
     pub iface: String,
     /// Worker logs and local caches.
     pub state_dir: PathBuf,
+    /// Address workers listen on for data channels (default: this host's
+    /// address toward the supervisor).
+    pub bind_ip: Option<IpAddr>,
+}
+
+/// `lazarus agent --config FILE`: every field optional, unknown fields are
+/// errors naming the field; command-line flags win.
+///
+/// ```toml
+/// state_dir = "/var/lib/lazarus"   # worker logs and local caches
+/// bind_ip = "198.18.0.2"           # data channels of this host's workers
+/// ```
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Worker logs and local caches.
+    pub state_dir: Option<PathBuf>,
+    /// Address workers listen on for data channels.
+    pub bind_ip: Option<IpAddr>,
+}
+
+impl AgentConfig {
+    /// Reads `path`; errors name the file and the field.
+    pub fn from_file(path: &std::path::Path) -> Result<AgentConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
 }
 
 /// One VIP this agent was asked to hold.
@@ -533,7 +560,8 @@ impl AgentState {
                     return None;
                 }
             };
-            agent.set_env("LAZARUS_BIND_IP", &local_ip.to_string());
+            let bind = self.opts.bind_ip.unwrap_or(local_ip);
+            agent.set_env("LAZARUS_BIND_IP", &bind.to_string());
             let (tx, j) = (self.exits_tx.clone(), job.clone());
             tokio::spawn(async move {
                 while let Some(e) = exits.recv().await {

@@ -47,7 +47,9 @@ pub struct JobEntry {
 /// One VIP.
 #[derive(Debug)]
 struct VipEntry {
-    table: LeaseTable,
+    /// The VIP's lease authority (in memory here; the interface allows
+    /// one that outlives the supervisor).
+    table: Box<dyn LeaseAuthority>,
     assigned: Option<String>,
 }
 
@@ -195,7 +197,7 @@ impl ClusterState {
             .vips
             .entry(vip.to_string())
             .or_insert_with(|| VipEntry {
-                table: LeaseTable::new(lease),
+                table: Box::new(LeaseTable::new(lease)),
                 assigned: None,
             });
         let previous = entry.assigned.replace(host.to_string());
@@ -329,10 +331,7 @@ impl ClusterState {
                         vip: vip.clone(),
                         assigned: e.assigned.clone(),
                         holder: held.as_ref().map(|(h, _)| h.clone()),
-                        lease_id: held
-                            .as_ref()
-                            .and_then(|_| e.table.current_id())
-                            .map(|i| i.0),
+                        lease_id: held.as_ref().and_then(|_| e.table.lease_id()).map(|i| i.0),
                         lease_expires_in_ms: held
                             .map(|(_, until)| until.saturating_sub(now).as_millis() as u64),
                     }

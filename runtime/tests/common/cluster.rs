@@ -18,12 +18,42 @@ pub fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target directory")
         .to_path_buf();
+    let bin = dir.join("lazarus");
     assert!(
-        dir.join("lazarus").exists(),
+        bin.exists(),
         "{} has no lazarus binary: build the workspace first (cargo build --workspace)",
         dir.display()
     );
+    // A test of another package does not rebuild `lazarus`: refuse a binary
+    // older than the sources it is built from, rather than test stale code.
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .expect("binary mtime");
+    if let Some(root) = dir.parent().and_then(Path::parent) {
+        for src in ["runtime/src", "worker-sdk/src", "storage/src"] {
+            if let Some(newer) = newest(&root.join(src)).filter(|t| *t > built) {
+                panic!(
+                    "{} is older than {src} ({newer:?}): rebuild it (cargo build --workspace, or run the tests with --workspace)",
+                    bin.display()
+                );
+            }
+        }
+    }
     dir
+}
+
+fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut best = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let t = if p.is_dir() {
+            newest(&p)
+        } else {
+            e.metadata().and_then(|m| m.modified()).ok()
+        };
+        best = best.max(t);
+    }
+    best
 }
 
 /// Heartbeats every 50 ms, a host lost after 400 ms, 100 ms leases.
