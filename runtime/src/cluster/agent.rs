@@ -433,20 +433,7 @@ impl AgentState {
                 }
             }
             SupervisorMsg::ReleaseVip { vip } => {
-                if let Some(v) = self.vips.get_mut(&vip) {
-                    v.wanted = false;
-                    v.retry_at = None;
-                    if v.on_iface {
-                        if let Err(e) = v.vip.release().await {
-                            tracing::error!(%vip, error = %e, "removing the VIP failed");
-                        }
-                        v.on_iface = false;
-                    }
-                    if let Some(id) = v.holder.lease() {
-                        v.holder.on_lost();
-                        let _ = out.send(AgentMsg::LeaseReleased { vip, id: id.0 });
-                    }
-                }
+                self.let_go(&vip, out).await;
             }
             SupervisorMsg::LeaseGranted {
                 vip,
@@ -507,21 +494,8 @@ impl AgentState {
                 }
             }
             SupervisorMsg::LeaseLost { vip } => {
-                if let Some(v) = self.vips.get_mut(&vip) {
-                    v.wanted = false;
-                    v.retry_at = None;
-                    if v.on_iface {
-                        tracing::warn!(%vip, "VIP lease lost: removing the VIP");
-                        if let Err(e) = v.vip.release().await {
-                            tracing::error!(%vip, error = %e, "removing the VIP failed");
-                        }
-                        v.on_iface = false;
-                    }
-                    if let Some(id) = v.holder.lease() {
-                        v.holder.on_lost();
-                        let _ = out.send(AgentMsg::LeaseReleased { vip, id: id.0 });
-                    }
-                }
+                tracing::warn!(%vip, "VIP lease lost");
+                self.let_go(&vip, out).await;
             }
             SupervisorMsg::Prune {
                 job,
@@ -537,6 +511,29 @@ impl AgentState {
                     }
                 });
             }
+        }
+    }
+
+    /// Stops wanting `vip`: removes it from the interface and gives its
+    /// lease back (confirmed release: the next holder need not wait).
+    async fn let_go(&mut self, vip: &str, out: &mpsc::UnboundedSender<AgentMsg>) {
+        let Some(v) = self.vips.get_mut(vip) else {
+            return;
+        };
+        v.wanted = false;
+        v.retry_at = None;
+        if v.on_iface {
+            if let Err(e) = v.vip.release().await {
+                tracing::error!(%vip, error = %e, "removing the VIP failed");
+            }
+            v.on_iface = false;
+        }
+        if let Some(id) = v.holder.lease() {
+            v.holder.on_lost();
+            let _ = out.send(AgentMsg::LeaseReleased {
+                vip: vip.to_string(),
+                id: id.0,
+            });
         }
     }
 

@@ -324,22 +324,10 @@ impl Testbed {
 
     /// Kills every process carrying this test bed's tag (workers included).
     pub fn sweep(&self) {
-        let needle = format!("LAZARUS_TEST_TAG={}", self.tag);
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for e in dir.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-                continue;
-            };
-            if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
+        for pid in pids_with_env(&self.tag, &[]) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
     }
 }
