@@ -482,6 +482,8 @@ fn test_supervisor_refuses_bad_submissions_and_garbage() {
             &addr,
             "--state-dir",
             dir.path().join("sup").to_str().expect("utf-8"),
+            "--store",
+            &format!("file://{}", dir.path().join("store").display()),
         ])
         .spawn()
         .expect("supervisor");
@@ -522,6 +524,27 @@ fn test_supervisor_refuses_bad_submissions_and_garbage() {
         "{}",
         text(&out)
     );
+    // Two running jobs cannot serve the same VIP (no agents: the first job
+    // waits for a host, still running).
+    let worker = env!("CARGO_BIN_EXE_lazarus");
+    for (name, expect_ok) in [("j1", true), ("j2", false)] {
+        let spec = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&spec, format!("[job]\nname = \"{name}\"\nworker = \"{worker}\"\n[[operator]]\nname = \"x\"\nkind = \"k\"\nvip = \"198.18.0.100/24\"\n")).expect("spec");
+        let out = lazarus(&[
+            "submit",
+            spec.to_str().expect("utf-8"),
+            "--supervisor",
+            &addr,
+        ]);
+        assert_eq!(out.status.success(), expect_ok, "{name}: {}", text(&out));
+        if !expect_ok {
+            assert!(
+                text(&out).contains("VIP 198.18.0.100/24 is already served by running job j1"),
+                "{}",
+                text(&out)
+            );
+        }
+    }
     // Garbage on the wire: an error frame back, and the supervisor lives on.
     let mut s = std::net::TcpStream::connect(&addr).expect("connect");
     let body = br#"{"type":"launch_missiles"}"#;

@@ -276,16 +276,17 @@ fn submit(
     )?;
     let job = spec.job_id();
     let mut c = cluster.lock();
-    if let Some(j) = c.jobs.get(&job) {
-        let state = j
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .state
-            .clone();
-        let done = state == "finished" || state == "stopped" || state.starts_with("failed");
-        if !done {
-            anyhow::bail!("job {job} is already running ({state})");
+    if c.jobs.get(&job).is_some_and(|j| !j.ended()) {
+        anyhow::bail!("job {job} is already running");
+    }
+    let vips: Vec<String> = spec.plan().into_iter().flat_map(|w| w.vips).collect();
+    let addr = |v: &str| v.split('/').next().unwrap_or(v).to_string();
+    for (other, j) in c.jobs.iter().filter(|(_, j)| !j.ended()) {
+        if let Some(v) = vips
+            .iter()
+            .find(|v| j.vips.iter().any(|o| addr(o) == addr(v)))
+        {
+            anyhow::bail!("VIP {v} is already served by running job {other}");
         }
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -297,6 +298,7 @@ fn submit(
             events: events_tx,
             status: status.clone(),
             stop: stop_tx,
+            vips,
         },
     );
     let run = LocalRun {

@@ -42,6 +42,21 @@ pub struct JobEntry {
     pub status: JobStatusCell,
     /// Asks it to stop.
     pub stop: watch::Sender<bool>,
+    /// The VIPs its operators hold.
+    pub vips: Vec<String>,
+}
+
+impl JobEntry {
+    /// Whether the job has ended (finished, stopped or failed).
+    pub fn ended(&self) -> bool {
+        let state = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state
+            .clone();
+        state == "finished" || state == "stopped" || state.starts_with("failed")
+    }
 }
 
 /// One VIP.
@@ -413,6 +428,7 @@ mod tests {
                 events,
                 status: crate::cluster::wire::job_status_cell(&job, lazarus_storage::Epoch(1)),
                 stop,
+                vips: Vec::new(),
             },
         );
         assert!(c.send("a", M::Heartbeat));
