@@ -532,3 +532,67 @@ fn test_ipv6_vip_moves_with_unsolicited_na() {
         lease: Duration::from_millis(100),
     });
 }
+
+/// With `garp.refresh`, the holder repeats its announcement while it holds
+/// the VIP: a client entry pointing elsewhere is corrected without any
+/// traffic. Without it (the control), the wrong entry stays.
+#[test]
+fn test_garp_refresh_repairs_a_wrong_client_entry() {
+    for (refresh, tag) in [("100ms", "kvref"), ("0s", "kvnoref")] {
+        let config = format!("{FAST}refresh = \"{refresh}\"\n");
+        let c = LzCluster::start(tag, &["a", "b"], &["cl"], &config);
+        let spec = spec(c.dir.path(), "hot");
+        c.submit(&spec, &[]);
+        let st = c.wait("kv running with its VIP", Duration::from_secs(30), |st| {
+            cluster::vip(st, "198.18.0.100/24").is_some_and(|v| {
+                v["holder"].is_string()
+                    && cluster::worker(st, "kv", "kv-0").is_some_and(|w| w["running"] == true)
+            })
+        });
+        let holder = cluster::vip(&st, "198.18.0.100/24").expect("vip")["holder"]
+            .as_str()
+            .expect("holder")
+            .to_string();
+        // Let the initial burst pass, then point the client elsewhere.
+        std::thread::sleep(Duration::from_millis(1200));
+        let wrong = "02:00:00:00:00:99";
+        common::netns::ok(
+            "ip",
+            &[
+                "-n",
+                c.bed.ns("cl"),
+                "neigh",
+                "replace",
+                VIP4,
+                "lladdr",
+                wrong,
+                "dev",
+                "eth0",
+                "nud",
+                "stale",
+            ],
+        );
+        let start = Instant::now();
+        let mut mac = None;
+        while start.elapsed() < Duration::from_millis(1500) {
+            mac = c.bed.neighbour("cl", VIP4).map(|(m, _)| m);
+            if mac.as_deref() == Some(c.bed.mac(&holder).as_str()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if refresh == "0s" {
+            assert_eq!(
+                mac.as_deref(),
+                Some(wrong),
+                "without refresh nothing corrects the entry"
+            );
+        } else {
+            assert_eq!(mac, Some(c.bed.mac(&holder)), "refresh corrected the entry");
+            eprintln!(
+                "refresh {refresh}: entry corrected {:?} after it was spoiled",
+                start.elapsed()
+            );
+        }
+    }
+}

@@ -57,6 +57,7 @@ fn newest(dir: &Path) -> Option<std::time::SystemTime> {
 }
 
 /// Heartbeats every 50 ms, a host lost after 400 ms, 100 ms leases.
+/// Ends inside `[garp]`, so a test can append `refresh = ...`.
 pub const FAST: &str = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n[lease]\nlength = \"100ms\"\nrenew_every = \"25ms\"\ndrift_margin = \"50ms\"\n[garp]\ncount = 3\ndelay = \"5ms\"\n";
 
 pub struct LzCluster {
