@@ -122,6 +122,8 @@ pub struct RunSummary {
     pub pauses: Vec<Duration>,
     /// State size of the newest checkpoint (stored bytes).
     pub last_checkpoint_bytes: u64,
+    /// Why the last restart happened, if any.
+    pub last_failure: Option<String>,
 }
 
 enum Event {
@@ -316,6 +318,7 @@ impl Supervisor {
                 checkpoint_latencies: Vec::new(),
                 pauses: Vec::new(),
                 last_checkpoint_bytes: 0,
+                last_failure: None,
             },
             run,
             job,
@@ -433,6 +436,7 @@ impl Supervisor {
                     self.summary.restarts += 1;
                     self.consecutive_failures += 1;
                     self.last_failure = Some(why.clone());
+                    self.summary.last_failure = Some(why.clone());
                     let max = self.run.spec.restart.max_attempts;
                     if self.summary.restarts > max {
                         let newest = match self.js.latest().await {

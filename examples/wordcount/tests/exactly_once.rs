@@ -327,3 +327,73 @@ async fn test_wordcount_on_s3_store_with_sigkills() {
         );
     }
 }
+
+/// The pid of this test process's child running `worker`, if any.
+fn child_worker(worker: &str) -> Option<u32> {
+    let me = std::process::id().to_string();
+    let want = format!("LAZARUS_WORKER={worker}");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name: state, ppid, ...
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1));
+        if ppid != Some(me.as_str()) {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// A worker that hangs (SIGSTOP: alive, connected, silent) is caught by the
+/// heartbeat timeout, not by an exit, and the job still ends exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_frozen_worker_is_caught_by_missed_heartbeats() {
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("input.txt");
+    wordcount::generate(3_000_000, &input, 5).expect("corpus");
+    let (out, state) = (dir.path().join("out"), dir.path().join("state"));
+    let mut s = spec(dir.path(), &input, &out, "");
+    s.job.heartbeat_timeout = Duration::from_millis(800);
+    let job_state = state.clone();
+    let job = tokio::spawn(async move { run(s, &job_state, None).await });
+    // Bounded: the tokenizer runs within 30 s, then it is frozen.
+    let start = std::time::Instant::now();
+    let pid = loop {
+        if let Some(pid) = child_worker("tokenizer-0") {
+            break pid;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no tokenizer-0 process"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    let summary = job.await.expect("job task");
+    assert_eq!(summary.state, JobState::Finished, "{summary:?}");
+    assert!(summary.restarts >= 1, "{summary:?}");
+    let why = summary.last_failure.clone().unwrap_or_default();
+    assert!(
+        why.contains("missed heartbeats"),
+        "the frozen worker was found by its heartbeats: {why}"
+    );
+    assert_same_multiset(&expected_lines(&input), &output_lines(&out));
+}
