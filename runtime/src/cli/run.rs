@@ -26,6 +26,15 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// The store of a local run: `--store`, else the spec's `[store] url`,
+/// else a directory under the state directory.
+fn choose_store(flag: Option<&str>, spec: Option<&str>, state_dir: &Path) -> String {
+    match (flag, spec) {
+        (Some(url), _) | (None, Some(url)) => url.to_string(),
+        (None, None) => format!("file://{}", state_dir.join("store").display()),
+    }
+}
+
 /// Runs the job.
 pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut spec = JobSpec::from_file(&args.spec)?;
@@ -37,11 +46,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| PathBuf::from(".lazarus").join(&spec.job.name)),
     )?;
-    let store_url = match (&args.store, &spec.store.url) {
-        (Some(url), _) => url.clone(),
-        (None, Some(url)) => url.clone(),
-        (None, None) => format!("file://{}", state_dir.join("store").display()),
-    };
+    let store_url = choose_store(args.store.as_deref(), spec.store.url.as_deref(), &state_dir);
     let chaos = args.chaos_kill_every.map(|every| Chaos {
         every,
         seed: args.chaos_seed,
@@ -128,4 +133,20 @@ pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
         return Err("must be more than 0".into());
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_store_flag_wins_over_the_spec_which_wins_over_the_default() {
+        let dir = Path::new("/var/lz");
+        assert_eq!(
+            choose_store(Some("s3://b/p"), Some("file:///x"), dir),
+            "s3://b/p"
+        );
+        assert_eq!(choose_store(None, Some("file:///x"), dir), "file:///x");
+        assert_eq!(choose_store(None, None, dir), "file:///var/lz/store");
+    }
 }
