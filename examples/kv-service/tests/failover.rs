@@ -596,3 +596,48 @@ fn test_garp_refresh_repairs_a_wrong_client_entry() {
         }
     }
 }
+
+/// An agent stopped on purpose (SIGTERM, maintenance) releases its VIP
+/// with a confirmation: the other host takes over without waiting for the
+/// 1 s lease to run out.
+#[test]
+fn test_agent_shutdown_hands_over_without_lease_wait() {
+    let config = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n";
+    let c = LzCluster::start("kvterm", &["a", "b"], &["cl"], config);
+    c.submit(&spec(c.dir.path(), "hot"), &[]);
+    let st = c.wait(
+        "kv running with a following standby",
+        Duration::from_secs(30),
+        |st| {
+            cluster::worker(st, "kv", "kv-0")
+                .is_some_and(|w| w["running"] == true && !w["standby_checkpoint"].is_null())
+                && cluster::vip(st, "198.18.0.100/24").is_some_and(|v| v["holder"].is_string())
+        },
+    );
+    let old = cluster::vip(&st, "198.18.0.100/24").expect("vip")["holder"]
+        .as_str()
+        .expect("holder")
+        .to_string();
+    let other = if old == "a" { "b" } else { "a" };
+    let idx = c.agent_names.iter().position(|n| *n == old).expect("agent");
+    let start = Instant::now();
+    let mut agents = c.agents.iter().collect::<Vec<_>>();
+    let pid = agents.remove(idx).pid();
+    common::netns::ok("kill", &["-TERM", &pid.to_string()]);
+    while !c.bed.holds(other, VIP4) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let took = start.elapsed();
+    assert!(
+        c.bed.holds(other, VIP4),
+        "{other} took the VIP\n{}",
+        c.logs()
+    );
+    assert!(!c.bed.holds(&old, VIP4), "{old} let the VIP go");
+    assert!(
+        took < Duration::from_millis(600),
+        "handover took {took:?}: the 1 s lease was waited for\n{}",
+        c.logs()
+    );
+    eprintln!("agent shutdown: VIP on {other} {took:?} after SIGTERM to {old}'s agent");
+}

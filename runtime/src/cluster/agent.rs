@@ -173,7 +173,7 @@ impl AgentState {
                 }
             }
         });
-        let _writer = AbortOnDrop(writer);
+        let mut writer = AbortOnDrop(writer);
         out.send(AgentMsg::Register {
             name: self.opts.name.clone(),
             state_dir: self.opts.state_dir.clone(),
@@ -254,6 +254,15 @@ impl AgentState {
                 }
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
+                        // A clean shutdown gives every VIP back with a
+                        // confirmed release, so the next holder need not
+                        // wait for the lease to run out.
+                        let names: Vec<String> = self.vips.keys().cloned().collect();
+                        for name in names {
+                            self.let_go(&name, &out).await;
+                        }
+                        drop(out);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer.0).await;
                         return Ok(());
                     }
                 }
