@@ -387,7 +387,10 @@ impl Supervisor {
             };
             self.attempt = attempt;
             tracing::info!(attempt, ?restore, epoch = %self.epoch, "starting workers");
-            let mut outcome = self.attempt(attempt, restore).await;
+            // One span per attempt: a recovery's placement, promotions, VIP
+            // moves and restores are all inside it.
+            let span = tracing::info_span!("attempt", attempt, epoch = %self.epoch, recovering = attempt > 0);
+            let mut outcome = self.attempt(attempt, restore).instrument(span).await;
             if let Outcome::Failed(why) = &outcome {
                 // One crash makes its peers lose their connections too; when
                 // the failure named no worker yet (a lost connection), give

@@ -79,15 +79,22 @@ pub async fn serve(
         }
     }
     heartbeats.abort();
-    // Stop every job; each kills its workers and releases its VIPs.
-    let jobs: Vec<_> = {
-        let c = cluster.lock();
-        c.jobs.values().map(|j| j.stop.clone()).collect()
+    // Stop every job; each kills its workers and releases its VIPs. Wait
+    // for them (bounded: 10 s), so the agents hear it before we go.
+    let tasks: Vec<_> = {
+        let mut c = cluster.lock();
+        c.jobs
+            .values_mut()
+            .filter_map(|j| {
+                let _ = j.stop.send(true);
+                j.task.take()
+            })
+            .collect()
     };
-    for stop in jobs {
-        let _ = stop.send(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for t in tasks {
+        let _ = tokio::time::timeout_at(deadline, t).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     Ok(())
 }
 
@@ -299,6 +306,7 @@ fn submit(
             status: status.clone(),
             stop: stop_tx,
             vips,
+            task: None,
         },
     );
     let run = LocalRun {
@@ -313,7 +321,7 @@ fn submit(
     let fleet = Fleet::cluster(job.clone(), cluster.clone(), binary);
     let control_ip = opts.listen.ip();
     let j = job.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         match supervisor::run_job(run, fleet, events_rx, control_ip, status, stop_rx).await {
             Ok(summary) => {
                 tracing::info!(job = %j, state = ?summary.state, committed = summary.committed, restarts = summary.restarts, "job ended")
@@ -321,5 +329,8 @@ fn submit(
             Err(e) => tracing::error!(job = %j, error = %format!("{e:#}"), "job failed"),
         }
     });
+    if let Some(entry) = c.jobs.get_mut(&job) {
+        entry.task = Some(task);
+    }
     Ok(format!("job {job} submitted"))
 }

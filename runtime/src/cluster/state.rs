@@ -44,6 +44,8 @@ pub struct JobEntry {
     pub stop: watch::Sender<bool>,
     /// The VIPs its operators hold.
     pub vips: Vec<String>,
+    /// The task running it (awaited at shutdown).
+    pub task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl JobEntry {
@@ -429,6 +431,7 @@ mod tests {
                 status: crate::cluster::wire::job_status_cell(&job, lazarus_storage::Epoch(1)),
                 stop,
                 vips: Vec::new(),
+                task: None,
             },
         );
         assert!(c.send("a", M::Heartbeat));
