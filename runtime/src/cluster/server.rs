@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use lazarus_sdk::protocol;
@@ -188,9 +188,7 @@ async fn agent_session(
             // Declared lost (or replaced): this session is over.
             break;
         }
-        if let Some(h) = c.hosts.get_mut(&name) {
-            h.last_heard = Instant::now();
-        }
+        c.heard(&name);
         let reply = match msg {
             AgentMsg::Heartbeat | AgentMsg::Register { .. } => None,
             AgentMsg::Exited {

@@ -8,6 +8,47 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// Time for the cluster's decisions, injected so that heartbeat timeouts
+/// and lease expiry are testable without sleeping.
+pub trait Clock: std::fmt::Debug + Send + Sync {
+    /// Time since an arbitrary origin.
+    fn now(&self) -> Duration;
+}
+
+/// The real clock (monotonic).
+#[derive(Debug)]
+pub struct SystemClock(Instant);
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock(Instant::now())
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// A clock tests move by hand.
+#[derive(Debug, Default, Clone)]
+pub struct ManualClock(Arc<std::sync::atomic::AtomicU64>);
+
+impl ManualClock {
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        self.0
+            .fetch_add(by.as_micros() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Duration {
+        Duration::from_micros(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
 use lazarus_storage::JobId;
 use tokio::sync::{mpsc, watch};
 
@@ -27,8 +68,8 @@ pub struct Host {
     pub tx: mpsc::UnboundedSender<SupervisorMsg>,
     /// Which connection is current (a re-registration replaces it).
     pub conn: u64,
-    /// Last message from it.
-    pub last_heard: Instant,
+    /// Last message from it (cluster clock).
+    pub last_heard: Duration,
     /// False once declared lost; a lost host must register again.
     pub alive: bool,
 }
@@ -80,7 +121,7 @@ pub struct ClusterState {
     /// Jobs by id.
     pub jobs: BTreeMap<JobId, JobEntry>,
     vips: BTreeMap<String, VipEntry>,
-    origin: Instant,
+    clock: Arc<dyn Clock>,
     next_conn: u64,
 }
 
@@ -89,14 +130,19 @@ pub struct ClusterState {
 pub struct Cluster(Arc<Mutex<ClusterState>>);
 
 impl Cluster {
-    /// An empty cluster.
+    /// An empty cluster on the real clock.
     pub fn new(config: ClusterConfig) -> Cluster {
+        Cluster::with_clock(config, Arc::new(SystemClock::default()))
+    }
+
+    /// An empty cluster on `clock`.
+    pub fn with_clock(config: ClusterConfig, clock: Arc<dyn Clock>) -> Cluster {
         Cluster(Arc::new(Mutex::new(ClusterState {
             config,
             hosts: BTreeMap::new(),
             jobs: BTreeMap::new(),
             vips: BTreeMap::new(),
-            origin: Instant::now(),
+            clock,
             next_conn: 1,
         })))
     }
@@ -109,8 +155,17 @@ impl Cluster {
 }
 
 impl ClusterState {
-    fn now(&self) -> Duration {
-        self.origin.elapsed()
+    /// The cluster clock's time.
+    pub fn now(&self) -> Duration {
+        self.clock.now()
+    }
+
+    /// Notes that `name` was heard from now.
+    pub fn heard(&mut self, name: &str) {
+        let now = self.now();
+        if let Some(h) = self.hosts.get_mut(name) {
+            h.last_heard = now;
+        }
     }
 
     /// Registers (or re-registers) host `name`; returns the connection id.
@@ -123,6 +178,7 @@ impl ClusterState {
     ) -> u64 {
         let conn = self.next_conn;
         self.next_conn += 1;
+        let now = self.now();
         let replaced = self.hosts.insert(
             name.to_string(),
             Host {
@@ -130,7 +186,7 @@ impl ClusterState {
                 state_dir,
                 tx,
                 conn,
-                last_heard: Instant::now(),
+                last_heard: now,
                 alive: true,
             },
         );
@@ -197,9 +253,10 @@ impl ClusterState {
     /// Hosts silent for longer than the timeout.
     pub fn overdue(&self) -> Vec<String> {
         let timeout = self.config.host_timeout;
+        let now = self.now();
         self.hosts
             .iter()
-            .filter(|(_, h)| h.alive && h.last_heard.elapsed() > timeout)
+            .filter(|(_, h)| h.alive && now.saturating_sub(h.last_heard) > timeout)
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -331,7 +388,7 @@ impl ClusterState {
                     name: name.clone(),
                     addr: h.addr.to_string(),
                     alive: h.alive,
-                    last_heartbeat_ms: h.last_heard.elapsed().as_millis() as u64,
+                    last_heartbeat_ms: now.saturating_sub(h.last_heard).as_millis() as u64,
                 })
                 .collect(),
             jobs: self
@@ -414,6 +471,57 @@ mod tests {
         let r = c.report();
         assert_eq!(r.vips[0].holder.as_deref(), Some("b"));
         assert!(r.vips[0].lease_expires_in_ms.is_some_and(|ms| ms <= 1000));
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn test_silent_host_is_overdue_only_past_the_timeout() {
+        let clock = ManualClock::default();
+        let config = ClusterConfig::default(); // host timeout 500 ms
+        let cluster = Cluster::with_clock(config, Arc::new(clock.clone()));
+        let mut c = cluster.lock();
+        let _a = host(&mut c, "a");
+        let _b = host(&mut c, "b");
+        clock.advance(ms(400));
+        c.heard("b");
+        clock.advance(ms(100));
+        assert!(c.overdue().is_empty(), "exactly the timeout is not past it");
+        clock.advance(ms(1));
+        assert_eq!(c.overdue(), vec!["a".to_string()]);
+        clock.advance(ms(400));
+        assert_eq!(c.overdue().len(), 2);
+        assert_eq!(c.report().hosts[1].last_heartbeat_ms, 501);
+    }
+
+    #[test]
+    fn test_unreleased_vip_goes_to_the_next_host_only_after_expiry_and_margin() {
+        let clock = ManualClock::default();
+        let config = ClusterConfig::default(); // lease 1 s, margin 200 ms
+        let cluster = Cluster::with_clock(config, Arc::new(clock.clone()));
+        let mut c = cluster.lock();
+        let (_a, _b) = (host(&mut c, "a"), host(&mut c, "b"));
+        let v = "198.18.0.100/24";
+        c.assign_vip(v, "a");
+        assert!(matches!(c.lease_acquire("a", v, 1), M::LeaseGranted { .. }));
+        clock.advance(ms(300));
+        // a is cut off: it never renews nor releases. b is assigned.
+        c.assign_vip(v, "b");
+        let M::LeaseHeld { retry_ms, .. } = c.lease_acquire("b", v, 2) else {
+            panic!("held while a's lease may still run");
+        };
+        assert_eq!(
+            retry_ms, 901,
+            "1 s lease + 200 ms margin - 300 ms, rounded up"
+        );
+        clock.advance(ms(899));
+        assert!(matches!(c.lease_acquire("b", v, 3), M::LeaseHeld { .. }));
+        clock.advance(ms(1));
+        assert!(matches!(c.lease_acquire("b", v, 4), M::LeaseGranted { .. }));
+        // a's late renewal is refused: it must already have dropped the VIP.
+        assert!(matches!(c.lease_renew("a", v, 1, 5), M::LeaseLost { .. }));
     }
 
     #[test]
