@@ -242,6 +242,10 @@ struct Supervisor {
     attempt: u64,
     /// Primaries running in the current attempt.
     running_now: BTreeSet<WorkerId>,
+    /// Hot standbys that failed: how often in a row, and when the next
+    /// may start (exponential backoff, so a standby that cannot run does
+    /// not respawn at every commit).
+    standby_retry: BTreeMap<WorkerId, (u32, Instant)>,
     /// Bytes each worker's last restore downloaded.
     fetched: BTreeMap<WorkerId, u64>,
     status: JobStatusCell,
@@ -346,6 +350,7 @@ impl Supervisor {
             attempt: 0,
             running_now: BTreeSet::new(),
             fetched: BTreeMap::new(),
+            standby_retry: BTreeMap::new(),
             status,
             last_failure: None,
         })
@@ -581,6 +586,23 @@ impl Supervisor {
         }
     }
 
+    /// A hot standby failed on `host` (None: where it is placed now). A
+    /// standby deliberately moved away from another host does not count.
+    fn standby_failed(&mut self, worker: &WorkerId, host: Option<&str>) {
+        let placed = self
+            .placement
+            .get(worker)
+            .and_then(|p| p.standby.as_deref());
+        if host.is_some() && host != placed {
+            return;
+        }
+        let n = self.standby_retry.get(worker).map_or(0, |(n, _)| *n) + 1;
+        let wait = (Duration::from_millis(100) * (1u32 << n.min(7))).min(Duration::from_secs(10));
+        tracing::warn!(%worker, failures = n, ?wait, "hot standby failed; restarting it after a backoff");
+        self.standby_retry
+            .insert(worker.clone(), (n, Instant::now() + wait));
+    }
+
     fn standby_gone(&mut self, worker: &WorkerId) {
         if let Some(s) = self.standbys.remove(worker) {
             self.conns.remove(&s.conn);
@@ -712,12 +734,14 @@ impl Supervisor {
                 tracing::debug!(%worker, %checkpoint, fetched_bytes, "standby followed");
                 if let Some(s) = self.standbys.get_mut(worker).filter(|s| s.conn == conn) {
                     s.followed = Some(checkpoint);
+                    self.standby_retry.remove(worker);
                 }
             }
             Some(ToSupervisor::Failed { error }) => {
                 tracing::warn!(%worker, %error, "hot standby failed; it is replaced");
                 self.fleet.kill(worker, Slot::Standby);
                 self.standby_gone(worker);
+                self.standby_failed(worker, None);
             }
             None => {
                 if self.standbys.get(worker).is_some_and(|s| s.conn == conn) {
@@ -764,7 +788,11 @@ impl Supervisor {
                 self.fleet.kill(&w.id, Slot::Standby);
                 self.standby_gone(&w.id);
             }
-            if let Some(h) = want {
+            let waiting = self
+                .standby_retry
+                .get(&w.id)
+                .is_some_and(|(_, at)| Instant::now() < *at);
+            if let Some(h) = want.filter(|_| !waiting) {
                 tracing::info!(worker = %w.id, host = %h, "starting hot standby");
                 self.fleet
                     .spawn(&h, &w.id, attempt, Slot::Standby, self.addr);
@@ -927,6 +955,9 @@ impl Supervisor {
                     if exit.standby {
                         tracing::warn!(worker = %exit.worker, exit = %exit.exit, "hot standby exited; it is replaced after the next commit");
                         self.standby_gone(&exit.worker);
+                        if exit.exit != ExitKind::Success {
+                            self.standby_failed(&exit.worker, Some(&exit.host));
+                        }
                         continue;
                     }
                     if exit.attempt != attempt {

@@ -416,6 +416,37 @@ fn run(s: Scenario) {
         eprintln!("{}", c.logs());
     }
     if s.stop {
+        // A standby that dies is replaced (after a short backoff) and
+        // follows again.
+        let st = c.wait(
+            "a new standby following on the old host",
+            Duration::from_secs(30),
+            |st| {
+                cluster::worker(st, "kv", "kv-0").is_some_and(|w| {
+                    w["standby"] == old.as_str() && !w["standby_checkpoint"].is_null()
+                })
+            },
+        );
+        let followed = cluster::worker(&st, "kv", "kv-0").expect("kv-0")["standby_checkpoint"]
+            .as_u64()
+            .expect("checkpoint");
+        let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(&old));
+        let standby = pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip]);
+        assert_eq!(standby.len(), 1, "one standby process on {old}");
+        common::netns::ok("kill", &["-KILL", &standby[0].to_string()]);
+        c.wait(
+            "the standby replaced and following",
+            Duration::from_secs(30),
+            |st| {
+                cluster::worker(st, "kv", "kv-0").is_some_and(|w| {
+                    w["standby_checkpoint"]
+                        .as_u64()
+                        .is_some_and(|n| n > followed)
+                        && w["primary"] == other
+                }) && !pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip])
+                    .contains(&standby[0])
+            },
+        );
         let lazarus = cluster::bin_dir().join("lazarus");
         let out = c.bed.exec(
             "sup",
