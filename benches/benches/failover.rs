@@ -179,6 +179,7 @@ fn lazarus_trials(
     fault: Fault,
     config: &str,
     trials: usize,
+    state_mib: usize,
 ) -> (Vec<Duration>, Vec<Duration>) {
     let c = LzCluster::start(tag, &["a", "b"], &["cl"], config);
     let bins = cluster::bin_dir();
@@ -222,6 +223,28 @@ fn lazarus_trials(
         .join()
         .expect("client");
     assert!(seeded, "could not write k0\n{}", c.logs());
+    // Bulk state: `state_mib` values of 1 MiB - 1 KiB, each acknowledged
+    // (so committed) before the trials start.
+    let bulk = c
+        .bed
+        .in_host("cl", move || {
+            let value = vec![b'x'; (1 << 20) - 1024];
+            (0..state_mib).all(|i| {
+                matches!(
+                    http(
+                        addr,
+                        "PUT",
+                        &format!("/kv/bulk{i}"),
+                        &value,
+                        Duration::from_secs(10)
+                    ),
+                    Ok((201 | 204, _))
+                )
+            })
+        })
+        .join()
+        .expect("client");
+    assert!(bulk, "could not write the bulk state\n{}", c.logs());
     let prober = Prober::start(&c.bed, "cl", addr);
     let mut outages = Vec::new();
     let mut two_holders = Vec::new();
@@ -516,7 +539,7 @@ fn main() {
     let fast = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n[lease]\nlength = \"100ms\"\nrenew_every = \"25ms\"\ndrift_margin = \"50ms\"\n";
     let fastest = "heartbeat_interval = \"10ms\"\nhost_timeout = \"40ms\"\n[lease]\nlength = \"40ms\"\nrenew_every = \"10ms\"\ndrift_margin = \"10ms\"\n";
     println!("failover: client-visible outage, {trials} trials each (probe every 1 ms, 10 ms probe timeout)");
-    let scenarios: Vec<(&str, &str, &str, Fault, &str, &str)> = vec![
+    let scenarios: Vec<(&str, &str, &str, Fault, &str, &str, usize)> = vec![
         (
             "lazarus SIGKILL, hot standby",
             "fbh",
@@ -524,6 +547,7 @@ fn main() {
             Fault::Kill,
             default,
             "exit seen at once; no lease wait (release confirmed)",
+            0,
         ),
         (
             "lazarus SIGKILL, cold standby",
@@ -532,6 +556,25 @@ fn main() {
             Fault::Kill,
             default,
             "exit seen at once; no lease wait; restore from storage",
+            0,
+        ),
+        (
+            "lazarus SIGKILL, hot standby, 64 MiB state",
+            "fbh64",
+            "hot",
+            Fault::Kill,
+            default,
+            "promoted standby restores from its local cache",
+            64,
+        ),
+        (
+            "lazarus SIGKILL, cold standby, 64 MiB state",
+            "fbc64",
+            "cold",
+            Fault::Kill,
+            default,
+            "new process downloads 64 MiB from the store (file://)",
+            64,
         ),
         (
             "lazarus host loss, 1 s lease",
@@ -540,6 +583,7 @@ fn main() {
             Fault::LinkDown,
             default,
             "heartbeat 100 ms, host timeout 500 ms; lease 1 s + 200 ms margin",
+            0,
         ),
         (
             "lazarus host loss, 100 ms lease",
@@ -548,6 +592,7 @@ fn main() {
             Fault::LinkDown,
             fast,
             "heartbeat 50 ms, host timeout 400 ms; lease 100 ms + 50 ms margin",
+            0,
         ),
         (
             "lazarus host loss, 40 ms lease",
@@ -556,6 +601,7 @@ fn main() {
             Fault::LinkDown,
             fastest,
             "heartbeat 10 ms, host timeout 40 ms; lease 40 ms + 10 ms margin",
+            0,
         ),
         (
             "lazarus partition, 40 ms lease",
@@ -564,11 +610,12 @@ fn main() {
             Fault::Partition,
             fastest,
             "as above; carrier stays up",
+            0,
         ),
     ];
     let mut rows = Vec::new();
-    for (name, tag, standby, fault, config, bound) in scenarios {
-        let (v, both) = lazarus_trials(tag, standby, fault, config, trials);
+    for (name, tag, standby, fault, config, bound, state_mib) in scenarios {
+        let (v, both) = lazarus_trials(tag, standby, fault, config, trials, state_mib);
         rows.push((name.to_string(), v, both, bound.to_string()));
     }
     for (name, fault, bound) in [
@@ -601,25 +648,38 @@ fn main() {
             ms(percentile(both, 1.0))
         );
     }
-    let p50 = |i: usize| percentile(&rows[i].1, 0.5);
-    let ratio = |a: usize, b: usize| p50(a).as_secs_f64() / p50(b).as_secs_f64().max(1e-9);
+    let p50 = |name: &str| {
+        let row = rows.iter().find(|r| r.0 == name).expect("row");
+        percentile(&row.1, 0.5)
+    };
+    let line = |what: &str, ka: &str, lz: &str| {
+        let (k, l) = (p50(ka), p50(lz));
+        println!(
+            "  {what}: {ka} {} / {lz} {} = {:.2}x",
+            ms(k),
+            ms(l),
+            k.as_secs_f64() / l.as_secs_f64().max(1e-9)
+        );
+    };
     println!("\nratio of p50 outages (keepalived / lazarus):");
-    println!(
-        "  process crash: keepalived {} / lazarus hot standby {} = {:.1}x",
-        ms(p50(6)),
-        ms(p50(0)),
-        ratio(6, 0)
+    line(
+        "process crash",
+        "keepalived process crash",
+        "lazarus SIGKILL, hot standby",
+    );
+    line(
+        "host loss",
+        "keepalived host loss",
+        "lazarus host loss, 40 ms lease",
+    );
+    line(
+        "partition",
+        "keepalived partition",
+        "lazarus partition, 40 ms lease",
     );
     println!(
-        "  host loss:     keepalived {} / lazarus 40 ms lease {} = {:.2}x",
-        ms(p50(7)),
-        ms(p50(4)),
-        ratio(7, 4)
-    );
-    println!(
-        "  partition:     keepalived {} / lazarus 40 ms lease {} = {:.2}x",
-        ms(p50(8)),
-        ms(p50(5)),
-        ratio(8, 5)
+        "hot against cold standby with 64 MiB of state (p50): hot {} / cold {}",
+        ms(p50("lazarus SIGKILL, hot standby, 64 MiB state")),
+        ms(p50("lazarus SIGKILL, cold standby, 64 MiB state"))
     );
 }
