@@ -33,18 +33,10 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{self, LzCluster};
 use common::netns::{http, ok, pids_with_env, Proc, Testbed};
+use lazarus_benches::percentile;
 
 const VIP: &str = "198.18.0.100";
 const VIP_KEY: &str = "198.18.0.100/24";
-
-fn percentile(v: &[Duration], p: f64) -> Duration {
-    let mut s = v.to_vec();
-    s.sort();
-    if s.is_empty() {
-        return Duration::ZERO;
-    }
-    s[((s.len() - 1) as f64 * p).round() as usize]
-}
 
 /// A pause before trial `trial`'s fault, spread over one second, so that
 /// periodic checks (keepalived's track_script, heartbeats) are hit at every
@@ -187,22 +179,14 @@ fn lazarus_trials(
     let addr: SocketAddr = format!("{VIP}:8080").parse().expect("addr");
     let ready = |what: &str| {
         c.wait(what, Duration::from_secs(60), |s| {
-            let (Some(w), Some(j), Some(v)) = (
-                cluster::worker(s, "kv", "kv-0"),
-                cluster::job(s, "kv"),
-                cluster::vip(s, VIP_KEY),
-            ) else {
-                return false;
-            };
             let alive = s["hosts"]
                 .as_array()
                 .is_some_and(|h| h.iter().all(|h| h["alive"] == true));
-            j["state"] == "running"
-                && w["running"] == true
-                && v["holder"] == w["primary"]
-                && alive
-                && !w["standby"].is_null()
-                && (standby != "hot" || !w["standby_checkpoint"].is_null())
+            alive
+                && cluster::serving(s, "kv", "kv-0", VIP_KEY).is_some_and(|(w, _)| {
+                    !w["standby"].is_null()
+                        && (standby != "hot" || !w["standby_checkpoint"].is_null())
+                })
         })
     };
     ready("kv ready");

@@ -20,15 +20,7 @@ use std::time::Duration;
 
 use lazarus::spec::JobSpec;
 use lazarus::supervisor::{run_local, JobState, LocalRun, RunSummary};
-
-fn percentile(v: &[Duration], p: f64) -> Duration {
-    let mut s = v.to_vec();
-    s.sort();
-    if s.is_empty() {
-        return Duration::ZERO;
-    }
-    s[((s.len() - 1) as f64 * p).round() as usize]
-}
+use lazarus_benches::percentile;
 
 fn run(rt: &tokio::runtime::Runtime, spec: JobSpec, state: &Path) -> RunSummary {
     let _ = std::fs::remove_dir_all(state);

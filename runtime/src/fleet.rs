@@ -253,11 +253,6 @@ impl Fleet {
         }
     }
 
-    /// Whether `worker` has a process in `slot`.
-    pub fn has(&self, worker: &WorkerId, slot: Slot) -> bool {
-        self.host_of(worker, slot).is_some()
-    }
-
     /// Moves `vip` to `host`.
     pub fn assign_vip(&self, vip: &str, host: &str) {
         if let Fleet::Cluster(c) = self {

@@ -249,7 +249,6 @@ struct Supervisor {
     /// Bytes each worker's last restore downloaded.
     fetched: BTreeMap<WorkerId, u64>,
     status: JobStatusCell,
-    last_failure: Option<String>,
 }
 
 impl Drop for Supervisor {
@@ -352,7 +351,6 @@ impl Supervisor {
             fetched: BTreeMap::new(),
             standby_retry: BTreeMap::new(),
             status,
-            last_failure: None,
         })
     }
 
@@ -443,7 +441,6 @@ impl Supervisor {
                 Outcome::Failed(why) => {
                     self.summary.restarts += 1;
                     self.consecutive_failures += 1;
-                    self.last_failure = Some(why.clone());
                     self.summary.last_failure = Some(why.clone());
                     let max = self.run.spec.restart.max_attempts;
                     if self.summary.restarts > max {
@@ -471,12 +468,8 @@ impl Supervisor {
                 }
             }
         }
-        self.fleet.kill_all(true);
-        for w in &self.plan {
-            for v in &w.vips {
-                self.fleet.unassign_vip(v);
-            }
-        }
+        // Every process and VIP of the job is released when the supervisor
+        // is dropped, right after this (also on an early error).
         self.summary.elapsed = self.started.elapsed();
         self.publish();
         Ok(self.summary.clone())
@@ -494,7 +487,7 @@ impl Supervisor {
         st.restarts = self.summary.restarts;
         st.committed = self.summary.committed;
         st.last_checkpoint = self.summary.last_checkpoint.map(|c| c.0);
-        st.last_failure = self.last_failure.clone();
+        st.last_failure = self.summary.last_failure.clone();
         st.workers = self
             .plan
             .iter()
@@ -753,15 +746,19 @@ impl Supervisor {
         }
     }
 
+    /// Each worker with its standby kind, in plan order (placement's input).
+    fn standby_kinds(&self) -> Vec<(WorkerId, StandbyKind)> {
+        self.plan
+            .iter()
+            .map(|w| (w.id.clone(), w.standby))
+            .collect()
+    }
+
     /// Places missing standbys (a host joined or came back) without moving
     /// any primary, then starts or moves hot standby processes to their
     /// hosts.
     fn ensure_standbys(&mut self, attempt: u64) {
-        let kinds: Vec<(WorkerId, StandbyKind)> = self
-            .plan
-            .iter()
-            .map(|w| (w.id.clone(), w.standby))
-            .collect();
+        let kinds = self.standby_kinds();
         if let Ok(next) = placement::place(
             &kinds,
             &self.fleet.hosts(),
@@ -824,11 +821,7 @@ impl Supervisor {
     async fn attempt(&mut self, attempt: u64, restore: Option<CheckpointId>) -> Outcome {
         let spec = self.run.spec.clone();
         self.pump_events();
-        let kinds: Vec<(WorkerId, StandbyKind)> = self
-            .plan
-            .iter()
-            .map(|w| (w.id.clone(), w.standby))
-            .collect();
+        let kinds = self.standby_kinds();
         let alive = self.fleet.hosts();
         self.placement = match placement::place(&kinds, &alive, &self.placement, &self.failed) {
             Ok(p) => p,

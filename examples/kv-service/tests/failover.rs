@@ -107,17 +107,8 @@ fn run(s: Scenario) {
         "kv running, VIP held by its primary",
         Duration::from_secs(30),
         |st| {
-            let (Some(w), Some(j), Some(v)) = (
-                cluster::worker(st, "kv", "kv-0"),
-                cluster::job(st, "kv"),
-                cluster::vip(st, vip_key),
-            ) else {
-                return false;
-            };
-            j["state"] == "running"
-                && w["running"] == true
-                && v["holder"] == w["primary"]
-                && (!hot || !w["standby_checkpoint"].is_null())
+            cluster::serving(st, "kv", "kv-0", vip_key)
+                .is_some_and(|(w, _)| !hot || !w["standby_checkpoint"].is_null())
         },
     );
     let w = cluster::worker(&ready, "kv", "kv-0").expect("worker");
@@ -241,17 +232,7 @@ fn run(s: Scenario) {
         "kv running on the new primary with the VIP",
         Duration::from_secs(30),
         |st| {
-            let (Some(w), Some(j), Some(v)) = (
-                cluster::worker(st, "kv", "kv-0"),
-                cluster::job(st, "kv"),
-                cluster::vip(st, vip_key),
-            ) else {
-                return false;
-            };
-            j["state"] == "running"
-                && w["running"] == true
-                && w["primary"] == other
-                && v["holder"] == other
+            cluster::serving(st, "kv", "kv-0", vip_key).is_some_and(|(w, _)| w["primary"] == other)
         },
     );
     std::thread::sleep(Duration::from_millis(200));

@@ -12,7 +12,6 @@ use crate::cluster::agent::{run_agent, AgentConfig, AgentOptions};
 use crate::cluster::client;
 use crate::cluster::config::ClusterConfig;
 use crate::cluster::server::{serve, ServerOptions};
-use crate::cluster::wire::{ClientReply, ClientRequest};
 
 /// Arguments of `lazarus supervisor`.
 #[derive(Debug, Clone, Args)]
@@ -188,12 +187,6 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
 /// `lazarus stop`.
 pub async fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
     let job = lazarus_storage::JobId::new(args.job.clone())?;
-    match client::request(args.supervisor, &ClientRequest::Stop { job }).await? {
-        ClientReply::Ok { message } => {
-            println!("{message}");
-            Ok(ExitCode::SUCCESS)
-        }
-        ClientReply::Error { message } => anyhow::bail!("{message}"),
-        ClientReply::Status(_) => anyhow::bail!("unexpected status reply"),
-    }
+    println!("{}", client::stop(args.supervisor, job).await?);
+    Ok(ExitCode::SUCCESS)
 }

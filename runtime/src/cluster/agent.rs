@@ -281,8 +281,8 @@ impl AgentState {
         let mut expired = false;
         let names: Vec<String> = self.vips.keys().cloned().collect();
         for name in names {
-            let seq = self.next_seq();
             let v = self.vips.get_mut(&name).expect("listed");
+            let seq = &mut self.seq;
             if v.on_iface && !v.holder.valid(now) {
                 tracing::warn!(vip = %name, "VIP lease expired without renewal: removing the VIP");
                 if let Err(e) = v.vip.release().await {
@@ -297,6 +297,8 @@ impl AgentState {
             }
             if let Some(id) = v.holder.lease() {
                 if now >= v.next_renew {
+                    *seq += 1;
+                    let seq = *seq;
                     v.pending.insert(seq, now);
                     v.next_renew = now + renew;
                     let _ = out.send(AgentMsg::LeaseRenew {
@@ -306,6 +308,8 @@ impl AgentState {
                     });
                 }
             } else if v.wanted && v.retry_at.is_some_and(|t| now >= t) {
+                *seq += 1;
+                let seq = *seq;
                 v.retry_at = Some(now + renew);
                 v.pending.insert(seq, now);
                 let _ = out.send(AgentMsg::LeaseAcquire {

@@ -9,6 +9,8 @@ use anyhow::Context as _;
 use lazarus_sdk::protocol;
 use tokio::net::TcpStream;
 
+use lazarus_storage::JobId;
+
 use crate::cluster::wire::{ClientReply, ClientRequest, StatusReport};
 
 /// Sends `req` and returns the reply (bounded: 5 s to connect, 10 s to answer).
@@ -39,7 +41,17 @@ pub async fn submit(supervisor: SocketAddr, path: &Path, set: &[String]) -> anyh
         dir,
         set: set.to_vec(),
     };
-    match request(supervisor, &req).await? {
+    acknowledged(request(supervisor, &req).await?)
+}
+
+/// Stops `job`.
+pub async fn stop(supervisor: SocketAddr, job: JobId) -> anyhow::Result<String> {
+    acknowledged(request(supervisor, &ClientRequest::Stop { job }).await?)
+}
+
+/// The message of an `Ok` reply; an `Error` reply becomes the error.
+fn acknowledged(reply: ClientReply) -> anyhow::Result<String> {
+    match reply {
         ClientReply::Ok { message } => Ok(message),
         ClientReply::Error { message } => anyhow::bail!("{message}"),
         ClientReply::Status(_) => anyhow::bail!("unexpected status reply"),

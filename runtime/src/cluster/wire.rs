@@ -4,7 +4,6 @@
 //! a connection says who is speaking: `register` (an agent), `submit` or
 //! `status` (a client).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -379,6 +378,3 @@ pub fn job_status_cell(job: &JobId, epoch: Epoch) -> JobStatusCell {
         ..JobStatus::default()
     }))
 }
-
-/// Workers by id, for status.
-pub type WorkerTable = BTreeMap<WorkerId, WorkerStatus>;

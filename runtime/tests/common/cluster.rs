@@ -241,3 +241,20 @@ pub fn job<'a>(s: &'a serde_json::Value, job: &str) -> Option<&'a serde_json::Va
 pub fn vip<'a>(s: &'a serde_json::Value, vip: &str) -> Option<&'a serde_json::Value> {
     s["vips"].as_array()?.iter().find(|v| v["vip"] == vip)
 }
+
+/// The worker's and the VIP's entries when `job` runs, `worker` runs, and
+/// the VIP is held by the worker's primary host: the service is up.
+pub fn serving<'a>(
+    s: &'a serde_json::Value,
+    job_name: &str,
+    worker_name: &str,
+    vip_key: &str,
+) -> Option<(&'a serde_json::Value, &'a serde_json::Value)> {
+    let (w, j, v) = (
+        worker(s, job_name, worker_name)?,
+        job(s, job_name)?,
+        vip(s, vip_key)?,
+    );
+    (j["state"] == "running" && w["running"] == true && v["holder"] == w["primary"])
+        .then_some((w, v))
+}

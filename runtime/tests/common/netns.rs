@@ -223,59 +223,33 @@ impl Testbed {
         }
     }
 
+    /// Runs `ip link set v<name> ARGS` on the bridge side of host `name`.
+    fn port(&self, name: &str, args: &[&str]) {
+        let port = format!("v{name}");
+        let mut full = vec!["-n", self.bridge.as_str(), "link", "set", port.as_str()];
+        full.extend_from_slice(args);
+        ok("ip", &full);
+    }
+
     /// Cuts host `name`'s cable (its bridge port goes down).
     pub fn link_down(&self, name: &str) {
-        ok(
-            "ip",
-            &[
-                "-n",
-                &self.bridge,
-                "link",
-                "set",
-                &format!("v{name}"),
-                "down",
-            ],
-        );
+        self.port(name, &["down"]);
     }
 
     /// Partitions host `name` with its carrier up: its bridge port leaves
     /// the bridge, so frames stop flowing but no link goes down.
     pub fn partition(&self, name: &str) {
-        ok(
-            "ip",
-            &[
-                "-n",
-                &self.bridge,
-                "link",
-                "set",
-                &format!("v{name}"),
-                "nomaster",
-            ],
-        );
+        self.port(name, &["nomaster"]);
     }
 
     /// Heals [`Testbed::partition`].
     pub fn heal(&self, name: &str) {
-        ok(
-            "ip",
-            &[
-                "-n",
-                &self.bridge,
-                "link",
-                "set",
-                &format!("v{name}"),
-                "master",
-                "br0",
-            ],
-        );
+        self.port(name, &["master", "br0"]);
     }
 
     /// Reconnects host `name`'s cable.
     pub fn link_up(&self, name: &str) {
-        ok(
-            "ip",
-            &["-n", &self.bridge, "link", "set", &format!("v{name}"), "up"],
-        );
+        self.port(name, &["up"]);
     }
 
     /// The neighbour entry of `addr` in host `client`: (MAC, state).
