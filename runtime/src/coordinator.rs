@@ -11,7 +11,9 @@
 //!   commits its manifest and reports back;
 //! - a checkpoint not committed within `timeout` is aborted; acks that arrive
 //!   for an aborted (or unknown) checkpoint are ignored;
-//! - committing `n` subsumes every pending checkpoint older than `n`;
+//! - committing `n` subsumes every pending checkpoint older than `n`, and
+//!   a checkpoint completing while a newer one is already committing is
+//!   subsumed too, so manifests reach the store in id order;
 //! - when every source has run dry, one final checkpoint is triggered; when it
 //!   commits the job is finished;
 //! - a worker failure aborts everything in flight (the job rolls back).
@@ -221,6 +223,23 @@ impl CheckpointCoordinator {
         if p.committing || p.acks.len() < self.workers.len() {
             return Vec::new();
         }
+        // Commits go to the store in the order they are decided. A newer
+        // checkpoint already committing subsumes this one: committing it
+        // after would put an older manifest behind a newer one.
+        if self
+            .pending
+            .range(checkpoint.next()..)
+            .any(|(_, q)| q.committing)
+        {
+            self.pending.remove(&checkpoint);
+            return vec![Decision::Abort {
+                checkpoint,
+                reason: AbortReason::Subsumed,
+            }];
+        }
+        let Some(p) = self.pending.get_mut(&checkpoint) else {
+            return Vec::new();
+        };
         p.committing = true;
         let mut manifest = Manifest::new(self.job.clone(), checkpoint, self.epoch);
         manifest.workers = p.acks.clone();

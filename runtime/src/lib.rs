@@ -10,24 +10,26 @@
 //! | `spec` | the TOML job spec, its validation and the worker plan |
 //! | `coordinator` | the checkpoint coordinator: pure decisions, unit-tested without I/O |
 //! | `lease` | VIP leases: the authority interface, the in-supervisor table, the holder's self-fencing (pure) |
-//! | `agent` | starts worker processes (primary and standby slots), reports their exits at once, kills them |
+//! | `procs` | the process table of one job on one host: starts worker processes (primary and standby slots), reports their exits at once, kills them |
 //! | `supervisor` | runs a job: placement, handshake, checkpoints, commits, standbys, restarts (job lifecycle) |
 //! | `fleet` | where a job's processes run: the local agent or the cluster's agents |
 //! | `placement` | which host runs each primary and standby (pure) |
 //! | `cluster` | several hosts: `lazarus supervisor`, `agent`, `submit`, `status`; leases and host loss |
 //! | `vip` | the service VIP on this host: netlink add/remove, gratuitous ARP and unsolicited NA bursts |
-//! | `units` | byte sizes (`64MiB`) and times for people |
+//! | `clock` | time: the `Clock` trait, the real and the manual clock; the only reader of `Instant::now` |
+//! | `units` | byte sizes (`64MiB`) and durations (`250ms`) for people |
 //!
 //! Dependency direction: `runtime → worker-sdk → storage`; the wire protocol
 //! lives in `lazarus_sdk::protocol`, imported by both sides.
 
-pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod cluster;
 pub mod coordinator;
 pub mod fleet;
 pub mod lease;
 pub mod placement;
+pub mod procs;
 pub mod spec;
 pub mod supervisor;
 pub mod units;

@@ -13,6 +13,7 @@
 //! timeout = "60s"
 //! max_concurrent = 1
 //! retention = 3
+//! retention_interval = "2s"   # at most one retention pass this often
 //! codec = "zstd"
 //!
 //! [restart]
@@ -73,33 +74,7 @@ pub enum SpecError {
     },
 }
 
-/// Parses durations like `250ms`, `1s`, `1.5s`, `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write for example \"500ms\" or \"2s\""))?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "us" => value / 1e6,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?}; use us, ms, s, m or h"
-            ))
-        }
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use crate::units::parse_duration;
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
@@ -167,6 +142,15 @@ pub struct CheckpointSection {
     /// Committed checkpoints kept in the store. Default 3.
     #[serde(default = "three")]
     pub retention: usize,
+    /// At most one retention pass (a listing of the job's manifests and
+    /// chunks, deletes) per this interval; between passes up to one
+    /// interval's worth of extra checkpoints stays in the store. Default 2s.
+    /// The final checkpoint's pass always runs.
+    #[serde(
+        default = "default_retention_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub retention_interval: Duration,
     /// Codec of state chunks. Default zstd (level 1).
     #[serde(default = "default_codec")]
     pub codec: Codec,
@@ -184,6 +168,9 @@ fn one() -> u32 {
 fn three() -> usize {
     3
 }
+fn default_retention_interval() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_codec() -> Codec {
     Codec::Zstd
 }
@@ -195,6 +182,7 @@ impl Default for CheckpointSection {
             timeout: default_timeout(),
             max_concurrent: 1,
             retention: 3,
+            retention_interval: default_retention_interval(),
             codec: Codec::Zstd,
         }
     }

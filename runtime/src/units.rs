@@ -1,5 +1,7 @@
 //! Sizes and times as people write and read them.
 
+use std::time::Duration;
+
 /// Parses a byte size: `1048576`, `64KiB`, `64MiB`, `1GiB`, `10MB`, `1.5GiB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -69,6 +71,34 @@ pub fn format_unix_ms(ms: u64) -> String {
         rem % 60,
         ms % 1000
     )
+}
+
+/// Parses durations like `250ms`, `1s`, `1.5s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write for example \"500ms\" or \"2s\""))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "us" => value / 1e6,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use us, ms, s, m or h"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]

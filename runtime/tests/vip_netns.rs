@@ -5,6 +5,8 @@
 //! Needs root (namespaces, CAP_NET_ADMIN, CAP_NET_RAW) and iproute2; without
 //! them the tests fail and say so, they never skip. Every namespace is
 //! deleted when a test ends, also when it fails.
+// Tests measure wall time; the clock rule is for the runtime's decisions.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

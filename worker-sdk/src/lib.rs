@@ -10,7 +10,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | `record` | [`Record`], [`Emitter`], key groups and their owners |
-//! | `operator` | the [`Source`], [`Operator`] and [`Sink`] traits, [`Context`], [`Registry`] |
+//! | `operator` | the [`Source`], [`Operator`] and [`Sink`] traits, [`Context`], [`Registry`], [`Fatal`] errors |
 //! | `state` | [`Snapshot`], [`Restored`], [`KeyedState`] (copy-on-write, incremental) |
 //! | `align` | barrier alignment across inputs (a pure state machine) |
 //! | `protocol` | the wire protocol shared with the supervisor (control and data frames) |
@@ -25,7 +25,7 @@ mod record;
 mod state;
 mod worker;
 
-pub use operator::{BoxError, Context, Operator, Registry, Role, Sink, Source, SourcePoll};
+pub use operator::{BoxError, Context, Fatal, Operator, Registry, Role, Sink, Source, SourcePoll};
 pub use record::{group_owner, key_group, Emitter, Record};
 pub use state::{to_rkyv, KeyedState, PartContent, Restored, Snapshot, StateKey};
 pub use worker::run_worker;

@@ -11,6 +11,71 @@ use crate::state::{Restored, Snapshot};
 /// Errors from operator code: anything displayable.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// An error that restarting cannot fix: a bad configuration, an input that
+/// cannot be opened, data that will never parse. A worker that returns it
+/// (from a constructor, `poll`, `process`, `restore`, ...) ends the whole
+/// job with its message instead of being restarted again and again. Every
+/// other error is retryable: the job rolls back to its last checkpoint.
+///
+/// ```
+/// use lazarus_sdk::{BoxError, Fatal};
+///
+/// fn open_input(path: &str) -> Result<std::fs::File, BoxError> {
+///     // A missing input file will not appear by restarting: fatal.
+///     std::fs::File::open(path).map_err(|e| Fatal::new(format!("input {path}: {e}")).into())
+/// }
+///
+/// let err = open_input("/no/such/file").unwrap_err();
+/// assert!(Fatal::is_fatal(&err));
+/// assert!(err.to_string().starts_with("input /no/such/file: "));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fatal {
+    message: String,
+}
+
+impl Fatal {
+    /// A fatal error with this message.
+    ///
+    /// ```
+    /// let e = lazarus_sdk::Fatal::new("threshold must be a number");
+    /// assert_eq!(e.to_string(), "threshold must be a number");
+    /// ```
+    pub fn new(message: impl std::fmt::Display) -> Fatal {
+        Fatal {
+            message: message.to_string(),
+        }
+    }
+
+    /// Whether `error` (or an error it wraps) is [`Fatal`].
+    ///
+    /// ```
+    /// use lazarus_sdk::{BoxError, Fatal};
+    /// let retryable: BoxError = "connection reset".into();
+    /// assert!(!Fatal::is_fatal(&retryable));
+    /// let fatal: BoxError = Fatal::new("bad config").into();
+    /// assert!(Fatal::is_fatal(&fatal));
+    /// ```
+    pub fn is_fatal(error: &BoxError) -> bool {
+        let mut e: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+        while let Some(cur) = e {
+            if cur.is::<Fatal>() {
+                return true;
+            }
+            e = cur.source();
+        }
+        false
+    }
+}
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
 /// Who an operator instance is and what the job gave it.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -31,7 +96,8 @@ pub struct Context {
 }
 
 impl Context {
-    /// A required parameter, or an error that names it.
+    /// A required parameter, or a [`Fatal`] error that names it (a job
+    /// spec without it will not run by restarting).
     ///
     /// ```
     /// # let ctx = lazarus_sdk::Context::for_test("op", 0, 1);
@@ -39,10 +105,10 @@ impl Context {
     /// ```
     pub fn param(&self, name: &str) -> Result<&str, BoxError> {
         self.params.get(name).map(String::as_str).ok_or_else(|| {
-            format!(
+            Fatal::new(format!(
                 "operator {}: missing parameter {name:?} in [params]",
                 self.operator
-            )
+            ))
             .into()
         })
     }
@@ -288,10 +354,10 @@ impl Registry {
     /// Builds an instance of `kind`.
     pub fn build(&self, kind: &str, ctx: &Context) -> Result<Role, BoxError> {
         let ctor = self.ctors.get(kind).ok_or_else(|| {
-            format!(
+            Fatal::new(format!(
                 "unknown operator kind {kind:?}; this worker binary provides: {}",
                 self.ctors.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
+            ))
         })?;
         ctor(ctx)
     }

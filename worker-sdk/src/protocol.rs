@@ -162,6 +162,9 @@ pub enum ToSupervisor {
     Failed {
         /// Why.
         error: String,
+        /// Restarting cannot help (a [`crate::Fatal`] error): the job ends.
+        #[serde(default)]
+        fatal: bool,
     },
 }
 

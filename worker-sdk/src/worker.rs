@@ -230,6 +230,7 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
     if let Err(e) = &result {
         let _ = to_sup.send(ToSupervisor::Failed {
             error: e.to_string(),
+            fatal: crate::operator::Fatal::is_fatal(e),
         });
     }
     drop(to_sup);

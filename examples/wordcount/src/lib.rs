@@ -52,7 +52,9 @@ impl FileSource {
             .into());
         }
         let path = PathBuf::from(ctx.param("input")?);
-        let file = File::open(&path).map_err(|e| format!("input {}: {e}", path.display()))?;
+        // An input that cannot be opened will not appear by restarting.
+        let file =
+            File::open(&path).map_err(|e| Fatal::new(format!("input {}: {e}", path.display())))?;
         Ok(FileSource {
             path,
             reader: BufReader::with_capacity(1 << 20, file),

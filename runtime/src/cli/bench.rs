@@ -3,8 +3,8 @@
 //! checks every byte, and prints throughput. With `--keep` the checkpoint
 //! stays committed (so `checkpoints verify` can be run on it).
 
+use crate::clock::Stopwatch;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -75,7 +75,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let epoch = Epoch(js.current_epoch().await?.0.max(1));
     let concurrency = store.options().upload_concurrency;
 
-    let started = Instant::now();
+    let started = Stopwatch::start();
     let written: Vec<_> = futures::stream::iter(plan.iter().cloned())
         .map(|(worker, name, data)| {
             let js = js.clone();
@@ -119,7 +119,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| temp.path().to_path_buf()),
     )?;
-    let started = Instant::now();
+    let started = Stopwatch::start();
     let mut fetched = 0;
     let mut restored = Vec::new();
     for worker in manifest.workers.keys() {
@@ -151,7 +151,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     drop(restored);
-    let started = Instant::now();
+    let started = Stopwatch::start();
     let mut hits = 0;
     for worker in manifest.workers.keys() {
         hits += js

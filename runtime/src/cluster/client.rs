@@ -102,6 +102,9 @@ pub fn render(s: &StatusReport) -> String {
             j.committed,
             j.last_checkpoint.map_or("-".into(), |c| c.to_string())
         );
+        if let Some(f) = &j.failure {
+            let _ = writeln!(out, "  failed: {f}");
+        }
         if let Some(f) = &j.last_failure {
             let _ = writeln!(out, "  last failure: {f}");
         }

@@ -9,6 +9,7 @@
 //! | `agent` | `lazarus agent`: runs workers for the supervisor, holds VIPs under leases, fences itself |
 //! | `client` | `lazarus submit` and `lazarus status` |
 //! | `config` | the supervisor's `--config` file |
+//! | `fleet` | a job's processes and VIPs on the agents (the supervisor's `Fleet`) |
 //!
 //! A job on the cluster runs the same [`crate::supervisor`] as `lazarus
 //! run`, with a [`crate::fleet::Fleet`] that reaches the agents through
@@ -17,6 +18,7 @@
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod fleet;
 pub mod server;
 pub mod state;
 pub mod wire;

@@ -12,13 +12,19 @@ use anyhow::Context as _;
 use lazarus_sdk::protocol;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::agent::WorkerExited;
+/// Agent and client connections served at once; more wait in the backlog.
+const MAX_CONNECTIONS: usize = 4096;
+
 use crate::cluster::config::ClusterConfig;
+use crate::cluster::fleet::ClusterFleet;
 use crate::cluster::state::{Cluster, JobEntry};
 use crate::cluster::wire::{job_status_cell, AgentMsg, ClientReply, ClientRequest, SupervisorMsg};
-use crate::fleet::{Fleet, FleetEvent};
+use crate::fleet::FleetEvent;
+use crate::procs::WorkerExited;
 use crate::spec::JobSpec;
 use crate::supervisor::{self, LocalRun};
 
@@ -55,19 +61,51 @@ pub async fn serve(
         let _ = r.send(bound);
     }
     let cluster = Cluster::new(opts.config);
-    let heartbeats = tokio::spawn(heartbeat_loop(cluster.clone()));
+    // Every task of the supervisor: the heartbeat loop, one per connection,
+    // one per job. Cancelling `cancel` ends the first two kinds; jobs are
+    // stopped through their own stop signal so they release what they hold.
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    tracker.spawn(heartbeat_loop(cluster.clone(), cancel.clone()));
     let opts = std::sync::Arc::new(ServerOptions {
         listen: bound,
         ..opts
     });
+    let slots = std::sync::Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(5);
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.context("connection limit closed")?,
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() { break } else { continue }
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
-                let (cluster, opts) = (cluster.clone(), opts.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = connection(stream, peer, cluster, opts).await {
-                        tracing::debug!(%peer, error = %e, "connection ended");
+                let (stream, peer) = match accepted {
+                    Ok(a) => {
+                        backoff = Duration::from_millis(5);
+                        a
+                    }
+                    Err(e) => {
+                        // Out of descriptors, usually: back off, do not spin.
+                        tracing::warn!(error = %e, ?backoff, "accept failed; backing off");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                };
+                let (cluster, opts, conn_cancel) = (cluster.clone(), opts.clone(), cancel.clone());
+                let jobs = tracker.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    tokio::select! {
+                        r = connection(stream, peer, cluster, opts, jobs) => {
+                            if let Err(e) = r {
+                                tracing::debug!(%peer, error = %e, "connection ended");
+                            }
+                        }
+                        _ = conn_cancel.cancelled() => {}
                     }
                 });
             }
@@ -78,7 +116,6 @@ pub async fn serve(
             }
         }
     }
-    heartbeats.abort();
     // Stop every job; each kills its workers and releases its VIPs. Wait
     // for them (bounded: 10 s), so the agents hear it before we go.
     let tasks: Vec<_> = {
@@ -91,20 +128,31 @@ pub async fn serve(
             })
             .collect()
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = crate::clock::tokio_now() + Duration::from_secs(10);
     for t in tasks {
         let _ = tokio::time::timeout_at(deadline, t).await;
+    }
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("supervisor tasks still running after 5 s at shutdown");
     }
     Ok(())
 }
 
 /// Sends heartbeats and declares silent hosts lost.
-async fn heartbeat_loop(cluster: Cluster) {
+async fn heartbeat_loop(cluster: Cluster, cancel: CancellationToken) {
     let every = cluster.lock().config.heartbeat_interval;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
         let mut c = cluster.lock();
         for h in c.alive() {
             c.send(&h, SupervisorMsg::Heartbeat);
@@ -120,6 +168,7 @@ async fn connection(
     peer: SocketAddr,
     cluster: Cluster,
     opts: std::sync::Arc<ServerOptions>,
+    jobs: TaskTracker,
 ) -> anyhow::Result<()> {
     stream.set_nodelay(true)?;
     let (mut read, mut write) = stream.into_split();
@@ -132,7 +181,7 @@ async fn connection(
         return agent_session(name, state_dir, peer.ip(), read, write, cluster).await;
     }
     let reply = match serde_json::from_value::<ClientRequest>(first) {
-        Ok(req) => client_request(req, &cluster, &opts),
+        Ok(req) => client_request(req, &cluster, &opts, &jobs),
         Err(e) => ClientReply::Error {
             message: format!("unrecognised first message: {e}"),
         },
@@ -157,13 +206,14 @@ async fn agent_session(
         return Ok(());
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<SupervisorMsg>();
-    tokio::spawn(async move {
+    // The writer is part of this session's task: it ends with it.
+    let writer = async move {
         while let Some(msg) = rx.recv().await {
             if protocol::write_control(&mut write, &msg).await.is_err() {
                 break;
             }
         }
-    });
+    };
     let conn = {
         let mut c = cluster.lock();
         let welcome = SupervisorMsg::Welcome {
@@ -174,53 +224,59 @@ async fn agent_session(
         let _ = tx.send(welcome);
         c.register(&name, addr, state_dir, tx.clone())
     };
-    loop {
-        let msg = match protocol::read_control::<_, AgentMsg>(&mut read).await {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::warn!(host = %name, error = %e, "bad message from agent; closing its session");
+    let reader = async {
+        loop {
+            let msg = match protocol::read_control::<_, AgentMsg>(&mut read).await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(host = %name, error = %e, "bad message from agent; closing its session");
+                    break;
+                }
+            };
+            let mut c = cluster.lock();
+            if !c.current(&name, conn) {
+                // Declared lost (or replaced): this session is over.
                 break;
             }
-        };
-        let mut c = cluster.lock();
-        if !c.current(&name, conn) {
-            // Declared lost (or replaced): this session is over.
-            break;
-        }
-        c.heard(&name);
-        let reply = match msg {
-            AgentMsg::Heartbeat | AgentMsg::Register { .. } => None,
-            AgentMsg::Exited {
-                job,
-                worker,
-                attempt,
-                standby,
-                exit,
-                detail,
-            } => {
-                if let Some(j) = c.jobs.get(&job) {
-                    let _ = j.events.send(FleetEvent::Exited(WorkerExited {
-                        worker,
-                        attempt,
-                        standby,
-                        host: name.clone(),
-                        exit: exit.into(),
-                        detail,
-                    }));
+            c.heard(&name);
+            let reply = match msg {
+                AgentMsg::Heartbeat | AgentMsg::Register { .. } => None,
+                AgentMsg::Exited {
+                    job,
+                    worker,
+                    attempt,
+                    standby,
+                    exit,
+                    detail,
+                } => {
+                    if let Some(j) = c.jobs.get(&job) {
+                        let _ = j.events.send(FleetEvent::Exited(WorkerExited {
+                            worker,
+                            attempt,
+                            standby,
+                            host: name.clone(),
+                            exit: exit.into(),
+                            detail,
+                        }));
+                    }
+                    None
                 }
-                None
+                AgentMsg::LeaseAcquire { vip, seq } => Some(c.lease_acquire(&name, &vip, seq)),
+                AgentMsg::LeaseRenew { vip, id, seq } => Some(c.lease_renew(&name, &vip, id, seq)),
+                AgentMsg::LeaseReleased { vip, id } => {
+                    c.lease_released(&name, &vip, id);
+                    None
+                }
+            };
+            if let Some(r) = reply {
+                let _ = tx.send(r);
             }
-            AgentMsg::LeaseAcquire { vip, seq } => Some(c.lease_acquire(&name, &vip, seq)),
-            AgentMsg::LeaseRenew { vip, id, seq } => Some(c.lease_renew(&name, &vip, id, seq)),
-            AgentMsg::LeaseReleased { vip, id } => {
-                c.lease_released(&name, &vip, id);
-                None
-            }
-        };
-        if let Some(r) = reply {
-            let _ = tx.send(r);
         }
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
     }
     // The connection closed: the host is gone for its jobs now, not after
     // the heartbeat timeout. Its VIP lease still runs out on its own clock.
@@ -231,7 +287,12 @@ async fn agent_session(
     Ok(())
 }
 
-fn client_request(req: ClientRequest, cluster: &Cluster, opts: &ServerOptions) -> ClientReply {
+fn client_request(
+    req: ClientRequest,
+    cluster: &Cluster,
+    opts: &ServerOptions,
+    jobs: &TaskTracker,
+) -> ClientReply {
     match req {
         ClientRequest::Status => ClientReply::Status(Box::new(cluster.lock().report())),
         ClientRequest::Stop { job } => match cluster.lock().jobs.get(&job) {
@@ -250,7 +311,7 @@ fn client_request(req: ClientRequest, cluster: &Cluster, opts: &ServerOptions) -
             origin,
             dir,
             set,
-        } => match submit(spec, origin, dir, set, cluster, opts) {
+        } => match submit(spec, origin, dir, set, cluster, opts, jobs) {
             Ok(message) => ClientReply::Ok { message },
             Err(e) => ClientReply::Error {
                 message: format!("{e:#}"),
@@ -266,6 +327,7 @@ fn submit(
     set: Vec<String>,
     cluster: &Cluster,
     opts: &ServerOptions,
+    jobs: &TaskTracker,
 ) -> anyhow::Result<String> {
     let mut spec = JobSpec::parse(&text, &origin, dir)?;
     spec.set_params(&set)?;
@@ -316,10 +378,10 @@ fn submit(
         status_every: None,
         final_checkpoint_on_stop: false,
     };
-    let fleet = Fleet::cluster(job.clone(), cluster.clone(), binary);
+    let fleet = Box::new(ClusterFleet::new(job.clone(), cluster.clone(), binary));
     let control_ip = opts.listen.ip();
     let j = job.clone();
-    let task = tokio::spawn(async move {
+    let task = jobs.spawn(async move {
         match supervisor::run_job(run, fleet, events_rx, control_ip, status, stop_rx).await {
             Ok(summary) => {
                 tracing::info!(job = %j, state = ?summary.state, committed = summary.committed, restarts = summary.restarts, "job ended")

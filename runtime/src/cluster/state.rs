@@ -6,48 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Time for the cluster's decisions, injected so that heartbeat timeouts
-/// and lease expiry are testable without sleeping.
-pub trait Clock: std::fmt::Debug + Send + Sync {
-    /// Time since an arbitrary origin.
-    fn now(&self) -> Duration;
-}
-
-/// The real clock (monotonic).
-#[derive(Debug)]
-pub struct SystemClock(Instant);
-
-impl Default for SystemClock {
-    fn default() -> Self {
-        SystemClock(Instant::now())
-    }
-}
-
-impl Clock for SystemClock {
-    fn now(&self) -> Duration {
-        self.0.elapsed()
-    }
-}
-
-/// A clock tests move by hand.
-#[derive(Debug, Default, Clone)]
-pub struct ManualClock(Arc<std::sync::atomic::AtomicU64>);
-
-impl ManualClock {
-    /// Moves the clock forward.
-    pub fn advance(&self, by: Duration) {
-        self.0
-            .fetch_add(by.as_micros() as u64, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Duration {
-        Duration::from_micros(self.0.load(std::sync::atomic::Ordering::SeqCst))
-    }
-}
+pub use crate::clock::{Clock, ManualClock, SystemClock};
 
 use lazarus_storage::JobId;
 use tokio::sync::{mpsc, watch};
@@ -92,13 +53,11 @@ pub struct JobEntry {
 impl JobEntry {
     /// Whether the job has ended (finished, stopped or failed).
     pub fn ended(&self) -> bool {
-        let state = self
-            .status
+        self.status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .state
-            .clone();
-        state == "finished" || state == "stopped" || state.starts_with("failed")
+            .ended()
     }
 }
 
@@ -200,6 +159,9 @@ impl ClusterState {
             self.notify_lost(name);
         }
         tracing::info!(host = name, %addr, "agent registered");
+        for j in self.jobs.values() {
+            let _ = j.events.send(FleetEvent::HostJoined(name.to_string()));
+        }
         conn
     }
 

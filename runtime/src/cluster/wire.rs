@@ -10,9 +10,10 @@ use std::path::PathBuf;
 use lazarus_storage::{CheckpointId, Epoch, JobId, WorkerId};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::ExitKind;
 use crate::placement::Placed;
+use crate::procs::ExitKind;
 use crate::spec::StandbyKind;
+use crate::supervisor::JobStateKind;
 
 /// Agent → supervisor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,9 +315,12 @@ pub struct HostStatus {
 pub struct JobStatus {
     /// The job.
     pub job: String,
-    /// Its state (`starting`, `running`, `recovering`, `finished`,
-    /// `stopped`, `failed: …`).
-    pub state: String,
+    /// Its state: `starting`, `running`, `recovering`, `finishing`,
+    /// `finished`, `stopped` or `failed`.
+    pub state: JobStateKind,
+    /// Why it failed, when `state` is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// The supervisor's current epoch for it.
     pub epoch: u64,
     /// The current attempt (0 = first start).
@@ -373,7 +377,7 @@ pub type JobStatusCell = std::sync::Arc<std::sync::Mutex<JobStatus>>;
 pub fn job_status_cell(job: &JobId, epoch: Epoch) -> JobStatusCell {
     std::sync::Arc::new(std::sync::Mutex::new(JobStatus {
         job: job.to_string(),
-        state: "starting".into(),
+        state: JobStateKind::Starting,
         epoch: epoch.0,
         ..JobStatus::default()
     }))

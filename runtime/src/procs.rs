@@ -1,4 +1,4 @@
-//! The agent: one per host. It starts worker processes, reports a worker's
+//! The process table of one job on one host: it starts worker processes, reports a worker's
 //! exit the moment it happens (child exit, not a timeout), kills workers on
 //! request, and owns the host's local cache directory, which outlives worker
 //! processes so a restart on the same host restores from local disk.
@@ -18,7 +18,12 @@ use std::process::Stdio;
 
 use lazarus_storage::WorkerId;
 use tokio::process::Command;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+
+/// Where a table reports its processes' exits (a channel send, called from
+/// the task that waited for the child).
+pub type ExitReporter = Box<dyn Fn(WorkerExited) + Send + Sync>;
 
 /// How a worker process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,46 +87,55 @@ struct Child {
     kill: Option<oneshot::Sender<()>>,
 }
 
-/// Starts, watches and kills the worker processes of one host.
-pub struct Agent {
+/// Starts, watches and kills the worker processes of one job on one host
+/// (in `lazarus run`, the only host; on a cluster, one per job in the
+/// `lazarus agent` daemon).
+pub struct ProcessTable {
     name: String,
     binary: PathBuf,
     log_dir: PathBuf,
     cache_dir: PathBuf,
     extra_env: Vec<(String, String)>,
     children: BTreeMap<(WorkerId, Slot), Child>,
-    exits: mpsc::UnboundedSender<WorkerExited>,
+    exits: std::sync::Arc<ExitReporter>,
+    /// The tasks that wait for children: each ends with its child.
+    tasks: TaskTracker,
 }
 
-impl Agent {
-    /// An agent named `name` running `binary`, with worker logs in
+impl Drop for ProcessTable {
+    fn drop(&mut self) {
+        // No worker outlives its table: kill_on_drop covers the rest.
+        self.kill_all();
+    }
+}
+
+impl ProcessTable {
+    /// A table for host `name` running `binary`, with worker logs in
     /// `state_dir/logs` and the local cache in `state_dir/cache`. Exits are
-    /// reported on the returned channel.
+    /// reported to `exits`.
     pub fn new(
         name: &str,
         binary: PathBuf,
         state_dir: &Path,
-    ) -> std::io::Result<(Agent, mpsc::UnboundedReceiver<WorkerExited>)> {
+        exits: ExitReporter,
+    ) -> std::io::Result<ProcessTable> {
         let log_dir = state_dir.join("logs");
         let cache_dir = state_dir.join("cache");
         std::fs::create_dir_all(&log_dir)?;
         std::fs::create_dir_all(&cache_dir)?;
-        let (exits, rx) = mpsc::unbounded_channel();
-        Ok((
-            Agent {
-                name: name.to_string(),
-                binary,
-                log_dir,
-                cache_dir,
-                extra_env: Vec::new(),
-                children: BTreeMap::new(),
-                exits,
-            },
-            rx,
-        ))
+        Ok(ProcessTable {
+            name: name.to_string(),
+            binary,
+            log_dir,
+            cache_dir,
+            extra_env: Vec::new(),
+            children: BTreeMap::new(),
+            exits: std::sync::Arc::new(exits),
+            tasks: TaskTracker::new(),
+        })
     }
 
-    /// The agent's name (its host).
+    /// The host's name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -190,7 +204,7 @@ impl Agent {
                 let pid = child.id();
                 tracing::debug!(worker = %w, attempt, ?slot, ?pid, "worker started");
                 let task_tag = tag.clone();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let status = tokio::select! {
                         status = child.wait() => status,
                         _ = kill_rx => {
@@ -208,7 +222,7 @@ impl Agent {
                         last_log_line(&log_path)
                     };
                     let (attempt, slot) = *task_tag.lock().unwrap_or_else(|p| p.into_inner());
-                    let _ = exits.send(WorkerExited {
+                    exits(WorkerExited {
                         worker: w,
                         attempt,
                         standby: slot == Slot::Standby,
@@ -227,7 +241,7 @@ impl Agent {
                 );
             }
             Err(e) => {
-                let _ = exits.send(WorkerExited {
+                exits(WorkerExited {
                     worker: w,
                     attempt,
                     standby: slot == Slot::Standby,

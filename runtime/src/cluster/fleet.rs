@@ -1,0 +1,145 @@
+//! A job's processes on the cluster's agents: the [`Fleet`] that sends the
+//! controller's actions to agents through [`ClusterState`]. A send to a
+//! host that is not live is dropped: that host's loss event reaches the job
+//! and covers whatever the message was for.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use lazarus_storage::{CheckpointId, JobId, WorkerId};
+
+use crate::cluster::state::Cluster;
+use crate::cluster::wire::SupervisorMsg;
+use crate::fleet::Fleet;
+use crate::procs::{Slot, WorkerExited};
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct ClusterFleet {
+    job: JobId,
+    cluster: Cluster,
+    binary: PathBuf,
+}
+
+impl ClusterFleet {
+    /// A fleet on `cluster`'s agents running `binary` for `job`.
+    pub fn new(job: JobId, cluster: Cluster, binary: PathBuf) -> ClusterFleet {
+        ClusterFleet {
+            job,
+            cluster,
+            binary,
+        }
+    }
+
+    fn send(&self, host: &str, msg: SupervisorMsg) {
+        if !self.cluster.lock().send(host, msg) {
+            tracing::debug!(host, job = %self.job, "message to a host that is not live dropped");
+        }
+    }
+}
+
+impl Fleet for ClusterFleet {
+    fn hosts(&self) -> BTreeSet<String> {
+        self.cluster.lock().alive()
+    }
+
+    fn holds_vips(&self) -> bool {
+        true
+    }
+
+    fn cache_dir(&self, host: &str) -> PathBuf {
+        self.cluster
+            .lock()
+            .hosts
+            .get(host)
+            .map(|h| h.state_dir.join(self.job.as_str()).join("cache"))
+            .unwrap_or_default()
+    }
+
+    fn spawn(
+        &mut self,
+        host: &str,
+        worker: &WorkerId,
+        attempt: u64,
+        slot: Slot,
+        supervisor: SocketAddr,
+    ) {
+        self.send(
+            host,
+            SupervisorMsg::Spawn {
+                job: self.job.clone(),
+                worker: worker.clone(),
+                attempt,
+                standby: slot == Slot::Standby,
+                binary: self.binary.clone(),
+                supervisor,
+            },
+        );
+    }
+
+    fn promote(&mut self, host: &str, worker: &WorkerId, attempt: u64) {
+        self.send(
+            host,
+            SupervisorMsg::Promote {
+                job: self.job.clone(),
+                worker: worker.clone(),
+                attempt,
+            },
+        );
+    }
+
+    fn kill(&mut self, host: &str, worker: &WorkerId, slot: Slot) {
+        self.send(
+            host,
+            SupervisorMsg::Kill {
+                job: self.job.clone(),
+                worker: worker.clone(),
+                standby: slot == Slot::Standby,
+            },
+        );
+    }
+
+    fn kill_all(&mut self, standbys: bool) {
+        let cluster = self.cluster.lock();
+        for h in cluster.alive() {
+            cluster.send(
+                &h,
+                SupervisorMsg::KillAll {
+                    job: self.job.clone(),
+                    standbys,
+                },
+            );
+        }
+    }
+
+    fn reap(&mut self, _exit: &WorkerExited) {}
+
+    fn assign_vip(&mut self, vip: &str, host: &str) {
+        self.cluster.lock().assign_vip(vip, host);
+    }
+
+    fn unassign_vip(&mut self, vip: &str) {
+        self.cluster.lock().unassign_vip(vip);
+    }
+
+    fn prune_caches(&mut self, referenced: &Arc<HashSet<String>>, newest: CheckpointId) {
+        let cluster = self.cluster.lock();
+        let referenced: Vec<String> = referenced.iter().cloned().collect();
+        for h in cluster.alive() {
+            cluster.send(
+                &h,
+                SupervisorMsg::Prune {
+                    job: self.job.clone(),
+                    referenced: referenced.clone(),
+                    newest,
+                },
+            );
+        }
+    }
+
+    fn local_cache(&self) -> Option<PathBuf> {
+        None
+    }
+}

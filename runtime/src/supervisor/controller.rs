@@ -1,0 +1,1778 @@
+//! The job controller: every decision about one job, with no I/O. The shell
+//! ([`super`]) turns sockets, child exits, storage results, stop requests and
+//! the passing of time into [`Fact`]s, calls [`JobController::handle`] with
+//! the time, and carries out the [`Action`]s it returns. Nothing in here
+//! reads a clock, opens a socket, touches a file or spawns a task, so the
+//! simulation (`super::sim`) drives it through thousands of fault schedules
+//! on a manual clock.
+//!
+//! # Phases
+//!
+//! ```text
+//!            all running                 final checkpoint committed
+//! Starting ─────────────► Running ───────────────────────────► Finishing ──► Finished
+//!    │ ▲                    │  failure (exit, disconnect, missed     │ all exited
+//!    │ │ epoch claimed      │  heartbeats, host lost, timeout)       │
+//!    │ └── Claiming ◄── Recovering ◄──────────────────────────────────┘ (a sink died)
+//!    └─────────────────────►  │ backoff, budget spent ─► Failed
+//!           stop / fatal error / fenced ─────────────────────────► Stopped / Failed
+//! ```
+//!
+//! # Rules (exactly-once and failover rest on them)
+//!
+//! 1. A manifest is committed only after every worker of the attempt acked
+//!    (the [`CheckpointCoordinator`]); `Committed(n)` is announced only after
+//!    the store reported the commit durable ([`Fact::CommitDone`]).
+//! 2. A recovery waits until no commit is in flight, then claims a new epoch
+//!    and restores the newest committed checkpoint (its own, or a newer one
+//!    the store reports with the claim), so nothing committed is lost and a
+//!    commit of the old attempt is fenced.
+//! 3. At most one primary process per worker: a failed attempt's primaries
+//!    are killed and their exits awaited (bounded) before the next attempt
+//!    places any; a standby is promoted only after its primary is gone.
+//! 4. A VIP is assigned only to the host of the worker's primary of the
+//!    current attempt, and never to a host known to be lost.
+//! 5. Nothing is sent to, spawned on or killed on a host known to be lost.
+//! 6. A job ends only by its stop, its final checkpoint, a fatal worker
+//!    error, fencing, or its restart budget.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lazarus_sdk::protocol::{ToSupervisor, ToWorker};
+use lazarus_storage::{CheckpointId, Epoch, JobId, Manifest, WorkerId};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::wire::{JobStatus, WorkerStatus};
+use crate::coordinator::{CheckpointCoordinator, CoordinatorConfig, Decision};
+use crate::placement::{self, Placed};
+use crate::procs::{ExitKind, Slot, WorkerExited};
+use crate::spec::{PlannedWorker, RestartSection, StandbyKind};
+
+/// A control connection, numbered by the shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// Random worker kills, to watch recovery live (`lazarus run --chaos-…`).
+#[derive(Debug, Clone, Copy)]
+pub struct Chaos {
+    /// Mean time between kills; each gap is drawn from 0.5 to 1.5 times it.
+    pub every: Duration,
+    /// Seed of the choice of victims and gaps.
+    pub seed: u64,
+    /// Stop killing after this many kills (so a run is sure to finish).
+    pub max_kills: Option<u32>,
+}
+
+/// The controller's settings (from the job spec and the run's options).
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// The job.
+    pub job: JobId,
+    /// Its workers, in plan order.
+    pub plan: Vec<PlannedWorker>,
+    /// Checkpoint interval, timeout, concurrency.
+    pub checkpoint: CoordinatorConfig,
+    /// Committed checkpoints retention keeps.
+    pub retention_keep: usize,
+    /// At most one retention pass per this interval (a pass lists and reads
+    /// every manifest; at a 20 ms checkpoint interval it must not run per
+    /// commit).
+    pub retention_every: Duration,
+    /// A primary silent this long is failed.
+    pub heartbeat_timeout: Duration,
+    /// Every worker must be running this long after an attempt starts.
+    pub startup_timeout: Duration,
+    /// The restart strategy.
+    pub restart: RestartSection,
+    /// On a stop request, take a final checkpoint first.
+    pub final_checkpoint_on_stop: bool,
+    /// Random kills.
+    pub chaos: Option<Chaos>,
+    /// The fleet holds VIPs (a cluster; `lazarus run` does not).
+    pub vips: bool,
+    /// A failure that names no worker (a lost connection) waits this long
+    /// for the crashed process's exit to name it.
+    pub root_cause_wait: Duration,
+    /// How long a recovery waits for the failed attempt's primaries to exit.
+    pub drain_timeout: Duration,
+}
+
+impl ControllerConfig {
+    /// Settings from a job spec (run options stay at their defaults).
+    pub fn from_spec(spec: &crate::spec::JobSpec) -> Self {
+        let mut cfg = ControllerConfig::new(
+            spec.job_id(),
+            spec.plan(),
+            CoordinatorConfig {
+                interval: spec.checkpoint.interval,
+                timeout: spec.checkpoint.timeout,
+                max_concurrent: spec.checkpoint.max_concurrent as usize,
+            },
+        );
+        cfg.retention_keep = spec.checkpoint.retention;
+        cfg.retention_every = spec.checkpoint.retention_interval;
+        cfg.heartbeat_timeout = spec.job.heartbeat_timeout;
+        cfg.restart = spec.restart.clone();
+        cfg
+    }
+
+    /// Settings with the runtime's fixed defaults for `plan`.
+    pub fn new(job: JobId, plan: Vec<PlannedWorker>, checkpoint: CoordinatorConfig) -> Self {
+        ControllerConfig {
+            job,
+            plan,
+            checkpoint,
+            retention_keep: 3,
+            retention_every: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(60),
+            restart: RestartSection::default(),
+            final_checkpoint_on_stop: false,
+            chaos: None,
+            vips: false,
+            root_cause_wait: Duration::from_millis(100),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Something the shell observed.
+#[derive(Debug, Clone)]
+pub enum Fact {
+    /// Time passed.
+    Tick,
+    /// A control connection introduced itself.
+    Hello {
+        /// The connection.
+        conn: ConnId,
+        /// Who it says it is.
+        worker: WorkerId,
+        /// The attempt it was started for.
+        attempt: u64,
+        /// Started as a hot standby.
+        standby: bool,
+    },
+    /// A message on an accepted connection.
+    Message {
+        /// The connection.
+        conn: ConnId,
+        /// The message.
+        msg: ToSupervisor,
+    },
+    /// A connection closed (or sent garbage).
+    Closed {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A worker process ended.
+    Exited(WorkerExited),
+    /// A host was declared lost: every process on it is gone.
+    HostLost(String),
+    /// A host (re)joined.
+    HostJoined(String),
+    /// Manifest `checkpoint` of `epoch` is durable.
+    CommitDone {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// The epoch it was committed under.
+        epoch: Epoch,
+        /// Its stored size.
+        stored_bytes: u64,
+    },
+    /// Writing manifest `checkpoint` failed; it may be retried later.
+    CommitFailed {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// The epoch it was attempted under.
+        epoch: Epoch,
+        /// Why.
+        error: String,
+    },
+    /// Manifest `checkpoint` was refused: a newer epoch owns the job.
+    CommitFenced {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// The epoch it was attempted under.
+        epoch: Epoch,
+        /// The store's message.
+        error: String,
+    },
+    /// The epoch asked for is claimed; `latest` is the newest committed
+    /// checkpoint in the store after the claim.
+    EpochClaimed {
+        /// The epoch.
+        epoch: Epoch,
+        /// The newest committed checkpoint.
+        latest: Option<CheckpointId>,
+    },
+    /// The claim was refused: a newer epoch owns the job.
+    EpochFenced {
+        /// The store's message.
+        error: String,
+    },
+    /// Claiming the epoch or reading the store failed (retryable).
+    StorageFailed {
+        /// Why.
+        error: String,
+    },
+    /// A retention pass ended (successfully or not).
+    RetentionDone {
+        /// The newest retained checkpoint and the chunk keys retained
+        /// manifests refer to; `None` if the pass failed.
+        retained: Option<(
+            CheckpointId,
+            std::sync::Arc<std::collections::HashSet<String>>,
+        )>,
+    },
+    /// Someone asked the job to stop.
+    StopRequested,
+}
+
+/// Something the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start `worker`'s process in `slot` on `host` for `attempt`.
+    Spawn {
+        /// The host.
+        host: String,
+        /// The worker.
+        worker: WorkerId,
+        /// The attempt.
+        attempt: u64,
+        /// Primary or hot standby.
+        slot: Slot,
+    },
+    /// Make `worker`'s standby process on `host` its primary for `attempt`.
+    Promote {
+        /// The host.
+        host: String,
+        /// The worker.
+        worker: WorkerId,
+        /// The attempt.
+        attempt: u64,
+    },
+    /// SIGKILL one process.
+    Kill {
+        /// The host.
+        host: String,
+        /// The worker.
+        worker: WorkerId,
+        /// Which process.
+        slot: Slot,
+    },
+    /// SIGKILL every primary of the job (and every standby if set).
+    KillAll {
+        /// Standbys too.
+        standbys: bool,
+    },
+    /// `vip` belongs on `host` now (under a lease).
+    AssignVip {
+        /// The VIP.
+        vip: String,
+        /// The host.
+        host: String,
+    },
+    /// Nobody holds `vip` any more.
+    UnassignVip {
+        /// The VIP.
+        vip: String,
+    },
+    /// Give connection `conn` its assignment (a primary's, or a standby's
+    /// to follow from `restore`).
+    Assign {
+        /// The connection.
+        conn: ConnId,
+        /// The worker.
+        worker: WorkerId,
+        /// Its host (for the local cache directory).
+        host: String,
+        /// The epoch it works under.
+        epoch: Epoch,
+        /// The checkpoint it restores.
+        restore: Option<CheckpointId>,
+        /// Follow as a standby instead of running.
+        standby: bool,
+    },
+    /// Send a control message.
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The message.
+        msg: ToWorker,
+    },
+    /// Close a connection (refused, or its attempt is over).
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// Write this manifest (create-if-absent, fenced by its epoch); the
+    /// result comes back as a commit fact.
+    Commit(Box<Manifest>),
+    /// Claim `epoch` in the store, then report the newest committed
+    /// checkpoint ([`Fact::EpochClaimed`]).
+    ClaimEpoch(Epoch),
+    /// Run retention keeping `keep` committed checkpoints; the result comes
+    /// back as [`Fact::RetentionDone`].
+    Retention {
+        /// Checkpoints to keep.
+        keep: usize,
+    },
+    /// Prune the hosts' local caches to what retention kept.
+    PruneCaches {
+        /// The newest retained checkpoint.
+        newest: CheckpointId,
+        /// Chunk keys retained manifests refer to.
+        referenced: std::sync::Arc<std::collections::HashSet<String>>,
+    },
+    /// A failure is being recovered from (for status lines).
+    Recovering {
+        /// Why.
+        why: String,
+        /// The wait before the restart.
+        backoff: Duration,
+    },
+}
+
+/// What a job's state is called in status and summaries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStateKind {
+    /// Workers starting and connecting.
+    #[default]
+    Starting,
+    /// Processing, taking checkpoints.
+    Running,
+    /// Rolling back after a failure.
+    Recovering,
+    /// The final checkpoint committed; workers exiting.
+    Finishing,
+    /// The final checkpoint committed and every worker exited.
+    Finished,
+    /// Stopped on request.
+    Stopped,
+    /// Gave up, was fenced, or hit a fatal error.
+    Failed,
+}
+
+impl JobStateKind {
+    /// Whether the job is over.
+    pub fn ended(self) -> bool {
+        match self {
+            JobStateKind::Finished | JobStateKind::Stopped | JobStateKind::Failed => true,
+            JobStateKind::Starting
+            | JobStateKind::Running
+            | JobStateKind::Recovering
+            | JobStateKind::Finishing => false,
+        }
+    }
+}
+
+impl std::fmt::Display for JobStateKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            JobStateKind::Starting => "starting",
+            JobStateKind::Running => "running",
+            JobStateKind::Recovering => "recovering",
+            JobStateKind::Finishing => "finishing",
+            JobStateKind::Finished => "finished",
+            JobStateKind::Stopped => "stopped",
+            JobStateKind::Failed => "failed",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Where the job is, with the reason when it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Workers starting and connecting.
+    Starting,
+    /// Processing, taking checkpoints.
+    Running,
+    /// Rolling back after a failure.
+    Recovering,
+    /// The final checkpoint committed; workers exiting.
+    Finishing,
+    /// The final checkpoint committed and every worker exited.
+    Finished,
+    /// Stopped on request.
+    Stopped,
+    /// Gave up.
+    Failed(String),
+}
+
+impl JobState {
+    /// The state's name.
+    pub fn kind(&self) -> JobStateKind {
+        match self {
+            JobState::Starting => JobStateKind::Starting,
+            JobState::Running => JobStateKind::Running,
+            JobState::Recovering => JobStateKind::Recovering,
+            JobState::Finishing => JobStateKind::Finishing,
+            JobState::Finished => JobStateKind::Finished,
+            JobState::Stopped => JobStateKind::Stopped,
+            JobState::Failed(_) => JobStateKind::Failed,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The job.
+    pub job: JobId,
+    /// The epoch it ended in.
+    pub epoch: Epoch,
+    /// How it ended.
+    pub state: JobState,
+    /// Checkpoints committed in this run.
+    pub committed: u64,
+    /// The newest committed checkpoint.
+    pub last_checkpoint: Option<CheckpointId>,
+    /// Restarts after failures.
+    pub restarts: u32,
+    /// Workers killed by chaos.
+    pub chaos_kills: u32,
+    /// Chaos kills that hit while a checkpoint was in flight.
+    pub kills_during_checkpoint: u32,
+    /// Records produced by sources, summed over attempts (replays included).
+    pub source_records: u64,
+    /// Wall time (set by the shell).
+    pub elapsed: Duration,
+    /// Trigger-to-commit latency of each committed checkpoint.
+    pub checkpoint_latencies: Vec<Duration>,
+    /// Synchronous snapshot pause of every ack.
+    pub pauses: Vec<Duration>,
+    /// State size of the newest checkpoint (stored bytes).
+    pub last_checkpoint_bytes: u64,
+    /// Why the last restart happened, if any.
+    pub last_failure: Option<String>,
+}
+
+/// Whom a control connection belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ConnRole {
+    Primary { worker: WorkerId, attempt: u64 },
+    Standby { worker: WorkerId },
+}
+
+/// A connected hot standby.
+#[derive(Debug, Clone)]
+struct StandbyConn {
+    conn: ConnId,
+    followed: Option<CheckpointId>,
+}
+
+/// A process the controller started and has not seen end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Proc {
+    host: String,
+    attempt: u64,
+    /// A primary promoted from a standby: the standby's attempt. Its exit
+    /// may still be reported as the standby's if it died just before the
+    /// promotion reached it.
+    promoted_from: Option<u64>,
+}
+
+/// The lifecycle. Each phase carries what only it needs.
+#[derive(Debug)]
+enum Phase {
+    /// Workers spawned; handshake until every one runs by `deadline`.
+    Starting { deadline: Duration },
+    /// Processing and checkpointing.
+    Running,
+    /// The final checkpoint committed; waiting for every worker to exit
+    /// by `deadline`.
+    Finishing {
+        exited: BTreeSet<WorkerId>,
+        deadline: Duration,
+    },
+    /// A failure: primaries killed, waiting for their exits, in-flight
+    /// commits and the backoff before the next attempt claims its epoch.
+    Recovering(Recovery),
+    /// Waiting for the store to grant the next attempt's epoch.
+    Claiming,
+    /// Over.
+    Ended(JobState),
+}
+
+#[derive(Debug)]
+struct Recovery {
+    /// Why, as known so far.
+    cause: String,
+    /// A worker is named as the cause (no need to wait for an exit).
+    named: bool,
+    /// Until when an exit may still name the cause.
+    name_until: Duration,
+    /// Until when the failed primaries' exits are awaited.
+    drain_until: Duration,
+    /// Set once the cause is final: the restart may not start before.
+    backoff_until: Option<Duration>,
+}
+
+/// The current attempt's handshake and progress.
+#[derive(Debug, Default)]
+struct AttemptState {
+    /// Accepted primary connections.
+    senders: BTreeMap<WorkerId, ConnId>,
+    listening: BTreeMap<WorkerId, SocketAddr>,
+    running: BTreeSet<WorkerId>,
+    last_seen: BTreeMap<WorkerId, Duration>,
+    records: BTreeMap<WorkerId, u64>,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct JobController {
+    cfg: ControllerConfig,
+    phase: Phase,
+    /// The epoch of the current attempt (commits carry it).
+    epoch: Epoch,
+    attempt: u64,
+    /// Above every checkpoint id used so far.
+    next_id: CheckpointId,
+    /// The newest checkpoint known to be committed: recoveries restore it.
+    newest_committed: Option<CheckpointId>,
+    /// The checkpoint the current attempt restored.
+    restored: Option<CheckpointId>,
+    coordinator: CheckpointCoordinator,
+    /// Commits handed to the store and not answered yet.
+    commits_in_flight: BTreeSet<CheckpointId>,
+    /// A retention pass is running; when the last one started.
+    retention_running: bool,
+    retention_last: Option<Duration>,
+    /// Live hosts.
+    hosts: BTreeSet<String>,
+    /// Where each worker's primary and standby go.
+    placement: BTreeMap<WorkerId, Placed>,
+    /// Workers whose primary failed: they move at the next placement.
+    failed: BTreeSet<WorkerId>,
+    /// Processes believed running.
+    procs: BTreeMap<(WorkerId, Slot), Proc>,
+    conns: BTreeMap<ConnId, ConnRole>,
+    standbys: BTreeMap<WorkerId, StandbyConn>,
+    /// Failed hot standbys: failures in a row and when the next may start.
+    standby_retry: BTreeMap<WorkerId, (u32, Duration)>,
+    /// Where each VIP is assigned now.
+    vips: BTreeMap<String, String>,
+    att: AttemptState,
+    /// Bytes each worker's last restore downloaded.
+    fetched: BTreeMap<WorkerId, u64>,
+    consecutive_failures: u32,
+    /// A stop was asked for: a failure from now on ends the job instead of
+    /// restarting it.
+    stop_requested: bool,
+    /// Source records of finished attempts.
+    records_before: u64,
+    rng: u64,
+    chaos_at: Duration,
+    summary: RunSummary,
+    out: Vec<Action>,
+}
+
+impl JobController {
+    /// A controller for a job whose store is claimed at `epoch`, with ids
+    /// from `next_id` on and `latest` the newest committed checkpoint, on
+    /// `hosts`. Call [`JobController::start`] next.
+    pub fn new(
+        cfg: ControllerConfig,
+        epoch: Epoch,
+        next_id: CheckpointId,
+        latest: Option<CheckpointId>,
+        hosts: BTreeSet<String>,
+    ) -> JobController {
+        let coordinator = Self::coordinator_for(&cfg, epoch, next_id);
+        let rng = cfg.chaos.map(|c| c.seed).unwrap_or(1) | 1;
+        let summary = RunSummary {
+            job: cfg.job.clone(),
+            epoch,
+            state: JobState::Starting,
+            committed: 0,
+            last_checkpoint: None,
+            restarts: 0,
+            chaos_kills: 0,
+            kills_during_checkpoint: 0,
+            source_records: 0,
+            elapsed: Duration::ZERO,
+            checkpoint_latencies: Vec::new(),
+            pauses: Vec::new(),
+            last_checkpoint_bytes: 0,
+            last_failure: None,
+        };
+        JobController {
+            phase: Phase::Claiming,
+            epoch,
+            attempt: 0,
+            next_id,
+            newest_committed: latest,
+            restored: None,
+            coordinator,
+            commits_in_flight: BTreeSet::new(),
+            retention_running: false,
+            retention_last: None,
+            hosts,
+            placement: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            procs: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            standbys: BTreeMap::new(),
+            standby_retry: BTreeMap::new(),
+            vips: BTreeMap::new(),
+            att: AttemptState::default(),
+            fetched: BTreeMap::new(),
+            consecutive_failures: 0,
+            stop_requested: false,
+            records_before: 0,
+            rng,
+            chaos_at: Duration::MAX,
+            summary,
+            out: Vec::new(),
+            cfg,
+        }
+    }
+
+    fn coordinator_for(
+        cfg: &ControllerConfig,
+        epoch: Epoch,
+        next_id: CheckpointId,
+    ) -> CheckpointCoordinator {
+        CheckpointCoordinator::new(
+            cfg.checkpoint.clone(),
+            cfg.job.clone(),
+            epoch,
+            cfg.plan.iter().map(|w| w.id.clone()),
+            cfg.plan
+                .iter()
+                .filter(|w| w.is_source)
+                .map(|w| w.id.clone()),
+            next_id,
+        )
+    }
+
+    /// Starts the first attempt at `now`.
+    pub fn start(&mut self, now: Duration) -> Vec<Action> {
+        if let Some(c) = self.cfg.chaos {
+            self.chaos_at = now + c.every;
+        }
+        self.begin_attempt(now);
+        std::mem::take(&mut self.out)
+    }
+
+    /// Takes in one fact observed at `now`; returns what to do.
+    pub fn handle(&mut self, now: Duration, fact: Fact) -> Vec<Action> {
+        match fact {
+            Fact::Tick => self.on_tick(now),
+            Fact::Hello {
+                conn,
+                worker,
+                attempt,
+                standby,
+            } => self.on_hello(now, conn, worker, attempt, standby),
+            Fact::Message { conn, msg } => self.on_message(now, conn, msg),
+            Fact::Closed { conn } => self.on_closed(now, conn),
+            Fact::Exited(e) => self.on_exited(now, e),
+            Fact::HostLost(h) => self.on_host_lost(now, &h),
+            Fact::HostJoined(h) => {
+                self.hosts.insert(h);
+                if self.is_active() {
+                    self.ensure_standbys(now);
+                }
+            }
+            Fact::CommitDone {
+                checkpoint,
+                epoch,
+                stored_bytes,
+            } => self.on_commit_done(now, checkpoint, epoch, stored_bytes),
+            Fact::CommitFailed {
+                checkpoint,
+                epoch,
+                error,
+            } => {
+                self.commits_in_flight.remove(&checkpoint);
+                tracing::warn!(%checkpoint, %error, "commit failed");
+                if epoch == self.epoch && self.is_active() {
+                    let d = self.coordinator.on_commit_failed(checkpoint, error);
+                    self.carry_out(now, d);
+                }
+            }
+            Fact::CommitFenced {
+                checkpoint,
+                epoch,
+                error,
+            } => {
+                self.commits_in_flight.remove(&checkpoint);
+                if epoch == self.epoch && !self.is_ended() {
+                    self.broadcast(ToWorker::Shutdown);
+                    self.end(JobState::Failed(format!("fenced: {error}")));
+                }
+            }
+            Fact::EpochClaimed { epoch, latest } => {
+                if matches!(self.phase, Phase::Claiming) {
+                    self.epoch = epoch;
+                    self.summary.epoch = epoch;
+                    if let Some(l) = latest {
+                        self.newest_committed = Some(self.newest_committed.map_or(l, |n| n.max(l)));
+                        self.next_id = self.next_id.max(l.next());
+                    }
+                    self.begin_attempt(now);
+                }
+            }
+            Fact::EpochFenced { error } => {
+                if !self.is_ended() {
+                    self.end(JobState::Failed(format!("fenced: {error}")));
+                }
+            }
+            Fact::StorageFailed { error } => {
+                if matches!(self.phase, Phase::Claiming) {
+                    self.fail(
+                        now,
+                        format!("claiming the next epoch failed: {error}"),
+                        true,
+                    );
+                }
+            }
+            Fact::RetentionDone { retained } => {
+                self.retention_running = false;
+                if let Some((newest, referenced)) = retained {
+                    self.out.push(Action::PruneCaches { newest, referenced });
+                }
+            }
+            Fact::StopRequested => self.on_stop(now),
+        }
+        if matches!(self.phase, Phase::Recovering(_)) {
+            self.progress_recovery(now);
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// The earliest time a [`Fact::Tick`] may change something that no
+    /// other fact will (recovery timers, chaos): the shell wakes then.
+    pub fn wake_at(&self) -> Option<Duration> {
+        let mut at = match &self.phase {
+            Phase::Recovering(r) if !r.named => Some(r.name_until),
+            Phase::Recovering(r) => r.backoff_until.map(|b| b.min(r.drain_until)),
+            _ => None,
+        };
+        if self.chaos_armed() && matches!(self.phase, Phase::Running) {
+            at = Some(at.map_or(self.chaos_at, |a| a.min(self.chaos_at)));
+        }
+        at
+    }
+
+    /// Whether the job is over.
+    pub fn is_ended(&self) -> bool {
+        matches!(self.phase, Phase::Ended(_))
+    }
+
+    /// Processes believed running (the shell drains them at the end).
+    pub fn live_processes(&self) -> usize {
+        self.procs.len()
+    }
+
+    /// Primary processes believed running.
+    pub fn live_primaries(&self) -> usize {
+        self.procs
+            .keys()
+            .filter(|(_, s)| *s == Slot::Primary)
+            .count()
+    }
+
+    /// Commits handed out and not answered.
+    pub fn commits_in_flight(&self) -> usize {
+        self.commits_in_flight.len()
+    }
+
+    /// The state now.
+    pub fn state(&self) -> JobState {
+        match &self.phase {
+            Phase::Starting { .. } | Phase::Claiming if self.attempt == 0 => JobState::Starting,
+            Phase::Starting { .. } | Phase::Claiming | Phase::Recovering(_) => JobState::Recovering,
+            Phase::Running => JobState::Running,
+            Phase::Finishing { .. } => JobState::Finishing,
+            Phase::Ended(s) => s.clone(),
+        }
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The current attempt (0: the first start).
+    pub fn attempt(&self) -> u64 {
+        self.attempt
+    }
+
+    /// The newest committed checkpoint known.
+    pub fn newest_committed(&self) -> Option<CheckpointId> {
+        self.newest_committed
+    }
+
+    /// The checkpoint the current attempt restored.
+    pub fn restored(&self) -> Option<CheckpointId> {
+        self.restored
+    }
+
+    /// Where each worker runs now.
+    pub fn placement(&self) -> &BTreeMap<WorkerId, Placed> {
+        &self.placement
+    }
+
+    /// Live hosts as the controller knows them.
+    pub fn hosts(&self) -> &BTreeSet<String> {
+        &self.hosts
+    }
+
+    /// Where each VIP is assigned.
+    pub fn vip_hosts(&self) -> &BTreeMap<String, String> {
+        &self.vips
+    }
+
+    /// Workers whose primary runs (the handshake completed) in this attempt.
+    pub fn running_workers(&self) -> &BTreeSet<WorkerId> {
+        &self.att.running
+    }
+
+    /// The host of `worker`'s process in `slot`, if one runs.
+    pub fn process_host(&self, worker: &WorkerId, slot: Slot) -> Option<&str> {
+        self.procs
+            .get(&(worker.clone(), slot))
+            .map(|p| p.host.as_str())
+    }
+
+    /// Source records so far (replays included) and the run's figures.
+    pub fn summary(&self) -> RunSummary {
+        let mut s = self.summary.clone();
+        s.state = self.state();
+        s.source_records = self.records_before + self.source_records_now();
+        s
+    }
+
+    /// The job for `lazarus status`.
+    pub fn status(&self) -> JobStatus {
+        let state = self.state();
+        JobStatus {
+            job: self.cfg.job.to_string(),
+            state: state.kind(),
+            failure: match state {
+                JobState::Failed(why) => Some(why),
+                _ => None,
+            },
+            epoch: self.epoch.0,
+            attempt: self.attempt,
+            restarts: self.summary.restarts,
+            committed: self.summary.committed,
+            last_checkpoint: self.summary.last_checkpoint.map(|c| c.0),
+            last_failure: self.summary.last_failure.clone(),
+            workers: self
+                .cfg
+                .plan
+                .iter()
+                .filter_map(|w| {
+                    let placed = self.placement.get(&w.id)?.clone();
+                    Some(WorkerStatus {
+                        worker: w.id.clone(),
+                        standby_kind: w.standby,
+                        placed,
+                        running: self.att.running.contains(&w.id)
+                            && !matches!(self.phase, Phase::Recovering(_) | Phase::Ended(_)),
+                        restore_fetched_bytes: self.fetched.get(&w.id).copied().unwrap_or(0),
+                        standby_checkpoint: self
+                            .standbys
+                            .get(&w.id)
+                            .and_then(|s| s.followed)
+                            .map(|c| c.0),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn source_records_now(&self) -> u64 {
+        self.cfg
+            .plan
+            .iter()
+            .filter(|w| w.is_source)
+            .filter_map(|w| self.att.records.get(&w.id))
+            .sum()
+    }
+
+    /// Starting, running or finishing: an attempt whose workers may talk.
+    fn is_active(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Starting { .. } | Phase::Running | Phase::Finishing { .. }
+        )
+    }
+
+    fn worker(&self, id: &WorkerId) -> Option<&PlannedWorker> {
+        self.cfg.plan.iter().find(|w| w.id == *id)
+    }
+
+    fn is_sink(&self, id: &WorkerId) -> bool {
+        self.worker(id).is_some_and(|w| w.outputs.is_empty())
+    }
+
+    fn kinds(&self) -> Vec<(WorkerId, StandbyKind)> {
+        self.cfg
+            .plan
+            .iter()
+            .map(|w| (w.id.clone(), w.standby))
+            .collect()
+    }
+
+    fn broadcast(&mut self, msg: ToWorker) {
+        for conn in self.att.senders.values() {
+            self.out.push(Action::Send {
+                conn: *conn,
+                msg: msg.clone(),
+            });
+        }
+    }
+
+    /// Places and starts every worker of the attempt `self.attempt`.
+    fn begin_attempt(&mut self, now: Duration) {
+        let attempt = self.attempt;
+        self.restored = self.newest_committed;
+        self.placement =
+            match placement::place(&self.kinds(), &self.hosts, &self.placement, &self.failed) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.phase = Phase::Starting {
+                        deadline: now + self.cfg.startup_timeout,
+                    };
+                    self.fail(now, e.to_string(), true);
+                    return;
+                }
+            };
+        self.failed.clear();
+        self.coordinator = Self::coordinator_for(&self.cfg, self.epoch, self.next_id);
+        self.att = AttemptState::default();
+        let plan = self.cfg.plan.clone();
+        for w in &plan {
+            let host = self.placement[&w.id].primary.clone();
+            let standby_here = self
+                .procs
+                .get(&(w.id.clone(), Slot::Standby))
+                .is_some_and(|p| p.host == host);
+            match self.standbys.get(&w.id).filter(|_| standby_here).cloned() {
+                Some(s) => {
+                    // Rule 3: the failed primary is gone (drained, or its
+                    // host lost); its standby process becomes the primary.
+                    self.standbys.remove(&w.id);
+                    let standby = self.procs.remove(&(w.id.clone(), Slot::Standby));
+                    self.procs.insert(
+                        (w.id.clone(), Slot::Primary),
+                        Proc {
+                            host: host.clone(),
+                            attempt,
+                            promoted_from: standby.map(|p| p.attempt),
+                        },
+                    );
+                    self.out.push(Action::Promote {
+                        host: host.clone(),
+                        worker: w.id.clone(),
+                        attempt,
+                    });
+                    self.conns.insert(
+                        s.conn,
+                        ConnRole::Primary {
+                            worker: w.id.clone(),
+                            attempt,
+                        },
+                    );
+                    self.out.push(Action::Assign {
+                        conn: s.conn,
+                        worker: w.id.clone(),
+                        host: host.clone(),
+                        epoch: self.epoch,
+                        restore: self.restored,
+                        standby: false,
+                    });
+                    tracing::info!(worker = %w.id, %host, followed = ?s.followed, "hot standby promoted");
+                    self.att.senders.insert(w.id.clone(), s.conn);
+                    self.att.last_seen.insert(w.id.clone(), now);
+                }
+                None => {
+                    tracing::info!(worker = %w.id, %host, attempt, "starting primary");
+                    self.procs.insert(
+                        (w.id.clone(), Slot::Primary),
+                        Proc {
+                            host: host.clone(),
+                            attempt,
+                            promoted_from: None,
+                        },
+                    );
+                    self.out.push(Action::Spawn {
+                        host: host.clone(),
+                        worker: w.id.clone(),
+                        attempt,
+                        slot: Slot::Primary,
+                    });
+                }
+            }
+            if self.cfg.vips {
+                for v in &w.vips {
+                    // Rule 4: the VIP follows the primary of this attempt.
+                    self.vips.insert(v.clone(), host.clone());
+                    self.out.push(Action::AssignVip {
+                        vip: v.clone(),
+                        host: host.clone(),
+                    });
+                }
+            }
+        }
+        self.phase = Phase::Starting {
+            deadline: now + self.cfg.startup_timeout,
+        };
+        self.ensure_standbys(now);
+    }
+
+    fn on_tick(&mut self, now: Duration) {
+        match &self.phase {
+            Phase::Starting { deadline } => {
+                if now > *deadline {
+                    let why = format!(
+                        "workers did not start within {:?} ({} of {} running)",
+                        self.cfg.startup_timeout,
+                        self.att.running.len(),
+                        self.cfg.plan.len()
+                    );
+                    self.fail(now, why, false);
+                }
+            }
+            Phase::Finishing { deadline, .. } if now > *deadline => {
+                let why = format!(
+                    "workers did not exit within {:?} after the final checkpoint",
+                    self.cfg.startup_timeout
+                );
+                self.fail(now, why, false);
+            }
+            Phase::Running | Phase::Finishing { .. } => {
+                if matches!(self.phase, Phase::Running) {
+                    let timeout = self.cfg.heartbeat_timeout;
+                    let silent = self
+                        .att
+                        .last_seen
+                        .iter()
+                        .find(|(_, t)| now.saturating_sub(**t) > timeout)
+                        .map(|(w, _)| w.clone());
+                    if let Some(w) = silent {
+                        self.failed.insert(w.clone());
+                        self.fail(
+                            now,
+                            format!("worker {w} missed heartbeats for {timeout:?}"),
+                            true,
+                        );
+                        return;
+                    }
+                }
+                let d = self.coordinator.tick(now);
+                self.carry_out(now, d);
+                if matches!(self.phase, Phase::Running) {
+                    self.chaos(now);
+                    if self.standby_retry.values().any(|(_, at)| *at <= now) {
+                        self.ensure_standbys(now);
+                    }
+                }
+            }
+            Phase::Recovering(_) | Phase::Claiming | Phase::Ended(_) => {}
+        }
+    }
+
+    fn chaos(&mut self, now: Duration) {
+        if !self.chaos_armed() || now < self.chaos_at {
+            return;
+        }
+        self.schedule_chaos(now);
+        let pick = (self.next_random() % self.cfg.plan.len().max(1) as u64) as usize;
+        let Some(victim) = self.cfg.plan.get(pick).map(|w| w.id.clone()) else {
+            return;
+        };
+        let Some(host) = self
+            .process_host(&victim, Slot::Primary)
+            .map(str::to_string)
+        else {
+            return;
+        };
+        tracing::info!(%victim, "chaos: SIGKILL");
+        self.summary.chaos_kills += 1;
+        if !self.coordinator.in_flight().is_empty() {
+            self.summary.kills_during_checkpoint += 1;
+        }
+        self.out.push(Action::Kill {
+            host,
+            worker: victim,
+            slot: Slot::Primary,
+        });
+    }
+
+    fn chaos_armed(&self) -> bool {
+        self.cfg
+            .chaos
+            .is_some_and(|c| c.max_kills.is_none_or(|m| self.summary.chaos_kills < m))
+    }
+
+    /// The next chaos kill 0.5 to 1.5 mean gaps from now.
+    fn schedule_chaos(&mut self, now: Duration) {
+        if let Some(c) = self.cfg.chaos {
+            let factor = 0.5 + (self.next_random() % 1000) as f64 / 1000.0;
+            self.chaos_at = now + c.every.mul_f64(factor);
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn on_hello(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        worker: WorkerId,
+        attempt: u64,
+        standby: bool,
+    ) {
+        if standby {
+            let host = self
+                .process_host(&worker, Slot::Standby)
+                .map(str::to_string);
+            let ok = host.is_some()
+                && self.worker(&worker).is_some()
+                && !self.standbys.contains_key(&worker)
+                && !self.is_ended();
+            let Some(host) = host.filter(|_| ok) else {
+                tracing::debug!(%worker, "refusing a standby that is not placed");
+                self.out.push(Action::Close { conn });
+                return;
+            };
+            self.out.push(Action::Assign {
+                conn,
+                worker: worker.clone(),
+                host: host.clone(),
+                epoch: self.epoch,
+                restore: self.newest_committed,
+                standby: true,
+            });
+            self.conns.insert(
+                conn,
+                ConnRole::Standby {
+                    worker: worker.clone(),
+                },
+            );
+            tracing::info!(%worker, %host, "hot standby connected");
+            self.standbys.insert(
+                worker,
+                StandbyConn {
+                    conn,
+                    followed: None,
+                },
+            );
+            return;
+        }
+        let current = attempt == self.attempt
+            && self.is_active()
+            && self.worker(&worker).is_some()
+            && !self.att.senders.contains_key(&worker);
+        let host = self
+            .procs
+            .get(&(worker.clone(), Slot::Primary))
+            .filter(|p| p.attempt == attempt)
+            .map(|p| p.host.clone());
+        let Some(host) = host.filter(|_| current) else {
+            tracing::debug!(%worker, attempt, "refusing stale or unknown worker");
+            self.out.push(Action::Close { conn });
+            return;
+        };
+        self.conns.insert(
+            conn,
+            ConnRole::Primary {
+                worker: worker.clone(),
+                attempt,
+            },
+        );
+        self.out.push(Action::Assign {
+            conn,
+            worker: worker.clone(),
+            host,
+            epoch: self.epoch,
+            restore: self.restored,
+            standby: false,
+        });
+        self.att.senders.insert(worker.clone(), conn);
+        self.att.last_seen.insert(worker, now);
+    }
+
+    fn on_message(&mut self, now: Duration, conn: ConnId, msg: ToSupervisor) {
+        let worker = match self.conns.get(&conn).cloned() {
+            Some(ConnRole::Primary { worker, attempt })
+                if attempt == self.attempt && self.is_active() =>
+            {
+                worker
+            }
+            Some(ConnRole::Standby { worker }) => {
+                self.on_standby_message(now, conn, &worker, msg);
+                return;
+            }
+            _ => return,
+        };
+        self.att.last_seen.insert(worker.clone(), now);
+        match msg {
+            ToSupervisor::Listening {
+                addr,
+                fetched_bytes,
+            } => {
+                self.fetched.insert(worker.clone(), fetched_bytes);
+                self.att.listening.insert(worker, addr);
+                if self.att.listening.len() == self.cfg.plan.len() {
+                    let addrs = self.att.listening.clone();
+                    self.broadcast(ToWorker::Start { addrs });
+                }
+            }
+            ToSupervisor::Running => {
+                self.att.running.insert(worker);
+                if self.att.running.len() == self.cfg.plan.len()
+                    && matches!(self.phase, Phase::Starting { .. })
+                {
+                    self.phase = Phase::Running;
+                    // A kill that fell due while nothing ran is not fired
+                    // in a burst.
+                    if self.chaos_at <= now {
+                        self.schedule_chaos(now);
+                    }
+                    tracing::info!(attempt = self.attempt, "all workers running");
+                }
+            }
+            ToSupervisor::Ack {
+                checkpoint,
+                snapshot,
+                pause_us,
+            } => {
+                self.summary.pauses.push(Duration::from_micros(pause_us));
+                let d = self.coordinator.on_ack(&worker, checkpoint, snapshot);
+                self.carry_out(now, d);
+            }
+            ToSupervisor::SourceExhausted => {
+                let d = self.coordinator.on_source_exhausted(now, &worker);
+                self.carry_out(now, d);
+            }
+            ToSupervisor::Heartbeat { records_in } => {
+                self.att.records.insert(worker, records_in);
+            }
+            ToSupervisor::Failed { error, fatal } => {
+                if matches!(self.phase, Phase::Finishing { .. }) && !self.is_sink(&worker) {
+                    tracing::debug!(%worker, %error, "ignored while finishing");
+                    return;
+                }
+                if fatal {
+                    // Rule 6: a fatal error ends the job; restarting cannot
+                    // fix a bad configuration or an input that never parses.
+                    self.broadcast(ToWorker::Shutdown);
+                    self.summary.last_failure = Some(format!("worker {worker} failed: {error}"));
+                    self.end(JobState::Failed(format!(
+                        "worker {worker} failed: {error} (a fatal error: the job is not restarted)"
+                    )));
+                    return;
+                }
+                self.fail(now, format!("worker {worker} failed: {error}"), false);
+            }
+            ToSupervisor::Hello { .. } | ToSupervisor::Followed { .. } => {}
+        }
+    }
+
+    fn on_standby_message(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        worker: &WorkerId,
+        msg: ToSupervisor,
+    ) {
+        match msg {
+            ToSupervisor::Followed {
+                checkpoint,
+                fetched_bytes,
+            } => {
+                tracing::debug!(%worker, %checkpoint, fetched_bytes, "standby followed");
+                if let Some(s) = self.standbys.get_mut(worker).filter(|s| s.conn == conn) {
+                    s.followed = Some(checkpoint);
+                    self.standby_retry.remove(worker);
+                }
+            }
+            ToSupervisor::Failed { error, .. } => {
+                tracing::warn!(%worker, %error, "hot standby failed; it is replaced");
+                if let Some(host) = self.process_host(worker, Slot::Standby).map(str::to_string) {
+                    self.out.push(Action::Kill {
+                        host,
+                        worker: worker.clone(),
+                        slot: Slot::Standby,
+                    });
+                }
+                self.standby_gone(worker);
+                self.standby_failed(now, worker, None);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_closed(&mut self, now: Duration, conn: ConnId) {
+        match self.conns.remove(&conn) {
+            Some(ConnRole::Standby { worker })
+                if self.standbys.get(&worker).is_some_and(|s| s.conn == conn) =>
+            {
+                self.standbys.remove(&worker);
+            }
+            Some(ConnRole::Standby { .. }) => {}
+            Some(ConnRole::Primary { worker, attempt }) => {
+                if attempt != self.attempt
+                    || !self.is_active()
+                    || matches!(self.phase, Phase::Finishing { .. })
+                {
+                    return;
+                }
+                self.fail(now, format!("worker {worker} disconnected"), false);
+            }
+            None => {}
+        }
+    }
+
+    fn on_exited(&mut self, now: Duration, mut e: WorkerExited) {
+        // A standby that died just as it was promoted: its exit is the
+        // promoted primary's.
+        let promoted = self
+            .procs
+            .get(&(e.worker.clone(), Slot::Primary))
+            .filter(|p| p.host == e.host && p.promoted_from == Some(e.attempt))
+            .map(|p| p.attempt);
+        if let (true, Some(attempt)) = (e.standby, promoted) {
+            e.standby = false;
+            e.attempt = attempt;
+        }
+        let slot = if e.standby {
+            Slot::Standby
+        } else {
+            Slot::Primary
+        };
+        let key = (e.worker.clone(), slot);
+        if self
+            .procs
+            .get(&key)
+            .is_some_and(|p| p.host == e.host && p.attempt == e.attempt)
+        {
+            self.procs.remove(&key);
+        }
+        if e.standby {
+            tracing::warn!(worker = %e.worker, exit = %e.exit, "hot standby exited; it is replaced after a backoff");
+            self.standby_gone(&e.worker);
+            if e.exit != ExitKind::Success {
+                self.standby_failed(now, &e.worker, Some(&e.host));
+            }
+            return;
+        }
+        let detail = e
+            .detail
+            .as_ref()
+            .map(|l| format!(": {l}"))
+            .unwrap_or_default();
+        match &mut self.phase {
+            // The first abnormal exit of the failed attempt names the cause
+            // of a failure that named no worker.
+            Phase::Recovering(r)
+                if !r.named && e.attempt == self.attempt && e.exit != ExitKind::Success =>
+            {
+                let first = format!("worker {} {}{detail}", e.worker, e.exit);
+                r.cause = if r.cause.starts_with(&format!("worker {} ", e.worker)) {
+                    first
+                } else {
+                    format!("{first} (then: {})", r.cause)
+                };
+                r.named = true;
+                self.failed.insert(e.worker.clone());
+            }
+            Phase::Finishing { exited, .. } if e.attempt == self.attempt => {
+                // After the final commit only a sink matters: one that dies
+                // abnormally may not have published, so the job recovers
+                // (its restart publishes). Anything else in flight after the
+                // final checkpoint is uncommitted and is dropped.
+                let is_sink = self
+                    .cfg
+                    .plan
+                    .iter()
+                    .any(|w| w.id == e.worker && w.outputs.is_empty());
+                if e.exit == ExitKind::Success || !is_sink {
+                    exited.insert(e.worker.clone());
+                    if exited.len() == self.cfg.plan.len() {
+                        self.end(JobState::Finished);
+                    }
+                    return;
+                }
+                self.failed.insert(e.worker.clone());
+                self.fail(now, format!("worker {} {}{detail}", e.worker, e.exit), true);
+            }
+            Phase::Starting { .. } | Phase::Running if e.attempt == self.attempt => {
+                self.failed.insert(e.worker.clone());
+                self.fail(now, format!("worker {} {}{detail}", e.worker, e.exit), true);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_host_lost(&mut self, now: Duration, host: &str) {
+        self.hosts.remove(host);
+        let gone: Vec<(WorkerId, Slot)> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.host == host)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (w, slot) in &gone {
+            self.procs.remove(&(w.clone(), *slot));
+            if *slot == Slot::Standby {
+                self.standby_gone(w);
+            }
+        }
+        let lost: Vec<WorkerId> = self
+            .placement
+            .iter()
+            .filter(|(_, p)| p.primary == host)
+            .map(|(w, _)| w.clone())
+            .collect();
+        self.failed.extend(lost.iter().cloned());
+        let pending: Vec<String> = match &self.phase {
+            Phase::Starting { .. } | Phase::Running => lost.iter().map(|w| w.to_string()).collect(),
+            Phase::Finishing { exited, .. } => lost
+                .iter()
+                .filter(|w| !exited.contains(*w))
+                .map(|w| w.to_string())
+                .collect(),
+            _ => Vec::new(),
+        };
+        if !pending.is_empty() {
+            self.fail(
+                now,
+                format!(
+                    "host {host} lost (missed heartbeats) with {}",
+                    pending.join(", ")
+                ),
+                true,
+            );
+        } else if self.is_active() {
+            self.ensure_standbys(now);
+        }
+    }
+
+    fn on_stop(&mut self, now: Duration) {
+        let again = std::mem::replace(&mut self.stop_requested, true);
+        match self.phase {
+            Phase::Ended(_) => {}
+            // Asked once already: the final checkpoint is under way.
+            Phase::Running if self.cfg.final_checkpoint_on_stop && !again => {
+                tracing::info!("stop requested: taking a final checkpoint");
+                let d = self.coordinator.request_final(now);
+                self.carry_out(now, d);
+            }
+            _ => {
+                self.broadcast(ToWorker::Shutdown);
+                self.end(JobState::Stopped);
+            }
+        }
+    }
+
+    fn on_commit_done(
+        &mut self,
+        now: Duration,
+        checkpoint: CheckpointId,
+        epoch: Epoch,
+        bytes: u64,
+    ) {
+        self.commits_in_flight.remove(&checkpoint);
+        self.newest_committed = Some(
+            self.newest_committed
+                .map_or(checkpoint, |n| n.max(checkpoint)),
+        );
+        self.summary.committed += 1;
+        self.summary.last_checkpoint = self.newest_committed;
+        self.summary.last_checkpoint_bytes = bytes;
+        self.consecutive_failures = 0;
+        let standby_conns: Vec<ConnId> = self.standbys.values().map(|s| s.conn).collect();
+        for conn in standby_conns {
+            self.out.push(Action::Send {
+                conn,
+                msg: ToWorker::Follow { checkpoint },
+            });
+        }
+        if epoch == self.epoch && self.is_active() {
+            if let Some(t) = self.coordinator.triggered_at(checkpoint) {
+                self.summary
+                    .checkpoint_latencies
+                    .push(now.saturating_sub(t));
+            }
+            self.broadcast(ToWorker::Committed { checkpoint });
+            let d = self.coordinator.on_committed(checkpoint);
+            let finishing = d.contains(&Decision::Finish);
+            self.carry_out(now, d);
+            self.maybe_retention(now, finishing);
+        }
+    }
+
+    /// At most one retention pass per `retention_every`, none while one
+    /// runs; the final checkpoint's pass always runs.
+    fn maybe_retention(&mut self, now: Duration, force: bool) {
+        if self.retention_running {
+            return;
+        }
+        let due = self
+            .retention_last
+            .is_none_or(|t| now.saturating_sub(t) >= self.cfg.retention_every);
+        if due || force {
+            self.retention_running = true;
+            self.retention_last = Some(now);
+            self.out.push(Action::Retention {
+                keep: self.cfg.retention_keep,
+            });
+        }
+    }
+
+    fn carry_out(&mut self, now: Duration, decisions: Vec<Decision>) {
+        for d in decisions {
+            match d {
+                Decision::Trigger {
+                    checkpoint,
+                    sources,
+                } => {
+                    tracing::debug!(%checkpoint, "trigger");
+                    for s in sources {
+                        if let Some(conn) = self.att.senders.get(&s) {
+                            self.out.push(Action::Send {
+                                conn: *conn,
+                                msg: ToWorker::Trigger { checkpoint },
+                            });
+                        }
+                    }
+                }
+                Decision::Commit(manifest) => {
+                    self.commits_in_flight.insert(manifest.checkpoint);
+                    self.out.push(Action::Commit(manifest));
+                }
+                Decision::Abort { checkpoint, reason } => {
+                    tracing::info!(%checkpoint, ?reason, "checkpoint aborted");
+                    self.broadcast(ToWorker::Abort { checkpoint });
+                }
+                Decision::Finish => {
+                    tracing::info!("final checkpoint committed; shutting down");
+                    self.phase = Phase::Finishing {
+                        exited: BTreeSet::new(),
+                        deadline: now + self.cfg.startup_timeout,
+                    };
+                    self.broadcast(ToWorker::Shutdown);
+                }
+            }
+        }
+        self.next_id = self.coordinator.next_id();
+    }
+
+    /// The attempt failed: start recovering. Its primaries are killed once
+    /// the cause is known: a failure that names no worker (a lost
+    /// connection) first waits briefly for the crashed process's exit, and
+    /// our own kills must not be mistaken for it.
+    fn fail(&mut self, now: Duration, why: String, named: bool) {
+        let _ = self.coordinator.on_failure();
+        self.next_id = self.next_id.max(self.coordinator.next_id());
+        self.records_before += self.source_records_now();
+        self.att.records.clear();
+        self.att.running.clear();
+        self.summary.restarts += 1;
+        self.consecutive_failures += 1;
+        tracing::info!(%why, restarts = self.summary.restarts, "worker failure; rolling back to the last committed checkpoint");
+        let named = named || !self.failed.is_empty();
+        if self.stop_requested {
+            // Asked to stop: no restart. What is committed stays.
+            self.end(JobState::Stopped);
+            return;
+        }
+        self.phase = Phase::Recovering(Recovery {
+            cause: why,
+            named,
+            name_until: now + self.cfg.root_cause_wait,
+            drain_until: now + self.cfg.root_cause_wait + self.cfg.drain_timeout,
+            backoff_until: None,
+        });
+        if named {
+            self.tear_down_attempt();
+        }
+    }
+
+    /// Every primary of the failed attempt goes; hot standbys keep
+    /// following.
+    fn tear_down_attempt(&mut self) {
+        self.out.push(Action::KillAll { standbys: false });
+        let conns: Vec<ConnId> = self.att.senders.values().copied().collect();
+        for conn in conns {
+            self.conns.remove(&conn);
+            self.out.push(Action::Close { conn });
+        }
+        self.att.senders.clear();
+    }
+
+    fn backoff(&self) -> Duration {
+        let r = &self.cfg.restart;
+        let factor = 1u32 << self.consecutive_failures.saturating_sub(1).min(16);
+        (r.backoff * factor).min(r.max_backoff)
+    }
+
+    /// Moves a recovery on: cause final → budget checked → primaries gone,
+    /// commits answered, backoff over → claim the next epoch.
+    fn progress_recovery(&mut self, now: Duration) {
+        let Phase::Recovering(r) = &self.phase else {
+            return;
+        };
+        if r.backoff_until.is_none() {
+            if !r.named && now < r.name_until {
+                return;
+            }
+            let (why, named) = (r.cause.clone(), r.named);
+            if !named || !self.att.senders.is_empty() {
+                self.tear_down_attempt();
+            }
+            self.summary.last_failure = Some(why.clone());
+            let max = self.cfg.restart.max_attempts;
+            if self.summary.restarts > max {
+                let newest = self
+                    .newest_committed
+                    .map_or("none".to_string(), |c| c.to_string());
+                self.end(JobState::Failed(format!(
+                    "{why}; the restart strategy gave up after {max} restarts (committed checkpoints are kept; newest: {newest})"
+                )));
+                return;
+            }
+            let backoff = self.backoff();
+            if let Phase::Recovering(r) = &mut self.phase {
+                r.backoff_until = Some(now + backoff);
+            }
+            self.out.push(Action::Recovering { why, backoff });
+        }
+        let Phase::Recovering(r) = &self.phase else {
+            return;
+        };
+        let drained = self.live_primaries() == 0 || now >= r.drain_until;
+        if !drained
+            || !self.commits_in_flight.is_empty()
+            || r.backoff_until.is_some_and(|b| now < b)
+        {
+            return;
+        }
+        // Rule 2: the next attempt's epoch fences anything the old one
+        // still tries to commit; the store reports the newest checkpoint.
+        self.attempt += 1;
+        self.phase = Phase::Claiming;
+        self.out.push(Action::ClaimEpoch(Epoch(self.epoch.0 + 1)));
+    }
+
+    fn end(&mut self, state: JobState) {
+        tracing::info!(?state, "job ended");
+        self.summary.state = state.clone();
+        self.phase = Phase::Ended(state);
+        self.att.running.clear();
+        self.out.push(Action::KillAll { standbys: true });
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.out.push(Action::Close { conn });
+        }
+        self.conns.clear();
+        self.standbys.clear();
+        for vip in std::mem::take(&mut self.vips).into_keys() {
+            self.out.push(Action::UnassignVip { vip });
+        }
+    }
+
+    fn standby_gone(&mut self, worker: &WorkerId) {
+        if let Some(s) = self.standbys.remove(worker) {
+            self.conns.remove(&s.conn);
+        }
+    }
+
+    /// A hot standby failed on `host` (None: where it is placed now). A
+    /// standby deliberately moved away from another host does not count.
+    fn standby_failed(&mut self, now: Duration, worker: &WorkerId, host: Option<&str>) {
+        let placed = self
+            .placement
+            .get(worker)
+            .and_then(|p| p.standby.as_deref());
+        if host.is_some() && host != placed {
+            return;
+        }
+        let n = self.standby_retry.get(worker).map_or(0, |(n, _)| *n) + 1;
+        let wait = (Duration::from_millis(100) * (1u32 << n.min(7))).min(Duration::from_secs(10));
+        tracing::warn!(%worker, failures = n, ?wait, "hot standby failed; restarting it after a backoff");
+        self.standby_retry.insert(worker.clone(), (n, now + wait));
+    }
+
+    /// Places missing standbys (a host joined or came back) without moving
+    /// any primary, then starts or moves hot standby processes.
+    fn ensure_standbys(&mut self, now: Duration) {
+        if let Ok(next) = placement::place(
+            &self.kinds(),
+            &self.hosts,
+            &self.placement,
+            &BTreeSet::new(),
+        ) {
+            for (w, p) in next {
+                if let Some(cur) = self.placement.get_mut(&w) {
+                    if cur.primary == p.primary && cur.standby != p.standby {
+                        tracing::info!(worker = %w, standby = ?p.standby, "standby placed");
+                        cur.standby = p.standby;
+                    }
+                }
+            }
+        }
+        let hot: Vec<WorkerId> = self
+            .cfg
+            .plan
+            .iter()
+            .filter(|w| w.standby == StandbyKind::Hot)
+            .map(|w| w.id.clone())
+            .collect();
+        for w in hot {
+            let want = self
+                .placement
+                .get(&w)
+                .and_then(|p| p.standby.clone())
+                .filter(|h| self.hosts.contains(h));
+            let have = self.process_host(&w, Slot::Standby).map(str::to_string);
+            if have == want {
+                continue;
+            }
+            if let Some(h) = have {
+                self.out.push(Action::Kill {
+                    host: h,
+                    worker: w.clone(),
+                    slot: Slot::Standby,
+                });
+                self.procs.remove(&(w.clone(), Slot::Standby));
+                self.standby_gone(&w);
+            }
+            let waiting = self.standby_retry.get(&w).is_some_and(|(_, at)| now < *at);
+            if let Some(h) = want.filter(|_| !waiting) {
+                tracing::info!(worker = %w, host = %h, "starting hot standby");
+                self.procs.insert(
+                    (w.clone(), Slot::Standby),
+                    Proc {
+                        host: h.clone(),
+                        attempt: self.attempt,
+                        promoted_from: None,
+                    },
+                );
+                self.out.push(Action::Spawn {
+                    host: h,
+                    worker: w,
+                    attempt: self.attempt,
+                    slot: Slot::Standby,
+                });
+            }
+        }
+    }
+}

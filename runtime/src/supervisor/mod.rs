@@ -1,0 +1,581 @@
+//! The supervisor of one job: a thin I/O shell around the pure
+//! [`JobController`]. In local mode (`lazarus run`) its workers run in this
+//! process's [`LocalFleet`]; on a cluster (`lazarus supervisor`) on the
+//! agents, through `cluster::fleet::ClusterFleet`. Either way it drives a
+//! [`Fleet`].
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `controller` | every decision: phases, checkpoints, failure detection, standbys, placement, VIPs, recovery (pure) |
+//! | `storage` | commits, epoch claims and retention in tasks of their own; results come back as facts |
+//! | `sim` (tests) | a seeded simulation of fleets, stores and clocks around the controller |
+//!
+//! The shell owns the sockets (one accept loop and one task per control
+//! connection), the fleet, the clock and the storage tasks. It turns each
+//! event into a [`Fact`], asks the controller, and carries out the
+//! [`Action`]s. Every task it starts belongs to one [`TaskTracker`] under
+//! one [`CancellationToken`], and the shell waits for them (bounded) before
+//! it returns.
+
+pub mod controller;
+#[cfg(test)]
+mod sim;
+pub mod storage;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lazarus_sdk::protocol::{self, Assignment, ToSupervisor, ToWorker};
+use lazarus_storage::{CheckpointId, CheckpointStore, Epoch, ErrorKind, WorkerId};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use controller::{
+    Action, Chaos, ConnId, ControllerConfig, Fact, JobController, JobState, JobStateKind,
+    RunSummary,
+};
+
+use crate::clock::{Clock, Stopwatch, SystemClock};
+use crate::cluster::wire::JobStatusCell;
+use crate::fleet::{Fleet, FleetEvent, LocalFleet};
+use crate::procs::ProcessTable;
+use crate::spec::{JobSpec, PlannedWorker};
+use crate::units::format_bytes;
+use storage::{StorageRequest, StorageWorker};
+
+/// A run's settings.
+#[derive(Debug, Clone)]
+pub struct LocalRun {
+    /// The job.
+    pub spec: JobSpec,
+    /// Where checkpoints go.
+    pub store_url: String,
+    /// The worker binary.
+    pub worker_binary: PathBuf,
+    /// Logs and the local cache.
+    pub state_dir: PathBuf,
+    /// Random SIGKILLs, if any.
+    pub chaos: Option<Chaos>,
+    /// Print a status line this often.
+    pub status_every: Option<Duration>,
+    /// On a stop request, take a final checkpoint before shutting down.
+    pub final_checkpoint_on_stop: bool,
+}
+
+/// Control connections accepted at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// A connection must say hello within this.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The end of a job waits this long for its processes and storage tasks.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `run` until it finishes, is stopped (`stop` turns true), or fails.
+pub async fn run_local(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Result<RunSummary> {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let table = ProcessTable::new(
+        crate::fleet::LOCAL_HOST,
+        run.worker_binary.clone(),
+        &run.state_dir,
+        Box::new(move |e| {
+            let _ = events_tx.send(FleetEvent::Exited(e));
+        }),
+    )
+    .with_context(|| format!("preparing state directory {}", run.state_dir.display()))?;
+    let status = crate::cluster::wire::job_status_cell(&run.spec.job_id(), Epoch(0));
+    run_job(
+        run,
+        Box::new(LocalFleet(table)),
+        events,
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        status,
+        stop,
+    )
+    .await
+}
+
+/// Runs `run` on `fleet` (whose events arrive on `events`), with the job's
+/// control port on `control_ip` and its state published to `status`.
+pub async fn run_job(
+    run: LocalRun,
+    fleet: Box<dyn Fleet>,
+    events: mpsc::UnboundedReceiver<FleetEvent>,
+    control_ip: IpAddr,
+    status: JobStatusCell,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<RunSummary> {
+    let job = run.spec.job_id();
+    let span = tracing::info_span!("job", %job);
+    let result = Shell::run(run, fleet, events, control_ip, status.clone(), stop)
+        .instrument(span)
+        .await;
+    if let Err(e) = &result {
+        let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+        st.state = JobStateKind::Failed;
+        st.failure = Some(format!("{e:#}"));
+    }
+    result
+}
+
+/// What a control connection's task tells the shell.
+enum ConnEvent {
+    Hello {
+        conn: ConnId,
+        worker: WorkerId,
+        attempt: u64,
+        standby: bool,
+        tx: mpsc::UnboundedSender<ToWorker>,
+    },
+    Message {
+        conn: ConnId,
+        msg: ToSupervisor,
+    },
+    Closed {
+        conn: ConnId,
+    },
+}
+
+struct Shell {
+    run: LocalRun,
+    fleet: Box<dyn Fleet>,
+    /// Senders of accepted connections; dropping one closes it (after its
+    /// queued messages are written).
+    conns: HashMap<ConnId, mpsc::UnboundedSender<ToWorker>>,
+    storage: StorageWorker,
+    /// The job's control address (workers connect here).
+    addr: SocketAddr,
+}
+
+impl Shell {
+    async fn run(
+        run: LocalRun,
+        fleet: Box<dyn Fleet>,
+        mut events: mpsc::UnboundedReceiver<FleetEvent>,
+        control_ip: IpAddr,
+        status: JobStatusCell,
+        mut stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<RunSummary> {
+        let started = Stopwatch::start();
+        let clock = SystemClock::default();
+        let job = run.spec.job_id();
+        let store =
+            CheckpointStore::open(&run.store_url).context("opening the checkpoint store")?;
+        let js = store.job(job.clone());
+        // A new supervisor takes a new epoch: commits of any older one are fenced.
+        let epoch = Epoch(
+            js.current_epoch()
+                .await
+                .context("reading the job's epoch")?
+                .0
+                + 1,
+        );
+        js.claim_epoch(epoch)
+            .await
+            .context("claiming the job's epoch")?;
+        let latest = match js.latest().await {
+            Ok(m) => Some(m.checkpoint),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e).context("reading the latest checkpoint"),
+        };
+        let next_id = latest.map_or(CheckpointId(1), |c| c.next());
+        let listener = TcpListener::bind(SocketAddr::new(control_ip, 0))
+            .await
+            .context("binding the control port")?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%epoch, %addr, next = %next_id, "supervisor started");
+
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (conn_tx, mut conn_rx) = mpsc::unbounded_channel();
+        tracker.spawn(accept_loop(
+            listener,
+            conn_tx,
+            tracker.clone(),
+            cancel.child_token(),
+        ));
+        let (fact_tx, mut facts) = mpsc::unbounded_channel();
+        let storage = StorageWorker::start(
+            js,
+            fleet.local_cache(),
+            fact_tx,
+            &tracker,
+            cancel.child_token(),
+        );
+
+        let mut ctl = JobController::new(
+            controller_config(&run, fleet.holds_vips()),
+            epoch,
+            next_id,
+            latest,
+            fleet.hosts(),
+        );
+        let mut shell = Shell {
+            fleet,
+            conns: HashMap::new(),
+            storage,
+            addr,
+            run,
+        };
+        let actions = ctl.start(clock.now());
+        shell.apply(&ctl, actions);
+        publish(&status, &ctl);
+
+        let spec = &shell.run.spec;
+        let tick_every = spec
+            .checkpoint
+            .interval
+            .map_or(Duration::from_millis(50), |i| {
+                (i / 4).clamp(Duration::from_millis(5), Duration::from_millis(100))
+            });
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let status_every = shell.run.status_every;
+        let mut status_tick =
+            tokio::time::interval(status_every.unwrap_or(Duration::from_secs(3600)));
+        status_tick.tick().await;
+        let mut last_status = (Stopwatch::start(), 0u64);
+        let mut stop_seen = false;
+        let far = Duration::from_secs(365 * 24 * 3600);
+
+        while !ctl.is_ended() {
+            let wake = clock.deadline(ctl.wake_at().unwrap_or(clock.now() + far));
+            let fact = tokio::select! {
+                Some(ev) = events.recv() => shell.fleet_fact(ev),
+                Some(ev) = conn_rx.recv() => shell.conn_fact(ev),
+                Some(f) = facts.recv() => f,
+                _ = tick.tick() => Fact::Tick,
+                _ = tokio::time::sleep_until(wake) => Fact::Tick,
+                changed = stop.changed(), if !stop_seen => {
+                    if changed.is_ok() && !*stop.borrow() {
+                        continue;
+                    }
+                    stop_seen = true;
+                    Fact::StopRequested
+                }
+                _ = status_tick.tick(), if status_every.is_some() => {
+                    print_status_line(&ctl, started, &mut last_status);
+                    continue;
+                }
+            };
+            let actions = ctl.handle(clock.now(), fact);
+            shell.apply(&ctl, actions);
+            publish(&status, &ctl);
+        }
+
+        // The job is over: every process was told to die and every VIP let
+        // go. Wait (bounded) for the exits, and for storage work in flight,
+        // so that nothing of the job outlives this call.
+        let deadline = clock.deadline(clock.now() + DRAIN_TIMEOUT);
+        while ctl.live_processes() > 0 || ctl.commits_in_flight() > 0 {
+            let fact = tokio::select! {
+                Some(ev) = events.recv() => shell.fleet_fact(ev),
+                Some(f) = facts.recv() => f,
+                _ = tokio::time::sleep_until(deadline) => break,
+            };
+            let actions = ctl.handle(clock.now(), fact);
+            shell.apply(&ctl, actions);
+        }
+        // Connections and the accept loop end now; the storage task ends
+        // once its queue is empty (its sender is dropped with the shell).
+        shell.conns.clear();
+        drop(shell);
+        cancel.cancel();
+        tracker.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("storage work still running after {DRAIN_TIMEOUT:?}; abandoned");
+        }
+        while let Ok(f) = facts.try_recv() {
+            let _ = ctl.handle(clock.now(), f);
+        }
+        let mut summary = ctl.summary();
+        summary.elapsed = started.elapsed();
+        publish(&status, &ctl);
+        Ok(summary)
+    }
+
+    fn fleet_fact(&mut self, ev: FleetEvent) -> Fact {
+        match ev {
+            FleetEvent::Exited(e) => {
+                self.fleet.reap(&e);
+                Fact::Exited(e)
+            }
+            FleetEvent::HostLost(h) => Fact::HostLost(h),
+            FleetEvent::HostJoined(h) => Fact::HostJoined(h),
+        }
+    }
+
+    fn conn_fact(&mut self, ev: ConnEvent) -> Fact {
+        match ev {
+            ConnEvent::Hello {
+                conn,
+                worker,
+                attempt,
+                standby,
+                tx,
+            } => {
+                self.conns.insert(conn, tx);
+                Fact::Hello {
+                    conn,
+                    worker,
+                    attempt,
+                    standby,
+                }
+            }
+            ConnEvent::Message { conn, msg } => Fact::Message { conn, msg },
+            ConnEvent::Closed { conn } => {
+                self.conns.remove(&conn);
+                Fact::Closed { conn }
+            }
+        }
+    }
+
+    /// Carries out the controller's actions. Each is a send, a signal or a
+    /// queued storage request: nothing here waits.
+    fn apply(&mut self, ctl: &JobController, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Spawn {
+                    host,
+                    worker,
+                    attempt,
+                    slot,
+                } => self.fleet.spawn(&host, &worker, attempt, slot, self.addr),
+                Action::Promote {
+                    host,
+                    worker,
+                    attempt,
+                } => self.fleet.promote(&host, &worker, attempt),
+                Action::Kill { host, worker, slot } => self.fleet.kill(&host, &worker, slot),
+                Action::KillAll { standbys } => self.fleet.kill_all(standbys),
+                Action::AssignVip { vip, host } => self.fleet.assign_vip(&vip, &host),
+                Action::UnassignVip { vip } => self.fleet.unassign_vip(&vip),
+                Action::Assign {
+                    conn,
+                    worker,
+                    host,
+                    epoch,
+                    restore,
+                    standby,
+                } => {
+                    let Some(w) = self.run.spec_worker(&worker) else {
+                        continue;
+                    };
+                    let a = Box::new(self.assignment(&w, epoch, restore, &host));
+                    let msg = if standby {
+                        ToWorker::Standby(a)
+                    } else {
+                        ToWorker::Assign(a)
+                    };
+                    self.send(conn, msg);
+                }
+                Action::Send { conn, msg } => self.send(conn, msg),
+                Action::Close { conn } => {
+                    self.conns.remove(&conn);
+                }
+                Action::Commit(manifest) => self.storage.send(StorageRequest::Commit(manifest)),
+                Action::ClaimEpoch(epoch) => self.storage.send(StorageRequest::ClaimEpoch(epoch)),
+                Action::Retention { keep } => self.storage.send(StorageRequest::Retention(keep)),
+                Action::PruneCaches { newest, referenced } => {
+                    self.fleet.prune_caches(&referenced, newest)
+                }
+                Action::Recovering { why, backoff } => {
+                    if self.run.status_every.is_some() {
+                        eprintln!("[lazarus] failure: {why}; restarting from the last committed checkpoint in {backoff:?}");
+                    }
+                    let _ = ctl;
+                }
+            }
+        }
+    }
+
+    fn send(&self, conn: ConnId, msg: ToWorker) {
+        if let Some(tx) = self.conns.get(&conn) {
+            let _ = tx.send(msg);
+        }
+    }
+
+    /// The assignment of `w` under `epoch` restoring `restore`, on `host`.
+    fn assignment(
+        &self,
+        w: &PlannedWorker,
+        epoch: Epoch,
+        restore: Option<CheckpointId>,
+        host: &str,
+    ) -> Assignment {
+        let spec = &self.run.spec;
+        let mut params = spec.params();
+        params.extend(w.own_params());
+        Assignment {
+            job: spec.job_id(),
+            worker: w.id.clone(),
+            operator: w.operator.clone(),
+            kind: w.kind.clone(),
+            index: w.index,
+            parallelism: w.parallelism,
+            key_groups: spec.job.key_groups,
+            params,
+            store: self.run.store_url.clone(),
+            epoch,
+            restore,
+            inputs: w.inputs.clone(),
+            outputs: w.outputs.clone(),
+            cache_dir: self.fleet.cache_dir(host),
+            heartbeat_ms: spec.job.heartbeat_interval.as_millis() as u64,
+            codec: spec.checkpoint.codec,
+        }
+    }
+}
+
+impl LocalRun {
+    fn spec_worker(&self, id: &WorkerId) -> Option<PlannedWorker> {
+        self.spec.plan().into_iter().find(|w| w.id == *id)
+    }
+}
+
+/// The controller's settings from the spec and the run's options.
+pub fn controller_config(run: &LocalRun, vips: bool) -> ControllerConfig {
+    let mut cfg = ControllerConfig::from_spec(&run.spec);
+    cfg.final_checkpoint_on_stop = run.final_checkpoint_on_stop;
+    cfg.chaos = run.chaos;
+    cfg.vips = vips;
+    cfg
+}
+
+fn publish(status: &JobStatusCell, ctl: &JobController) {
+    *status.lock().unwrap_or_else(|p| p.into_inner()) = ctl.status();
+}
+
+fn print_status_line(ctl: &JobController, started: Stopwatch, last: &mut (Stopwatch, u64)) {
+    let s = ctl.summary();
+    let (t0, r0) = *last;
+    let rate = s.source_records.saturating_sub(r0) as f64 / t0.elapsed().as_secs_f64().max(1e-3);
+    *last = (Stopwatch::start(), s.source_records);
+    eprintln!(
+        "[lazarus {:>6.1}s] {:<10} {:>10.0} records/s | checkpoint {} ({} ms, {}) | restarts {}",
+        started.elapsed().as_secs_f64(),
+        s.state.kind().to_string(),
+        rate,
+        s.last_checkpoint.map_or("-".into(), |c| c.to_string()),
+        s.checkpoint_latencies.last().map_or(0, |d| d.as_millis()),
+        format_bytes(s.last_checkpoint_bytes),
+        s.restarts,
+    );
+}
+
+/// Accepts control connections; each gets a task that reads its hello
+/// (bounded wait) and then relays its messages. At most
+/// [`MAX_CONNECTIONS`] at once; accept errors (out of descriptors) back off
+/// instead of spinning.
+async fn accept_loop(
+    listener: TcpListener,
+    events: mpsc::UnboundedSender<ConnEvent>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let next_conn = AtomicU64::new(1);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = cancel.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = cancel.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => {
+                backoff = Duration::from_millis(5);
+                s
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "accepting a control connection failed; backing off");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let conn = ConnId(next_conn.fetch_add(1, Ordering::Relaxed));
+        let (events, cancel) = (events.clone(), cancel.clone());
+        tracker.spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = connection(conn, stream, events) => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// One control connection: hello, then messages in both directions until
+/// either side closes. The shell closes it by dropping its sender (queued
+/// messages are written first).
+async fn connection(
+    conn: ConnId,
+    stream: tokio::net::TcpStream,
+    events: mpsc::UnboundedSender<ConnEvent>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut read, mut write) = stream.into_split();
+    let hello = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        protocol::read_control::<_, ToSupervisor>(&mut read),
+    )
+    .await;
+    let Ok(Ok(Some(ToSupervisor::Hello {
+        worker,
+        attempt,
+        standby,
+    }))) = hello
+    else {
+        tracing::debug!(?conn, "control connection without a hello; closed");
+        return;
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToWorker>();
+    let hello = ConnEvent::Hello {
+        conn,
+        worker,
+        attempt,
+        standby,
+        tx,
+    };
+    if events.send(hello).is_err() {
+        return;
+    }
+    let writer = async {
+        while let Some(msg) = rx.recv().await {
+            if protocol::write_control(&mut write, &msg).await.is_err() {
+                break;
+            }
+        }
+    };
+    let reader = async {
+        while let Ok(Some(msg)) = protocol::read_control::<_, ToSupervisor>(&mut read).await {
+            if events.send(ConnEvent::Message { conn, msg }).is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+    }
+    let _ = events.send(ConnEvent::Closed { conn });
+}

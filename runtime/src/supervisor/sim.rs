@@ -1,0 +1,1173 @@
+//! A deterministic simulation around the [`JobController`]: a fake fleet
+//! (hosts that crash and come back; workers that are killed, stall, fail or
+//! fail fatally; standbys that die), a fake store (commits that succeed,
+//! fail, are slow, or are fenced by another writer) and a manual clock, all
+//! driven from one seed. After every step the invariants of the controller's
+//! module documentation are checked against the simulated world.
+//!
+//! Run: `cargo nextest run -p lazarus supervisor::sim` (10,000 schedules;
+//! `LAZARUS_SIM_SCHEDULES=N` for more or fewer). A failing schedule prints
+//! its seed; `LAZARUS_SIM_SEED=S` replays just that one with a trace of
+//! every fact and action.
+
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lazarus_sdk::protocol::{ToSupervisor, ToWorker};
+use lazarus_storage::{CheckpointId, Epoch, WorkerId, WorkerSnapshot};
+
+use super::controller::{Action, ConnId, ControllerConfig, Fact, JobController, JobState};
+use crate::procs::{ExitKind, Slot, WorkerExited};
+use crate::spec::JobSpec;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// splitmix64: small, seedable, good enough for schedules.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+    fn between(&mut self, lo: u64, hi: u64) -> Duration {
+        ms(lo + self.below(hi - lo + 1))
+    }
+}
+
+/// The job specs the simulation runs: every standby kind, with VIPs.
+const SPECS: [&str; 2] = [
+    r#"
+[job]
+name = "sim"
+worker = "/bin/true"
+heartbeat_interval = "20ms"
+heartbeat_timeout = "100ms"
+[checkpoint]
+interval = "30ms"
+timeout = "400ms"
+[restart]
+max_attempts = 12
+backoff = "5ms"
+max_backoff = "40ms"
+[[operator]]
+name = "src"
+kind = "s"
+standby = "hot"
+[[operator]]
+name = "count"
+kind = "c"
+parallelism = 2
+standby = "cold"
+[[operator]]
+name = "kv"
+kind = "k"
+standby = "hot"
+vip = "198.18.0.100/24"
+port = 8080
+[[edge]]
+from = "src"
+to = "count"
+partition = "hash"
+[[edge]]
+from = "count"
+to = "kv"
+partition = "hash"
+"#,
+    r#"
+[job]
+name = "sim"
+worker = "/bin/true"
+heartbeat_interval = "20ms"
+heartbeat_timeout = "100ms"
+[checkpoint]
+interval = "20ms"
+timeout = "300ms"
+max_concurrent = 2
+[restart]
+max_attempts = 8
+backoff = "1ms"
+max_backoff = "20ms"
+[[operator]]
+name = "svc"
+kind = "k"
+standby = "hot"
+vip = "198.18.0.101/24"
+port = 8080
+[[operator]]
+name = "sink"
+kind = "s"
+standby = "none"
+[[edge]]
+from = "svc"
+to = "sink"
+partition = "forward"
+"#,
+];
+
+/// What happens in the world, at a time.
+#[derive(Debug, Clone)]
+enum Event {
+    /// Deliver a fact to the controller.
+    Deliver(Fact),
+    /// The controller's periodic tick.
+    Tick,
+    /// Live, assigned primaries send heartbeats.
+    Heartbeats,
+    /// A fault is injected.
+    Fault,
+    /// A process (by pid) reacts to a message.
+    Worker { pid: u64, msg: ToWorker },
+    /// A crashed host comes back.
+    HostBack(String),
+    /// The host-loss detector notices a crashed host.
+    DetectLoss(String),
+}
+
+#[derive(Debug, Clone)]
+struct SimProc {
+    worker: WorkerId,
+    slot: Slot,
+    host: String,
+    attempt: u64,
+    conn: Option<ConnId>,
+    alive: bool,
+    stalled: bool,
+    assigned: bool,
+    source: bool,
+}
+
+#[derive(Debug)]
+struct SimStore {
+    /// Highest claimed epoch.
+    epoch: Epoch,
+    /// Committed manifests: id → epoch.
+    committed: BTreeMap<CheckpointId, Epoch>,
+}
+
+impl SimStore {
+    /// The newest committed checkpoint a reader would restore (the zombie
+    /// rule: a manifest whose epoch is lower than a smaller id's is skipped).
+    fn latest(&self) -> Option<CheckpointId> {
+        let mut best: Option<(CheckpointId, Epoch)> = None;
+        for (id, e) in &self.committed {
+            if best.is_none_or(|(_, be)| *e >= be) {
+                best = Some((*id, *e));
+            }
+        }
+        best.map(|(id, _)| id)
+    }
+}
+
+/// Why a job may end (rule 6).
+#[derive(Debug, Default)]
+struct Causes {
+    stop: bool,
+    fatal: bool,
+    fenced: bool,
+    exhausted: bool,
+}
+
+struct World {
+    seed: u64,
+    rng: Rng,
+    now: Duration,
+    seq: u64,
+    queue: BinaryHeap<std::cmp::Reverse<(Duration, u64, usize)>>,
+    events: Vec<Option<Event>>,
+    ctl: JobController,
+    plan_sources: BTreeSet<WorkerId>,
+    plan: Vec<WorkerId>,
+    hosts: BTreeMap<String, bool>,
+    /// Hosts the controller was told are lost (and not back).
+    known_lost: BTreeSet<String>,
+    procs: BTreeMap<u64, SimProc>,
+    next_pid: u64,
+    next_conn: u64,
+    conn_pid: BTreeMap<ConnId, u64>,
+    store: SimStore,
+    vips: BTreeMap<String, String>,
+    causes: Causes,
+    faults: bool,
+    trace: bool,
+    newest_seen: Option<CheckpointId>,
+    epoch_seen: Epoch,
+    max_restarts: u32,
+    /// Keep a log of every action (scripted scenarios read it).
+    record: bool,
+    log: Vec<(Duration, Action)>,
+    /// Every commit takes this long (scripted scenarios).
+    slow_commits: Option<Duration>,
+}
+
+impl World {
+    fn new(seed: u64, faults: bool, spec: usize) -> World {
+        World::with_hosts(seed, faults, spec, None)
+    }
+
+    fn with_hosts(seed: u64, faults: bool, spec: usize, hosts: Option<usize>) -> World {
+        let mut rng = Rng(seed);
+        let spec = JobSpec::parse(SPECS[spec % SPECS.len()], "sim.toml", PathBuf::from("/"))
+            .expect("the simulation's spec parses");
+        let plan = spec.plan();
+        let mut cfg = ControllerConfig::from_spec(&spec);
+        cfg.retention_every = ms(100);
+        cfg.startup_timeout = ms(2000);
+        cfg.vips = true;
+        cfg.root_cause_wait = ms(10);
+        cfg.drain_timeout = ms(500);
+        let n_hosts = hosts.unwrap_or(2 + rng.below(3) as usize);
+        let hosts: BTreeMap<String, bool> = (0..n_hosts).map(|i| (format!("h{i}"), true)).collect();
+        let store = SimStore {
+            epoch: Epoch(1),
+            committed: BTreeMap::new(),
+        };
+        let max_restarts = cfg.restart.max_attempts;
+        let ctl = JobController::new(
+            cfg,
+            Epoch(1),
+            CheckpointId(1),
+            None,
+            hosts.keys().cloned().collect(),
+        );
+        World {
+            seed,
+            rng,
+            now: Duration::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            ctl,
+            plan_sources: plan
+                .iter()
+                .filter(|w| w.is_source)
+                .map(|w| w.id.clone())
+                .collect(),
+            plan: plan.iter().map(|w| w.id.clone()).collect(),
+            hosts,
+            known_lost: BTreeSet::new(),
+            procs: BTreeMap::new(),
+            next_pid: 1,
+            next_conn: 1,
+            conn_pid: BTreeMap::new(),
+            store,
+            vips: BTreeMap::new(),
+            causes: Causes::default(),
+            faults,
+            trace: false,
+            newest_seen: None,
+            epoch_seen: Epoch(1),
+            max_restarts,
+            record: false,
+            log: Vec::new(),
+            slow_commits: None,
+        }
+    }
+
+    fn at(&mut self, after: Duration, ev: Event) {
+        self.seq += 1;
+        self.events.push(Some(ev));
+        self.queue.push(std::cmp::Reverse((
+            self.now + after,
+            self.seq,
+            self.events.len() - 1,
+        )));
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        panic!(
+            "simulation seed {} at {:?}: invariant broken: {what}\n  replay: LAZARUS_SIM_SEED={} cargo nextest run -p lazarus supervisor::sim --no-capture",
+            self.seed, self.now, self.seed
+        );
+    }
+
+    fn start(&mut self) {
+        let actions = self.ctl.start(self.now);
+        self.apply(actions);
+        self.at(ms(10), Event::Tick);
+        self.at(ms(20), Event::Heartbeats);
+        if self.faults {
+            let d = self.rng.between(20, 150);
+            self.at(d, Event::Fault);
+        }
+    }
+
+    /// Runs events until `until` (virtual time) or the job ends.
+    fn run_until(&mut self, until: Duration) {
+        while let Some(std::cmp::Reverse((t, _, i))) = self.queue.peek().copied() {
+            if t > until || self.ctl.is_ended() {
+                break;
+            }
+            self.queue.pop();
+            self.now = t;
+            let Some(ev) = self.events[i].take() else {
+                continue;
+            };
+            self.step(ev);
+        }
+        self.now = self.now.max(until.min(self.now + ms(1)));
+    }
+
+    fn deliver(&mut self, fact: Fact) {
+        if self.trace {
+            eprintln!("{:>8.1?} fact {fact:?}", self.now);
+        }
+        if let Fact::HostLost(h) = &fact {
+            self.known_lost.insert(h.clone());
+        }
+        if let Fact::HostJoined(h) = &fact {
+            self.known_lost.remove(h);
+        }
+        let actions = self.ctl.handle(self.now, fact);
+        self.apply(actions);
+    }
+
+    fn step(&mut self, ev: Event) {
+        match ev {
+            Event::Deliver(f) => self.deliver(f),
+            Event::Tick => {
+                self.deliver(Fact::Tick);
+                self.at(ms(5), Event::Tick);
+            }
+            Event::Heartbeats => {
+                let beats: Vec<ConnId> = self
+                    .procs
+                    .values()
+                    .filter(|p| p.alive && !p.stalled && p.assigned && p.slot == Slot::Primary)
+                    .filter_map(|p| p.conn)
+                    .collect();
+                for conn in beats {
+                    let d = self.rng.between(0, 3);
+                    let msg = ToSupervisor::Heartbeat { records_in: 1 };
+                    self.at(d, Event::Deliver(Fact::Message { conn, msg }));
+                }
+                self.at(ms(20), Event::Heartbeats);
+            }
+            Event::Fault => {
+                self.fault();
+                let d = self.rng.between(30, 400);
+                self.at(d, Event::Fault);
+            }
+            Event::Worker { pid, msg } => self.worker_reacts(pid, msg),
+            Event::HostBack(h) => {
+                self.hosts.insert(h.clone(), true);
+                let d = self.rng.between(1, 5);
+                self.at(d, Event::Deliver(Fact::HostJoined(h)));
+            }
+            Event::DetectLoss(h) => {
+                if self.hosts.get(&h) == Some(&false) {
+                    self.deliver(Fact::HostLost(h.clone()));
+                    let d = self.rng.between(50, 800);
+                    self.at(d, Event::HostBack(h));
+                }
+            }
+        }
+        self.check();
+    }
+
+    /// A process dies; its exit and its connection's close are reported
+    /// (in either order) unless its host is down.
+    fn die(&mut self, pid: u64, exit: ExitKind) {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        if !p.alive {
+            return;
+        }
+        p.alive = false;
+        let p = p.clone();
+        if self.hosts.get(&p.host) != Some(&true) {
+            return;
+        }
+        let exited = WorkerExited {
+            worker: p.worker.clone(),
+            attempt: p.attempt,
+            standby: p.slot == Slot::Standby,
+            host: p.host.clone(),
+            exit,
+            detail: None,
+        };
+        let d1 = self.rng.between(0, 3);
+        self.at(d1, Event::Deliver(Fact::Exited(exited)));
+        if let Some(conn) = p.conn {
+            let d2 = self.rng.between(0, 3);
+            self.at(d2, Event::Deliver(Fact::Closed { conn }));
+        }
+    }
+
+    fn live_pids(&self, f: impl Fn(&SimProc) -> bool) -> Vec<u64> {
+        self.procs
+            .iter()
+            .filter(|(_, p)| p.alive && f(p))
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+
+    fn fault(&mut self) {
+        match self.rng.below(100) {
+            // SIGKILL of a primary.
+            0..=29 => {
+                let pids = self.live_pids(|p| p.slot == Slot::Primary);
+                if let Some(&pid) = pids.get(self.rng.below(pids.len() as u64) as usize) {
+                    self.die(pid, ExitKind::Signal(9));
+                }
+            }
+            // A standby dies.
+            30..=39 => {
+                let pids = self.live_pids(|p| p.slot == Slot::Standby);
+                if let Some(&pid) = pids.get(self.rng.below(pids.len() as u64) as usize) {
+                    self.die(pid, ExitKind::Code(1));
+                }
+            }
+            // A primary stalls (SIGSTOP): no heartbeats, no messages.
+            40..=47 => {
+                let pids = self.live_pids(|p| p.slot == Slot::Primary && p.assigned);
+                if let Some(&pid) = pids.get(self.rng.below(pids.len() as u64) as usize) {
+                    if let Some(p) = self.procs.get_mut(&pid) {
+                        p.stalled = true;
+                    }
+                }
+            }
+            // A host crashes: its processes die unseen; the loss is
+            // detected a host timeout later.
+            48..=62 => {
+                let up: Vec<String> = self
+                    .hosts
+                    .iter()
+                    .filter(|(_, a)| **a)
+                    .map(|(h, _)| h.clone())
+                    .collect();
+                if up.len() > 1 {
+                    let h = up[self.rng.below(up.len() as u64) as usize].clone();
+                    self.hosts.insert(h.clone(), false);
+                    for p in self.procs.values_mut().filter(|p| p.host == h) {
+                        p.alive = false;
+                    }
+                    let d = self.rng.between(20, 60);
+                    self.at(d, Event::DetectLoss(h));
+                }
+            }
+            // A worker reports a retryable failure and exits.
+            63..=72 => {
+                let pids = self.live_pids(|p| p.slot == Slot::Primary && p.conn.is_some());
+                if let Some(&pid) = pids.get(self.rng.below(pids.len() as u64) as usize) {
+                    let conn = self.procs[&pid].conn.expect("filtered");
+                    let fatal = self.rng.chance(30);
+                    let msg = ToSupervisor::Failed {
+                        error: "boom".into(),
+                        fatal,
+                    };
+                    self.at(ms(0), Event::Deliver(Fact::Message { conn, msg }));
+                    self.causes.fatal |= fatal;
+                    self.die(pid, ExitKind::Code(1));
+                }
+            }
+            // Every source runs dry: the job finishes with a final checkpoint.
+            73..=75 => {
+                let pids = self.live_pids(|p| p.source && p.assigned && p.slot == Slot::Primary);
+                for pid in pids {
+                    if let Some(conn) = self.procs[&pid].conn {
+                        self.causes.exhausted = true;
+                        let msg = ToSupervisor::SourceExhausted;
+                        self.at(ms(1), Event::Deliver(Fact::Message { conn, msg }));
+                    }
+                }
+            }
+            // Someone stops the job.
+            76 => {
+                self.causes.stop = true;
+                self.at(ms(0), Event::Deliver(Fact::StopRequested));
+            }
+            // Another writer claims a newer epoch (a second supervisor).
+            77 if self.rng.chance(100) => {
+                self.store.epoch = Epoch(self.store.epoch.0 + 50);
+                self.causes.fenced = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut vip_checks = Vec::new();
+        for a in actions {
+            if self.trace {
+                eprintln!("{:>8.1?}   action {a:?}", self.now);
+            }
+            if self.record {
+                self.log.push((self.now, a.clone()));
+            }
+            match a {
+                Action::Spawn {
+                    host,
+                    worker,
+                    attempt,
+                    slot,
+                } => {
+                    self.no_lost_host(&host, "spawn");
+                    let pid = self.next_pid;
+                    self.next_pid += 1;
+                    let alive = self.hosts.get(&host) == Some(&true);
+                    self.procs.insert(
+                        pid,
+                        SimProc {
+                            source: self.plan_sources.contains(&worker),
+                            worker: worker.clone(),
+                            slot,
+                            host,
+                            attempt,
+                            conn: None,
+                            alive,
+                            stalled: false,
+                            assigned: false,
+                        },
+                    );
+                    if alive {
+                        let conn = ConnId(self.next_conn);
+                        self.next_conn += 1;
+                        self.conn_pid.insert(conn, pid);
+                        if let Some(p) = self.procs.get_mut(&pid) {
+                            p.conn = Some(conn);
+                        }
+                        let d = self.rng.between(1, 8);
+                        let hello = Fact::Hello {
+                            conn,
+                            worker,
+                            attempt,
+                            standby: slot == Slot::Standby,
+                        };
+                        self.at(d, Event::Deliver(hello));
+                    }
+                }
+                Action::Promote {
+                    host,
+                    worker,
+                    attempt,
+                } => {
+                    self.no_lost_host(&host, "promote");
+                    let pid = self.live_pids(|p| {
+                        p.worker == worker && p.slot == Slot::Standby && p.host == host
+                    });
+                    match pid.first() {
+                        Some(pid) => {
+                            let p = self.procs.get_mut(pid).expect("listed");
+                            p.slot = Slot::Primary;
+                            p.attempt = attempt;
+                        }
+                        // It died a moment ago and its exit (as a standby)
+                        // is on its way: the agent finds nothing to promote.
+                        None if self.procs.values().any(|p| {
+                            p.worker == worker && p.slot == Slot::Standby && p.host == host
+                        }) => {}
+                        None => self.fail(&format!(
+                            "promoted {worker} on {host}, where no standby process ever ran"
+                        )),
+                    }
+                }
+                Action::Kill { host, worker, slot } => {
+                    self.no_lost_host(&host, "kill");
+                    for pid in
+                        self.live_pids(|p| p.worker == worker && p.slot == slot && p.host == host)
+                    {
+                        self.die(pid, ExitKind::Signal(9));
+                    }
+                }
+                Action::KillAll { standbys } => {
+                    for pid in self.live_pids(|p| standbys || p.slot == Slot::Primary) {
+                        self.die(pid, ExitKind::Signal(9));
+                    }
+                }
+                Action::AssignVip { vip, host } => {
+                    self.no_lost_host(&host, "assign a VIP to");
+                    self.vips.insert(vip.clone(), host.clone());
+                    vip_checks.push((vip, host));
+                }
+                Action::UnassignVip { vip } => {
+                    self.vips.remove(&vip);
+                }
+                Action::Assign {
+                    conn,
+                    worker,
+                    restore,
+                    standby,
+                    epoch,
+                    ..
+                } => {
+                    if !standby {
+                        // Rule 2: a recovery restores the newest committed
+                        // checkpoint (and works under the newest epoch).
+                        if restore != self.store.latest() {
+                            self.fail(&format!(
+                                "{worker} restores {restore:?}, the newest committed is {:?}",
+                                self.store.latest()
+                            ));
+                        }
+                        if epoch < self.epoch_seen {
+                            self.fail("an assignment under an old epoch");
+                        }
+                    }
+                    let Some(&pid) = self.conn_pid.get(&conn) else {
+                        continue;
+                    };
+                    if let Some(p) = self.procs.get_mut(&pid) {
+                        p.assigned = true;
+                    }
+                    if !standby {
+                        let d = self.rng.between(1, 6);
+                        let msg = ToSupervisor::Listening {
+                            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+                            fetched_bytes: 0,
+                        };
+                        self.at(d, Event::Deliver(Fact::Message { conn, msg }));
+                    }
+                }
+                Action::Send { conn, msg } => {
+                    if let Some(&pid) = self.conn_pid.get(&conn) {
+                        let d = self.rng.between(0, 2);
+                        self.at(d, Event::Worker { pid, msg });
+                    }
+                }
+                Action::Close { conn } => {
+                    // A worker whose control connection closes exits.
+                    if let Some(&pid) = self.conn_pid.get(&conn) {
+                        if let Some(p) = self.procs.get_mut(&pid) {
+                            p.conn = None;
+                        }
+                        self.conn_pid.remove(&conn);
+                        self.die(pid, ExitKind::Code(1));
+                    }
+                }
+                Action::Commit(m) => {
+                    let slow = self.faults && self.rng.chance(80);
+                    let d = if let Some(d) = self.slow_commits {
+                        d
+                    } else if slow {
+                        self.rng.between(50, 400)
+                    } else {
+                        self.rng.between(1, 6)
+                    };
+                    let fact = if m.epoch < self.store.epoch {
+                        Fact::CommitFenced {
+                            checkpoint: m.checkpoint,
+                            epoch: m.epoch,
+                            error: "fenced".into(),
+                        }
+                    } else if self.faults && self.rng.chance(40) {
+                        Fact::CommitFailed {
+                            checkpoint: m.checkpoint,
+                            epoch: m.epoch,
+                            error: "503 slow down".into(),
+                        }
+                    } else {
+                        // Ids only go up (rule: never backwards).
+                        if let Some((last, _)) = self.store.committed.last_key_value() {
+                            if m.checkpoint <= *last {
+                                self.fail(&format!(
+                                    "commit {} after {last}: ids went backwards",
+                                    m.checkpoint
+                                ));
+                            }
+                        }
+                        if m.workers.len() != self.plan.len() {
+                            self.fail("a manifest without every worker's ack");
+                        }
+                        self.store.committed.insert(m.checkpoint, m.epoch);
+                        Fact::CommitDone {
+                            checkpoint: m.checkpoint,
+                            epoch: m.epoch,
+                            stored_bytes: 1,
+                        }
+                    };
+                    self.at(d, Event::Deliver(fact));
+                }
+                Action::ClaimEpoch(e) => {
+                    let d = self.rng.between(1, 20);
+                    let fact = if self.faults && self.rng.chance(30) {
+                        Fact::StorageFailed {
+                            error: "timeout".into(),
+                        }
+                    } else if e <= self.store.epoch && self.causes.fenced {
+                        Fact::EpochFenced {
+                            error: "fenced".into(),
+                        }
+                    } else {
+                        self.store.epoch = self.store.epoch.max(e);
+                        Fact::EpochClaimed {
+                            epoch: e,
+                            latest: self.store.latest(),
+                        }
+                    };
+                    self.at(d, Event::Deliver(fact));
+                }
+                Action::Retention { .. } => {
+                    let d = self.rng.between(1, 300);
+                    self.at(d, Event::Deliver(Fact::RetentionDone { retained: None }));
+                }
+                Action::PruneCaches { .. } | Action::Recovering { .. } => {}
+            }
+        }
+        // Rule 4: a VIP goes to the host of the worker's live primary.
+        for (vip, host) in vip_checks {
+            let ok = self.procs.values().any(|p| {
+                p.alive
+                    && p.slot == Slot::Primary
+                    && p.host == host
+                    && p.attempt == self.ctl.attempt()
+            }) || self.hosts.get(&host) != Some(&true);
+            if !ok {
+                self.fail(&format!(
+                    "VIP {vip} assigned to {host}, where no primary of this attempt runs"
+                ));
+            }
+        }
+    }
+
+    fn no_lost_host(&self, host: &str, what: &str) {
+        if self.known_lost.contains(host) {
+            self.fail(&format!("asked to {what} host {host}, known to be lost"));
+        }
+    }
+
+    /// A fake worker's reaction to a control message.
+    fn worker_reacts(&mut self, pid: u64, msg: ToWorker) {
+        let Some(p) = self.procs.get(&pid).cloned() else {
+            return;
+        };
+        if !p.alive || p.stalled {
+            return;
+        }
+        let Some(conn) = p.conn else {
+            return;
+        };
+        match msg {
+            ToWorker::Start { .. } => {
+                let d = self.rng.between(1, 5);
+                self.at(
+                    d,
+                    Event::Deliver(Fact::Message {
+                        conn,
+                        msg: ToSupervisor::Running,
+                    }),
+                );
+            }
+            ToWorker::Trigger { checkpoint } => {
+                // The barrier reaches every worker of the attempt; each acks
+                // unless it is stalled or dead.
+                let acks: Vec<(ConnId, WorkerId)> = self
+                    .procs
+                    .values()
+                    .filter(|q| {
+                        q.alive
+                            && !q.stalled
+                            && q.assigned
+                            && q.slot == Slot::Primary
+                            && q.attempt == p.attempt
+                    })
+                    .filter_map(|q| q.conn.map(|c| (c, q.worker.clone())))
+                    .collect();
+                for (c, w) in acks {
+                    let d = self.rng.between(1, 25);
+                    let msg = ToSupervisor::Ack {
+                        checkpoint,
+                        snapshot: {
+                            let _ = w;
+                            WorkerSnapshot::default()
+                        },
+                        pause_us: 10,
+                    };
+                    self.at(d, Event::Deliver(Fact::Message { conn: c, msg }));
+                }
+            }
+            ToWorker::Follow { checkpoint } => {
+                let d = self.rng.between(1, 10);
+                let msg = ToSupervisor::Followed {
+                    checkpoint,
+                    fetched_bytes: 1,
+                };
+                self.at(d, Event::Deliver(Fact::Message { conn, msg }));
+            }
+            ToWorker::Shutdown => {
+                let d = self.rng.between(1, 10);
+                self.at(
+                    d,
+                    Event::Worker {
+                        pid,
+                        msg: ToWorker::Abort {
+                            checkpoint: CheckpointId(0),
+                        },
+                    },
+                );
+                // Exits cleanly (modelled as an immediate clean death).
+                self.die(pid, ExitKind::Success);
+            }
+            _ => {}
+        }
+    }
+
+    /// Invariants that hold after every step.
+    fn check(&mut self) {
+        // Rule 3: at most one live primary process per worker.
+        let mut primaries: BTreeMap<&WorkerId, usize> = BTreeMap::new();
+        for p in self
+            .procs
+            .values()
+            .filter(|p| p.alive && p.slot == Slot::Primary)
+        {
+            *primaries.entry(&p.worker).or_default() += 1;
+        }
+        if let Some((w, n)) = primaries.iter().find(|(_, n)| **n > 1) {
+            self.fail(&format!("{n} live primaries of {w}"));
+        }
+        // Committed checkpoints and epochs never go backwards.
+        let newest = self.ctl.newest_committed();
+        if newest < self.newest_seen {
+            self.fail("the newest committed checkpoint went backwards");
+        }
+        self.newest_seen = newest;
+        if self.ctl.epoch() < self.epoch_seen {
+            self.fail("the epoch went backwards");
+        }
+        self.epoch_seen = self.ctl.epoch();
+        // Rule 6: a job ends only for a reason it was given.
+        if self.ctl.is_ended() {
+            let s = self.ctl.summary();
+            let ok = match &s.state {
+                JobState::Stopped => self.causes.stop,
+                JobState::Finished => {
+                    self.causes.exhausted && self.store.committed.last_key_value().is_some()
+                }
+                JobState::Failed(why) if why.contains("fatal error") => self.causes.fatal,
+                JobState::Failed(why) if why.starts_with("fenced") => self.causes.fenced,
+                JobState::Failed(why) if why.contains("gave up") => s.restarts > self.max_restarts,
+                _ => false,
+            };
+            if !ok {
+                self.fail(&format!(
+                    "ended as {:?} without a cause for it ({:?})",
+                    s.state, self.causes
+                ));
+            }
+        }
+    }
+
+    /// Stops the job and requires it to end, with every process gone.
+    fn stop_and_settle(&mut self) {
+        self.faults = false;
+        self.causes.stop = true;
+        for p in self.procs.values_mut() {
+            p.stalled = false;
+        }
+        self.deliver(Fact::StopRequested);
+        let until = self.now + ms(2000);
+        self.run_until(until);
+        if !self.ctl.is_ended() {
+            self.fail("a stop request did not end the job within 2 s");
+        }
+        // Remaining exits are reported; the controller forgets every process.
+        let until = self.now + ms(100);
+        while let Some(std::cmp::Reverse((t, _, i))) = self.queue.peek().copied() {
+            if t > until {
+                break;
+            }
+            self.queue.pop();
+            self.now = t;
+            if let Some(Event::Deliver(
+                f @ (Fact::Exited(_) | Fact::Closed { .. } | Fact::HostLost(_)),
+            )) = self.events[i].take()
+            {
+                self.deliver(f);
+            }
+        }
+        if self.ctl.live_processes() > 0 && self.procs.values().any(|p| p.alive) {
+            self.fail("processes left running after the job ended");
+        }
+        if !self.vips.is_empty() {
+            self.fail("VIPs left assigned after the job ended");
+        }
+    }
+}
+
+fn schedule(seed: u64, trace: bool) -> JobState {
+    let mut w = World::new(seed, true, seed as usize);
+    w.trace = trace;
+    w.start();
+    let horizon = ms(1500 + (seed % 7) * 300);
+    w.run_until(horizon);
+    if !w.ctl.is_ended() {
+        w.stop_and_settle();
+    } else {
+        w.check();
+    }
+    w.ctl.summary().state
+}
+
+#[test]
+fn test_random_fault_schedules_keep_the_invariants() {
+    if let Ok(seed) = std::env::var("LAZARUS_SIM_SEED") {
+        let seed: u64 = seed.parse().expect("LAZARUS_SIM_SEED is a number");
+        let end = schedule(seed, true);
+        eprintln!("seed {seed}: {end:?}");
+        return;
+    }
+    let n: u64 = std::env::var("LAZARUS_SIM_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let mut ends: BTreeMap<String, u64> = BTreeMap::new();
+    for seed in 1..=n {
+        let end = schedule(seed, false);
+        let key = match end {
+            JobState::Failed(why) if why.contains("fatal") => "failed (fatal)".to_string(),
+            JobState::Failed(why) if why.starts_with("fenced") => "failed (fenced)".to_string(),
+            JobState::Failed(_) => "failed (gave up)".to_string(),
+            other => format!("{:?}", other.kind()).to_lowercase(),
+        };
+        *ends.entry(key).or_default() += 1;
+    }
+    eprintln!("{n} schedules: {ends:?}");
+    // The schedules must exercise every way of ending, or they test little.
+    for k in ["stopped", "finished", "failed (fatal)", "failed (gave up)"] {
+        assert!(
+            ends.get(k).copied().unwrap_or(0) > 0,
+            "no schedule ended {k}: {ends:?}"
+        );
+    }
+}
+
+/// Scripted failover cases on the simulated world: no root, no sockets, no
+/// sleeps. Each mirrors a namespace test.
+mod scenarios {
+    use super::*;
+
+    /// A quiet world (no random faults) with `hosts` hosts, running.
+    fn running(spec: usize, hosts: usize) -> World {
+        let mut w = World::with_hosts(7, false, spec, Some(hosts));
+        w.record = true;
+        w.start();
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running, "the job runs");
+        assert!(w.ctl.newest_committed().is_some(), "and commits");
+        w
+    }
+
+    fn id(s: &str) -> WorkerId {
+        WorkerId::new(s).expect("worker id")
+    }
+
+    impl World {
+        fn run_for(&mut self, d: Duration) {
+            let until = self.now + d;
+            self.run_until(until);
+        }
+
+        /// The live process of `worker` in `slot`: pid and host.
+        fn proc_of(&self, worker: &str, slot: Slot) -> (u64, String) {
+            let w = id(worker);
+            let pids = self.live_pids(|p| p.worker == w && p.slot == slot);
+            assert_eq!(pids.len(), 1, "one live {slot:?} of {worker}");
+            (pids[0], self.procs[&pids[0]].host.clone())
+        }
+
+        fn actions_since(&self, t: Duration) -> Vec<Action> {
+            self.log
+                .iter()
+                .filter(|(at, _)| *at >= t)
+                .map(|(_, a)| a.clone())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn test_sigkill_with_hot_standby_promotes_the_standby_in_place_and_moves_the_vip() {
+        let mut w = running(0, 3);
+        let (old, _) = w.proc_of("kv-0", Slot::Primary);
+        let (standby, standby_host) = w.proc_of("kv-0", Slot::Standby);
+        let epoch = w.ctl.epoch();
+        w.die(old, ExitKind::Signal(9));
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        let (now, host) = w.proc_of("kv-0", Slot::Primary);
+        assert_eq!(
+            now, standby,
+            "the standby process itself is the primary now"
+        );
+        assert_eq!(host, standby_host);
+        assert_eq!(
+            w.vips.get("198.18.0.100/24"),
+            Some(&standby_host),
+            "the VIP moved with it"
+        );
+        assert!(w.ctl.epoch() > epoch, "a recovery claims a new epoch");
+        assert_eq!(w.ctl.summary().restarts, 1);
+        let (_, new_standby) = w.proc_of("kv-0", Slot::Standby);
+        assert_ne!(new_standby, host, "a new standby on another host");
+    }
+
+    #[test]
+    fn test_sigkill_with_cold_standby_starts_a_process_on_the_standby_host() {
+        let mut w = running(0, 3);
+        let placed = w.ctl.placement()[&id("count-0")].clone();
+        let standby_host = placed.standby.clone().expect("a cold standby is placed");
+        let (old, host) = w.proc_of("count-0", Slot::Primary);
+        assert_eq!(host, placed.primary);
+        w.die(old, ExitKind::Signal(9));
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        let (new, new_host) = w.proc_of("count-0", Slot::Primary);
+        assert_ne!(new, old, "a new process");
+        assert_eq!(new_host, standby_host, "on the cold standby's host");
+        assert!(
+            w.live_pids(|p| p.worker == id("count-0") && p.slot == Slot::Standby)
+                .is_empty(),
+            "cold: nothing runs in standby"
+        );
+    }
+
+    #[test]
+    fn test_sigkill_without_standby_restarts_on_another_host() {
+        let mut w = running(1, 2);
+        let (old, host) = w.proc_of("sink-0", Slot::Primary);
+        w.die(old, ExitKind::Signal(9));
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        let (new, new_host) = w.proc_of("sink-0", Slot::Primary);
+        assert_ne!(new, old);
+        assert_ne!(new_host, host, "moved to the other host");
+    }
+
+    #[test]
+    fn test_host_loss_promotes_elsewhere_and_sends_nothing_to_the_lost_host() {
+        let mut w = running(0, 3);
+        let (_, host) = w.proc_of("kv-0", Slot::Primary);
+        let (standby, standby_host) = w.proc_of("kv-0", Slot::Standby);
+        w.hosts.insert(host.clone(), false);
+        for p in w.procs.values_mut().filter(|p| p.host == host) {
+            p.alive = false;
+        }
+        w.run_for(ms(50));
+        let lost_at = w.now;
+        w.deliver(Fact::HostLost(host.clone()));
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        assert_eq!(
+            w.proc_of("kv-0", Slot::Primary),
+            (standby, standby_host.clone())
+        );
+        assert_eq!(w.vips.get("198.18.0.100/24"), Some(&standby_host));
+        assert!(!w.ctl.hosts().contains(&host));
+        // `no_lost_host` checked every action; here the whole log once more.
+        for a in w.actions_since(lost_at) {
+            let target = match &a {
+                Action::Spawn { host, .. }
+                | Action::Promote { host, .. }
+                | Action::Kill { host, .. }
+                | Action::AssignVip { host, .. } => Some(host),
+                _ => None,
+            };
+            assert_ne!(target, Some(&host), "{a:?} targets the lost host");
+        }
+        assert!(w
+            .ctl
+            .summary()
+            .last_failure
+            .is_some_and(|f| f.contains(&format!("host {host} lost"))));
+    }
+
+    #[test]
+    fn test_dead_standby_is_replaced_after_a_backoff_not_at_once() {
+        let mut w = running(0, 3);
+        let (standby, host) = w.proc_of("kv-0", Slot::Standby);
+        w.die(standby, ExitKind::Code(1));
+        w.run_for(ms(100));
+        assert!(
+            w.live_pids(|p| p.worker == id("kv-0") && p.slot == Slot::Standby)
+                .is_empty(),
+            "no respawn within the first 100 ms"
+        );
+        w.run_for(ms(300));
+        let (new, new_host) = w.proc_of("kv-0", Slot::Standby);
+        assert_ne!(new, standby);
+        assert_eq!(new_host, host, "placed where it was");
+        assert_eq!(w.ctl.summary().restarts, 0, "the primary never stopped");
+    }
+
+    #[test]
+    fn test_stop_kills_everything_and_releases_the_vip() {
+        let mut w = running(0, 3);
+        w.causes.stop = true;
+        w.deliver(Fact::StopRequested);
+        assert!(w.ctl.is_ended());
+        assert_eq!(w.ctl.summary().state, JobState::Stopped);
+        assert!(w.vips.is_empty(), "the VIP is unassigned");
+        assert!(
+            w.procs.values().all(|p| !p.alive),
+            "every process, standbys too"
+        );
+    }
+
+    #[test]
+    fn test_a_slow_commit_does_not_delay_handling_an_exit() {
+        let mut w = running(0, 3);
+        w.slow_commits = Some(ms(2000));
+        // Run until a commit is in flight.
+        for _ in 0..200 {
+            if w.ctl.commits_in_flight() > 0 {
+                break;
+            }
+            w.run_for(ms(1));
+        }
+        assert!(w.ctl.commits_in_flight() > 0, "a commit is in flight");
+        let (victim, _) = w.proc_of("count-1", Slot::Primary);
+        let t = w.now;
+        w.die(victim, ExitKind::Signal(9));
+        w.run_for(ms(10));
+        let acted = w.actions_since(t);
+        assert!(
+            acted.contains(&Action::KillAll { standbys: false }),
+            "the exit is handled at once, with the commit still in flight: {acted:?}"
+        );
+        assert_eq!(w.ctl.state(), JobState::Recovering);
+        assert!(
+            !acted.iter().any(|a| matches!(a, Action::ClaimEpoch(_))),
+            "the next attempt waits for the commit's answer (rule 2)"
+        );
+        w.run_for(ms(2500));
+        assert_eq!(
+            w.ctl.state(),
+            JobState::Running,
+            "recovered once the commit answered"
+        );
+    }
+
+    #[test]
+    fn test_fatal_worker_error_ends_the_job_without_restarts() {
+        let mut w = running(0, 2);
+        let (pid, _) = w.proc_of("src-0", Slot::Primary);
+        let conn = w.procs[&pid].conn.expect("connected");
+        w.causes.fatal = true;
+        let msg = ToSupervisor::Failed {
+            error: "input /x: No such file or directory".into(),
+            fatal: true,
+        };
+        w.deliver(Fact::Message { conn, msg });
+        let s = w.ctl.summary();
+        let JobState::Failed(why) = &s.state else {
+            panic!("failed: {s:?}");
+        };
+        assert!(why.contains("input /x: No such file or directory"), "{why}");
+        assert_eq!(s.restarts, 0);
+    }
+}

@@ -1,0 +1,180 @@
+//! The job's storage work, off the decision loop: manifest commits and epoch
+//! claims in order in one task, retention passes in a task of their own.
+//! Each result comes back to the shell as a controller [`Fact`], so a slow
+//! store never delays handling a worker's exit or heartbeat.
+//!
+//! Commits and claims share one queue because their order matters: a
+//! recovery's claim must come after every commit of the failed attempt (the
+//! controller also waits for those to be answered before it asks).
+//! Retention may overlap a commit: it never deletes a chunk newer than the
+//! newest committed checkpoint nor one a retained manifest references
+//! (`lazarus_storage::retention`).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use lazarus_storage::{ErrorKind, JobStore, LocalCache, Manifest};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::controller::Fact;
+use lazarus_storage::Epoch;
+
+/// A piece of storage work.
+#[derive(Debug)]
+pub enum StorageRequest {
+    /// Commit this manifest.
+    Commit(Box<Manifest>),
+    /// Claim this epoch, then read the newest committed checkpoint.
+    ClaimEpoch(Epoch),
+    /// Run retention keeping this many committed checkpoints.
+    Retention(usize),
+}
+
+/// Handle to the job's storage tasks.
+#[derive(Debug, Clone)]
+pub struct StorageWorker {
+    queue: mpsc::UnboundedSender<StorageRequest>,
+}
+
+impl StorageWorker {
+    /// Starts the storage tasks for `js` in `tracker`; results go to `facts`.
+    /// `local_cache` is this process's cache directory (pruned after each
+    /// retention pass), if workers run here.
+    pub fn start(
+        js: JobStore,
+        local_cache: Option<PathBuf>,
+        facts: mpsc::UnboundedSender<Fact>,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> StorageWorker {
+        let (queue, mut rx) = mpsc::unbounded_channel::<StorageRequest>();
+        let inner = tracker.clone();
+        tracker.spawn(async move {
+            loop {
+                let req = tokio::select! {
+                    req = rx.recv() => match req {
+                        Some(r) => r,
+                        None => break,
+                    },
+                    _ = cancel.cancelled() => break,
+                };
+                match req {
+                    StorageRequest::Commit(manifest) => {
+                        let fact = commit(&js, &manifest).await;
+                        let _ = facts.send(fact);
+                    }
+                    StorageRequest::ClaimEpoch(epoch) => {
+                        let fact = claim(&js, epoch).await;
+                        let _ = facts.send(fact);
+                    }
+                    StorageRequest::Retention(keep) => {
+                        let (js, facts, cache) = (js.clone(), facts.clone(), local_cache.clone());
+                        inner.spawn(async move {
+                            let retained = retention(&js, keep, cache).await;
+                            let _ = facts.send(Fact::RetentionDone { retained });
+                        });
+                    }
+                }
+            }
+        });
+        StorageWorker { queue }
+    }
+
+    /// Queues `req`.
+    pub fn send(&self, req: StorageRequest) {
+        let _ = self.queue.send(req);
+    }
+}
+
+async fn commit(js: &JobStore, manifest: &Manifest) -> Fact {
+    let checkpoint = manifest.checkpoint;
+    let epoch = manifest.epoch;
+    let span = tracing::info_span!("checkpoint", %checkpoint, %epoch);
+    match js.commit(manifest).instrument(span).await {
+        Ok(()) => Fact::CommitDone {
+            checkpoint,
+            epoch,
+            stored_bytes: manifest.stored_bytes(),
+        },
+        Err(e) if e.kind() == ErrorKind::Fenced => Fact::CommitFenced {
+            checkpoint,
+            epoch,
+            error: e.to_string(),
+        },
+        Err(e) => Fact::CommitFailed {
+            checkpoint,
+            epoch,
+            error: e.to_string(),
+        },
+    }
+}
+
+async fn claim(js: &JobStore, epoch: Epoch) -> Fact {
+    let span = tracing::info_span!("claim_epoch", %epoch);
+    async {
+        match js.claim_epoch(epoch).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Fenced => {
+                return Fact::EpochFenced {
+                    error: e.to_string(),
+                }
+            }
+            Err(e) => {
+                return Fact::StorageFailed {
+                    error: e.to_string(),
+                }
+            }
+        }
+        match js.latest().await {
+            Ok(m) => Fact::EpochClaimed {
+                epoch,
+                latest: Some(m.checkpoint),
+            },
+            Err(e) if e.kind() == ErrorKind::NotFound => Fact::EpochClaimed {
+                epoch,
+                latest: None,
+            },
+            Err(e) => Fact::StorageFailed {
+                error: format!("reading the latest checkpoint: {e}"),
+            },
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Retention in the store, then in this host's local cache. Failures are
+/// logged and retried at the next pass: they cost space, not data.
+async fn retention(
+    js: &JobStore,
+    keep: usize,
+    cache: Option<PathBuf>,
+) -> Option<(lazarus_storage::CheckpointId, Arc<HashSet<String>>)> {
+    let span = tracing::info_span!("retention", keep);
+    let report = match js.gc(keep).instrument(span).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "retention pass failed; will retry at the next pass");
+            return None;
+        }
+    };
+    let newest = report.retained.last().copied()?;
+    let referenced = Arc::new(report.referenced);
+    if let Some(dir) = cache {
+        let (job, refs) = (js.job().clone(), referenced.clone());
+        let pruned = tokio::task::spawn_blocking(move || {
+            LocalCache::new(&dir).and_then(|c| c.prune(&job, &refs, newest))
+        })
+        .await;
+        match pruned {
+            Ok(Ok(n)) => tracing::debug!(deleted = n, "local cache pruned"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "pruning the local cache failed"),
+            Err(e) => tracing::warn!(error = %e, "cache pruning task failed"),
+        }
+    }
+    Some((newest, referenced))
+}
