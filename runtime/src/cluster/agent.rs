@@ -1,7 +1,11 @@
-#![allow(clippy::disallowed_methods)] // until the VIP holder is split out (later commit)
 //! `lazarus agent`: one per host. It registers with the supervisor, runs
 //! the worker processes it is told to (one [`ProcessTable`] per job), reports their
 //! exits at once, and holds VIPs on its interface only under a lease.
+//!
+//! Each VIP is a pure [`VipHolder`]; this shell carries out what it decides
+//! (lease requests, netlink add/remove) and owns each VIP's announcement
+//! burst task, aborting it the moment the VIP is released or its lease runs
+//! out, so no gratuitous ARP for a VIP leaves a host that gave it up.
 //!
 //! Self-fencing, by the agent's own clock:
 //! - a VIP whose lease is not renewed by its expiry is removed at that
@@ -10,10 +14,10 @@
 //!   every worker process is killed and every VIP removed, then the agent
 //!   registers again.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use lazarus_sdk::protocol;
@@ -21,8 +25,10 @@ use lazarus_storage::{JobId, LocalCache};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::cluster::wire::{AgentMsg, GarpSettings, SupervisorMsg, WireExit};
-use crate::lease::{LeaseHolder, LeaseId};
+use crate::clock::{Clock, SystemClock};
+use crate::cluster::vip_holder::{HolderAction, VipHolder};
+use crate::cluster::wire::{AgentMsg, SupervisorMsg, WireExit};
+use crate::lease::LeaseId;
 use crate::procs::{ProcessTable, Slot, WorkerExited};
 use crate::vip::{parse_vip, Vip};
 
@@ -69,25 +75,21 @@ impl AgentConfig {
 /// One VIP this agent was asked to hold.
 struct HeldVip {
     vip: Vip,
-    garp: GarpSettings,
-    holder: LeaseHolder,
-    wanted: bool,
-    on_iface: bool,
-    /// Requests in flight: sequence number → send time (agent clock).
-    pending: HashMap<u64, Duration>,
-    next_renew: Duration,
-    retry_at: Option<Duration>,
-    refresh_at: Option<Duration>,
+    holder: VipHolder,
+    /// The running announcement burst; dropping it aborts the burst.
+    announce: Option<AbortOnDrop>,
 }
 
 struct AgentState {
     opts: AgentOptions,
-    origin: Instant,
+    clock: SystemClock,
     jobs: BTreeMap<JobId, ProcessTable>,
     exits_tx: mpsc::UnboundedSender<(JobId, WorkerExited)>,
     exits_rx: mpsc::UnboundedReceiver<(JobId, WorkerExited)>,
     vips: BTreeMap<String, HeldVip>,
     seq: u64,
+    /// Background work: announcement bursts and cache pruning.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Runs the agent until `stop` turns true.
@@ -97,12 +99,13 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
     let mut st = AgentState {
         opts,
-        origin: Instant::now(),
+        clock: SystemClock::default(),
         jobs: BTreeMap::new(),
         exits_tx,
         exits_rx,
         vips: BTreeMap::new(),
         seq: 0,
+        tasks: tokio_util::task::TaskTracker::new(),
     };
     loop {
         if *stop.borrow() {
@@ -128,33 +131,115 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
             _ = stop.changed() => {}
         }
     }
+    // Bursts were aborted with their VIPs; cache pruning finishes (bounded).
+    st.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), st.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("agent tasks still running after 5 s at shutdown");
+    }
     Ok(())
 }
 
 impl AgentState {
     fn now(&self) -> Duration {
-        self.origin.elapsed()
+        self.clock.now()
     }
 
-    /// Kills every worker and removes every VIP.
+    /// Kills every worker and removes every VIP (no session: nothing to
+    /// confirm to).
     async fn fence(&mut self, why: &str) {
         let mut any = false;
         for agent in self.jobs.values_mut() {
             any |= !agent.running().is_empty();
             agent.kill_all();
         }
-        for (name, v) in &mut self.vips {
-            if v.on_iface {
-                any = true;
-                if let Err(e) = v.vip.release().await {
-                    tracing::error!(vip = %name, error = %e, "removing the VIP failed");
-                }
-                v.on_iface = false;
-            }
+        let names: Vec<String> = self.vips.keys().cloned().collect();
+        for name in names {
+            let Some(v) = self.vips.get_mut(&name) else {
+                continue;
+            };
+            any |= v.holder.on_iface();
+            let actions = v.holder.release();
+            self.carry_out(&name, actions, None).await;
         }
         self.vips.clear();
         if any {
             tracing::warn!(why, "fenced: workers stopped, VIPs removed");
+        }
+    }
+
+    /// Carries out a VIP holder's actions; `out` is the session (None when
+    /// there is none: lease messages are dropped).
+    async fn carry_out(
+        &mut self,
+        name: &str,
+        actions: Vec<HolderAction>,
+        out: Option<&mpsc::UnboundedSender<AgentMsg>>,
+    ) {
+        let mut queue: std::collections::VecDeque<HolderAction> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            let now = self.now();
+            let Some(v) = self.vips.get_mut(name) else {
+                return;
+            };
+            let send = |m: AgentMsg| {
+                if let Some(out) = out {
+                    let _ = out.send(m);
+                }
+            };
+            match a {
+                HolderAction::Acquire { seq } => send(AgentMsg::LeaseAcquire {
+                    vip: name.to_string(),
+                    seq,
+                }),
+                HolderAction::Renew { id, seq } => send(AgentMsg::LeaseRenew {
+                    vip: name.to_string(),
+                    id: id.0,
+                    seq,
+                }),
+                HolderAction::Released { id } => send(AgentMsg::LeaseReleased {
+                    vip: name.to_string(),
+                    id: id.0,
+                }),
+                HolderAction::AddAddress => {
+                    let ok = match v.vip.add().await {
+                        Ok(()) => {
+                            tracing::info!(vip = %name, lease = ?v.holder.lease(), "VIP held");
+                            true
+                        }
+                        Err(e) => {
+                            tracing::error!(vip = %name, error = %e, "adding the VIP failed; giving the lease back");
+                            false
+                        }
+                    };
+                    queue.extend(v.holder.added(now, ok));
+                }
+                HolderAction::RemoveAddress => {
+                    if let Err(e) = v.vip.release().await {
+                        tracing::error!(vip = %name, error = %e, "removing the VIP failed");
+                    }
+                }
+                HolderAction::StartAnnounce => {
+                    let vip = v.vip.clone();
+                    // Replacing the handle aborts a burst still running.
+                    v.announce = Some(AbortOnDrop(self.tasks.spawn(async move {
+                        if let Err(e) = vip.announce().await {
+                            tracing::error!(error = %e, "VIP announcement failed");
+                        }
+                    })));
+                }
+                HolderAction::StopAnnounce => {
+                    v.announce = None;
+                }
+                HolderAction::StopPrimaries => {
+                    tracing::warn!(vip = %name, "VIP lease expired without renewal: VIP removed, primaries stopped");
+                    for agent in self.jobs.values_mut() {
+                        agent.kill_primaries();
+                    }
+                }
+            }
         }
     }
 
@@ -216,7 +301,7 @@ impl AgentState {
             }
         });
         let _reader = AbortOnDrop(reader);
-        let mut last_heard = Instant::now();
+        let mut last_heard = self.now();
         let mut hb = tokio::time::interval(heartbeat);
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Lease checks run often: a VIP must go at its expiry, not later.
@@ -230,7 +315,7 @@ impl AgentState {
             tokio::select! {
                 msg = in_rx.recv() => {
                     let msg = msg.unwrap_or_else(|| Err("reader ended".into())).map_err(|e| anyhow::anyhow!(e))?;
-                    last_heard = Instant::now();
+                    last_heard = self.now();
                     self.handle(msg, local_ip, renew, &out).await;
                 }
                 Some((job, e)) = self.exits_rx.recv() => {
@@ -248,10 +333,10 @@ impl AgentState {
                 }
                 _ = hb.tick() => out.send(AgentMsg::Heartbeat)?,
                 _ = check.tick() => {
-                    if last_heard.elapsed() > lease {
+                    if self.now().saturating_sub(last_heard) > lease {
                         anyhow::bail!("the supervisor was silent for {lease:?} (one lease)");
                     }
-                    self.leases(renew, &out).await;
+                    self.leases(&out).await;
                 }
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
@@ -271,68 +356,16 @@ impl AgentState {
         }
     }
 
-    fn next_seq(&mut self) -> u64 {
-        self.seq += 1;
-        self.seq
-    }
-
     /// Renewals, retries, refreshes and expiry of held VIPs.
-    async fn leases(&mut self, renew: Duration, out: &mpsc::UnboundedSender<AgentMsg>) {
+    async fn leases(&mut self, out: &mpsc::UnboundedSender<AgentMsg>) {
         let now = self.now();
-        let mut expired = false;
         let names: Vec<String> = self.vips.keys().cloned().collect();
         for name in names {
-            let v = self.vips.get_mut(&name).expect("listed");
-            let seq = &mut self.seq;
-            if v.on_iface && !v.holder.valid(now) {
-                tracing::warn!(vip = %name, "VIP lease expired without renewal: removing the VIP");
-                if let Err(e) = v.vip.release().await {
-                    tracing::error!(vip = %name, error = %e, "removing the VIP failed");
-                }
-                v.on_iface = false;
-                v.holder.on_lost();
-                expired = true;
-                // Ask again: the supervisor decides whether it is still ours.
-                v.retry_at = Some(now);
+            let Some(v) = self.vips.get_mut(&name) else {
                 continue;
-            }
-            if let Some(id) = v.holder.lease() {
-                if now >= v.next_renew {
-                    *seq += 1;
-                    let seq = *seq;
-                    v.pending.insert(seq, now);
-                    v.next_renew = now + renew;
-                    let _ = out.send(AgentMsg::LeaseRenew {
-                        vip: name.clone(),
-                        id: id.0,
-                        seq,
-                    });
-                }
-            } else if v.wanted && v.retry_at.is_some_and(|t| now >= t) {
-                *seq += 1;
-                let seq = *seq;
-                v.retry_at = Some(now + renew);
-                v.pending.insert(seq, now);
-                let _ = out.send(AgentMsg::LeaseAcquire {
-                    vip: name.clone(),
-                    seq,
-                });
-            }
-            if v.on_iface && v.refresh_at.is_some_and(|t| now >= t) {
-                v.refresh_at = Some(now + Duration::from_millis(v.garp.refresh_ms));
-                let vip = v.vip.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = vip.announce().await {
-                        tracing::warn!(error = %e, "VIP refresh announcement failed");
-                    }
-                });
-            }
-        }
-        if expired {
-            // Self-fencing: no primary serves without its VIP lease.
-            for agent in self.jobs.values_mut() {
-                agent.kill_primaries();
-            }
+            };
+            let actions = v.holder.tick(now, &mut self.seq);
+            self.carry_out(&name, actions, Some(out)).await;
         }
     }
 
@@ -405,7 +438,6 @@ impl AgentState {
                 }
             }
             SupervisorMsg::HoldVip { vip, garp } => {
-                let seq = self.next_seq();
                 let iface = self.opts.iface.clone();
                 let v = match self.vips.entry(vip.clone()) {
                     std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
@@ -425,26 +457,15 @@ impl AgentState {
                                 count: garp.count,
                                 delay: Duration::from_millis(garp.delay_ms),
                             },
-                            garp,
-                            holder: LeaseHolder::default(),
-                            wanted: true,
-                            on_iface: false,
-                            pending: HashMap::new(),
-                            next_renew: now,
-                            retry_at: None,
-                            refresh_at: None,
+                            holder: VipHolder::new(garp, renew),
+                            announce: None,
                         })
                     }
                 };
-                v.wanted = true;
-                v.garp = garp;
                 v.vip.count = garp.count;
                 v.vip.delay = Duration::from_millis(garp.delay_ms);
-                if v.holder.lease().is_none() {
-                    v.pending.insert(seq, now);
-                    v.retry_at = Some(now + renew);
-                    let _ = out.send(AgentMsg::LeaseAcquire { vip, seq });
-                }
+                let actions = v.holder.hold(now, garp, &mut self.seq);
+                self.carry_out(&vip, actions, Some(out)).await;
             }
             SupervisorMsg::ReleaseVip { vip } => {
                 self.let_go(&vip, out).await;
@@ -459,43 +480,10 @@ impl AgentState {
                     let _ = out.send(AgentMsg::LeaseReleased { vip, id });
                     return;
                 };
-                let Some(sent_at) = v.pending.remove(&seq) else {
-                    return;
-                };
-                if !v.wanted {
-                    let _ = out.send(AgentMsg::LeaseReleased { vip, id });
-                    return;
-                }
-                v.holder
-                    .on_granted(LeaseId(id), Duration::from_millis(length_ms), sent_at);
-                v.next_renew = sent_at + renew;
-                v.retry_at = None;
-                if !v.on_iface && v.holder.valid(self.origin.elapsed()) {
-                    match v.vip.add().await {
-                        Ok(()) => {
-                            v.on_iface = true;
-                            let vip_c = v.vip.clone();
-                            tokio::spawn(async move {
-                                if let Err(e) = vip_c.announce().await {
-                                    tracing::error!(error = %e, "VIP announcement failed");
-                                }
-                            });
-                            if v.garp.refresh_ms > 0 {
-                                v.refresh_at = Some(
-                                    self.origin.elapsed()
-                                        + Duration::from_millis(v.garp.refresh_ms),
-                                );
-                            }
-                            tracing::info!(%vip, lease = id, "VIP held");
-                        }
-                        Err(e) => {
-                            tracing::error!(%vip, error = %e, "adding the VIP failed; giving the lease back");
-                            v.holder.on_lost();
-                            v.retry_at = Some(now + renew);
-                            let _ = out.send(AgentMsg::LeaseReleased { vip, id });
-                        }
-                    }
-                }
+                let actions =
+                    v.holder
+                        .granted(now, LeaseId(id), Duration::from_millis(length_ms), seq);
+                self.carry_out(&vip, actions, Some(out)).await;
             }
             SupervisorMsg::LeaseHeld {
                 vip,
@@ -504,7 +492,8 @@ impl AgentState {
             } => {
                 if let Some(v) = self.vips.get_mut(&vip) {
                     tracing::info!(%vip, %holder, retry_ms, "VIP lease held elsewhere; waiting");
-                    v.retry_at = Some(now + Duration::from_millis(retry_ms));
+                    v.holder
+                        .held_elsewhere(now, Duration::from_millis(retry_ms));
                 }
             }
             SupervisorMsg::LeaseLost { vip } => {
@@ -517,7 +506,7 @@ impl AgentState {
                 newest,
             } => {
                 let dir = self.opts.state_dir.join(job.as_str()).join("cache");
-                tokio::task::spawn_blocking(move || {
+                self.tasks.spawn_blocking(move || {
                     let referenced: HashSet<String> = referenced.into_iter().collect();
                     match LocalCache::new(&dir).and_then(|c| c.prune(&job, &referenced, newest)) {
                         Ok(n) => tracing::debug!(deleted = n, "local cache pruned"),
@@ -528,27 +517,15 @@ impl AgentState {
         }
     }
 
-    /// Stops wanting `vip`: removes it from the interface and gives its
-    /// lease back (confirmed release: the next holder need not wait).
+    /// Stops wanting `vip`: stops its burst, removes it from the interface
+    /// and gives its lease back (confirmed release: the next holder need
+    /// not wait).
     async fn let_go(&mut self, vip: &str, out: &mpsc::UnboundedSender<AgentMsg>) {
         let Some(v) = self.vips.get_mut(vip) else {
             return;
         };
-        v.wanted = false;
-        v.retry_at = None;
-        if v.on_iface {
-            if let Err(e) = v.vip.release().await {
-                tracing::error!(%vip, error = %e, "removing the VIP failed");
-            }
-            v.on_iface = false;
-        }
-        if let Some(id) = v.holder.lease() {
-            v.holder.on_lost();
-            let _ = out.send(AgentMsg::LeaseReleased {
-                vip: vip.to_string(),
-                id: id.0,
-            });
-        }
+        let actions = v.holder.release();
+        self.carry_out(vip, actions, Some(out)).await;
     }
 
     /// The job's local agent, created on first use.

@@ -9,6 +9,7 @@
 //! | `agent` | `lazarus agent`: runs workers for the supervisor, holds VIPs under leases, fences itself |
 //! | `client` | `lazarus submit` and `lazarus status` |
 //! | `config` | the supervisor's `--config` file |
+//! | `vip_holder` | one VIP on the agent: lease requests, add/remove, bursts, self-fencing (pure) |
 //! | `fleet` | a job's processes and VIPs on the agents (the supervisor's `Fleet`) |
 //!
 //! A job on the cluster runs the same [`crate::supervisor`] as `lazarus
@@ -21,4 +22,5 @@ pub mod config;
 pub mod fleet;
 pub mod server;
 pub mod state;
+pub mod vip_holder;
 pub mod wire;
