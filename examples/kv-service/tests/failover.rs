@@ -653,3 +653,147 @@ fn test_agent_shutdown_hands_over_without_lease_wait() {
     );
     eprintln!("agent shutdown: VIP on {other} {took:?} after SIGTERM to {old}'s agent");
 }
+
+/// Captures, in host `client`'s namespace for `window`, every ARP frame
+/// whose sender address is `vip`: arrival time and sender MAC. A raw
+/// AF_PACKET socket (root); the loop is bounded in time and count.
+fn capture_arp(
+    c: &LzCluster,
+    client: &str,
+    vip: std::net::Ipv4Addr,
+    window: Duration,
+) -> std::thread::JoinHandle<Vec<(Instant, String)>> {
+    c.bed.in_host(client, move || {
+        let proto = (libc::ETH_P_ARP as u16).to_be() as i32;
+        // SAFETY: plain socket calls on a descriptor this closure owns.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 20_000,
+        };
+        // SAFETY: `tv` outlives the call; the size is its size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
+        let end = Instant::now() + window;
+        let mut buf = [0u8; 2048];
+        let mut seen = Vec::new();
+        for _ in 0..1_000_000 {
+            if Instant::now() >= end {
+                break;
+            }
+            // SAFETY: `buf` is valid for its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            // Ethernet header (14) + ARP: sender MAC at 22..28, sender IP at 28..32.
+            if n < 42 || buf[28..32] != vip.octets() {
+                continue;
+            }
+            let mac: Vec<String> = buf[22..28].iter().map(|b| format!("{b:02x}")).collect();
+            seen.push((Instant::now(), mac.join(":")));
+        }
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(fd) };
+        seen
+    })
+}
+
+#[test]
+fn test_no_gratuitous_arp_leaves_a_host_after_it_released_the_vip() {
+    // keepalived-like long bursts: 80 announcements 50 ms apart (4 s).
+    let config = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n[garp]\ncount = 80\ndelay = \"50ms\"\n";
+    let c = LzCluster::start("kvgarp", &["a", "b"], &["cl"], config);
+    c.submit(&spec(c.dir.path(), "hot"), &[]);
+    let st = c.wait(
+        "kv serving on its VIP with a standby",
+        Duration::from_secs(30),
+        |st| {
+            cluster::worker(st, "kv", "kv-0")
+                .is_some_and(|w| w["running"] == true && !w["standby_checkpoint"].is_null())
+                && cluster::vip(st, "198.18.0.100/24").is_some_and(|v| v["holder"].is_string())
+        },
+    );
+    let old = cluster::vip(&st, "198.18.0.100/24").expect("vip")["holder"]
+        .as_str()
+        .expect("holder")
+        .to_string();
+    let other = if old == "a" { "b" } else { "a" };
+    // Fail over to `other`: it takes the VIP and starts a 4 s burst.
+    let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(&old));
+    let pids = pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip]);
+    assert_eq!(pids.len(), 1, "one kv-0 process on {old}: {pids:?}");
+    common::netns::ok("kill", &["-KILL", &pids[0].to_string()]);
+    let start = Instant::now();
+    while !c.bed.holds(other, VIP4) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        c.bed.holds(other, VIP4),
+        "{other} took the VIP\n{}",
+        c.logs()
+    );
+    let capture = capture_arp(
+        &c,
+        "cl",
+        VIP4.parse().expect("ip"),
+        Duration::from_millis(2500),
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    // Stop the job: `other` releases the VIP in the middle of its burst.
+    let lazarus = cluster::bin_dir().join("lazarus");
+    let out = c.bed.exec(
+        "sup",
+        lazarus.to_str().expect("utf-8"),
+        &["stop", "kv", "--supervisor", &c.addr],
+    );
+    assert!(
+        out.status.success(),
+        "stop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stop_at = Instant::now();
+    while c.bed.holds(other, VIP4) && stop_at.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let released = Instant::now();
+    assert!(
+        !c.bed.holds(other, VIP4),
+        "{other} released the VIP\n{}",
+        c.logs()
+    );
+    let frames = capture.join().expect("capture");
+    let mac = c.bed.mac(other);
+    let before = frames
+        .iter()
+        .filter(|(t, m)| *m == mac && *t < released)
+        .count();
+    let after: Vec<Duration> = frames
+        .iter()
+        .filter(|(t, m)| *m == mac && *t > released + Duration::from_millis(30))
+        .map(|(t, _)| t.duration_since(released))
+        .collect();
+    // Control: the capture sees the burst while the VIP is held (about 8
+    // announcements in 400 ms, two ARP forms each).
+    assert!(
+        before >= 4,
+        "the capture saw {other}'s burst: {before} frames\n{frames:?}"
+    );
+    assert!(
+        after.is_empty(),
+        "{} announcements from {other} after it released the VIP (first {:?} after)\n{}",
+        after.len(),
+        after.first(),
+        c.logs()
+    );
+    eprintln!("{before} announcements from {other} while it held the VIP, none after its release");
+}
