@@ -47,12 +47,12 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// The file could not be read.
-    #[error("job spec {path}: {source}")]
+    #[error("cannot read job spec {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a `source`: printed once).
+        error: std::io::Error,
     },
     /// TOML or a field's type or value is wrong.
     #[error("job spec {origin}: {message}")]
@@ -369,9 +369,9 @@ impl PlannedWorker {
 impl JobSpec {
     /// Reads and validates the spec at `path`.
     pub fn from_file(path: &Path) -> Result<JobSpec, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| SpecError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let dir = path
             .parent()

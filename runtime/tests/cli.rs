@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn lazarus(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lazarus"))
@@ -571,4 +572,77 @@ fn test_supervisor_refuses_bad_submissions_and_garbage() {
     assert_eq!(status["hosts"].as_array().map(Vec::len), Some(0));
     let _ = sup.kill();
     let _ = sup.wait();
+}
+
+/// Errors a newcomer meets read once and say what to do.
+#[test]
+fn test_newcomer_errors_name_each_cause_once_with_a_hint() {
+    let dir = tempfile::tempdir().expect("dir");
+    // A spec path that does not exist: one cause, not the same one twice.
+    let missing = dir.path().join("nope.toml");
+    let o = lazarus(&["run", missing.to_str().expect("utf-8")]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("cannot read job spec"), "{t}");
+    assert_eq!(t.matches("No such file or directory").count(), 1, "{t}");
+
+    // An s3:// store without credentials: named variables, no request sent.
+    // Any request would go to the instance metadata address (169.254.169.254)
+    // and take seconds to time out; the check is local and immediate.
+    let start = std::time::Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .args([
+            "checkpoints",
+            "list",
+            "--store",
+            "s3://bucket/prefix",
+            "--job",
+            "j",
+        ])
+        .env_remove("LAZARUS_STORE")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        .env_remove("LAZARUS_S3_INSTANCE_CREDENTIALS")
+        .output()
+        .expect("run lazarus");
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("no S3 credentials"), "{t}");
+    assert!(
+        t.contains("AWS_ACCESS_KEY_ID") && t.contains("AWS_SECRET_ACCESS_KEY"),
+        "{t}"
+    );
+    assert!(t.contains("LAZARUS_S3_INSTANCE_CREDENTIALS"), "{t}");
+    assert!(!t.contains("169.254"), "{t}");
+    assert_eq!(
+        t.lines().filter(|l| l.contains("error")).count(),
+        1,
+        "once: {t}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "no network wait: {:?}",
+        start.elapsed()
+    );
+
+    // Half a key pair names the missing half.
+    let o = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .args([
+            "checkpoints",
+            "list",
+            "--store",
+            "s3://bucket/prefix",
+            "--job",
+            "j",
+        ])
+        .env_remove("LAZARUS_STORE")
+        .env("AWS_ACCESS_KEY_ID", "k")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .expect("run lazarus");
+    let t = text(&o);
+    assert!(t.contains("AWS_SECRET_ACCESS_KEY is not"), "{t}");
 }

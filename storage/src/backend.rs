@@ -157,6 +157,7 @@ pub(crate) fn open(url_str: &str, options: &StoreOptions) -> Result<Backend> {
                     .map_err(|e| invalid(url_str, format!("S3 option {key:?}: {e}")))?;
                 builder = builder.with_config(key, value);
             }
+            check_s3_credentials(&builder).map_err(|reason| invalid(url_str, reason))?;
             let s3 = builder
                 .build()
                 .map_err(|e| invalid(url_str, format!("S3 configuration: {e}")))?;
@@ -215,4 +216,47 @@ pub(crate) fn fsync_dirs<'a>(root: &FsPath, keys: impl IntoIterator<Item = &'a s
             .map_err(|e| StorageError::io("fsync directory", d, e))?;
     }
     Ok(())
+}
+
+/// Opts in to the cloud instance's metadata credentials (an HTTP request to
+/// the instance metadata address when no other credentials are set).
+pub const INSTANCE_CREDENTIALS_ENV: &str = "LAZARUS_S3_INSTANCE_CREDENTIALS";
+
+/// Refuses an S3 store that has no credentials, before any request leaves
+/// the machine. object_store would otherwise fall back to the instance
+/// metadata service (169.254.169.254), which a user who did not ask for it
+/// should neither wait for nor see in errors; that fallback is opt-in
+/// through [`INSTANCE_CREDENTIALS_ENV`].
+fn check_s3_credentials(builder: &AmazonS3Builder) -> std::result::Result<(), String> {
+    let set = |k: AmazonS3ConfigKey| builder.get_config_value(&k).is_some_and(|v| !v.is_empty());
+    let env = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
+    let (key, secret) = (
+        set(AmazonS3ConfigKey::AccessKeyId),
+        set(AmazonS3ConfigKey::SecretAccessKey),
+    );
+    match (key, secret) {
+        (true, true) => return Ok(()),
+        (true, false) => {
+            return Err("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not".into())
+        }
+        (false, true) => {
+            return Err("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not".into())
+        }
+        (false, false) => {}
+    }
+    let other_source = builder
+        .get_config_value(&AmazonS3ConfigKey::SkipSignature)
+        .is_some_and(|v| v == "true")
+        || set(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
+        || set(AmazonS3ConfigKey::ContainerCredentialsFullUri)
+        || env("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || std::env::var(INSTANCE_CREDENTIALS_ENV).is_ok_and(|v| v == "1" || v == "true");
+    if other_source {
+        return Ok(());
+    }
+    Err(format!(
+        "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with AWS_ENDPOINT and \
+         AWS_REGION for a store other than AWS, and AWS_ALLOW_HTTP=true for a plain-HTTP endpoint), \
+         or {INSTANCE_CREDENTIALS_ENV}=true to use the cloud instance's credentials"
+    ))
 }

@@ -191,26 +191,26 @@ pub enum StorageError {
         winner: Epoch,
     },
     /// The object store failed.
-    #[error("store {op} of {key} failed: {source}")]
+    /// (The cause is in the message, not a `source`: printed once in an
+    /// error chain.)
+    #[error("store {op} of {key} failed: {error}")]
     Backend {
         /// What was attempted.
         op: &'static str,
         /// The key (or prefix) involved.
         key: String,
         /// The object_store error.
-        #[source]
-        source: object_store::Error,
+        error: object_store::Error,
     },
     /// A local file operation (cache, fsync) failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {error}")]
     Io {
         /// What was attempted.
         op: &'static str,
         /// The local path.
         path: PathBuf,
         /// The I/O error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -228,7 +228,7 @@ impl StorageError {
             | StorageError::WorkerNotFound { .. } => ErrorKind::NotFound,
             StorageError::Fenced { .. } => ErrorKind::Fenced,
             StorageError::AlreadyCommitted { .. } => ErrorKind::Conflict,
-            StorageError::Backend { source, .. } => match source {
+            StorageError::Backend { error, .. } => match error {
                 object_store::Error::NotFound { .. } => ErrorKind::NotFound,
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. } => ErrorKind::Conflict,
@@ -247,10 +247,10 @@ impl StorageError {
             object_store::Error::NotFound { .. } => StorageError::ObjectNotFound {
                 key: key.to_string(),
             },
-            source => StorageError::Backend {
+            error => StorageError::Backend {
                 op,
                 key: key.to_string(),
-                source,
+                error,
             },
         }
     }
@@ -259,7 +259,7 @@ impl StorageError {
         StorageError::Io {
             op,
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

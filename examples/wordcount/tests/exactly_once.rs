@@ -229,12 +229,16 @@ async fn test_missing_input_fails_with_the_workers_reason() {
         &dir.path().join("out"),
         "",
     );
-    s.restart.max_attempts = 1;
+    // A missing input is fatal: no restart, however many are allowed.
+    s.restart.max_attempts = 1000;
     let summary = run(s, &dir.path().join("state"), None).await;
     let JobState::Failed(why) = &summary.state else {
         panic!("expected failure, got {summary:?}")
     };
     assert!(why.contains("no-such-file.txt"), "{why}");
+    assert!(why.contains("fatal"), "{why}");
+    assert_eq!(summary.restarts, 0, "{summary:?}");
+    assert_eq!(why.matches("No such file or directory").count(), 1, "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
