@@ -747,18 +747,27 @@ impl JobController {
         std::mem::take(&mut self.out)
     }
 
-    /// The earliest time a [`Fact::Tick`] may change something that no
-    /// other fact will (recovery timers, chaos): the shell wakes then.
-    pub fn wake_at(&self) -> Option<Duration> {
+    /// The next moment after `now` at which a [`Fact::Tick`] may change
+    /// something that no other fact will (recovery timers, chaos): the shell
+    /// wakes then. Never `now` or earlier, so the shell never spins; what
+    /// waits for an exit or a commit's answer is woken by that fact.
+    pub fn wake_at(&self, now: Duration) -> Option<Duration> {
         let mut at = match &self.phase {
-            Phase::Recovering(r) if !r.named => Some(r.name_until),
-            Phase::Recovering(r) => r.backoff_until.map(|b| b.min(r.drain_until)),
+            Phase::Recovering(r) => match r.backoff_until {
+                None if !r.named => Some(r.name_until),
+                None => None,
+                Some(b) if b > now => Some(b),
+                // Waiting for the failed primaries' exits: at the latest
+                // until the drain timeout.
+                Some(_) if self.live_primaries() > 0 => Some(r.drain_until),
+                Some(_) => None,
+            },
             _ => None,
         };
         if self.chaos_armed() && matches!(self.phase, Phase::Running) {
             at = Some(at.map_or(self.chaos_at, |a| a.min(self.chaos_at)));
         }
-        at
+        at.filter(|t| *t > now)
     }
 
     /// Whether the job is over.

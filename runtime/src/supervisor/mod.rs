@@ -245,7 +245,8 @@ impl Shell {
         let far = Duration::from_secs(365 * 24 * 3600);
 
         while !ctl.is_ended() {
-            let wake = clock.deadline(ctl.wake_at().unwrap_or(clock.now() + far));
+            let now = clock.now();
+            let wake = clock.deadline(ctl.wake_at(now).unwrap_or(now + far));
             let fact = tokio::select! {
                 Some(ev) = events.recv() => shell.fleet_fact(ev),
                 Some(ev) = conn_rx.recv() => shell.conn_fact(ev),

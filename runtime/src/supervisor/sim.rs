@@ -819,6 +819,12 @@ impl World {
 
     /// Invariants that hold after every step.
     fn check(&mut self) {
+        // The shell sleeps until the wake time: one not after now would spin.
+        if let Some(t) = self.ctl.wake_at(self.now) {
+            if t <= self.now {
+                self.fail(&format!("wake time {t:?} is not after now"));
+            }
+        }
         // Rule 3: at most one live primary process per worker.
         let mut primaries: BTreeMap<&WorkerId, usize> = BTreeMap::new();
         for p in self
