@@ -134,8 +134,11 @@ enum Event {
     Worker { pid: u64, msg: ToWorker },
     /// A crashed host comes back.
     HostBack(String),
-    /// The host-loss detector notices a crashed host.
+    /// The host-loss detector notices a crashed or cut-off host.
     DetectLoss(String),
+    /// A cut-off host's agent fences itself (one lease after the cut): its
+    /// processes die, unseen.
+    Fence(String),
 }
 
 #[derive(Debug, Clone)]
@@ -348,6 +351,7 @@ impl World {
                     .procs
                     .values()
                     .filter(|p| p.alive && !p.stalled && p.assigned && p.slot == Slot::Primary)
+                    .filter(|p| self.hosts.get(&p.host) == Some(&true))
                     .filter_map(|p| p.conn)
                     .collect();
                 for conn in beats {
@@ -364,9 +368,21 @@ impl World {
             }
             Event::Worker { pid, msg } => self.worker_reacts(pid, msg),
             Event::HostBack(h) => {
+                // An agent that lost its session fenced itself before it
+                // registers again.
+                for p in self.procs.values_mut().filter(|p| p.host == h) {
+                    p.alive = false;
+                }
                 self.hosts.insert(h.clone(), true);
                 let d = self.rng.between(1, 5);
                 self.at(d, Event::Deliver(Fact::HostJoined(h)));
+            }
+            Event::Fence(h) => {
+                if self.hosts.get(&h) == Some(&false) {
+                    for p in self.procs.values_mut().filter(|p| p.host == h) {
+                        p.alive = false;
+                    }
+                }
             }
             Event::DetectLoss(h) => {
                 if self.hosts.get(&h) == Some(&false) {
@@ -459,6 +475,24 @@ impl World {
                     }
                     let d = self.rng.between(20, 60);
                     self.at(d, Event::DetectLoss(h));
+                }
+            }
+            // A host is cut off: its processes run on, unheard and unreached,
+            // until its agent fences them one lease later.
+            78..=85 => {
+                let up: Vec<String> = self
+                    .hosts
+                    .iter()
+                    .filter(|(_, a)| **a)
+                    .map(|(h, _)| h.clone())
+                    .collect();
+                if up.len() > 1 {
+                    let h = up[self.rng.below(up.len() as u64) as usize].clone();
+                    self.hosts.insert(h.clone(), false);
+                    let d = self.rng.between(20, 60);
+                    self.at(d, Event::DetectLoss(h.clone()));
+                    let f = self.rng.between(100, 200);
+                    self.at(f, Event::Fence(h));
                 }
             }
             // A worker reports a retryable failure and exits.
@@ -746,7 +780,7 @@ impl World {
         let Some(p) = self.procs.get(&pid).cloned() else {
             return;
         };
-        if !p.alive || p.stalled {
+        if !p.alive || p.stalled || self.hosts.get(&p.host) != Some(&true) {
             return;
         }
         let Some(conn) = p.conn else {
@@ -825,12 +859,15 @@ impl World {
                 self.fail(&format!("wake time {t:?} is not after now"));
             }
         }
-        // Rule 3: at most one live primary process per worker.
+        // Rule 3: at most one live primary process per worker among the
+        // reachable hosts (a cut-off host's primary runs on until its agent
+        // fences it; the VIP lease keeps clients off it meanwhile).
         let mut primaries: BTreeMap<&WorkerId, usize> = BTreeMap::new();
         for p in self
             .procs
             .values()
             .filter(|p| p.alive && p.slot == Slot::Primary)
+            .filter(|p| self.hosts.get(&p.host) == Some(&true))
         {
             *primaries.entry(&p.worker).or_default() += 1;
         }
