@@ -41,12 +41,20 @@ done
 SUP=198.18.0.1:7070
 on() { local h=$1; shift; ip netns exec "$TAG$h" "$@"; }
 
-echo "== supervisor on 198.18.0.1, agents a (198.18.0.2) and b (198.18.0.3)"
-on sup "$L" supervisor --listen $SUP --store "file://$WORK/store" --state-dir "$WORK/sup" 2>"$WORK/sup.log" &
+echo "== a cluster CA and one certificate each: supervisor, agents a and b, an operator"
+"$L" ca init "$WORK/pki/ca" >/dev/null
+"$L" cert issue --ca "$WORK/pki/ca" --role supervisor --name sup --out "$WORK/pki/sup" >/dev/null
+"$L" cert issue --ca "$WORK/pki/ca" --role operator --name demo --out "$WORK/pki/operator" >/dev/null
+for h in a b; do "$L" cert issue --ca "$WORK/pki/ca" --role agent --name $h --out "$WORK/pki/$h" >/dev/null; done
+# Client commands (submit, status) find the operator's certificate here.
+export LAZARUS_TLS_DIR="$WORK/pki/operator"
+
+echo "== supervisor on 198.18.0.1, agents a (198.18.0.2) and b (198.18.0.3), mutual TLS"
+on sup "$L" supervisor --listen $SUP --store "file://$WORK/store" --state-dir "$WORK/sup" --tls "$WORK/pki/sup" 2>"$WORK/sup.log" &
 PIDS+=($!)
 sleep 0.3
 for h in a b; do
-    on $h "$L" agent --name $h --supervisor $SUP --iface eth0 --state-dir "$WORK/$h" 2>"$WORK/$h.log" &
+    on $h "$L" agent --name $h --supervisor $SUP --iface eth0 --state-dir "$WORK/$h" --tls "$WORK/pki/$h" 2>"$WORK/$h.log" &
     PIDS+=($!)
 done
 sleep 1

@@ -16,6 +16,7 @@
 //! | `placement` | which host runs each primary and standby (pure) |
 //! | `cluster` | several hosts: `lazarus supervisor`, `agent`, `submit`, `status`; leases and host loss |
 //! | `vip` | the service VIP on this host: netlink add/remove, gratuitous ARP and unsolicited NA bursts |
+//! | `security` | the cluster CA, certificates with one identity each (role and name), mutual TLS configurations |
 //! | `clock` | time: the `Clock` trait, the real and the manual clock; the only reader of `Instant::now` |
 //! | `units` | byte sizes (`64MiB`) and durations (`250ms`) for people |
 //!
@@ -30,6 +31,7 @@ pub mod fleet;
 pub mod lease;
 pub mod placement;
 pub mod procs;
+pub mod security;
 pub mod spec;
 pub mod supervisor;
 pub mod units;

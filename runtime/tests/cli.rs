@@ -487,6 +487,7 @@ fn test_supervisor_refuses_bad_submissions_and_garbage() {
             dir.path().join("sup").to_str().expect("utf-8"),
             "--store",
             &format!("file://{}", dir.path().join("store").display()),
+            "--insecure-plaintext",
         ])
         .spawn()
         .expect("supervisor");
@@ -645,4 +646,100 @@ fn test_newcomer_errors_name_each_cause_once_with_a_hint() {
         .expect("run lazarus");
     let t = text(&o);
     assert!(t.contains("AWS_SECRET_ACCESS_KEY is not"), "{t}");
+}
+
+/// A daemon without TLS settings refuses to start, naming both ways out;
+/// a certificate of the wrong kind is refused naming what it is.
+#[test]
+fn test_daemons_refuse_to_run_without_tls_unless_told_loudly() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = lazarus(&["supervisor", "--listen", "127.0.0.1:0"]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("refusing to run without TLS"), "{t}");
+    assert!(
+        t.contains("--tls DIR") && t.contains("--insecure-plaintext"),
+        "{t}"
+    );
+    let out = lazarus(&[
+        "agent",
+        "--name",
+        "a",
+        "--supervisor",
+        "127.0.0.1:1",
+        "--iface",
+        "lo",
+    ]);
+    assert!(
+        text(&out).contains("refusing to run without TLS"),
+        "{}",
+        text(&out)
+    );
+    // An operator's certificate does not make a supervisor, nor h1's an h2.
+    let ca = dir.path().join("ca");
+    assert!(lazarus(&["ca", "init", ca.to_str().expect("utf-8")])
+        .status
+        .success());
+    for (role, name) in [("operator", "alice"), ("agent", "h1")] {
+        let out = lazarus(&[
+            "cert",
+            "issue",
+            "--ca",
+            ca.to_str().expect("utf-8"),
+            "--role",
+            role,
+            "--name",
+            name,
+            "--out",
+            dir.path().join(name).to_str().expect("utf-8"),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = lazarus(&[
+        "supervisor",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        dir.path().join("alice").to_str().expect("utf-8"),
+    ]);
+    assert!(
+        text(&out)
+            .contains("the certificate is operator:alice, this needs a supervisor certificate"),
+        "{}",
+        text(&out)
+    );
+    let out = lazarus(&[
+        "agent",
+        "--name",
+        "h2",
+        "--supervisor",
+        "127.0.0.1:1",
+        "--iface",
+        "lo",
+        "--tls",
+        dir.path().join("h1").to_str().expect("utf-8"),
+    ]);
+    assert!(
+        text(&out).contains("the certificate is agent:h1, this needs agent:h2"),
+        "{}",
+        text(&out)
+    );
+    // Bad role and name in cert issue.
+    let out = lazarus(&[
+        "cert",
+        "issue",
+        "--ca",
+        ca.to_str().expect("utf-8"),
+        "--role",
+        "admin",
+        "--name",
+        "x",
+        "--out",
+        dir.path().join("x").to_str().expect("utf-8"),
+    ]);
+    assert!(
+        text(&out).contains("unknown role \"admin\""),
+        "{}",
+        text(&out)
+    );
 }

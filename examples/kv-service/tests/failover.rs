@@ -428,12 +428,7 @@ fn run(s: Scenario) {
                     .contains(&standby[0])
             },
         );
-        let lazarus = cluster::bin_dir().join("lazarus");
-        let out = c.bed.exec(
-            "sup",
-            lazarus.to_str().expect("utf-8"),
-            &["stop", "kv", "--supervisor", &c.addr],
-        );
+        let out = c.cli(&["stop", "kv"]);
         assert!(
             out.status.success(),
             "stop: {}",
@@ -750,12 +745,7 @@ fn test_no_gratuitous_arp_leaves_a_host_after_it_released_the_vip() {
     );
     std::thread::sleep(Duration::from_millis(400));
     // Stop the job: `other` releases the VIP in the middle of its burst.
-    let lazarus = cluster::bin_dir().join("lazarus");
-    let out = c.bed.exec(
-        "sup",
-        lazarus.to_str().expect("utf-8"),
-        &["stop", "kv", "--supervisor", &c.addr],
-    );
+    let out = c.cli(&["stop", "kv"]);
     assert!(
         out.status.success(),
         "stop: {}",

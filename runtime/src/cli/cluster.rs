@@ -12,6 +12,8 @@ use crate::cluster::agent::{run_agent, AgentConfig, AgentOptions};
 use crate::cluster::client;
 use crate::cluster::config::ClusterConfig;
 use crate::cluster::server::{serve, ServerOptions};
+use crate::cluster::transport::{Acceptor, Dialer};
+use crate::security::{Role, TlsMaterial};
 
 /// Arguments of `lazarus supervisor`.
 #[derive(Debug, Clone, Args)]
@@ -30,6 +32,98 @@ pub struct SupervisorArgs {
     /// The supervisor's working directory (default .lazarus/supervisor).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    /// Mutual TLS (a supervisor certificate).
+    pub tls: ServeTls,
+}
+
+/// TLS for a daemon: a certificate directory, or an explicit opt-out.
+#[derive(Debug, Clone, Args)]
+pub struct ServeTls {
+    /// Directory with ca.pem, cert.pem and key.pem (from `lazarus cert
+    /// issue`): every control connection uses mutual TLS and the peer's
+    /// role comes from its certificate.
+    #[arg(long, value_name = "DIR", conflicts_with = "insecure_plaintext")]
+    pub tls: Option<PathBuf>,
+    /// Run the control port WITHOUT authentication or encryption: anyone
+    /// who reaches it can join, submit and stop. For test setups only.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+/// TLS for a client command.
+#[derive(Debug, Clone, Args)]
+pub struct ClientTls {
+    /// Directory with ca.pem, cert.pem and key.pem of an operator (submit,
+    /// stop, status) or viewer (status) certificate.
+    #[arg(long, value_name = "DIR", env = "LAZARUS_TLS_DIR")]
+    pub tls: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn dialer(&self) -> anyhow::Result<Dialer> {
+        match &self.tls {
+            None => Ok(Dialer::Plain),
+            Some(dir) => {
+                let m = TlsMaterial::load(dir)?;
+                warn_if_expiring(&m);
+                Ok(Dialer::tls(m.client_config()?))
+            }
+        }
+    }
+}
+
+/// Certificates expiring within this are warned about at start.
+const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 86400);
+
+fn warn_if_expiring(m: &TlsMaterial) {
+    if let Ok(left) = m.expires_in() {
+        if left < EXPIRY_WARNING {
+            eprintln!(
+                "warning: certificate {} in {} expires in {} days; issue a new one (lazarus cert issue)",
+                m.identity,
+                m.dir.display(),
+                left.as_secs() / 86400
+            );
+        }
+    }
+}
+
+/// The TLS material of a daemon that must be `role` (and `name`, if given).
+fn daemon_tls(
+    tls: &ServeTls,
+    role: Role,
+    name: Option<&str>,
+) -> anyhow::Result<Option<TlsMaterial>> {
+    match (&tls.tls, tls.insecure_plaintext) {
+        (Some(dir), _) => {
+            let m = TlsMaterial::load(dir)?;
+            if m.identity.role != role || name.is_some_and(|n| n != m.identity.name) {
+                let want = match name {
+                    Some(n) => format!("{role:?}:{n}").to_lowercase(),
+                    None => format!("a {role:?} certificate").to_lowercase(),
+                };
+                anyhow::bail!(
+                    "--tls {}: the certificate is {}, this needs {want}",
+                    dir.display(),
+                    m.identity
+                );
+            }
+            warn_if_expiring(&m);
+            Ok(Some(m))
+        }
+        (None, true) => {
+            tracing::warn!(
+                "INSECURE: the control port runs without TLS; anyone who reaches it is trusted"
+            );
+            eprintln!("warning: --insecure-plaintext: no authentication and no encryption on the control port");
+            Ok(None)
+        }
+        (None, false) => anyhow::bail!(
+            "refusing to run without TLS: pass --tls DIR with this host's certificate \
+             (lazarus ca init, then lazarus cert issue), or --insecure-plaintext for a test setup"
+        ),
+    }
 }
 
 /// Arguments of `lazarus agent`.
@@ -50,6 +144,9 @@ pub struct AgentArgs {
     /// Agent settings (TOML: state_dir, bind_ip); flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    /// Mutual TLS (an agent certificate for this host's name).
+    pub tls: ServeTls,
 }
 
 /// Arguments of `lazarus submit`.
@@ -63,6 +160,9 @@ pub struct SubmitArgs {
     /// Override a [params] entry: --set KEY=VALUE (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    #[command(flatten)]
+    /// Client TLS.
+    pub tls: ClientTls,
 }
 
 /// Arguments of `lazarus status`.
@@ -74,6 +174,9 @@ pub struct StatusArgs {
     /// Print JSON (hosts, jobs, placements, VIP holders and leases).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    /// Client TLS.
+    pub tls: ClientTls,
 }
 
 /// Arguments of `lazarus stop`.
@@ -84,6 +187,9 @@ pub struct StopArgs {
     /// The supervisor's address.
     #[arg(long, env = "LAZARUS_SUPERVISOR_ADDR")]
     pub supervisor: SocketAddr,
+    #[command(flatten)]
+    /// Client TLS.
+    pub tls: ClientTls,
 }
 
 fn stop_on_signals() -> watch::Receiver<bool> {
@@ -124,12 +230,17 @@ pub async fn supervisor(args: &SupervisorArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| PathBuf::from(".lazarus/supervisor"));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
+    let acceptor = match daemon_tls(&args.tls, Role::Supervisor, None)? {
+        Some(m) => Acceptor::tls(m.server_config()?),
+        None => Acceptor::Plain,
+    };
     serve(
         ServerOptions {
             listen: args.listen,
             store: args.store.clone(),
             config,
             state_dir,
+            acceptor,
         },
         stop_on_signals(),
         None,
@@ -152,6 +263,10 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
     if !crate::vip::interface_exists(&args.iface) {
         anyhow::bail!("--iface {}: no such interface on this host", args.iface);
     }
+    let dialer = match daemon_tls(&args.tls, Role::Agent, Some(&args.name))? {
+        Some(m) => Dialer::tls(m.client_config()?),
+        None => Dialer::Plain,
+    };
     run_agent(
         AgentOptions {
             name: args.name.clone(),
@@ -159,6 +274,7 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
             iface: args.iface.clone(),
             state_dir,
             bind_ip: config.bind_ip,
+            dialer,
         },
         stop_on_signals(),
     )
@@ -168,14 +284,15 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
 
 /// `lazarus submit`.
 pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
-    let message = client::submit(args.supervisor, &args.spec, &args.set).await?;
+    let message =
+        client::submit(&args.tls.dialer()?, args.supervisor, &args.spec, &args.set).await?;
     println!("{message}");
     Ok(ExitCode::SUCCESS)
 }
 
 /// `lazarus status`.
 pub async fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let report = client::status(args.supervisor).await?;
+    let report = client::status(&args.tls.dialer()?, args.supervisor).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -187,6 +304,66 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
 /// `lazarus stop`.
 pub async fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
     let job = lazarus_storage::JobId::new(args.job.clone())?;
-    println!("{}", client::stop(args.supervisor, job).await?);
+    println!(
+        "{}",
+        client::stop(&args.tls.dialer()?, args.supervisor, job).await?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `lazarus ca init`.
+#[derive(Debug, Clone, Args)]
+pub struct CaInitArgs {
+    /// Directory for ca.pem and ca.key (keep ca.key off the cluster's hosts).
+    pub dir: PathBuf,
+    /// Validity in days.
+    #[arg(long, default_value_t = 3650)]
+    pub days: u32,
+}
+
+/// Arguments of `lazarus cert issue`.
+#[derive(Debug, Clone, Args)]
+pub struct CertIssueArgs {
+    /// The CA directory (from `lazarus ca init`).
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// supervisor, agent, operator or viewer.
+    #[arg(long)]
+    pub role: String,
+    /// The name: an agent's host name (it may register only under it), or
+    /// who holds an operator or viewer certificate.
+    #[arg(long)]
+    pub name: String,
+    /// Output directory: cert.pem, key.pem (owner only) and ca.pem.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Validity in days.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+}
+
+/// `lazarus ca init`.
+pub fn ca_init(args: &CaInitArgs) -> anyhow::Result<ExitCode> {
+    let cert = crate::security::ca_init(&args.dir, args.days)?;
+    println!(
+        "cluster CA written: {} (key: {})",
+        cert.display(),
+        args.dir.join("ca.key").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lazarus cert issue`.
+pub fn cert_issue(args: &CertIssueArgs) -> anyhow::Result<ExitCode> {
+    let identity = crate::security::Identity {
+        role: args.role.parse()?,
+        name: args.name.clone(),
+    };
+    crate::security::issue(&args.ca, &identity, &args.out, args.days)?;
+    println!(
+        "certificate for {identity} written to {} (valid {} days)",
+        args.out.display(),
+        args.days
+    );
     Ok(ExitCode::SUCCESS)
 }

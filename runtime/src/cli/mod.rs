@@ -53,6 +53,18 @@ pub enum Command {
     Status(cluster::StatusArgs),
     /// Stop a job on a supervisor.
     Stop(cluster::StopArgs),
+    /// The cluster's certificate authority.
+    Ca {
+        /// Which CA command.
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Certificates for supervisors, agents, operators and viewers.
+    Cert {
+        /// Which certificate command.
+        #[command(subcommand)]
+        command: CertCommand,
+    },
     /// Store-level tools.
     Storage {
         /// Which storage command.
@@ -186,6 +198,20 @@ pub struct VipArgs {
     pub delay: std::time::Duration,
 }
 
+/// `lazarus ca …`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a cluster CA (ca.pem, ca.key) in a new directory.
+    Init(cluster::CaInitArgs),
+}
+
+/// `lazarus cert …`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue a key and certificate for one identity, signed by the CA.
+    Issue(cluster::CertIssueArgs),
+}
+
 /// `lazarus storage …`
 #[derive(Debug, Subcommand)]
 pub enum StorageCommand {
@@ -240,6 +266,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Submit(args) => cluster::submit(&args).await,
         Command::Status(args) => cluster::status(&args).await,
         Command::Stop(args) => cluster::stop(&args).await,
+        Command::Ca {
+            command: CaCommand::Init(args),
+        } => cluster::ca_init(&args),
+        Command::Cert {
+            command: CertCommand::Issue(args),
+        } => cluster::cert_issue(&args),
         Command::Checkpoints { command } => match command {
             CheckpointsCommand::List { job } => checkpoints::list(&job).await,
             CheckpointsCommand::Inspect { job, id, json } => {

@@ -22,10 +22,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use lazarus_sdk::protocol;
 use lazarus_storage::{JobId, LocalCache};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::clock::{Clock, SystemClock};
+use crate::cluster::transport::{BoxRead, BoxWrite, Dialer};
 use crate::cluster::vip_holder::{HolderAction, VipHolder};
 use crate::cluster::wire::{AgentMsg, SupervisorMsg, WireExit};
 use crate::lease::LeaseId;
@@ -46,6 +46,8 @@ pub struct AgentOptions {
     /// Address workers listen on for data channels (default: this host's
     /// address toward the supervisor).
     pub bind_ip: Option<IpAddr>,
+    /// Mutual TLS to the supervisor, or plain TCP for test setups.
+    pub dialer: Dialer,
 }
 
 /// `lazarus agent --config FILE`: every field optional, unknown fields are
@@ -112,18 +114,20 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
             break;
         }
         let addr = st.opts.supervisor;
-        match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => match st.session(stream, &mut stop).await {
-                Ok(()) => {
-                    st.fence("stopping").await;
-                    break;
+        let dialer = st.opts.dialer.clone();
+        match dialer.dial(addr, Duration::from_secs(1)).await {
+            Ok((read, write, local)) => {
+                match st.session(read, write, local.ip(), &mut stop).await {
+                    Ok(()) => {
+                        st.fence("stopping").await;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "session with the supervisor ended")
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "session with the supervisor ended")
-                }
-            },
-            Ok(Err(e)) => tracing::debug!(%addr, error = %e, "cannot reach the supervisor"),
-            Err(_) => tracing::debug!(%addr, "connecting to the supervisor timed out"),
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "cannot reach the supervisor"),
         }
         st.fence("no session with the supervisor").await;
         tokio::select! {
@@ -245,12 +249,11 @@ impl AgentState {
 
     async fn session(
         &mut self,
-        stream: TcpStream,
+        mut read: BoxRead,
+        mut write: BoxWrite,
+        local_ip: IpAddr,
         stop: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
-        stream.set_nodelay(true)?;
-        let local_ip = stream.local_addr()?.ip();
-        let (mut read, mut write) = stream.into_split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<AgentMsg>();
         let writer = tokio::spawn(async move {
             while let Some(msg) = out_rx.recv().await {

@@ -7,27 +7,44 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use lazarus_sdk::protocol;
-use tokio::net::TcpStream;
 
 use lazarus_storage::JobId;
 
+use crate::cluster::transport::Dialer;
 use crate::cluster::wire::{ClientReply, ClientRequest, StatusReport};
 
-/// Sends `req` and returns the reply (bounded: 5 s to connect, 10 s to answer).
-pub async fn request(supervisor: SocketAddr, req: &ClientRequest) -> anyhow::Result<ClientReply> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(supervisor))
+/// Sends `req` and returns the reply (bounded: 5 s to connect, the TLS
+/// handshake's bound, 10 s to answer).
+pub async fn request(
+    dialer: &Dialer,
+    supervisor: SocketAddr,
+    req: &ClientRequest,
+) -> anyhow::Result<ClientReply> {
+    let (mut read, mut write, _) = dialer
+        .dial(supervisor, Duration::from_secs(5))
         .await
-        .with_context(|| format!("connecting to the supervisor at {supervisor} timed out"))?
         .with_context(|| format!("connecting to the supervisor at {supervisor}"))?;
-    protocol::write_control(&mut stream, req).await?;
-    tokio::time::timeout(Duration::from_secs(10), protocol::read_control(&mut stream))
+    protocol::write_control(&mut write, req).await?;
+    let hint = match dialer {
+        Dialer::Plain => {
+            " (if it requires TLS, pass --tls DIR with an operator or viewer certificate)"
+        }
+        Dialer::Tls(_) => "",
+    };
+    tokio::time::timeout(Duration::from_secs(10), protocol::read_control(&mut read))
         .await
-        .context("the supervisor did not answer within 10 s")??
-        .context("the supervisor closed the connection without answering")
+        .context("the supervisor did not answer within 10 s")?
+        .with_context(|| format!("reading the supervisor's answer{hint}"))?
+        .with_context(|| format!("the supervisor closed the connection without answering{hint}"))
 }
 
 /// Submits the spec at `path` with `set` overrides.
-pub async fn submit(supervisor: SocketAddr, path: &Path, set: &[String]) -> anyhow::Result<String> {
+pub async fn submit(
+    dialer: &Dialer,
+    supervisor: SocketAddr,
+    path: &Path,
+    set: &[String],
+) -> anyhow::Result<String> {
     let spec =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let dir = std::fs::canonicalize(path)
@@ -41,12 +58,12 @@ pub async fn submit(supervisor: SocketAddr, path: &Path, set: &[String]) -> anyh
         dir,
         set: set.to_vec(),
     };
-    acknowledged(request(supervisor, &req).await?)
+    acknowledged(request(dialer, supervisor, &req).await?)
 }
 
 /// Stops `job`.
-pub async fn stop(supervisor: SocketAddr, job: JobId) -> anyhow::Result<String> {
-    acknowledged(request(supervisor, &ClientRequest::Stop { job }).await?)
+pub async fn stop(dialer: &Dialer, supervisor: SocketAddr, job: JobId) -> anyhow::Result<String> {
+    acknowledged(request(dialer, supervisor, &ClientRequest::Stop { job }).await?)
 }
 
 /// The message of an `Ok` reply; an `Error` reply becomes the error.
@@ -59,8 +76,8 @@ fn acknowledged(reply: ClientReply) -> anyhow::Result<String> {
 }
 
 /// The cluster's status.
-pub async fn status(supervisor: SocketAddr) -> anyhow::Result<StatusReport> {
-    match request(supervisor, &ClientRequest::Status).await? {
+pub async fn status(dialer: &Dialer, supervisor: SocketAddr) -> anyhow::Result<StatusReport> {
+    match request(dialer, supervisor, &ClientRequest::Status).await? {
         ClientReply::Status(s) => Ok(*s),
         ClientReply::Error { message } => anyhow::bail!("{message}"),
         ClientReply::Ok { message } => anyhow::bail!("unexpected reply: {message}"),

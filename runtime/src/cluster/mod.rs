@@ -9,6 +9,7 @@
 //! | `agent` | `lazarus agent`: runs workers for the supervisor, holds VIPs under leases, fences itself |
 //! | `client` | `lazarus submit` and `lazarus status` |
 //! | `config` | the supervisor's `--config` file |
+//! | `transport` | the control port's connections: mutual TLS with identities, or plain TCP for test setups |
 //! | `vip_holder` | one VIP on the agent: lease requests, add/remove, bursts, self-fencing (pure) |
 //! | `fleet` | a job's processes and VIPs on the agents (the supervisor's `Fleet`) |
 //!
@@ -22,5 +23,6 @@ pub mod config;
 pub mod fleet;
 pub mod server;
 pub mod state;
+pub mod transport;
 pub mod vip_holder;
 pub mod wire;

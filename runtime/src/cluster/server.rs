@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use lazarus_sdk::protocol;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +21,11 @@ const MAX_CONNECTIONS: usize = 4096;
 use crate::cluster::config::ClusterConfig;
 use crate::cluster::fleet::ClusterFleet;
 use crate::cluster::state::{Cluster, JobEntry};
+use crate::cluster::transport::{Acceptor, BoxRead, BoxWrite};
 use crate::cluster::wire::{job_status_cell, AgentMsg, ClientReply, ClientRequest, SupervisorMsg};
 use crate::fleet::FleetEvent;
 use crate::procs::WorkerExited;
+use crate::security::{Identity, Role};
 use crate::spec::JobSpec;
 use crate::supervisor::{self, LocalRun};
 
@@ -40,6 +41,8 @@ pub struct ServerOptions {
     /// The supervisor's own state (nothing durable: checkpoints are in the
     /// store).
     pub state_dir: PathBuf,
+    /// Mutual TLS, or plain TCP for test setups.
+    pub acceptor: Acceptor,
 }
 
 /// Runs the supervisor until `stop` turns true. `ready` gets the bound
@@ -170,18 +173,43 @@ async fn connection(
     opts: std::sync::Arc<ServerOptions>,
     jobs: TaskTracker,
 ) -> anyhow::Result<()> {
-    stream.set_nodelay(true)?;
-    let (mut read, mut write) = stream.into_split();
+    let (mut read, mut write, identity) = match opts.acceptor.accept(stream, peer).await {
+        Ok(c) => c,
+        Err(e) => {
+            // No certificate, another CA, expired, garbage, too slow: the
+            // peer learns nothing and the cluster is unchanged.
+            tracing::warn!(%peer, error = %e, "connection refused");
+            return Ok(());
+        }
+    };
     let first: serde_json::Value =
         tokio::time::timeout(Duration::from_secs(10), protocol::read_control(&mut read))
             .await
             .context("no first message within 10 s")??
             .context("closed before the first message")?;
     if let Ok(AgentMsg::Register { name, state_dir }) = serde_json::from_value(first.clone()) {
+        // An agent registers only under the name its certificate carries.
+        if let Some(id) = identity
+            .as_ref()
+            .filter(|id| !(id.role == Role::Agent && id.name == name))
+        {
+            let reason = format!(
+                "certificate {id} may not register as agent {name:?} (needs an agent:{name} certificate)"
+            );
+            tracing::warn!(%peer, %id, agent = %name, "agent registration refused: {reason}");
+            protocol::write_control(&mut write, &SupervisorMsg::Refused { reason }).await?;
+            return Ok(());
+        }
         return agent_session(name, state_dir, peer.ip(), read, write, cluster).await;
     }
     let reply = match serde_json::from_value::<ClientRequest>(first) {
-        Ok(req) => client_request(req, &cluster, &opts, &jobs),
+        Ok(req) => match authorize(identity.as_ref(), &req) {
+            Ok(()) => client_request(req, &cluster, &opts, &jobs),
+            Err(message) => {
+                tracing::warn!(%peer, "request refused: {message}");
+                ClientReply::Error { message }
+            }
+        },
         Err(e) => ClientReply::Error {
             message: format!("unrecognised first message: {e}"),
         },
@@ -194,8 +222,8 @@ async fn agent_session(
     name: String,
     state_dir: PathBuf,
     addr: IpAddr,
-    mut read: OwnedReadHalf,
-    mut write: OwnedWriteHalf,
+    mut read: BoxRead,
+    mut write: BoxWrite,
     cluster: Cluster,
 ) -> anyhow::Result<()> {
     if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_whitespace() || c == '/') {
@@ -285,6 +313,35 @@ async fn agent_session(
         c.lose(&name, "connection closed");
     }
     Ok(())
+}
+
+/// What each role may ask (no identity: a plain port, everything).
+fn authorize(identity: Option<&Identity>, req: &ClientRequest) -> Result<(), String> {
+    let Some(id) = identity else {
+        return Ok(());
+    };
+    let (allowed, what, needs): (&[Role], &str, &str) = match req {
+        ClientRequest::Status => (
+            &[Role::Viewer, Role::Operator, Role::Supervisor],
+            "read the status",
+            "viewer or operator",
+        ),
+        ClientRequest::Submit { .. } => (
+            &[Role::Operator, Role::Supervisor],
+            "submit jobs",
+            "operator",
+        ),
+        ClientRequest::Stop { .. } => {
+            (&[Role::Operator, Role::Supervisor], "stop jobs", "operator")
+        }
+    };
+    if allowed.contains(&id.role) {
+        Ok(())
+    } else {
+        Err(format!(
+            "certificate {id} may not {what} (needs the {needs} role)"
+        ))
+    }
 }
 
 fn client_request(

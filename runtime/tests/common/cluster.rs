@@ -84,6 +84,61 @@ impl LzCluster {
         let config_path = dir.path().join("supervisor.toml");
         std::fs::write(&config_path, config).expect("config");
         let addr = format!("{}:7070", bed.ip("sup"));
+        // Every test cluster runs with mutual TLS: a CA and one certificate
+        // per supervisor, agent and the test's operator, issued by the
+        // binary under test.
+        let pki = dir.path().join("pki");
+        let lz = |args: &[&str]| {
+            let out = std::process::Command::new(bin_dir().join("lazarus"))
+                .args(args)
+                .output()
+                .expect("lazarus");
+            assert!(
+                out.status.success(),
+                "lazarus {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let p = |name: &str| pki.join(name).to_str().expect("utf-8").to_string();
+        lz(&["ca", "init", &p("ca")]);
+        lz(&[
+            "cert",
+            "issue",
+            "--ca",
+            &p("ca"),
+            "--role",
+            "supervisor",
+            "--name",
+            "sup",
+            "--out",
+            &p("sup"),
+        ]);
+        lz(&[
+            "cert",
+            "issue",
+            "--ca",
+            &p("ca"),
+            "--role",
+            "operator",
+            "--name",
+            "test",
+            "--out",
+            &p("operator"),
+        ]);
+        for a in agents {
+            lz(&[
+                "cert",
+                "issue",
+                "--ca",
+                &p("ca"),
+                "--role",
+                "agent",
+                "--name",
+                a,
+                "--out",
+                &p(a),
+            ]);
+        }
         let store = format!("file://{}", dir.path().join("store").display());
         let sup = bed.spawn(
             "sup",
@@ -98,6 +153,8 @@ impl LzCluster {
                 config_path.to_str().expect("utf-8"),
                 "--state-dir",
                 dir.path().join("sup").to_str().expect("utf-8"),
+                "--tls",
+                &p("sup"),
             ],
             &[("LAZARUS_LOG", "info")],
             &dir.path().join("supervisor.log"),
@@ -111,6 +168,7 @@ impl LzCluster {
             agent_names: agents.iter().map(|s| s.to_string()).collect(),
         };
         for a in agents {
+            let tls = cluster.dir.path().join("pki").join(a);
             let state = cluster.dir.path().join(format!("agent-{a}"));
             let log = cluster.dir.path().join(format!("agent-{a}.log"));
             let p = cluster.bed.spawn(
@@ -126,6 +184,8 @@ impl LzCluster {
                     "eth0",
                     "--state-dir",
                     state.to_str().expect("utf-8"),
+                    "--tls",
+                    tls.to_str().expect("utf-8"),
                 ],
                 &[("LAZARUS_LOG", "info")],
                 &log,
@@ -141,14 +201,25 @@ impl LzCluster {
         cluster
     }
 
+    /// `lazarus ARGS --supervisor ADDR --tls OPERATOR`, run in the
+    /// supervisor's host (a client command: status, submit, stop).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let lazarus = bin_dir().join("lazarus");
+        let tls = self.dir.path().join("pki").join("operator");
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend([
+            "--supervisor",
+            &self.addr,
+            "--tls",
+            tls.to_str().expect("utf-8"),
+        ]);
+        self.bed
+            .exec("sup", lazarus.to_str().expect("utf-8"), &full)
+    }
+
     /// `lazarus status --json`, run in the supervisor's host.
     pub fn status(&self) -> Result<serde_json::Value, String> {
-        let lazarus = bin_dir().join("lazarus");
-        let out = self.bed.exec(
-            "sup",
-            lazarus.to_str().expect("utf-8"),
-            &["status", "--json", "--supervisor", &self.addr],
-        );
+        let out = self.cli(&["status", "--json"]);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).to_string());
         }
@@ -197,20 +268,12 @@ impl LzCluster {
 
     /// `lazarus submit SPEC`.
     pub fn submit(&self, spec: &Path, set: &[&str]) {
-        let lazarus = bin_dir().join("lazarus");
-        let mut args = vec![
-            "submit",
-            spec.to_str().expect("utf-8"),
-            "--supervisor",
-            &self.addr,
-        ];
+        let mut args = vec!["submit", spec.to_str().expect("utf-8")];
         for s in set {
             args.push("--set");
             args.push(s);
         }
-        let out = self
-            .bed
-            .exec("sup", lazarus.to_str().expect("utf-8"), &args);
+        let out = self.cli(&args);
         assert!(
             out.status.success(),
             "submit failed: {}{}",
