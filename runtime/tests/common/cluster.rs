@@ -101,42 +101,15 @@ impl LzCluster {
         };
         let p = |name: &str| pki.join(name).to_str().expect("utf-8").to_string();
         lz(&["ca", "init", &p("ca")]);
-        lz(&[
-            "cert",
-            "issue",
-            "--ca",
-            &p("ca"),
-            "--role",
-            "supervisor",
-            "--name",
-            "sup",
-            "--out",
-            &p("sup"),
-        ]);
-        lz(&[
-            "cert",
-            "issue",
-            "--ca",
-            &p("ca"),
-            "--role",
-            "operator",
-            "--name",
-            "test",
-            "--out",
-            &p("operator"),
-        ]);
-        for a in agents {
+        let mut identities = vec![
+            ("supervisor", "sup", "sup"),
+            ("operator", "test", "operator"),
+        ];
+        identities.extend(agents.iter().map(|a| ("agent", *a, *a)));
+        for (role, name, out) in identities {
+            let (ca, out) = (p("ca"), p(out));
             lz(&[
-                "cert",
-                "issue",
-                "--ca",
-                &p("ca"),
-                "--role",
-                "agent",
-                "--name",
-                a,
-                "--out",
-                &p(a),
+                "cert", "issue", "--ca", &ca, "--role", role, "--name", name, "--out", &out,
             ]);
         }
         let store = format!("file://{}", dir.path().join("store").display());
