@@ -38,7 +38,8 @@ pub trait Fleet: Send {
     /// The local cache directory of workers on `host`.
     fn cache_dir(&self, host: &str) -> PathBuf;
     /// Starts `worker`'s process in `slot` on `host`, told to report to
-    /// `supervisor`. A failure to start comes back as an exit.
+    /// `supervisor` with `token` (its credential). A failure to start comes
+    /// back as an exit.
     fn spawn(
         &mut self,
         host: &str,
@@ -46,6 +47,7 @@ pub trait Fleet: Send {
         attempt: u64,
         slot: Slot,
         supervisor: SocketAddr,
+        token: &str,
     );
     /// Makes `worker`'s standby process on `host` its primary for `attempt`.
     fn promote(&mut self, host: &str, worker: &WorkerId, attempt: u64);
@@ -89,8 +91,9 @@ impl Fleet for LocalFleet {
         attempt: u64,
         slot: Slot,
         supervisor: SocketAddr,
+        token: &str,
     ) {
-        self.0.spawn(worker, attempt, slot, supervisor);
+        self.0.spawn(worker, attempt, slot, supervisor, token);
     }
 
     fn promote(&mut self, _host: &str, worker: &WorkerId, attempt: u64) {

@@ -158,7 +158,14 @@ impl ProcessTable {
     /// Starts `worker` for `attempt` in `slot`, told to report to
     /// `supervisor`. A failure to start is reported as an exit, like any
     /// other.
-    pub fn spawn(&mut self, worker: &WorkerId, attempt: u64, slot: Slot, supervisor: SocketAddr) {
+    pub fn spawn(
+        &mut self,
+        worker: &WorkerId,
+        attempt: u64,
+        slot: Slot,
+        supervisor: SocketAddr,
+        token: &str,
+    ) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -171,6 +178,7 @@ impl ProcessTable {
                 "LAZARUS_STANDBY",
                 if slot == Slot::Standby { "1" } else { "0" },
             )
+            .env("LAZARUS_TOKEN", token)
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -358,6 +358,27 @@ impl TlsMaterial {
     }
 }
 
+/// A fresh credential: 128 random bits from the TLS provider's secure
+/// random source, as hex.
+pub fn random_token() -> Result<String, SecurityError> {
+    let mut bytes = [0u8; 16];
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| SecurityError::Invalid("no secure random source".into()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Compares a presented credential with the expected one in time that does
+/// not depend on where they differ.
+pub fn tokens_match(presented: &str, expected: &str) -> bool {
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The name clients verify on the supervisor's certificate (rule 3).
 pub fn supervisor_server_name() -> ServerName<'static> {
     ServerName::try_from(SUPERVISOR_NAME).expect("a valid DNS name")

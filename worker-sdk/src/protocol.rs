@@ -123,6 +123,10 @@ pub enum ToSupervisor {
         /// Started as a hot standby: it follows commits until promoted.
         #[serde(default)]
         standby: bool,
+        /// The credential the supervisor issued for this one process (from
+        /// `LAZARUS_TOKEN`); a hello without the right one is refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// The worker restored its state and listens for inputs here.
     Listening {

@@ -112,6 +112,8 @@ struct WorkerEnv {
     attempt: u64,
     bind_ip: IpAddr,
     standby: bool,
+    /// This process's credential toward the supervisor.
+    token: Option<String>,
 }
 
 impl WorkerEnv {
@@ -131,12 +133,14 @@ impl WorkerEnv {
             Err(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
         };
         let standby = std::env::var("LAZARUS_STANDBY").is_ok_and(|v| v == "1");
+        let token = std::env::var("LAZARUS_TOKEN").ok();
         Ok(WorkerEnv {
             supervisor,
             worker,
             attempt,
             bind_ip,
             standby,
+            token,
         })
     }
 }
@@ -187,6 +191,7 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
         worker: env.worker.clone(),
         attempt: env.attempt,
         standby: env.standby,
+        token: env.token.clone(),
     })?;
     let assignment = match protocol::read_control::<_, ToWorker>(&mut ctl_read).await? {
         Some(ToWorker::Assign(a)) => *a,

@@ -390,6 +390,7 @@ impl AgentState {
                 standby,
                 binary,
                 supervisor,
+                token,
             } => {
                 let supervisor = if supervisor.ip().is_unspecified() {
                     SocketAddr::new(self.opts.supervisor.ip(), supervisor.port())
@@ -404,7 +405,7 @@ impl AgentState {
                 } else {
                     Slot::Primary
                 };
-                agent.spawn(&worker, attempt, slot, supervisor);
+                agent.spawn(&worker, attempt, slot, supervisor, &token);
             }
             SupervisorMsg::Promote {
                 job,

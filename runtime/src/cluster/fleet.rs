@@ -65,6 +65,7 @@ impl Fleet for ClusterFleet {
         attempt: u64,
         slot: Slot,
         supervisor: SocketAddr,
+        token: &str,
     ) {
         self.send(
             host,
@@ -75,6 +76,7 @@ impl Fleet for ClusterFleet {
                 standby: slot == Slot::Standby,
                 binary: self.binary.clone(),
                 supervisor,
+                token: token.to_string(),
             },
         );
     }

@@ -162,6 +162,8 @@ pub enum SupervisorMsg {
         binary: PathBuf,
         /// The job's control address.
         supervisor: SocketAddr,
+        /// The process's credential toward the job's control port.
+        token: String,
     },
     /// The worker's standby process becomes its primary for `attempt`.
     Promote {

@@ -521,6 +521,11 @@ struct AttemptState {
     running: BTreeSet<WorkerId>,
     last_seen: BTreeMap<WorkerId, Duration>,
     records: BTreeMap<WorkerId, u64>,
+    /// Primaries that exited abnormally while their connection was still
+    /// open: the failure (and until when to wait) is decided when the
+    /// connection closes, after the worker's last message (a stream keeps
+    /// order: a fatal error it sent comes before the close).
+    exits: BTreeMap<WorkerId, (String, Duration)>,
 }
 
 /// See the module documentation.
@@ -762,6 +767,9 @@ impl JobController {
                 Some(_) if self.live_primaries() > 0 => Some(r.drain_until),
                 Some(_) => None,
             },
+            Phase::Starting { .. } | Phase::Running => {
+                self.att.exits.values().map(|(_, until)| *until).min()
+            }
             _ => None,
         };
         if self.chaos_armed() && matches!(self.phase, Phase::Running) {
@@ -1041,6 +1049,21 @@ impl JobController {
 
     fn on_tick(&mut self, now: Duration) {
         match &self.phase {
+            // An exit whose connection never closed: decide without its
+            // last words.
+            Phase::Starting { .. } | Phase::Running
+                if self.att.exits.values().any(|(_, until)| now >= *until) =>
+            {
+                let due = self
+                    .att
+                    .exits
+                    .iter()
+                    .find(|(_, (_, until))| now >= *until)
+                    .map(|(w, _)| w.clone());
+                if let Some((why, _)) = due.and_then(|w| self.att.exits.remove(&w)) {
+                    self.fail(now, why, true);
+                }
+            }
             Phase::Starting { deadline } => {
                 if now > *deadline {
                     let why = format!(
@@ -1343,7 +1366,11 @@ impl JobController {
                 {
                     return;
                 }
-                self.fail(now, format!("worker {worker} disconnected"), false);
+                match self.att.exits.remove(&worker) {
+                    // It exited, and everything it said has been heard.
+                    Some((why, _)) => self.fail(now, why, true),
+                    None => self.fail(now, format!("worker {worker} disconnected"), false),
+                }
             }
             None => {}
         }
@@ -1423,8 +1450,16 @@ impl JobController {
                 self.fail(now, format!("worker {} {}{detail}", e.worker, e.exit), true);
             }
             Phase::Starting { .. } | Phase::Running if e.attempt == self.attempt => {
+                let why = format!("worker {} {}{detail}", e.worker, e.exit);
                 self.failed.insert(e.worker.clone());
-                self.fail(now, format!("worker {} {}{detail}", e.worker, e.exit), true);
+                if self.att.senders.contains_key(&e.worker) {
+                    // Hear the worker's last words first (its connection
+                    // closes right after them); bounded by the root-cause wait.
+                    let until = now + self.cfg.root_cause_wait;
+                    self.att.exits.insert(e.worker.clone(), (why, until));
+                } else {
+                    self.fail(now, why, true);
+                }
             }
             _ => {}
         }

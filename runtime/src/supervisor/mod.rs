@@ -46,7 +46,8 @@ pub use controller::{
 use crate::clock::{Clock, Stopwatch, SystemClock};
 use crate::cluster::wire::JobStatusCell;
 use crate::fleet::{Fleet, FleetEvent, LocalFleet};
-use crate::procs::ProcessTable;
+use crate::procs::{ProcessTable, Slot};
+use crate::security::{random_token, tokens_match};
 use crate::spec::{JobSpec, PlannedWorker};
 use crate::units::format_bytes;
 use storage::{StorageRequest, StorageWorker};
@@ -131,6 +132,7 @@ enum ConnEvent {
         worker: WorkerId,
         attempt: u64,
         standby: bool,
+        token: Option<String>,
         tx: mpsc::UnboundedSender<ToWorker>,
     },
     Message {
@@ -151,6 +153,8 @@ struct Shell {
     storage: StorageWorker,
     /// The job's control address (workers connect here).
     addr: SocketAddr,
+    /// The credential of each process spawned and not yet connected.
+    tokens: HashMap<(WorkerId, u64, Slot), String>,
 }
 
 impl Shell {
@@ -221,6 +225,7 @@ impl Shell {
             conns: HashMap::new(),
             storage,
             addr,
+            tokens: HashMap::new(),
             run,
         };
         let actions = ctl.start(clock.now());
@@ -249,7 +254,10 @@ impl Shell {
             let wake = clock.deadline(ctl.wake_at(now).unwrap_or(now + far));
             let fact = tokio::select! {
                 Some(ev) = events.recv() => shell.fleet_fact(ev),
-                Some(ev) = conn_rx.recv() => shell.conn_fact(ev),
+                Some(ev) = conn_rx.recv() => match shell.conn_fact(ev) {
+                    Some(f) => f,
+                    None => continue,
+                },
                 Some(f) = facts.recv() => f,
                 _ = tick.tick() => Fact::Tick,
                 _ = tokio::time::sleep_until(wake) => Fact::Tick,
@@ -315,27 +323,48 @@ impl Shell {
         }
     }
 
-    fn conn_fact(&mut self, ev: ConnEvent) -> Fact {
+    fn conn_fact(&mut self, ev: ConnEvent) -> Option<Fact> {
         match ev {
             ConnEvent::Hello {
                 conn,
                 worker,
                 attempt,
                 standby,
+                token,
                 tx,
             } => {
+                // Only the process this shell spawned holds the credential
+                // for its worker, attempt and slot: anyone else who reaches
+                // the port is dropped here, before any decision sees it.
+                let slot = if standby {
+                    Slot::Standby
+                } else {
+                    Slot::Primary
+                };
+                let key = (worker.clone(), attempt, slot);
+                let valid = match (self.tokens.get(&key), token.as_deref()) {
+                    (Some(expected), Some(presented)) => {
+                        !expected.is_empty() && tokens_match(presented, expected)
+                    }
+                    _ => false,
+                };
+                if !valid {
+                    tracing::warn!(%worker, attempt, ?slot, "control connection refused: no valid credential for this worker process");
+                    return None;
+                }
+                self.tokens.remove(&key);
                 self.conns.insert(conn, tx);
-                Fact::Hello {
+                Some(Fact::Hello {
                     conn,
                     worker,
                     attempt,
                     standby,
-                }
+                })
             }
-            ConnEvent::Message { conn, msg } => Fact::Message { conn, msg },
+            ConnEvent::Message { conn, msg } => Some(Fact::Message { conn, msg }),
             ConnEvent::Closed { conn } => {
                 self.conns.remove(&conn);
-                Fact::Closed { conn }
+                Some(Fact::Closed { conn })
             }
         }
     }
@@ -350,7 +379,17 @@ impl Shell {
                     worker,
                     attempt,
                     slot,
-                } => self.fleet.spawn(&host, &worker, attempt, slot, self.addr),
+                } => {
+                    let token = random_token().unwrap_or_else(|e| {
+                        // Never expected; an empty credential matches nothing.
+                        tracing::error!(error = %e, "no credential for a new worker process");
+                        String::new()
+                    });
+                    self.tokens
+                        .insert((worker.clone(), attempt, slot), token.clone());
+                    self.fleet
+                        .spawn(&host, &worker, attempt, slot, self.addr, &token);
+                }
                 Action::Promote {
                     host,
                     worker,
@@ -544,6 +583,7 @@ async fn connection(
         worker,
         attempt,
         standby,
+        token,
     }))) = hello
     else {
         tracing::debug!(?conn, "control connection without a hello; closed");
@@ -555,6 +595,7 @@ async fn connection(
         worker,
         attempt,
         standby,
+        token,
         tx,
     };
     if events.send(hello).is_err() {
