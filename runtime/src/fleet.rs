@@ -26,6 +26,13 @@ pub enum FleetEvent {
     HostLost(String),
     /// A host registered (or came back).
     HostJoined(String),
+    /// A host refused to do something for the job (its allow-lists).
+    Refused {
+        /// The host.
+        host: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The processes and VIPs of one job. Every call is a send or a signal:

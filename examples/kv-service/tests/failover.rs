@@ -787,3 +787,41 @@ fn test_no_gratuitous_arp_leaves_a_host_after_it_released_the_vip() {
     );
     eprintln!("{before} announcements from {other} while it held the VIP, none after its release");
 }
+
+/// An agent runs worker binaries only from its allowed directories and
+/// holds VIPs only within its allowed prefixes, whoever asks; the job ends
+/// with an error naming the path or the address. (Every other test runs
+/// its agents with allow-lists that admit the job: the positive control.)
+#[test]
+fn test_agents_refuse_binaries_and_vips_outside_their_allow_lists() {
+    for (tag, agent_config, expected) in [
+        (
+            "kvallowb",
+            "allowed_binaries = [\"/usr/lib/nowhere\"]\n",
+            "is outside this agent's allowed_binaries (/usr/lib/nowhere)",
+        ),
+        (
+            "kvallowv",
+            "allowed_vips = [\"198.19.0.0/24\"]\n",
+            "VIP 198.18.0.100/24 is outside this agent's allowed_vips (198.19.0.0/24)",
+        ),
+    ] {
+        let config = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n";
+        let c = LzCluster::start_with(tag, &["a", "b"], &[], config, agent_config);
+        c.submit(&spec(c.dir.path(), "hot"), &[]);
+        let st = c.wait("the job refused", Duration::from_secs(30), |st| {
+            cluster::job(st, "kv").is_some_and(|j| j["state"] == "failed")
+        });
+        let j = cluster::job(&st, "kv").expect("job");
+        let failure = j["failure"].as_str().unwrap_or_default();
+        assert!(
+            failure.contains("refused") && failure.contains(expected),
+            "{j}\n{}",
+            c.logs()
+        );
+        assert_eq!(j["restarts"], 0, "refusals are not retried: {j}");
+        // Nothing of the job runs, and nobody holds the VIP.
+        assert!(pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0"]).is_empty());
+        assert!(!c.bed.holds("a", VIP4) && !c.bed.holds("b", VIP4));
+    }
+}

@@ -258,10 +258,21 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
     let state_dir = args
         .state_dir
         .clone()
-        .or(config.state_dir)
+        .or(config.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(format!(".lazarus/agent-{}", args.name)));
     if !crate::vip::interface_exists(&args.iface) {
         anyhow::bail!("--iface {}: no such interface on this host", args.iface);
+    }
+    let allow = config
+        .allow_list()
+        .map_err(|e| anyhow::anyhow!("agent config: {e}"))?;
+    if allow.binaries.is_none() {
+        eprintln!("warning: no allowed_binaries in the agent config: this agent runs any worker binary a job names");
+    }
+    if allow.vips.is_none() {
+        eprintln!(
+            "warning: no allowed_vips in the agent config: this agent holds any VIP a job names"
+        );
     }
     let dialer = match daemon_tls(&args.tls, Role::Agent, Some(&args.name))? {
         Some(m) => Dialer::tls(m.client_config()?),
@@ -275,6 +286,7 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
             state_dir,
             bind_ip: config.bind_ip,
             dialer,
+            allow,
         },
         stop_on_signals(),
     )

@@ -25,6 +25,7 @@ use lazarus_storage::{JobId, LocalCache};
 use tokio::sync::{mpsc, watch};
 
 use crate::clock::{Clock, SystemClock};
+use crate::cluster::allow::AllowList;
 use crate::cluster::transport::{BoxRead, BoxWrite, Dialer};
 use crate::cluster::vip_holder::{HolderAction, VipHolder};
 use crate::cluster::wire::{AgentMsg, SupervisorMsg, WireExit};
@@ -48,6 +49,8 @@ pub struct AgentOptions {
     pub bind_ip: Option<IpAddr>,
     /// Mutual TLS to the supervisor, or plain TCP for test setups.
     pub dialer: Dialer,
+    /// What this agent agrees to run and hold.
+    pub allow: AllowList,
 }
 
 /// `lazarus agent --config FILE`: every field optional, unknown fields are
@@ -56,6 +59,8 @@ pub struct AgentOptions {
 /// ```toml
 /// state_dir = "/var/lib/lazarus"   # worker logs and local caches
 /// bind_ip = "198.18.0.2"           # data channels of this host's workers
+/// allowed_binaries = ["/opt/lazarus/bin"]          # workers only from here
+/// allowed_vips = ["198.18.0.0/15", "2001:2::/48"]  # VIPs only within these
 /// ```
 #[derive(Debug, Default, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +69,28 @@ pub struct AgentConfig {
     pub state_dir: Option<PathBuf>,
     /// Address workers listen on for data channels.
     pub bind_ip: Option<IpAddr>,
+    /// Directories worker binaries must be in (unset: any binary).
+    pub allowed_binaries: Option<Vec<PathBuf>>,
+    /// Prefixes VIPs must be within, like "198.18.0.0/15" (unset: any).
+    pub allowed_vips: Option<Vec<String>>,
+}
+
+impl AgentConfig {
+    /// The allow-lists; errors name the entry.
+    pub fn allow_list(&self) -> Result<AllowList, String> {
+        let vips = match &self.allowed_vips {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .map(|s| crate::cluster::allow::parse_prefix(s))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(AllowList {
+            binaries: self.allowed_binaries.clone(),
+            vips,
+        })
+    }
 }
 
 impl AgentConfig {
@@ -397,6 +424,24 @@ impl AgentState {
                 } else {
                     supervisor
                 };
+                if let Err(reason) = self.opts.allow.check_binary(&binary) {
+                    tracing::warn!(%job, %worker, %reason, "spawn refused");
+                    let _ = out.send(AgentMsg::Refused {
+                        job: Some(job.clone()),
+                        vip: None,
+                        reason: reason.clone(),
+                    });
+                    // The process the supervisor counts on never started.
+                    let _ = out.send(AgentMsg::Exited {
+                        job,
+                        worker,
+                        attempt,
+                        standby,
+                        exit: WireExit::SpawnFailed { error: reason },
+                        detail: None,
+                    });
+                    return;
+                }
                 let Some(agent) = self.job_agent(&job, &binary, local_ip) else {
                     return;
                 };
@@ -442,6 +487,15 @@ impl AgentState {
                 }
             }
             SupervisorMsg::HoldVip { vip, garp } => {
+                if let Err(reason) = self.opts.allow.check_vip(&vip) {
+                    tracing::warn!(%vip, %reason, "VIP refused");
+                    let _ = out.send(AgentMsg::Refused {
+                        job: None,
+                        vip: Some(vip),
+                        reason,
+                    });
+                    return;
+                }
                 let iface = self.opts.iface.clone();
                 let v = match self.vips.entry(vip.clone()) {
                     std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),

@@ -6,6 +6,7 @@
 //! | `wire` | agent, client and supervisor messages |
 //! | `state` | the supervisor's view of hosts, jobs and VIP leases (one lock) |
 //! | `server` | `lazarus supervisor`: accepts agents and clients, heartbeats, host loss, leases, jobs |
+//! | `allow` | the agent's allow-lists: worker binaries only from configured directories, VIPs only within configured prefixes |
 //! | `agent` | `lazarus agent`: runs workers for the supervisor, holds VIPs under leases, fences itself |
 //! | `client` | `lazarus submit` and `lazarus status` |
 //! | `config` | the supervisor's `--config` file |
@@ -18,6 +19,7 @@
 //! [`state::ClusterState`].
 
 pub mod agent;
+pub mod allow;
 pub mod client;
 pub mod config;
 pub mod fleet;

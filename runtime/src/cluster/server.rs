@@ -292,6 +292,24 @@ async fn agent_session(
                 }
                 AgentMsg::LeaseAcquire { vip, seq } => Some(c.lease_acquire(&name, &vip, seq)),
                 AgentMsg::LeaseRenew { vip, id, seq } => Some(c.lease_renew(&name, &vip, id, seq)),
+                AgentMsg::Refused { job, vip, reason } => {
+                    tracing::warn!(host = %name, ?job, ?vip, %reason, "agent refused");
+                    let owner = job.or_else(|| {
+                        vip.as_ref().and_then(|v| {
+                            c.jobs
+                                .iter()
+                                .find(|(_, j)| !j.ended() && j.vips.contains(v))
+                                .map(|(id, _)| id.clone())
+                        })
+                    });
+                    if let Some(j) = owner.as_ref().and_then(|j| c.jobs.get(j)) {
+                        let _ = j.events.send(FleetEvent::Refused {
+                            host: name.clone(),
+                            reason,
+                        });
+                    }
+                    None
+                }
                 AgentMsg::LeaseReleased { vip, id } => {
                     c.lease_released(&name, &vip, id);
                     None

@@ -59,6 +59,16 @@ pub enum AgentMsg {
         /// Request number.
         seq: u64,
     },
+    /// The agent refused what it was asked (a binary or VIP outside its
+    /// allow-lists): the job it was for cannot run here.
+    Refused {
+        /// The job, when the request named one (a spawn).
+        job: Option<JobId>,
+        /// The VIP, when the request was to hold one.
+        vip: Option<String>,
+        /// Why, naming the path or address and the list.
+        reason: String,
+    },
     /// The VIP is off the interface: lease `id` may go to someone else now.
     LeaseReleased {
         /// The VIP.

@@ -226,6 +226,14 @@ pub enum Fact {
             std::sync::Arc<std::collections::HashSet<String>>,
         )>,
     },
+    /// A host refused to run the job's binary or hold its VIP (the agent's
+    /// allow-lists): the job cannot run as specified.
+    Refused {
+        /// The host.
+        host: String,
+        /// Why, naming the path or address.
+        reason: String,
+    },
     /// Someone asked the job to stop.
     StopRequested,
 }
@@ -745,6 +753,14 @@ impl JobController {
                 }
             }
             Fact::StopRequested => self.on_stop(now),
+            Fact::Refused { host, reason } => {
+                if !self.is_ended() {
+                    self.broadcast(ToWorker::Shutdown);
+                    let why = format!("host {host} refused: {reason}");
+                    self.summary.last_failure = Some(why.clone());
+                    self.end(JobState::Failed(why));
+                }
+            }
         }
         if matches!(self.phase, Phase::Recovering(_)) {
             self.progress_recovery(now);

@@ -320,6 +320,7 @@ impl Shell {
             }
             FleetEvent::HostLost(h) => Fact::HostLost(h),
             FleetEvent::HostJoined(h) => Fact::HostJoined(h),
+            FleetEvent::Refused { host, reason } => Fact::Refused { host, reason },
         }
     }
 

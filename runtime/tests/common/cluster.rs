@@ -75,6 +75,24 @@ impl LzCluster {
     /// Starts a supervisor with `config` and one agent per `agents` name;
     /// `others` are plain hosts (clients). Waits until every agent is alive.
     pub fn start(tag: &str, agents: &[&str], others: &[&str], config: &str) -> LzCluster {
+        // Every test agent runs under allow-lists: binaries from the build
+        // directory, VIPs from the benchmarking ranges.
+        let agent_config = format!(
+            "allowed_binaries = [\"{}\"]\nallowed_vips = [\"198.18.0.0/15\", \"2001:2::/48\"]\n",
+            bin_dir().display()
+        );
+        Self::start_with(tag, agents, others, config, &agent_config)
+    }
+
+    /// As [`LzCluster::start`], with `agent_config` as every agent's
+    /// `--config`.
+    pub fn start_with(
+        tag: &str,
+        agents: &[&str],
+        others: &[&str],
+        config: &str,
+        agent_config: &str,
+    ) -> LzCluster {
         let mut names = vec!["sup"];
         names.extend_from_slice(agents);
         names.extend_from_slice(others);
@@ -140,6 +158,8 @@ impl LzCluster {
             addr,
             agent_names: agents.iter().map(|s| s.to_string()).collect(),
         };
+        let agent_config_path = cluster.dir.path().join("agent.toml");
+        std::fs::write(&agent_config_path, agent_config).expect("agent config");
         for a in agents {
             let tls = cluster.dir.path().join("pki").join(a);
             let state = cluster.dir.path().join(format!("agent-{a}"));
@@ -159,6 +179,8 @@ impl LzCluster {
                     state.to_str().expect("utf-8"),
                     "--tls",
                     tls.to_str().expect("utf-8"),
+                    "--config",
+                    agent_config_path.to_str().expect("utf-8"),
                 ],
                 &[("LAZARUS_LOG", "info")],
                 &log,
