@@ -108,6 +108,66 @@ pub struct Assignment {
     pub heartbeat_ms: u64,
     /// Codec for state chunks.
     pub codec: lazarus_storage::Codec,
+    /// The attempt's data-channel key (hex): every data connection between
+    /// this attempt's workers proves it ([`data_proof`]). `None` only from
+    /// a supervisor that predates it; then channels are not authenticated.
+    #[serde(default)]
+    pub channel_key: Option<String>,
+}
+
+/// Bytes of the nonce a data receiver sends first.
+pub const DATA_NONCE_LEN: usize = 16;
+/// Bytes of a data sender's proof.
+pub const DATA_PROOF_LEN: usize = 32;
+
+/// A data sender's proof that it belongs to the attempt: HMAC-SHA256 under
+/// the attempt's channel key over the receiver's fresh nonce and both
+/// workers' names, so it cannot be replayed to another receiver or later.
+pub fn data_proof(
+    key: &[u8],
+    nonce: &[u8],
+    from: &WorkerId,
+    to: &WorkerId,
+) -> [u8; DATA_PROOF_LEN] {
+    use aws_lc_rs::hmac;
+    let k = hmac::Key::new(hmac::HMAC_SHA256, key);
+    let mut ctx = hmac::Context::with_key(&k);
+    ctx.update(b"lazarus-data-v1\0");
+    ctx.update(nonce);
+    ctx.update(from.as_str().as_bytes());
+    ctx.update(b"\0");
+    ctx.update(to.as_str().as_bytes());
+    let mut out = [0u8; DATA_PROOF_LEN];
+    out.copy_from_slice(ctx.sign().as_ref());
+    out
+}
+
+/// Checks a proof in constant time.
+pub fn verify_data_proof(
+    key: &[u8],
+    nonce: &[u8],
+    from: &WorkerId,
+    to: &WorkerId,
+    proof: &[u8],
+) -> bool {
+    let expected = data_proof(key, nonce, from, to);
+    proof.len() == expected.len()
+        && proof
+            .iter()
+            .zip(expected.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Decodes a hex channel key; `None` if it is not hex.
+pub fn decode_key(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Worker → supervisor.
@@ -407,6 +467,36 @@ mod tests {
     fn test_data_messages_round_trip() {
         let w = WorkerId::new("tok-1").expect("w");
         assert_eq!(round_trip(DataMsg::Hello(w.clone())), DataMsg::Hello(w));
+    }
+
+    #[test]
+    fn test_data_proof_binds_key_nonce_and_both_names() {
+        let (a, b) = (
+            WorkerId::new("a-0").expect("id"),
+            WorkerId::new("b-0").expect("id"),
+        );
+        let key = decode_key(&"ab".repeat(32)).expect("hex");
+        let nonce = [7u8; DATA_NONCE_LEN];
+        let p = data_proof(&key, &nonce, &a, &b);
+        assert!(verify_data_proof(&key, &nonce, &a, &b, &p));
+        assert!(
+            !verify_data_proof(&key, &[8u8; DATA_NONCE_LEN], &a, &b, &p),
+            "another nonce"
+        );
+        assert!(
+            !verify_data_proof(&key, &nonce, &b, &a, &p),
+            "names swapped"
+        );
+        assert!(
+            !verify_data_proof(&[1u8; 32], &nonce, &a, &b, &p),
+            "another key"
+        );
+        assert!(
+            !verify_data_proof(&key, &nonce, &a, &b, &p[..31]),
+            "truncated"
+        );
+        assert_eq!(decode_key("zz"), None);
+        assert_eq!(decode_key("abc"), None);
         assert_eq!(
             round_trip(DataMsg::Barrier(CheckpointId(9))),
             DataMsg::Barrier(CheckpointId(9))

@@ -384,7 +384,18 @@ async fn run_assignment(
         }
     };
     let expected = a.inputs.clone();
-    let accept = tokio::spawn(accept_inputs(listener, expected));
+    let key = match &a.channel_key {
+        Some(hex) => {
+            Some(protocol::decode_key(hex).ok_or("the assignment's channel key is not hex")?)
+        }
+        None => None,
+    };
+    let accept = tokio::spawn(accept_inputs(
+        listener,
+        expected,
+        a.worker.clone(),
+        key.clone(),
+    ));
     let mut outputs = Vec::new();
     for edge in &a.outputs {
         let mut senders = Vec::new();
@@ -392,7 +403,7 @@ async fn run_assignment(
             let addr = addrs
                 .get(target)
                 .ok_or_else(|| format!("no address for output {target}"))?;
-            senders.push(connect_output(&a.worker, *addr).await?);
+            senders.push(connect_output(&a.worker, target, *addr, key.as_deref()).await?);
         }
         outputs.push(EdgeOut {
             partition: edge.partition,
@@ -771,7 +782,17 @@ async fn route(outputs: &mut [EdgeOut], emitter: &mut Emitter) -> Result<()> {
     Ok(())
 }
 
-async fn connect_output(me: &WorkerId, addr: SocketAddr) -> Result<mpsc::Sender<DataMsg>> {
+/// How long a data channel's handshake may take, on either side.
+const DATA_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to `target` at `addr`: answers its nonce with this attempt's
+/// proof (when the attempt has a channel key), then streams messages.
+async fn connect_output(
+    me: &WorkerId,
+    target: &WorkerId,
+    addr: SocketAddr,
+    key: Option<&[u8]>,
+) -> Result<mpsc::Sender<DataMsg>> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -785,6 +806,15 @@ async fn connect_output(me: &WorkerId, addr: SocketAddr) -> Result<mpsc::Sender<
     stream.set_nodelay(true)?;
     let mut hello = Vec::new();
     DataMsg::Hello(me.clone()).encode(&mut hello);
+    if let Some(key) = key {
+        let mut nonce = [0u8; protocol::DATA_NONCE_LEN];
+        tokio::time::timeout(DATA_HANDSHAKE_TIMEOUT, stream.read_exact(&mut nonce))
+            .await
+            .map_err(|_| {
+                format!("output {target} at {addr}: no handshake within {DATA_HANDSHAKE_TIMEOUT:?}")
+            })??;
+        hello.extend_from_slice(&protocol::data_proof(key, &nonce, me, target));
+    }
     stream.write_all(&hello).await?;
     let (tx, mut rx) = mpsc::channel::<DataMsg>(CHANNEL_DEPTH);
     tokio::spawn(async move {
@@ -802,48 +832,108 @@ async fn connect_output(me: &WorkerId, addr: SocketAddr) -> Result<mpsc::Sender<
 
 type InputRx = mpsc::Receiver<Result<DataMsg, protocol::ProtocolError>>;
 
-async fn accept_inputs(listener: TcpListener, expected: Vec<WorkerId>) -> Result<Vec<InputRx>> {
+/// One incoming data connection's handshake: a fresh nonce out, the
+/// sender's name and (with a key) its proof back. Returns who it is.
+async fn data_handshake(
+    stream: &mut tokio::net::TcpStream,
+    me: &WorkerId,
+    key: Option<&[u8]>,
+) -> Result<WorkerId> {
+    let mut nonce = [0u8; protocol::DATA_NONCE_LEN];
+    if key.is_some() {
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| "no secure random source")?;
+        stream.write_all(&nonce).await?;
+    }
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > 1024 {
+        return Err(format!("data hello of {len} bytes").into());
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    let DataMsg::Hello(from) = DataMsg::decode(&body)? else {
+        return Err("first data frame was not a hello".into());
+    };
+    if let Some(key) = key {
+        let mut proof = [0u8; protocol::DATA_PROOF_LEN];
+        stream.read_exact(&mut proof).await?;
+        if !protocol::verify_data_proof(key, &nonce, &from, me, &proof) {
+            return Err(
+                format!("a connection claiming to be {from} failed the channel proof").into(),
+            );
+        }
+    }
+    Ok(from)
+}
+
+/// Accepts one authenticated connection per expected input. A connection
+/// that fails its handshake (no proof, a wrong one, garbage, too slow) is
+/// dropped and waiting goes on: a stranger on the network can neither
+/// inject records nor stop the worker from starting.
+async fn accept_inputs(
+    listener: TcpListener,
+    expected: Vec<WorkerId>,
+    me: WorkerId,
+    key: Option<Vec<u8>>,
+) -> Result<Vec<InputRx>> {
     let mut slots: Vec<Option<InputRx>> = (0..expected.len()).map(|_| None).collect();
     let mut missing = expected.len();
+    let (done_tx, mut done) = mpsc::channel::<(WorkerId, tokio::net::TcpStream)>(16);
+    let mut handshakes = tokio::task::JoinSet::new();
     while missing > 0 {
-        let (mut stream, _) = listener.accept().await?;
-        stream.set_nodelay(true)?;
-        let mut len = [0u8; 4];
-        stream.read_exact(&mut len).await?;
-        let len = u32::from_le_bytes(len) as usize;
-        if len > 1024 {
-            return Err(format!("data hello of {len} bytes").into());
-        }
-        let mut body = vec![0u8; len];
-        stream.read_exact(&mut body).await?;
-        let DataMsg::Hello(from) = DataMsg::decode(&body)? else {
-            return Err("first data frame was not a hello".into());
-        };
-        let idx = expected
-            .iter()
-            .enumerate()
-            .position(|(i, w)| *w == from && slots[i].is_none())
-            .ok_or_else(|| format!("unexpected input connection from {from}"))?;
-        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        tokio::spawn(async move {
-            loop {
-                match protocol::read_data(&mut stream).await {
-                    Ok(Some(msg)) => {
-                        if tx.send(Ok(msg)).await.is_err() {
-                            break;
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (mut stream, peer) = accepted?;
+                stream.set_nodelay(true)?;
+                let (me, key, done_tx) = (me.clone(), key.clone(), done_tx.clone());
+                handshakes.spawn(async move {
+                    let shake = tokio::time::timeout(
+                        DATA_HANDSHAKE_TIMEOUT,
+                        data_handshake(&mut stream, &me, key.as_deref()),
+                    )
+                    .await;
+                    match shake {
+                        Ok(Ok(from)) => {
+                            let _ = done_tx.send((from, stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "data connection refused"),
+                        Err(_) => tracing::warn!(%peer, "data connection refused: no handshake within the bound"),
+                    }
+                });
+            }
+            Some((from, mut stream)) = done.recv() => {
+                let Some(idx) = expected
+                    .iter()
+                    .enumerate()
+                    .position(|(i, w)| *w == from && slots[i].is_none())
+                else {
+                    tracing::warn!(%from, "data connection refused: not an expected input, or already connected");
+                    continue;
+                };
+                let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+                tokio::spawn(async move {
+                    loop {
+                        match protocol::read_data(&mut stream).await {
+                            Ok(Some(msg)) => {
+                                if tx.send(Ok(msg)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                let _ = tx.send(Err(e)).await;
+                                break;
+                            }
                         }
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        break;
-                    }
-                }
+                });
+                slots[idx] = Some(rx);
+                missing -= 1;
             }
-        });
-        slots[idx] = Some(rx);
-        missing -= 1;
+        }
     }
+    handshakes.abort_all();
     Ok(slots.into_iter().map(|s| s.expect("all filled")).collect())
 }
 
@@ -861,4 +951,62 @@ async fn next_input(
         return std::future::pending().await;
     }
     futures::future::select_all(futures).await.0
+}
+
+#[cfg(test)]
+mod data_port_tests {
+    use super::*;
+
+    fn id(s: &str) -> WorkerId {
+        WorkerId::new(s).expect("worker id")
+    }
+
+    /// A data port takes only the input that proves the attempt's key;
+    /// garbage, a silent peer and a stranger with a wrong key neither fill
+    /// the slot nor end the wait, and their bytes never reach the operator.
+    #[tokio::test]
+    async fn test_data_port_accepts_only_proven_inputs_and_survives_strangers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (me, up) = (id("sink-0"), id("count-0"));
+        let key = vec![5u8; 32];
+        let accept = tokio::spawn(accept_inputs(
+            listener,
+            vec![up.clone()],
+            me.clone(),
+            Some(key.clone()),
+        ));
+        let mut garbage = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        garbage
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let _silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let stranger = connect_output(&up, &me, addr, Some(&[9u8; 32]))
+            .await
+            .expect("the stranger's side cannot tell");
+        let _ = stranger.send(DataMsg::Barrier(CheckpointId(99))).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !accept.is_finished(),
+            "strangers neither fill the slot nor end the wait"
+        );
+
+        let real = connect_output(&up, &me, addr, Some(&key))
+            .await
+            .expect("connect");
+        let mut inputs = tokio::time::timeout(Duration::from_secs(5), accept)
+            .await
+            .expect("the real input is accepted")
+            .expect("task")
+            .expect("accept");
+        real.send(DataMsg::End).await.expect("send");
+        let first = tokio::time::timeout(Duration::from_secs(5), inputs[0].recv())
+            .await
+            .expect("a message");
+        assert!(
+            matches!(first, Some(Ok(DataMsg::End))),
+            "only the real sender's bytes: {first:?}"
+        );
+    }
 }

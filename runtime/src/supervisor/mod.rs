@@ -155,6 +155,8 @@ struct Shell {
     addr: SocketAddr,
     /// The credential of each process spawned and not yet connected.
     tokens: HashMap<(WorkerId, u64, Slot), String>,
+    /// Each attempt's data-channel key, by its epoch.
+    channel_keys: HashMap<Epoch, String>,
 }
 
 impl Shell {
@@ -226,6 +228,7 @@ impl Shell {
             storage,
             addr,
             tokens: HashMap::new(),
+            channel_keys: HashMap::new(),
             run,
         };
         let actions = ctl.start(clock.now());
@@ -411,7 +414,8 @@ impl Shell {
                     let Some(w) = self.run.spec_worker(&worker) else {
                         continue;
                     };
-                    let a = Box::new(self.assignment(&w, epoch, restore, &host));
+                    let key = self.channel_key(epoch);
+                    let a = Box::new(self.assignment(&w, epoch, restore, &host, key));
                     let msg = if standby {
                         ToWorker::Standby(a)
                     } else {
@@ -445,6 +449,19 @@ impl Shell {
         }
     }
 
+    /// The data-channel key of the attempt running under `epoch`: one per
+    /// attempt, so a worker of an older attempt cannot feed a newer one.
+    fn channel_key(&mut self, epoch: Epoch) -> String {
+        self.channel_keys
+            .entry(epoch)
+            .or_insert_with(|| {
+                let a = random_token().unwrap_or_default();
+                let b = random_token().unwrap_or_default();
+                format!("{a}{b}")
+            })
+            .clone()
+    }
+
     /// The assignment of `w` under `epoch` restoring `restore`, on `host`.
     fn assignment(
         &self,
@@ -452,6 +469,7 @@ impl Shell {
         epoch: Epoch,
         restore: Option<CheckpointId>,
         host: &str,
+        channel_key: String,
     ) -> Assignment {
         let spec = &self.run.spec;
         let mut params = spec.params();
@@ -473,6 +491,7 @@ impl Shell {
             cache_dir: self.fleet.cache_dir(host),
             heartbeat_ms: spec.job.heartbeat_interval.as_millis() as u64,
             codec: spec.checkpoint.codec,
+            channel_key: Some(channel_key),
         }
     }
 }
