@@ -254,6 +254,18 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, SecurityError>
     })
 }
 
+/// When `cert` expires, in seconds since the Unix epoch.
+pub fn not_after_unix(cert: &CertificateDer<'_>) -> Result<i64, SecurityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| SecurityError::Invalid(format!("unreadable certificate: {e}")))?;
+    Ok(parsed.validity().not_after.timestamp())
+}
+
+/// Days from now until `not_after` (a Unix time); negative once past.
+pub fn days_left(not_after: i64) -> i64 {
+    (not_after - time::OffsetDateTime::now_utc().unix_timestamp()).div_euclid(86400)
+}
+
 /// How long until `cert` expires (zero if it has).
 pub fn expires_in(cert: &CertificateDer<'_>) -> Result<Duration, SecurityError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())

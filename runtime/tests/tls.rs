@@ -139,6 +139,17 @@ async fn test_agents_register_only_as_their_certificate_says() {
     let reply = register(&h1, sup.addr, "h1").await.expect("an answer");
     assert!(matches!(reply, SupervisorMsg::Welcome { .. }), "{reply:?}");
     assert_eq!(hosts(root.path(), sup.addr).await, vec!["h1".to_string()]);
+    // Status carries the agent certificate's expiry and warns within 30 days
+    // (these test certificates are valid for 30 days).
+    let report = client::status(&dialer(&root.path().join("op")), sup.addr)
+        .await
+        .expect("status");
+    assert_eq!(report.hosts[0].cert_expires_in_days, Some(30));
+    let text = client::render(&report);
+    assert!(
+        text.contains("warning: the certificate of agent h1 expires in 30 days"),
+        "{text}"
+    );
     let _ = sup.stop.send(true);
 }
 

@@ -107,6 +107,15 @@ pub fn render(s: &StatusReport) -> String {
             h.last_heartbeat_ms
         );
     }
+    for h in &s.hosts {
+        if let Some(days) = h.cert_expires_in_days.filter(|d| *d <= 30) {
+            let _ = writeln!(
+                out,
+                "warning: the certificate of agent {} expires in {days} days; issue a new one (lazarus cert issue) and restart the agent",
+                h.name
+            );
+        }
+    }
     for j in &s.jobs {
         let _ = writeln!(
             out,

@@ -173,7 +173,7 @@ async fn connection(
     opts: std::sync::Arc<ServerOptions>,
     jobs: TaskTracker,
 ) -> anyhow::Result<()> {
-    let (mut read, mut write, identity) = match opts.acceptor.accept(stream, peer).await {
+    let (mut read, mut write, peer_cert) = match opts.acceptor.accept(stream, peer).await {
         Ok(c) => c,
         Err(e) => {
             // No certificate, another CA, expired, garbage, too slow: the
@@ -187,6 +187,8 @@ async fn connection(
             .await
             .context("no first message within 10 s")??
             .context("closed before the first message")?;
+    let identity = peer_cert.as_ref().map(|p| p.identity.clone());
+    let not_after = peer_cert.and_then(|p| p.not_after);
     if let Ok(AgentMsg::Register { name, state_dir }) = serde_json::from_value(first.clone()) {
         // An agent registers only under the name its certificate carries.
         if let Some(id) = identity
@@ -200,7 +202,7 @@ async fn connection(
             protocol::write_control(&mut write, &SupervisorMsg::Refused { reason }).await?;
             return Ok(());
         }
-        return agent_session(name, state_dir, peer.ip(), read, write, cluster).await;
+        return agent_session(name, state_dir, peer.ip(), not_after, read, write, cluster).await;
     }
     let reply = match serde_json::from_value::<ClientRequest>(first) {
         Ok(req) => match authorize(identity.as_ref(), &req) {
@@ -222,6 +224,7 @@ async fn agent_session(
     name: String,
     state_dir: PathBuf,
     addr: IpAddr,
+    not_after: Option<i64>,
     mut read: BoxRead,
     mut write: BoxWrite,
     cluster: Cluster,
@@ -250,7 +253,11 @@ async fn agent_session(
             renew_ms: c.config.lease.renew_every.as_millis() as u64,
         };
         let _ = tx.send(welcome);
-        c.register(&name, addr, state_dir, tx.clone())
+        let conn = c.register(&name, addr, state_dir, tx.clone());
+        if let Some(h) = c.hosts.get_mut(&name) {
+            h.cert_not_after = not_after;
+        }
+        conn
     };
     let reader = async {
         loop {

@@ -33,6 +33,8 @@ pub struct Host {
     pub last_heard: Duration,
     /// False once declared lost; a lost host must register again.
     pub alive: bool,
+    /// When its agent certificate expires (Unix time), on a TLS port.
+    pub cert_not_after: Option<i64>,
 }
 
 /// A running job.
@@ -147,6 +149,7 @@ impl ClusterState {
                 conn,
                 last_heard: now,
                 alive: true,
+                cert_not_after: None,
             },
         );
         if replaced.is_some_and(|h| h.alive) {
@@ -351,6 +354,7 @@ impl ClusterState {
                     addr: h.addr.to_string(),
                     alive: h.alive,
                     last_heartbeat_ms: now.saturating_sub(h.last_heard).as_millis() as u64,
+                    cert_expires_in_days: h.cert_not_after.map(crate::security::days_left),
                 })
                 .collect(),
             jobs: self

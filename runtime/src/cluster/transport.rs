@@ -13,7 +13,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-use crate::security::{identity_of, supervisor_server_name, Identity};
+use crate::security::{identity_of, not_after_unix, supervisor_server_name, Identity};
+
+/// A peer of the control port, as its certificate describes it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Who it is.
+    pub identity: Identity,
+    /// When its certificate expires (Unix time).
+    pub not_after: Option<i64>,
+}
 
 /// A connection's read half.
 pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
@@ -69,13 +78,13 @@ impl Acceptor {
         Acceptor::Tls(tokio_rustls::TlsAcceptor::from(config))
     }
 
-    /// Completes the handshake: the halves, and the peer's identity (None
-    /// on a plain port).
+    /// Completes the handshake: the halves, and the peer's identity with
+    /// its certificate's expiry (None on a plain port).
     pub async fn accept(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-    ) -> Result<(BoxRead, BoxWrite, Option<Identity>), TransportError> {
+    ) -> Result<(BoxRead, BoxWrite, Option<Peer>), TransportError> {
         stream.set_nodelay(true)?;
         match self {
             Acceptor::Plain => {
@@ -94,8 +103,11 @@ impl Acceptor {
                     .and_then(|c| c.first())
                     .cloned();
                 let identity = match cert {
-                    Some(c) => identity_of(&c)
-                        .map_err(|error| TransportError::NoIdentity { peer, error })?,
+                    Some(c) => Peer {
+                        identity: identity_of(&c)
+                            .map_err(|error| TransportError::NoIdentity { peer, error })?,
+                        not_after: not_after_unix(&c).ok(),
+                    },
                     None => {
                         return Err(TransportError::NoIdentity {
                             peer,

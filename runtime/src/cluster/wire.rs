@@ -320,6 +320,10 @@ pub struct HostStatus {
     pub alive: bool,
     /// Since the last heartbeat, ms.
     pub last_heartbeat_ms: u64,
+    /// Days until its agent certificate expires (TLS only; negative once
+    /// past).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_expires_in_days: Option<i64>,
 }
 
 /// One job.
