@@ -355,6 +355,21 @@ impl TlsMaterial {
         Ok(Arc::new(config))
     }
 
+    /// The server side of a job's control port: workers check this
+    /// certificate against the cluster CA and prove themselves inside the
+    /// channel with their one-time credential (they hold no certificate).
+    pub fn worker_server_config(&self) -> Result<Arc<rustls::ServerConfig>, SecurityError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = |e: rustls::Error| SecurityError::Invalid(format!("TLS configuration: {e}"));
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(tls)?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(tls)?;
+        Ok(Arc::new(config))
+    }
+
     /// The client side: trusts the cluster CA only and presents this
     /// side's certificate.
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, SecurityError> {

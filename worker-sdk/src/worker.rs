@@ -114,6 +114,8 @@ struct WorkerEnv {
     standby: bool,
     /// This process's credential toward the supervisor.
     token: Option<String>,
+    /// The cluster CA (`LAZARUS_CA`): connect to the supervisor over TLS.
+    ca: Option<std::path::PathBuf>,
 }
 
 impl WorkerEnv {
@@ -134,6 +136,7 @@ impl WorkerEnv {
         };
         let standby = std::env::var("LAZARUS_STANDBY").is_ok_and(|v| v == "1");
         let token = std::env::var("LAZARUS_TOKEN").ok();
+        let ca = std::env::var_os("LAZARUS_CA").map(std::path::PathBuf::from);
         Ok(WorkerEnv {
             supervisor,
             worker,
@@ -141,6 +144,7 @@ impl WorkerEnv {
             bind_ip,
             standby,
             token,
+            ca,
         })
     }
 }
@@ -173,12 +177,55 @@ struct UploadJob {
     pause: Duration,
 }
 
-async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
+/// The control connection's read half (plain TCP, or TLS on a cluster).
+type CtlRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+
+/// Connects to the supervisor. With `LAZARUS_CA` (a cluster with TLS) the
+/// connection is TLS, and the supervisor must prove the name
+/// `supervisor.lazarus` with a certificate from that CA; this process then
+/// proves itself inside it with its one-time credential.
+async fn connect_supervisor(
+    env: &WorkerEnv,
+) -> Result<(CtlRead, Box<dyn tokio::io::AsyncWrite + Unpin + Send>)> {
     let stream = TcpStream::connect(env.supervisor)
         .await
         .map_err(|e| format!("connect to supervisor {}: {e}", env.supervisor))?;
     stream.set_nodelay(true)?;
-    let (mut ctl_read, mut ctl_write) = stream.into_split();
+    let Some(ca) = &env.ca else {
+        let (r, w) = stream.into_split();
+        return Ok((Box::new(r), Box::new(w)));
+    };
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("LAZARUS_CA {}: {e}", ca.display()))?
+    {
+        roots
+            .add(cert.map_err(|e| format!("LAZARUS_CA {}: {e}", ca.display()))?)
+            .map_err(|e| format!("LAZARUS_CA {}: {e}", ca.display()))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("supervisor.lazarus")
+        .map_err(|e| format!("TLS name: {e}"))?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, stream),
+    )
+    .await
+    .map_err(|_| "TLS handshake with the supervisor did not finish within 5 s")?
+    .map_err(|e| format!("TLS handshake with the supervisor {}: {e}", env.supervisor))?;
+    let (r, w) = tokio::io::split(tls);
+    Ok((Box::new(r), Box::new(w)))
+}
+
+async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
+    let (mut ctl_read, mut ctl_write) = connect_supervisor(&env).await?;
     let (to_sup, mut to_sup_rx) = mpsc::unbounded_channel::<ToSupervisor>();
     let control_writer = tokio::spawn(async move {
         while let Some(msg) = to_sup_rx.recv().await {
@@ -250,7 +297,7 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
 /// disk. Returns the assignment that promotes it, or `None` on shutdown.
 async fn follow(
     standby: Assignment,
-    ctl_read: &mut tokio::net::tcp::OwnedReadHalf,
+    ctl_read: &mut CtlRead,
     to_sup: &mpsc::UnboundedSender<ToSupervisor>,
 ) -> Result<Option<Assignment>> {
     let store = CheckpointStore::open(&standby.store)?;

@@ -737,6 +737,65 @@ fn test_no_gratuitous_arp_leaves_a_host_after_it_released_the_vip() {
         "{other} took the VIP\n{}",
         c.logs()
     );
+    // The job's control port speaks TLS: the new primary holds the cluster
+    // CA, and a handshake against the port verifies the supervisor's
+    // certificate with it (a plaintext port completes no handshake).
+    let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(other));
+    let pid = pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip])[0];
+    let env = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let var = |k: &str| {
+        env.split(|b| *b == 0)
+            .map(|kv| String::from_utf8_lossy(kv).to_string())
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(str::to_string))
+    };
+    let ca = var("LAZARUS_CA").expect("workers get the cluster CA");
+    let job_port: SocketAddr = var("LAZARUS_SUPERVISOR")
+        .expect("addr")
+        .parse()
+        .expect("addr");
+    let handshake = c
+        .bed
+        .in_host("cl", move || {
+            use tokio_rustls::rustls;
+            use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls::pki_types::CertificateDer::pem_file_iter(&ca).expect("ca") {
+                    roots.add(cert.expect("cert")).expect("root");
+                }
+                let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .expect("versions")
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                let name =
+                    rustls::pki_types::ServerName::try_from("supervisor.lazarus").expect("name");
+                let tcp = tokio::net::TcpStream::connect(job_port)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                        .connect(name, tcp),
+                )
+                .await
+                .map_err(|_| "timeout".to_string())?
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            })
+        })
+        .join()
+        .expect("client");
+    assert_eq!(
+        handshake,
+        Ok(()),
+        "the job port speaks TLS with the supervisor's certificate"
+    );
     let capture = capture_arp(
         &c,
         "cl",

@@ -70,10 +70,17 @@ fn test_wordcount_across_three_hosts_survives_host_loss() {
     let j = cluster::job(&done, "wordcount").expect("job");
     assert_eq!(j["state"], "finished", "{j}\n{}", c.logs());
     assert!(j["restarts"].as_u64().is_some_and(|r| r >= 1), "{j}");
+    // The loss is what the job recovered from. Under load a later,
+    // transient failure of the recovery (another host briefly missing
+    // heartbeats) can be the last one in status; the supervisor's log keeps
+    // every cause.
     let failure = j["last_failure"].as_str().unwrap_or("");
+    let sup_log = c.sup.as_ref().map(|p| p.log_text()).unwrap_or_default();
+    let lost = format!("host {victim} lost");
     assert!(
-        failure.contains(&format!("host {victim} lost")),
-        "{failure}"
+        failure.contains(&lost) || sup_log.contains(&lost),
+        "{failure}\n{}",
+        c.logs()
     );
     for w in j["workers"].as_array().expect("workers") {
         assert_ne!(w["primary"].as_str(), Some(victim.as_str()), "{w}");

@@ -230,9 +230,12 @@ pub async fn supervisor(args: &SupervisorArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| PathBuf::from(".lazarus/supervisor"));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    let acceptor = match daemon_tls(&args.tls, Role::Supervisor, None)? {
-        Some(m) => Acceptor::tls(m.server_config()?),
-        None => Acceptor::Plain,
+    let (acceptor, job_tls) = match daemon_tls(&args.tls, Role::Supervisor, None)? {
+        Some(m) => (
+            Acceptor::tls(m.server_config()?),
+            Some(m.worker_server_config()?),
+        ),
+        None => (Acceptor::Plain, None),
     };
     serve(
         ServerOptions {
@@ -241,6 +244,7 @@ pub async fn supervisor(args: &SupervisorArgs) -> anyhow::Result<ExitCode> {
             config,
             state_dir,
             acceptor,
+            job_tls,
         },
         stop_on_signals(),
         None,
@@ -274,9 +278,9 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
             "warning: no allowed_vips in the agent config: this agent holds any VIP a job names"
         );
     }
-    let dialer = match daemon_tls(&args.tls, Role::Agent, Some(&args.name))? {
-        Some(m) => Dialer::tls(m.client_config()?),
-        None => Dialer::Plain,
+    let (dialer, ca_file) = match daemon_tls(&args.tls, Role::Agent, Some(&args.name))? {
+        Some(m) => (Dialer::tls(m.client_config()?), Some(m.dir.join("ca.pem"))),
+        None => (Dialer::Plain, None),
     };
     run_agent(
         AgentOptions {
@@ -287,6 +291,7 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
             bind_ip: config.bind_ip,
             dialer,
             allow,
+            ca_file,
         },
         stop_on_signals(),
     )

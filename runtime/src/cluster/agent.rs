@@ -51,6 +51,9 @@ pub struct AgentOptions {
     pub dialer: Dialer,
     /// What this agent agrees to run and hold.
     pub allow: AllowList,
+    /// The cluster CA (on a TLS cluster): workers connect to their job's
+    /// port over TLS and check the supervisor against it.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `lazarus agent --config FILE`: every field optional, unknown fields are
@@ -613,6 +616,9 @@ impl AgentState {
             };
             let bind = self.opts.bind_ip.unwrap_or(local_ip);
             agent.set_env("LAZARUS_BIND_IP", &bind.to_string());
+            if let Some(ca) = &self.opts.ca_file {
+                agent.set_env("LAZARUS_CA", &ca.display().to_string());
+            }
             self.jobs.insert(job.clone(), agent);
         }
         self.jobs.get_mut(job)

@@ -43,6 +43,8 @@ pub struct ServerOptions {
     pub state_dir: PathBuf,
     /// Mutual TLS, or plain TCP for test setups.
     pub acceptor: Acceptor,
+    /// TLS for jobs' control ports (workers), on a TLS cluster.
+    pub job_tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// Runs the supervisor until `stop` turns true. `ready` gets the bound
@@ -462,9 +464,10 @@ fn submit(
     };
     let fleet = Box::new(ClusterFleet::new(job.clone(), cluster.clone(), binary));
     let control_ip = opts.listen.ip();
+    let job_tls = opts.job_tls.clone();
     let j = job.clone();
     let task = jobs.spawn(async move {
-        match supervisor::run_job(run, fleet, events_rx, control_ip, status, stop_rx).await {
+        match supervisor::run_job(run, fleet, events_rx, control_ip, job_tls, status, stop_rx).await {
             Ok(summary) => {
                 tracing::info!(job = %j, state = ?summary.state, committed = summary.committed, restarts = summary.restarts, "job ended")
             }

@@ -96,6 +96,7 @@ pub async fn run_local(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Re
         Box::new(LocalFleet(table)),
         events,
         IpAddr::V4(Ipv4Addr::LOCALHOST),
+        None,
         status,
         stop,
     )
@@ -109,14 +110,23 @@ pub async fn run_job(
     fleet: Box<dyn Fleet>,
     events: mpsc::UnboundedReceiver<FleetEvent>,
     control_ip: IpAddr,
+    control_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     status: JobStatusCell,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<RunSummary> {
     let job = run.spec.job_id();
     let span = tracing::info_span!("job", %job);
-    let result = Shell::run(run, fleet, events, control_ip, status.clone(), stop)
-        .instrument(span)
-        .await;
+    let result = Shell::run(
+        run,
+        fleet,
+        events,
+        control_ip,
+        control_tls,
+        status.clone(),
+        stop,
+    )
+    .instrument(span)
+    .await;
     if let Err(e) = &result {
         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
         st.state = JobStateKind::Failed;
@@ -165,6 +175,7 @@ impl Shell {
         fleet: Box<dyn Fleet>,
         mut events: mpsc::UnboundedReceiver<FleetEvent>,
         control_ip: IpAddr,
+        control_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
         status: JobStatusCell,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<RunSummary> {
@@ -202,6 +213,7 @@ impl Shell {
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel();
         tracker.spawn(accept_loop(
             listener,
+            control_tls.map(tokio_rustls::TlsAcceptor::from),
             conn_tx,
             tracker.clone(),
             cancel.child_token(),
@@ -538,6 +550,7 @@ fn print_status_line(ctl: &JobController, started: Stopwatch, last: &mut (Stopwa
 /// instead of spinning.
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     events: mpsc::UnboundedSender<ConnEvent>,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -573,11 +586,11 @@ async fn accept_loop(
             }
         };
         let conn = ConnId(next_conn.fetch_add(1, Ordering::Relaxed));
-        let (events, cancel) = (events.clone(), cancel.clone());
+        let (events, cancel, tls) = (events.clone(), cancel.clone(), tls.clone());
         tracker.spawn(async move {
             let _permit = permit;
             tokio::select! {
-                _ = connection(conn, stream, events) => {}
+                _ = connection(conn, stream, tls, events) => {}
                 _ = cancel.cancelled() => {}
             }
         });
@@ -590,10 +603,39 @@ async fn accept_loop(
 async fn connection(
     conn: ConnId,
     stream: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     events: mpsc::UnboundedSender<ConnEvent>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut read, mut write) = stream.into_split();
+    type Read = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+    type Write = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+    let (mut read, mut write): (Read, Write) = match tls {
+        None => {
+            let (r, w) = stream.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        // On a cluster with TLS: the supervisor's certificate; the worker
+        // proves itself inside with its one-time credential.
+        Some(acceptor) => {
+            match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => {
+                    let (r, w) = tokio::io::split(s);
+                    (Box::new(r), Box::new(w))
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(?conn, error = %e, "job control connection refused: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        ?conn,
+                        "job control connection refused: no TLS handshake in time"
+                    );
+                    return;
+                }
+            }
+        }
+    };
     let hello = tokio::time::timeout(
         HELLO_TIMEOUT,
         protocol::read_control::<_, ToSupervisor>(&mut read),
