@@ -884,3 +884,91 @@ fn test_agents_refuse_binaries_and_vips_outside_their_allow_lists() {
         assert!(!c.bed.holds("a", VIP4) && !c.bed.holds("b", VIP4));
     }
 }
+
+/// The rogue-agent story on the namespace LAN: a further host runs
+/// `lazarus agent` with a certificate from another CA. The supervisor
+/// refuses it at the handshake and logs why; it never becomes a host, is
+/// never placed work and never holds the VIP, while the real agents (the
+/// positive control) serve the job.
+#[test]
+fn test_a_rogue_agent_is_refused_at_the_first_step() {
+    let config = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n";
+    let c = LzCluster::start("kvrogue", &["a", "b"], &["r"], config);
+    let lazarus = cluster::bin_dir().join("lazarus");
+    let lz = lazarus.to_str().expect("utf-8");
+    let path = |p: &str| c.dir.path().join(p).to_str().expect("utf-8").to_string();
+    for args in [
+        vec!["ca", "init", &path("rogue-ca")],
+        vec![
+            "cert",
+            "issue",
+            "--ca",
+            &path("rogue-ca"),
+            "--role",
+            "agent",
+            "--name",
+            "r",
+            "--out",
+            &path("rogue-r"),
+        ],
+    ] {
+        let out = std::process::Command::new(lz)
+            .args(&args)
+            .output()
+            .expect("lazarus");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rogue_log = c.dir.path().join("rogue.log");
+    let _rogue = c.bed.spawn(
+        "r",
+        &lazarus,
+        &[
+            "agent",
+            "--name",
+            "r",
+            "--supervisor",
+            &c.addr,
+            "--iface",
+            "eth0",
+            "--state-dir",
+            &path("rogue-state"),
+            "--tls",
+            &path("rogue-r"),
+        ],
+        &[("LAZARUS_LOG", "info")],
+        &rogue_log,
+    );
+    c.submit(&spec(c.dir.path(), "hot"), &[]);
+    let st = c.wait(
+        "kv serving with a following standby",
+        Duration::from_secs(30),
+        |st| {
+            cluster::worker(st, "kv", "kv-0")
+                .is_some_and(|w| w["running"] == true && !w["standby_checkpoint"].is_null())
+                && cluster::vip(st, "198.18.0.100/24").is_some_and(|v| v["holder"].is_string())
+        },
+    );
+    let hosts: Vec<&str> = st["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .filter_map(|h| h["name"].as_str())
+        .collect();
+    assert_eq!(hosts, vec!["a", "b"], "the rogue never became a host");
+    let w = cluster::worker(&st, "kv", "kv-0").expect("worker");
+    assert_ne!(w["primary"], "r");
+    assert_ne!(w["standby"], "r");
+    assert!(!c.bed.holds("r", VIP4));
+    let sup_log = c.sup.as_ref().map(|p| p.log_text()).unwrap_or_default();
+    let rogue_ip = c.bed.ip("r");
+    assert!(
+        sup_log.lines().any(|l| l.contains("connection refused")
+            && l.contains(&rogue_ip)
+            && l.contains("TLS handshake")),
+        "the supervisor logs why it refused {rogue_ip}:\n{sup_log}"
+    );
+}
