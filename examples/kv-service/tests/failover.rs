@@ -56,6 +56,26 @@ fn spec(dir: &std::path::Path, standby: &str) -> PathBuf {
     path
 }
 
+/// Waits (bounded) until kv-0 serves with a following hot standby and the
+/// VIP held; returns the status, the VIP holder and the other host.
+fn serving_with_standby(c: &LzCluster) -> (serde_json::Value, String, &'static str) {
+    let st = c.wait(
+        "kv serving on its VIP with a following standby",
+        Duration::from_secs(30),
+        |st| {
+            cluster::worker(st, "kv", "kv-0")
+                .is_some_and(|w| w["running"] == true && !w["standby_checkpoint"].is_null())
+                && cluster::vip(st, "198.18.0.100/24").is_some_and(|v| v["holder"].is_string())
+        },
+    );
+    let old = cluster::vip(&st, "198.18.0.100/24").expect("vip")["holder"]
+        .as_str()
+        .expect("holder")
+        .to_string();
+    let other = if old == "a" { "b" } else { "a" };
+    (st, old, other)
+}
+
 /// PUT until acknowledged (bounded: `limit`). Returns whether it was.
 fn put_acked(addr: SocketAddr, key: &str, value: &str, limit: Duration) -> bool {
     let start = Instant::now();
@@ -612,20 +632,7 @@ fn test_agent_shutdown_hands_over_without_lease_wait() {
     let config = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n";
     let c = LzCluster::start("kvterm", &["a", "b"], &["cl"], config);
     c.submit(&spec(c.dir.path(), "hot"), &[]);
-    let st = c.wait(
-        "kv running with a following standby",
-        Duration::from_secs(30),
-        |st| {
-            cluster::worker(st, "kv", "kv-0")
-                .is_some_and(|w| w["running"] == true && !w["standby_checkpoint"].is_null())
-                && cluster::vip(st, "198.18.0.100/24").is_some_and(|v| v["holder"].is_string())
-        },
-    );
-    let old = cluster::vip(&st, "198.18.0.100/24").expect("vip")["holder"]
-        .as_str()
-        .expect("holder")
-        .to_string();
-    let other = if old == "a" { "b" } else { "a" };
+    let (_, old, other) = serving_with_standby(&c);
     let idx = c.agent_names.iter().position(|n| *n == old).expect("agent");
     let start = Instant::now();
     let mut agents = c.agents.iter().collect::<Vec<_>>();
@@ -709,20 +716,7 @@ fn test_no_gratuitous_arp_leaves_a_host_after_it_released_the_vip() {
     let config = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n[garp]\ncount = 80\ndelay = \"50ms\"\n";
     let c = LzCluster::start("kvgarp", &["a", "b"], &["cl"], config);
     c.submit(&spec(c.dir.path(), "hot"), &[]);
-    let st = c.wait(
-        "kv serving on its VIP with a standby",
-        Duration::from_secs(30),
-        |st| {
-            cluster::worker(st, "kv", "kv-0")
-                .is_some_and(|w| w["running"] == true && !w["standby_checkpoint"].is_null())
-                && cluster::vip(st, "198.18.0.100/24").is_some_and(|v| v["holder"].is_string())
-        },
-    );
-    let old = cluster::vip(&st, "198.18.0.100/24").expect("vip")["holder"]
-        .as_str()
-        .expect("holder")
-        .to_string();
-    let other = if old == "a" { "b" } else { "a" };
+    let (_, old, other) = serving_with_standby(&c);
     // Fail over to `other`: it takes the VIP and starts a 4 s burst.
     let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(&old));
     let pids = pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip]);
@@ -943,15 +937,7 @@ fn test_a_rogue_agent_is_refused_at_the_first_step() {
         &rogue_log,
     );
     c.submit(&spec(c.dir.path(), "hot"), &[]);
-    let st = c.wait(
-        "kv serving with a following standby",
-        Duration::from_secs(30),
-        |st| {
-            cluster::worker(st, "kv", "kv-0")
-                .is_some_and(|w| w["running"] == true && !w["standby_checkpoint"].is_null())
-                && cluster::vip(st, "198.18.0.100/24").is_some_and(|v| v["holder"].is_string())
-        },
-    );
+    let (st, _, _) = serving_with_standby(&c);
     let hosts: Vec<&str> = st["hosts"]
         .as_array()
         .expect("hosts")

@@ -461,15 +461,7 @@ impl World {
             // A host crashes: its processes die unseen; the loss is
             // detected a host timeout later.
             48..=62 => {
-                let up: Vec<String> = self
-                    .hosts
-                    .iter()
-                    .filter(|(_, a)| **a)
-                    .map(|(h, _)| h.clone())
-                    .collect();
-                if up.len() > 1 {
-                    let h = up[self.rng.below(up.len() as u64) as usize].clone();
-                    self.hosts.insert(h.clone(), false);
+                if let Some(h) = self.take_down_a_host() {
                     for p in self.procs.values_mut().filter(|p| p.host == h) {
                         p.alive = false;
                     }
@@ -480,15 +472,7 @@ impl World {
             // A host is cut off: its processes run on, unheard and unreached,
             // until its agent fences them one lease later.
             78..=85 => {
-                let up: Vec<String> = self
-                    .hosts
-                    .iter()
-                    .filter(|(_, a)| **a)
-                    .map(|(h, _)| h.clone())
-                    .collect();
-                if up.len() > 1 {
-                    let h = up[self.rng.below(up.len() as u64) as usize].clone();
-                    self.hosts.insert(h.clone(), false);
+                if let Some(h) = self.take_down_a_host() {
                     let d = self.rng.between(20, 60);
                     self.at(d, Event::DetectLoss(h.clone()));
                     let f = self.rng.between(100, 200);
@@ -533,6 +517,22 @@ impl World {
             }
             _ => {}
         }
+    }
+
+    /// Marks a random up host down, if at least one other stays up.
+    fn take_down_a_host(&mut self) -> Option<String> {
+        let up: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(_, a)| **a)
+            .map(|(h, _)| h.clone())
+            .collect();
+        if up.len() < 2 {
+            return None;
+        }
+        let h = up[self.rng.below(up.len() as u64) as usize].clone();
+        self.hosts.insert(h.clone(), false);
+        Some(h)
     }
 
     fn apply(&mut self, actions: Vec<Action>) {
