@@ -18,9 +18,14 @@ WORK=$(mktemp -d)
 TAG=lzdemo$$
 PIDS=()
 cleanup() {
+    # PIDS holds the background shells; the lazarus processes they started
+    # carry $WORK on their command line. TERM first (agents stop their
+    # workers and release VIPs), then KILL what is left.
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    pkill -TERM -f -- "$WORK" 2>/dev/null || true
     sleep 0.5
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    pkill -KILL -f -- "$WORK" 2>/dev/null || true
     for h in br sup a b cl; do ip netns del "$TAG$h" 2>/dev/null || true; done
     rm -rf "$WORK"
 }
