@@ -244,7 +244,7 @@ impl Shell {
             run,
         };
         let actions = ctl.start(clock.now());
-        shell.apply(&ctl, actions);
+        shell.apply(actions);
         publish(&status, &ctl);
 
         let spec = &shell.run.spec;
@@ -289,7 +289,7 @@ impl Shell {
                 }
             };
             let actions = ctl.handle(clock.now(), fact);
-            shell.apply(&ctl, actions);
+            shell.apply(actions);
             publish(&status, &ctl);
         }
 
@@ -304,7 +304,7 @@ impl Shell {
                 _ = tokio::time::sleep_until(deadline) => break,
             };
             let actions = ctl.handle(clock.now(), fact);
-            shell.apply(&ctl, actions);
+            shell.apply(actions);
         }
         // Connections and the accept loop end now; the storage task ends
         // once its queue is empty (its sender is dropped with the shell).
@@ -331,6 +331,14 @@ impl Shell {
         match ev {
             FleetEvent::Exited(e) => {
                 self.fleet.reap(&e);
+                // A process that ended before its hello takes its
+                // credential with it.
+                let slot = if e.standby {
+                    Slot::Standby
+                } else {
+                    Slot::Primary
+                };
+                self.tokens.remove(&(e.worker.clone(), e.attempt, slot));
                 Fact::Exited(e)
             }
             FleetEvent::HostLost(h) => Fact::HostLost(h),
@@ -387,7 +395,7 @@ impl Shell {
 
     /// Carries out the controller's actions. Each is a send, a signal or a
     /// queued storage request: nothing here waits.
-    fn apply(&mut self, ctl: &JobController, actions: Vec<Action>) {
+    fn apply(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::Spawn {
@@ -449,7 +457,6 @@ impl Shell {
                     if self.run.status_every.is_some() {
                         eprintln!("[lazarus] failure: {why}; restarting from the last committed checkpoint in {backoff:?}");
                     }
-                    let _ = ctl;
                 }
             }
         }
