@@ -12,6 +12,8 @@
 # against an independent count, and lists and verifies the checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/protoc.sh
+ensure_protoc
 cargo build --release --quiet -p lazarus -p wordcount
 BIN=target/release
 DIR=target/wordcount

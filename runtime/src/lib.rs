@@ -15,6 +15,7 @@
 //! | `fleet` | where a job's processes run: the local agent or the cluster's agents |
 //! | `placement` | which host runs each primary and standby (pure) |
 //! | `cluster` | several hosts: `lazarus supervisor`, `agent`, `submit`, `status`; leases and host loss |
+//! | `ha` | supervisor high availability on etcd: election, term, job records |
 //! | `vip` | the service VIP on this host: netlink add/remove, gratuitous ARP and unsolicited NA bursts |
 //! | `security` | the cluster CA, certificates with one identity each (role and name), mutual TLS configurations |
 //! | `clock` | time: the `Clock` trait, the real and the manual clock; the only reader of `Instant::now` |
@@ -28,6 +29,7 @@ pub mod clock;
 pub mod cluster;
 pub mod coordinator;
 pub mod fleet;
+pub mod ha;
 pub mod lease;
 pub mod placement;
 pub mod procs;

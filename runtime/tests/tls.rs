@@ -63,6 +63,8 @@ async fn supervisor(root: &Path) -> Sup {
         state_dir: dir.path().join("state"),
         acceptor: Acceptor::tls(m.server_config().expect("server config")),
         job_tls: Some(m.worker_server_config().expect("worker config")),
+        ha: None,
+        forward: Dialer::Plain,
     };
     tokio::spawn(async move { serve(opts, stop_rx, Some(ready)).await });
     Sup {
@@ -99,7 +101,7 @@ async fn register(d: &Dialer, addr: SocketAddr, name: &str) -> Result<Supervisor
 }
 
 async fn hosts(root: &Path, addr: SocketAddr) -> Vec<String> {
-    client::status(&dialer(&root.join("op")), addr)
+    client::status(&dialer(&root.join("op")), &[addr])
         .await
         .expect("operator reads status")
         .hosts
@@ -142,7 +144,7 @@ async fn test_agents_register_only_as_their_certificate_says() {
     assert_eq!(hosts(root.path(), sup.addr).await, vec!["h1".to_string()]);
     // Status carries the agent certificate's expiry and warns within 30 days
     // (these test certificates are valid for 30 days).
-    let report = client::status(&dialer(&root.path().join("op")), sup.addr)
+    let report = client::status(&dialer(&root.path().join("op")), &[sup.addr])
         .await
         .expect("status");
     // 30 days, or 29 if a second boundary passed since it was issued.
@@ -203,7 +205,7 @@ async fn test_no_certificate_another_ca_or_expired_gets_nothing() {
 
     // Nobody joined; status without a certificate gets nothing either.
     assert!(hosts(root.path(), sup.addr).await.is_empty());
-    assert!(client::status(&Dialer::Plain, sup.addr).await.is_err());
+    assert!(client::status(&Dialer::Plain, &[sup.addr]).await.is_err());
     let _ = sup.stop.send(true);
 }
 
@@ -213,11 +215,11 @@ async fn test_viewer_reads_status_and_cannot_submit_or_stop() {
     pki(root.path());
     let sup = supervisor(root.path()).await;
     let viewer = dialer(&root.path().join("viewer"));
-    client::status(&viewer, sup.addr)
+    client::status(&viewer, &[sup.addr])
         .await
         .expect("a viewer reads status");
     let job = lazarus_storage::JobId::new("kv").expect("job");
-    let e = client::stop(&viewer, sup.addr, job.clone())
+    let e = client::stop(&viewer, &[sup.addr], job.clone())
         .await
         .expect_err("a viewer may not stop");
     assert!(
@@ -231,12 +233,12 @@ async fn test_viewer_reads_status_and_cannot_submit_or_stop() {
         "[job]\nname = \"x\"\nworker = \"/bin/true\"\n[[operator]]\nname = \"a\"\nkind = \"k\"\n",
     )
     .expect("spec");
-    let e = client::submit(&viewer, sup.addr, &spec, &[])
+    let e = client::submit(&viewer, &[sup.addr], &spec, &[])
         .await
         .expect_err("a viewer may not submit");
     assert!(e.to_string().contains("may not submit jobs"), "{e}");
     // Positive control: the operator's stop reaches the job table.
-    let e = client::stop(&dialer(&root.path().join("op")), sup.addr, job)
+    let e = client::stop(&dialer(&root.path().join("op")), &[sup.addr], job)
         .await
         .expect_err("no such job");
     assert_eq!(e.to_string(), "no job kv");

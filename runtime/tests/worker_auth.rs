@@ -79,6 +79,7 @@ async fn test_control_port_accepts_a_worker_only_with_its_process_credential() {
         chaos: None,
         status_every: None,
         final_checkpoint_on_stop: false,
+        epoch_floor: 0,
     };
     // The idle worker inherits this test's environment: tag it to find it.
     std::env::set_var("LAZARUS_TEST_TAG", std::process::id().to_string());

@@ -873,7 +873,15 @@ fn test_agents_refuse_binaries_and_vips_outside_their_allow_lists() {
             c.logs()
         );
         assert_eq!(j["restarts"], 0, "refusals are not retried: {j}");
-        // Nothing of the job runs, and nobody holds the VIP.
+        // Nothing of the job runs (its processes were killed: their exits
+        // are reported after the job's state turns failed), and nobody
+        // holds the VIP.
+        let gone = Instant::now() + Duration::from_secs(5);
+        while !pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0"]).is_empty()
+            && Instant::now() < gone
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0"]).is_empty());
         assert!(!c.bed.holds("a", VIP4) && !c.bed.holds("b", VIP4));
     }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::cluster::agent::{run_agent, AgentConfig, AgentOptions};
 use crate::cluster::client;
-use crate::cluster::config::ClusterConfig;
+use crate::cluster::config::{ClusterConfig, EtcdSettings};
 use crate::cluster::server::{serve, ServerOptions};
 use crate::cluster::transport::{Acceptor, Dialer};
 use crate::security::{Role, TlsMaterial};
@@ -35,6 +35,19 @@ pub struct SupervisorArgs {
     #[command(flatten)]
     /// Mutual TLS (a supervisor certificate).
     pub tls: ServeTls,
+    /// etcd client URLs, comma-separated (http://HOST:PORT): run as one
+    /// of several supervisors, one of them elected leader in etcd. Also
+    /// `[etcd] endpoints` in --config.
+    #[arg(long, value_delimiter = ',', env = "LAZARUS_ETCD")]
+    pub etcd: Vec<String>,
+    /// This supervisor's name among the cluster's supervisors (with
+    /// --etcd; default: the --listen address).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Address agents and clients reach this supervisor at (with --etcd;
+    /// default: the --listen address).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
 }
 
 /// TLS for a daemon: a certificate directory, or an explicit opt-out.
@@ -132,9 +145,10 @@ pub struct AgentArgs {
     /// This host's name, unique in the cluster.
     #[arg(long)]
     pub name: String,
-    /// The supervisor's address.
-    #[arg(long)]
-    pub supervisor: SocketAddr,
+    /// The supervisor's address; on an HA cluster every supervisor's,
+    /// comma-separated (followers send the agent to the leader).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub supervisor: Vec<SocketAddr>,
     /// The interface VIPs are added to and announced on.
     #[arg(long)]
     pub iface: String,
@@ -154,9 +168,15 @@ pub struct AgentArgs {
 pub struct SubmitArgs {
     /// The job spec (TOML).
     pub spec: PathBuf,
-    /// The supervisor's address.
-    #[arg(long, env = "LAZARUS_SUPERVISOR_ADDR")]
-    pub supervisor: SocketAddr,
+    /// The supervisor's address, or several, comma-separated: the first
+    /// that answers is asked (followers forward to the leader).
+    #[arg(
+        long,
+        env = "LAZARUS_SUPERVISOR_ADDR",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub supervisor: Vec<SocketAddr>,
     /// Override a [params] entry: --set KEY=VALUE (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -168,9 +188,15 @@ pub struct SubmitArgs {
 /// Arguments of `lazarus status`.
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
-    /// The supervisor's address.
-    #[arg(long, env = "LAZARUS_SUPERVISOR_ADDR")]
-    pub supervisor: SocketAddr,
+    /// The supervisor's address, or several, comma-separated: the first
+    /// that answers is asked (followers forward to the leader).
+    #[arg(
+        long,
+        env = "LAZARUS_SUPERVISOR_ADDR",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub supervisor: Vec<SocketAddr>,
     /// Print JSON (hosts, jobs, placements, VIP holders and leases).
     #[arg(long)]
     pub json: bool,
@@ -184,9 +210,15 @@ pub struct StatusArgs {
 pub struct StopArgs {
     /// The job.
     pub job: String,
-    /// The supervisor's address.
-    #[arg(long, env = "LAZARUS_SUPERVISOR_ADDR")]
-    pub supervisor: SocketAddr,
+    /// The supervisor's address, or several, comma-separated: the first
+    /// that answers is asked (followers forward to the leader).
+    #[arg(
+        long,
+        env = "LAZARUS_SUPERVISOR_ADDR",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub supervisor: Vec<SocketAddr>,
     #[command(flatten)]
     /// Client TLS.
     pub tls: ClientTls,
@@ -230,13 +262,21 @@ pub async fn supervisor(args: &SupervisorArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| PathBuf::from(".lazarus/supervisor"));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    let (acceptor, job_tls) = match daemon_tls(&args.tls, Role::Supervisor, None)? {
+    let (acceptor, job_tls, forward) = match daemon_tls(&args.tls, Role::Supervisor, None)? {
         Some(m) => (
             Acceptor::tls(m.server_config()?),
             Some(m.worker_server_config()?),
+            Dialer::tls(m.client_config()?),
         ),
-        None => (Acceptor::Plain, None),
+        None => (Acceptor::Plain, None, Dialer::Plain),
     };
+    let file_etcd = match &args.config {
+        Some(p) => {
+            EtcdSettings::from_file(p).map_err(|e| anyhow::anyhow!("supervisor config {e}"))?
+        }
+        None => None,
+    };
+    let ha = ha_options(args, file_etcd)?;
     serve(
         ServerOptions {
             listen: args.listen,
@@ -245,12 +285,51 @@ pub async fn supervisor(args: &SupervisorArgs) -> anyhow::Result<ExitCode> {
             state_dir,
             acceptor,
             job_tls,
+            ha,
+            forward,
         },
         stop_on_signals(),
         None,
     )
     .await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The HA settings from the flags, then the config file's `[etcd]`.
+fn ha_options(
+    args: &SupervisorArgs,
+    file: Option<EtcdSettings>,
+) -> anyhow::Result<Option<crate::ha::HaOptions>> {
+    let file = file.unwrap_or_default();
+    let endpoints = if args.etcd.is_empty() {
+        file.endpoints.clone().unwrap_or_default()
+    } else {
+        args.etcd.clone()
+    };
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let advertise = args.advertise.or(file.advertise).unwrap_or(args.listen);
+    if advertise.ip().is_unspecified() {
+        anyhow::bail!(
+            "--advertise: {advertise} is not an address agents can reach; \
+             with --etcd and an unspecified --listen, pass --advertise HOST:PORT"
+        );
+    }
+    let ha = crate::ha::HaOptions {
+        endpoints,
+        prefix: file.prefix.clone().unwrap_or_else(|| "/lazarus".into()),
+        name: args
+            .name
+            .clone()
+            .or(file.name.clone())
+            .unwrap_or_else(|| advertise.to_string()),
+        advertise,
+        lease: file.lease.unwrap_or(std::time::Duration::from_secs(3)),
+    };
+    ha.validate()
+        .map_err(|e| anyhow::anyhow!("supervisor HA settings: {e}"))?;
+    Ok(Some(ha))
 }
 
 /// `lazarus agent`.
@@ -285,7 +364,7 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
     run_agent(
         AgentOptions {
             name: args.name.clone(),
-            supervisor: args.supervisor,
+            supervisors: args.supervisor.clone(),
             iface: args.iface.clone(),
             state_dir,
             bind_ip: config.bind_ip,
@@ -302,14 +381,14 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
 /// `lazarus submit`.
 pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     let message =
-        client::submit(&args.tls.dialer()?, args.supervisor, &args.spec, &args.set).await?;
+        client::submit(&args.tls.dialer()?, &args.supervisor, &args.spec, &args.set).await?;
     println!("{message}");
     Ok(ExitCode::SUCCESS)
 }
 
 /// `lazarus status`.
 pub async fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let report = client::status(&args.tls.dialer()?, args.supervisor).await?;
+    let report = client::status(&args.tls.dialer()?, &args.supervisor).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -323,7 +402,7 @@ pub async fn stop(args: &StopArgs) -> anyhow::Result<ExitCode> {
     let job = lazarus_storage::JobId::new(args.job.clone())?;
     println!(
         "{}",
-        client::stop(&args.tls.dialer()?, args.supervisor, job).await?
+        client::stop(&args.tls.dialer()?, &args.supervisor, job).await?
     );
     Ok(ExitCode::SUCCESS)
 }

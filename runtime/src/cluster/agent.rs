@@ -38,8 +38,9 @@ use crate::vip::{parse_vip, Vip};
 pub struct AgentOptions {
     /// This host's name.
     pub name: String,
-    /// The supervisor's address.
-    pub supervisor: SocketAddr,
+    /// The supervisors' addresses: one, or every supervisor of an HA
+    /// cluster (a follower sends the agent to the leader).
+    pub supervisors: Vec<SocketAddr>,
     /// The interface VIPs go on.
     pub iface: String,
     /// Worker logs and local caches.
@@ -104,6 +105,11 @@ impl AgentConfig {
     }
 }
 
+/// A follower's answer to a registration: register with the leader.
+#[derive(Debug, thiserror::Error)]
+#[error("this supervisor does not lead (leader: {0:?})")]
+struct NotLeader(Option<SocketAddr>);
+
 /// One VIP this agent was asked to hold.
 struct HeldVip {
     vip: Vip,
@@ -120,6 +126,8 @@ struct AgentState {
     exits_rx: mpsc::UnboundedReceiver<(JobId, WorkerExited)>,
     vips: BTreeMap<String, HeldVip>,
     seq: u64,
+    /// The supervisor of the current (or last) session.
+    supervisor: SocketAddr,
     /// Background work: announcement bursts and cache pruning.
     tasks: tokio_util::task::TaskTracker,
 }
@@ -137,13 +145,26 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
         exits_rx,
         vips: BTreeMap::new(),
         seq: 0,
+        supervisor: SocketAddr::from(([0, 0, 0, 0], 0)),
         tasks: tokio_util::task::TaskTracker::new(),
     };
+    anyhow::ensure!(
+        !st.opts.supervisors.is_empty(),
+        "the agent needs at least one supervisor address"
+    );
+    let mut next = 0usize;
+    let mut redirect: Option<SocketAddr> = None;
     loop {
         if *stop.borrow() {
             break;
         }
-        let addr = st.opts.supervisor;
+        // A follower's redirect first, then the list in turn.
+        let addr = redirect.take().unwrap_or_else(|| {
+            let a = st.opts.supervisors[next % st.opts.supervisors.len()];
+            next += 1;
+            a
+        });
+        st.supervisor = addr;
         let dialer = st.opts.dialer.clone();
         match dialer.dial(addr, Duration::from_secs(1)).await {
             Ok((read, write, local)) => {
@@ -152,9 +173,21 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
                         st.fence("stopping").await;
                         break;
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "session with the supervisor ended")
-                    }
+                    Err(e) => match e.downcast::<NotLeader>() {
+                        Ok(NotLeader(leader)) => {
+                            tracing::info!(%addr, ?leader, "not the leader; trying the leader");
+                            redirect = leader;
+                            if redirect.is_some() {
+                                // Paced: two followers with stale views
+                                // cannot make this spin.
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%addr, error = %format!("{e:#}"), "session with the supervisor ended")
+                        }
+                    },
                 }
             }
             Err(e) => tracing::warn!(%addr, error = %e, "cannot reach the supervisor"),
@@ -316,9 +349,10 @@ impl AgentState {
             Some(SupervisorMsg::Refused { reason }) => {
                 anyhow::bail!("registration refused: {reason}")
             }
+            Some(SupervisorMsg::NotLeader { leader }) => return Err(NotLeader(leader).into()),
             other => anyhow::bail!("expected a welcome, got {other:?}"),
         };
-        tracing::info!(name = %self.opts.name, supervisor = %self.opts.supervisor, %local_ip, ?lease, "registered");
+        tracing::info!(name = %self.opts.name, supervisor = %self.supervisor, %local_ip, ?lease, "registered");
         let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Result<SupervisorMsg, String>>();
         let reader = tokio::spawn(async move {
             loop {
@@ -411,7 +445,9 @@ impl AgentState {
     ) {
         let now = self.now();
         match msg {
-            SupervisorMsg::Welcome { .. } | SupervisorMsg::Heartbeat => {}
+            SupervisorMsg::Welcome { .. }
+            | SupervisorMsg::Heartbeat
+            | SupervisorMsg::NotLeader { .. } => {}
             SupervisorMsg::Refused { reason } => tracing::warn!(reason, "supervisor refused"),
             SupervisorMsg::Spawn {
                 job,
@@ -423,7 +459,7 @@ impl AgentState {
                 token,
             } => {
                 let supervisor = if supervisor.ip().is_unspecified() {
-                    SocketAddr::new(self.opts.supervisor.ip(), supervisor.port())
+                    SocketAddr::new(self.supervisor.ip(), supervisor.port())
                 } else {
                     supervisor
                 };

@@ -38,10 +38,31 @@ pub async fn request(
         .with_context(|| format!("the supervisor closed the connection without answering{hint}"))
 }
 
+/// Sends `req` to the first of `supervisors` that can be reached (every
+/// supervisor of an HA cluster forwards to the leader); an answer, even an
+/// error, ends the search.
+pub async fn request_any(
+    dialer: &Dialer,
+    supervisors: &[SocketAddr],
+    req: &ClientRequest,
+) -> anyhow::Result<ClientReply> {
+    let mut last = None;
+    for &s in supervisors {
+        match request(dialer, s, req).await {
+            Ok(reply) => return Ok(reply),
+            Err(e) => {
+                tracing::debug!(supervisor = %s, error = %format!("{e:#}"), "trying the next supervisor");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no supervisor address given")))
+}
+
 /// Submits the spec at `path` with `set` overrides.
 pub async fn submit(
     dialer: &Dialer,
-    supervisor: SocketAddr,
+    supervisor: &[SocketAddr],
     path: &Path,
     set: &[String],
 ) -> anyhow::Result<String> {
@@ -58,12 +79,16 @@ pub async fn submit(
         dir,
         set: set.to_vec(),
     };
-    acknowledged(request(dialer, supervisor, &req).await?)
+    acknowledged(request_any(dialer, supervisor, &req).await?)
 }
 
 /// Stops `job`.
-pub async fn stop(dialer: &Dialer, supervisor: SocketAddr, job: JobId) -> anyhow::Result<String> {
-    acknowledged(request(dialer, supervisor, &ClientRequest::Stop { job }).await?)
+pub async fn stop(
+    dialer: &Dialer,
+    supervisor: &[SocketAddr],
+    job: JobId,
+) -> anyhow::Result<String> {
+    acknowledged(request_any(dialer, supervisor, &ClientRequest::Stop { job }).await?)
 }
 
 /// The message of an `Ok` reply; an `Error` reply becomes the error.
@@ -76,8 +101,8 @@ fn acknowledged(reply: ClientReply) -> anyhow::Result<String> {
 }
 
 /// The cluster's status.
-pub async fn status(dialer: &Dialer, supervisor: SocketAddr) -> anyhow::Result<StatusReport> {
-    match request(dialer, supervisor, &ClientRequest::Status).await? {
+pub async fn status(dialer: &Dialer, supervisor: &[SocketAddr]) -> anyhow::Result<StatusReport> {
+    match request_any(dialer, supervisor, &ClientRequest::Status).await? {
         ClientReply::Status(s) => Ok(*s),
         ClientReply::Error { message } => anyhow::bail!("{message}"),
         ClientReply::Ok { message } => anyhow::bail!("unexpected reply: {message}"),
@@ -172,6 +197,37 @@ pub fn render(s: &StatusReport) -> String {
                 }
             );
         }
+    }
+    if let Some(ha) = &s.ha {
+        let leader = ha.leader.as_ref().map(|m| m.name.as_str());
+        let _ = writeln!(
+            out,
+            "\nSUPERVISOR      ADDRESS               ROLE      (answered by {}{})",
+            ha.answered_by,
+            ha.term.map(|t| format!(", term {t}")).unwrap_or_default()
+        );
+        for m in &ha.supervisors {
+            let role = if Some(m.name.as_str()) == leader {
+                "leader"
+            } else {
+                "follower"
+            };
+            let _ = writeln!(out, "{:<15} {:<21} {}", m.name, m.addr, role);
+        }
+        if leader.is_none() {
+            let _ = writeln!(out, "(no leader elected)");
+        }
+        let e = &ha.etcd;
+        let _ = writeln!(
+            out,
+            "etcd {}: {}",
+            e.endpoints.join(","),
+            match (&e.version, &e.error) {
+                (Some(v), _) if e.healthy => format!("healthy (version {v})"),
+                (_, Some(err)) => format!("UNREACHABLE: {err}"),
+                _ => "unknown".into(),
+            }
+        );
     }
     out
 }

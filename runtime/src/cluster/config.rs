@@ -13,6 +13,13 @@
 //! count = 3                      # frames per burst (garp_master_repeat)
 //! delay = "10ms"                 # gap inside a burst (garp_master_delay)
 //! refresh = "0s"                 # repeat the burst while holding; 0 = never (garp_master_refresh)
+//!
+//! [etcd]                         # several supervisors, one leader (flags win)
+//! endpoints = ["http://198.18.0.10:2379", "http://198.18.0.11:2379"]
+//! name = "sup-a"                 # unique among the supervisors
+//! advertise = "198.18.0.1:7070"  # where agents and clients reach this one
+//! prefix = "/lazarus"            # key prefix in etcd
+//! lease = "3s"                   # leadership lease (2s..300s)
 //! ```
 //!
 //! Every field is optional; unknown fields are errors that name the field.
@@ -63,6 +70,68 @@ struct File {
     lease: LeaseFile,
     #[serde(default)]
     garp: GarpFile,
+    #[serde(default)]
+    etcd: Option<EtcdFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EtcdFile {
+    endpoints: Option<Vec<String>>,
+    name: Option<String>,
+    advertise: Option<String>,
+    prefix: Option<String>,
+    lease: Option<String>,
+}
+
+/// The `[etcd]` table of the supervisor's config file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// etcd client URLs.
+    pub endpoints: Option<Vec<String>>,
+    /// This supervisor's name.
+    pub name: Option<String>,
+    /// Where agents and clients reach this supervisor.
+    pub advertise: Option<std::net::SocketAddr>,
+    /// Key prefix.
+    pub prefix: Option<String>,
+    /// Leadership lease.
+    pub lease: Option<Duration>,
+}
+
+impl EtcdSettings {
+    /// The `[etcd]` table of `path`, if it has one; errors name the file and
+    /// the field.
+    pub fn from_file(path: &Path) -> Result<Option<EtcdSettings>, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        EtcdSettings::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The `[etcd]` table of the TOML text, if it has one.
+    pub fn parse(text: &str) -> Result<Option<EtcdSettings>, String> {
+        let f: File = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        let Some(e) = f.etcd else {
+            return Ok(None);
+        };
+        let advertise = match &e.advertise {
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|err| format!("etcd.advertise: {a:?}: {err} (want HOST:PORT)"))?,
+            ),
+            None => None,
+        };
+        let lease = match &e.lease {
+            Some(l) => Some(parse_duration(l).map_err(|err| format!("etcd.lease: {err}"))?),
+            None => None,
+        };
+        Ok(Some(EtcdSettings {
+            endpoints: e.endpoints,
+            name: e.name,
+            advertise,
+            prefix: e.prefix,
+            lease,
+        }))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,9 +240,26 @@ mod tests {
             ),
             ("[lease]\nrenew_every = \"900ms\"", "lease.renew_every"),
             ("[garp]\ncount = 0", "garp.count"),
+            ("[etcd]\nendpoint = []", "unknown field `endpoint`"),
         ] {
             let e = ClusterConfig::parse(text).expect_err(text);
             assert!(e.contains(needle), "{needle:?} not in {e:?}");
         }
+    }
+
+    #[test]
+    fn test_etcd_table_parses_and_names_bad_fields() {
+        let e = EtcdSettings::parse(
+            "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nname = \"a\"\nadvertise = \"127.0.0.1:7070\"\nlease = \"5s\"\n",
+        )
+        .expect("valid")
+        .expect("has [etcd]");
+        assert_eq!(e.lease, Some(Duration::from_secs(5)));
+        assert_eq!(e.name.as_deref(), Some("a"));
+        assert_eq!(EtcdSettings::parse("").expect("empty"), None);
+        let bad = EtcdSettings::parse("[etcd]\nadvertise = \"nowhere\"").expect_err("bad");
+        assert!(bad.contains("etcd.advertise"), "{bad}");
+        let bad = EtcdSettings::parse("[etcd]\nlease = \"soon\"").expect_err("bad");
+        assert!(bad.contains("etcd.lease"), "{bad}");
     }
 }

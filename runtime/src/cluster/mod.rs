@@ -6,6 +6,7 @@
 //! | `wire` | agent, client and supervisor messages |
 //! | `state` | the supervisor's view of hosts, jobs and VIP leases (one lock) |
 //! | `server` | `lazarus supervisor`: accepts agents and clients, heartbeats, host loss, leases, jobs |
+//! | `leader` | with `--etcd`: take over etcd's jobs when elected, step down when leadership cannot be proven, send agents and clients to the leader |
 //! | `allow` | the agent's allow-lists: worker binaries only from configured directories, VIPs only within configured prefixes |
 //! | `agent` | `lazarus agent`: runs workers for the supervisor, holds VIPs under leases, fences itself |
 //! | `client` | `lazarus submit` and `lazarus status` |
@@ -23,6 +24,7 @@ pub mod allow;
 pub mod client;
 pub mod config;
 pub mod fleet;
+pub mod leader;
 pub mod server;
 pub mod state;
 pub mod transport;

@@ -20,10 +20,12 @@ const MAX_CONNECTIONS: usize = 4096;
 
 use crate::cluster::config::ClusterConfig;
 use crate::cluster::fleet::ClusterFleet;
+use crate::cluster::leader::{self, Leadership};
 use crate::cluster::state::{Cluster, JobEntry};
-use crate::cluster::transport::{Acceptor, BoxRead, BoxWrite};
+use crate::cluster::transport::{Acceptor, BoxRead, BoxWrite, Dialer};
 use crate::cluster::wire::{job_status_cell, AgentMsg, ClientReply, ClientRequest, SupervisorMsg};
 use crate::fleet::FleetEvent;
+use crate::ha::HaOptions;
 use crate::procs::WorkerExited;
 use crate::security::{Identity, Role};
 use crate::spec::JobSpec;
@@ -45,6 +47,11 @@ pub struct ServerOptions {
     pub acceptor: Acceptor,
     /// TLS for jobs' control ports (workers), on a TLS cluster.
     pub job_tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// High availability on etcd; `None`: a single supervisor.
+    pub ha: Option<HaOptions>,
+    /// How this supervisor reaches the leader when it follows (client
+    /// requests are forwarded there).
+    pub forward: Dialer,
 }
 
 /// Runs the supervisor until `stop` turns true. `ready` gets the bound
@@ -65,6 +72,10 @@ pub async fn serve(
     if let Some(r) = ready {
         let _ = r.send(bound);
     }
+    if let Some(ha) = &opts.ha {
+        ha.validate()
+            .map_err(|e| anyhow::anyhow!("supervisor HA settings: {e}"))?;
+    }
     let cluster = Cluster::new(opts.config);
     // Every task of the supervisor: the heartbeat loop, one per connection,
     // one per job. Cancelling `cancel` ends the first two kinds; jobs are
@@ -75,6 +86,16 @@ pub async fn serve(
     let opts = std::sync::Arc::new(ServerOptions {
         listen: bound,
         ..opts
+    });
+    // With etcd: campaign, and run the jobs etcd lists while leading.
+    let ha = opts.ha.as_ref().map(|ha| {
+        Leadership::start(
+            ha.clone(),
+            cluster.clone(),
+            opts.clone(),
+            &tracker,
+            cancel.clone(),
+        )
     });
     let slots = std::sync::Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = Duration::from_millis(5);
@@ -102,10 +123,11 @@ pub async fn serve(
                 };
                 let (cluster, opts, conn_cancel) = (cluster.clone(), opts.clone(), cancel.clone());
                 let jobs = tracker.clone();
+                let ha = ha.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
                     tokio::select! {
-                        r = connection(stream, peer, cluster, opts, jobs) => {
+                        r = connection(stream, peer, cluster, opts, jobs, ha) => {
                             if let Err(e) = r {
                                 tracing::debug!(%peer, error = %e, "connection ended");
                             }
@@ -174,6 +196,7 @@ async fn connection(
     cluster: Cluster,
     opts: std::sync::Arc<ServerOptions>,
     jobs: TaskTracker,
+    ha: Option<Leadership>,
 ) -> anyhow::Result<()> {
     let (mut read, mut write, peer_cert) = match opts.acceptor.accept(stream, peer).await {
         Ok(c) => c,
@@ -204,11 +227,24 @@ async fn connection(
             protocol::write_control(&mut write, &SupervisorMsg::Refused { reason }).await?;
             return Ok(());
         }
+        // A follower sends agents to the leader.
+        if let Some(Err(leader)) = ha.as_ref().map(Leadership::leading) {
+            protocol::write_control(&mut write, &SupervisorMsg::NotLeader { leader }).await?;
+            return Ok(());
+        }
         return agent_session(name, state_dir, peer.ip(), not_after, read, write, cluster).await;
     }
     let reply = match serde_json::from_value::<ClientRequest>(first) {
         Ok(req) => match authorize(identity.as_ref(), &req) {
-            Ok(()) => client_request(req, &cluster, &opts, &jobs),
+            Ok(()) => match ha.as_ref().map(Leadership::leading) {
+                // A follower forwards to the leader (or answers that
+                // there is none).
+                Some(Err(leader)) => leader::forward(req, leader, ha.as_ref(), &opts.forward).await,
+                Some(Ok(term)) => {
+                    leader::client_request(req, term, &cluster, &opts, &jobs, ha.as_ref()).await
+                }
+                None => client_request(req, &cluster, &opts, &jobs),
+            },
             Err(message) => {
                 tracing::warn!(%peer, "request refused: {message}");
                 ClientReply::Error { message }
@@ -413,8 +449,29 @@ fn submit(
     opts: &ServerOptions,
     jobs: &TaskTracker,
 ) -> anyhow::Result<String> {
-    let mut spec = JobSpec::parse(&text, &origin, dir)?;
-    spec.set_params(&set)?;
+    let job = prepare(&text, &origin, dir, &set, opts)?;
+    let id = job.spec.job_id();
+    start_job(job, cluster, opts, jobs, None)?;
+    Ok(format!("job {id} submitted"))
+}
+
+/// A validated job, ready to start.
+pub(crate) struct Prepared {
+    pub spec: JobSpec,
+    pub store_url: String,
+    pub binary: PathBuf,
+}
+
+/// Parses and validates a submitted spec.
+pub(crate) fn prepare(
+    text: &str,
+    origin: &str,
+    dir: PathBuf,
+    set: &[String],
+    opts: &ServerOptions,
+) -> anyhow::Result<Prepared> {
+    let mut spec = JobSpec::parse(text, origin, dir)?;
+    spec.set_params(set)?;
     spec.validate()?;
     let binary = spec.resolve_worker()?;
     let store_url = spec
@@ -425,8 +482,19 @@ fn submit(
         .context(
         "the job has no store: set [store] url in the spec or start the supervisor with --store",
     )?;
+    Ok(Prepared {
+        spec,
+        store_url,
+        binary,
+    })
+}
+
+/// Refuses a job already running, or one whose VIPs a running job serves.
+pub(crate) fn check_conflicts(
+    c: &crate::cluster::state::ClusterState,
+    spec: &JobSpec,
+) -> anyhow::Result<Vec<String>> {
     let job = spec.job_id();
-    let mut c = cluster.lock();
     if c.jobs.get(&job).is_some_and(|j| !j.ended()) {
         anyhow::bail!("job {job} is already running");
     }
@@ -440,6 +508,27 @@ fn submit(
             anyhow::bail!("VIP {v} is already served by running job {other}");
         }
     }
+    Ok(vips)
+}
+
+/// Starts `job` as a task on `jobs`. With `ha` (a leader's store and
+/// term), its store epoch is at least the term's floor, and its record in
+/// etcd follows its checkpoints and gets its final state.
+pub(crate) fn start_job(
+    job: Prepared,
+    cluster: &Cluster,
+    opts: &ServerOptions,
+    jobs: &TaskTracker,
+    ha: Option<leader::JobSync>,
+) -> anyhow::Result<()> {
+    let Prepared {
+        spec,
+        store_url,
+        binary,
+    } = job;
+    let job = spec.job_id();
+    let mut c = cluster.lock();
+    let vips = check_conflicts(&c, &spec)?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let status = job_status_cell(&job, lazarus_storage::Epoch(0));
@@ -461,21 +550,30 @@ fn submit(
         chaos: None,
         status_every: None,
         final_checkpoint_on_stop: false,
+        epoch_floor: ha.as_ref().map_or(0, leader::JobSync::epoch_floor),
     };
     let fleet = Box::new(ClusterFleet::new(job.clone(), cluster.clone(), binary));
     let control_ip = opts.listen.ip();
     let job_tls = opts.job_tls.clone();
     let j = job.clone();
     let task = jobs.spawn(async move {
-        match supervisor::run_job(run, fleet, events_rx, control_ip, job_tls, status, stop_rx).await {
+        let running = supervisor::run_job(run, fleet, events_rx, control_ip, job_tls, status.clone(), stop_rx);
+        let result = match &ha {
+            Some(sync) => sync.follow(running, &status).await,
+            None => running.await,
+        };
+        match result {
             Ok(summary) => {
                 tracing::info!(job = %j, state = ?summary.state, committed = summary.committed, restarts = summary.restarts, "job ended")
             }
             Err(e) => tracing::error!(job = %j, error = %format!("{e:#}"), "job failed"),
         }
+        if let Some(sync) = &ha {
+            sync.ended(&status).await;
+        }
     });
     if let Some(entry) = c.jobs.get_mut(&job) {
         entry.task = Some(task);
     }
-    Ok(format!("job {job} submitted"))
+    Ok(())
 }

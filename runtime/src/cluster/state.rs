@@ -84,6 +84,9 @@ pub struct ClusterState {
     vips: BTreeMap<String, VipEntry>,
     clock: Arc<dyn Clock>,
     next_conn: u64,
+    /// No VIP lease is granted before this (a new HA leader waits out the
+    /// leases its predecessor may have granted).
+    grants_from: Duration,
 }
 
 /// The shared handle.
@@ -105,6 +108,7 @@ impl Cluster {
             vips: BTreeMap::new(),
             clock,
             next_conn: 1,
+            grants_from: Duration::ZERO,
         })))
     }
 
@@ -269,6 +273,26 @@ impl ClusterState {
         }
     }
 
+    /// Forgets every host, job and lease: this supervisor no longer leads.
+    /// Agent sessions end at their next message; job tasks are aborted.
+    pub fn step_down(&mut self) {
+        for j in self.jobs.values_mut() {
+            if let Some(t) = j.task.take() {
+                t.abort();
+            }
+        }
+        self.jobs.clear();
+        self.hosts.clear();
+        self.vips.clear();
+    }
+
+    /// Takes over as a new leader: no VIP lease before every lease the
+    /// previous leader may have granted has surely run out.
+    pub fn take_over(&mut self) {
+        let c = self.config.lease;
+        self.grants_from = self.now() + c.length + c.drift_margin;
+    }
+
     /// A lease request from `host`.
     pub fn lease_acquire(&mut self, host: &str, vip: &str, seq: u64) -> SupervisorMsg {
         let now = self.now();
@@ -277,6 +301,15 @@ impl ClusterState {
         };
         if entry.assigned.as_deref() != Some(host) {
             return SupervisorMsg::LeaseLost { vip: vip.into() };
+        }
+        if now < self.grants_from {
+            // A new HA leader: leases the previous leader granted may still
+            // run; no grant until they surely expired.
+            return SupervisorMsg::LeaseHeld {
+                vip: vip.into(),
+                holder: "(a lease of the previous leader)".into(),
+                retry_ms: self.grants_from.saturating_sub(now).as_millis() as u64 + 1,
+            };
         }
         match entry.table.acquire(host, now) {
             LeaseDecision::Granted { id, length } => {
@@ -377,6 +410,7 @@ impl ClusterState {
                     }
                 })
                 .collect(),
+            ha: None,
         }
     }
 }

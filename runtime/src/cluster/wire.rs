@@ -156,6 +156,12 @@ pub enum SupervisorMsg {
         /// Why.
         reason: String,
     },
+    /// This supervisor does not lead (HA): register with `leader` instead
+    /// (or another supervisor of the list, if no leader is known).
+    NotLeader {
+        /// The leader's address, if one is elected.
+        leader: Option<SocketAddr>,
+    },
     /// Liveness.
     Heartbeat,
     /// Start a worker process.
@@ -307,6 +313,25 @@ pub struct StatusReport {
     pub jobs: Vec<JobStatus>,
     /// VIPs and their leases.
     pub vips: Vec<VipStatus>,
+    /// Supervisor high availability (`--etcd`); absent for a single
+    /// supervisor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<HaStatus>,
+}
+
+/// The supervisors and etcd, in `lazarus status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HaStatus {
+    /// The supervisor that answered.
+    pub answered_by: String,
+    /// The leader, if one is elected.
+    pub leader: Option<crate::ha::Member>,
+    /// The leader's term (the leader key's create revision in etcd).
+    pub term: Option<i64>,
+    /// Every supervisor with a live etcd lease (the leader among them).
+    pub supervisors: Vec<crate::ha::Member>,
+    /// etcd as the answering supervisor sees it.
+    pub etcd: crate::ha::EtcdHealth,
 }
 
 /// One host.

@@ -69,6 +69,9 @@ pub struct LocalRun {
     pub status_every: Option<Duration>,
     /// On a stop request, take a final checkpoint before shutting down.
     pub final_checkpoint_on_stop: bool,
+    /// The lowest store epoch this run may claim (HA: derived from the
+    /// leader's term, so a deposed leader's commits are fenced); 0 = none.
+    pub epoch_floor: u64,
 }
 
 /// Control connections accepted at once; more wait in the listen backlog.
@@ -187,11 +190,12 @@ impl Shell {
         let js = store.job(job.clone());
         // A new supervisor takes a new epoch: commits of any older one are fenced.
         let epoch = Epoch(
-            js.current_epoch()
+            (js.current_epoch()
                 .await
                 .context("reading the job's epoch")?
                 .0
-                + 1,
+                + 1)
+            .max(run.epoch_floor),
         );
         js.claim_epoch(epoch)
             .await
@@ -209,6 +213,9 @@ impl Shell {
         tracing::info!(%epoch, %addr, next = %next_id, "supervisor started");
 
         let cancel = CancellationToken::new();
+        // A run whose task is aborted (a deposed HA leader) ends its own
+        // tasks too: accept loop, connections, storage.
+        let _cancel_on_drop = cancel.clone().drop_guard();
         let tracker = TaskTracker::new();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel();
         tracker.spawn(accept_loop(

@@ -62,13 +62,45 @@ pub const FAST: &str = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\
 
 pub struct LzCluster {
     // Fields drop in order: agents (they stop their workers), the
-    // supervisor, then the test bed (sweep, namespaces deleted).
+    // supervisors, etcd, then the test bed (sweep, namespaces deleted).
     pub agents: Vec<Proc>,
     pub sup: Option<Proc>,
+    /// HA: the other supervisors (hosts `sup2`, `sup3`, ...), by host.
+    pub more_sups: Vec<(String, Option<Proc>)>,
+    /// HA: the etcd members, by host.
+    pub etcd: Vec<(String, Option<Proc>)>,
     pub bed: Testbed,
     pub dir: tempfile::TempDir,
+    /// Every supervisor's address, comma-separated (what agents and the
+    /// CLI are given).
     pub addr: String,
     pub agent_names: Vec<String>,
+    /// HA: the etcd client URLs, comma-separated.
+    pub etcd_urls: Option<String>,
+}
+
+/// Supervisors under etcd: `supervisors` supervisor hosts (`sup`, `sup2`,
+/// ...), `etcd_members` etcd hosts (`etcd1`, ...), and the leadership lease.
+#[derive(Debug, Clone, Copy)]
+pub struct Ha {
+    pub supervisors: usize,
+    pub etcd_members: usize,
+    pub lease: &'static str,
+}
+
+/// The etcd binary: `LAZARUS_TEST_ETCD` (scripts/test.sh installs it), or
+/// the copy scripts/test.sh keeps under target/test-tools.
+pub fn etcd_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("LAZARUS_TEST_ETCD") {
+        return PathBuf::from(p);
+    }
+    let fallback = bin_dir()
+        .parent()
+        .map(|t| t.join("test-tools/etcd-venv/bin/etcd"))
+        .filter(|p| p.exists());
+    fallback.unwrap_or_else(|| {
+        panic!("the HA tests need etcd: run scripts/test.sh (it installs etcd) or set LAZARUS_TEST_ETCD=/path/to/etcd")
+    })
 }
 
 impl LzCluster {
@@ -93,7 +125,49 @@ impl LzCluster {
         config: &str,
         agent_config: &str,
     ) -> LzCluster {
-        let mut names = vec!["sup"];
+        Self::start_full(tag, agents, others, config, agent_config, None)
+    }
+
+    /// As [`LzCluster::start`], with supervisors under etcd.
+    pub fn start_ha(
+        tag: &str,
+        ha: Ha,
+        agents: &[&str],
+        others: &[&str],
+        config: &str,
+    ) -> LzCluster {
+        let agent_config = format!(
+            "allowed_binaries = [\"{}\"]\nallowed_vips = [\"198.18.0.0/15\", \"2001:2::/48\"]\n",
+            bin_dir().display()
+        );
+        Self::start_full(tag, agents, others, config, &agent_config, Some(ha))
+    }
+
+    fn start_full(
+        tag: &str,
+        agents: &[&str],
+        others: &[&str],
+        config: &str,
+        agent_config: &str,
+        ha: Option<Ha>,
+    ) -> LzCluster {
+        let sup_hosts: Vec<String> = match ha {
+            None => vec!["sup".into()],
+            Some(h) => (0..h.supervisors.max(1))
+                .map(|i| {
+                    if i == 0 {
+                        "sup".into()
+                    } else {
+                        format!("sup{}", i + 1)
+                    }
+                })
+                .collect(),
+        };
+        let etcd_hosts: Vec<String> = ha
+            .map(|h| (1..=h.etcd_members).map(|i| format!("etcd{i}")).collect())
+            .unwrap_or_default();
+        let mut names: Vec<&str> = sup_hosts.iter().map(String::as_str).collect();
+        names.extend(etcd_hosts.iter().map(String::as_str));
         names.extend_from_slice(agents);
         names.extend_from_slice(others);
         let bed = Testbed::new(tag, &names);
@@ -101,7 +175,11 @@ impl LzCluster {
         let bins = bin_dir();
         let config_path = dir.path().join("supervisor.toml");
         std::fs::write(&config_path, config).expect("config");
-        let addr = format!("{}:7070", bed.ip("sup"));
+        let addr = sup_hosts
+            .iter()
+            .map(|h| format!("{}:7070", bed.ip(h)))
+            .collect::<Vec<_>>()
+            .join(",");
         // Every test cluster runs with mutual TLS: a CA and one certificate
         // per supervisor, agent and the test's operator, issued by the
         // binary under test.
@@ -119,10 +197,12 @@ impl LzCluster {
         };
         let p = |name: &str| pki.join(name).to_str().expect("utf-8").to_string();
         lz(&["ca", "init", &p("ca")]);
-        let mut identities = vec![
-            ("supervisor", "sup", "sup"),
-            ("operator", "test", "operator"),
-        ];
+        let mut identities = vec![("operator", "test", "operator")];
+        identities.extend(
+            sup_hosts
+                .iter()
+                .map(|h| ("supervisor", h.as_str(), h.as_str())),
+        );
         identities.extend(agents.iter().map(|a| ("agent", *a, *a)));
         for (role, name, out) in identities {
             let (ca, out) = (p("ca"), p(out));
@@ -130,34 +210,41 @@ impl LzCluster {
                 "cert", "issue", "--ca", &ca, "--role", role, "--name", name, "--out", &out,
             ]);
         }
-        let store = format!("file://{}", dir.path().join("store").display());
-        let sup = bed.spawn(
-            "sup",
-            &bins.join("lazarus"),
-            &[
-                "supervisor",
-                "--listen",
-                &addr,
-                "--store",
-                &store,
-                "--config",
-                config_path.to_str().expect("utf-8"),
-                "--state-dir",
-                dir.path().join("sup").to_str().expect("utf-8"),
-                "--tls",
-                &p("sup"),
-            ],
-            &[("LAZARUS_LOG", "info")],
-            &dir.path().join("supervisor.log"),
-        );
+        let etcd_urls = (!etcd_hosts.is_empty()).then(|| {
+            etcd_hosts
+                .iter()
+                .map(|h| format!("http://{}:2379", bed.ip(h)))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        if let Some(h) = ha {
+            let mut extra = std::fs::read_to_string(&config_path).expect("config");
+            extra.push_str(&format!("\n[etcd]\nlease = \"{}\"\n", h.lease));
+            std::fs::write(&config_path, extra).expect("config");
+        }
         let mut cluster = LzCluster {
             agents: Vec::new(),
-            sup: Some(sup),
+            sup: None,
+            more_sups: Vec::new(),
+            etcd: Vec::new(),
             bed,
             dir,
             addr,
             agent_names: agents.iter().map(|s| s.to_string()).collect(),
+            etcd_urls,
         };
+        for h in &etcd_hosts {
+            let p = cluster.spawn_etcd(h, &etcd_hosts, "new");
+            cluster.etcd.push((h.clone(), Some(p)));
+        }
+        for (i, h) in sup_hosts.iter().enumerate() {
+            let p = cluster.spawn_supervisor(h);
+            if i == 0 {
+                cluster.sup = Some(p);
+            } else {
+                cluster.more_sups.push((h.clone(), Some(p)));
+            }
+        }
         let agent_config_path = cluster.dir.path().join("agent.toml");
         std::fs::write(&agent_config_path, agent_config).expect("agent config");
         for a in agents {
@@ -194,6 +281,107 @@ impl LzCluster {
                 .is_some_and(|h| h.iter().filter(|h| h["alive"] == true).count() == n)
         });
         cluster
+    }
+
+    /// Starts `lazarus supervisor` in host `host` (with etcd when the
+    /// cluster has it), logging to `<host>.log` (appended).
+    pub fn spawn_supervisor(&self, host: &str) -> Proc {
+        let bins = bin_dir();
+        let p = |name: &str| {
+            self.dir
+                .path()
+                .join("pki")
+                .join(name)
+                .to_str()
+                .expect("utf-8")
+                .to_string()
+        };
+        let store = format!("file://{}", self.dir.path().join("store").display());
+        let listen = format!("{}:7070", self.bed.ip(host));
+        let config = self.dir.path().join("supervisor.toml");
+        let state = self.dir.path().join(host);
+        let mut args = vec![
+            "supervisor".to_string(),
+            "--listen".into(),
+            listen,
+            "--store".into(),
+            store,
+            "--config".into(),
+            config.to_str().expect("utf-8").into(),
+            "--state-dir".into(),
+            state.to_str().expect("utf-8").into(),
+            "--tls".into(),
+            p(host),
+        ];
+        if let Some(urls) = &self.etcd_urls {
+            args.extend(["--etcd".into(), urls.clone(), "--name".into(), host.into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = if host == "sup" {
+            "supervisor.log".to_string()
+        } else {
+            format!("{host}.log")
+        };
+        self.bed.spawn(
+            host,
+            &bins.join("lazarus"),
+            &args,
+            &[("LAZARUS_LOG", "info")],
+            &self.dir.path().join(log),
+        )
+    }
+
+    /// Starts etcd member `host` of `members` (`state`: new or existing).
+    pub fn spawn_etcd(&self, host: &str, members: &[String], state: &str) -> Proc {
+        let ip = self.bed.ip(host);
+        let cluster = members
+            .iter()
+            .map(|m| format!("{m}=http://{}:2380", self.bed.ip(m)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = self.dir.path().join(format!("{host}.data"));
+        let (client, peer) = (format!("http://{ip}:2379"), format!("http://{ip}:2380"));
+        self.bed.spawn(
+            host,
+            &etcd_binary(),
+            &[
+                "--name",
+                host,
+                "--data-dir",
+                data.to_str().expect("utf-8"),
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &cluster,
+                "--initial-cluster-state",
+                state,
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ],
+            &[],
+            &self.dir.path().join(format!("{host}.log")),
+        )
+    }
+
+    /// The supervisor process in `host`.
+    pub fn supervisor_mut(&mut self, host: &str) -> &mut Option<Proc> {
+        if host == "sup" {
+            return &mut self.sup;
+        }
+        &mut self
+            .more_sups
+            .iter_mut()
+            .find(|(h, _)| h == host)
+            .unwrap_or_else(|| panic!("no supervisor host {host}"))
+            .1
     }
 
     /// `lazarus ARGS --supervisor ADDR --tls OPERATOR`, run in the
@@ -249,7 +437,8 @@ impl LzCluster {
     /// Supervisor and agent logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for p in self.sup.iter().chain(self.agents.iter()) {
+        let sups = self.more_sups.iter().filter_map(|(_, p)| p.as_ref());
+        for p in self.sup.iter().chain(sups).chain(self.agents.iter()) {
             let text = p.log_text();
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
             out.push_str(&format!("--- {} ({}) ---\n", p.name, p.log.display()));
