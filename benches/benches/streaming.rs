@@ -34,6 +34,7 @@ fn run(rt: &tokio::runtime::Runtime, spec: JobSpec, state: &Path) -> RunSummary 
         status_every: None,
         final_checkpoint_on_stop: false,
         epoch_floor: 0,
+        adopt_timeout: None,
     };
     let summary = rt.block_on(run_local(run, rx)).expect("run");
     assert_eq!(summary.state, JobState::Finished, "{summary:?}");

@@ -58,6 +58,20 @@ pub trait Fleet: Send {
     );
     /// Makes `worker`'s standby process on `host` its primary for `attempt`.
     fn promote(&mut self, host: &str, worker: &WorkerId, attempt: u64);
+    /// Hands `worker`'s running process in `slot` on `host` a rejoin ticket
+    /// for `supervisor` (a new HA leader adopting the job). A process that
+    /// is not there comes back as an exit.
+    fn rejoin(
+        &mut self,
+        host: &str,
+        worker: &WorkerId,
+        attempt: u64,
+        slot: Slot,
+        supervisor: SocketAddr,
+        token: &str,
+    ) {
+        let _ = (host, worker, attempt, slot, supervisor, token);
+    }
     /// SIGKILLs one process.
     fn kill(&mut self, host: &str, worker: &WorkerId, slot: Slot);
     /// SIGKILLs every primary of the job (every process if `standbys`).

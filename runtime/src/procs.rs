@@ -85,6 +85,8 @@ struct Child {
     tag: Tag,
     pid: Option<u32>,
     kill: Option<oneshot::Sender<()>>,
+    /// Where a new leader's rejoin ticket goes (HA clusters).
+    ticket: Option<PathBuf>,
 }
 
 /// Starts, watches and kills the worker processes of one job on one host
@@ -96,6 +98,9 @@ pub struct ProcessTable {
     log_dir: PathBuf,
     cache_dir: PathBuf,
     extra_env: Vec<(String, String)>,
+    /// Rejoin tickets go here (set on HA clusters: workers survive a
+    /// supervisor failover).
+    rejoin_dir: Option<PathBuf>,
     children: BTreeMap<(WorkerId, Slot), Child>,
     exits: std::sync::Arc<ExitReporter>,
     /// The tasks that wait for children: each ends with its child.
@@ -129,6 +134,7 @@ impl ProcessTable {
             log_dir,
             cache_dir,
             extra_env: Vec::new(),
+            rejoin_dir: None,
             children: BTreeMap::new(),
             exits: std::sync::Arc::new(exits),
             tasks: TaskTracker::new(),
@@ -153,6 +159,68 @@ impl ProcessTable {
     /// Adds an environment variable for every worker started later.
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.extra_env.push((key.to_string(), value.to_string()));
+    }
+
+    /// From now on, each process started gets a rejoin ticket file
+    /// (`LAZARUS_REJOIN_FILE`) under `state_dir/rejoin`: on an HA cluster a
+    /// worker survives its supervisor's failover and reconnects to the new
+    /// leader named there.
+    pub fn enable_rejoin(&mut self) -> std::io::Result<()> {
+        let dir = self
+            .log_dir
+            .parent()
+            .unwrap_or(&self.log_dir)
+            .join("rejoin");
+        std::fs::create_dir_all(&dir)?;
+        self.rejoin_dir = Some(dir);
+        Ok(())
+    }
+
+    /// Hands `worker`'s process in `slot` (which must belong to `attempt`)
+    /// a new leader's ticket. False if no such process runs here.
+    pub fn rejoin(
+        &self,
+        worker: &WorkerId,
+        slot: Slot,
+        attempt: u64,
+        ticket: &lazarus_sdk::protocol::RejoinTicket,
+    ) -> bool {
+        let Some(child) = self.children.get(&(worker.clone(), slot)) else {
+            return false;
+        };
+        if child.tag.lock().unwrap_or_else(|p| p.into_inner()).0 != attempt {
+            return false;
+        }
+        let Some(path) = &child.ticket else {
+            return false;
+        };
+        // Written whole, then renamed: the worker never reads half a ticket.
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(ticket)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(%worker, path = %path.display(), error = %e, "cannot write the rejoin ticket");
+                false
+            }
+        }
+    }
+
+    /// Every process with its slot and the attempt it now belongs to.
+    pub fn processes(&self) -> Vec<(WorkerId, Slot, u64)> {
+        self.children
+            .iter()
+            .map(|((w, s), c)| {
+                (
+                    w.clone(),
+                    *s,
+                    c.tag.lock().unwrap_or_else(|p| p.into_inner()).0,
+                )
+            })
+            .collect()
     }
 
     /// Starts `worker` for `attempt` in `slot`, told to report to
@@ -207,6 +275,18 @@ impl ProcessTable {
         let tag: Tag = std::sync::Arc::new(std::sync::Mutex::new((attempt, slot)));
         let log_path = self.log_path(worker);
         let host = self.name.clone();
+        let ticket = self.rejoin_dir.as_ref().map(|d| {
+            let slot_name = if slot == Slot::Standby {
+                "standby"
+            } else {
+                "primary"
+            };
+            d.join(format!("{worker}.{attempt}.{slot_name}.json"))
+        });
+        if let Some(t) = &ticket {
+            let _ = std::fs::remove_file(t);
+            cmd.env("LAZARUS_REJOIN_FILE", t);
+        }
         match cmd.spawn() {
             Ok(mut child) => {
                 let pid = child.id();
@@ -245,6 +325,7 @@ impl ProcessTable {
                         tag,
                         pid,
                         kill: Some(kill_tx),
+                        ticket,
                     },
                 );
             }
@@ -322,7 +403,9 @@ impl ProcessTable {
             .get(&key)
             .is_some_and(|c| c.tag.lock().unwrap_or_else(|p| p.into_inner()).0 == exit.attempt)
         {
-            self.children.remove(&key);
+            if let Some(t) = self.children.remove(&key).and_then(|c| c.ticket) {
+                let _ = std::fs::remove_file(t);
+            }
         }
     }
 

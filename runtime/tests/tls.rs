@@ -83,6 +83,7 @@ async fn register(d: &Dialer, addr: SocketAddr, name: &str) -> Result<Supervisor
     let msg = AgentMsg::Register {
         name: name.into(),
         state_dir: "/tmp/x".into(),
+        procs: Vec::new(),
     };
     protocol::write_control(&mut w, &msg)
         .await

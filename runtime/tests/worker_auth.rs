@@ -46,6 +46,7 @@ async fn hello(addr: SocketAddr, worker: &str, token: Option<&str>) -> Option<To
         attempt: 0,
         standby: false,
         token: token.map(str::to_string),
+        rejoin: None,
     };
     protocol::write_control(&mut s, &msg).await.expect("write");
     tokio::time::timeout(
@@ -80,6 +81,7 @@ async fn test_control_port_accepts_a_worker_only_with_its_process_credential() {
         status_every: None,
         final_checkpoint_on_stop: false,
         epoch_floor: 0,
+        adopt_timeout: None,
     };
     // The idle worker inherits this test's environment: tag it to find it.
     std::env::set_var("LAZARUS_TEST_TAG", std::process::id().to_string());

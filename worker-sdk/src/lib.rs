@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 mod align;
+mod link;
 mod operator;
 pub mod protocol;
 mod record;

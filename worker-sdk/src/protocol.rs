@@ -170,6 +170,36 @@ pub fn decode_key(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// What a worker that reconnects to a new leader reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejoin {
+    /// A primary past its handshake (processing).
+    pub running: bool,
+    /// The newest checkpoint it snapshotted (committed or not): the new
+    /// leader's ids start above it.
+    pub checkpoint: Option<CheckpointId>,
+    /// A hot standby: the newest checkpoint it followed.
+    pub followed: Option<CheckpointId>,
+    /// A source that has no more input (it said so to the old leader).
+    #[serde(default)]
+    pub exhausted: bool,
+}
+
+/// What the agent writes to a worker's `LAZARUS_REJOIN_FILE` when a new
+/// leader adopts the job: where to reconnect and with which credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejoinTicket {
+    /// The new leader's control address for the job.
+    pub supervisor: SocketAddr,
+    /// A one-time credential for this process.
+    pub token: String,
+    /// The attempt the process now belongs to (a promoted standby's
+    /// differs from the one it was started for).
+    pub attempt: u64,
+    /// Whether the process is (still) a hot standby.
+    pub standby: bool,
+}
+
 /// Worker → supervisor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -187,6 +217,10 @@ pub enum ToSupervisor {
         /// `LAZARUS_TOKEN`); a hello without the right one is refused.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// Set when a running worker reconnects to a new supervisor (a new
+        /// HA leader adopting the job): where it is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rejoin: Option<Rejoin>,
     },
     /// The worker restored its state and listens for inputs here.
     Listening {

@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::align::BarrierAligner;
+use crate::link::LinkState;
 use crate::operator::{BoxError, Context, Registry, Role};
 use crate::protocol::{self, Assignment, DataMsg, Partition, ToSupervisor, ToWorker};
 use crate::record::{group_owner, key_group, Emitter, Record};
@@ -58,7 +59,9 @@ const SOCKET_BUFFER: u32 = 64 << 10;
 /// `LAZARUS_WORKER` (worker id), `LAZARUS_ATTEMPT`, and optionally
 /// `LAZARUS_BIND_IP` (data listener address, default 127.0.0.1),
 /// `LAZARUS_STANDBY=1` (start as a hot standby) and
-/// `LAZARUS_LOG` (tracing filter).
+/// `LAZARUS_LOG` (tracing filter); on an HA cluster `LAZARUS_REJOIN_FILE`
+/// (where a new leader's ticket appears: the worker survives a supervisor
+/// failover) and `LAZARUS_REJOIN_TIMEOUT_MS` (how long it waits for one).
 ///
 /// ```no_run
 /// use lazarus_sdk::*;
@@ -106,16 +109,19 @@ pub fn run_worker(registry: Registry) -> ExitCode {
     }
 }
 
-struct WorkerEnv {
-    supervisor: SocketAddr,
-    worker: WorkerId,
-    attempt: u64,
-    bind_ip: IpAddr,
-    standby: bool,
+pub(crate) struct WorkerEnv {
+    pub(crate) supervisor: SocketAddr,
+    pub(crate) worker: WorkerId,
+    pub(crate) attempt: u64,
+    pub(crate) bind_ip: IpAddr,
+    pub(crate) standby: bool,
     /// This process's credential toward the supervisor.
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     /// The cluster CA (`LAZARUS_CA`): connect to the supervisor over TLS.
-    ca: Option<std::path::PathBuf>,
+    pub(crate) ca: Option<std::path::PathBuf>,
+    /// Where the agent puts a new leader's ticket (`LAZARUS_REJOIN_FILE`,
+    /// HA clusters only): the worker survives a supervisor failover.
+    pub(crate) rejoin_file: Option<std::path::PathBuf>,
 }
 
 impl WorkerEnv {
@@ -137,6 +143,7 @@ impl WorkerEnv {
         let standby = std::env::var("LAZARUS_STANDBY").is_ok_and(|v| v == "1");
         let token = std::env::var("LAZARUS_TOKEN").ok();
         let ca = std::env::var_os("LAZARUS_CA").map(std::path::PathBuf::from);
+        let rejoin_file = std::env::var_os("LAZARUS_REJOIN_FILE").map(std::path::PathBuf::from);
         Ok(WorkerEnv {
             supervisor,
             worker,
@@ -145,6 +152,7 @@ impl WorkerEnv {
             standby,
             token,
             ca,
+            rejoin_file,
         })
     }
 }
@@ -178,18 +186,22 @@ struct UploadJob {
 }
 
 /// The control connection's read half (plain TCP, or TLS on a cluster).
-type CtlRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+pub(crate) type CtlRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+/// Its write half.
+pub(crate) type CtlWrite = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
 
 /// Connects to the supervisor. With `LAZARUS_CA` (a cluster with TLS) the
 /// connection is TLS, and the supervisor must prove the name
 /// `supervisor.lazarus` with a certificate from that CA; this process then
 /// proves itself inside it with its one-time credential.
-async fn connect_supervisor(
+pub(crate) async fn connect_supervisor(
     env: &WorkerEnv,
-) -> Result<(CtlRead, Box<dyn tokio::io::AsyncWrite + Unpin + Send>)> {
-    let stream = TcpStream::connect(env.supervisor)
+    supervisor: SocketAddr,
+) -> Result<(CtlRead, CtlWrite)> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(supervisor))
         .await
-        .map_err(|e| format!("connect to supervisor {}: {e}", env.supervisor))?;
+        .map_err(|_| format!("connect to supervisor {supervisor}: no answer within 5 s"))?
+        .map_err(|e| format!("connect to supervisor {supervisor}: {e}"))?;
     stream.set_nodelay(true)?;
     let Some(ca) = &env.ca else {
         let (r, w) = stream.into_split();
@@ -219,30 +231,41 @@ async fn connect_supervisor(
     )
     .await
     .map_err(|_| "TLS handshake with the supervisor did not finish within 5 s")?
-    .map_err(|e| format!("TLS handshake with the supervisor {}: {e}", env.supervisor))?;
+    .map_err(|e| format!("TLS handshake with the supervisor {supervisor}: {e}"))?;
     let (r, w) = tokio::io::split(tls);
     Ok((Box::new(r), Box::new(w)))
 }
 
 async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
-    let (mut ctl_read, mut ctl_write) = connect_supervisor(&env).await?;
-    let (to_sup, mut to_sup_rx) = mpsc::unbounded_channel::<ToSupervisor>();
-    let control_writer = tokio::spawn(async move {
-        while let Some(msg) = to_sup_rx.recv().await {
-            if protocol::write_control(&mut ctl_write, &msg).await.is_err() {
-                break;
-            }
-        }
-    });
-    to_sup.send(ToSupervisor::Hello {
-        worker: env.worker.clone(),
-        attempt: env.attempt,
-        standby: env.standby,
-        token: env.token.clone(),
-    })?;
-    let assignment = match protocol::read_control::<_, ToWorker>(&mut ctl_read).await? {
+    let env = Arc::new(env);
+    let (ctl_read, mut ctl_write) = connect_supervisor(&env, env.supervisor).await?;
+    protocol::write_control(
+        &mut ctl_write,
+        &ToSupervisor::Hello {
+            worker: env.worker.clone(),
+            attempt: env.attempt,
+            standby: env.standby,
+            token: env.token.clone(),
+            rejoin: None,
+        },
+    )
+    .await?;
+    // The control link: one task, which reconnects to a new leader on an
+    // HA cluster. `None` from `ctl_in` means the supervisor is gone.
+    let (to_sup, to_sup_rx) = mpsc::unbounded_channel::<ToSupervisor>();
+    let (ctl_tx, mut ctl_in) = mpsc::unbounded_channel::<Option<ToWorker>>();
+    let link_state = LinkState::default();
+    let control_link = tokio::spawn(crate::link::run(
+        env.clone(),
+        ctl_read,
+        ctl_write,
+        to_sup_rx,
+        ctl_tx,
+        link_state.clone(),
+    ));
+    let assignment = match ctl_in.recv().await.flatten() {
         Some(ToWorker::Assign(a)) => *a,
-        Some(ToWorker::Standby(a)) => match follow(*a, &mut ctl_read, &to_sup).await? {
+        Some(ToWorker::Standby(a)) => match follow(*a, &mut ctl_in, &to_sup, &link_state).await? {
             Some(a) => a,
             None => return Ok(()),
         },
@@ -258,27 +281,16 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
     }
     let span = tracing::info_span!("worker", worker = %assignment.worker);
 
-    // Control messages from the supervisor; `None` means it went away.
-    let (ctl_tx, mut ctl_in) = mpsc::unbounded_channel::<Option<ToWorker>>();
-    tokio::spawn(async move {
-        loop {
-            match protocol::read_control::<_, ToWorker>(&mut ctl_read).await {
-                Ok(Some(msg)) => {
-                    if ctl_tx.send(Some(msg)).is_err() {
-                        break;
-                    }
-                }
-                _ => {
-                    let _ = ctl_tx.send(None);
-                    break;
-                }
-            }
-        }
-    });
-
-    let result = run_assignment(registry, &env, assignment, &to_sup, &mut ctl_in)
-        .instrument(span)
-        .await;
+    let result = run_assignment(
+        registry,
+        &env,
+        assignment,
+        &to_sup,
+        &mut ctl_in,
+        &link_state,
+    )
+    .instrument(span)
+    .await;
     if let Err(e) = &result {
         let _ = to_sup.send(ToSupervisor::Failed {
             error: e.to_string(),
@@ -287,7 +299,7 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
     }
     drop(to_sup);
     // Let the last messages (acks, the failure) reach the supervisor.
-    let _ = tokio::time::timeout(Duration::from_secs(2), control_writer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), control_link).await;
     result
 }
 
@@ -297,8 +309,9 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
 /// disk. Returns the assignment that promotes it, or `None` on shutdown.
 async fn follow(
     standby: Assignment,
-    ctl_read: &mut CtlRead,
+    ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
     to_sup: &mpsc::UnboundedSender<ToSupervisor>,
+    link: &LinkState,
 ) -> Result<Option<Assignment>> {
     let store = CheckpointStore::open(&standby.store)?;
     let js = store.job(standby.job.clone());
@@ -323,23 +336,27 @@ async fn follow(
             .await
         }
     };
+    link.following(true);
     if let Some(n) = standby.restore {
         let fetched_bytes = fetch(n).await?;
+        link.followed(n);
         to_sup.send(ToSupervisor::Followed {
             checkpoint: n,
             fetched_bytes,
         })?;
     }
     loop {
-        match protocol::read_control::<_, ToWorker>(ctl_read).await? {
+        match ctl_in.recv().await.flatten() {
             Some(ToWorker::Follow { checkpoint }) => {
                 let fetched_bytes = fetch(checkpoint).await?;
+                link.followed(checkpoint);
                 to_sup.send(ToSupervisor::Followed {
                     checkpoint,
                     fetched_bytes,
                 })?;
             }
             Some(ToWorker::Assign(a)) => {
+                link.following(false);
                 if a.worker != standby.worker {
                     return Err(
                         format!("standby of {} promoted as {}", standby.worker, a.worker).into(),
@@ -359,6 +376,7 @@ async fn run_assignment(
     a: Assignment,
     to_sup: &mpsc::UnboundedSender<ToSupervisor>,
     ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
+    link: &LinkState,
 ) -> Result<()> {
     let ctx = Context {
         job: a.job.clone(),
@@ -463,6 +481,7 @@ async fn run_assignment(
         .await
         .map_err(|_| "inputs did not all connect within 30 s")???;
     to_sup.send(ToSupervisor::Running)?;
+    link.running();
 
     // Progress and liveness.
     let records_in = Arc::new(AtomicU64::new(0));
@@ -508,7 +527,7 @@ async fn run_assignment(
             loop {
                 match ctl_in.try_recv() {
                     Ok(msg) => {
-                        if !handle_control(msg, &mut role, &mut outputs, &upload_tx).await? {
+                        if !handle_control(msg, &mut role, &mut outputs, &upload_tx, link).await? {
                             return Ok(());
                         }
                     }
@@ -533,7 +552,7 @@ async fn run_assignment(
                     crate::SourcePoll::Idle => {
                         tokio::select! {
                             msg = ctl_in.recv() => {
-                                if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx).await? {
+                                if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx, link).await? {
                                     return Ok(());
                                 }
                             }
@@ -543,13 +562,14 @@ async fn run_assignment(
                     }
                     crate::SourcePoll::Exhausted => {
                         exhausted = true;
+                        link.exhausted();
                         to_sup.send(ToSupervisor::SourceExhausted)?;
                     }
                 }
             } else {
                 tokio::select! {
                     msg = ctl_in.recv() => {
-                        if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx).await? {
+                        if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx, link).await? {
                             return Ok(());
                         }
                     }
@@ -563,7 +583,7 @@ async fn run_assignment(
         tokio::select! {
             biased;
             msg = ctl_in.recv() => {
-                if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx).await? {
+                if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx, link).await? {
                     return Ok(());
                 }
             }
@@ -589,12 +609,12 @@ async fn run_assignment(
                     }
                     Some(Ok(DataMsg::Barrier(n))) => {
                         if let Some(n) = aligner.on_barrier(i, n)? {
-                            snapshot_now(n, &mut role, &mut outputs, &upload_tx).await?;
+                            snapshot_now(n, &mut role, &mut outputs, &upload_tx, link).await?;
                         }
                     }
                     Some(Ok(DataMsg::End)) | None => {
                         if let Some(n) = aligner.on_closed(i) {
-                            snapshot_now(n, &mut role, &mut outputs, &upload_tx).await?;
+                            snapshot_now(n, &mut role, &mut outputs, &upload_tx, link).await?;
                         }
                     }
                     Some(Ok(DataMsg::Hello(w))) => return Err(format!("unexpected hello from {w} on input {i}").into()),
@@ -611,6 +631,7 @@ async fn handle_control(
     role: &mut Role,
     outputs: &mut [EdgeOut],
     upload_tx: &mpsc::UnboundedSender<UploadJob>,
+    link: &LinkState,
 ) -> Result<bool> {
     match msg {
         None => Err("supervisor connection lost".into()),
@@ -618,7 +639,7 @@ async fn handle_control(
         Some(ToWorker::Trigger { checkpoint }) => {
             if matches!(role, Role::Source(_)) {
                 // Sources snapshot right here, between two polls.
-                snapshot_now(checkpoint, role, outputs, upload_tx).await?;
+                snapshot_now(checkpoint, role, outputs, upload_tx, link).await?;
             }
             Ok(true)
         }
@@ -646,7 +667,9 @@ async fn snapshot_now(
     role: &mut Role,
     outputs: &mut [EdgeOut],
     upload_tx: &mpsc::UnboundedSender<UploadJob>,
+    link: &LinkState,
 ) -> Result<()> {
+    link.snapshotted(n);
     let started = Instant::now();
     let snapshot = match role {
         Role::Source(s) => {

@@ -60,6 +60,7 @@ async fn run_on(
         status_every: None,
         final_checkpoint_on_stop: false,
         epoch_floor: 0,
+        adopt_timeout: None,
     };
     tokio::time::timeout(Duration::from_secs(600), run_local(run, stop_rx))
         .await
@@ -258,6 +259,7 @@ async fn test_stop_with_final_checkpoint_then_resume_is_exactly_once() {
         status_every: None,
         final_checkpoint_on_stop: true,
         epoch_floor: 0,
+        adopt_timeout: None,
     };
     let handle = tokio::spawn(run_local(first, stop_rx));
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -326,6 +326,9 @@ fn ha_options(
             .unwrap_or_else(|| advertise.to_string()),
         advertise,
         lease: file.lease.unwrap_or(std::time::Duration::from_secs(3)),
+        adopt_timeout: file
+            .adopt_timeout
+            .unwrap_or(std::time::Duration::from_secs(10)),
     };
     ha.validate()
         .map_err(|e| anyhow::anyhow!("supervisor HA settings: {e}"))?;

@@ -80,6 +80,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             status_every: (!args.quiet).then_some(Duration::from_secs(1)),
             final_checkpoint_on_stop: args.final_checkpoint_on_stop,
             epoch_floor: 0,
+            adopt_timeout: None,
         },
         stop_rx,
     )

@@ -13,6 +13,12 @@
 //! - a supervisor that stays silent for one lease length ends the session:
 //!   every worker process is killed and every VIP removed, then the agent
 //!   registers again.
+//!
+//! On an HA cluster (the welcome says so) the VIP leases are the agent's
+//! own, in etcd ([`crate::cluster::etcd_vips`]), and a lost session is not
+//! a reason to fence: workers keep running and VIPs stay held while their
+//! etcd lease lives, and the agent registers with the next leader, reporting
+//! its processes; the leader adopts them (rejoin tickets) or stops them.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -26,9 +32,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::allow::AllowList;
+use crate::cluster::etcd_vips::EtcdVips;
 use crate::cluster::transport::{BoxRead, BoxWrite, Dialer};
 use crate::cluster::vip_holder::{HolderAction, VipHolder};
-use crate::cluster::wire::{AgentMsg, SupervisorMsg, WireExit};
+use crate::cluster::wire::{AgentMsg, HaWelcome, ProcRef, SupervisorMsg, WireExit};
 use crate::lease::LeaseId;
 use crate::procs::{ProcessTable, Slot, WorkerExited};
 use crate::vip::{parse_vip, Vip};
@@ -128,6 +135,15 @@ struct AgentState {
     seq: u64,
     /// The supervisor of the current (or last) session.
     supervisor: SocketAddr,
+    /// HA cluster: VIP leases in etcd, workers kept across sessions.
+    ha: Option<EtcdVips>,
+    /// How long workers and VIPs are kept without any leader (HA).
+    adopt_window: Duration,
+    /// Since when no leader has had this agent registered (HA).
+    detached_since: Option<Duration>,
+    /// Lease answers from etcd.
+    lease_tx: mpsc::UnboundedSender<SupervisorMsg>,
+    lease_rx: mpsc::UnboundedReceiver<SupervisorMsg>,
     /// Background work: announcement bursts and cache pruning.
     tasks: tokio_util::task::TaskTracker,
 }
@@ -137,6 +153,7 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating state directory {}", opts.state_dir.display()))?;
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+    let (lease_tx, lease_rx) = mpsc::unbounded_channel();
     let mut st = AgentState {
         opts,
         clock: SystemClock::default(),
@@ -146,6 +163,11 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
         vips: BTreeMap::new(),
         seq: 0,
         supervisor: SocketAddr::from(([0, 0, 0, 0], 0)),
+        ha: None,
+        adopt_window: Duration::from_secs(10),
+        detached_since: None,
+        lease_tx,
+        lease_rx,
         tasks: tokio_util::task::TaskTracker::new(),
     };
     anyhow::ensure!(
@@ -192,10 +214,21 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
             }
             Err(e) => tracing::warn!(%addr, error = %e, "cannot reach the supervisor"),
         }
-        st.fence("no session with the supervisor").await;
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stop.changed() => {}
+        if st.ha.is_some() {
+            // HA: the workers go on and the VIPs stay (etcd leases) while a
+            // new leader can still adopt them; look for it.
+            let since = *st.detached_since.get_or_insert(st.now());
+            if st.now().saturating_sub(since) > st.adopt_window {
+                st.fence("no leader adopted this host's workers in time")
+                    .await;
+            }
+            st.detached(Duration::from_millis(200), &mut stop).await;
+        } else {
+            st.fence("no session with the supervisor").await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed() => {}
+            }
         }
     }
     // Bursts were aborted with their VIPs; cache pruning finishes (bounded).
@@ -212,6 +245,80 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
 impl AgentState {
     fn now(&self) -> Duration {
         self.clock.now()
+    }
+
+    /// The cluster has supervisors under etcd: VIP leases from etcd from now
+    /// on, and rejoin tickets for every worker started.
+    fn become_ha(&mut self, cfg: HaWelcome) {
+        if self.ha.is_some() {
+            return;
+        }
+        tracing::info!(etcd = ?cfg.etcd, "HA cluster: VIP leases in etcd, workers kept across supervisor failovers");
+        self.adopt_window = Duration::from_millis(cfg.adopt_ms.max(1000));
+        self.ha = Some(EtcdVips::start(
+            cfg,
+            self.opts.name.clone(),
+            self.lease_tx.clone(),
+            &self.tasks,
+        ));
+        let wait = self.rejoin_wait();
+        for (job, t) in self.jobs.iter_mut() {
+            if let Err(e) = t.enable_rejoin() {
+                tracing::error!(%job, error = %e, "cannot prepare rejoin tickets");
+            }
+            t.set_env("LAZARUS_REJOIN_TIMEOUT_MS", &wait);
+        }
+    }
+
+    /// How long a worker waits for a new leader: a little longer than the
+    /// agent keeps it (the agent decides).
+    fn rejoin_wait(&self) -> String {
+        (self.adopt_window + Duration::from_secs(5))
+            .as_millis()
+            .to_string()
+    }
+
+    /// Between sessions on an HA cluster (for `span`, or until `stop`):
+    /// VIP leases renewed through etcd, exits reaped (the next leader sees
+    /// them missing from the report).
+    async fn detached(&mut self, span: Duration, stop: &mut watch::Receiver<bool>) {
+        let (out, _drop) = mpsc::unbounded_channel::<AgentMsg>();
+        let until = tokio::time::sleep(span);
+        tokio::pin!(until);
+        let mut check = tokio::time::interval(Duration::from_millis(2));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let local = SocketAddr::from(([0, 0, 0, 0], 0)).ip();
+        loop {
+            tokio::select! {
+                _ = &mut until => return,
+                Some(msg) = self.lease_rx.recv() => self.handle(msg, local, Duration::from_millis(250), &out).await,
+                Some((job, e)) = self.exits_rx.recv() => {
+                    tracing::warn!(%job, worker = %e.worker, "worker exited while no supervisor listens");
+                    if let Some(t) = self.jobs.get_mut(&job) {
+                        t.reap(&e);
+                    }
+                }
+                _ = check.tick() => self.leases(&out).await,
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// The worker processes this agent runs, for a new leader.
+    fn report(&self) -> Vec<ProcRef> {
+        self.jobs
+            .iter()
+            .flat_map(|(job, t)| {
+                t.processes()
+                    .into_iter()
+                    .map(|(worker, slot, attempt)| ProcRef {
+                        job: job.clone(),
+                        worker,
+                        attempt,
+                        standby: slot == Slot::Standby,
+                    })
+            })
+            .collect()
     }
 
     /// Kills every worker and removes every VIP (no session: nothing to
@@ -232,6 +339,9 @@ impl AgentState {
             self.carry_out(&name, actions, None).await;
         }
         self.vips.clear();
+        if let Some(ha) = &self.ha {
+            ha.flush(Duration::from_secs(1)).await;
+        }
         if any {
             tracing::warn!(why, "fenced: workers stopped, VIPs removed");
         }
@@ -256,21 +366,25 @@ impl AgentState {
                     let _ = out.send(m);
                 }
             };
-            match a {
-                HolderAction::Acquire { seq } => send(AgentMsg::LeaseAcquire {
+            match (a, &self.ha) {
+                // HA: the lease authority is etcd.
+                (HolderAction::Acquire { seq }, Some(ha)) => ha.acquire(name, seq),
+                (HolderAction::Renew { seq, .. }, Some(ha)) => ha.renew(name, seq),
+                (HolderAction::Released { .. }, Some(ha)) => ha.release(name),
+                (HolderAction::Acquire { seq }, None) => send(AgentMsg::LeaseAcquire {
                     vip: name.to_string(),
                     seq,
                 }),
-                HolderAction::Renew { id, seq } => send(AgentMsg::LeaseRenew {
+                (HolderAction::Renew { id, seq }, None) => send(AgentMsg::LeaseRenew {
                     vip: name.to_string(),
                     id: id.0,
                     seq,
                 }),
-                HolderAction::Released { id } => send(AgentMsg::LeaseReleased {
+                (HolderAction::Released { id }, None) => send(AgentMsg::LeaseReleased {
                     vip: name.to_string(),
                     id: id.0,
                 }),
-                HolderAction::AddAddress => {
+                (HolderAction::AddAddress, _) => {
                     let ok = match v.vip.add().await {
                         Ok(()) => {
                             tracing::info!(vip = %name, lease = ?v.holder.lease(), "VIP held");
@@ -283,12 +397,12 @@ impl AgentState {
                     };
                     queue.extend(v.holder.added(now, ok));
                 }
-                HolderAction::RemoveAddress => {
+                (HolderAction::RemoveAddress, _) => {
                     if let Err(e) = v.vip.release().await {
                         tracing::error!(vip = %name, error = %e, "removing the VIP failed");
                     }
                 }
-                HolderAction::StartAnnounce => {
+                (HolderAction::StartAnnounce, _) => {
                     let vip = v.vip.clone();
                     // Replacing the handle aborts a burst still running.
                     v.announce = Some(AbortOnDrop(self.tasks.spawn(async move {
@@ -297,10 +411,10 @@ impl AgentState {
                         }
                     })));
                 }
-                HolderAction::StopAnnounce => {
+                (HolderAction::StopAnnounce, _) => {
                     v.announce = None;
                 }
-                HolderAction::StopPrimaries => {
+                (HolderAction::StopPrimaries, _) => {
                     tracing::warn!(vip = %name, "VIP lease expired without renewal: VIP removed, primaries stopped");
                     for agent in self.jobs.values_mut() {
                         agent.kill_primaries();
@@ -329,6 +443,7 @@ impl AgentState {
         out.send(AgentMsg::Register {
             name: self.opts.name.clone(),
             state_dir: self.opts.state_dir.clone(),
+            procs: self.report(),
         })?;
         let welcome = tokio::time::timeout(
             Duration::from_secs(5),
@@ -341,11 +456,18 @@ impl AgentState {
                 heartbeat_ms,
                 lease_ms,
                 renew_ms,
-            }) => (
-                Duration::from_millis(heartbeat_ms.max(1)),
-                Duration::from_millis(lease_ms.max(1)),
-                Duration::from_millis(renew_ms.max(1)),
-            ),
+                ha,
+            }) => {
+                if let Some(ha) = ha {
+                    self.become_ha(ha);
+                }
+                self.detached_since = None;
+                (
+                    Duration::from_millis(heartbeat_ms.max(1)),
+                    Duration::from_millis(lease_ms.max(1)),
+                    Duration::from_millis(renew_ms.max(1)),
+                )
+            }
             Some(SupervisorMsg::Refused { reason }) => {
                 anyhow::bail!("registration refused: {reason}")
             }
@@ -385,6 +507,7 @@ impl AgentState {
                     last_heard = self.now();
                     self.handle(msg, local_ip, renew, &out).await;
                 }
+                Some(msg) = self.lease_rx.recv() => self.handle(msg, local_ip, renew, &out).await,
                 Some((job, e)) = self.exits_rx.recv() => {
                     if let Some(agent) = self.jobs.get_mut(&job) {
                         agent.reap(&e);
@@ -490,6 +613,50 @@ impl AgentState {
                     Slot::Primary
                 };
                 agent.spawn(&worker, attempt, slot, supervisor, &token);
+            }
+            SupervisorMsg::Rejoin {
+                job,
+                worker,
+                attempt,
+                standby,
+                supervisor,
+                token,
+            } => {
+                let supervisor = if supervisor.ip().is_unspecified() {
+                    SocketAddr::new(self.supervisor.ip(), supervisor.port())
+                } else {
+                    supervisor
+                };
+                let slot = if standby {
+                    Slot::Standby
+                } else {
+                    Slot::Primary
+                };
+                let ticket = lazarus_sdk::protocol::RejoinTicket {
+                    supervisor,
+                    token,
+                    attempt,
+                    standby,
+                };
+                let handed = self
+                    .jobs
+                    .get(&job)
+                    .is_some_and(|t| t.rejoin(&worker, slot, attempt, &ticket));
+                if handed {
+                    tracing::info!(%job, %worker, attempt, standby, %supervisor, "worker handed to the new leader");
+                } else {
+                    // The leader counts on a process that is not here.
+                    let _ = out.send(AgentMsg::Exited {
+                        job,
+                        worker,
+                        attempt,
+                        standby,
+                        exit: WireExit::SpawnFailed {
+                            error: "not running on this host any more".into(),
+                        },
+                        detail: None,
+                    });
+                }
             }
             SupervisorMsg::Promote {
                 job,
@@ -652,6 +819,12 @@ impl AgentState {
             };
             let bind = self.opts.bind_ip.unwrap_or(local_ip);
             agent.set_env("LAZARUS_BIND_IP", &bind.to_string());
+            if self.ha.is_some() {
+                if let Err(e) = agent.enable_rejoin() {
+                    tracing::error!(%job, error = %e, "cannot prepare rejoin tickets; workers will not survive a supervisor failover");
+                }
+                agent.set_env("LAZARUS_REJOIN_TIMEOUT_MS", &self.rejoin_wait());
+            }
             if let Some(ca) = &self.opts.ca_file {
                 agent.set_env("LAZARUS_CA", &ca.display().to_string());
             }

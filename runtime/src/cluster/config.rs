@@ -20,6 +20,8 @@
 //! advertise = "198.18.0.1:7070"  # where agents and clients reach this one
 //! prefix = "/lazarus"            # key prefix in etcd
 //! lease = "3s"                   # leadership lease (2s..300s)
+//! adopt_timeout = "10s"          # a new leader waits this long for running workers to rejoin;
+//!                                # agents keep workers and VIPs this long without any leader
 //! ```
 //!
 //! Every field is optional; unknown fields are errors that name the field.
@@ -82,6 +84,7 @@ struct EtcdFile {
     advertise: Option<String>,
     prefix: Option<String>,
     lease: Option<String>,
+    adopt_timeout: Option<String>,
 }
 
 /// The `[etcd]` table of the supervisor's config file.
@@ -97,6 +100,8 @@ pub struct EtcdSettings {
     pub prefix: Option<String>,
     /// Leadership lease.
     pub lease: Option<Duration>,
+    /// Adoption timeout.
+    pub adopt_timeout: Option<Duration>,
 }
 
 impl EtcdSettings {
@@ -124,12 +129,17 @@ impl EtcdSettings {
             Some(l) => Some(parse_duration(l).map_err(|err| format!("etcd.lease: {err}"))?),
             None => None,
         };
+        let adopt_timeout = match &e.adopt_timeout {
+            Some(l) => Some(parse_duration(l).map_err(|err| format!("etcd.adopt_timeout: {err}"))?),
+            None => None,
+        };
         Ok(Some(EtcdSettings {
             endpoints: e.endpoints,
             name: e.name,
             advertise,
             prefix: e.prefix,
             lease,
+            adopt_timeout,
         }))
     }
 }

@@ -92,6 +92,28 @@ impl Fleet for ClusterFleet {
         );
     }
 
+    fn rejoin(
+        &mut self,
+        host: &str,
+        worker: &WorkerId,
+        attempt: u64,
+        slot: Slot,
+        supervisor: SocketAddr,
+        token: &str,
+    ) {
+        self.send(
+            host,
+            SupervisorMsg::Rejoin {
+                job: self.job.clone(),
+                worker: worker.clone(),
+                attempt,
+                standby: slot == Slot::Standby,
+                supervisor,
+                token: token.to_string(),
+            },
+        );
+    }
+
     fn kill(&mut self, host: &str, worker: &WorkerId, slot: Slot) {
         self.send(
             host,

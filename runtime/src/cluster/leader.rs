@@ -23,9 +23,11 @@ use tokio_util::task::TaskTracker;
 use crate::cluster::server::{check_conflicts, prepare, start_job, ServerOptions};
 use crate::cluster::state::Cluster;
 use crate::cluster::transport::Dialer;
-use crate::cluster::wire::{ClientReply, ClientRequest, HaStatus, JobStatusCell, StatusReport};
+use crate::cluster::wire::{
+    ClientReply, ClientRequest, HaStatus, JobStatusCell, StatusReport, VipStatus,
+};
 use crate::ha::{self, Elector, EtcdHealth, HaOptions, HaStore, JobRecord, Role};
-use crate::supervisor::{JobStateKind, RunSummary};
+use crate::supervisor::{Adoption, JobHa, JobStateKind, PlacementLog, RunSummary};
 
 /// The supervisor's HA state, shared by its connections.
 #[derive(Clone)]
@@ -193,11 +195,31 @@ impl Leadership {
         }
     }
 
-    async fn status(&self, report: StatusReport, term: Option<i64>) -> StatusReport {
+    async fn status(&self, mut report: StatusReport, term: Option<i64>) -> StatusReport {
         let (leader, supervisors, etcd) = match self.store().await {
             Ok(store) => {
                 let leader = store.leader().await.ok().flatten();
                 let members = store.members().await.unwrap_or_default();
+                // VIP leases are the agents' own, in etcd.
+                if let Ok(holders) = store.vip_holders().await {
+                    for v in report.vips.iter_mut() {
+                        let held = holders.get(&v.vip);
+                        v.holder = held.map(|(h, _)| h.clone());
+                        v.lease_id = held.map(|(_, l)| *l as u64);
+                        v.lease_expires_in_ms = None;
+                    }
+                    for (vip, (h, l)) in holders {
+                        if !report.vips.iter().any(|v| v.vip == vip) {
+                            report.vips.push(VipStatus {
+                                vip,
+                                assigned: None,
+                                holder: Some(h),
+                                lease_id: Some(l as u64),
+                                lease_expires_in_ms: None,
+                            });
+                        }
+                    }
+                }
                 (leader, members, store.health().await)
             }
             Err(e) => (
@@ -297,6 +319,7 @@ pub async fn client_request(
                     last_checkpoint: None,
                     term,
                     failure: None,
+                    placement: None,
                 };
                 let sync = JobSync::new(store, term, rec);
                 // Recorded before it runs: if this leader dies now, the next
@@ -378,6 +401,33 @@ impl JobSync {
     /// The lowest store epoch the job may claim under this term.
     pub fn epoch_floor(&self) -> u64 {
         ha::epoch_floor(self.term)
+    }
+
+    /// The job's HA hooks: adopt what the record says runs (if anything),
+    /// and write placement changes to the record first.
+    pub fn job_ha(&self) -> JobHa {
+        let adopt = {
+            let r = self.lock();
+            r.placement.clone().filter(|_| r.wants_running())
+        };
+        let sync = self.clone();
+        let log: PlacementLog = Arc::new(move |a: Adoption| {
+            let sync = sync.clone();
+            Box::pin(async move { sync.put_placement(a).await.map_err(|e| e.to_string()) })
+        });
+        JobHa { adopt, log }
+    }
+
+    /// Writes the record with a new placement, its state unchanged (a job
+    /// being stopped stays stopped).
+    async fn put_placement(&self, a: Adoption) -> Result<(), ha::HaError> {
+        let rec = {
+            let mut r = self.lock();
+            r.placement = Some(a);
+            r.term = self.term;
+            r.clone()
+        };
+        self.store.put_job(self.term, &rec).await
     }
 
     /// Writes the record with `state` (conditioned on the term).

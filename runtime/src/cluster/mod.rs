@@ -12,6 +12,7 @@
 //! | `client` | `lazarus submit` and `lazarus status` |
 //! | `config` | the supervisor's `--config` file |
 //! | `transport` | the control port's connections: mutual TLS with identities, or plain TCP for test setups |
+//! | `etcd_vips` | HA clusters: the agent's VIP leases in etcd, under its own etcd lease |
 //! | `vip_holder` | one VIP on the agent: lease requests, add/remove, bursts, self-fencing (pure) |
 //! | `fleet` | a job's processes and VIPs on the agents (the supervisor's `Fleet`) |
 //!
@@ -23,6 +24,7 @@ pub mod agent;
 pub mod allow;
 pub mod client;
 pub mod config;
+pub mod etcd_vips;
 pub mod fleet;
 pub mod leader;
 pub mod server;

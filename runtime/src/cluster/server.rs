@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use lazarus_sdk::protocol;
+use lazarus_storage::JobId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +24,9 @@ use crate::cluster::fleet::ClusterFleet;
 use crate::cluster::leader::{self, Leadership};
 use crate::cluster::state::{Cluster, JobEntry};
 use crate::cluster::transport::{Acceptor, BoxRead, BoxWrite, Dialer};
-use crate::cluster::wire::{job_status_cell, AgentMsg, ClientReply, ClientRequest, SupervisorMsg};
+use crate::cluster::wire::{
+    job_status_cell, AgentMsg, ClientReply, ClientRequest, HaWelcome, ProcRef, SupervisorMsg,
+};
 use crate::fleet::FleetEvent;
 use crate::ha::HaOptions;
 use crate::procs::WorkerExited;
@@ -214,7 +217,12 @@ async fn connection(
             .context("closed before the first message")?;
     let identity = peer_cert.as_ref().map(|p| p.identity.clone());
     let not_after = peer_cert.and_then(|p| p.not_after);
-    if let Ok(AgentMsg::Register { name, state_dir }) = serde_json::from_value(first.clone()) {
+    if let Ok(AgentMsg::Register {
+        name,
+        state_dir,
+        procs,
+    }) = serde_json::from_value(first.clone())
+    {
         // An agent registers only under the name its certificate carries.
         if let Some(id) = identity
             .as_ref()
@@ -232,7 +240,20 @@ async fn connection(
             protocol::write_control(&mut write, &SupervisorMsg::NotLeader { leader }).await?;
             return Ok(());
         }
-        return agent_session(name, state_dir, peer.ip(), not_after, read, write, cluster).await;
+        let session = AgentSession {
+            name,
+            state_dir,
+            addr: peer.ip(),
+            not_after,
+            procs,
+            ha: opts.ha.as_ref().map(|h| HaWelcome {
+                etcd: h.endpoints.clone(),
+                prefix: h.prefix.clone(),
+                lease_ms: vip_lease_ttl(&opts.config).as_millis() as u64,
+                adopt_ms: h.adopt_timeout.as_millis() as u64,
+            }),
+        };
+        return agent_session(session, read, write, cluster).await;
     }
     let reply = match serde_json::from_value::<ClientRequest>(first) {
         Ok(req) => match authorize(identity.as_ref(), &req) {
@@ -258,15 +279,38 @@ async fn connection(
     Ok(())
 }
 
-async fn agent_session(
+/// VIP leases in etcd (HA): the configured lease length in whole seconds,
+/// at least etcd's minimum of 2 s.
+fn vip_lease_ttl(c: &ClusterConfig) -> Duration {
+    Duration::from_secs(c.lease.length.as_millis().div_ceil(1000).max(2) as u64)
+}
+
+/// A registered agent's session.
+struct AgentSession {
     name: String,
     state_dir: PathBuf,
     addr: IpAddr,
     not_after: Option<i64>,
+    /// Processes it runs (after a supervisor failover).
+    procs: Vec<ProcRef>,
+    /// HA: how it holds VIPs.
+    ha: Option<HaWelcome>,
+}
+
+async fn agent_session(
+    s: AgentSession,
     mut read: BoxRead,
     mut write: BoxWrite,
     cluster: Cluster,
 ) -> anyhow::Result<()> {
+    let AgentSession {
+        name,
+        state_dir,
+        addr,
+        not_after,
+        procs,
+        ha,
+    } = s;
     if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_whitespace() || c == '/') {
         let refused = SupervisorMsg::Refused {
             reason: format!("invalid agent name {name:?}: 1 to 64 characters, no spaces or '/'"),
@@ -285,12 +329,34 @@ async fn agent_session(
     };
     let conn = {
         let mut c = cluster.lock();
+        // HA: VIP leases are renewed with etcd keep-alives, a quarter of
+        // their TTL apart.
+        let renew_ms = match &ha {
+            Some(h) => h.lease_ms / 4,
+            None => c.config.lease.renew_every.as_millis() as u64,
+        };
         let welcome = SupervisorMsg::Welcome {
             heartbeat_ms: c.config.heartbeat_interval.as_millis() as u64,
             lease_ms: c.config.lease.length.as_millis() as u64,
-            renew_ms: c.config.lease.renew_every.as_millis() as u64,
+            renew_ms,
+            ha,
         };
         let _ = tx.send(welcome);
+        // Processes of jobs this supervisor does not run (stopped, or
+        // ended, while no leader listened) are stopped; the jobs it runs
+        // adopt theirs through rejoin tickets.
+        let orphans: std::collections::BTreeSet<JobId> = procs
+            .iter()
+            .filter(|p| c.jobs.get(&p.job).is_none_or(|j| j.ended()))
+            .map(|p| p.job.clone())
+            .collect();
+        for job in orphans {
+            tracing::warn!(host = %name, %job, "stopping processes of a job not running here");
+            let _ = tx.send(SupervisorMsg::KillAll {
+                job,
+                standbys: true,
+            });
+        }
         let conn = c.register(&name, addr, state_dir, tx.clone());
         if let Some(h) = c.hosts.get_mut(&name) {
             h.cert_not_after = not_after;
@@ -551,13 +617,26 @@ pub(crate) fn start_job(
         status_every: None,
         final_checkpoint_on_stop: false,
         epoch_floor: ha.as_ref().map_or(0, leader::JobSync::epoch_floor),
+        adopt_timeout: opts.ha.as_ref().map(|h| h.adopt_timeout),
     };
     let fleet = Box::new(ClusterFleet::new(job.clone(), cluster.clone(), binary));
     let control_ip = opts.listen.ip();
     let job_tls = opts.job_tls.clone();
     let j = job.clone();
     let task = jobs.spawn(async move {
-        let running = supervisor::run_job(run, fleet, events_rx, control_ip, job_tls, status.clone(), stop_rx);
+        let job_ha = ha.as_ref().map(leader::JobSync::job_ha);
+        let running = supervisor::run_job(
+            run,
+            fleet,
+            events_rx,
+            supervisor::ControlPort {
+                ip: control_ip,
+                tls: job_tls,
+            },
+            status.clone(),
+            stop_rx,
+            job_ha,
+        );
         let result = match &ha {
             Some(sync) => sync.follow(running, &status).await,
             None => running.await,

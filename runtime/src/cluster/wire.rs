@@ -25,6 +25,10 @@ pub enum AgentMsg {
         name: String,
         /// Where its worker logs and local cache live.
         state_dir: PathBuf,
+        /// Worker processes it runs (an agent that kept its workers through
+        /// a supervisor failover): the new leader adopts or stops them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        procs: Vec<ProcRef>,
     },
     /// Liveness, every heartbeat interval.
     Heartbeat,
@@ -137,6 +141,39 @@ pub struct GarpSettings {
     pub refresh_ms: u64,
 }
 
+/// A worker process an agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcRef {
+    /// Its job.
+    pub job: JobId,
+    /// The worker.
+    pub worker: WorkerId,
+    /// The attempt it belongs to now.
+    pub attempt: u64,
+    /// A hot standby.
+    pub standby: bool,
+}
+
+/// How agents of an HA cluster hold VIPs: under their own etcd lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaWelcome {
+    /// etcd client URLs.
+    pub etcd: Vec<String>,
+    /// Key prefix (VIP leases are `<prefix>/vips/<vip>`).
+    pub prefix: String,
+    /// The VIP lease length, ms (an etcd lease TTL: whole seconds, at
+    /// least 2 s).
+    pub lease_ms: u64,
+    /// How long the agent keeps its workers and VIPs without any leader:
+    /// a new leader adopts them within this; after it the agent fences.
+    #[serde(default = "default_adopt_ms")]
+    pub adopt_ms: u64,
+}
+
+fn default_adopt_ms() -> u64 {
+    10_000
+}
+
 /// Supervisor → agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -150,6 +187,10 @@ pub enum SupervisorMsg {
         lease_ms: u64,
         /// Lease renewal interval, ms.
         renew_ms: u64,
+        /// Supervisors under etcd: VIP leases are the agent's own, in etcd,
+        /// and the agent keeps its workers when the supervisor goes away.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ha: Option<HaWelcome>,
     },
     /// Registration refused.
     Refused {
@@ -179,6 +220,22 @@ pub enum SupervisorMsg {
         /// The job's control address.
         supervisor: SocketAddr,
         /// The process's credential toward the job's control port.
+        token: String,
+    },
+    /// A new leader adopts this process: hand it the ticket (its
+    /// `LAZARUS_REJOIN_FILE`); an agent without it reports it exited.
+    Rejoin {
+        /// Its job.
+        job: JobId,
+        /// The worker.
+        worker: WorkerId,
+        /// The attempt the process belongs to now.
+        attempt: u64,
+        /// Its slot: a hot standby.
+        standby: bool,
+        /// The job's control address at the new leader.
+        supervisor: SocketAddr,
+        /// A one-time credential for it.
         token: String,
     },
     /// The worker's standby process becomes its primary for `attempt`.

@@ -68,6 +68,9 @@ pub struct HaOptions {
     /// stops acting, and a dead leader is replaced about this long after it
     /// died. etcd's minimum is 2 s with its default timing.
     pub lease: Duration,
+    /// How long a new leader waits for a running job's processes to rejoin,
+    /// and how long agents keep workers and VIPs without any leader.
+    pub adopt_timeout: Duration,
 }
 
 impl HaOptions {
@@ -87,6 +90,12 @@ impl HaOptions {
             return Err(format!(
                 "etcd lease {:?}: must be between 2s (etcd's minimum) and 300s",
                 self.lease
+            ));
+        }
+        if self.adopt_timeout < self.lease || self.adopt_timeout > Duration::from_secs(3600) {
+            return Err(format!(
+                "etcd adopt_timeout {:?}: must be at least the lease ({:?}) and at most 1h",
+                self.adopt_timeout, self.lease
             ));
         }
         if !self.prefix.starts_with('/') || self.prefix.ends_with('/') {
@@ -164,6 +173,7 @@ mod tests {
             name: "sup-a".into(),
             advertise: "127.0.0.1:7070".parse().expect("addr"),
             lease: Duration::from_secs(3),
+            adopt_timeout: Duration::from_secs(10),
         }
     }
 

@@ -40,6 +40,10 @@ pub struct JobRecord {
     /// Why it failed, when `state` is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Where its processes and VIPs are (written before each change takes
+    /// effect): what a new leader adopts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<crate::supervisor::Adoption>,
 }
 
 impl JobRecord {
@@ -149,6 +153,26 @@ impl HaStore {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    /// Every VIP held under an agent's etcd lease: VIP → (agent, lease).
+    pub async fn vip_holders(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, (String, i64)>, HaError> {
+        let prefix = format!("{}/vips/", self.prefix);
+        let mut c = self.client.clone();
+        let resp = bounded(c.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                (
+                    key.strip_prefix(&prefix).unwrap_or(&key).to_string(),
+                    (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease()),
+                )
+            })
+            .collect())
     }
 
     /// The current leader and its term, if any.

@@ -16,7 +16,16 @@
 //!    │ └── Claiming ◄── Recovering ◄──────────────────────────────────┘ (a sink died)
 //!    └─────────────────────►  │ backoff, budget spent ─► Failed
 //!           stop / fatal error / fenced ─────────────────────────► Stopped / Failed
+//!
+//! Adopting ──► Running      (a new HA leader: every primary rejoined)
+//!     └──────► Recovering   (one did not, within the adoption timeout)
 //! ```
+//!
+//! A new leader of an HA cluster builds the controller from the job's
+//! record ([`Adoption`]: attempt, processes, placement, VIPs) with
+//! [`JobController::adopt`]: the processes keep running, get rejoin
+//! tickets through their agents, and reconnect; checkpoint ids resume above
+//! every id any of them saw.
 //!
 //! # Rules (exactly-once and failover rest on them)
 //!
@@ -40,7 +49,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use lazarus_sdk::protocol::{ToSupervisor, ToWorker};
+use lazarus_sdk::protocol::{Rejoin, ToSupervisor, ToWorker};
 use lazarus_storage::{CheckpointId, Epoch, JobId, Manifest, WorkerId};
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +106,9 @@ pub struct ControllerConfig {
     pub root_cause_wait: Duration,
     /// How long a recovery waits for the failed attempt's primaries to exit.
     pub drain_timeout: Duration,
+    /// How long a new HA leader waits for an adopted job's processes to
+    /// rejoin before it recovers the job instead.
+    pub adopt_timeout: Duration,
 }
 
 impl ControllerConfig {
@@ -134,6 +146,7 @@ impl ControllerConfig {
             vips: false,
             root_cause_wait: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(10),
+            adopt_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -153,6 +166,8 @@ pub enum Fact {
         attempt: u64,
         /// Started as a hot standby.
         standby: bool,
+        /// A running process reconnecting to a new leader.
+        rejoin: Option<Rejoin>,
     },
     /// A message on an accepted connection.
     Message {
@@ -250,6 +265,18 @@ pub enum Action {
         /// The attempt.
         attempt: u64,
         /// Primary or hot standby.
+        slot: Slot,
+    },
+    /// Hand `worker`'s running process in `slot` on `host` (of `attempt`)
+    /// a rejoin ticket: a new leader adopts it.
+    Rejoin {
+        /// The host.
+        host: String,
+        /// The worker.
+        worker: WorkerId,
+        /// The attempt the process belongs to.
+        attempt: u64,
+        /// Its slot.
         slot: Slot,
     },
     /// Make `worker`'s standby process on `host` its primary for `attempt`.
@@ -459,6 +486,56 @@ pub struct RunSummary {
     pub last_failure: Option<String>,
 }
 
+/// A running job as its record in etcd describes it: what a new leader
+/// adopts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adoption {
+    /// The attempt running.
+    pub attempt: u64,
+    /// The attempt had every worker running (otherwise a new leader starts
+    /// a new attempt instead of adopting).
+    pub running: bool,
+    /// Its processes.
+    pub procs: Vec<AdoptedProc>,
+    /// Where each worker's primary and standby go.
+    pub placement: BTreeMap<WorkerId, Placed>,
+    /// Where each VIP is assigned.
+    pub vips: BTreeMap<String, String>,
+}
+
+/// One process of an [`Adoption`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedProc {
+    /// The worker.
+    pub worker: WorkerId,
+    /// A hot standby.
+    pub standby: bool,
+    /// Its host.
+    pub host: String,
+    /// The attempt it belongs to.
+    pub attempt: u64,
+    /// A promoted standby: the attempt it was started for.
+    pub promoted_from: Option<u64>,
+}
+
+/// A new leader waiting for adopted processes to rejoin.
+#[derive(Debug, Default)]
+struct AdoptState {
+    /// Processes that have not rejoined yet.
+    pending: BTreeSet<(WorkerId, Slot)>,
+    /// Hosts whose agents registered since the adoption began.
+    joined: BTreeSet<String>,
+    /// The newest checkpoint any rejoined worker snapshotted.
+    newest_seen: Option<CheckpointId>,
+    /// Sources that already ran out of input.
+    exhausted: BTreeSet<WorkerId>,
+    /// Until when processes may rejoin.
+    deadline: Duration,
+    /// The recorded attempt was not running: start a new one once these
+    /// hosts registered (or at the deadline), instead of adopting.
+    start_fresh: Option<BTreeSet<String>>,
+}
+
 /// Whom a control connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ConnRole {
@@ -502,6 +579,8 @@ enum Phase {
     Recovering(Recovery),
     /// Waiting for the store to grant the next attempt's epoch.
     Claiming,
+    /// A new HA leader waiting for the running processes to rejoin.
+    Adopting,
     /// Over.
     Ended(JobState),
 }
@@ -571,6 +650,8 @@ pub struct JobController {
     /// Where each VIP is assigned now.
     vips: BTreeMap<String, String>,
     att: AttemptState,
+    /// An adoption in progress (a new HA leader).
+    adopting: Option<AdoptState>,
     /// Bytes each worker's last restore downloaded.
     fetched: BTreeMap<WorkerId, u64>,
     consecutive_failures: u32,
@@ -634,6 +715,7 @@ impl JobController {
             standby_retry: BTreeMap::new(),
             vips: BTreeMap::new(),
             att: AttemptState::default(),
+            adopting: None,
             fetched: BTreeMap::new(),
             consecutive_failures: 0,
             stop_requested: false,
@@ -673,6 +755,288 @@ impl JobController {
         std::mem::take(&mut self.out)
     }
 
+    /// Adopts the running job `a` at `now` (instead of [`JobController::start`]):
+    /// its processes keep running and are asked to rejoin through their
+    /// agents. If the recorded attempt was not running yet, a new attempt
+    /// starts instead.
+    pub fn adopt(&mut self, now: Duration, a: Adoption) -> Vec<Action> {
+        if !a.running {
+            // Its processes are replaced (an agent kills a process whose
+            // slot gets a new one) once the hosts it ran on are back.
+            tracing::info!(
+                attempt = a.attempt,
+                "the recorded attempt was not running; a new one starts once its hosts registered"
+            );
+            self.attempt = a.attempt + 1;
+            let mut hosts: BTreeSet<String> = a.procs.into_iter().map(|p| p.host).collect();
+            hosts.extend(a.placement.values().map(|p| p.primary.clone()));
+            self.placement = a.placement;
+            self.adopting = Some(AdoptState {
+                deadline: now + self.cfg.adopt_timeout,
+                start_fresh: Some(hosts),
+                ..AdoptState::default()
+            });
+            self.phase = Phase::Adopting;
+            let registered: Vec<String> = self.hosts.iter().cloned().collect();
+            for h in registered {
+                self.host_joined_adopting(now, &h);
+            }
+            return std::mem::take(&mut self.out);
+        }
+        self.attempt = a.attempt;
+        self.placement = a.placement;
+        let mut st = AdoptState {
+            deadline: now + self.cfg.adopt_timeout,
+            ..AdoptState::default()
+        };
+        for p in a.procs {
+            let slot = if p.standby {
+                Slot::Standby
+            } else {
+                Slot::Primary
+            };
+            // Presumed alive until the adoption says otherwise.
+            self.hosts.insert(p.host.clone());
+            st.pending.insert((p.worker.clone(), slot));
+            self.procs.insert(
+                (p.worker, slot),
+                Proc {
+                    host: p.host,
+                    attempt: p.attempt,
+                    promoted_from: p.promoted_from,
+                },
+            );
+        }
+        if self.cfg.vips {
+            self.vips = a.vips;
+        }
+        self.adopting = Some(st);
+        self.phase = Phase::Adopting;
+        let registered: Vec<String> = self.hosts.iter().cloned().collect();
+        for h in registered {
+            self.host_joined_adopting(now, &h);
+        }
+        tracing::info!(
+            attempt = self.attempt,
+            processes = self.procs.len(),
+            "adopting the running job"
+        );
+        std::mem::take(&mut self.out)
+    }
+
+    /// What a new leader would adopt now (written to etcd before any change
+    /// of placement takes effect).
+    pub fn adoption(&self) -> Adoption {
+        Adoption {
+            attempt: self.attempt,
+            running: matches!(self.phase, Phase::Running | Phase::Adopting),
+            procs: self
+                .procs
+                .iter()
+                .map(|((w, slot), p)| AdoptedProc {
+                    worker: w.clone(),
+                    standby: *slot == Slot::Standby,
+                    host: p.host.clone(),
+                    attempt: p.attempt,
+                    promoted_from: p.promoted_from,
+                })
+                .collect(),
+            placement: self.placement.clone(),
+            vips: self.vips.clone(),
+        }
+    }
+
+    /// A host's agent registered during an adoption: its processes get
+    /// their tickets, and its VIPs are confirmed to it.
+    fn host_joined_adopting(&mut self, now: Duration, host: &str) {
+        let Some(st) = self.adopting.as_mut() else {
+            return;
+        };
+        st.joined.insert(host.to_string());
+        if let Some(hosts) = &st.start_fresh {
+            if hosts.is_subset(&st.joined) {
+                self.start_fresh(now);
+            }
+            return;
+        }
+        for (w, slot) in st.pending.iter() {
+            if let Some(p) = self
+                .procs
+                .get(&(w.clone(), *slot))
+                .filter(|p| p.host == host)
+            {
+                self.out.push(Action::Rejoin {
+                    host: host.to_string(),
+                    worker: w.clone(),
+                    attempt: p.attempt,
+                    slot: *slot,
+                });
+            }
+        }
+        for (vip, h) in &self.vips {
+            if h == host {
+                self.out.push(Action::AssignVip {
+                    vip: vip.clone(),
+                    host: host.to_string(),
+                });
+            }
+        }
+    }
+
+    /// A process reconnected to this (new) leader.
+    fn on_rejoin(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        worker: WorkerId,
+        attempt: u64,
+        standby: bool,
+        r: Rejoin,
+    ) {
+        let slot = if standby {
+            Slot::Standby
+        } else {
+            Slot::Primary
+        };
+        let key = (worker.clone(), slot);
+        // Standbys may rejoin after the primaries (the job runs again).
+        let expected = self.is_active()
+            && self
+                .adopting
+                .as_ref()
+                .is_some_and(|a| a.pending.contains(&key))
+            && self.procs.get(&key).is_some_and(|p| p.attempt == attempt)
+            && (standby || r.running);
+        let Some(st) = self.adopting.as_mut().filter(|_| expected) else {
+            tracing::debug!(%worker, attempt, standby, "refusing a rejoin nobody waits for");
+            self.out.push(Action::Close { conn });
+            return;
+        };
+        st.pending.remove(&key);
+        if let Some(n) = r.checkpoint {
+            st.newest_seen = Some(st.newest_seen.map_or(n, |m| m.max(n)));
+        }
+        if standby {
+            self.conns.insert(
+                conn,
+                ConnRole::Standby {
+                    worker: worker.clone(),
+                },
+            );
+            self.standbys.insert(
+                worker.clone(),
+                StandbyConn {
+                    conn,
+                    followed: r.followed,
+                },
+            );
+        } else {
+            if r.exhausted {
+                st.exhausted.insert(worker.clone());
+            }
+            self.conns.insert(
+                conn,
+                ConnRole::Primary {
+                    worker: worker.clone(),
+                    attempt,
+                },
+            );
+            self.att.senders.insert(worker.clone(), conn);
+            self.att.running.insert(worker.clone());
+            self.att.last_seen.insert(worker.clone(), now);
+        }
+        tracing::info!(%worker, attempt, standby, "rejoined");
+        self.maybe_adopted(now);
+    }
+
+    /// Every primary rejoined: running again, checkpoint ids above every
+    /// id any of them saw.
+    fn maybe_adopted(&mut self, now: Duration) {
+        if !matches!(self.phase, Phase::Adopting) {
+            if self.adopting.as_ref().is_some_and(|a| a.pending.is_empty()) {
+                self.adopting = None;
+            }
+            return;
+        }
+        let Some(st) = self.adopting.as_ref() else {
+            return;
+        };
+        if st.pending.iter().any(|(_, s)| *s == Slot::Primary) {
+            return;
+        }
+        if let Some(n) = st.newest_seen {
+            self.next_id = self.next_id.max(n.next());
+        }
+        let exhausted: Vec<WorkerId> = st.exhausted.iter().cloned().collect();
+        if st.pending.is_empty() {
+            self.adopting = None;
+        }
+        self.coordinator = Self::coordinator_for(&self.cfg, self.epoch, self.next_id);
+        self.phase = Phase::Running;
+        tracing::info!(attempt = self.attempt, next = %self.next_id, "adopted: every primary rejoined");
+        for w in exhausted {
+            let d = self.coordinator.on_source_exhausted(now, &w);
+            self.carry_out(now, d);
+        }
+    }
+
+    /// The recorded attempt was not running and its hosts are back (or the
+    /// wait is over): a new attempt on the hosts registered.
+    fn start_fresh(&mut self, now: Duration) {
+        let Some(st) = self.adopting.take() else {
+            return;
+        };
+        self.hosts = st.joined;
+        self.begin_attempt(now);
+    }
+
+    /// The adoption's deadline passed: primaries that did not rejoin fail
+    /// the attempt (hosts that never registered count as lost); standbys
+    /// that did not are replaced.
+    fn adoption_overdue(&mut self, now: Duration) {
+        if self
+            .adopting
+            .as_ref()
+            .is_some_and(|a| a.start_fresh.is_some())
+        {
+            self.start_fresh(now);
+            return;
+        }
+        let Some(st) = self.adopting.take() else {
+            return;
+        };
+        for h in self.hosts.clone() {
+            if !st.joined.contains(&h) {
+                self.hosts.remove(&h);
+            }
+        }
+        let mut missing = Vec::new();
+        for (w, slot) in &st.pending {
+            if *slot == Slot::Standby {
+                if let Some(p) = self.procs.remove(&(w.clone(), *slot)) {
+                    self.out.push(Action::Kill {
+                        host: p.host,
+                        worker: w.clone(),
+                        slot: *slot,
+                    });
+                }
+                self.standby_gone(w);
+            } else {
+                missing.push(w.to_string());
+            }
+        }
+        if missing.is_empty() {
+            self.ensure_standbys(now);
+        } else {
+            let why = format!(
+                "adoption: {} did not rejoin the new leader within {:?}",
+                missing.join(", "),
+                self.cfg.adopt_timeout
+            );
+            self.fail(now, why, false);
+        }
+    }
+
     /// Takes in one fact observed at `now`; returns what to do.
     pub fn handle(&mut self, now: Duration, fact: Fact) -> Vec<Action> {
         match fact {
@@ -682,14 +1046,24 @@ impl JobController {
                 worker,
                 attempt,
                 standby,
+                rejoin: Some(r),
+            } => self.on_rejoin(now, conn, worker, attempt, standby, r),
+            Fact::Hello {
+                conn,
+                worker,
+                attempt,
+                standby,
+                rejoin: None,
             } => self.on_hello(now, conn, worker, attempt, standby),
             Fact::Message { conn, msg } => self.on_message(now, conn, msg),
             Fact::Closed { conn } => self.on_closed(now, conn),
             Fact::Exited(e) => self.on_exited(now, e),
             Fact::HostLost(h) => self.on_host_lost(now, &h),
             Fact::HostJoined(h) => {
-                self.hosts.insert(h);
-                if self.is_active() {
+                self.hosts.insert(h.clone());
+                if matches!(self.phase, Phase::Adopting) || self.adopting.is_some() {
+                    self.host_joined_adopting(now, &h);
+                } else if self.is_active() {
                     self.ensure_standbys(now);
                 }
             }
@@ -788,6 +1162,9 @@ impl JobController {
             }
             _ => None,
         };
+        if let Some(st) = &self.adopting {
+            at = Some(at.map_or(st.deadline, |a| a.min(st.deadline)));
+        }
         if self.chaos_armed() && matches!(self.phase, Phase::Running) {
             at = Some(at.map_or(self.chaos_at, |a| a.min(self.chaos_at)));
         }
@@ -822,7 +1199,7 @@ impl JobController {
         match &self.phase {
             Phase::Starting { .. } | Phase::Claiming if self.attempt == 0 => JobState::Starting,
             Phase::Starting { .. } | Phase::Claiming | Phase::Recovering(_) => JobState::Recovering,
-            Phase::Running => JobState::Running,
+            Phase::Running | Phase::Adopting => JobState::Running,
             Phase::Finishing { .. } => JobState::Finishing,
             Phase::Ended(s) => s.clone(),
         }
@@ -936,7 +1313,7 @@ impl JobController {
     fn is_active(&self) -> bool {
         matches!(
             self.phase,
-            Phase::Starting { .. } | Phase::Running | Phase::Finishing { .. }
+            Phase::Starting { .. } | Phase::Running | Phase::Finishing { .. } | Phase::Adopting
         )
     }
 
@@ -1064,6 +1441,9 @@ impl JobController {
     }
 
     fn on_tick(&mut self, now: Duration) {
+        if self.adopting.as_ref().is_some_and(|a| now > a.deadline) {
+            self.adoption_overdue(now);
+        }
         match &self.phase {
             // An exit whose connection never closed: decide without its
             // last words.
@@ -1124,6 +1504,24 @@ impl JobController {
                     if self.standby_retry.values().any(|(_, at)| *at <= now) {
                         self.ensure_standbys(now);
                     }
+                }
+            }
+            Phase::Adopting => {
+                // Rejoined primaries must keep their heartbeats.
+                let timeout = self.cfg.heartbeat_timeout;
+                let silent = self
+                    .att
+                    .last_seen
+                    .iter()
+                    .find(|(_, t)| now.saturating_sub(**t) > timeout)
+                    .map(|(w, _)| w.clone());
+                if let Some(w) = silent {
+                    self.failed.insert(w.clone());
+                    self.fail(
+                        now,
+                        format!("worker {w} missed heartbeats for {timeout:?}"),
+                        true,
+                    );
                 }
             }
             Phase::Recovering(_) | Phase::Claiming | Phase::Ended(_) => {}
@@ -1465,7 +1863,9 @@ impl JobController {
                 self.failed.insert(e.worker.clone());
                 self.fail(now, format!("worker {} {}{detail}", e.worker, e.exit), true);
             }
-            Phase::Starting { .. } | Phase::Running if e.attempt == self.attempt => {
+            Phase::Starting { .. } | Phase::Running | Phase::Adopting
+                if e.attempt == self.attempt =>
+            {
                 let why = format!("worker {} {}{detail}", e.worker, e.exit);
                 self.failed.insert(e.worker.clone());
                 if self.att.senders.contains_key(&e.worker) {
@@ -1503,7 +1903,9 @@ impl JobController {
             .collect();
         self.failed.extend(lost.iter().cloned());
         let pending: Vec<String> = match &self.phase {
-            Phase::Starting { .. } | Phase::Running => lost.iter().map(|w| w.to_string()).collect(),
+            Phase::Starting { .. } | Phase::Running | Phase::Adopting => {
+                lost.iter().map(|w| w.to_string()).collect()
+            }
             Phase::Finishing { exited, .. } => lost
                 .iter()
                 .filter(|w| !exited.contains(*w))

@@ -39,8 +39,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use controller::{
-    Action, Chaos, ConnId, ControllerConfig, Fact, JobController, JobState, JobStateKind,
-    RunSummary,
+    Action, AdoptedProc, Adoption, Chaos, ConnId, ControllerConfig, Fact, JobController, JobState,
+    JobStateKind, RunSummary,
 };
 
 use crate::clock::{Clock, Stopwatch, SystemClock};
@@ -72,6 +72,32 @@ pub struct LocalRun {
     /// The lowest store epoch this run may claim (HA: derived from the
     /// leader's term, so a deposed leader's commits are fenced); 0 = none.
     pub epoch_floor: u64,
+    /// HA: how long an adoption waits for the processes to rejoin.
+    pub adopt_timeout: Option<Duration>,
+}
+
+/// Writes a job's placement where a new leader finds it (HA: etcd), before
+/// the change takes effect. An error is retried; a supervisor that lost its
+/// leadership has its job tasks aborted.
+pub type PlacementLog =
+    Arc<dyn Fn(Adoption) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// Where a job's workers connect: the address (a fresh port each run) and,
+/// on a TLS cluster, the supervisor's certificate for them.
+pub struct ControlPort {
+    /// The address to listen on.
+    pub ip: IpAddr,
+    /// TLS for the workers' connections.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+/// A job under an HA leader.
+#[derive(Clone)]
+pub struct JobHa {
+    /// The running job to adopt (from its record), instead of starting it.
+    pub adopt: Option<Adoption>,
+    /// Where placement changes are written first.
+    pub log: PlacementLog,
 }
 
 /// Control connections accepted at once; more wait in the listen backlog.
@@ -98,10 +124,13 @@ pub async fn run_local(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Re
         run,
         Box::new(LocalFleet(table)),
         events,
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        None,
+        ControlPort {
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            tls: None,
+        },
         status,
         stop,
+        None,
     )
     .await
 }
@@ -112,24 +141,16 @@ pub async fn run_job(
     run: LocalRun,
     fleet: Box<dyn Fleet>,
     events: mpsc::UnboundedReceiver<FleetEvent>,
-    control_ip: IpAddr,
-    control_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    control: ControlPort,
     status: JobStatusCell,
     stop: watch::Receiver<bool>,
+    ha: Option<JobHa>,
 ) -> anyhow::Result<RunSummary> {
     let job = run.spec.job_id();
     let span = tracing::info_span!("job", %job);
-    let result = Shell::run(
-        run,
-        fleet,
-        events,
-        control_ip,
-        control_tls,
-        status.clone(),
-        stop,
-    )
-    .instrument(span)
-    .await;
+    let result = Shell::run(run, fleet, events, control, status.clone(), stop, ha)
+        .instrument(span)
+        .await;
     if let Err(e) = &result {
         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
         st.state = JobStateKind::Failed;
@@ -146,6 +167,7 @@ enum ConnEvent {
         attempt: u64,
         standby: bool,
         token: Option<String>,
+        rejoin: Option<lazarus_sdk::protocol::Rejoin>,
         tx: mpsc::UnboundedSender<ToWorker>,
     },
     Message {
@@ -166,8 +188,9 @@ struct Shell {
     storage: StorageWorker,
     /// The job's control address (workers connect here).
     addr: SocketAddr,
-    /// The credential of each process spawned and not yet connected.
-    tokens: HashMap<(WorkerId, u64, Slot), String>,
+    /// The credentials of each process spawned (or asked to rejoin) and not
+    /// yet connected.
+    tokens: HashMap<(WorkerId, u64, Slot), Vec<String>>,
     /// Each attempt's data-channel key, by its epoch.
     channel_keys: HashMap<Epoch, String>,
 }
@@ -177,10 +200,10 @@ impl Shell {
         run: LocalRun,
         fleet: Box<dyn Fleet>,
         mut events: mpsc::UnboundedReceiver<FleetEvent>,
-        control_ip: IpAddr,
-        control_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+        control: ControlPort,
         status: JobStatusCell,
         mut stop: watch::Receiver<bool>,
+        ha: Option<JobHa>,
     ) -> anyhow::Result<RunSummary> {
         let started = Stopwatch::start();
         let clock = SystemClock::default();
@@ -206,6 +229,10 @@ impl Shell {
             Err(e) => return Err(e).context("reading the latest checkpoint"),
         };
         let next_id = latest.map_or(CheckpointId(1), |c| c.next());
+        let ControlPort {
+            ip: control_ip,
+            tls: control_tls,
+        } = control;
         let listener = TcpListener::bind(SocketAddr::new(control_ip, 0))
             .await
             .context("binding the control port")?;
@@ -250,7 +277,13 @@ impl Shell {
             channel_keys: HashMap::new(),
             run,
         };
-        let actions = ctl.start(clock.now());
+        let log = ha.as_ref().map(|h| h.log.clone());
+        let actions = match ha.and_then(|h| h.adopt) {
+            Some(a) => ctl.adopt(clock.now(), a),
+            None => ctl.start(clock.now()),
+        };
+        let mut logged = None;
+        write_ahead(&log, &ctl, &actions, &mut logged).await;
         shell.apply(actions);
         publish(&status, &ctl);
 
@@ -296,6 +329,7 @@ impl Shell {
                 }
             };
             let actions = ctl.handle(clock.now(), fact);
+            write_ahead(&log, &ctl, &actions, &mut logged).await;
             shell.apply(actions);
             publish(&status, &ctl);
         }
@@ -362,6 +396,7 @@ impl Shell {
                 attempt,
                 standby,
                 token,
+                rejoin,
                 tx,
             } => {
                 // Only the process this shell spawned holds the credential
@@ -374,9 +409,9 @@ impl Shell {
                 };
                 let key = (worker.clone(), attempt, slot);
                 let valid = match (self.tokens.get(&key), token.as_deref()) {
-                    (Some(expected), Some(presented)) => {
-                        !expected.is_empty() && tokens_match(presented, expected)
-                    }
+                    (Some(expected), Some(presented)) => expected
+                        .iter()
+                        .any(|e| !e.is_empty() && tokens_match(presented, e)),
                     _ => false,
                 };
                 if !valid {
@@ -390,6 +425,7 @@ impl Shell {
                     worker,
                     attempt,
                     standby,
+                    rejoin,
                 })
             }
             ConnEvent::Message { conn, msg } => Some(Fact::Message { conn, msg }),
@@ -417,9 +453,28 @@ impl Shell {
                         String::new()
                     });
                     self.tokens
-                        .insert((worker.clone(), attempt, slot), token.clone());
+                        .insert((worker.clone(), attempt, slot), vec![token.clone()]);
                     self.fleet
                         .spawn(&host, &worker, attempt, slot, self.addr, &token);
+                }
+                Action::Rejoin {
+                    host,
+                    worker,
+                    attempt,
+                    slot,
+                } => {
+                    let token = random_token().unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "no credential for a rejoin");
+                        String::new()
+                    });
+                    // Every ticket handed out stays good until one is used:
+                    // an agent that registers twice gets a second one.
+                    self.tokens
+                        .entry((worker.clone(), attempt, slot))
+                        .or_default()
+                        .push(token.clone());
+                    self.fleet
+                        .rejoin(&host, &worker, attempt, slot, self.addr, &token);
                 }
                 Action::Promote {
                     host,
@@ -531,10 +586,44 @@ impl LocalRun {
 /// The controller's settings from the spec and the run's options.
 pub fn controller_config(run: &LocalRun, vips: bool) -> ControllerConfig {
     let mut cfg = ControllerConfig::from_spec(&run.spec);
+    if let Some(t) = run.adopt_timeout {
+        cfg.adopt_timeout = t;
+    }
     cfg.final_checkpoint_on_stop = run.final_checkpoint_on_stop;
     cfg.chaos = run.chaos;
     cfg.vips = vips;
     cfg
+}
+
+/// HA: writes the controller's placement (processes, hosts, VIPs, whether
+/// the attempt runs) to etcd whenever it changed, before `actions` carry
+/// the change out, retrying until it is written: a leader that lost its
+/// term has this task aborted.
+async fn write_ahead(
+    log: &Option<PlacementLog>,
+    ctl: &JobController,
+    _actions: &[Action],
+    logged: &mut Option<Adoption>,
+) {
+    let Some(log) = log else {
+        return;
+    };
+    let now = ctl.adoption();
+    if logged.as_ref() == Some(&now) {
+        return;
+    }
+    let mut wait = Duration::from_millis(20);
+    loop {
+        match log(now.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "writing the placement to etcd failed; retrying before acting");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+    *logged = Some(now);
 }
 
 fn publish(status: &JobStatusCell, ctl: &JobController) {
@@ -660,6 +749,7 @@ async fn connection(
         attempt,
         standby,
         token,
+        rejoin,
     }))) = hello
     else {
         tracing::debug!(?conn, "control connection without a hello; closed");
@@ -672,6 +762,7 @@ async fn connection(
         attempt,
         standby,
         token,
+        rejoin,
         tx,
     };
     if events.send(hello).is_err() {

@@ -582,6 +582,7 @@ impl World {
                             worker,
                             attempt,
                             standby: slot == Slot::Standby,
+                            rejoin: None,
                         };
                         self.at(d, Event::Deliver(hello));
                     }
@@ -750,7 +751,8 @@ impl World {
                     let d = self.rng.between(1, 300);
                     self.at(d, Event::Deliver(Fact::RetentionDone { retained: None }));
                 }
-                Action::PruneCaches { .. } | Action::Recovering { .. } => {}
+                // No leader changes in these schedules: nothing is adopted.
+                Action::PruneCaches { .. } | Action::Recovering { .. } | Action::Rejoin { .. } => {}
             }
         }
         // Rule 4: a VIP goes to the host of the worker's live primary.

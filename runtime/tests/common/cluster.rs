@@ -284,7 +284,7 @@ impl LzCluster {
     }
 
     /// Starts `lazarus supervisor` in host `host` (with etcd when the
-    /// cluster has it), logging to `<host>.log` (appended).
+    /// cluster has it), logging to `<host>.log` (a restart starts it anew).
     pub fn spawn_supervisor(&self, host: &str) -> Proc {
         let bins = bin_dir();
         let p = |name: &str| {

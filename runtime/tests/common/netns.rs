@@ -231,6 +231,37 @@ impl Testbed {
         ok("ip", &full);
     }
 
+    /// Cuts host `name` off from `ip` only (a blackhole route in its
+    /// namespace); everything else stays reachable.
+    pub fn cut_route(&self, name: &str, ip: &str) {
+        ok(
+            "ip",
+            &[
+                "-n",
+                self.ns(name),
+                "route",
+                "add",
+                "blackhole",
+                &format!("{ip}/32"),
+            ],
+        );
+    }
+
+    /// Undoes [`Testbed::cut_route`].
+    pub fn restore_route(&self, name: &str, ip: &str) {
+        ok(
+            "ip",
+            &[
+                "-n",
+                self.ns(name),
+                "route",
+                "del",
+                "blackhole",
+                &format!("{ip}/32"),
+            ],
+        );
+    }
+
     /// Cuts host `name`'s cable (its bridge port goes down).
     pub fn link_down(&self, name: &str) {
         self.port(name, &["down"]);

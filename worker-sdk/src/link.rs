@@ -1,0 +1,211 @@
+//! The worker's control connection to its supervisor, as one task.
+//!
+//! Messages to the supervisor go into `to_sup`; messages from it come out of
+//! `ctl_in`, and `None` there means the supervisor is gone for good.
+//!
+//! With `LAZARUS_REJOIN_FILE` (an agent of an HA cluster sets it), a running
+//! primary or a following standby survives the loss of its supervisor: the
+//! link keeps the process going and waits (bounded: `LAZARUS_REJOIN_TIMEOUT_MS`,
+//! default 30 s) for the agent to write a [`RejoinTicket`] from the new leader
+//! into that file, connects there, and says hello again with what it is doing
+//! ([`Rejoin`]). Messages for the supervisor while no connection exists are
+//! dropped (heartbeats, acks of checkpoints the new leader abandons anyway).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lazarus_storage::CheckpointId;
+use tokio::sync::mpsc;
+
+use crate::protocol::{self, Rejoin, RejoinTicket, ToSupervisor, ToWorker};
+use crate::worker::{connect_supervisor, CtlRead, CtlWrite, WorkerEnv};
+
+/// What the worker is doing, for a rejoin hello.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// A rejoin makes sense now (running primary, or following standby).
+    rejoinable: bool,
+    info: Rejoin,
+}
+
+/// Shared between the worker's loops and its link.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LinkState(Arc<Mutex<Progress>>);
+
+impl LinkState {
+    fn with<T>(&self, f: impl FnOnce(&mut Progress) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A primary is processing.
+    pub(crate) fn running(&self) {
+        self.with(|p| {
+            p.rejoinable = true;
+            p.info.running = true;
+        });
+    }
+
+    /// A standby follows (or was just promoted: not rejoinable until it
+    /// runs again).
+    pub(crate) fn following(&self, yes: bool) {
+        self.with(|p| p.rejoinable = yes);
+    }
+
+    /// A standby followed `n`.
+    pub(crate) fn followed(&self, n: CheckpointId) {
+        self.with(|p| p.info.followed = Some(p.info.followed.map_or(n, |f| f.max(n))));
+    }
+
+    /// A source ran out of input.
+    pub(crate) fn exhausted(&self) {
+        self.with(|p| p.info.exhausted = true);
+    }
+
+    /// Checkpoint `n` was snapshotted here.
+    pub(crate) fn snapshotted(&self, n: CheckpointId) {
+        self.with(|p| p.info.checkpoint = Some(p.info.checkpoint.map_or(n, |c| c.max(n))));
+    }
+
+    fn rejoin(&self) -> Option<Rejoin> {
+        self.with(|p| p.rejoinable.then(|| p.info.clone()))
+    }
+}
+
+/// Bound on waiting for a new leader.
+fn rejoin_timeout() -> Duration {
+    std::env::var("LAZARUS_REJOIN_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_millis)
+}
+
+/// Runs the link until the worker drops `to_sup` (then the queued messages
+/// are written, bounded by the caller) or the supervisor is gone for good.
+pub(crate) async fn run(
+    env: Arc<WorkerEnv>,
+    mut read: CtlRead,
+    mut write: CtlWrite,
+    mut to_sup: mpsc::UnboundedReceiver<ToSupervisor>,
+    ctl_tx: mpsc::UnboundedSender<Option<ToWorker>>,
+    state: LinkState,
+) {
+    let mut last_token = env.token.clone();
+    loop {
+        match pump(&mut read, &mut write, &mut to_sup, &ctl_tx).await {
+            Pumped::WorkerDone => return,
+            Pumped::Lost => {}
+        }
+        let (Some(file), Some(info)) = (env.rejoin_file.clone(), state.rejoin()) else {
+            let _ = ctl_tx.send(None);
+            return;
+        };
+        tracing::warn!("supervisor connection lost; waiting for the new leader");
+        match wait_for_leader(&env, &file, last_token.as_deref(), &mut to_sup).await {
+            Some((ticket, r, w)) => {
+                tracing::info!(supervisor = %ticket.supervisor, "rejoining the new leader");
+                read = r;
+                write = w;
+                last_token = Some(ticket.token.clone());
+                let hello = ToSupervisor::Hello {
+                    worker: env.worker.clone(),
+                    attempt: ticket.attempt,
+                    standby: ticket.standby,
+                    token: Some(ticket.token),
+                    rejoin: Some(info),
+                };
+                if protocol::write_control(&mut write, &hello).await.is_err() {
+                    let _ = ctl_tx.send(None);
+                    return;
+                }
+            }
+            None => {
+                let _ = ctl_tx.send(None);
+                return;
+            }
+        }
+    }
+}
+
+enum Pumped {
+    /// The worker is done: every queued message was written.
+    WorkerDone,
+    /// The connection broke.
+    Lost,
+}
+
+/// Relays both ways until one side ends. The reader is a task of its own
+/// (a frame read is not cancel-safe), ended with the connection.
+async fn pump(
+    read: &mut CtlRead,
+    write: &mut CtlWrite,
+    to_sup: &mut mpsc::UnboundedReceiver<ToSupervisor>,
+    ctl_tx: &mpsc::UnboundedSender<Option<ToWorker>>,
+) -> Pumped {
+    let reader = async {
+        loop {
+            match protocol::read_control::<_, ToWorker>(read).await {
+                Ok(Some(msg)) => {
+                    if ctl_tx.send(Some(msg)).is_err() {
+                        // The worker stopped listening; keep the connection
+                        // until it drops `to_sup`.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                _ => return,
+            }
+        }
+    };
+    let writer = async {
+        while let Some(msg) = to_sup.recv().await {
+            if protocol::write_control(write, &msg).await.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::select! {
+        _ = reader => Pumped::Lost,
+        done = writer => if done { Pumped::WorkerDone } else { Pumped::Lost },
+    }
+}
+
+/// Waits for a ticket other than the last one used, then connects with it.
+/// Messages for the supervisor meanwhile are dropped. `None`: timed out, or
+/// the worker ended.
+async fn wait_for_leader(
+    env: &WorkerEnv,
+    file: &PathBuf,
+    last_token: Option<&str>,
+    to_sup: &mut mpsc::UnboundedReceiver<ToSupervisor>,
+) -> Option<(RejoinTicket, CtlRead, CtlWrite)> {
+    let deadline = tokio::time::sleep(rejoin_timeout());
+    tokio::pin!(deadline);
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                tracing::error!(timeout = ?rejoin_timeout(), "no new leader in time; exiting");
+                return None;
+            }
+            msg = to_sup.recv() => { msg.as_ref()?; }
+            _ = poll.tick() => {
+                let Ok(text) = std::fs::read(file) else { continue };
+                let ticket: RejoinTicket = match serde_json::from_slice(&text) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(file = %file.display(), error = %e, "unreadable rejoin ticket");
+                        continue;
+                    }
+                };
+                if Some(ticket.token.as_str()) == last_token {
+                    continue;
+                }
+                match connect_supervisor(env, ticket.supervisor).await {
+                    Ok((r, w)) => return Some((ticket, r, w)),
+                    Err(e) => tracing::warn!(error = %e, "cannot reach the new leader yet"),
+                }
+            }
+        }
+    }
+}
