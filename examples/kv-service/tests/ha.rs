@@ -409,6 +409,9 @@ fn test_rolling_restart_of_every_supervisor_has_no_outage() {
     };
     let (mut c, _, before) = serving("kvha3", ha);
     let pids_before = kv_pids(&c);
+    let term_before = c.status().expect("status")["ha"]["term"]
+        .as_i64()
+        .expect("term");
     let load = Load::start(&c, Duration::from_secs(120));
     let started = Instant::now();
     for host in ["sup", "sup2", "sup3"] {
@@ -434,7 +437,15 @@ fn test_rolling_restart_of_every_supervisor_has_no_outage() {
     }
     std::thread::sleep(Duration::from_millis(500));
     let (failed, probes, acked) = load.finish();
-    assert!(probes > 1000, "the prober ran: {probes} probes");
+    let st = c.status().expect("status");
+    let term_after = st["ha"]["term"].as_i64().expect("term");
+    assert!(
+        term_after > term_before,
+        "the leader was restarted too: term {term_before} -> {term_after}"
+    );
+    let j = cluster::job(&st, "kv").expect("job");
+    assert_eq!(j["restarts"], 0, "adopted, never restarted: {j}");
+    assert!(probes > 200, "the prober ran: {probes} probes");
     assert!(
         failed.is_empty(),
         "{} of {probes} reads failed during the rolling restart (first at {:?})\n{}",

@@ -49,6 +49,10 @@ pub async fn request_any(
     let mut last = None;
     for &s in supervisors {
         match request(dialer, s, req).await {
+            // A follower that knows no leader: another may.
+            Ok(ClientReply::Unavailable { message }) => {
+                last = Some(anyhow::anyhow!("{s}: {message}"));
+            }
             Ok(reply) => return Ok(reply),
             Err(e) => {
                 tracing::debug!(supervisor = %s, error = %format!("{e:#}"), "trying the next supervisor");
@@ -95,17 +99,40 @@ pub async fn stop(
 fn acknowledged(reply: ClientReply) -> anyhow::Result<String> {
     match reply {
         ClientReply::Ok { message } => Ok(message),
-        ClientReply::Error { message } => anyhow::bail!("{message}"),
+        ClientReply::Error { message } | ClientReply::Unavailable { message } => {
+            anyhow::bail!("{message}")
+        }
         ClientReply::Status(_) => anyhow::bail!("unexpected status reply"),
     }
 }
 
 /// The cluster's status.
 pub async fn status(dialer: &Dialer, supervisor: &[SocketAddr]) -> anyhow::Result<StatusReport> {
-    match request_any(dialer, supervisor, &ClientRequest::Status).await? {
-        ClientReply::Status(s) => Ok(*s),
-        ClientReply::Error { message } => anyhow::bail!("{message}"),
-        ClientReply::Ok { message } => anyhow::bail!("unexpected reply: {message}"),
+    // Of an HA cluster, the first answer that knows a leader (a supervisor
+    // cut off from etcd knows none); otherwise the first answer.
+    let mut first = None;
+    let mut last_err = None;
+    for &s in supervisor {
+        match request_any(dialer, &[s], &ClientRequest::Status).await {
+            Ok(ClientReply::Status(r)) => {
+                if r.ha.as_ref().is_none_or(|h| h.leader.is_some()) {
+                    return Ok(*r);
+                }
+                first.get_or_insert(*r);
+            }
+            Ok(ClientReply::Error { message } | ClientReply::Unavailable { message }) => {
+                last_err = Some(anyhow::anyhow!("{message}"))
+            }
+            Ok(ClientReply::Ok { message }) => {
+                last_err = Some(anyhow::anyhow!("unexpected reply: {message}"))
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    match (first, last_err) {
+        (Some(r), _) => Ok(r),
+        (None, Some(e)) => Err(e),
+        (None, None) => anyhow::bail!("no supervisor address given"),
     }
 }
 

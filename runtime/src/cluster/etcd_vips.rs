@@ -98,8 +98,9 @@ impl EtcdVips {
 
 struct Lease {
     id: i64,
-    keeper: etcd_client::LeaseKeeper,
-    stream: etcd_client::LeaseKeepAliveStream,
+    /// The keep-alive stream; `None` after it broke (etcd unreachable):
+    /// the next renewal opens a new one for the same lease.
+    alive: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
     /// A keep-alive is out and not answered.
     outstanding: bool,
 }
@@ -141,8 +142,8 @@ impl Task {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Req>) {
         loop {
             let keepalive = async {
-                match self.lease.as_mut() {
-                    Some(l) => l.stream.message().await,
+                match self.lease.as_mut().and_then(|l| l.alive.as_mut()) {
+                    Some((_, stream)) => stream.message().await,
                     None => std::future::pending().await,
                 }
             };
@@ -160,21 +161,17 @@ impl Task {
         match req {
             Req::Acquire { vip, seq } => self.acquire(vip, seq).await,
             Req::Renew { vip, seq } => {
-                let Some(lease) = self.lease.as_mut() else {
+                if self.lease.is_none() {
                     let _ = self.answers.send(SupervisorMsg::LeaseLost { vip });
                     return;
-                };
+                }
                 self.waiting.push((vip, seq));
-                if !lease.outstanding {
-                    match bounded(lease.keeper.keep_alive()).await {
-                        Ok(()) => lease.outstanding = true,
-                        Err(e) => {
-                            // No answer will come: the VIPs run out by their
-                            // holders' clocks; the next acquire starts over.
-                            tracing::warn!(error = %e, "etcd keep-alive failed");
-                            self.drop_connection();
-                        }
-                    }
+                if let Err(e) = self.keep_alive().await {
+                    // No answer will come: the VIPs run out by their
+                    // holders' clocks unless a later renewal gets through.
+                    tracing::warn!(error = %e, "etcd keep-alive failed");
+                    self.waiting.clear();
+                    self.drop_connection();
                 }
             }
             Req::Release { vip } => {
@@ -203,40 +200,101 @@ impl Task {
         }
     }
 
+    /// Sends one keep-alive for the lease (unless one is out), opening the
+    /// stream again if it broke.
+    async fn keep_alive(&mut self) -> Result<(), String> {
+        let Some(id) = self.lease.as_ref().map(|l| l.id) else {
+            return Err("no lease".into());
+        };
+        if self.lease.as_ref().is_some_and(|l| l.outstanding) {
+            return Ok(());
+        }
+        if self.lease.as_ref().is_some_and(|l| l.alive.is_none()) {
+            if self.client.is_none() {
+                let c = crate::ha::connect(&self.cfg.etcd)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.client = Some(c);
+            }
+            let mut client = self.client.clone().ok_or("no etcd client")?;
+            // The first answer comes with the stream: a lease etcd let
+            // expire is refused here.
+            return match bounded(client.lease_keep_alive(id)).await {
+                Ok(stream) => {
+                    if let Some(l) = self.lease.as_mut() {
+                        l.alive = Some(stream);
+                    }
+                    // That first answer renewed it.
+                    self.grant_waiting(id as u64);
+                    Ok(())
+                }
+                Err(e) if e.contains("lease not found") => {
+                    self.lose_all();
+                    Err(e)
+                }
+                Err(e) => Err(e),
+            };
+        }
+        let Some((keeper, _)) = self.lease.as_mut().and_then(|l| l.alive.as_mut()) else {
+            return Err("no keep-alive stream".into());
+        };
+        bounded(keeper.keep_alive()).await?;
+        if let Some(l) = self.lease.as_mut() {
+            l.outstanding = true;
+        }
+        Ok(())
+    }
+
+    fn grant_waiting(&mut self, id: u64) {
+        let length_ms = self.length_ms();
+        for (vip, seq) in std::mem::take(&mut self.waiting) {
+            let _ = self.answers.send(SupervisorMsg::LeaseGranted {
+                vip,
+                id,
+                length_ms,
+                seq,
+            });
+        }
+    }
+
+    /// The lease is gone in etcd: every VIP under it is lost.
+    fn lose_all(&mut self) {
+        tracing::warn!("the agent's etcd lease expired in etcd");
+        self.lease = None;
+        for (vip, _) in std::mem::take(&mut self.waiting) {
+            let _ = self.answers.send(SupervisorMsg::LeaseLost { vip });
+        }
+    }
+
     fn on_keepalive(
         &mut self,
         answer: Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>,
     ) {
-        let waiting = std::mem::take(&mut self.waiting);
         match answer {
             Ok(Some(r)) if r.ttl() > 0 => {
-                let id = r.id() as u64;
                 if let Some(l) = self.lease.as_mut() {
                     l.outstanding = false;
                 }
-                for (vip, seq) in waiting {
-                    let _ = self.answers.send(SupervisorMsg::LeaseGranted {
-                        vip,
-                        id,
-                        length_ms: self.length_ms(),
-                        seq,
-                    });
-                }
+                self.grant_waiting(r.id() as u64);
             }
+            // etcd says the lease expired: the VIPs under it are lost.
+            Ok(Some(_)) => self.lose_all(),
+            // The stream broke (etcd unreachable, no quorum): no answer for
+            // the waiting renewals, so the VIPs run out by their holders'
+            // clocks unless a later renewal gets through.
             other => {
-                // Expired in etcd (TTL 0), or the stream broke: every VIP
-                // under it is lost.
-                tracing::warn!(answer = ?other.as_ref().map(|o| o.as_ref().map(|r| r.ttl())), "the agent's etcd lease is gone");
-                self.lease = None;
-                for (vip, _) in waiting {
-                    let _ = self.answers.send(SupervisorMsg::LeaseLost { vip });
-                }
+                tracing::warn!(error = ?other.err(), "etcd keep-alive stream broke");
+                self.waiting.clear();
+                self.drop_connection();
             }
         }
     }
 
     fn drop_connection(&mut self) {
-        self.lease = None;
+        if let Some(l) = self.lease.as_mut() {
+            l.alive = None;
+            l.outstanding = false;
+        }
         self.client = None;
     }
 
@@ -249,15 +307,27 @@ impl Task {
             self.client = Some(c);
         }
         let mut client = self.client.clone().ok_or("no etcd client")?;
-        if let Some(l) = &self.lease {
+        if let Some(l) = self.lease.as_ref().filter(|l| l.alive.is_some()) {
             return Ok((client, l.id));
         }
+        if let Some(id) = self.lease.as_ref().map(|l| l.id) {
+            // The stream broke: the same lease, if etcd still has it.
+            match bounded(client.lease_keep_alive(id)).await {
+                Ok(stream) => {
+                    if let Some(l) = self.lease.as_mut() {
+                        l.alive = Some(stream);
+                    }
+                    return Ok((client, id));
+                }
+                Err(e) if e.contains("lease not found") => self.lose_all(),
+                Err(e) => return Err(e),
+            }
+        }
         let id = bounded(client.lease_grant(self.ttl, None)).await?.id();
-        let (keeper, stream) = bounded(client.lease_keep_alive(id)).await?;
+        let stream = bounded(client.lease_keep_alive(id)).await?;
         self.lease = Some(Lease {
             id,
-            keeper,
-            stream,
+            alive: Some(stream),
             outstanding: false,
         });
         Ok((client, id))

@@ -350,7 +350,8 @@ pub async fn forward(
     match leader {
         Some(addr) => match crate::cluster::client::request(dialer, addr, &req).await {
             Ok(reply) => reply,
-            Err(e) => ClientReply::Error {
+            // The leader known here may be gone: ask another supervisor.
+            Err(e) => ClientReply::Unavailable {
                 message: format!("forwarding to the leader at {addr}: {e:#}"),
             },
         },
@@ -365,7 +366,7 @@ pub async fn forward(
                         _ => None,
                     })
                     .unwrap_or_default();
-                ClientReply::Error {
+                ClientReply::Unavailable {
                     message: format!("no leader is elected right now{why}; try again shortly"),
                 }
             }

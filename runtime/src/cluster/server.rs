@@ -146,6 +146,14 @@ pub async fn serve(
             }
         }
     }
+    if opts.ha.is_some() {
+        // HA: the jobs belong to the cluster, not to this supervisor. Let go
+        // of them without a word to the agents (their workers and VIPs
+        // stay), then resign (the campaign task deletes the leader key when
+        // cancelled), so another supervisor adopts them at once.
+        cluster.lock().step_down();
+        tracing::info!("shutting down: jobs left running for the next leader");
+    }
     // Stop every job; each kills its workers and releases its VIPs. Wait
     // for them (bounded: 10 s), so the agents hear it before we go.
     let tasks: Vec<_> = {

@@ -351,6 +351,12 @@ pub enum ClientReply {
     },
     /// The cluster's state.
     Status(Box<StatusReport>),
+    /// This supervisor cannot answer now (it follows and knows no leader):
+    /// ask another one.
+    Unavailable {
+        /// Why.
+        message: String,
+    },
 }
 
 /// `lazarus status --json`.
