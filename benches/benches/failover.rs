@@ -16,7 +16,13 @@
 //!   responder on both hosts: process crash found by track_script (interval
 //!   1 s, the default), and host loss. keepalived moves only the address;
 //!   its responders are stateless. It also reports how long two hosts held
-//!   the VIP after a host loss (Lazarus: never, asserted by the tests).
+//!   the VIP after a host loss (Lazarus: never, asserted by the tests);
+//! - Lazarus supervisor failover: two supervisors under a real etcd (2 s
+//!   leadership lease), SIGKILL of the leader; the time until the new leader
+//!   committed a checkpoint of the adopted job, and the client's longest
+//!   read gap meanwhile. Anchors (published defaults, not measured here):
+//!   Flink on Kubernetes, lease 15 s; Flink on ZooKeeper, session timeout
+//!   60 s.
 //!
 //! Needs root, iproute2 and keepalived (`apt-get install keepalived`); it
 //! builds `lazarus` and `kv-service` for its own profile first.
@@ -31,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{self, LzCluster};
+use common::cluster::{self, Ha, LzCluster};
 use common::netns::{http, ok, pids_with_env, Proc, Testbed};
 use lazarus_benches::percentile;
 
@@ -279,6 +285,95 @@ fn lazarus_trials(
         }
     }
     (outages, two_holders)
+}
+
+/// Supervisor failover: per trial, SIGKILL the leader supervisor; returns
+/// (leader killed -> checkpoint committed by the new leader, the client's
+/// longest read gap in the trial). The killed supervisor is started again
+/// before the next trial.
+fn supervisor_trials(trials: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let config = "heartbeat_interval = \"100ms\"\nhost_timeout = \"500ms\"\n[lease]\nlength = \"2s\"\nrenew_every = \"500ms\"\ndrift_margin = \"200ms\"\n";
+    let ha = Ha {
+        supervisors: 2,
+        etcd_members: 1,
+        lease: "2s",
+    };
+    let mut c = LzCluster::start_ha("fbsup", ha, &["a", "b"], &["cl"], config);
+    let bins = cluster::bin_dir();
+    c.submit(&kv_spec(c.dir.path(), &bins, "hot"), &[]);
+    let addr: SocketAddr = format!("{VIP}:8080").parse().expect("addr");
+    let seeded = c
+        .bed
+        .in_host("cl", move || {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(30) {
+                if let Ok((201 | 204, _)) =
+                    http(addr, "PUT", "/kv/k0", b"v0", Duration::from_secs(1))
+                {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            false
+        })
+        .join()
+        .expect("client");
+    assert!(seeded, "could not write k0\n{}", c.logs());
+    let prober = Prober::start(&c.bed, "cl", addr);
+    let job = |s: &serde_json::Value, f: &str| {
+        cluster::job(s, "kv").map_or(0, |j| j[f].as_u64().unwrap_or(0))
+    };
+    let mut resumed = Vec::new();
+    let mut gaps = Vec::new();
+    for trial in 0..trials {
+        let st = c.wait(
+            "a leader, both supervisors, kv running",
+            Duration::from_secs(60),
+            |s| {
+                s["ha"]["leader"]["name"].is_string()
+                    && s["ha"]["supervisors"]
+                        .as_array()
+                        .is_some_and(|m| m.len() == 2)
+                    && cluster::serving(s, "kv", "kv-0", VIP_KEY).is_some()
+            },
+        );
+        let leader = st["ha"]["leader"]["name"]
+            .as_str()
+            .expect("leader")
+            .to_string();
+        let ckpt = job(&st, "last_checkpoint");
+        assert!(
+            prober.wait_good(Instant::now(), 50, Duration::from_secs(10)),
+            "no steady reads before trial {trial}"
+        );
+        std::thread::sleep(phase(trial));
+        let from = Instant::now();
+        c.supervisor_mut(&leader)
+            .as_mut()
+            .expect("leader process")
+            .child
+            .kill()
+            .expect("SIGKILL the leader");
+        c.wait("the new leader committing", Duration::from_secs(60), |s| {
+            s["ha"]["leader"]["name"]
+                .as_str()
+                .is_some_and(|l| l != leader)
+                && job(s, "last_checkpoint") > ckpt
+        });
+        let took = from.elapsed();
+        std::thread::sleep(Duration::from_millis(200));
+        let gap = prober.outage(from - Duration::from_millis(50));
+        eprintln!(
+            "  supervisor failover trial {trial}: checkpoint under the new leader after {}, longest read gap {}",
+            ms(took),
+            ms(gap)
+        );
+        resumed.push(took);
+        gaps.push(gap);
+        let p = c.spawn_supervisor(&leader);
+        *c.supervisor_mut(&leader) = Some(p);
+    }
+    (resumed, gaps)
 }
 
 /// `--serve PORT PIDFILE`: the stateless responder keepalived fails over.
@@ -598,6 +693,20 @@ fn main() {
         ),
     ];
     let mut rows = Vec::new();
+    let (resumed, gaps) = supervisor_trials(trials);
+    rows.push((
+        "lazarus supervisor failover: leader SIGKILL -> checkpoint by the new leader".to_string(),
+        resumed,
+        Vec::new(),
+        "etcd, 2 s leadership lease (Flink: 15 s Kubernetes lease, 60 s ZooKeeper session)"
+            .to_string(),
+    ));
+    rows.push((
+        "lazarus supervisor failover: client's longest read gap".to_string(),
+        gaps,
+        Vec::new(),
+        "goal: no outage (reads every 1 ms, 10 ms timeout)".to_string(),
+    ));
     for (name, tag, standby, fault, config, bound, state_mib) in scenarios {
         let (v, both) = lazarus_trials(tag, standby, fault, config, trials, state_mib);
         rows.push((name.to_string(), v, both, bound.to_string()));

@@ -172,6 +172,11 @@ impl ProcessTable {
             .unwrap_or(&self.log_dir)
             .join("rejoin");
         std::fs::create_dir_all(&dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         self.rejoin_dir = Some(dir);
         Ok(())
     }
@@ -195,10 +200,18 @@ impl ProcessTable {
             return false;
         };
         // Written whole, then renamed: the worker never reads half a ticket.
+        // Owner-only: the ticket is a credential.
         let tmp = path.with_extension("tmp");
         let written = serde_json::to_vec(ticket)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|bytes| {
+                use std::io::Write as _;
+                let mut o = std::fs::OpenOptions::new();
+                o.write(true).create(true).truncate(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+                o.open(&tmp)?.write_all(&bytes)
+            })
             .and_then(|()| std::fs::rename(&tmp, path));
         match written {
             Ok(()) => true,

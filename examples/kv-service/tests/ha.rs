@@ -258,7 +258,7 @@ fn test_leader_sigkill_keeps_workers_and_vip_and_checkpoints_resume() {
     std::thread::sleep(Duration::from_millis(500));
     let (failed, probes, acked) = load.finish();
 
-    assert!(probes > 1000, "the prober ran: {probes} probes");
+    assert!(probes > 300, "the prober ran: {probes} probes");
     assert!(
         failed.is_empty(),
         "{} of {probes} reads through the VIP failed during the supervisor failover (first at {:?} after the kill)\n{}",
@@ -376,7 +376,7 @@ fn test_leader_cut_from_etcd_steps_down_and_is_fenced() {
         "{refused}"
     );
 
-    assert!(probes > 1000, "the prober ran: {probes} probes");
+    assert!(probes > 300, "the prober ran: {probes} probes");
     assert!(
         failed.is_empty(),
         "{} of {probes} reads through the VIP failed (first at {:?} after the cut)\n{}",

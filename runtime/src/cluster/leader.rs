@@ -202,11 +202,18 @@ impl Leadership {
                 let members = store.members().await.unwrap_or_default();
                 // VIP leases are the agents' own, in etcd.
                 if let Ok(holders) = store.vip_holders().await {
+                    let mut ttls = BTreeMap::new();
+                    for (_, l) in holders.values() {
+                        if let Some(t) = store.lease_ttl(*l).await {
+                            ttls.insert(*l, t as u64 * 1000);
+                        }
+                    }
                     for v in report.vips.iter_mut() {
                         let held = holders.get(&v.vip);
                         v.holder = held.map(|(h, _)| h.clone());
                         v.lease_id = held.map(|(_, l)| *l as u64);
-                        v.lease_expires_in_ms = None;
+                        // etcd counts whole seconds.
+                        v.lease_expires_in_ms = held.and_then(|(_, l)| ttls.get(l).copied());
                     }
                     for (vip, (h, l)) in holders {
                         if !report.vips.iter().any(|v| v.vip == vip) {
@@ -215,7 +222,7 @@ impl Leadership {
                                 assigned: None,
                                 holder: Some(h),
                                 lease_id: Some(l as u64),
-                                lease_expires_in_ms: None,
+                                lease_expires_in_ms: ttls.get(&l).copied(),
                             });
                         }
                     }

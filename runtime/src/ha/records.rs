@@ -175,6 +175,16 @@ impl HaStore {
             .collect())
     }
 
+    /// Seconds left on etcd lease `id` (etcd's granularity), if it lives.
+    pub async fn lease_ttl(&self, id: i64) -> Option<i64> {
+        let mut c = self.client.clone();
+        bounded(c.lease_time_to_live(id, None))
+            .await
+            .ok()
+            .map(|r| r.ttl())
+            .filter(|t| *t >= 0)
+    }
+
     /// The current leader and its term, if any.
     pub async fn leader(&self) -> Result<Option<(Member, i64)>, HaError> {
         let mut c = self.client.clone();
