@@ -376,6 +376,21 @@ fn supervisor_trials(trials: usize) -> (Vec<Duration>, Vec<Duration>) {
     (resumed, gaps)
 }
 
+type Row = (String, Vec<Duration>, Vec<Duration>, String);
+
+fn print_rows(rows: &[Row]) {
+    println!("\n| scenario | p50 | p99 | max | two VIP holders (max) | bounds |\n| --- | --- | --- | --- | --- | --- |");
+    for (name, v, both, bound) in rows {
+        println!(
+            "| {name} | {} | {} | {} | {} | {bound} |",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99)),
+            ms(percentile(v, 1.0)),
+            ms(percentile(both, 1.0))
+        );
+    }
+}
+
 /// `--serve PORT PIDFILE`: the stateless responder keepalived fails over.
 fn serve(port: u16, pidfile: &str) {
     let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind responder");
@@ -693,6 +708,8 @@ fn main() {
         ),
     ];
     let mut rows = Vec::new();
+    // LAZARUS_BENCH_ONLY=supervisor: just the supervisor failover rows.
+    let only_supervisor = std::env::var("LAZARUS_BENCH_ONLY").is_ok_and(|v| v == "supervisor");
     let (resumed, gaps) = supervisor_trials(trials);
     rows.push((
         "lazarus supervisor failover: leader SIGKILL -> checkpoint by the new leader".to_string(),
@@ -707,6 +724,10 @@ fn main() {
         Vec::new(),
         "goal: no outage (reads every 1 ms, 10 ms timeout)".to_string(),
     ));
+    if only_supervisor {
+        print_rows(&rows);
+        return;
+    }
     for (name, tag, standby, fault, config, bound, state_mib) in scenarios {
         let (v, both) = lazarus_trials(tag, standby, fault, config, trials, state_mib);
         rows.push((name.to_string(), v, both, bound.to_string()));
@@ -731,16 +752,7 @@ fn main() {
         let (v, both) = keepalived_trials(fault, trials);
         rows.push((name.to_string(), v, both, bound.to_string()));
     }
-    println!("\n| scenario | p50 | p99 | max | two VIP holders (max) | bounds |\n| --- | --- | --- | --- | --- | --- |");
-    for (name, v, both, bound) in &rows {
-        println!(
-            "| {name} | {} | {} | {} | {} | {bound} |",
-            ms(percentile(v, 0.5)),
-            ms(percentile(v, 0.99)),
-            ms(percentile(v, 1.0)),
-            ms(percentile(both, 1.0))
-        );
-    }
+    print_rows(&rows);
     let p50 = |name: &str| {
         let row = rows.iter().find(|r| r.0 == name).expect("row");
         percentile(&row.1, 0.5)

@@ -222,7 +222,9 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
                 st.fence("no leader adopted this host's workers in time")
                     .await;
             }
-            st.detached(Duration::from_millis(200), &mut stop).await;
+            // Every supervisor in turn, 50 ms apart: a new leader is
+            // found within a round.
+            st.detached(Duration::from_millis(50), &mut stop).await;
         } else {
             st.fence("no session with the supervisor").await;
             tokio::select! {

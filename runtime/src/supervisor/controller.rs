@@ -760,24 +760,46 @@ impl JobController {
     /// agents. If the recorded attempt was not running yet, a new attempt
     /// starts instead.
     pub fn adopt(&mut self, now: Duration, a: Adoption) -> Vec<Action> {
+        // Hosts whose agents registered already (the rest join later).
+        let registered: Vec<String> = self.hosts.iter().cloned().collect();
         if !a.running {
-            // Its processes are replaced (an agent kills a process whose
-            // slot gets a new one) once the hosts it ran on are back.
+            // Its processes are stopped once the hosts they ran on are back
+            // (or at the deadline), then a new attempt starts, as after a
+            // failure (rule 3: their exits are awaited first).
             tracing::info!(
                 attempt = a.attempt,
-                "the recorded attempt was not running; a new one starts once its hosts registered"
+                "the recorded attempt was not running; it is restarted once its hosts registered"
             );
-            self.attempt = a.attempt + 1;
-            let mut hosts: BTreeSet<String> = a.procs.into_iter().map(|p| p.host).collect();
+            self.attempt = a.attempt;
+            let mut hosts: BTreeSet<String> = a.procs.iter().map(|p| p.host.clone()).collect();
             hosts.extend(a.placement.values().map(|p| p.primary.clone()));
+            for p in a.procs {
+                let slot = if p.standby {
+                    Slot::Standby
+                } else {
+                    Slot::Primary
+                };
+                self.procs.insert(
+                    (p.worker, slot),
+                    Proc {
+                        host: p.host,
+                        attempt: p.attempt,
+                        promoted_from: p.promoted_from,
+                    },
+                );
+            }
             self.placement = a.placement;
+            // Held by their agents meanwhile: known, so that a stop lets
+            // them go and the new attempt moves them.
+            if self.cfg.vips {
+                self.vips = a.vips;
+            }
             self.adopting = Some(AdoptState {
                 deadline: now + self.cfg.adopt_timeout,
                 start_fresh: Some(hosts),
                 ..AdoptState::default()
             });
             self.phase = Phase::Adopting;
-            let registered: Vec<String> = self.hosts.iter().cloned().collect();
             for h in registered {
                 self.host_joined_adopting(now, &h);
             }
@@ -812,7 +834,6 @@ impl JobController {
         }
         self.adopting = Some(st);
         self.phase = Phase::Adopting;
-        let registered: Vec<String> = self.hosts.iter().cloned().collect();
         for h in registered {
             self.host_joined_adopting(now, &h);
         }
@@ -847,7 +868,7 @@ impl JobController {
     }
 
     /// A host's agent registered during an adoption: its processes get
-    /// their tickets, and its VIPs are confirmed to it.
+    /// their tickets.
     fn host_joined_adopting(&mut self, now: Duration, host: &str) {
         let Some(st) = self.adopting.as_mut() else {
             return;
@@ -870,14 +891,6 @@ impl JobController {
                     worker: w.clone(),
                     attempt: p.attempt,
                     slot: *slot,
-                });
-            }
-        }
-        for (vip, h) in &self.vips {
-            if h == host {
-                self.out.push(Action::AssignVip {
-                    vip: vip.clone(),
-                    host: host.to_string(),
                 });
             }
         }
@@ -944,6 +957,18 @@ impl JobController {
             self.att.senders.insert(worker.clone(), conn);
             self.att.running.insert(worker.clone());
             self.att.last_seen.insert(worker.clone(), now);
+            // Its VIPs are confirmed to its host (which holds them under
+            // its own lease meanwhile) once the primary is known alive.
+            let host = self.procs.get(&key).map(|p| p.host.clone());
+            let vips = self
+                .worker(&worker)
+                .map(|w| w.vips.clone())
+                .unwrap_or_default();
+            for (vip, host) in vips.into_iter().zip(std::iter::repeat(host)) {
+                if let Some(h) = host.filter(|h| self.vips.get(&vip) == Some(h)) {
+                    self.out.push(Action::AssignVip { vip, host: h });
+                }
+            }
         }
         tracing::info!(%worker, attempt, standby, "rejoined");
         self.maybe_adopted(now);
@@ -987,7 +1012,14 @@ impl JobController {
             return;
         };
         self.hosts = st.joined;
-        self.begin_attempt(now);
+        // Standbys of the unfinished attempt go too: nothing of it is
+        // connected here.
+        self.out.push(Action::KillAll { standbys: true });
+        self.fail(
+            now,
+            "a new leader found the attempt still starting".into(),
+            true,
+        );
     }
 
     /// The adoption's deadline passed: primaries that did not rejoin fail
@@ -1883,6 +1915,9 @@ impl JobController {
 
     fn on_host_lost(&mut self, now: Duration, host: &str) {
         self.hosts.remove(host);
+        if let Some(st) = self.adopting.as_mut() {
+            st.joined.remove(host);
+        }
         let gone: Vec<(WorkerId, Slot)> = self
             .procs
             .iter()
@@ -2042,6 +2077,8 @@ impl JobController {
     /// connection) first waits briefly for the crashed process's exit, and
     /// our own kills must not be mistaken for it.
     fn fail(&mut self, now: Duration, why: String, named: bool) {
+        // An adoption in progress is over: the recovery places everything.
+        self.adopting = None;
         let _ = self.coordinator.on_failure();
         self.next_id = self.next_id.max(self.coordinator.next_id());
         self.records_before += self.source_records_now();
@@ -2136,6 +2173,7 @@ impl JobController {
 
     fn end(&mut self, state: JobState) {
         tracing::info!(?state, "job ended");
+        self.adopting = None;
         self.summary.state = state.clone();
         self.phase = Phase::Ended(state);
         self.att.running.clear();

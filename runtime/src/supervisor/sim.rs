@@ -3,7 +3,10 @@
 //! fail fatally; standbys that die), a fake store (commits that succeed,
 //! fail, are slow, or are fenced by another writer) and a manual clock, all
 //! driven from one seed. After every step the invariants of the controller's
-//! module documentation are checked against the simulated world.
+//! module documentation are checked against the simulated world. Some
+//! schedules also lose the supervisor: a new leader's controller adopts the
+//! job from the old one's [`Adoption`] record, as on an HA cluster, while
+//! the processes run on and rejoin.
 //!
 //! Run: `cargo nextest run -p lazarus supervisor::sim` (10,000 schedules;
 //! `LAZARUS_SIM_SCHEDULES=N` for more or fewer). A failing schedule prints
@@ -15,9 +18,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lazarus_sdk::protocol::{ToSupervisor, ToWorker};
+use lazarus_sdk::protocol::{Rejoin, ToSupervisor, ToWorker};
 use lazarus_storage::{CheckpointId, Epoch, WorkerId, WorkerSnapshot};
 
+#[allow(unused_imports)]
+use super::controller::Adoption;
 use super::controller::{Action, ConnId, ControllerConfig, Fact, JobController, JobState};
 use crate::procs::{ExitKind, Slot, WorkerExited};
 use crate::spec::JobSpec;
@@ -139,6 +144,8 @@ enum Event {
     /// A cut-off host's agent fences itself (one lease after the cut): its
     /// processes die, unseen.
     Fence(String),
+    /// The supervisor dies; a new leader adopts the job.
+    LeaderChange,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +159,14 @@ struct SimProc {
     stalled: bool,
     assigned: bool,
     source: bool,
+    /// A primary that said it runs (it survives a leader change).
+    running: bool,
+    /// The newest checkpoint it snapshotted.
+    snap: Option<CheckpointId>,
+    /// A source that said it ran dry.
+    exhausted: bool,
+    /// When it died with its exit reported (on its way for up to 3 ms).
+    died_at: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -215,6 +230,10 @@ struct World {
     log: Vec<(Duration, Action)>,
     /// Every commit takes this long (scripted scenarios).
     slow_commits: Option<Duration>,
+    /// The controller's settings (a new leader builds its own from them).
+    cfg: ControllerConfig,
+    /// Leader changes so far.
+    leader_changes: u32,
 }
 
 impl World {
@@ -241,7 +260,7 @@ impl World {
         };
         let max_restarts = cfg.restart.max_attempts;
         let ctl = JobController::new(
-            cfg,
+            cfg.clone(),
             Epoch(1),
             CheckpointId(1),
             None,
@@ -278,6 +297,8 @@ impl World {
             record: false,
             log: Vec::new(),
             slow_commits: None,
+            cfg,
+            leader_changes: 0,
         }
     }
 
@@ -384,6 +405,7 @@ impl World {
                     }
                 }
             }
+            Event::LeaderChange => self.leader_change(),
             Event::DetectLoss(h) => {
                 if self.hosts.get(&h) == Some(&false) {
                     self.deliver(Fact::HostLost(h.clone()));
@@ -405,6 +427,7 @@ impl World {
             return;
         }
         p.alive = false;
+        p.died_at = Some(self.now);
         let p = p.clone();
         if self.hosts.get(&p.host) != Some(&true) {
             return;
@@ -498,6 +521,11 @@ impl World {
             73..=75 => {
                 let pids = self.live_pids(|p| p.source && p.assigned && p.slot == Slot::Primary);
                 for pid in pids {
+                    // It ran dry whether or not a leader hears it now.
+                    if let Some(p) = self.procs.get_mut(&pid) {
+                        p.exhausted = true;
+                        self.causes.exhausted = true;
+                    }
                     if let Some(conn) = self.procs[&pid].conn {
                         self.causes.exhausted = true;
                         let msg = ToSupervisor::SourceExhausted;
@@ -510,12 +538,74 @@ impl World {
                 self.causes.stop = true;
                 self.at(ms(0), Event::Deliver(Fact::StopRequested));
             }
+            // The supervisor dies; another adopts the job.
+            86..=91 => self.at(ms(0), Event::LeaderChange),
             // Another writer claims a newer epoch (a second supervisor).
             77 if self.rng.chance(100) => {
                 self.store.epoch = Epoch(self.store.epoch.0 + 50);
                 self.causes.fenced = true;
             }
             _ => {}
+        }
+    }
+
+    /// The supervisor dies: everything in flight to it is lost, its sockets
+    /// close, and a new leader (a higher epoch) adopts the job from the old
+    /// controller's record. Processes that cannot rejoin (a primary not yet
+    /// running, a standby not yet following) exit on losing their control
+    /// connection; the rest run on until a ticket reaches them through
+    /// their agent, which registers with the new leader a little later.
+    fn leader_change(&mut self) {
+        if self.ctl.is_ended() {
+            return;
+        }
+        self.leader_changes += 1;
+        let record = self.ctl.adoption();
+        for e in self.events.iter_mut() {
+            if matches!(e, Some(Event::Deliver(_))) {
+                *e = None;
+            }
+        }
+        self.conn_pid.clear();
+        self.known_lost.clear();
+        let mut lost = Vec::new();
+        for (pid, p) in self.procs.iter_mut().filter(|(_, p)| p.alive) {
+            p.conn = None;
+            let rejoinable = match p.slot {
+                Slot::Primary => p.running,
+                Slot::Standby => p.assigned,
+            };
+            if !rejoinable {
+                lost.push(*pid);
+            }
+        }
+        for pid in lost {
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.alive = false;
+            }
+        }
+        let epoch = Epoch(self.store.epoch.0 + 1000);
+        self.store.epoch = epoch;
+        let latest = self.store.latest();
+        let next = latest.map_or(CheckpointId(1), |c| c.next());
+        let mut ctl = JobController::new(self.cfg.clone(), epoch, next, latest, BTreeSet::new());
+        if self.trace {
+            eprintln!("{:>8.1?} LEADER CHANGE: adopting {record:?}", self.now);
+        }
+        let actions = ctl.adopt(self.now, record);
+        self.ctl = ctl;
+        self.newest_seen = self.newest_seen.min(latest);
+        self.epoch_seen = epoch;
+        self.apply(actions);
+        let up: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(_, a)| **a)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in up {
+            let d = self.rng.between(5, 80);
+            self.at(d, Event::Deliver(Fact::HostJoined(h)));
         }
     }
 
@@ -567,6 +657,10 @@ impl World {
                             alive,
                             stalled: false,
                             assigned: false,
+                            running: false,
+                            snap: None,
+                            exhausted: false,
+                            died_at: None,
                         },
                     );
                     if alive {
@@ -751,21 +845,92 @@ impl World {
                     let d = self.rng.between(1, 300);
                     self.at(d, Event::Deliver(Fact::RetentionDone { retained: None }));
                 }
-                // No leader changes in these schedules: nothing is adopted.
-                Action::PruneCaches { .. } | Action::Recovering { .. } | Action::Rejoin { .. } => {}
+                Action::Rejoin {
+                    host,
+                    worker,
+                    attempt,
+                    slot,
+                } => {
+                    self.no_lost_host(&host, "hand a rejoin ticket on");
+                    if self.hosts.get(&host) != Some(&true) {
+                        continue;
+                    }
+                    let pid = self
+                        .live_pids(|p| {
+                            p.worker == worker
+                                && p.slot == slot
+                                && p.host == host
+                                && p.attempt == attempt
+                                && p.conn.is_none()
+                        })
+                        .first()
+                        .copied();
+                    let d = self.rng.between(1, 8);
+                    match pid {
+                        Some(pid) => {
+                            let conn = ConnId(self.next_conn);
+                            self.next_conn += 1;
+                            self.conn_pid.insert(conn, pid);
+                            let p = self.procs.get_mut(&pid).expect("listed");
+                            p.conn = Some(conn);
+                            let rejoin = Rejoin {
+                                running: p.running,
+                                checkpoint: p.snap,
+                                followed: None,
+                                exhausted: p.exhausted,
+                            };
+                            let hello = Fact::Hello {
+                                conn,
+                                worker,
+                                attempt,
+                                standby: slot == Slot::Standby,
+                                rejoin: Some(rejoin),
+                            };
+                            self.at(d, Event::Deliver(hello));
+                        }
+                        // The agent has no such process: it says so.
+                        None => {
+                            let exited = WorkerExited {
+                                worker,
+                                attempt,
+                                standby: slot == Slot::Standby,
+                                host,
+                                exit: ExitKind::SpawnFailed("not running on this host".into()),
+                                detail: None,
+                            };
+                            self.at(d, Event::Deliver(Fact::Exited(exited)));
+                        }
+                    }
+                }
+                Action::PruneCaches { .. } | Action::Recovering { .. } => {}
             }
         }
         // Rule 4: a VIP goes to the host of the worker's live primary.
         for (vip, host) in vip_checks {
+            // A standby promoted just as it died: its exit is on its way
+            // (the controller cannot know yet; the exit moves the VIP on).
+            let exit_in_flight = |p: &SimProc| {
+                p.slot == Slot::Standby
+                    && p.host == host
+                    && p.died_at.is_some_and(|t| self.now <= t + ms(5))
+            };
             let ok = self.procs.values().any(|p| {
                 p.alive
                     && p.slot == Slot::Primary
                     && p.host == host
                     && p.attempt == self.ctl.attempt()
-            }) || self.hosts.get(&host) != Some(&true);
+            }) || self.procs.values().any(exit_in_flight)
+                || self.hosts.get(&host) != Some(&true);
             if !ok {
+                let procs: Vec<_> = self
+                    .procs
+                    .values()
+                    .filter(|p| p.host == host)
+                    .map(|p| (p.worker.to_string(), p.slot, p.attempt, p.alive, p.conn))
+                    .collect();
                 self.fail(&format!(
-                    "VIP {vip} assigned to {host}, where no primary of this attempt runs"
+                    "VIP {vip} assigned to {host}, where no primary of this attempt ({}) runs: {procs:?}",
+                    self.ctl.attempt()
                 ));
             }
         }
@@ -790,6 +955,9 @@ impl World {
         };
         match msg {
             ToWorker::Start { .. } => {
+                if let Some(q) = self.procs.get_mut(&pid) {
+                    q.running = true;
+                }
                 let d = self.rng.between(1, 5);
                 self.at(
                     d,
@@ -814,6 +982,15 @@ impl World {
                     })
                     .filter_map(|q| q.conn.map(|c| (c, q.worker.clone())))
                     .collect();
+                for q in self.procs.values_mut().filter(|q| {
+                    q.alive
+                        && !q.stalled
+                        && q.assigned
+                        && q.slot == Slot::Primary
+                        && q.attempt == p.attempt
+                }) {
+                    q.snap = Some(q.snap.map_or(checkpoint, |s| s.max(checkpoint)));
+                }
                 for (c, w) in acks {
                     let d = self.rng.between(1, 25);
                     let msg = ToSupervisor::Ack {
@@ -945,7 +1122,7 @@ impl World {
     }
 }
 
-fn schedule(seed: u64, trace: bool) -> JobState {
+fn schedule(seed: u64, trace: bool) -> (JobState, u32) {
     let mut w = World::new(seed, true, seed as usize);
     w.trace = trace;
     w.start();
@@ -956,15 +1133,15 @@ fn schedule(seed: u64, trace: bool) -> JobState {
     } else {
         w.check();
     }
-    w.ctl.summary().state
+    (w.ctl.summary().state, w.leader_changes)
 }
 
 #[test]
 fn test_random_fault_schedules_keep_the_invariants() {
     if let Ok(seed) = std::env::var("LAZARUS_SIM_SEED") {
         let seed: u64 = seed.parse().expect("LAZARUS_SIM_SEED is a number");
-        let end = schedule(seed, true);
-        eprintln!("seed {seed}: {end:?}");
+        let (end, changes) = schedule(seed, true);
+        eprintln!("seed {seed}: {end:?} after {changes} leader changes");
         return;
     }
     let n: u64 = std::env::var("LAZARUS_SIM_SCHEDULES")
@@ -972,8 +1149,10 @@ fn test_random_fault_schedules_keep_the_invariants() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
     let mut ends: BTreeMap<String, u64> = BTreeMap::new();
+    let mut with_leader_change = 0u64;
     for seed in 1..=n {
-        let end = schedule(seed, false);
+        let (end, changes) = schedule(seed, false);
+        with_leader_change += u64::from(changes > 0);
         let key = match end {
             JobState::Failed(why) if why.contains("fatal") => "failed (fatal)".to_string(),
             JobState::Failed(why) if why.starts_with("fenced") => "failed (fenced)".to_string(),
@@ -982,7 +1161,11 @@ fn test_random_fault_schedules_keep_the_invariants() {
         };
         *ends.entry(key).or_default() += 1;
     }
-    eprintln!("{n} schedules: {ends:?}");
+    eprintln!("{n} schedules ({with_leader_change} with a supervisor failover): {ends:?}");
+    assert!(
+        with_leader_change * 5 > n,
+        "too few schedules lose their supervisor: {with_leader_change} of {n}"
+    );
     // The schedules must exercise every way of ending, or they test little.
     for k in ["stopped", "finished", "failed (fatal)", "failed (gave up)"] {
         assert!(
@@ -1059,6 +1242,60 @@ mod scenarios {
         assert_eq!(w.ctl.summary().restarts, 1);
         let (_, new_standby) = w.proc_of("kv-0", Slot::Standby);
         assert_ne!(new_standby, host, "a new standby on another host");
+    }
+
+    #[test]
+    fn test_leader_change_adopts_without_restarting_or_moving_anything() {
+        let mut w = running(0, 3);
+        let pids: Vec<u64> = w.live_pids(|_| true);
+        let vips = w.vips.clone();
+        let before = w.ctl.newest_committed().expect("committed");
+        let attempt = w.ctl.attempt();
+        w.leader_change();
+        let t = w.now;
+        w.run_for(ms(300));
+        assert_eq!(
+            w.ctl.state(),
+            JobState::Running,
+            "the new leader runs the job"
+        );
+        assert_eq!(w.ctl.attempt(), attempt, "the same attempt, adopted");
+        assert_eq!(w.ctl.summary().restarts, 0, "nothing restarted");
+        assert_eq!(w.live_pids(|_| true), pids, "every process kept running");
+        assert_eq!(w.vips, vips, "the VIP stayed where it was");
+        assert!(
+            !w.actions_since(t).iter().any(|a| matches!(
+                a,
+                Action::Spawn { .. }
+                    | Action::Promote { .. }
+                    | Action::Kill { .. }
+                    | Action::KillAll { .. }
+            )),
+            "no process started, promoted or killed"
+        );
+        let after = w.ctl.newest_committed().expect("committed");
+        assert!(
+            after > before,
+            "checkpoints resume under the new leader: {before} -> {after}"
+        );
+        assert!(w.ctl.epoch() > Epoch(1), "under a new epoch");
+    }
+
+    #[test]
+    fn test_a_process_missing_at_adoption_fails_the_attempt_and_recovers() {
+        let mut w = running(0, 3);
+        let (gone, _) = w.proc_of("count-0", Slot::Primary);
+        w.trace = std::env::var("LAZARUS_SIM_TRACE").is_ok();
+        w.leader_change();
+        // It died while no leader listened: its agent says so at the ticket.
+        if let Some(p) = w.procs.get_mut(&gone) {
+            p.alive = false;
+        }
+        w.run_for(ms(600));
+        assert_eq!(w.ctl.state(), JobState::Running, "recovered");
+        assert_eq!(w.ctl.summary().restarts, 1, "one recovery");
+        let (new, _) = w.proc_of("count-0", Slot::Primary);
+        assert_ne!(new, gone, "a new count-0 process");
     }
 
     #[test]
