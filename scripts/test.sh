@@ -128,6 +128,12 @@ else
     log "cargo test (workspace; cargo-nextest not installed)"
     cargo test --workspace --lib --bins --tests --no-fail-fast
 fi
+log "the cluster tests again, with the supervisor under a real etcd (LAZARUS_TEST_HA=1)"
+if cargo nextest --version >/dev/null 2>&1; then
+    LAZARUS_TEST_HA=1 cargo nextest run -p kv-service -p wordcount --test failover --test cluster --no-fail-fast
+else
+    LAZARUS_TEST_HA=1 cargo test -p kv-service -p wordcount --test failover --test cluster --no-fail-fast
+fi
 log "benchmark smoke runs (small sizes; real figures: cargo bench -p lazarus-benches)"
 LAZARUS_BENCH_SIZE=64MiB LAZARUS_BENCH_ROUNDS=1 cargo test -p lazarus-benches --bench storage --quiet
 LAZARUS_BENCH_WORDS=200000 LAZARUS_BENCH_STATE_SIZES=4MiB LAZARUS_BENCH_STATE_MS=3000 \

@@ -96,6 +96,16 @@ fn put_acked(addr: SocketAddr, key: &str, value: &str, limit: Duration) -> bool 
     false
 }
 
+/// The VIP lease in force: under etcd (`LAZARUS_TEST_HA=1`) an etcd lease,
+/// whole seconds and at least 2 s.
+fn effective_lease(configured: Duration) -> Duration {
+    if std::env::var("LAZARUS_TEST_HA").is_ok_and(|v| v == "1") {
+        Duration::from_secs(configured.as_secs_f64().ceil().max(2.0) as u64)
+    } else {
+        configured
+    }
+}
+
 fn cap_eff(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     let line = status
@@ -217,7 +227,7 @@ fn run(s: Scenario) {
         }
         Fault::LinkDown => c.bed.link_down(&old),
     }
-    let watch_until = Instant::now() + s.lease * 3 + Duration::from_millis(1500);
+    let watch_until = Instant::now() + effective_lease(s.lease) * 3 + Duration::from_millis(1500);
     while Instant::now() < watch_until && s.fault == Fault::LinkDown {
         let (ha, hb) = (c.bed.holds("a", vip_ip), c.bed.holds("b", vip_ip));
         holders
@@ -386,7 +396,7 @@ fn run(s: Scenario) {
         // The isolated host dropped the VIP by its lease expiry, and from
         // then on never two holders (in fact never at any sample).
         let h = holders.lock().expect("holders").clone();
-        let bound = s.lease + Duration::from_millis(150);
+        let bound = effective_lease(s.lease) + Duration::from_millis(150);
         let old_is_a = old == "a";
         let dropped = h
             .iter()

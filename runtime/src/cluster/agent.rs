@@ -188,7 +188,29 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
         });
         st.supervisor = addr;
         let dialer = st.opts.dialer.clone();
-        match dialer.dial(addr, Duration::from_secs(1)).await {
+        let dial = dialer.dial(addr, Duration::from_secs(1));
+        let dialed = if st.ha.is_some() {
+            // HA: VIP leases go on being renewed (or run out, by this
+            // host's clock) while a supervisor that does not answer is
+            // dialled: nothing may hold up the self-fencing.
+            tokio::pin!(dial);
+            loop {
+                tokio::select! {
+                    r = &mut dial => break Some(r),
+                    _ = st.detached(Duration::from_millis(50), &mut stop) => {
+                        if *stop.borrow() {
+                            break None;
+                        }
+                    }
+                }
+            }
+        } else {
+            Some(dial.await)
+        };
+        let Some(dialed) = dialed else {
+            continue;
+        };
+        match dialed {
             Ok((read, write, local)) => {
                 match st.session(read, write, local.ip(), &mut stop).await {
                     Ok(()) => {
@@ -760,6 +782,15 @@ impl AgentState {
                     tracing::info!(%vip, %holder, retry_ms, "VIP lease held elsewhere; waiting");
                     v.holder
                         .held_elsewhere(now, Duration::from_millis(retry_ms));
+                }
+            }
+            SupervisorMsg::LeaseLost { vip } if self.ha.is_some() => {
+                // etcd let this agent's lease expire: off at once, then ask
+                // again (the leader still wants it here).
+                tracing::warn!(%vip, "VIP lease expired in etcd");
+                if let Some(v) = self.vips.get_mut(&vip) {
+                    let actions = v.holder.expired(now);
+                    self.carry_out(&vip, actions, Some(out)).await;
                 }
             }
             SupervisorMsg::LeaseLost { vip } => {

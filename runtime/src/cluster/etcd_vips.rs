@@ -140,7 +140,13 @@ impl Task {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Req>) {
+        // The agent's lease lives as long as the agent, VIPs or not: one
+        // granted for a request that found the VIP held elsewhere must
+        // still be alive when the VIP comes free.
+        let mut keep = tokio::time::interval(Duration::from_millis(self.ttl as u64 * 250));
+        keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let has_lease = self.lease.is_some();
             let keepalive = async {
                 match self.lease.as_mut().and_then(|l| l.alive.as_mut()) {
                     Some((_, stream)) => stream.message().await,
@@ -153,6 +159,13 @@ impl Task {
                     None => return,
                 },
                 answer = keepalive => self.on_keepalive(answer),
+                _ = keep.tick(), if has_lease => {
+                    if let Err(e) = self.keep_alive().await {
+                        tracing::warn!(error = %e, "etcd keep-alive failed");
+                        self.waiting.clear();
+                        self.drop_connection();
+                    }
+                }
             }
         }
     }

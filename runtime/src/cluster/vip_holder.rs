@@ -192,6 +192,23 @@ impl VipHolder {
         vec![HolderAction::StartAnnounce]
     }
 
+    /// The authority says the lease ran out (an etcd lease that expired):
+    /// as rule 2, the address comes off and the primaries stop at once, and
+    /// the holder asks again (it is still wanted).
+    pub fn expired(&mut self, now: Duration) -> Vec<HolderAction> {
+        let mut out = self.take_off();
+        let held = self.lease.lease().is_some();
+        self.lease.on_lost();
+        self.refresh_at = None;
+        if held {
+            out.push(HolderAction::StopPrimaries);
+        }
+        if self.wanted {
+            self.retry_at = Some(now);
+        }
+        out
+    }
+
     /// The lease is held by another host; ask again after `retry`.
     pub fn held_elsewhere(&mut self, now: Duration, retry: Duration) {
         self.retry_at = Some(now + retry);
@@ -302,6 +319,19 @@ mod tests {
             h.tick(ms(1001), &mut seq)[..],
             [A::Acquire { .. }]
         ));
+    }
+
+    #[test]
+    fn test_expired_in_the_authority_takes_the_address_off_and_asks_again() {
+        let mut seq = 0;
+        let mut h = holding(ms(0), 0, &mut seq);
+        assert_eq!(
+            h.expired(ms(100)),
+            vec![A::StopAnnounce, A::RemoveAddress, A::StopPrimaries]
+        );
+        assert!(!h.on_iface());
+        // Still wanted: the next tick asks for the lease again.
+        assert_eq!(h.tick(ms(101), &mut seq), vec![A::Acquire { seq }]);
     }
 
     #[test]

@@ -118,6 +118,11 @@ impl LzCluster {
 
     /// As [`LzCluster::start`], with `agent_config` as every agent's
     /// `--config`.
+    ///
+    /// With `LAZARUS_TEST_HA=1` the supervisor runs under a real etcd
+    /// (elected leader, VIP leases in etcd): scripts/test.sh runs the
+    /// cluster tests once this way, so that everything they check holds with
+    /// `--etcd` as well as without.
     pub fn start_with(
         tag: &str,
         agents: &[&str],
@@ -125,7 +130,14 @@ impl LzCluster {
         config: &str,
         agent_config: &str,
     ) -> LzCluster {
-        Self::start_full(tag, agents, others, config, agent_config, None)
+        let ha = std::env::var("LAZARUS_TEST_HA")
+            .is_ok_and(|v| v == "1")
+            .then_some(Ha {
+                supervisors: 1,
+                etcd_members: 1,
+                lease: "2s",
+            });
+        Self::start_full(tag, agents, others, config, agent_config, ha)
     }
 
     /// As [`LzCluster::start`], with supervisors under etcd.
