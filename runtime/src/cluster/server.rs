@@ -80,6 +80,7 @@ pub async fn serve(
             .map_err(|e| anyhow::anyhow!("supervisor HA settings: {e}"))?;
     }
     let cluster = Cluster::new(opts.config);
+    cluster.lock().agent_leases = opts.ha.is_some();
     // Every task of the supervisor: the heartbeat loop, one per connection,
     // one per job. Cancelling `cancel` ends the first two kinds; jobs are
     // stopped through their own stop signal so they release what they hold.
@@ -343,6 +344,7 @@ async fn agent_session(
             Some(h) => h.lease_ms / 4,
             None => c.config.lease.renew_every.as_millis() as u64,
         };
+        let is_ha = ha.is_some();
         let welcome = SupervisorMsg::Welcome {
             heartbeat_ms: c.config.heartbeat_interval.as_millis() as u64,
             lease_ms: c.config.lease.length.as_millis() as u64,
@@ -364,6 +366,13 @@ async fn agent_session(
                 job,
                 standbys: true,
             });
+        }
+        // An HA agent keeps VIPs across leaders: confirm the ones it should
+        // hold and take back those moved while no leader reached it.
+        if is_ha {
+            for order in c.vip_orders(&name) {
+                let _ = tx.send(order);
+            }
         }
         let conn = c.register(&name, addr, state_dir, tx.clone());
         if let Some(h) = c.hosts.get_mut(&name) {

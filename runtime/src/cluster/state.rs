@@ -87,6 +87,8 @@ pub struct ClusterState {
     /// No VIP lease is granted before this (a new HA leader waits out the
     /// leases its predecessor may have granted).
     grants_from: Duration,
+    /// HA: agents hold VIPs under their own etcd leases.
+    pub agent_leases: bool,
 }
 
 /// The shared handle.
@@ -109,6 +111,7 @@ impl Cluster {
             clock,
             next_conn: 1,
             grants_from: Duration::ZERO,
+            agent_leases: false,
         })))
     }
 
@@ -245,7 +248,13 @@ impl ClusterState {
             });
         let previous = entry.assigned.replace(host.to_string());
         let holder = entry.table.holder(now).map(|(h, _)| h);
-        for old in [previous, holder].into_iter().flatten() {
+        let mut others: BTreeSet<String> = [previous, holder].into_iter().flatten().collect();
+        if self.agent_leases {
+            // The holder is in etcd, unknown here (it may hold it since
+            // before this leader): every other host lets go.
+            others.extend(self.hosts.keys().cloned());
+        }
+        for old in others {
             if old != host {
                 self.send(&old, SupervisorMsg::ReleaseVip { vip: vip.into() });
             }
@@ -271,6 +280,24 @@ impl ClusterState {
         for h in [previous, holder].into_iter().flatten() {
             self.send(&h, SupervisorMsg::ReleaseVip { vip: vip.into() });
         }
+    }
+
+    /// What `host` must hold and let go of now (told at its registration:
+    /// an HA agent may still hold a VIP that was moved while no leader
+    /// could reach it).
+    pub fn vip_orders(&self, host: &str) -> Vec<SupervisorMsg> {
+        let garp = self.config.garp;
+        self.vips
+            .iter()
+            .filter_map(|(vip, e)| match e.assigned.as_deref() {
+                Some(h) if h == host => Some(SupervisorMsg::HoldVip {
+                    vip: vip.clone(),
+                    garp,
+                }),
+                Some(_) => Some(SupervisorMsg::ReleaseVip { vip: vip.clone() }),
+                None => None,
+            })
+            .collect()
     }
 
     /// Forgets every host, job and lease: this supervisor no longer leads.

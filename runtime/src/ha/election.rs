@@ -13,9 +13,12 @@
 //!    stops acting before another can be elected.
 //! 4. A follower watches the leader key and campaigns the moment it is
 //!    deleted (resignation or lease expiry).
-//! 5. Any etcd error ends the session: a leader steps down (role becomes
-//!    `Follower`), and a new session with a new lease starts after a
-//!    backoff.
+//! 5. A broken keep-alive stream or watch (a member restarting, a reset
+//!    connection) is opened again at the next renewal tick; leadership ends
+//!    only when its proof runs out (rule 3), etcd says the lease expired, or
+//!    the leader key is gone or changed. Then the session ends: a leader
+//!    steps down (role becomes `Follower`), and a new session with a new
+//!    lease starts after a backoff.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -209,41 +212,98 @@ impl Session<'_> {
             }
             // Watch the leader key: a follower campaigns when it goes, a
             // leader steps down if it goes (deleted by hand, or expired).
+            let term = self.tx.borrow().term();
             let mut watch = client
                 .watch(
                     key.clone(),
                     Some(WatchOptions::new().with_start_revision(watch_from)),
                 )
                 .await?;
+            // A broken stream (an etcd member restarting, a connection
+            // reset) is not a lost lease: it is opened again on the next
+            // renewal tick, and only the proof's deadline ends leadership.
+            let mut alive_ok = true;
+            let mut watch_ok = true;
             loop {
-                let leading = self.tx.borrow().term().is_some();
+                let leading = term.is_some();
                 tokio::select! {
                     _ = renew.tick() => {
-                        keeper.keep_alive().await?;
-                        outstanding.push_back(tokio_now());
-                    }
-                    msg = alive.message() => {
-                        let Some(r) = msg? else {
-                            return Err(HaError::Malformed { key: key.clone(), reason: "lease keep-alive stream closed".into() });
-                        };
-                        let sent = outstanding.pop_front().unwrap_or(proven_until);
-                        if r.ttl() <= 0 {
-                            return Err(HaError::Malformed { key: key.clone(), reason: format!("lease {lease:x} expired") });
+                        if !alive_ok {
+                            let sent = tokio_now();
+                            match tokio::time::timeout(Duration::from_secs(2), client.lease_keep_alive(lease)).await {
+                                Ok(Ok((k, a))) => {
+                                    keeper = k;
+                                    alive = a;
+                                    alive_ok = true;
+                                    outstanding.clear();
+                                    // Its first answer renewed the lease.
+                                    proven_until = proven_until.max(sent + opts.lease - margin(opts.lease));
+                                }
+                                Ok(Err(e)) if e.to_string().contains("lease not found") => {
+                                    return Err(HaError::Malformed { key: key.clone(), reason: format!("lease {lease:x} expired") });
+                                }
+                                Ok(Err(e)) => tracing::warn!(error = %e, "reopening the lease keep-alive"),
+                                Err(_) => tracing::warn!("reopening the lease keep-alive timed out"),
+                            }
+                        } else if keeper.keep_alive().await.is_ok() {
+                            outstanding.push_back(tokio_now());
+                        } else {
+                            alive_ok = false;
                         }
-                        proven_until = proven_until.max(sent + opts.lease - margin(opts.lease));
+                        if !watch_ok {
+                            match tokio::time::timeout(Duration::from_secs(2), client.get(key.clone(), None)).await {
+                                Ok(Ok(g)) => {
+                                    let kv = g.kvs().first();
+                                    let still = kv.map(|kv| kv.create_revision());
+                                    match (term, still) {
+                                        (Some(t), s) if s != Some(t) => {
+                                            return Err(HaError::Malformed { key: key.clone(), reason: "the leader key changed while unwatched".into() });
+                                        }
+                                        (None, None) => break,
+                                        _ => {}
+                                    }
+                                    let from = g.header().map_or(0, |h| h.revision()) + 1;
+                                    match client.watch(key.clone(), Some(WatchOptions::new().with_start_revision(from))).await {
+                                        Ok(w) => {
+                                            watch = w;
+                                            watch_ok = true;
+                                        }
+                                        Err(e) => tracing::warn!(error = %e, "watching the leader key again"),
+                                    }
+                                }
+                                Ok(Err(e)) => tracing::warn!(error = %e, "reading the leader key"),
+                                Err(_) => tracing::warn!("reading the leader key timed out"),
+                            }
+                        }
                     }
+                    msg = alive.message(), if alive_ok => match msg {
+                        Ok(Some(r)) => {
+                            let sent = outstanding.pop_front().unwrap_or(proven_until);
+                            if r.ttl() <= 0 {
+                                return Err(HaError::Malformed { key: key.clone(), reason: format!("lease {lease:x} expired") });
+                            }
+                            proven_until = proven_until.max(sent + opts.lease - margin(opts.lease));
+                        }
+                        other => {
+                            tracing::warn!(error = ?other.err(), "lease keep-alive stream broke; reopening");
+                            alive_ok = false;
+                            outstanding.clear();
+                        }
+                    },
                     // Rule 3: no proof, no leadership (followers start over
                     // with a new lease too: their member key is gone).
                     _ = tokio::time::sleep_until(proven_until) => {
                         return Err(HaError::Timeout(opts.lease));
                     }
-                    w = watch.message() => {
-                        let Some(w) = w? else {
-                            return Err(HaError::Malformed { key: key.clone(), reason: "watch closed".into() });
+                    w = watch.message(), if watch_ok => {
+                        let w = match w {
+                            Ok(Some(w)) if !w.canceled() => w,
+                            other => {
+                                tracing::warn!(error = ?other.err(), "leader key watch broke; watching again");
+                                watch_ok = false;
+                                continue;
+                            }
                         };
-                        if w.canceled() {
-                            return Err(HaError::Malformed { key: key.clone(), reason: format!("watch cancelled: {}", w.cancel_reason()) });
-                        }
                         let gone = w.events().iter().any(|e| e.event_type() == EventType::Delete);
                         if gone && leading {
                             return Err(HaError::Malformed { key: key.clone(), reason: "the leader key was deleted".into() });
