@@ -16,7 +16,9 @@
 #   tests, which start their own etcd servers (one member, or three) in
 #   namespaces and stop them;
 # - cargo-nextest is used when installed, `cargo test` otherwise.
-# Then it runs fmt, clippy, every test of the workspace and the doc tests.
+# Then it runs fmt, clippy, every test of the workspace, the cluster tests a
+# second time with the supervisor under etcd (LAZARUS_TEST_HA=1), the
+# benchmarks' smoke runs and the doc tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
