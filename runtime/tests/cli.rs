@@ -743,3 +743,74 @@ fn test_daemons_refuse_to_run_without_tls_unless_told_loudly() {
         text(&out)
     );
 }
+
+/// Bad HA settings are refused before anything starts, each naming what is
+/// wrong; no etcd is contacted.
+#[test]
+fn test_supervisor_refuses_bad_etcd_settings_clearly() {
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("sup");
+    let state = state.to_str().expect("utf-8");
+    let config = dir.path().join("sup.toml");
+    let config_s = config.to_str().expect("utf-8");
+    let base = ["supervisor", "--insecure-plaintext", "--state-dir", state];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen", "127.0.0.1:0"]);
+        }
+        args.extend_from_slice(extra);
+        lazarus(&args)
+    };
+    for (extra, file, needle) in [
+        (
+            vec!["--etcd", "127.0.0.1:2379"],
+            None,
+            "must start with http:// or https://",
+        ),
+        (
+            vec!["--etcd", "http://127.0.0.1:2379", "--name", "a b"],
+            None,
+            "supervisor name \"a b\"",
+        ),
+        (
+            vec!["--config", config_s],
+            Some("[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nlease = \"1s\"\n"),
+            "must be between 2s",
+        ),
+        (
+            vec!["--config", config_s],
+            Some("[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nadopt_timeout = \"1s\"\n"),
+            "adopt_timeout",
+        ),
+        (
+            vec!["--config", config_s],
+            Some("[etcd]\nendpoint = [\"http://127.0.0.1:2379\"]\n"),
+            "unknown field `endpoint`",
+        ),
+        (
+            vec!["--config", config_s],
+            Some("[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nadvertise = \"somewhere\"\n"),
+            "etcd.advertise",
+        ),
+        (
+            vec![
+                "--etcd",
+                "http://127.0.0.1:2379",
+                "--listen",
+                "0.0.0.0:7070",
+            ],
+            None,
+            "--advertise",
+        ),
+    ] {
+        if let Some(text) = file {
+            std::fs::write(&config, text).expect("config");
+        }
+        let out = run(&extra);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        let t = text(&out);
+        assert!(t.contains(needle), "{extra:?}: {needle:?} not in {t:?}");
+        assert!(!t.contains("panicked"), "{t}");
+    }
+}
