@@ -20,7 +20,7 @@ use tokio::sync::{watch, OnceCell};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::server::{check_conflicts, prepare, start_job, ServerOptions};
+use crate::cluster::server::{check_conflicts, prepare, signal_stop, start_job, ServerOptions};
 use crate::cluster::state::Cluster;
 use crate::cluster::transport::Dialer;
 use crate::cluster::wire::{
@@ -291,17 +291,7 @@ pub async fn client_request(
                     message: format!("job {job} not stopped: recording it in etcd failed: {e}"),
                 };
             }
-            match cluster.lock().jobs.get(&job) {
-                Some(j) => {
-                    let _ = j.stop.send(true);
-                    ClientReply::Ok {
-                        message: format!("stopping job {job}"),
-                    }
-                }
-                None => ClientReply::Error {
-                    message: format!("no job {job}"),
-                },
-            }
+            signal_stop(cluster, &job)
         }
         ClientRequest::Submit {
             spec,

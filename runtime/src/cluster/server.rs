@@ -498,17 +498,7 @@ fn client_request(
 ) -> ClientReply {
     match req {
         ClientRequest::Status => ClientReply::Status(Box::new(cluster.lock().report())),
-        ClientRequest::Stop { job } => match cluster.lock().jobs.get(&job) {
-            Some(j) => {
-                let _ = j.stop.send(true);
-                ClientReply::Ok {
-                    message: format!("stopping job {job}"),
-                }
-            }
-            None => ClientReply::Error {
-                message: format!("no job {job}"),
-            },
-        },
+        ClientRequest::Stop { job } => signal_stop(cluster, &job),
         ClientRequest::Submit {
             spec,
             origin,
@@ -519,6 +509,21 @@ fn client_request(
             Err(e) => ClientReply::Error {
                 message: format!("{e:#}"),
             },
+        },
+    }
+}
+
+/// Tells job `job`'s task to stop.
+pub(crate) fn signal_stop(cluster: &Cluster, job: &JobId) -> ClientReply {
+    match cluster.lock().jobs.get(job) {
+        Some(j) => {
+            let _ = j.stop.send(true);
+            ClientReply::Ok {
+                message: format!("stopping job {job}"),
+            }
+        }
+        None => ClientReply::Error {
+            message: format!("no job {job}"),
         },
     }
 }

@@ -1511,23 +1511,8 @@ impl JobController {
                 self.fail(now, why, false);
             }
             Phase::Running | Phase::Finishing { .. } => {
-                if matches!(self.phase, Phase::Running) {
-                    let timeout = self.cfg.heartbeat_timeout;
-                    let silent = self
-                        .att
-                        .last_seen
-                        .iter()
-                        .find(|(_, t)| now.saturating_sub(**t) > timeout)
-                        .map(|(w, _)| w.clone());
-                    if let Some(w) = silent {
-                        self.failed.insert(w.clone());
-                        self.fail(
-                            now,
-                            format!("worker {w} missed heartbeats for {timeout:?}"),
-                            true,
-                        );
-                        return;
-                    }
+                if matches!(self.phase, Phase::Running) && self.missed_heartbeats(now) {
+                    return;
                 }
                 let d = self.coordinator.tick(now);
                 self.carry_out(now, d);
@@ -1538,26 +1523,34 @@ impl JobController {
                     }
                 }
             }
+            // Rejoined primaries must keep their heartbeats.
             Phase::Adopting => {
-                // Rejoined primaries must keep their heartbeats.
-                let timeout = self.cfg.heartbeat_timeout;
-                let silent = self
-                    .att
-                    .last_seen
-                    .iter()
-                    .find(|(_, t)| now.saturating_sub(**t) > timeout)
-                    .map(|(w, _)| w.clone());
-                if let Some(w) = silent {
-                    self.failed.insert(w.clone());
-                    self.fail(
-                        now,
-                        format!("worker {w} missed heartbeats for {timeout:?}"),
-                        true,
-                    );
-                }
+                self.missed_heartbeats(now);
             }
             Phase::Recovering(_) | Phase::Claiming | Phase::Ended(_) => {}
         }
+    }
+
+    /// A primary silent for the heartbeat timeout fails the attempt;
+    /// returns whether one did.
+    fn missed_heartbeats(&mut self, now: Duration) -> bool {
+        let timeout = self.cfg.heartbeat_timeout;
+        let silent = self
+            .att
+            .last_seen
+            .iter()
+            .find(|(_, t)| now.saturating_sub(**t) > timeout)
+            .map(|(w, _)| w.clone());
+        let Some(w) = silent else {
+            return false;
+        };
+        self.failed.insert(w.clone());
+        self.fail(
+            now,
+            format!("worker {w} missed heartbeats for {timeout:?}"),
+            true,
+        );
+        true
     }
 
     fn chaos(&mut self, now: Duration) {

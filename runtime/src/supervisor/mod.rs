@@ -447,11 +447,7 @@ impl Shell {
                     attempt,
                     slot,
                 } => {
-                    let token = random_token().unwrap_or_else(|e| {
-                        // Never expected; an empty credential matches nothing.
-                        tracing::error!(error = %e, "no credential for a new worker process");
-                        String::new()
-                    });
+                    let token = new_credential();
                     self.tokens
                         .insert((worker.clone(), attempt, slot), vec![token.clone()]);
                     self.fleet
@@ -463,10 +459,7 @@ impl Shell {
                     attempt,
                     slot,
                 } => {
-                    let token = random_token().unwrap_or_else(|e| {
-                        tracing::error!(error = %e, "no credential for a rejoin");
-                        String::new()
-                    });
+                    let token = new_credential();
                     // Every ticket handed out stays good until one is used:
                     // an agent that registers twice gets a second one.
                     self.tokens
@@ -593,6 +586,15 @@ pub fn controller_config(run: &LocalRun, vips: bool) -> ControllerConfig {
     cfg.chaos = run.chaos;
     cfg.vips = vips;
     cfg
+}
+
+/// A one-time credential for a worker process (new, or asked to rejoin).
+fn new_credential() -> String {
+    random_token().unwrap_or_else(|e| {
+        // Never expected; an empty credential matches nothing.
+        tracing::error!(error = %e, "no credential for a worker process");
+        String::new()
+    })
 }
 
 /// HA: writes the controller's placement (processes, hosts, VIPs, whether
