@@ -223,30 +223,11 @@ impl Task {
             return Ok(());
         }
         if self.lease.as_ref().is_some_and(|l| l.alive.is_none()) {
-            if self.client.is_none() {
-                let c = crate::ha::connect(&self.cfg.etcd)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.client = Some(c);
-            }
-            let mut client = self.client.clone().ok_or("no etcd client")?;
-            // The first answer comes with the stream: a lease etcd let
-            // expire is refused here.
-            return match bounded(client.lease_keep_alive(id)).await {
-                Ok(stream) => {
-                    if let Some(l) = self.lease.as_mut() {
-                        l.alive = Some(stream);
-                    }
-                    // That first answer renewed it.
-                    self.grant_waiting(id as u64);
-                    Ok(())
-                }
-                Err(e) if e.contains("lease not found") => {
-                    self.lose_all();
-                    Err(e)
-                }
-                Err(e) => Err(e),
-            };
+            let mut client = self.client().await?;
+            self.reopen(&mut client, id).await?;
+            // The first answer, which came with the stream, renewed it.
+            self.grant_waiting(id as u64);
+            return Ok(());
         }
         let Some((keeper, _)) = self.lease.as_mut().and_then(|l| l.alive.as_mut()) else {
             return Err("no keep-alive stream".into());
@@ -312,27 +293,49 @@ impl Task {
     }
 
     /// A client and a live lease, made on demand.
-    async fn ensure_lease(&mut self) -> Result<(etcd_client::Client, i64), String> {
-        if self.client.is_none() {
-            let c = crate::ha::connect(&self.cfg.etcd)
-                .await
-                .map_err(|e| e.to_string())?;
-            self.client = Some(c);
+    /// The etcd client, connecting on demand.
+    async fn client(&mut self) -> Result<etcd_client::Client, String> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
         }
-        let mut client = self.client.clone().ok_or("no etcd client")?;
+        let c = crate::ha::connect(&self.cfg.etcd)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Opens a new keep-alive stream for lease `id` after the old one
+    /// broke. Its first answer comes with it: a lease etcd let expire is
+    /// refused here, and then every VIP under it is lost.
+    async fn reopen(&mut self, client: &mut etcd_client::Client, id: i64) -> Result<(), String> {
+        match bounded(client.lease_keep_alive(id)).await {
+            Ok(stream) => {
+                if let Some(l) = self.lease.as_mut() {
+                    l.alive = Some(stream);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if e.contains("lease not found") {
+                    self.lose_all();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn ensure_lease(&mut self) -> Result<(etcd_client::Client, i64), String> {
+        let mut client = self.client().await?;
         if let Some(l) = self.lease.as_ref().filter(|l| l.alive.is_some()) {
             return Ok((client, l.id));
         }
         if let Some(id) = self.lease.as_ref().map(|l| l.id) {
             // The stream broke: the same lease, if etcd still has it.
-            match bounded(client.lease_keep_alive(id)).await {
-                Ok(stream) => {
-                    if let Some(l) = self.lease.as_mut() {
-                        l.alive = Some(stream);
-                    }
-                    return Ok((client, id));
-                }
-                Err(e) if e.contains("lease not found") => self.lose_all(),
+            match self.reopen(&mut client, id).await {
+                Ok(()) => return Ok((client, id)),
+                // Expired: a new lease below.
+                Err(_) if self.lease.is_none() => {}
                 Err(e) => return Err(e),
             }
         }

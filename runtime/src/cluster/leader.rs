@@ -19,6 +19,7 @@ use lazarus_storage::JobId;
 use tokio::sync::{watch, OnceCell};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::cluster::server::{check_conflicts, prepare, signal_stop, start_job, ServerOptions};
 use crate::cluster::state::Cluster;
@@ -110,7 +111,9 @@ impl Leadership {
                 self.step_down(&cluster);
             }
             if let Some(term) = term.filter(|t| serving != Some(*t)) {
-                self.take_over(term, &cluster, &server, &jobs, &role).await;
+                self.take_over(term, &cluster, &server, &jobs, &role)
+                    .instrument(tracing::info_span!("take_over", term))
+                    .await;
             }
             tokio::select! {
                 changed = role.changed() => if changed.is_err() { break },
@@ -143,26 +146,21 @@ impl Leadership {
         jobs: &TaskTracker,
         role: &watch::Receiver<Role>,
     ) {
-        let span = tracing::info_span!("take_over", term);
-        let _e = span.enter();
         cluster.lock().take_over();
         let mut wait = Duration::from_millis(100);
-        let records = loop {
+        let (store, records) = loop {
             if role.borrow().term() != Some(term) {
                 return;
             }
             match self.store().await {
                 Ok(store) => match store.jobs().await {
-                    Ok(r) => break r,
+                    Ok(r) => break (store.clone(), r),
                     Err(e) => tracing::warn!(error = %e, "reading the job records"),
                 },
                 Err(e) => tracing::warn!(error = %e, "connecting to etcd"),
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(1));
-        };
-        let Ok(store) = self.store().await.cloned() else {
-            return;
         };
         let mut adopted = 0;
         for rec in records.into_iter().filter(JobRecord::wants_running) {
@@ -260,13 +258,8 @@ pub async fn client_request(
     cluster: &Cluster,
     server: &ServerOptions,
     jobs: &TaskTracker,
-    ha: Option<&Leadership>,
+    ha: &Leadership,
 ) -> ClientReply {
-    let Some(ha) = ha else {
-        return ClientReply::Error {
-            message: "internal: no HA state".into(),
-        };
-    };
     match req {
         ClientRequest::Status => {
             let report = cluster.lock().report();
@@ -341,7 +334,7 @@ pub async fn client_request(
 pub async fn forward(
     req: ClientRequest,
     leader: Option<SocketAddr>,
-    ha: Option<&Leadership>,
+    ha: &Leadership,
     dialer: &Dialer,
 ) -> ClientReply {
     match leader {
@@ -352,17 +345,15 @@ pub async fn forward(
                 message: format!("forwarding to the leader at {addr}: {e:#}"),
             },
         },
-        None => match (req, ha) {
-            (ClientRequest::Status, Some(ha)) => {
+        None => match req {
+            ClientRequest::Status => {
                 ClientReply::Status(Box::new(ha.status(StatusReport::default(), None).await))
             }
             _ => {
-                let why = ha
-                    .and_then(|h| match &*h.0.role.borrow() {
-                        Role::Follower { error: Some(e), .. } => Some(format!(" (etcd: {e})")),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
+                let why = match &*ha.0.role.borrow() {
+                    Role::Follower { error: Some(e), .. } => format!(" (etcd: {e})"),
+                    _ => String::new(),
+                };
                 ClientReply::Unavailable {
                     message: format!("no leader is elected right now{why}; try again shortly"),
                 }
@@ -419,21 +410,24 @@ impl JobSync {
     /// Writes the record with a new placement, its state unchanged (a job
     /// being stopped stays stopped).
     async fn put_placement(&self, a: Adoption) -> Result<(), ha::HaError> {
-        let rec = {
-            let mut r = self.lock();
-            r.placement = Some(a);
-            r.term = self.term;
-            r.clone()
-        };
-        self.store.put_job(self.term, &rec).await
+        self.put_with(|r| r.placement = Some(a)).await
     }
 
-    /// Writes the record with `state` (conditioned on the term).
+    /// Writes the record with `state`.
     async fn put(&self, state: &str, failure: Option<String>) -> Result<(), ha::HaError> {
-        let rec = {
-            let mut r = self.lock();
+        self.put_with(|r| {
             r.state = state.to_string();
             r.failure = failure;
+        })
+        .await
+    }
+
+    /// Changes the record with `change` and writes it, conditioned on the
+    /// term.
+    async fn put_with(&self, change: impl FnOnce(&mut JobRecord)) -> Result<(), ha::HaError> {
+        let rec = {
+            let mut r = self.lock();
+            change(&mut r);
             r.term = self.term;
             r.clone()
         };

@@ -266,13 +266,13 @@ async fn connection(
     }
     let reply = match serde_json::from_value::<ClientRequest>(first) {
         Ok(req) => match authorize(identity.as_ref(), &req) {
-            Ok(()) => match ha.as_ref().map(Leadership::leading) {
-                // A follower forwards to the leader (or answers that
-                // there is none).
-                Some(Err(leader)) => leader::forward(req, leader, ha.as_ref(), &opts.forward).await,
-                Some(Ok(term)) => {
-                    leader::client_request(req, term, &cluster, &opts, &jobs, ha.as_ref()).await
-                }
+            Ok(()) => match &ha {
+                Some(ha) => match ha.leading() {
+                    Ok(term) => leader::client_request(req, term, &cluster, &opts, &jobs, ha).await,
+                    // A follower forwards to the leader (or answers that
+                    // there is none).
+                    Err(leader) => leader::forward(req, leader, ha, &opts.forward).await,
+                },
                 None => client_request(req, &cluster, &opts, &jobs),
             },
             Err(message) => {

@@ -762,63 +762,18 @@ impl JobController {
     pub fn adopt(&mut self, now: Duration, a: Adoption) -> Vec<Action> {
         // Hosts whose agents registered already (the rest join later).
         let registered: Vec<String> = self.hosts.iter().cloned().collect();
-        if !a.running {
-            // Its processes are stopped once the hosts they ran on are back
-            // (or at the deadline), then a new attempt starts, as after a
-            // failure (rule 3: their exits are awaited first).
-            tracing::info!(
-                attempt = a.attempt,
-                "the recorded attempt was not running; it is restarted once its hosts registered"
-            );
-            self.attempt = a.attempt;
-            let mut hosts: BTreeSet<String> = a.procs.iter().map(|p| p.host.clone()).collect();
-            hosts.extend(a.placement.values().map(|p| p.primary.clone()));
-            for p in a.procs {
-                let slot = if p.standby {
-                    Slot::Standby
-                } else {
-                    Slot::Primary
-                };
-                self.procs.insert(
-                    (p.worker, slot),
-                    Proc {
-                        host: p.host,
-                        attempt: p.attempt,
-                        promoted_from: p.promoted_from,
-                    },
-                );
-            }
-            self.placement = a.placement;
-            // Held by their agents meanwhile: known, so that a stop lets
-            // them go and the new attempt moves them.
-            if self.cfg.vips {
-                self.vips = a.vips;
-            }
-            self.adopting = Some(AdoptState {
-                deadline: now + self.cfg.adopt_timeout,
-                start_fresh: Some(hosts),
-                ..AdoptState::default()
-            });
-            self.phase = Phase::Adopting;
-            for h in registered {
-                self.host_joined_adopting(now, &h);
-            }
-            return std::mem::take(&mut self.out);
-        }
-        self.attempt = a.attempt;
-        self.placement = a.placement;
         let mut st = AdoptState {
             deadline: now + self.cfg.adopt_timeout,
             ..AdoptState::default()
         };
+        let mut proc_hosts = BTreeSet::new();
         for p in a.procs {
             let slot = if p.standby {
                 Slot::Standby
             } else {
                 Slot::Primary
             };
-            // Presumed alive until the adoption says otherwise.
-            self.hosts.insert(p.host.clone());
+            proc_hosts.insert(p.host.clone());
             st.pending.insert((p.worker.clone(), slot));
             self.procs.insert(
                 (p.worker, slot),
@@ -829,6 +784,30 @@ impl JobController {
                 },
             );
         }
+        if a.running {
+            // Presumed alive until the adoption says otherwise.
+            self.hosts.extend(proc_hosts);
+            tracing::info!(
+                attempt = a.attempt,
+                processes = self.procs.len(),
+                "adopting the running job"
+            );
+        } else {
+            // Its processes are stopped once the hosts they ran on are back
+            // (or at the deadline), then a new attempt starts, as after a
+            // failure (rule 3: their exits are awaited first).
+            tracing::info!(
+                attempt = a.attempt,
+                "the recorded attempt was not running; it is restarted once its hosts registered"
+            );
+            proc_hosts.extend(a.placement.values().map(|p| p.primary.clone()));
+            st.pending.clear();
+            st.start_fresh = Some(proc_hosts);
+        }
+        self.attempt = a.attempt;
+        self.placement = a.placement;
+        // Held by their agents meanwhile: known, so that a stop lets them go
+        // and a new attempt moves them.
         if self.cfg.vips {
             self.vips = a.vips;
         }
@@ -837,11 +816,6 @@ impl JobController {
         for h in registered {
             self.host_joined_adopting(now, &h);
         }
-        tracing::info!(
-            attempt = self.attempt,
-            processes = self.procs.len(),
-            "adopting the running job"
-        );
         std::mem::take(&mut self.out)
     }
 
