@@ -495,3 +495,45 @@ fn classify(s: std::process::ExitStatus) -> ExitKind {
         (None, None) => ExitKind::Code(-1),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rejoin ticket reaches only the process it names, whole, and only
+    /// its owner can read it.
+    #[tokio::test]
+    async fn test_rejoin_ticket_is_written_owner_only_for_the_named_process() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("dir");
+        let mut t = ProcessTable::new(
+            "h",
+            PathBuf::from("/usr/bin/yes"),
+            dir.path(),
+            Box::new(|_| {}),
+        )
+        .expect("table");
+        t.enable_rejoin().expect("rejoin dir");
+        let w = WorkerId::new("w-0").expect("id");
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        t.spawn(&w, 3, Slot::Primary, addr, "first");
+        let ticket = lazarus_sdk::protocol::RejoinTicket {
+            supervisor: "127.0.0.1:2".parse().expect("addr"),
+            token: "second".into(),
+            attempt: 3,
+            standby: false,
+        };
+        assert!(!t.rejoin(&w, Slot::Primary, 2, &ticket), "another attempt");
+        assert!(!t.rejoin(&w, Slot::Standby, 3, &ticket), "another slot");
+        assert!(t.rejoin(&w, Slot::Primary, 3, &ticket));
+        let rejoin = dir.path().join("rejoin");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&rejoin), 0o700);
+        let file = rejoin.join("w-0.3.primary.json");
+        assert_eq!(mode(&file), 0o600);
+        let read: lazarus_sdk::protocol::RejoinTicket =
+            serde_json::from_slice(&std::fs::read(&file).expect("ticket")).expect("parses");
+        assert_eq!(read, ticket);
+        t.kill_all();
+    }
+}

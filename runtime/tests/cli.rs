@@ -780,6 +780,11 @@ fn test_supervisor_refuses_bad_etcd_settings_clearly() {
         ),
         (
             vec!["--config", config_s],
+            Some("[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nlease = \"2500ms\"\n"),
+            "must be whole seconds",
+        ),
+        (
+            vec!["--config", config_s],
             Some("[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nadopt_timeout = \"1s\"\n"),
             "adopt_timeout",
         ),

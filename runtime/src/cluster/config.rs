@@ -19,7 +19,7 @@
 //! name = "sup-a"                 # unique among the supervisors
 //! advertise = "198.18.0.1:7070"  # where agents and clients reach this one
 //! prefix = "/lazarus"            # key prefix in etcd
-//! lease = "3s"                   # leadership lease (2s..300s)
+//! lease = "3s"                   # leadership lease (whole seconds, 2s..300s)
 //! adopt_timeout = "10s"          # a new leader waits this long for running workers to rejoin;
 //!                                # agents keep workers and VIPs this long without any leader
 //! ```

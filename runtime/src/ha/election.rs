@@ -150,7 +150,9 @@ impl Session<'_> {
         let opts = self.opts;
         let mut client = connect(&opts.endpoints).await?;
         self.client = Some(client.clone());
-        let ttl = opts.lease.as_secs().max(2) as i64;
+        // Whole seconds, at least 2 (HaOptions::validate): the proof below
+        // counts with exactly what etcd is asked for.
+        let ttl = opts.lease.as_secs() as i64;
         let sent = tokio_now();
         let lease = client.lease_grant(ttl, None).await?.id();
         self.lease = Some(lease);

@@ -92,6 +92,14 @@ impl HaOptions {
                 self.lease
             ));
         }
+        // etcd's lease TTL is whole seconds: the leader's proof must not
+        // outlast what etcd was asked for.
+        if self.lease.subsec_nanos() != 0 {
+            return Err(format!(
+                "etcd lease {:?}: must be whole seconds (etcd's lease TTL is)",
+                self.lease
+            ));
+        }
         if self.adopt_timeout < self.lease || self.adopt_timeout > Duration::from_secs(3600) {
             return Err(format!(
                 "etcd adopt_timeout {:?}: must be at least the lease ({:?}) and at most 1h",
@@ -193,6 +201,8 @@ mod tests {
         let mut o = opts();
         o.lease = Duration::from_secs(1);
         assert!(o.validate().expect_err("invalid").contains("2s"));
+        o.lease = Duration::from_millis(2500);
+        assert!(o.validate().expect_err("invalid").contains("whole seconds"));
         let mut o = opts();
         o.prefix = "lazarus/".into();
         assert!(o.validate().expect_err("invalid").contains("prefix"));
