@@ -26,6 +26,15 @@ pub enum FleetEvent {
     HostLost(String),
     /// A host registered (or came back).
     HostJoined(String),
+    /// A hot standby's health check changed.
+    StandbyHealth {
+        /// The worker.
+        worker: WorkerId,
+        /// The standby's host.
+        host: String,
+        /// Up or down.
+        up: bool,
+    },
     /// A host refused to do something for the job (its allow-lists).
     Refused {
         /// The host.

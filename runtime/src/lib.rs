@@ -13,10 +13,12 @@
 //! | `procs` | the process table of one job on one host: starts worker processes (primary and standby slots), reports their exits at once, kills them |
 //! | `supervisor` | runs a job: placement, handshake, checkpoints, commits, standbys, restarts (job lifecycle) |
 //! | `fleet` | where a job's processes run: the local agent or the cluster's agents |
+//! | `metrics` | Prometheus metrics: names, the exporter, job and cluster observers |
 //! | `placement` | which host runs each primary and standby (pure) |
 //! | `cluster` | several hosts: `lazarus supervisor`, `agent`, `submit`, `status`; leases and host loss |
 //! | `ha` | supervisor high availability on etcd: election, term, job records |
 //! | `vip` | the service VIP on this host: netlink add/remove, gratuitous ARP and unsolicited NA bursts |
+//! | `service` | unmodified programs (`kind = "process"`), health checks, notify hooks |
 //! | `security` | the cluster CA, certificates with one identity each (role and name), mutual TLS configurations |
 //! | `clock` | time: the `Clock` trait, the real and the manual clock; the only reader of `Instant::now` |
 //! | `units` | byte sizes (`64MiB`) and durations (`250ms`) for people |
@@ -31,9 +33,11 @@ pub mod coordinator;
 pub mod fleet;
 pub mod ha;
 pub mod lease;
+pub mod metrics;
 pub mod placement;
 pub mod procs;
 pub mod security;
+pub mod service;
 pub mod spec;
 pub mod supervisor;
 pub mod units;

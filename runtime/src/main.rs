@@ -5,6 +5,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Started by an agent for a `kind = "process"` operator: a worker, not
+    // the CLI (it sets up its own tracing and runtime).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == lazarus::service::process::PROCESS_WORKER_ARG)
+    {
+        return lazarus::service::process::run_process_worker();
+    }
     let cli = lazarus::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -32,37 +32,66 @@ pub struct Placed {
 #[error("no live host to place {0} on")]
 pub struct NoHost(pub WorkerId);
 
-/// The next placement of `workers` (in plan order) on `alive` hosts.
+/// One worker to place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    /// The worker.
+    pub id: WorkerId,
+    /// Its standby kind.
+    pub standby: StandbyKind,
+    /// The hosts it may run on; empty: any.
+    pub hosts: Vec<String>,
+}
+
+impl Want {
+    /// A worker that may run anywhere.
+    pub fn anywhere(id: WorkerId, standby: StandbyKind) -> Want {
+        Want {
+            id,
+            standby,
+            hosts: Vec::new(),
+        }
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
+    }
+}
+
+/// The next placement of `workers` (in plan order) on `alive` hosts; a
+/// worker with `hosts` goes only there.
 pub fn place(
-    workers: &[(WorkerId, StandbyKind)],
+    workers: &[Want],
     alive: &BTreeSet<String>,
     previous: &BTreeMap<WorkerId, Placed>,
     failed: &BTreeSet<WorkerId>,
 ) -> Result<BTreeMap<WorkerId, Placed>, NoHost> {
-    let mut load: BTreeMap<&str, usize> = alive.iter().map(|h| (h.as_str(), 0)).collect();
-    let least_loaded = |load: &BTreeMap<&str, usize>, not: Option<&str>| {
+    let load: BTreeMap<&str, usize> = alive.iter().map(|h| (h.as_str(), 0)).collect();
+    let mut load = load;
+    let least_loaded = |load: &BTreeMap<&str, usize>, want: &Want, not: Option<&str>| {
         load.iter()
-            .filter(|(h, _)| Some(**h) != not)
+            .filter(|(h, _)| Some(**h) != not && want.allows(h))
             .min_by_key(|(h, n)| (**n, **h))
             .map(|(h, _)| h.to_string())
     };
     let mut next = BTreeMap::new();
     // Primaries first, so standbys go where primaries are fewest.
-    for (w, kind) in workers {
+    for want in workers {
+        let (w, kind) = (&want.id, &want.standby);
         let prev = previous.get(w);
-        let stays = prev.filter(|p| alive.contains(&p.primary) && !failed.contains(w));
+        let usable = |h: &String| alive.contains(h) && want.allows(h);
+        let stays = prev.filter(|p| usable(&p.primary) && !failed.contains(w));
         let primary = match (stays, prev) {
             (Some(p), _) => p.primary.clone(),
             (None, Some(p))
-                if *kind != StandbyKind::None
-                    && p.standby.as_ref().is_some_and(|s| alive.contains(s)) =>
+                if *kind != StandbyKind::None && p.standby.as_ref().is_some_and(usable) =>
             {
                 p.standby.clone().expect("checked")
             }
-            (None, Some(p)) => least_loaded(&load, Some(&p.primary))
-                .or_else(|| alive.contains(&p.primary).then(|| p.primary.clone()))
+            (None, Some(p)) => least_loaded(&load, want, Some(&p.primary))
+                .or_else(|| usable(&p.primary).then(|| p.primary.clone()))
                 .ok_or_else(|| NoHost(w.clone()))?,
-            (None, None) => least_loaded(&load, None).ok_or_else(|| NoHost(w.clone()))?,
+            (None, None) => least_loaded(&load, want, None).ok_or_else(|| NoHost(w.clone()))?,
         };
         *load.get_mut(primary.as_str()).expect("a live host") += 1;
         next.insert(
@@ -73,16 +102,17 @@ pub fn place(
             },
         );
     }
-    for (w, kind) in workers {
-        if *kind == StandbyKind::None {
+    for want in workers {
+        let w = &want.id;
+        if want.standby == StandbyKind::None {
             continue;
         }
         let primary = next[w].primary.clone();
         let keep = previous
             .get(w)
             .and_then(|p| p.standby.clone())
-            .filter(|s| alive.contains(s) && *s != primary);
-        let standby = keep.or_else(|| least_loaded(&load, Some(&primary)));
+            .filter(|s| alive.contains(s) && want.allows(s) && *s != primary);
+        let standby = keep.or_else(|| least_loaded(&load, want, Some(&primary)));
         if let Some(s) = &standby {
             *load.get_mut(s.as_str()).expect("a live host") += 1;
         }
@@ -99,6 +129,50 @@ mod tests {
         WorkerId::new(s).expect("valid")
     }
 
+    fn wants(ws: &[(WorkerId, StandbyKind)]) -> Vec<Want> {
+        ws.iter()
+            .map(|(id, k)| Want::anywhere(id.clone(), *k))
+            .collect()
+    }
+
+    #[test]
+    fn test_hosts_constraint_is_kept_for_primary_standby_and_moves() {
+        let lb = Want {
+            id: w("lb-0"),
+            standby: StandbyKind::Hot,
+            hosts: vec!["lb1".into(), "lb2".into()],
+        };
+        let be = Want {
+            id: w("be-0"),
+            standby: StandbyKind::None,
+            hosts: vec!["be1".into()],
+        };
+        let all = hosts(&["be1", "lb1", "lb2", "x"]);
+        let first = place(
+            &[lb.clone(), be.clone()],
+            &all,
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+        )
+        .expect("placed");
+        let p = &first[&w("lb-0")];
+        let pair: BTreeSet<String> =
+            [p.primary.clone(), p.standby.clone().expect("standby")].into();
+        assert_eq!(pair, hosts(&["lb1", "lb2"]));
+        assert_eq!(first[&w("be-0")].primary, "be1");
+        // be-0 fails: it may only restart on be1.
+        let failed = BTreeSet::from([w("be-0")]);
+        let second = place(&[lb.clone(), be.clone()], &all, &first, &failed).expect("placed");
+        assert_eq!(second[&w("be-0")].primary, "be1");
+        // be1 is gone: nowhere to go.
+        let no_be = hosts(&["lb1", "lb2", "x"]);
+        assert!(place(&[be], &no_be, &first, &BTreeSet::new()).is_err());
+        // lb's standby host is lost: no standby on x, ever.
+        let only = hosts(&[p.primary.as_str(), "x"]);
+        let third = place(&[lb], &only, &first, &BTreeSet::new()).expect("placed");
+        assert_eq!(third[&w("lb-0")].standby, None);
+    }
+
     fn hosts(h: &[&str]) -> BTreeSet<String> {
         h.iter().map(|s| s.to_string()).collect()
     }
@@ -111,7 +185,7 @@ mod tests {
             (w("sink-0"), StandbyKind::Cold),
         ];
         let p = place(
-            &workers,
+            &wants(&workers),
             &hosts(&["a", "b", "c"]),
             &BTreeMap::new(),
             &BTreeSet::new(),
@@ -132,14 +206,21 @@ mod tests {
     fn test_failed_worker_moves_to_its_standby_and_gets_a_new_one() {
         let workers = [(w("kv-0"), StandbyKind::Hot)];
         let alive = hosts(&["a", "b"]);
-        let first = place(&workers, &alive, &BTreeMap::new(), &BTreeSet::new()).expect("placed");
+        let first =
+            place(&wants(&workers), &alive, &BTreeMap::new(), &BTreeSet::new()).expect("placed");
         let old = first[&w("kv-0")].clone();
-        let second = place(&workers, &alive, &first, &BTreeSet::from([w("kv-0")])).expect("placed");
+        let second = place(
+            &wants(&workers),
+            &alive,
+            &first,
+            &BTreeSet::from([w("kv-0")]),
+        )
+        .expect("placed");
         let new = &second[&w("kv-0")];
         assert_eq!(Some(new.primary.clone()), old.standby);
         assert_eq!(new.standby, Some(old.primary.clone()));
         // Not failed: nothing moves.
-        let third = place(&workers, &alive, &second, &BTreeSet::new()).expect("placed");
+        let third = place(&wants(&workers), &alive, &second, &BTreeSet::new()).expect("placed");
         assert_eq!(third, second);
     }
 
@@ -147,7 +228,7 @@ mod tests {
     fn test_lost_host_moves_everything_on_it() {
         let workers = [(w("a-0"), StandbyKind::None), (w("b-0"), StandbyKind::Cold)];
         let first = place(
-            &workers,
+            &wants(&workers),
             &hosts(&["h1", "h2"]),
             &BTreeMap::new(),
             &BTreeSet::new(),
@@ -158,7 +239,7 @@ mod tests {
             .into_iter()
             .filter(|h| *h != lost)
             .collect();
-        let second = place(&workers, &alive, &first, &BTreeSet::new()).expect("placed");
+        let second = place(&wants(&workers), &alive, &first, &BTreeSet::new()).expect("placed");
         for x in second.values() {
             assert!(alive.contains(&x.primary), "{second:?}");
             assert_eq!(x.standby, None, "one host left: no standby");
@@ -169,13 +250,14 @@ mod tests {
     fn test_no_standby_restarts_on_another_host_or_stays() {
         let workers = [(w("x-0"), StandbyKind::None)];
         let two = hosts(&["a", "b"]);
-        let first = place(&workers, &two, &BTreeMap::new(), &BTreeSet::new()).expect("placed");
+        let first =
+            place(&wants(&workers), &two, &BTreeMap::new(), &BTreeSet::new()).expect("placed");
         let failed = BTreeSet::from([w("x-0")]);
-        let second = place(&workers, &two, &first, &failed).expect("placed");
+        let second = place(&wants(&workers), &two, &first, &failed).expect("placed");
         assert_ne!(second[&w("x-0")].primary, first[&w("x-0")].primary);
         let only = hosts(&[first[&w("x-0")].primary.as_str()]);
-        let third = place(&workers, &only, &first, &failed).expect("placed");
+        let third = place(&wants(&workers), &only, &first, &failed).expect("placed");
         assert_eq!(third[&w("x-0")].primary, first[&w("x-0")].primary);
-        assert!(place(&workers, &BTreeSet::new(), &first, &failed).is_err());
+        assert!(place(&wants(&workers), &BTreeSet::new(), &first, &failed).is_err());
     }
 }

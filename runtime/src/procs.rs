@@ -102,6 +102,8 @@ pub struct ProcessTable {
     /// supervisor failover).
     rejoin_dir: Option<PathBuf>,
     children: BTreeMap<(WorkerId, Slot), Child>,
+    /// Workers of `process` operators: started as `lazarus process-worker`.
+    program_workers: std::collections::BTreeSet<WorkerId>,
     exits: std::sync::Arc<ExitReporter>,
     /// The tasks that wait for children: each ends with its child.
     tasks: TaskTracker,
@@ -136,6 +138,7 @@ impl ProcessTable {
             extra_env: Vec::new(),
             rejoin_dir: None,
             children: BTreeMap::new(),
+            program_workers: Default::default(),
             exits: std::sync::Arc::new(exits),
             tasks: TaskTracker::new(),
         })
@@ -154,6 +157,13 @@ impl ProcessTable {
     /// Where worker `w`'s stderr goes.
     pub fn log_path(&self, w: &WorkerId) -> PathBuf {
         self.log_dir.join(format!("{w}.log"))
+    }
+
+    /// `worker` belongs to a `process` operator: its processes are this
+    /// binary in worker mode (`lazarus process-worker`), which runs the
+    /// operator's program.
+    pub fn set_program_worker(&mut self, worker: &WorkerId) {
+        self.program_workers.insert(worker.clone());
     }
 
     /// Adds an environment variable for every worker started later.
@@ -251,7 +261,15 @@ impl ProcessTable {
             .create(true)
             .append(true)
             .open(self.log_path(worker));
-        let mut cmd = Command::new(&self.binary);
+        let binary = if self.program_workers.contains(worker) {
+            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+        } else {
+            self.binary.clone()
+        };
+        let mut cmd = Command::new(&binary);
+        if self.program_workers.contains(worker) {
+            cmd.arg(crate::service::process::PROCESS_WORKER_ARG);
+        }
         cmd.env("LAZARUS_SUPERVISOR", supervisor.to_string())
             .env("LAZARUS_WORKER", worker.as_str())
             .env("LAZARUS_ATTEMPT", attempt.to_string())
@@ -309,6 +327,15 @@ impl ProcessTable {
                     let status = tokio::select! {
                         status = child.wait() => status,
                         _ = kill_rx => {
+                            // The whole process group: a `process`
+                            // worker's program (and what it started) too.
+                            #[cfg(unix)]
+                            if let Some(pid) = pid {
+                                // SAFETY: signals the group this table
+                                // created for the child (it is not reaped
+                                // yet, so the id is still ours).
+                                unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+                            }
                             let _ = child.start_kill();
                             child.wait().await
                         }
@@ -348,7 +375,7 @@ impl ProcessTable {
                     attempt,
                     standby: slot == Slot::Standby,
                     host: self.name.clone(),
-                    exit: ExitKind::SpawnFailed(format!("{}: {e}", self.binary.display())),
+                    exit: ExitKind::SpawnFailed(format!("{}: {e}", binary.display())),
                     detail: None,
                 });
             }

@@ -43,6 +43,8 @@ use lazarus_sdk::protocol::{OutputEdge, Partition};
 use lazarus_storage::{Codec, JobId, WorkerId};
 use serde::{Deserialize, Deserializer};
 
+use crate::service::spec::{HealthSpec, NotifySpec, ProcessSpec, PROCESS_KIND};
+
 /// A spec that cannot be used, and where.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -98,7 +100,10 @@ pub struct JobSection {
     /// Job name (also its name in the store).
     pub name: String,
     /// The worker binary: a path (relative to the spec file), or a name
-    /// looked up next to the `lazarus` binary and then on `PATH`.
+    /// looked up next to the `lazarus` binary and then on `PATH`. Not
+    /// needed when every operator is `kind = "process"` (those run an
+    /// unmodified program under `lazarus` itself).
+    #[serde(default)]
     pub worker: String,
     /// Key groups for keyed state; at least the largest parallelism. Default 128.
     #[serde(default = "default_key_groups")]
@@ -257,6 +262,15 @@ pub struct OperatorSpec {
     /// `lazarus.port` (and the VIPs as `lazarus.vip`, `lazarus.vip6`).
     #[serde(default)]
     pub port: Option<u16>,
+    /// The hosts (agent names) its processes may run on; empty: any.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// `kind = "process"`: the unmodified program it runs.
+    #[serde(default)]
+    pub process: Option<ProcessSpec>,
+    /// A health check its agent runs against each of its processes.
+    #[serde(default)]
+    pub health: Option<HealthSpec>,
 }
 
 /// How a failed worker is replaced.
@@ -311,6 +325,10 @@ pub struct JobSpec {
     /// `[params]`, passed to every operator.
     #[serde(default)]
     pub params: BTreeMap<String, toml::Value>,
+    /// `[notify]`: hooks run on the hosts of the job's processes when one
+    /// changes role.
+    #[serde(default)]
+    pub notify: Option<NotifySpec>,
     /// Where the spec came from (for messages and relative paths).
     #[serde(skip)]
     pub origin: String,
@@ -318,6 +336,9 @@ pub struct JobSpec {
     #[serde(skip)]
     pub dir: PathBuf,
 }
+
+/// The parameter that hands a `process` worker its program.
+pub const PROCESS_PARAM: &str = "lazarus.process";
 
 /// One worker of the plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,6 +365,12 @@ pub struct PlannedWorker {
     pub vips: Vec<String>,
     /// Its service port, if any.
     pub port: Option<u16>,
+    /// The hosts it may run on (empty: any).
+    pub hosts: Vec<String>,
+    /// The program it runs (`kind = "process"`).
+    pub process: Option<ProcessSpec>,
+    /// Its health check, port resolved.
+    pub health: Option<HealthSpec>,
 }
 
 impl PlannedWorker {
@@ -361,6 +388,12 @@ impl PlannedWorker {
                 "lazarus.vip"
             };
             p.insert(key.to_string(), addr);
+        }
+        if let Some(process) = &self.process {
+            p.insert(
+                PROCESS_PARAM.to_string(),
+                serde_json::to_string(process).expect("a process spec serializes"),
+            );
         }
         p
     }
@@ -403,8 +436,16 @@ impl JobSpec {
     /// Checks everything parsing cannot: names, ranges, the graph.
     pub fn validate(&self) -> Result<(), SpecError> {
         JobId::new(self.job.name.clone()).map_err(|e| self.invalid("job.name", e.to_string()))?;
-        if self.job.worker.trim().is_empty() {
-            return Err(self.invalid("job.worker", "must name the worker binary"));
+        let sdk_ops = self.operators.iter().any(|o| o.kind != PROCESS_KIND);
+        if self.job.worker.trim().is_empty() && sdk_ops {
+            return Err(self.invalid(
+                "job.worker",
+                "must name the worker binary (only a job whose operators are all kind = \"process\" needs none)",
+            ));
+        }
+        if let Some(n) = &self.notify {
+            n.validate()
+                .map_err(|(f, m)| self.invalid(format!("notify.{f}"), m))?;
         }
         if self.operators.is_empty() {
             return Err(self.invalid("operator", "the job has no [[operator]]"));
@@ -447,6 +488,50 @@ impl JobSpec {
             }
             if op.port == Some(0) {
                 return Err(self.invalid(field("port"), "must be 1..=65535"));
+            }
+            match (&op.process, op.kind == PROCESS_KIND) {
+                (None, true) => {
+                    return Err(self.invalid(
+                        field("process"),
+                        "a kind = \"process\" operator needs an [operator.process] table with its command",
+                    ))
+                }
+                (Some(_), false) => {
+                    return Err(self.invalid(
+                        field("process"),
+                        format!("only a kind = \"process\" operator runs a program (this one is {:?})", op.kind),
+                    ))
+                }
+                (Some(p), true) => {
+                    p.validate()
+                        .map_err(|(f, m)| self.invalid(field(&format!("process.{f}")), m))?;
+                    if p.state_dir.is_some() && op.standby == StandbyKind::Hot {
+                        return Err(self.invalid(
+                            field("process.state_dir"),
+                            "a hot standby's program already runs and cannot take the primary's state: use standby = \"cold\" (restored before it starts) or \"none\"",
+                        ));
+                    }
+                }
+                (None, false) => {}
+            }
+            if let Some(h) = &op.health {
+                h.clone()
+                    .resolve(op.port)
+                    .map_err(|(f, m)| self.invalid(field(&format!("health.{f}")), m))?;
+            }
+            let mut seen_hosts = BTreeSet::new();
+            for h in &op.hosts {
+                if h.trim().is_empty() || !seen_hosts.insert(h.as_str()) {
+                    return Err(
+                        self.invalid(field("hosts"), format!("{h:?} is empty or listed twice"))
+                    );
+                }
+            }
+            if op.standby != StandbyKind::None && op.hosts.len() == 1 {
+                return Err(self.invalid(
+                    field("hosts"),
+                    "a standby needs another host than its primary: list at least two hosts, or set standby = \"none\"",
+                ));
             }
         }
         if self.job.key_groups < max_par || self.job.key_groups > 32_768 {
@@ -643,6 +728,12 @@ impl JobSpec {
                     standby: op.standby,
                     vips: op.vip.iter().chain(op.vip6.iter()).cloned().collect(),
                     port: op.port,
+                    hosts: op.hosts.clone(),
+                    process: op.process.clone(),
+                    health: op.health.clone().map(|mut h| {
+                        h.resolve(op.port).expect("validated");
+                        h
+                    }),
                 });
             }
         }
@@ -653,6 +744,12 @@ impl JobSpec {
     /// else a file of that name next to `lazarus` itself, else on `PATH`.
     pub fn resolve_worker(&self) -> Result<PathBuf, SpecError> {
         let name = &self.job.worker;
+        if name.trim().is_empty() {
+            // Only `process` operators: they run under `lazarus` itself.
+            return std::env::current_exe().map_err(|e| {
+                self.invalid("job.worker", format!("cannot find the lazarus binary: {e}"))
+            });
+        }
         let mut tried = Vec::new();
         if name.contains('/') {
             let p = self.dir.join(name);

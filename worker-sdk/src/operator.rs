@@ -304,6 +304,8 @@ type Ctor = Box<dyn Fn(&Context) -> Result<Role, BoxError> + Send + Sync>;
 #[derive(Default)]
 pub struct Registry {
     ctors: BTreeMap<String, Ctor>,
+    /// Kinds a hot standby builds when it starts following.
+    early: std::collections::BTreeSet<String>,
 }
 
 impl Registry {
@@ -323,6 +325,51 @@ impl Registry {
             Box::new(move |ctx| Ok(Role::Source(Box::new(f(ctx)?)))),
         );
         self
+    }
+
+    /// Registers a source kind that a hot standby builds as soon as it
+    /// starts following, not at its promotion: a service whose program or
+    /// listener must already run on the standby's host, so that a failover
+    /// only moves the VIP. The instance is restored and polled only once
+    /// promoted; until then it must not serve anything that changes state.
+    ///
+    /// ```no_run
+    /// use lazarus_sdk::*;
+    /// struct Warm;
+    /// impl Source for Warm {
+    ///     fn poll(&mut self, _out: &mut Emitter, _max: usize) -> Result<SourcePoll, BoxError> { Ok(SourcePoll::Idle) }
+    ///     fn snapshot(&mut self) -> Snapshot { Snapshot::default() }
+    ///     fn restore(&mut self, _state: &Restored) -> Result<(), BoxError> { Ok(()) }
+    /// }
+    /// fn main() -> std::process::ExitCode {
+    ///     lazarus_sdk::run_worker(Registry::new().early_source("warm", |_ctx| Ok(Warm)))
+    /// }
+    /// ```
+    pub fn early_source<S: Source>(
+        mut self,
+        kind: &str,
+        f: impl Fn(&Context) -> Result<S, BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        self.early.insert(kind.to_string());
+        self.source(kind, f)
+    }
+
+    /// Whether a hot standby of `kind` is built before its promotion (see
+    /// [`Registry::early_source`]).
+    ///
+    /// ```
+    /// # use lazarus_sdk::*;
+    /// # struct S;
+    /// # impl Source for S {
+    /// #     fn poll(&mut self, _o: &mut Emitter, _m: usize) -> Result<SourcePoll, BoxError> { Ok(SourcePoll::Idle) }
+    /// #     fn snapshot(&mut self) -> Snapshot { Snapshot::default() }
+    /// #     fn restore(&mut self, _s: &Restored) -> Result<(), BoxError> { Ok(()) }
+    /// # }
+    /// let r = Registry::new().early_source("svc", |_| Ok(S));
+    /// assert!(r.builds_early("svc") && !r.builds_early("other"));
+    /// ```
+    pub fn builds_early(&self, kind: &str) -> bool {
+        self.early.contains(kind)
     }
 
     /// Registers an operator kind.

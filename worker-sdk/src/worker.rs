@@ -263,12 +263,21 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
         ctl_tx,
         link_state.clone(),
     ));
-    let assignment = match ctl_in.recv().await.flatten() {
-        Some(ToWorker::Assign(a)) => *a,
-        Some(ToWorker::Standby(a)) => match follow(*a, &mut ctl_in, &to_sup, &link_state).await? {
-            Some(a) => a,
-            None => return Ok(()),
-        },
+    let (assignment, early) = match ctl_in.recv().await.flatten() {
+        Some(ToWorker::Assign(a)) => (*a, None),
+        Some(ToWorker::Standby(a)) => {
+            // A service kind runs on the standby too (only the VIP moves
+            // on promotion): built now, restored and polled once promoted.
+            let early = if registry.builds_early(&a.kind) {
+                Some(registry.build(&a.kind, &context(&a))?)
+            } else {
+                None
+            };
+            match follow(*a, &mut ctl_in, &to_sup, &link_state).await? {
+                Some(a) => (a, early),
+                None => return Ok(()),
+            }
+        }
         Some(ToWorker::Shutdown) | None => return Ok(()),
         Some(other) => return Err(format!("expected an assignment, got {other:?}").into()),
     };
@@ -283,6 +292,7 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
 
     let result = run_assignment(
         registry,
+        early,
         &env,
         assignment,
         &to_sup,
@@ -370,15 +380,9 @@ async fn follow(
     }
 }
 
-async fn run_assignment(
-    registry: Registry,
-    env: &WorkerEnv,
-    a: Assignment,
-    to_sup: &mpsc::UnboundedSender<ToSupervisor>,
-    ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
-    link: &LinkState,
-) -> Result<()> {
-    let ctx = Context {
+/// What an assignment tells the operator instance about itself.
+fn context(a: &Assignment) -> Context {
+    Context {
         job: a.job.clone(),
         worker: a.worker.clone(),
         operator: a.operator.clone(),
@@ -386,8 +390,22 @@ async fn run_assignment(
         parallelism: a.parallelism,
         key_groups: a.key_groups,
         params: a.params.clone(),
+    }
+}
+
+async fn run_assignment(
+    registry: Registry,
+    early: Option<Role>,
+    env: &WorkerEnv,
+    a: Assignment,
+    to_sup: &mpsc::UnboundedSender<ToSupervisor>,
+    ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
+    link: &LinkState,
+) -> Result<()> {
+    let mut role = match early {
+        Some(role) => role,
+        None => registry.build(&a.kind, &context(&a))?,
     };
-    let mut role = registry.build(&a.kind, &ctx)?;
     let store = CheckpointStore::open(&a.store)?;
     let js = store.job(a.job.clone());
     let cache = LocalCache::new(&a.cache_dir)?;

@@ -48,6 +48,9 @@ pub struct SupervisorArgs {
     /// default: the --listen address).
     #[arg(long)]
     pub advertise: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this address (`docs/metrics.md`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// TLS for a daemon: a certificate directory, or an explicit opt-out.
@@ -155,9 +158,13 @@ pub struct AgentArgs {
     /// Worker logs and local caches (default .lazarus/agent-<name>).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Agent settings (TOML: state_dir, bind_ip); flags win.
+    /// Agent settings (TOML: state_dir, bind_ip, allow-lists, [notify],
+    /// metrics); flags win.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`docs/metrics.md`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     /// Mutual TLS (an agent certificate for this host's name).
     pub tls: ServeTls,
@@ -277,6 +284,9 @@ pub async fn supervisor(args: &SupervisorArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let ha = ha_options(args, file_etcd)?;
+    if let Some(addr) = args.metrics {
+        crate::metrics::install(addr)?;
+    }
     serve(
         ServerOptions {
             listen: args.listen,
@@ -360,6 +370,13 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
             "warning: no allowed_vips in the agent config: this agent holds any VIP a job names"
         );
     }
+    if let Some(n) = &config.notify {
+        n.validate()
+            .map_err(|(f, m)| anyhow::anyhow!("agent config: notify.{f}: {m}"))?;
+    }
+    if let Some(addr) = args.metrics.or(config.metrics) {
+        crate::metrics::install(addr)?;
+    }
     let (dialer, ca_file) = match daemon_tls(&args.tls, Role::Agent, Some(&args.name))? {
         Some(m) => (Dialer::tls(m.client_config()?), Some(m.dir.join("ca.pem"))),
         None => (Dialer::Plain, None),
@@ -374,6 +391,7 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
             dialer,
             allow,
             ca_file,
+            notify: config.notify.clone(),
         },
         stop_on_signals(),
     )

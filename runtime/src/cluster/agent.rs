@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use lazarus_sdk::protocol;
-use lazarus_storage::{JobId, LocalCache};
+use lazarus_storage::{JobId, LocalCache, WorkerId};
 use tokio::sync::{mpsc, watch};
 
 use crate::clock::{Clock, SystemClock};
@@ -35,9 +35,13 @@ use crate::cluster::allow::AllowList;
 use crate::cluster::etcd_vips::EtcdVips;
 use crate::cluster::transport::{BoxRead, BoxWrite, Dialer};
 use crate::cluster::vip_holder::{HolderAction, VipHolder};
+use crate::cluster::wire::SpawnService;
 use crate::cluster::wire::{AgentMsg, HaWelcome, ProcRef, SupervisorMsg, WireExit};
 use crate::lease::LeaseId;
-use crate::procs::{ProcessTable, Slot, WorkerExited};
+use crate::procs::{ExitKind, ProcessTable, Slot, WorkerExited};
+use crate::service::health::HealthChange;
+use crate::service::notify::{Notifier, NotifyEvent, NotifyState};
+use crate::service::spec::NotifySpec;
 use crate::vip::{parse_vip, Vip};
 
 /// `lazarus agent`'s settings.
@@ -62,6 +66,9 @@ pub struct AgentOptions {
     /// The cluster CA (on a TLS cluster): workers connect to their job's
     /// port over TLS and check the supervisor against it.
     pub ca_file: Option<PathBuf>,
+    /// This host's own notify hooks, run for every job's processes here
+    /// (after the job's own).
+    pub notify: Option<NotifySpec>,
 }
 
 /// `lazarus agent --config FILE`: every field optional, unknown fields are
@@ -72,6 +79,11 @@ pub struct AgentOptions {
 /// bind_ip = "198.18.0.2"           # data channels of this host's workers
 /// allowed_binaries = ["/opt/lazarus/bin"]          # workers only from here
 /// allowed_vips = ["198.18.0.0/15", "2001:2::/48"]  # VIPs only within these
+///
+/// [notify]                         # hooks for every job's processes here
+/// primary = ["/usr/local/bin/lazarus-notify"]
+/// fault = ["/usr/local/bin/lazarus-notify"]
+/// timeout = "5s"
 /// ```
 #[derive(Debug, Default, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,6 +96,10 @@ pub struct AgentConfig {
     pub allowed_binaries: Option<Vec<PathBuf>>,
     /// Prefixes VIPs must be within, like "198.18.0.0/15" (unset: any).
     pub allowed_vips: Option<Vec<String>>,
+    /// Notify hooks for every job's processes on this host.
+    pub notify: Option<NotifySpec>,
+    /// Serve Prometheus metrics here (`ADDR:PORT`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -146,6 +162,25 @@ struct AgentState {
     lease_rx: mpsc::UnboundedReceiver<SupervisorMsg>,
     /// Background work: announcement bursts and cache pruning.
     tasks: tokio_util::task::TaskTracker,
+    /// Around each worker: program, health check, hooks, VIPs.
+    services: BTreeMap<(JobId, WorkerId), SpawnService>,
+    /// Running health checks, by process.
+    checks: BTreeMap<(JobId, WorkerId, Slot), AbortOnDrop>,
+    health_tx: mpsc::UnboundedSender<(JobId, WorkerId, u64, HealthChange)>,
+    health_rx: mpsc::UnboundedReceiver<(JobId, WorkerId, u64, HealthChange)>,
+    /// Why a process is being stopped (by request, or its failed check):
+    /// its exit is reported with this.
+    stopping: BTreeMap<(JobId, WorkerId, Slot), Stopping>,
+    notifier: Notifier,
+}
+
+/// Why the agent ended a process.
+#[derive(Debug, Clone)]
+enum Stopping {
+    /// Asked to (the job stops or moves): `stopped` hooks.
+    Requested(String),
+    /// Its health check failed: a fault, with this reason.
+    Unhealthy(String),
 }
 
 /// Runs the agent until `stop` turns true.
@@ -154,6 +189,9 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
         .with_context(|| format!("creating state directory {}", opts.state_dir.display()))?;
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
     let (lease_tx, lease_rx) = mpsc::unbounded_channel();
+    let (health_tx, health_rx) = mpsc::unbounded_channel();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let notifier = Notifier::start(&tasks);
     let mut st = AgentState {
         opts,
         clock: SystemClock::default(),
@@ -168,7 +206,13 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
         detached_since: None,
         lease_tx,
         lease_rx,
-        tasks: tokio_util::task::TaskTracker::new(),
+        tasks,
+        services: BTreeMap::new(),
+        checks: BTreeMap::new(),
+        health_tx,
+        health_rx,
+        stopping: BTreeMap::new(),
+        notifier,
     };
     anyhow::ensure!(
         !st.opts.supervisors.is_empty(),
@@ -318,10 +362,9 @@ impl AgentState {
                 Some(msg) = self.lease_rx.recv() => self.handle(msg, local, Duration::from_millis(250), &out).await,
                 Some((job, e)) = self.exits_rx.recv() => {
                     tracing::warn!(%job, worker = %e.worker, "worker exited while no supervisor listens");
-                    if let Some(t) = self.jobs.get_mut(&job) {
-                        t.reap(&e);
-                    }
+                    self.exited(&job, e);
                 }
+                Some((job, worker, id, change)) = self.health_rx.recv() => self.health(job, worker, id, change, None),
                 _ = check.tick() => self.leases(&out).await,
                 _ = stop.changed() => return,
             }
@@ -349,9 +392,12 @@ impl AgentState {
     /// confirm to).
     async fn fence(&mut self, why: &str) {
         let mut any = false;
+        let jobs: Vec<JobId> = self.jobs.keys().cloned().collect();
+        for job in jobs {
+            self.kill_job(&job, true, why);
+        }
         for agent in self.jobs.values_mut() {
             any |= !agent.running().is_empty();
-            agent.kill_all();
         }
         let names: Vec<String> = self.vips.keys().cloned().collect();
         for name in names {
@@ -412,6 +458,8 @@ impl AgentState {
                     let ok = match v.vip.add().await {
                         Ok(()) => {
                             tracing::info!(vip = %name, lease = ?v.holder.lease(), "VIP held");
+                            metrics::gauge!(crate::metrics::VIP_HELD, "vip" => name.to_string())
+                                .set(1.0);
                             true
                         }
                         Err(e) => {
@@ -422,6 +470,7 @@ impl AgentState {
                     queue.extend(v.holder.added(now, ok));
                 }
                 (HolderAction::RemoveAddress, _) => {
+                    metrics::gauge!(crate::metrics::VIP_HELD, "vip" => name.to_string()).set(0.0);
                     if let Err(e) = v.vip.release().await {
                         tracing::error!(vip = %name, error = %e, "removing the VIP failed");
                     }
@@ -429,19 +478,23 @@ impl AgentState {
                 (HolderAction::StartAnnounce, _) => {
                     let vip = v.vip.clone();
                     // Replacing the handle aborts a burst still running.
-                    v.announce = Some(AbortOnDrop(self.tasks.spawn(async move {
-                        if let Err(e) = vip.announce().await {
-                            tracing::error!(error = %e, "VIP announcement failed");
-                        }
-                    })));
+                    v.announce = Some(AbortOnDrop(
+                        self.tasks.spawn(async move {
+                            if let Err(e) = vip.announce().await {
+                                tracing::error!(error = %e, "VIP announcement failed");
+                            }
+                        }),
+                        0,
+                    ));
                 }
                 (HolderAction::StopAnnounce, _) => {
                     v.announce = None;
                 }
                 (HolderAction::StopPrimaries, _) => {
                     tracing::warn!(vip = %name, "VIP lease expired without renewal: VIP removed, primaries stopped");
-                    for agent in self.jobs.values_mut() {
-                        agent.kill_primaries();
+                    let jobs: Vec<JobId> = self.jobs.keys().cloned().collect();
+                    for job in jobs {
+                        self.kill_job(&job, false, "the VIP lease expired without renewal");
                     }
                 }
             }
@@ -463,7 +516,7 @@ impl AgentState {
                 }
             }
         });
-        let mut writer = AbortOnDrop(writer);
+        let mut writer = AbortOnDrop(writer, 0);
         out.send(AgentMsg::Register {
             name: self.opts.name.clone(),
             state_dir: self.opts.state_dir.clone(),
@@ -513,7 +566,7 @@ impl AgentState {
                 }
             }
         });
-        let _reader = AbortOnDrop(reader);
+        let _reader = AbortOnDrop(reader, 0);
         let mut last_heard = self.now();
         let mut hb = tokio::time::interval(heartbeat);
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -532,10 +585,9 @@ impl AgentState {
                     self.handle(msg, local_ip, renew, &out).await;
                 }
                 Some(msg) = self.lease_rx.recv() => self.handle(msg, local_ip, renew, &out).await,
-                Some((job, e)) = self.exits_rx.recv() => {
-                    if let Some(agent) = self.jobs.get_mut(&job) {
-                        agent.reap(&e);
-                    }
+                Some((job, worker, id, change)) = self.health_rx.recv() => self.health(job, worker, id, change, Some(&out)),
+                Some((job, mut e)) = self.exits_rx.recv() => {
+                    e = self.exited(&job, e);
                     out.send(AgentMsg::Exited {
                         job,
                         worker: e.worker,
@@ -547,6 +599,7 @@ impl AgentState {
                 }
                 _ = hb.tick() => out.send(AgentMsg::Heartbeat)?,
                 _ = check.tick() => {
+                    metrics::gauge!(crate::metrics::SUPERVISOR_HEARTBEAT_AGE).set(self.now().saturating_sub(last_heard).as_secs_f64());
                     if self.now().saturating_sub(last_heard) > lease {
                         anyhow::bail!("the supervisor was silent for {lease:?} (one lease)");
                     }
@@ -604,13 +657,18 @@ impl AgentState {
                 binary,
                 supervisor,
                 token,
+                service,
             } => {
                 let supervisor = if supervisor.ip().is_unspecified() {
                     SocketAddr::new(self.supervisor.ip(), supervisor.port())
                 } else {
                     supervisor
                 };
-                if let Err(reason) = self.opts.allow.check_binary(&binary) {
+                let service = service.map(|s| *s).unwrap_or_default();
+                // A `process` operator's program is what runs here; the
+                // worker around it is this binary.
+                let checked = service.program.as_deref().unwrap_or(&binary);
+                if let Err(reason) = self.opts.allow.check_binary(checked) {
                     tracing::warn!(%job, %worker, %reason, "spawn refused");
                     let _ = out.send(AgentMsg::Refused {
                         job: Some(job.clone()),
@@ -636,7 +694,18 @@ impl AgentState {
                 } else {
                     Slot::Primary
                 };
+                if service.program.is_some() {
+                    agent.set_program_worker(&worker);
+                }
                 agent.spawn(&worker, attempt, slot, supervisor, &token);
+                self.services.insert((job.clone(), worker.clone()), service);
+                self.start_check(&job, &worker, slot);
+                let (state, reason) = if standby {
+                    (NotifyState::Standby, "started as a hot standby")
+                } else {
+                    (NotifyState::Primary, "started as the primary")
+                };
+                self.notify(&job, &worker, state, reason.to_string());
             }
             SupervisorMsg::Rejoin {
                 job,
@@ -687,8 +756,22 @@ impl AgentState {
                 worker,
                 attempt,
             } => {
-                if let Some(agent) = self.jobs.get_mut(&job) {
-                    agent.promote(&worker, attempt);
+                let promoted = self
+                    .jobs
+                    .get_mut(&job)
+                    .is_some_and(|agent| agent.promote(&worker, attempt));
+                if promoted {
+                    let key = (job.clone(), worker.clone(), Slot::Standby);
+                    if let Some(check) = self.checks.remove(&key) {
+                        self.checks
+                            .insert((job.clone(), worker.clone(), Slot::Primary), check);
+                    }
+                    self.notify(
+                        &job,
+                        &worker,
+                        NotifyState::Primary,
+                        "promoted from hot standby".into(),
+                    );
                 }
             }
             SupervisorMsg::Kill {
@@ -696,25 +779,20 @@ impl AgentState {
                 worker,
                 standby,
             } => {
-                if let Some(agent) = self.jobs.get_mut(&job) {
-                    agent.kill(
-                        &worker,
-                        if standby {
-                            Slot::Standby
-                        } else {
-                            Slot::Primary
-                        },
-                    );
-                }
+                let slot = if standby {
+                    Slot::Standby
+                } else {
+                    Slot::Primary
+                };
+                self.kill_one(
+                    &job,
+                    &worker,
+                    slot,
+                    Stopping::Requested("stopped by the supervisor".into()),
+                );
             }
             SupervisorMsg::KillAll { job, standbys } => {
-                if let Some(agent) = self.jobs.get_mut(&job) {
-                    if standbys {
-                        agent.kill_all();
-                    } else {
-                        agent.kill_primaries();
-                    }
-                }
+                self.kill_job(&job, standbys, "stopped by the supervisor");
             }
             SupervisorMsg::HoldVip { vip, garp } => {
                 if let Err(reason) = self.opts.allow.check_vip(&vip) {
@@ -825,6 +903,186 @@ impl AgentState {
         self.carry_out(vip, actions, Some(out)).await;
     }
 
+    /// Kills one process, remembering why (its exit is reported so).
+    fn kill_one(&mut self, job: &JobId, worker: &WorkerId, slot: Slot, why: Stopping) {
+        let Some(agent) = self.jobs.get_mut(job) else {
+            return;
+        };
+        if agent
+            .processes()
+            .iter()
+            .any(|(w, s, _)| w == worker && *s == slot)
+        {
+            self.stopping
+                .entry((job.clone(), worker.clone(), slot))
+                .or_insert(why);
+            agent.kill(worker, slot);
+        }
+    }
+
+    /// Kills a job's primaries (and standbys if `standbys`).
+    fn kill_job(&mut self, job: &JobId, standbys: bool, why: &str) {
+        let procs = self
+            .jobs
+            .get(job)
+            .map(|t| t.processes())
+            .unwrap_or_default();
+        for (worker, slot, _) in procs {
+            if standbys || slot == Slot::Primary {
+                self.kill_one(job, &worker, slot, Stopping::Requested(why.to_string()));
+            }
+        }
+    }
+
+    /// Books a process's exit: its check ends, its hooks run; returns the
+    /// exit with a failed check named in its detail.
+    fn exited(&mut self, job: &JobId, mut e: WorkerExited) -> WorkerExited {
+        if let Some(agent) = self.jobs.get_mut(job) {
+            agent.reap(&e);
+        }
+        let slot = if e.standby {
+            Slot::Standby
+        } else {
+            Slot::Primary
+        };
+        let key = (job.clone(), e.worker.clone(), slot);
+        self.checks.remove(&key);
+        let (state, reason) = match self.stopping.remove(&key) {
+            Some(Stopping::Requested(why)) => (NotifyState::Stopped, why),
+            Some(Stopping::Unhealthy(why)) => {
+                e.detail = Some(format!("failed its health check: {why}"));
+                (
+                    NotifyState::Fault,
+                    format!("failed its health check: {why}"),
+                )
+            }
+            None if e.exit == ExitKind::Success => (NotifyState::Stopped, e.exit.to_string()),
+            None => (
+                NotifyState::Fault,
+                match &e.detail {
+                    Some(d) => format!("{}: {d}", e.exit),
+                    None => e.exit.to_string(),
+                },
+            ),
+        };
+        let kind = match &e.exit {
+            ExitKind::Success => "success",
+            ExitKind::Code(_) => "code",
+            ExitKind::Signal(_) => "signal",
+            ExitKind::SpawnFailed(_) => "spawn_failed",
+            ExitKind::HostLost(_) => "host_lost",
+        };
+        metrics::counter!(crate::metrics::WORKER_EXITS, "job" => job.to_string(), "kind" => kind, "state" => state.as_str()).increment(1);
+        self.notify(job, &e.worker, state, reason);
+        e
+    }
+
+    /// Starts the health check of `worker`'s process in `slot`, if its
+    /// operator has one.
+    fn start_check(&mut self, job: &JobId, worker: &WorkerId, slot: Slot) {
+        let Some(spec) = self
+            .services
+            .get(&(job.clone(), worker.clone()))
+            .and_then(|s| s.health.clone())
+        else {
+            return;
+        };
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tx = self.health_tx.clone();
+        let clock = self.clock;
+        let (j, w) = (job.clone(), worker.clone());
+        metrics::gauge!(crate::metrics::HEALTH_UP, "job" => job.to_string(), "worker" => worker.to_string()).set(1.0);
+        let task = self.tasks.spawn(crate::service::health::run_checks(
+            spec,
+            (job.to_string(), worker.to_string()),
+            move || clock.now(),
+            move |change| {
+                let _ = tx.send((j.clone(), w.clone(), id, change));
+            },
+        ));
+        self.checks
+            .insert((job.clone(), worker.clone(), slot), AbortOnDrop(task, id));
+    }
+
+    /// A health check changed: a primary that went down is killed (a
+    /// fault: the supervisor fails over); a standby's state goes to the
+    /// supervisor, which never promotes a standby that is down.
+    fn health(
+        &mut self,
+        job: JobId,
+        worker: WorkerId,
+        id: u64,
+        change: HealthChange,
+        out: Option<&mpsc::UnboundedSender<AgentMsg>>,
+    ) {
+        metrics::gauge!(crate::metrics::HEALTH_UP, "job" => job.to_string(), "worker" => worker.to_string())
+            .set(if change.up { 1.0 } else { 0.0 });
+        let Some(slot) = [Slot::Primary, Slot::Standby].into_iter().find(|s| {
+            self.checks
+                .get(&(job.clone(), worker.clone(), *s))
+                .is_some_and(|c| c.1 == id)
+        }) else {
+            return;
+        };
+        match (slot, change.up) {
+            (Slot::Primary, false) => {
+                tracing::warn!(%job, %worker, detail = %change.detail, "primary failed its health check: stopping it (failover)");
+                self.kill_one(&job, &worker, slot, Stopping::Unhealthy(change.detail));
+            }
+            (Slot::Primary, true) => {}
+            (Slot::Standby, up) => {
+                if !up {
+                    self.notify(
+                        &job,
+                        &worker,
+                        NotifyState::Fault,
+                        format!("hot standby failed its health check: {}", change.detail),
+                    );
+                } else {
+                    self.notify(
+                        &job,
+                        &worker,
+                        NotifyState::Standby,
+                        format!(
+                            "hot standby passes its health check again: {}",
+                            change.detail
+                        ),
+                    );
+                }
+                if let Some(out) = out {
+                    let _ = out.send(AgentMsg::Health {
+                        job,
+                        worker,
+                        up,
+                        detail: change.detail,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Queues the job's and this host's hooks for a role change.
+    fn notify(&self, job: &JobId, worker: &WorkerId, state: NotifyState, reason: String) {
+        let service = self.services.get(&(job.clone(), worker.clone()));
+        let hooks: Vec<NotifySpec> = service
+            .and_then(|s| s.notify.clone())
+            .into_iter()
+            .chain(self.opts.notify.clone())
+            .collect();
+        tracing::info!(%job, %worker, state = state.as_str(), %reason, "role changed");
+        self.notifier.fire(
+            hooks,
+            NotifyEvent {
+                state,
+                job: job.to_string(),
+                worker: worker.to_string(),
+                vips: service.map(|s| s.vips.clone()).unwrap_or_default(),
+                reason,
+            },
+        );
+    }
+
     /// The job's local agent, created on first use.
     fn job_agent(
         &mut self,
@@ -867,7 +1125,7 @@ impl AgentState {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop(tokio::task::JoinHandle<()>, u64);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

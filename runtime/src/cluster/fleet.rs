@@ -3,7 +3,7 @@
 //! host that is not live is dropped: that host's loss event reaches the job
 //! and covers whatever the message was for.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use lazarus_storage::{CheckpointId, JobId, WorkerId};
 
 use crate::cluster::state::Cluster;
-use crate::cluster::wire::SupervisorMsg;
+use crate::cluster::wire::{SpawnService, SupervisorMsg};
 use crate::fleet::Fleet;
 use crate::procs::{Slot, WorkerExited};
 
@@ -21,15 +21,24 @@ pub struct ClusterFleet {
     job: JobId,
     cluster: Cluster,
     binary: PathBuf,
+    /// What agents run around each worker's processes.
+    services: BTreeMap<WorkerId, SpawnService>,
 }
 
 impl ClusterFleet {
-    /// A fleet on `cluster`'s agents running `binary` for `job`.
-    pub fn new(job: JobId, cluster: Cluster, binary: PathBuf) -> ClusterFleet {
+    /// A fleet on `cluster`'s agents running `binary` for `job`, with
+    /// `services` around its workers (programs, checks, hooks).
+    pub fn new(
+        job: JobId,
+        cluster: Cluster,
+        binary: PathBuf,
+        services: BTreeMap<WorkerId, SpawnService>,
+    ) -> ClusterFleet {
         ClusterFleet {
             job,
             cluster,
             binary,
+            services,
         }
     }
 
@@ -77,6 +86,11 @@ impl Fleet for ClusterFleet {
                 binary: self.binary.clone(),
                 supervisor,
                 token: token.to_string(),
+                service: self
+                    .services
+                    .get(worker)
+                    .filter(|s| **s != SpawnService::default())
+                    .map(|s| Box::new(s.clone())),
             },
         );
     }

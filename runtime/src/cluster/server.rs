@@ -199,6 +199,9 @@ async fn heartbeat_loop(cluster: Cluster, cancel: CancellationToken) {
         for h in c.overdue() {
             c.lose(&h, "missed heartbeats");
         }
+        if crate::metrics::enabled() {
+            crate::metrics::observe_cluster(&c.report());
+        }
     }
 }
 
@@ -442,6 +445,22 @@ async fn agent_session(
                     c.lease_released(&name, &vip, id);
                     None
                 }
+                AgentMsg::Health {
+                    job,
+                    worker,
+                    up,
+                    detail,
+                } => {
+                    tracing::info!(host = %name, %job, %worker, up, %detail, "standby health changed");
+                    if let Some(j) = c.jobs.get(&job) {
+                        let _ = j.events.send(FleetEvent::StandbyHealth {
+                            worker,
+                            host: name.clone(),
+                            up,
+                        });
+                    }
+                    None
+                }
             };
             if let Some(r) = reply {
                 let _ = tx.send(r);
@@ -641,7 +660,21 @@ pub(crate) fn start_job(
         epoch_floor: ha.as_ref().map_or(0, leader::JobSync::epoch_floor),
         adopt_timeout: opts.ha.as_ref().map(|h| h.adopt_timeout),
     };
-    let fleet = Box::new(ClusterFleet::new(job.clone(), cluster.clone(), binary));
+    let services = run
+        .spec
+        .plan()
+        .iter()
+        .map(|w| {
+            let s = crate::cluster::wire::SpawnService::for_worker(w, run.spec.notify.as_ref());
+            (w.id.clone(), s)
+        })
+        .collect();
+    let fleet = Box::new(ClusterFleet::new(
+        job.clone(),
+        cluster.clone(),
+        binary,
+        services,
+    ));
     let control_ip = opts.listen.ip();
     let job_tls = opts.job_tls.clone();
     let j = job.clone();

@@ -32,6 +32,18 @@ pub enum AgentMsg {
     },
     /// Liveness, every heartbeat interval.
     Heartbeat,
+    /// A hot standby's health check changed (a primary that goes down is
+    /// killed by its agent and reported as exited).
+    Health {
+        /// Its job.
+        job: JobId,
+        /// The worker.
+        worker: WorkerId,
+        /// Up or down.
+        up: bool,
+        /// The check's last result.
+        detail: String,
+    },
     /// A worker process ended.
     Exited {
         /// Its job.
@@ -221,6 +233,10 @@ pub enum SupervisorMsg {
         supervisor: SocketAddr,
         /// The process's credential toward the job's control port.
         token: String,
+        /// What the agent runs around the process: the program of a
+        /// `process` operator, its health check, the job's notify hooks.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<Box<SpawnService>>,
     },
     /// A new leader adopts this process: hand it the ticket (its
     /// `LAZARUS_REJOIN_FILE`); an agent without it reports it exited.
@@ -309,6 +325,40 @@ pub enum SupervisorMsg {
         /// The newest retained checkpoint.
         newest: CheckpointId,
     },
+}
+
+/// What an agent runs around one worker process (part of a spawn).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpawnService {
+    /// A `process` operator's program: the agent starts `lazarus
+    /// process-worker` (itself), which runs it; the program, not the
+    /// worker binary, is checked against the allow-list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<PathBuf>,
+    /// The operator's health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::service::spec::HealthSpec>,
+    /// The job's notify hooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<crate::service::spec::NotifySpec>,
+    /// The operator's VIPs (for the hooks' environment).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<String>,
+}
+
+impl SpawnService {
+    /// What the plan and the job's hooks say for `w`.
+    pub fn for_worker(
+        w: &crate::spec::PlannedWorker,
+        notify: Option<&crate::service::spec::NotifySpec>,
+    ) -> SpawnService {
+        SpawnService {
+            program: w.process.as_ref().map(|p| p.command.clone()),
+            health: w.health.clone(),
+            notify: notify.filter(|n| !n.is_empty()).cloned(),
+            vips: w.vips.clone(),
+        }
+    }
 }
 
 /// Client → supervisor.

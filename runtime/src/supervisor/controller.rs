@@ -251,6 +251,17 @@ pub enum Fact {
     },
     /// Someone asked the job to stop.
     StopRequested,
+    /// A hot standby's health check changed (its agent counts `fall`
+    /// failures and `rise` successes; a primary that goes down is killed by
+    /// its agent and arrives as an exit).
+    StandbyHealth {
+        /// The worker.
+        worker: WorkerId,
+        /// The standby's host.
+        host: String,
+        /// Up (promotable) or down (never promoted).
+        up: bool,
+    },
 }
 
 /// Something the shell must do.
@@ -484,6 +495,12 @@ pub struct RunSummary {
     pub last_checkpoint_bytes: u64,
     /// Why the last restart happened, if any.
     pub last_failure: Option<String>,
+    /// Checkpoints aborted.
+    pub aborted: u64,
+    /// Worker restores from a checkpoint (primaries that started from one).
+    pub restores: u64,
+    /// Bytes those restores downloaded.
+    pub restored_bytes: u64,
 }
 
 /// A running job as its record in etcd describes it: what a new leader
@@ -647,6 +664,8 @@ pub struct JobController {
     standbys: BTreeMap<WorkerId, StandbyConn>,
     /// Failed hot standbys: failures in a row and when the next may start.
     standby_retry: BTreeMap<WorkerId, (u32, Duration)>,
+    /// Hot standbys whose health check says down: never promoted.
+    standby_down: BTreeSet<WorkerId>,
     /// Where each VIP is assigned now.
     vips: BTreeMap<String, String>,
     att: AttemptState,
@@ -694,6 +713,9 @@ impl JobController {
             pauses: Vec::new(),
             last_checkpoint_bytes: 0,
             last_failure: None,
+            aborted: 0,
+            restores: 0,
+            restored_bytes: 0,
         };
         JobController {
             phase: Phase::Claiming,
@@ -713,6 +735,7 @@ impl JobController {
             conns: BTreeMap::new(),
             standbys: BTreeMap::new(),
             standby_retry: BTreeMap::new(),
+            standby_down: BTreeSet::new(),
             vips: BTreeMap::new(),
             att: AttemptState::default(),
             adopting: None,
@@ -1133,6 +1156,19 @@ impl JobController {
                 }
             }
             Fact::StopRequested => self.on_stop(now),
+            Fact::StandbyHealth { worker, host, up } => {
+                let here = self
+                    .procs
+                    .get(&(worker.clone(), Slot::Standby))
+                    .is_some_and(|p| p.host == host);
+                if here && !up {
+                    tracing::warn!(%worker, %host, "hot standby failed its health check: it is not promoted until it passes again");
+                    self.standby_down.insert(worker);
+                } else if here {
+                    tracing::info!(%worker, %host, "hot standby passes its health check again");
+                    self.standby_down.remove(&worker);
+                }
+            }
             Fact::Refused { host, reason } => {
                 if !self.is_ended() {
                     self.broadcast(ToWorker::Shutdown);
@@ -1266,6 +1302,12 @@ impl JobController {
         s
     }
 
+    /// The counters of the summary, without copying it (metrics read
+    /// them after every fact).
+    pub fn counters(&self) -> &RunSummary {
+        &self.summary
+    }
+
     /// The job for `lazarus status`.
     pub fn status(&self) -> JobStatus {
         let state = self.state();
@@ -1331,11 +1373,15 @@ impl JobController {
         self.worker(id).is_some_and(|w| w.outputs.is_empty())
     }
 
-    fn kinds(&self) -> Vec<(WorkerId, StandbyKind)> {
+    fn kinds(&self) -> Vec<placement::Want> {
         self.cfg
             .plan
             .iter()
-            .map(|w| (w.id.clone(), w.standby))
+            .map(|w| placement::Want {
+                id: w.id.clone(),
+                standby: w.standby,
+                hosts: w.hosts.clone(),
+            })
             .collect()
     }
 
@@ -1373,6 +1419,18 @@ impl JobController {
                 .procs
                 .get(&(w.id.clone(), Slot::Standby))
                 .is_some_and(|p| p.host == host);
+            if standby_here && self.standby_down.contains(&w.id) {
+                // A standby that fails its health check is never promoted:
+                // it makes way for a fresh primary on its host.
+                tracing::warn!(worker = %w.id, %host, "hot standby is down by its health check: not promoted, replaced by a new primary");
+                self.out.push(Action::Kill {
+                    host: host.clone(),
+                    worker: w.id.clone(),
+                    slot: Slot::Standby,
+                });
+                self.procs.remove(&(w.id.clone(), Slot::Standby));
+                self.standby_gone(&w.id);
+            }
             match self.standbys.get(&w.id).filter(|_| standby_here).cloned() {
                 Some(s) => {
                     // Rule 3: the failed primary is gone (drained, or its
@@ -1673,6 +1731,10 @@ impl JobController {
                 fetched_bytes,
             } => {
                 self.fetched.insert(worker.clone(), fetched_bytes);
+                if self.restored.is_some() {
+                    self.summary.restores += 1;
+                    self.summary.restored_bytes += fetched_bytes;
+                }
                 self.att.listening.insert(worker, addr);
                 if self.att.listening.len() == self.cfg.plan.len() {
                     let addrs = self.att.listening.clone();
@@ -2023,6 +2085,7 @@ impl JobController {
                     self.out.push(Action::Commit(manifest));
                 }
                 Decision::Abort { checkpoint, reason } => {
+                    self.summary.aborted += 1;
                     tracing::info!(%checkpoint, ?reason, "checkpoint aborted");
                     self.broadcast(ToWorker::Abort { checkpoint });
                 }
@@ -2157,6 +2220,7 @@ impl JobController {
     }
 
     fn standby_gone(&mut self, worker: &WorkerId) {
+        self.standby_down.remove(worker);
         if let Some(s) = self.standbys.remove(worker) {
             self.conns.remove(&s.conn);
         }

@@ -46,6 +46,7 @@ pub use controller::{
 use crate::clock::{Clock, Stopwatch, SystemClock};
 use crate::cluster::wire::JobStatusCell;
 use crate::fleet::{Fleet, FleetEvent, LocalFleet};
+use crate::metrics::JobMetrics;
 use crate::procs::{ProcessTable, Slot};
 use crate::security::{random_token, tokens_match};
 use crate::spec::{JobSpec, PlannedWorker};
@@ -110,7 +111,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs `run` until it finishes, is stopped (`stop` turns true), or fails.
 pub async fn run_local(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Result<RunSummary> {
     let (events_tx, events) = mpsc::unbounded_channel();
-    let table = ProcessTable::new(
+    let mut table = ProcessTable::new(
         crate::fleet::LOCAL_HOST,
         run.worker_binary.clone(),
         &run.state_dir,
@@ -119,6 +120,9 @@ pub async fn run_local(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Re
         }),
     )
     .with_context(|| format!("preparing state directory {}", run.state_dir.display()))?;
+    for w in run.spec.plan().iter().filter(|w| w.process.is_some()) {
+        table.set_program_worker(&w.id);
+    }
     let status = crate::cluster::wire::job_status_cell(&run.spec.job_id(), Epoch(0));
     run_job(
         run,
@@ -285,7 +289,8 @@ impl Shell {
         let mut logged = None;
         write_ahead(&log, &ctl, &actions, &mut logged).await;
         shell.apply(actions);
-        publish(&status, &ctl);
+        let mut metrics = JobMetrics::new(&shell.run.spec.job.name, ctl.counters());
+        publish(&status, &ctl, &mut metrics);
 
         let spec = &shell.run.spec;
         let tick_every = spec
@@ -331,7 +336,7 @@ impl Shell {
             let actions = ctl.handle(clock.now(), fact);
             write_ahead(&log, &ctl, &actions, &mut logged).await;
             shell.apply(actions);
-            publish(&status, &ctl);
+            publish(&status, &ctl, &mut metrics);
         }
 
         // The job is over: every process was told to die and every VIP let
@@ -364,7 +369,7 @@ impl Shell {
         }
         let mut summary = ctl.summary();
         summary.elapsed = started.elapsed();
-        publish(&status, &ctl);
+        publish(&status, &ctl, &mut metrics);
         Ok(summary)
     }
 
@@ -385,6 +390,9 @@ impl Shell {
             FleetEvent::HostLost(h) => Fact::HostLost(h),
             FleetEvent::HostJoined(h) => Fact::HostJoined(h),
             FleetEvent::Refused { host, reason } => Fact::Refused { host, reason },
+            FleetEvent::StandbyHealth { worker, host, up } => {
+                Fact::StandbyHealth { worker, host, up }
+            }
         }
     }
 
@@ -628,8 +636,10 @@ async fn write_ahead(
     *logged = Some(now);
 }
 
-fn publish(status: &JobStatusCell, ctl: &JobController) {
-    *status.lock().unwrap_or_else(|p| p.into_inner()) = ctl.status();
+fn publish(status: &JobStatusCell, ctl: &JobController, metrics: &mut JobMetrics) {
+    let s = ctl.status();
+    metrics.observe(ctl.counters(), &s);
+    *status.lock().unwrap_or_else(|p| p.into_inner()) = s;
 }
 
 fn print_status_line(ctl: &JobController, started: Stopwatch, last: &mut (Stopwatch, u64)) {
