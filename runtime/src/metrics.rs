@@ -174,6 +174,9 @@ pub struct JobMetrics {
     restarts: u32,
     state: Option<JobStateKind>,
     failing_since: Option<Stopwatch>,
+    /// Restarts whose cause is not final yet, and the last cause seen.
+    pending: u32,
+    last_failure: Option<String>,
     lags: BTreeMap<String, ()>,
 }
 
@@ -189,6 +192,8 @@ impl JobMetrics {
             restarts: summary.restarts,
             state: None,
             failing_since: None,
+            pending: 0,
+            last_failure: summary.last_failure.clone(),
             lags: BTreeMap::new(),
         }
     }
@@ -219,12 +224,20 @@ impl JobMetrics {
             counter!(RESTORE_BYTES, "job" => job.clone()).absolute(summary.restored_bytes);
         }
         if summary.restarts > self.restarts {
-            let cause = failover_cause(summary.last_failure.as_deref().unwrap_or(""));
-            counter!(FAILOVERS, "job" => job.clone(), "cause" => cause)
-                .increment(u64::from(summary.restarts - self.restarts));
+            self.pending += summary.restarts - self.restarts;
             self.restarts = summary.restarts;
             self.failing_since.get_or_insert_with(Stopwatch::start);
         }
+        // A failure's cause is final once the controller names it (it may
+        // wait briefly for the crashed process's exit).
+        let named = summary.last_failure != self.last_failure;
+        if self.pending > 0 && (named || status.state == JobStateKind::Running) {
+            let cause = failover_cause(summary.last_failure.as_deref().unwrap_or(""));
+            counter!(FAILOVERS, "job" => job.clone(), "cause" => cause)
+                .increment(u64::from(self.pending));
+            self.pending = 0;
+        }
+        self.last_failure.clone_from(&summary.last_failure);
         if status.state == JobStateKind::Running {
             if let Some(t0) = self.failing_since.take() {
                 histogram!(FAILOVER_DURATION, "job" => job.clone())

@@ -41,7 +41,7 @@ use crate::lease::LeaseId;
 use crate::procs::{ExitKind, ProcessTable, Slot, WorkerExited};
 use crate::service::health::HealthChange;
 use crate::service::notify::{Notifier, NotifyEvent, NotifyState};
-use crate::service::spec::NotifySpec;
+use crate::service::spec::{HealthKind, NotifySpec};
 use crate::vip::{parse_vip, Vip};
 
 /// `lazarus agent`'s settings.
@@ -665,10 +665,27 @@ impl AgentState {
                     supervisor
                 };
                 let service = service.map(|s| *s).unwrap_or_default();
-                // A `process` operator's program is what runs here; the
-                // worker around it is this binary.
-                let checked = service.program.as_deref().unwrap_or(&binary);
-                if let Err(reason) = self.opts.allow.check_binary(checked) {
+                // A `process` operator's program is what runs here (the
+                // worker around it is this binary), and so are an exec
+                // check and the job's hooks: each must be allowed.
+                let mut run_here: Vec<std::path::PathBuf> =
+                    vec![service.program.clone().unwrap_or_else(|| binary.clone())];
+                if let Some(h) = service
+                    .health
+                    .as_ref()
+                    .filter(|h| h.kind == HealthKind::Exec)
+                {
+                    run_here.extend(h.command.first().map(std::path::PathBuf::from));
+                }
+                if let Some(n) = &service.notify {
+                    for argv in [&n.primary, &n.standby, &n.fault, &n.stopped] {
+                        run_here.extend(argv.first().map(std::path::PathBuf::from));
+                    }
+                }
+                let allowed = run_here
+                    .iter()
+                    .try_for_each(|p| self.opts.allow.check_binary(p));
+                if let Err(reason) = allowed {
                     tracing::warn!(%job, %worker, %reason, "spawn refused");
                     let _ = out.send(AgentMsg::Refused {
                         job: Some(job.clone()),
@@ -1077,6 +1094,7 @@ impl AgentState {
                 state,
                 job: job.to_string(),
                 worker: worker.to_string(),
+                host: self.opts.name.clone(),
                 vips: service.map(|s| s.vips.clone()).unwrap_or_default(),
                 reason,
             },

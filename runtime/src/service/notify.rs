@@ -47,6 +47,8 @@ pub struct NotifyEvent {
     pub job: String,
     /// The worker.
     pub worker: String,
+    /// The agent (host) running the hook.
+    pub host: String,
     /// The operator's VIPs (`addr/prefix`, comma-separated in the hook's
     /// environment).
     pub vips: Vec<String>,
@@ -105,6 +107,7 @@ pub async fn run_hook(spec: &NotifySpec, event: &NotifyEvent) -> bool {
         .env("LAZARUS_NOTIFY_STATE", event.state.as_str())
         .env("LAZARUS_NOTIFY_JOB", &event.job)
         .env("LAZARUS_NOTIFY_WORKER", &event.worker)
+        .env("LAZARUS_NOTIFY_HOST", &event.host)
         .env("LAZARUS_NOTIFY_VIP", event.vips.join(","))
         .env("LAZARUS_NOTIFY_REASON", &event.reason)
         .stdin(std::process::Stdio::null())
@@ -153,6 +156,7 @@ mod tests {
             state,
             job: "lb".into(),
             worker: "lb-0".into(),
+            host: "lb1".into(),
             vips: vec!["198.18.0.100/24".into(), "2001:2::100/64".into()],
             reason: "promoted".into(),
         }
@@ -163,7 +167,7 @@ mod tests {
         let t = tempfile::tempdir().expect("tmp");
         let log = t.path().join("log");
         let script = format!(
-            "echo \"$LAZARUS_NOTIFY_STATE $LAZARUS_NOTIFY_JOB $LAZARUS_NOTIFY_WORKER $LAZARUS_NOTIFY_VIP $LAZARUS_NOTIFY_REASON\" >> {}",
+            "echo \"$LAZARUS_NOTIFY_HOST $LAZARUS_NOTIFY_STATE $LAZARUS_NOTIFY_JOB $LAZARUS_NOTIFY_WORKER $LAZARUS_NOTIFY_VIP $LAZARUS_NOTIFY_REASON\" >> {}",
             log.display()
         );
         let sh = |s: &str| vec!["/bin/sh".to_string(), "-c".to_string(), s.to_string()];
@@ -197,9 +201,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "standby lb lb-0 198.18.0.100/24,2001:2::100/64 promoted",
-                "primary lb lb-0 198.18.0.100/24,2001:2::100/64 promoted",
-                "stopped lb lb-0 198.18.0.100/24,2001:2::100/64 promoted",
+                "lb1 standby lb lb-0 198.18.0.100/24,2001:2::100/64 promoted",
+                "lb1 primary lb lb-0 198.18.0.100/24,2001:2::100/64 promoted",
+                "lb1 stopped lb lb-0 198.18.0.100/24,2001:2::100/64 promoted",
             ]
         );
         assert!(!run_hook(&spec, &event(NotifyState::Fault)).await);

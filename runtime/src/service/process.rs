@@ -103,8 +103,10 @@ impl ProcessOperator {
         cmd.args(&spec.args).stdin(Stdio::null());
         // Lazarus' own variables (the control address, this worker's
         // credential, its rejoin ticket) are not the program's business.
+        // (A test bed's tag stays: it finds every process it started.)
         for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("LAZARUS_") {
+            let k_text = k.to_string_lossy();
+            if k_text.starts_with("LAZARUS_") && k_text != "LAZARUS_TEST_TAG" {
                 cmd.env_remove(&k);
             }
         }
@@ -143,23 +145,27 @@ impl ProcessOperator {
                 });
             }
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            format!(
-                "process {}: cannot start {}: {e}",
-                self.worker,
-                spec.command.display()
-            )
-        })?;
-        let pid = child.id();
-        tracing::info!(worker = %self.worker, pid, command = %spec.command.display(), "program started");
+        // The program is started by, and waited for on, a thread of its
+        // own that lives as long as it does: PR_SET_PDEATHSIG fires when the
+        // *thread* that forked it ends, so no pool thread may be its parent.
         let stopping = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Mutex::new(None));
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<std::io::Result<u32>>();
         {
             let (stopping, status) = (stopping.clone(), status.clone());
             let (worker, command) = (self.worker.clone(), spec.command.display().to_string());
             std::thread::Builder::new()
                 .name("program".into())
                 .spawn(move || {
+                    let mut child = match cmd.spawn() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = started_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let pid = child.id();
+                    let _ = started_tx.send(Ok(pid));
                     let s = child.wait();
                     if let Ok(s) = &s {
                         *status.lock().unwrap_or_else(|p| p.into_inner()) = Some(*s);
@@ -176,6 +182,17 @@ impl ProcessOperator {
                     }
                 })?;
         }
+        let pid = started_rx
+            .recv()
+            .map_err(|_| "the program's thread ended before starting it".to_string())?
+            .map_err(|e| {
+                format!(
+                    "process {}: cannot start {}: {e}",
+                    self.worker,
+                    spec.command.display()
+                )
+            })?;
+        tracing::info!(worker = %self.worker, pid, command = %spec.command.display(), "program started");
         self.child = Some(Running {
             pid,
             stopping,

@@ -186,7 +186,7 @@ fn two() -> u32 {
 /// `notify_master`, `notify_backup`, `notify_fault` and `notify_stop`. Each
 /// is an argv run on the agent's host when a process of the job there
 /// changes role, with `LAZARUS_NOTIFY_STATE`, `LAZARUS_NOTIFY_JOB`,
-/// `LAZARUS_NOTIFY_WORKER`, `LAZARUS_NOTIFY_VIP` and
+/// `LAZARUS_NOTIFY_WORKER`, `LAZARUS_NOTIFY_HOST`, `LAZARUS_NOTIFY_VIP` and
 /// `LAZARUS_NOTIFY_REASON` in its environment. Hooks of one host run one
 /// at a time in the order of the events, each for at most `timeout`; a
 /// failure is logged and never holds up a failover.

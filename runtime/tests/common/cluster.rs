@@ -60,6 +60,10 @@ fn newest(dir: &Path) -> Option<std::time::SystemTime> {
 /// Ends inside `[garp]`, so a test can append `refresh = ...`.
 pub const FAST: &str = "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n[lease]\nlength = \"100ms\"\nrenew_every = \"25ms\"\ndrift_margin = \"50ms\"\n[garp]\ncount = 3\ndelay = \"5ms\"\n";
 
+/// Where every test supervisor and agent serves Prometheus metrics (on its
+/// host's address).
+pub const METRICS_PORT: u16 = 9464;
+
 pub struct LzCluster {
     // Fields drop in order: agents (they stop their workers), the
     // supervisors, etcd, then the test bed (sweep, namespaces deleted).
@@ -280,6 +284,8 @@ impl LzCluster {
                     tls.to_str().expect("utf-8"),
                     "--config",
                     agent_config_path.to_str().expect("utf-8"),
+                    "--metrics",
+                    &format!("{}:{METRICS_PORT}", cluster.bed.ip(a)),
                 ],
                 &[("LAZARUS_LOG", "info")],
                 &log,
@@ -324,6 +330,10 @@ impl LzCluster {
             state.to_str().expect("utf-8").into(),
             "--tls".into(),
             p(host),
+            // Every test supervisor serves metrics (METRICS_PORT in its
+            // namespace): the code path runs in every cluster test.
+            "--metrics".into(),
+            format!("{}:{METRICS_PORT}", self.bed.ip(host)),
         ];
         if let Some(urls) = &self.etcd_urls {
             args.extend(["--etcd".into(), urls.clone(), "--name".into(), host.into()]);
