@@ -101,7 +101,12 @@ command -v ip >/dev/null || apt_install iproute2
 # initdb and postgres as the package's postgres user, under runuser).
 [ -x /usr/sbin/haproxy ] || apt_install haproxy
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! id postgres >/dev/null 2>&1; then
+    # Only the binaries and the postgres user: no system cluster started
+    # by the package (policy-rc.d refuses service starts during install).
+    need_root_for postgresql
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     apt_install postgresql
+    rm -f /usr/sbin/policy-rc.d
 fi
 
 # etcd for the HA tests: the binary only; each test starts its own servers.

@@ -135,6 +135,8 @@ enum Fault {
     /// The primary host cut off with its carrier up (its bridge port
     /// leaves the bridge): a partition.
     Partition,
+    /// The service process hangs (SIGSTOP): alive, answering nothing.
+    Hang,
 }
 
 /// Samples which of hosts a and b hold the VIP for `span`; returns how long
@@ -259,6 +261,7 @@ fn lazarus_trials(
             }
             Fault::LinkDown => c.bed.link_down(&old),
             Fault::Partition => c.bed.partition(&old),
+            Fault::Hang => unreachable!("the kv rows do not hang"),
         }
         let both = if fault == Fault::Partition {
             both_holders(&c.bed, Duration::from_secs(2))
@@ -281,10 +284,118 @@ fn lazarus_trials(
         match fault {
             Fault::LinkDown => c.bed.link_up(&old),
             Fault::Partition => c.bed.heal(&old),
-            Fault::Kill => {}
+            Fault::Kill | Fault::Hang => {}
         }
     }
     (outages, two_holders)
+}
+
+/// An unmodified program on Lazarus (`kind = "process"`): this bench's
+/// own responder, with a hot standby (already running, as with keepalived)
+/// and an http health check every 100 ms (100 ms timeout, fall 2). A crash
+/// is seen as the program's exit; a hang (SIGSTOP) by the check.
+fn process_trials(tag: &str, fault: Fault, trials: usize) -> Vec<Duration> {
+    let exe = std::env::current_exe().expect("bench executable");
+    let agent_config = format!(
+        "allowed_binaries = [\"{}\", \"{}\"]\nallowed_vips = [\"198.18.0.0/15\"]\n",
+        cluster::bin_dir().display(),
+        exe.parent().expect("deps").display()
+    );
+    let config = "heartbeat_interval = \"100ms\"\nhost_timeout = \"500ms\"\n";
+    let c = LzCluster::start_with(tag, &["a", "b"], &["cl"], config, &agent_config);
+    let spec = format!(
+        r#"[job]
+name = "svc"
+heartbeat_interval = "100ms"
+heartbeat_timeout = "2s"
+[checkpoint]
+interval = "200ms"
+[restart]
+max_attempts = 1000
+backoff = "10ms"
+max_backoff = "500ms"
+[[operator]]
+name = "svc"
+kind = "process"
+standby = "hot"
+vip = "{VIP_KEY}"
+port = 8080
+[operator.process]
+command = "{exe}"
+args = ["--serve", "8080", "/dev/null"]
+[operator.health]
+kind = "http"
+path = "/kv/k0"
+interval = "100ms"
+timeout = "100ms"
+fall = 2
+rise = 2
+"#,
+        exe = exe.display()
+    );
+    let path = c.dir.path().join("svc.toml");
+    std::fs::write(&path, spec).expect("spec");
+    c.submit(&path, &[]);
+    let addr: SocketAddr = format!("{VIP}:8080").parse().expect("addr");
+    let ready = |what: &str| {
+        c.wait(what, Duration::from_secs(60), |s| {
+            cluster::serving(s, "svc", "svc-0", VIP_KEY)
+                .is_some_and(|(w, _)| !w["standby_checkpoint"].is_null())
+        })
+    };
+    ready("the responder on its VIP with a hot standby");
+    let prober = Prober::start(&c.bed, "cl", addr);
+    let mut outages = Vec::new();
+    for trial in 0..trials {
+        let st = ready("the responder ready for the next trial");
+        let old = cluster::worker(&st, "svc", "svc-0").expect("svc-0")["primary"]
+            .as_str()
+            .expect("host")
+            .to_string();
+        assert!(
+            prober.wait_good(Instant::now(), 50, Duration::from_secs(10)),
+            "no steady reads before trial {trial}"
+        );
+        // The program (not the worker around it) on the primary's host.
+        let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(&old));
+        let shims = pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=svc-0", &ip]);
+        let program = pids_with_env(&c.bed.tag, &["LAZARUS_JOB=svc"])
+            .into_iter()
+            .find(|p| shims.contains(&parent(*p)))
+            .expect("the responder's process on the primary host");
+        std::thread::sleep(phase(trial));
+        let fault_at = Instant::now();
+        let signal = if fault == Fault::Hang {
+            "-STOP"
+        } else {
+            "-KILL"
+        };
+        ok("kill", &[signal, &program.to_string()]);
+        assert!(
+            prober.wait_good(fault_at, 50, Duration::from_secs(30)),
+            "{tag}: the service did not come back in trial {trial}\n{}",
+            c.logs()
+        );
+        let outage = prober.outage(fault_at - Duration::from_millis(50));
+        outages.push(outage);
+        eprintln!("  {tag} trial {trial}: outage {}", ms(outage));
+        // A hung program was stopped by its agent; make sure it is gone.
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &program.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    outages
+}
+
+fn parent(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.to_string();
+            after.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Supervisor failover: per trial, SIGKILL the leader supervisor; returns
@@ -436,11 +547,29 @@ impl Keepalived {
     }
 }
 
-fn keepalived_trials(fault: Fault, trials: usize) -> (Vec<Duration>, Vec<Duration>) {
-    let tag = match fault {
-        Fault::Kill => "kak",
-        Fault::LinkDown => "kal",
-        Fault::Partition => "kap",
+/// keepalived's track_script: `kill -0` of the responder (a crash only),
+/// or an HTTP request through bash's /dev/tcp bounded by `timeout` (crash
+/// and hang), every `interval` seconds, `fall` failures.
+#[derive(Clone, Copy)]
+struct Track {
+    interval: &'static str,
+    fall: u32,
+    http: bool,
+}
+
+const TRACK_PID_1S: Track = Track {
+    interval: "1",
+    fall: 1,
+    http: false,
+};
+
+fn keepalived_trials(fault: Fault, trials: usize, track: Track) -> (Vec<Duration>, Vec<Duration>) {
+    let tag = match (fault, track.http) {
+        (Fault::Kill, false) => "kak",
+        (Fault::Kill, true) => "kck",
+        (Fault::Hang, _) => "khk",
+        (Fault::LinkDown, _) => "kal",
+        (Fault::Partition, _) => "kap",
     };
     let bed = Testbed::new(tag, &["a", "b", "cl"]);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -462,9 +591,10 @@ fn keepalived_trials(fault: Fault, trials: usize) -> (Vec<Duration>, Vec<Duratio
     vrrp_garp_master_repeat 3
 }}
 vrrp_script chk_service {{
-    script "/bin/sh -c 'kill -0 $(cat {pid})'"
-    interval 1
-    fall 1
+    script "{script}"
+    interval {interval}
+    timeout {interval}
+    fall {fall}
     rise 1
 }}
 vrrp_instance VI_1 {{
@@ -482,7 +612,22 @@ vrrp_instance VI_1 {{
     }}
 }}
 "#,
-            pid = pidfile.display(),
+            script = if track.http {
+                // The same probe a client makes, killed by keepalived at
+                // its `timeout` (a hang).
+                let check = k.dir.path().join("check.sh");
+                std::fs::write(
+                    &check,
+                    "#!/bin/bash\nexec 3<>/dev/tcp/127.0.0.1/8080 || exit 1\nprintf 'GET /kv/k0 HTTP/1.0\\r\\n\\r\\n' >&3\nhead -c 12 <&3 | grep -q 200\n",
+                )
+                .expect("check script");
+                ok("chmod", &["755", check.to_str().expect("utf-8")]);
+                check.display().to_string()
+            } else {
+                format!("/bin/sh -c 'kill -0 $(cat {})'", pidfile.display())
+            },
+            interval = track.interval,
+            fall = track.fall,
             prio = if i == 0 { 150 } else { 100 },
         );
         let path = k.dir.path().join(format!("keepalived-{host}.conf"));
@@ -547,6 +692,11 @@ vrrp_instance VI_1 {{
                     let _ = r.child.wait();
                 }
             }
+            Fault::Hang => {
+                if let Some(r) = &k.responders[idx] {
+                    ok("kill", &["-STOP", &r.pid().to_string()]);
+                }
+            }
             Fault::LinkDown => k.bed.link_down(&master),
             Fault::Partition => k.bed.partition(&master),
         }
@@ -575,7 +725,11 @@ vrrp_instance VI_1 {{
                     ok("ip", &["-n", k.bed.ns("cl"), "neigh", "flush", "all"]);
                 }
             }
-            Fault::Kill => {
+            Fault::Kill | Fault::Hang => {
+                if let Some(mut r) = k.responders[idx].take() {
+                    let _ = r.child.kill();
+                    let _ = r.child.wait();
+                }
                 k.responders[idx] = Some(k.responder(&master));
                 // Let its track script see the service again.
                 std::thread::sleep(Duration::from_millis(1500));
@@ -592,6 +746,50 @@ vrrp_instance VI_1 {{
         println!("keepalived {tag}: after {stale_after_heal} of {trials} healed partitions the client still reached the losing host 5 s later (its neighbour entry was flushed)");
     }
     (outages, two_holders)
+}
+
+/// An unmodified program behind a VIP, crash and hang: Lazarus (process
+/// operator, hot standby, http check 100 ms / fall 2) against keepalived
+/// with track_script (the same HTTP probe, every 1 s: its default and its
+/// minimum).
+fn process_rows(rows: &mut Vec<Row>, trials: usize) {
+    rows.push((
+        "lazarus process crash (process operator, hot standby)".into(),
+        process_trials("fpk", Fault::Kill, trials),
+        Vec::new(),
+        "exit seen at once by the worker around it; no check needed".into(),
+    ));
+    rows.push((
+        "lazarus process hang (SIGSTOP), http check 100 ms, fall 2".into(),
+        process_trials("fph", Fault::Hang, trials),
+        Vec::new(),
+        "2 failed checks of 100 ms, then failover".into(),
+    ));
+    // keepalived 2.2 refuses a vrrp_script interval or timeout under 1 s
+    // ("must be between 1 and 4294"): 1 s is both its default and the
+    // fastest it can be tuned to; fall 1 is the fastest reaction.
+    let http_1s = Track {
+        interval: "1",
+        fall: 1,
+        http: true,
+    };
+    for (name, fault, track, bound) in [
+        (
+            "keepalived process crash, track_script http",
+            Fault::Kill,
+            http_1s,
+            "interval 1 s (default and minimum), timeout 1 s, fall 1",
+        ),
+        (
+            "keepalived process hang, track_script http",
+            Fault::Hang,
+            http_1s,
+            "interval 1 s (default and minimum), timeout 1 s, fall 1",
+        ),
+    ] {
+        let (v, both) = keepalived_trials(fault, trials, track);
+        rows.push((name.to_string(), v, both, bound.to_string()));
+    }
 }
 
 fn build_binaries() {
@@ -708,8 +906,17 @@ fn main() {
         ),
     ];
     let mut rows = Vec::new();
-    // LAZARUS_BENCH_ONLY=supervisor: just the supervisor failover rows.
-    let only_supervisor = std::env::var("LAZARUS_BENCH_ONLY").is_ok_and(|v| v == "supervisor");
+    // LAZARUS_BENCH_ONLY=supervisor: just the supervisor failover rows;
+    // LAZARUS_BENCH_ONLY=process: just the unmodified-program rows.
+    let only = std::env::var("LAZARUS_BENCH_ONLY").unwrap_or_default();
+    let only_supervisor = only == "supervisor";
+    if only.is_empty() || only == "process" {
+        process_rows(&mut rows, trials);
+        if only == "process" {
+            print_rows(&rows);
+            return;
+        }
+    }
     let (resumed, gaps) = supervisor_trials(trials);
     rows.push((
         "lazarus supervisor failover: leader SIGKILL -> checkpoint by the new leader".to_string(),
@@ -749,7 +956,7 @@ fn main() {
             "advert 0.01 s; carrier stays up",
         ),
     ] {
-        let (v, both) = keepalived_trials(fault, trials);
+        let (v, both) = keepalived_trials(fault, trials, TRACK_PID_1S);
         rows.push((name.to_string(), v, both, bound.to_string()));
     }
     print_rows(&rows);
