@@ -819,3 +819,77 @@ fn test_supervisor_refuses_bad_etcd_settings_clearly() {
         assert!(!t.contains("panicked"), "{t}");
     }
 }
+
+/// The sample configs under deploy/ parse as the daemons read them.
+#[test]
+fn test_deploy_samples_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let agent = lazarus::cluster::agent::AgentConfig::from_file(&root.join("agent.toml"))
+        .expect("deploy/agent.toml");
+    agent.allow_list().expect("allow-lists");
+    let notify = agent.notify.expect("[notify]");
+    notify.validate().expect("hooks");
+    assert!(agent.metrics.is_some());
+    lazarus::cluster::config::ClusterConfig::from_file(&root.join("supervisor.toml"))
+        .expect("deploy/supervisor.toml");
+    for unit in ["lazarus-agent.service", "lazarus-supervisor.service"] {
+        let text = std::fs::read_to_string(root.join("systemd").join(unit)).expect("unit");
+        assert!(text.contains("ExecStart=/usr/local/bin/lazarus "), "{unit}");
+    }
+    let agent_unit =
+        std::fs::read_to_string(root.join("systemd/lazarus-agent.service")).expect("unit");
+    assert!(agent_unit.contains("AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW\n"));
+    assert!(agent_unit.contains("User=lazarus"));
+}
+
+/// A process-only job runs its program, and a bad `[operator.process]`
+/// is refused before anything starts, naming the field.
+#[test]
+fn test_process_operator_runs_a_program_and_refuses_bad_specs() {
+    let t = tempfile::tempdir().expect("tmp");
+    let spec = t.path().join("p.toml");
+    let marker = t.path().join("ran");
+    std::fs::write(
+        &spec,
+        format!(
+            "[job]\nname = \"p\"\n[checkpoint]\ninterval = \"50ms\"\n[[operator]]\nname = \"p\"\nkind = \"process\"\n[operator.process]\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"echo $LAZARUS_WORKER > {} && sleep 30\"]\n",
+            marker.display()
+        ),
+    )
+    .expect("spec");
+    let state = t.path().join("state");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .args(["run", spec.to_str().expect("utf-8"), "--state-dir"])
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("lazarus run");
+    let start = std::time::Instant::now();
+    while !marker.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signals the child started above.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().expect("wait");
+    assert!(marker.exists(), "the program ran");
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("marker").trim(),
+        "p-0",
+        "the program sees its worker's name"
+    );
+    assert!(status.success(), "stopped cleanly: {status:?}");
+
+    std::fs::write(
+        &spec,
+        "[job]\nname = \"p\"\n[[operator]]\nname = \"p\"\nkind = \"process\"\n[operator.process]\ncommand = \"sh\"\n",
+    )
+    .expect("spec");
+    let out = lazarus(&["run", spec.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("operator[0].process.command: sh must be an absolute path"),
+        "{}",
+        text(&out)
+    );
+}
