@@ -171,6 +171,9 @@ struct AgentState {
     /// Why a process is being stopped (by request, or its failed check):
     /// its exit is reported with this.
     stopping: BTreeMap<(JobId, WorkerId, Slot), Stopping>,
+    /// Hot standbys here that their health check says are down (told again
+    /// to every new supervisor session: a new leader starts knowing none).
+    standbys_down: BTreeMap<(JobId, WorkerId), String>,
     notifier: Notifier,
 }
 
@@ -212,6 +215,7 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
         health_tx,
         health_rx,
         stopping: BTreeMap::new(),
+        standbys_down: BTreeMap::new(),
         notifier,
     };
     anyhow::ensure!(
@@ -552,6 +556,14 @@ impl AgentState {
             other => anyhow::bail!("expected a welcome, got {other:?}"),
         };
         tracing::info!(name = %self.opts.name, supervisor = %self.supervisor, %local_ip, ?lease, "registered");
+        for ((job, worker), detail) in &self.standbys_down {
+            out.send(AgentMsg::Health {
+                job: job.clone(),
+                worker: worker.clone(),
+                up: false,
+                detail: detail.clone(),
+            })?;
+        }
         let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Result<SupervisorMsg, String>>();
         let reader = tokio::spawn(async move {
             loop {
@@ -778,6 +790,7 @@ impl AgentState {
                     .get_mut(&job)
                     .is_some_and(|agent| agent.promote(&worker, attempt));
                 if promoted {
+                    self.standbys_down.remove(&(job.clone(), worker.clone()));
                     let key = (job.clone(), worker.clone(), Slot::Standby);
                     if let Some(check) = self.checks.remove(&key) {
                         self.checks
@@ -964,6 +977,9 @@ impl AgentState {
         };
         let key = (job.clone(), e.worker.clone(), slot);
         self.checks.remove(&key);
+        if slot == Slot::Standby {
+            self.standbys_down.remove(&(job.clone(), e.worker.clone()));
+        }
         let (state, reason) = match self.stopping.remove(&key) {
             Some(Stopping::Requested(why)) => (NotifyState::Stopped, why),
             Some(Stopping::Unhealthy(why)) => {
@@ -1049,6 +1065,12 @@ impl AgentState {
             }
             (Slot::Primary, true) => {}
             (Slot::Standby, up) => {
+                if up {
+                    self.standbys_down.remove(&(job.clone(), worker.clone()));
+                } else {
+                    self.standbys_down
+                        .insert((job.clone(), worker.clone()), change.detail.clone());
+                }
                 if !up {
                     self.notify(
                         &job,

@@ -167,6 +167,10 @@ struct SimProc {
     exhausted: bool,
     /// When it died with its exit reported (on its way for up to 3 ms).
     died_at: Option<Duration>,
+    /// A standby whose health check says down (its agent's view).
+    down: bool,
+    /// What the current controller was told of it.
+    down_told: bool,
 }
 
 #[derive(Debug)]
@@ -234,6 +238,8 @@ struct World {
     cfg: ControllerConfig,
     /// Leader changes so far.
     leader_changes: u32,
+    /// Standbys the controller was told are down by their health check.
+    standby_downs: u32,
 }
 
 impl World {
@@ -299,6 +305,7 @@ impl World {
             slow_commits: None,
             cfg,
             leader_changes: 0,
+            standby_downs: 0,
         }
     }
 
@@ -355,6 +362,14 @@ impl World {
         }
         if let Fact::HostJoined(h) = &fact {
             self.known_lost.remove(h);
+        }
+        if let Fact::StandbyHealth { worker, host, up } = &fact {
+            for p in self.procs.values_mut().filter(|p| {
+                p.alive && p.slot == Slot::Standby && p.worker == *worker && p.host == *host
+            }) {
+                p.down_told = !up;
+                self.standby_downs += u32::from(!up);
+            }
         }
         let actions = self.ctl.handle(self.now, fact);
         self.apply(actions);
@@ -540,6 +555,22 @@ impl World {
             }
             // The supervisor dies; another adopts the job.
             86..=91 => self.at(ms(0), Event::LeaderChange),
+            // A standby's health check goes down (or up again): its agent
+            // tells the supervisor a moment later.
+            92..=96 => {
+                let pids = self.live_pids(|p| p.slot == Slot::Standby);
+                if let Some(&pid) = pids.get(self.rng.below(pids.len() as u64) as usize) {
+                    let p = self.procs.get_mut(&pid).expect("listed");
+                    p.down = !p.down;
+                    let fact = Fact::StandbyHealth {
+                        worker: p.worker.clone(),
+                        host: p.host.clone(),
+                        up: !p.down,
+                    };
+                    let d = self.rng.between(0, 3);
+                    self.at(d, Event::Deliver(fact));
+                }
+            }
             // Another writer claims a newer epoch (a second supervisor).
             77 if self.rng.chance(100) => {
                 self.store.epoch = Epoch(self.store.epoch.0 + 50);
@@ -603,9 +634,27 @@ impl World {
             .filter(|(_, a)| **a)
             .map(|(h, _)| h.clone())
             .collect();
+        // The new controller knows nothing of health checks until each
+        // agent registers and reports its standbys that are down.
+        for p in self.procs.values_mut() {
+            p.down_told = false;
+        }
         for h in up {
             let d = self.rng.between(5, 80);
-            self.at(d, Event::Deliver(Fact::HostJoined(h)));
+            self.at(d, Event::Deliver(Fact::HostJoined(h.clone())));
+            let down: Vec<Fact> = self
+                .procs
+                .values()
+                .filter(|p| p.alive && p.down && p.slot == Slot::Standby && p.host == h)
+                .map(|p| Fact::StandbyHealth {
+                    worker: p.worker.clone(),
+                    host: h.clone(),
+                    up: false,
+                })
+                .collect();
+            for f in down {
+                self.at(d + ms(1), Event::Deliver(f));
+            }
         }
     }
 
@@ -661,6 +710,8 @@ impl World {
                             snap: None,
                             exhausted: false,
                             died_at: None,
+                            down: false,
+                            down_told: false,
                         },
                     );
                     if alive {
@@ -692,6 +743,11 @@ impl World {
                     });
                     match pid.first() {
                         Some(pid) => {
+                            if self.procs[pid].down_told {
+                                self.fail(&format!(
+                                    "promoted {worker}'s standby on {host}, which its health check says is down"
+                                ));
+                            }
                             let p = self.procs.get_mut(pid).expect("listed");
                             p.slot = Slot::Primary;
                             p.attempt = attempt;
@@ -907,11 +963,12 @@ impl World {
         }
         // Rule 4: a VIP goes to the host of the worker's live primary.
         for (vip, host) in vip_checks {
-            // A standby promoted just as it died: its exit is on its way
-            // (the controller cannot know yet; the exit moves the VIP on).
+            // A standby promoted just as it died, or a primary that died
+            // just after its (re)joining hello was sent: its exit is on its
+            // way (the controller cannot know yet; the exit moves the VIP on).
             let exit_in_flight = |p: &SimProc| {
-                p.slot == Slot::Standby
-                    && p.host == host
+                p.host == host
+                    && (p.slot == Slot::Standby || p.attempt == self.ctl.attempt())
                     && p.died_at.is_some_and(|t| self.now <= t + ms(5))
             };
             let ok = self.procs.values().any(|p| {
@@ -1122,7 +1179,7 @@ impl World {
     }
 }
 
-fn schedule(seed: u64, trace: bool) -> (JobState, u32) {
+fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32) {
     let mut w = World::new(seed, true, seed as usize);
     w.trace = trace;
     w.start();
@@ -1133,14 +1190,14 @@ fn schedule(seed: u64, trace: bool) -> (JobState, u32) {
     } else {
         w.check();
     }
-    (w.ctl.summary().state, w.leader_changes)
+    (w.ctl.summary().state, w.leader_changes, w.standby_downs)
 }
 
 #[test]
 fn test_random_fault_schedules_keep_the_invariants() {
     if let Ok(seed) = std::env::var("LAZARUS_SIM_SEED") {
         let seed: u64 = seed.parse().expect("LAZARUS_SIM_SEED is a number");
-        let (end, changes) = schedule(seed, true);
+        let (end, changes, _) = schedule(seed, true);
         eprintln!("seed {seed}: {end:?} after {changes} leader changes");
         return;
     }
@@ -1150,9 +1207,11 @@ fn test_random_fault_schedules_keep_the_invariants() {
         .unwrap_or(10_000);
     let mut ends: BTreeMap<String, u64> = BTreeMap::new();
     let mut with_leader_change = 0u64;
+    let mut with_standby_down = 0u64;
     for seed in 1..=n {
-        let (end, changes) = schedule(seed, false);
+        let (end, changes, downs) = schedule(seed, false);
         with_leader_change += u64::from(changes > 0);
+        with_standby_down += u64::from(downs > 0);
         let key = match end {
             JobState::Failed(why) if why.contains("fatal") => "failed (fatal)".to_string(),
             JobState::Failed(why) if why.starts_with("fenced") => "failed (fenced)".to_string(),
@@ -1161,10 +1220,14 @@ fn test_random_fault_schedules_keep_the_invariants() {
         };
         *ends.entry(key).or_default() += 1;
     }
-    eprintln!("{n} schedules ({with_leader_change} with a supervisor failover): {ends:?}");
+    eprintln!("{n} schedules ({with_leader_change} with a supervisor failover, {with_standby_down} with a standby down by its health check): {ends:?}");
     assert!(
         with_leader_change * 5 > n,
         "too few schedules lose their supervisor: {with_leader_change} of {n}"
+    );
+    assert!(
+        with_standby_down * 10 > n,
+        "too few schedules have a standby fail its health check: {with_standby_down} of {n}"
     );
     // The schedules must exercise every way of ending, or they test little.
     for k in ["stopped", "finished", "failed (fatal)", "failed (gave up)"] {
@@ -1242,6 +1305,41 @@ mod scenarios {
         assert_eq!(w.ctl.summary().restarts, 1);
         let (_, new_standby) = w.proc_of("kv-0", Slot::Standby);
         assert_ne!(new_standby, host, "a new standby on another host");
+    }
+
+    #[test]
+    fn test_a_standby_down_by_its_health_check_is_never_promoted() {
+        let mut w = running(0, 3);
+        let (old, old_host) = w.proc_of("kv-0", Slot::Primary);
+        let (standby, standby_host) = w.proc_of("kv-0", Slot::Standby);
+        w.deliver(Fact::StandbyHealth {
+            worker: WorkerId::new("kv-0").expect("valid"),
+            host: standby_host.clone(),
+            up: false,
+        });
+        w.die(old, ExitKind::Signal(9));
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        let (now, host) = w.proc_of("kv-0", Slot::Primary);
+        assert_ne!(now, standby, "the down standby was not promoted");
+        assert!(!w.procs[&standby].alive, "it was stopped");
+        assert_ne!(host, old_host, "the primary moved off the failed host");
+        assert_eq!(w.vips.get("198.18.0.100/24"), Some(&host), "with its VIP");
+        // Up again: the next standby is promoted as usual.
+        let (next, next_host) = w.proc_of("kv-0", Slot::Standby);
+        w.deliver(Fact::StandbyHealth {
+            worker: WorkerId::new("kv-0").expect("valid"),
+            host: next_host.clone(),
+            up: false,
+        });
+        w.deliver(Fact::StandbyHealth {
+            worker: WorkerId::new("kv-0").expect("valid"),
+            host: next_host.clone(),
+            up: true,
+        });
+        w.die(now, ExitKind::Signal(9));
+        w.run_for(ms(300));
+        assert_eq!(w.proc_of("kv-0", Slot::Primary), (next, next_host));
     }
 
     #[test]
