@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{self, Ha, LzCluster};
-use common::netns::{http, ok, pids_with_env, Proc, Testbed};
+use common::netns::{http, ok, parent, pids_with_env, Proc, Testbed};
 use lazarus_benches::percentile;
 
 const VIP: &str = "198.18.0.100";
@@ -386,16 +386,6 @@ rise = 2
             .status();
     }
     outages
-}
-
-fn parent(pid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1.to_string();
-            after.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
 }
 
 /// Supervisor failover: per trial, SIGKILL the leader supervisor; returns

@@ -20,30 +20,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cluster::{self, bin_dir, LzCluster, FAST};
-use common::netns::{ok, pids_with_env};
-
-fn cap_eff(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("CapEff:"))
-        .expect("CapEff");
-    u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).expect("hex")
-}
-
-fn parent(pid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
+use common::netns::{cap_eff, ok, parent, pids_with_env};
 
 #[test]
 fn test_process_state_dir_is_restored_on_the_cold_standby() {

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{self, bin_dir, LzCluster, FAST, METRICS_PORT};
-use common::netns::{http, pids_with_env, Proc};
+use common::netns::{http, parent as ppid, pids_with_env, Proc};
 
 const VIP: &str = "198.18.0.100";
 const VIP_KEY: &str = "198.18.0.100/24";
@@ -246,16 +246,6 @@ impl Pair {
 fn chmod(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-fn ppid(pid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1.to_string();
-            after.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
 }
 
 fn vip_addr() -> SocketAddr {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{self, LzCluster, FAST};
-use common::netns::{http, pids_with_env};
+use common::netns::{cap_eff, http, pids_with_env};
 
 const VIP4: &str = "198.18.0.100";
 const VIP6: &str = "2001:2::100";
@@ -104,15 +104,6 @@ fn effective_lease(configured: Duration) -> Duration {
     } else {
         configured
     }
-}
-
-fn cap_eff(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("CapEff:"))
-        .expect("CapEff");
-    u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).expect("hex")
 }
 
 fn run(s: Scenario) {

@@ -346,6 +346,27 @@ impl Drop for Testbed {
     }
 }
 
+/// The effective capabilities of process `pid` (`CapEff`).
+pub fn cap_eff(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .expect("CapEff");
+    u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).expect("hex")
+}
+
+/// The parent of process `pid` (0 if it is gone).
+pub fn parent(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.to_string();
+            after.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Processes whose environment has all of `pairs` (for example a worker's
 /// `LAZARUS_WORKER=kv-0` and `LAZARUS_STANDBY=0`) and this test bed's tag.
 pub fn pids_with_env(tag: &str, pairs: &[&str]) -> Vec<u32> {
