@@ -463,17 +463,70 @@ impl ProcessTable {
     }
 }
 
-/// Removes CAP_NET_ADMIN and CAP_NET_RAW from the bounding set, so that the
-/// exec'd worker cannot hold them even when the agent runs as root.
+/// Keeps CAP_NET_ADMIN and CAP_NET_RAW from what the agent execs next
+/// (workers, exec health checks, notify hooks): clears the ambient set (an
+/// agent running as a dedicated user holds the two as ambient
+/// capabilities, which an exec would pass on) and drops them from the
+/// bounding set (an agent running as root). Call between fork and exec.
 #[cfg(target_os = "linux")]
-fn drop_network_capabilities() -> std::io::Result<()> {
+pub(crate) fn drop_network_capabilities() -> std::io::Result<()> {
     const CAP_NET_ADMIN: libc::c_ulong = 12;
     const CAP_NET_RAW: libc::c_ulong = 13;
+    // SAFETY: prctl with PR_CAP_AMBIENT takes plain integers; clearing
+    // needs no privilege. EINVAL: a kernel without ambient capabilities.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+        return Err(std::io::Error::last_os_error());
+    }
+    // And the inheritable set, so that not even a program with file
+    // capabilities gets them back (lowering it needs no privilege).
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget/capset with a version-3 header and two data words,
+    // as the kernel expects; no allocation.
+    unsafe {
+        if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for d in &mut data {
+            d.inheritable = 0;
+        }
+        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     for cap in [CAP_NET_ADMIN, CAP_NET_RAW] {
         // SAFETY: prctl with PR_CAPBSET_DROP takes plain integers.
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-        // EPERM: the agent itself lacks CAP_SETPCAP, so it has no network
-        // capabilities to pass on either.
+        // EPERM: the agent lacks CAP_SETPCAP (it is not root): with the
+        // ambient set cleared, an exec gives the worker no capability.
         if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
             return Err(std::io::Error::last_os_error());
         }

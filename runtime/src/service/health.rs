@@ -148,6 +148,11 @@ async fn probe_once(spec: &HealthSpec) -> Result<(), String> {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .kill_on_drop(true);
+            #[cfg(target_os = "linux")]
+            // SAFETY: runs between fork and exec; only prctl calls.
+            unsafe {
+                c.pre_exec(crate::procs::drop_network_capabilities);
+            }
             let status = c.status().await.map_err(|e| format!("{cmd}: {e}"))?;
             if status.success() {
                 Ok(())

@@ -113,6 +113,11 @@ pub async fn run_hook(spec: &NotifySpec, event: &NotifyEvent) -> bool {
         .stdin(std::process::Stdio::null())
         .process_group(0)
         .kill_on_drop(true);
+    #[cfg(target_os = "linux")]
+    // SAFETY: runs between fork and exec; only prctl calls.
+    unsafe {
+        c.pre_exec(crate::procs::drop_network_capabilities);
+    }
     let started = crate::clock::Stopwatch::start();
     let result = match c.spawn() {
         Ok(mut child) => match tokio::time::timeout(spec.timeout, child.wait()).await {

@@ -81,6 +81,34 @@ pub struct LzCluster {
     pub agent_names: Vec<String>,
     /// HA: the etcd client URLs, comma-separated.
     pub etcd_urls: Option<String>,
+    /// Supervisor and agents run as user `nobody` (65534), the agents with
+    /// only CAP_NET_ADMIN and CAP_NET_RAW, ambient (deploy/systemd).
+    pub unprivileged: bool,
+}
+
+/// The user unprivileged daemons run as.
+pub const NOBODY: &str = "65534";
+
+/// `setpriv` arguments that run the rest of the command line as `nobody`
+/// with exactly `caps` (e.g. `+net_admin,+net_raw`), ambient; none if
+/// empty.
+fn as_nobody(caps: &str) -> Vec<String> {
+    let mut args = vec![
+        format!("--reuid={NOBODY}"),
+        format!("--regid={NOBODY}"),
+        "--clear-groups".to_string(),
+    ];
+    if caps.is_empty() {
+        args.extend(["--inh-caps=-all".into(), "--bounding-set=-all".into()]);
+    } else {
+        args.extend([
+            format!("--inh-caps=-all,{caps}"),
+            format!("--ambient-caps={caps}"),
+            format!("--bounding-set=-all,{caps}"),
+        ]);
+    }
+    args.push("--".into());
+    args
 }
 
 /// Supervisors under etcd: `supervisors` supervisor hosts (`sup`, `sup2`,
@@ -141,7 +169,24 @@ impl LzCluster {
                 etcd_members: 1,
                 lease: "2s",
             });
-        Self::start_full(tag, agents, others, config, agent_config, ha)
+        Self::start_full(tag, agents, others, config, agent_config, ha, false)
+    }
+
+    /// As [`LzCluster::start`], with the supervisor and the agents as user
+    /// `nobody`: the supervisor without any capability, the agents with only
+    /// CAP_NET_ADMIN and CAP_NET_RAW as ambient capabilities, as the units
+    /// under `deploy/systemd` run them.
+    pub fn start_unprivileged(
+        tag: &str,
+        agents: &[&str],
+        others: &[&str],
+        config: &str,
+    ) -> LzCluster {
+        let agent_config = format!(
+            "allowed_binaries = [\"{}\"]\nallowed_vips = [\"198.18.0.0/15\", \"2001:2::/48\"]\n",
+            bin_dir().display()
+        );
+        Self::start_full(tag, agents, others, config, &agent_config, None, true)
     }
 
     /// As [`LzCluster::start`], with supervisors under etcd.
@@ -156,7 +201,7 @@ impl LzCluster {
             "allowed_binaries = [\"{}\"]\nallowed_vips = [\"198.18.0.0/15\", \"2001:2::/48\"]\n",
             bin_dir().display()
         );
-        Self::start_full(tag, agents, others, config, &agent_config, Some(ha))
+        Self::start_full(tag, agents, others, config, &agent_config, Some(ha), false)
     }
 
     fn start_full(
@@ -166,6 +211,7 @@ impl LzCluster {
         config: &str,
         agent_config: &str,
         ha: Option<Ha>,
+        unprivileged: bool,
     ) -> LzCluster {
         let sup_hosts: Vec<String> = match ha {
             None => vec!["sup".into()],
@@ -248,7 +294,20 @@ impl LzCluster {
             addr,
             agent_names: agents.iter().map(|s| s.to_string()).collect(),
             etcd_urls,
+            unprivileged,
         };
+        if unprivileged {
+            // Everything the daemons read or write belongs to `nobody`.
+            let d = cluster.dir.path().to_str().expect("utf-8").to_string();
+            std::fs::create_dir_all(cluster.dir.path().join("store")).expect("store");
+            for a in agents {
+                std::fs::create_dir_all(cluster.dir.path().join(format!("agent-{a}")))
+                    .expect("agent dir");
+            }
+            let owner = format!("{NOBODY}:{NOBODY}");
+            super::netns::ok("chown", &["-R", &owner, &d]);
+            super::netns::ok("chmod", &["755", &d]);
+        }
         for h in &etcd_hosts {
             let p = cluster.spawn_etcd(h, &etcd_hosts, "new");
             cluster.etcd.push((h.clone(), Some(p)));
@@ -267,29 +326,36 @@ impl LzCluster {
             let tls = cluster.dir.path().join("pki").join(a);
             let state = cluster.dir.path().join(format!("agent-{a}"));
             let log = cluster.dir.path().join(format!("agent-{a}.log"));
-            let p = cluster.bed.spawn(
+            let mut wrapped: Vec<String> = Vec::new();
+            let program = if cluster.unprivileged {
+                wrapped = as_nobody("+net_admin,+net_raw");
+                wrapped.push(bins.join("lazarus").to_str().expect("utf-8").to_string());
+                PathBuf::from("/usr/bin/setpriv")
+            } else {
+                bins.join("lazarus")
+            };
+            let mut args: Vec<&str> = wrapped.iter().map(String::as_str).collect();
+            let metrics = format!("{}:{METRICS_PORT}", cluster.bed.ip(a));
+            args.extend([
+                "agent",
+                "--name",
                 a,
-                &bins.join("lazarus"),
-                &[
-                    "agent",
-                    "--name",
-                    a,
-                    "--supervisor",
-                    &cluster.addr,
-                    "--iface",
-                    "eth0",
-                    "--state-dir",
-                    state.to_str().expect("utf-8"),
-                    "--tls",
-                    tls.to_str().expect("utf-8"),
-                    "--config",
-                    agent_config_path.to_str().expect("utf-8"),
-                    "--metrics",
-                    &format!("{}:{METRICS_PORT}", cluster.bed.ip(a)),
-                ],
-                &[("LAZARUS_LOG", "info")],
-                &log,
-            );
+                "--supervisor",
+                &cluster.addr,
+                "--iface",
+                "eth0",
+                "--state-dir",
+                state.to_str().expect("utf-8"),
+                "--tls",
+                tls.to_str().expect("utf-8"),
+                "--config",
+                agent_config_path.to_str().expect("utf-8"),
+                "--metrics",
+                &metrics,
+            ]);
+            let p = cluster
+                .bed
+                .spawn(a, &program, &args, &[("LAZARUS_LOG", "info")], &log);
             cluster.agents.push(p);
         }
         let n = agents.len();
@@ -338,6 +404,14 @@ impl LzCluster {
         if let Some(urls) = &self.etcd_urls {
             args.extend(["--etcd".into(), urls.clone(), "--name".into(), host.into()]);
         }
+        let (program, args) = if self.unprivileged {
+            let mut wrapped = as_nobody("");
+            wrapped.push(bins.join("lazarus").to_str().expect("utf-8").to_string());
+            wrapped.extend(args);
+            (PathBuf::from("/usr/bin/setpriv"), wrapped)
+        } else {
+            (bins.join("lazarus"), args)
+        };
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = if host == "sup" {
             "supervisor.log".to_string()
@@ -346,7 +420,7 @@ impl LzCluster {
         };
         self.bed.spawn(
             host,
-            &bins.join("lazarus"),
+            &program,
             &args,
             &[("LAZARUS_LOG", "info")],
             &self.dir.path().join(log),
