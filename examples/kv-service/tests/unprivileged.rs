@@ -69,11 +69,12 @@ fn test_unprivileged_daemons_hold_and_move_the_vip_and_workers_get_no_capability
         "the supervisor holds nothing"
     );
 
+    let worker = c.install_binary(std::path::Path::new(env!("CARGO_BIN_EXE_kv-service")));
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/job.toml"))
         .expect("job.toml")
         .replace(
             "worker = \"kv-service\"",
-            &format!("worker = \"{}\"", env!("CARGO_BIN_EXE_kv-service")),
+            &format!("worker = \"{}\"", worker.display()),
         );
     let spec = c.dir.path().join("kv.toml");
     std::fs::write(&spec, text).expect("spec");

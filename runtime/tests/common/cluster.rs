@@ -175,18 +175,42 @@ impl LzCluster {
     /// As [`LzCluster::start`], with the supervisor and the agents as user
     /// `nobody`: the supervisor without any capability, the agents with only
     /// CAP_NET_ADMIN and CAP_NET_RAW as ambient capabilities, as the units
-    /// under `deploy/systemd` run them.
+    /// under `deploy/systemd` run them. The binaries they run are copies in
+    /// [`LzCluster::unprivileged_bin`] (the checkout may be where `nobody`
+    /// cannot read); put worker binaries there with
+    /// [`LzCluster::install_binary`]. Agents allow binaries from there only.
     pub fn start_unprivileged(
         tag: &str,
         agents: &[&str],
         others: &[&str],
         config: &str,
     ) -> LzCluster {
-        let agent_config = format!(
-            "allowed_binaries = [\"{}\"]\nallowed_vips = [\"198.18.0.0/15\", \"2001:2::/48\"]\n",
-            bin_dir().display()
-        );
-        Self::start_full(tag, agents, others, config, &agent_config, None, true)
+        // The allow-list is written once the cluster's directory exists.
+        Self::start_full(tag, agents, others, config, "", None, true)
+    }
+
+    /// Where an unprivileged cluster's binaries are.
+    pub fn unprivileged_bin(&self) -> PathBuf {
+        self.dir.path().join("bin")
+    }
+
+    /// Copies `binary` to [`LzCluster::unprivileged_bin`]; returns the copy.
+    pub fn install_binary(&self, binary: &Path) -> PathBuf {
+        let to = self
+            .unprivileged_bin()
+            .join(binary.file_name().expect("a file name"));
+        std::fs::copy(binary, &to).unwrap_or_else(|e| panic!("copying {}: {e}", binary.display()));
+        super::netns::ok("chmod", &["755", to.to_str().expect("utf-8")]);
+        to
+    }
+
+    /// The `lazarus` binary the daemons run.
+    fn daemon_binary(&self) -> PathBuf {
+        if self.unprivileged {
+            self.unprivileged_bin().join("lazarus")
+        } else {
+            bin_dir().join("lazarus")
+        }
     }
 
     /// As [`LzCluster::start`], with supervisors under etcd.
@@ -297,7 +321,10 @@ impl LzCluster {
             unprivileged,
         };
         if unprivileged {
-            // Everything the daemons read or write belongs to `nobody`.
+            // Everything the daemons read or write belongs to `nobody`,
+            // binaries included (copied out of the checkout).
+            std::fs::create_dir_all(cluster.unprivileged_bin()).expect("bin dir");
+            cluster.install_binary(&bin_dir().join("lazarus"));
             let d = cluster.dir.path().to_str().expect("utf-8").to_string();
             std::fs::create_dir_all(cluster.dir.path().join("store")).expect("store");
             for a in agents {
@@ -321,6 +348,14 @@ impl LzCluster {
             }
         }
         let agent_config_path = cluster.dir.path().join("agent.toml");
+        let agent_config = if unprivileged {
+            format!(
+                "allowed_binaries = [\"{}\"]\nallowed_vips = [\"198.18.0.0/15\", \"2001:2::/48\"]\n",
+                cluster.unprivileged_bin().display()
+            )
+        } else {
+            agent_config.to_string()
+        };
         std::fs::write(&agent_config_path, agent_config).expect("agent config");
         for a in agents {
             let tls = cluster.dir.path().join("pki").join(a);
@@ -329,7 +364,7 @@ impl LzCluster {
             let mut wrapped: Vec<String> = Vec::new();
             let program = if cluster.unprivileged {
                 wrapped = as_nobody("+net_admin,+net_raw");
-                wrapped.push(bins.join("lazarus").to_str().expect("utf-8").to_string());
+                wrapped.push(cluster.daemon_binary().to_str().expect("utf-8").to_string());
                 PathBuf::from("/usr/bin/setpriv")
             } else {
                 bins.join("lazarus")
@@ -406,7 +441,7 @@ impl LzCluster {
         }
         let (program, args) = if self.unprivileged {
             let mut wrapped = as_nobody("");
-            wrapped.push(bins.join("lazarus").to_str().expect("utf-8").to_string());
+            wrapped.push(self.daemon_binary().to_str().expect("utf-8").to_string());
             wrapped.extend(args);
             (PathBuf::from("/usr/bin/setpriv"), wrapped)
         } else {
