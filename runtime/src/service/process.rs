@@ -91,8 +91,11 @@ impl ProcessOperator {
             child: None,
             last_archive: None,
         };
-        if op.spec.state_dir.is_none() {
-            op.start()?;
+        match &op.spec.state_dir {
+            None => op.start()?,
+            // A first start finds it empty (a restore replaces it).
+            Some(dir) => std::fs::create_dir_all(dir)
+                .map_err(|e| format!("state_dir {}: {e}", dir.display()))?,
         }
         Ok(op)
     }
