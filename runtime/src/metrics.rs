@@ -9,7 +9,6 @@
 //! heartbeat age, VIP leases) are set from the status report by
 //! [`observe_cluster`] every half second; the agent sets its own.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -177,7 +176,6 @@ pub struct JobMetrics {
     /// Restarts whose cause is not final yet, and the last cause seen.
     pending: u32,
     last_failure: Option<String>,
-    lags: BTreeMap<String, ()>,
 }
 
 impl JobMetrics {
@@ -194,7 +192,6 @@ impl JobMetrics {
             failing_since: None,
             pending: 0,
             last_failure: summary.last_failure.clone(),
-            lags: BTreeMap::new(),
         }
     }
 
@@ -257,7 +254,6 @@ impl JobMetrics {
                 let lag = newest.saturating_sub(followed) as f64;
                 gauge!(STANDBY_LAG, "job" => job.clone(), "worker" => w.worker.to_string())
                     .set(lag);
-                self.lags.insert(w.worker.to_string(), ());
             }
         }
     }

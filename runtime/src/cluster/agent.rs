@@ -165,7 +165,7 @@ struct AgentState {
     /// Around each worker: program, health check, hooks, VIPs.
     services: BTreeMap<(JobId, WorkerId), SpawnService>,
     /// Running health checks, by process.
-    checks: BTreeMap<(JobId, WorkerId, Slot), AbortOnDrop>,
+    checks: BTreeMap<(JobId, WorkerId, Slot), Check>,
     health_tx: mpsc::UnboundedSender<(JobId, WorkerId, u64, HealthChange)>,
     health_rx: mpsc::UnboundedReceiver<(JobId, WorkerId, u64, HealthChange)>,
     /// Why a process is being stopped (by request, or its failed check):
@@ -482,14 +482,11 @@ impl AgentState {
                 (HolderAction::StartAnnounce, _) => {
                     let vip = v.vip.clone();
                     // Replacing the handle aborts a burst still running.
-                    v.announce = Some(AbortOnDrop(
-                        self.tasks.spawn(async move {
-                            if let Err(e) = vip.announce().await {
-                                tracing::error!(error = %e, "VIP announcement failed");
-                            }
-                        }),
-                        0,
-                    ));
+                    v.announce = Some(AbortOnDrop(self.tasks.spawn(async move {
+                        if let Err(e) = vip.announce().await {
+                            tracing::error!(error = %e, "VIP announcement failed");
+                        }
+                    })));
                 }
                 (HolderAction::StopAnnounce, _) => {
                     v.announce = None;
@@ -520,7 +517,7 @@ impl AgentState {
                 }
             }
         });
-        let mut writer = AbortOnDrop(writer, 0);
+        let mut writer = AbortOnDrop(writer);
         out.send(AgentMsg::Register {
             name: self.opts.name.clone(),
             state_dir: self.opts.state_dir.clone(),
@@ -578,7 +575,7 @@ impl AgentState {
                 }
             }
         });
-        let _reader = AbortOnDrop(reader, 0);
+        let _reader = AbortOnDrop(reader);
         let mut last_heard = self.now();
         let mut hb = tokio::time::interval(heartbeat);
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1034,8 +1031,13 @@ impl AgentState {
                 let _ = tx.send((j.clone(), w.clone(), id, change));
             },
         ));
-        self.checks
-            .insert((job.clone(), worker.clone(), slot), AbortOnDrop(task, id));
+        self.checks.insert(
+            (job.clone(), worker.clone(), slot),
+            Check {
+                id,
+                _task: AbortOnDrop(task),
+            },
+        );
     }
 
     /// A health check changed: a primary that went down is killed (a
@@ -1054,7 +1056,7 @@ impl AgentState {
         let Some(slot) = [Slot::Primary, Slot::Standby].into_iter().find(|s| {
             self.checks
                 .get(&(job.clone(), worker.clone(), *s))
-                .is_some_and(|c| c.1 == id)
+                .is_some_and(|c| c.id == id)
         }) else {
             return;
         };
@@ -1165,7 +1167,14 @@ impl AgentState {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>, u64);
+/// A running health check: its task (aborted with it) and the id its
+/// reports carry, so a report of a replaced check is ignored.
+struct Check {
+    id: u64,
+    _task: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
