@@ -95,6 +95,9 @@ pub enum CorruptReason {
     /// The payload is not a valid manifest.
     #[error("manifest is invalid: {0}")]
     Manifest(String),
+    /// The payload is not a valid savepoint record.
+    #[error("savepoint is invalid: {0}")]
+    Savepoint(String),
     /// rkyv validation of the payload failed.
     #[error("payload is not a valid archive of the requested type: {0}")]
     Archive(String),
@@ -159,6 +162,14 @@ pub enum StorageError {
         job: String,
         /// The store, as a URL.
         store: String,
+    },
+    /// No savepoint of this name.
+    #[error("job {job} has no savepoint named {name:?}")]
+    SavepointNotFound {
+        /// The job.
+        job: String,
+        /// The name asked for.
+        name: String,
     },
     /// The manifest names no such worker.
     #[error("checkpoint {id} of job {job} has no worker {worker}")]
@@ -225,6 +236,7 @@ impl StorageError {
             StorageError::ObjectNotFound { .. }
             | StorageError::CheckpointNotFound { .. }
             | StorageError::NoCheckpoints { .. }
+            | StorageError::SavepointNotFound { .. }
             | StorageError::WorkerNotFound { .. } => ErrorKind::NotFound,
             StorageError::Fenced { .. } => ErrorKind::Fenced,
             StorageError::AlreadyCommitted { .. } => ErrorKind::Conflict,

@@ -97,6 +97,8 @@ pub enum FrameKind {
     Manifest,
     /// An epoch marker (fencing).
     EpochMarker,
+    /// A savepoint: a name pinning a committed checkpoint against retention.
+    Savepoint,
 }
 
 impl FrameKind {
@@ -105,6 +107,7 @@ impl FrameKind {
             FrameKind::Chunk => 1,
             FrameKind::Manifest => 2,
             FrameKind::EpochMarker => 3,
+            FrameKind::Savepoint => 4,
         }
     }
 
@@ -113,6 +116,7 @@ impl FrameKind {
             1 => Some(FrameKind::Chunk),
             2 => Some(FrameKind::Manifest),
             3 => Some(FrameKind::EpochMarker),
+            4 => Some(FrameKind::Savepoint),
             _ => None,
         }
     }
@@ -122,6 +126,7 @@ impl FrameKind {
             FrameKind::Chunk => "chunk",
             FrameKind::Manifest => "manifest",
             FrameKind::EpochMarker => "epoch marker",
+            FrameKind::Savepoint => "savepoint",
         }
     }
 }

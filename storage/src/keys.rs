@@ -6,6 +6,7 @@
 //!                                                  state written by checkpoint n; any later
 //!                                                  manifest may reference it (incremental)
 //! jobs/<job>/epochs/<epoch:020>.epoch              an epoch that has claimed the job (fencing)
+//! jobs/<job>/savepoints/<name>.savepoint           pins a committed checkpoint against retention
 //! ```
 //!
 //! Ids are zero-padded so lexical order is numeric order on every backend.
@@ -21,6 +22,8 @@ pub(crate) const MANIFESTS: &str = "manifests";
 pub(crate) const CHUNKS: &str = "chunks";
 /// Directory of epoch markers, relative to the job root.
 pub(crate) const EPOCHS: &str = "epochs";
+/// Directory of savepoints, relative to the job root.
+pub(crate) const SAVEPOINTS: &str = "savepoints";
 
 pub(crate) fn manifest(id: CheckpointId) -> String {
     format!("{MANIFESTS}/{:020}.manifest", id.0)
@@ -37,6 +40,40 @@ pub(crate) fn chunk_dir(id: CheckpointId) -> String {
 pub(crate) fn chunk(id: CheckpointId, worker: &WorkerId, name: &str) -> Result<String> {
     validate_chunk_name(name)?;
     Ok(format!("{CHUNKS}/{:020}/{worker}/{name}.chunk", id.0))
+}
+
+pub(crate) fn savepoint(name: &str) -> Result<String> {
+    validate_savepoint_name(name)?;
+    Ok(format!("{SAVEPOINTS}/{name}.savepoint"))
+}
+
+/// The savepoint name of a savepoint key (relative to the job root).
+pub(crate) fn parse_savepoint(key: &str) -> Option<&str> {
+    let name = key
+        .strip_prefix(SAVEPOINTS)?
+        .strip_prefix('/')?
+        .strip_suffix(".savepoint")?;
+    validate_savepoint_name(name).ok().map(|_| name)
+}
+
+pub(crate) fn validate_savepoint_name(name: &str) -> Result<()> {
+    // Savepoint names follow the same rules as worker names; an all-digit
+    // name would read as a checkpoint id in `--from`.
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(StorageError::InvalidName {
+            what: "savepoint name",
+            value: name.to_string(),
+            reason: "is all digits, which `--from` reads as a checkpoint id".into(),
+        });
+    }
+    WorkerId::new(name).map(|_| ()).map_err(|e| match e {
+        StorageError::InvalidName { value, reason, .. } => StorageError::InvalidName {
+            what: "savepoint name",
+            value,
+            reason,
+        },
+        other => other,
+    })
 }
 
 fn validate_chunk_name(name: &str) -> Result<()> {

@@ -21,7 +21,8 @@
 //! | `commit` | committing manifests, epoch claims, fencing |
 //! | `reader` | listing, latest, by id, newest that verifies, verify |
 //! | `cache` | restore into a local cache, [`MappedChunk`] with rkyv access |
-//! | `retention` | keep-N garbage collection |
+//! | `retention` | keep-N garbage collection (savepoints excepted) |
+//! | `savepoint` | [`Savepoint`]: named checkpoints retention never deletes; `--from` resolution |
 //!
 //! # Example
 //!
@@ -59,6 +60,7 @@ mod keys;
 mod manifest;
 mod reader;
 mod retention;
+mod savepoint;
 mod store;
 mod writer;
 
@@ -70,6 +72,7 @@ pub use ids::{CheckpointId, Epoch, JobId, WorkerId};
 pub use manifest::{ChunkRef, Manifest, WorkerSnapshot, MANIFEST_FORMAT};
 pub use reader::{CheckpointEntry, CheckpointStatus, ObjectCheck, Skipped, VerifyReport};
 pub use retention::GcReport;
+pub use savepoint::Savepoint;
 pub use store::{CheckpointStore, JobStore};
 
 /// Re-exported so worker code and tests use the same rkyv as the store.

@@ -13,6 +13,9 @@
 //!   their chunks are garbage once older than the newest committed checkpoint.
 //! - Manifests are deleted before the chunks they reference, so a reader never
 //!   finds a manifest whose chunks are gone because of retention.
+//! - A checkpoint pinned by a savepoint is never deleted, nor any chunk it
+//!   references. A savepoint that cannot be read fails the pass (nothing is
+//!   deleted): retention must not guess what it pinned.
 
 use std::collections::HashSet;
 
@@ -30,6 +33,8 @@ use crate::store::JobStore;
 pub struct GcReport {
     /// Checkpoints kept, oldest first.
     pub retained: Vec<CheckpointId>,
+    /// Older checkpoints kept because a savepoint pins them, oldest first.
+    pub pinned: Vec<CheckpointId>,
     /// Manifests deleted (committed ones past retention, and fenced ones).
     pub deleted_manifests: Vec<CheckpointId>,
     /// Chunk objects deleted.
@@ -59,6 +64,12 @@ impl JobStore {
     }
 
     async fn gc_pass(&self, keep: usize) -> Result<GcReport> {
+        let pins: HashSet<CheckpointId> = self
+            .savepoints()
+            .await?
+            .into_iter()
+            .map(|s| s.checkpoint)
+            .collect();
         let entries = self.list().await?;
         let committed: Vec<_> = entries
             .iter()
@@ -73,14 +84,20 @@ impl JobStore {
         };
         let retained = &committed[committed.len().saturating_sub(keep)..];
         let oldest_retained = retained[0].checkpoint;
+        let pinned: Vec<&&crate::Manifest> = committed
+            .iter()
+            .filter(|m| m.checkpoint < oldest_retained && pins.contains(&m.checkpoint))
+            .collect();
         let referenced: HashSet<&str> = retained
             .iter()
+            .chain(pinned.iter().copied())
             .flat_map(|m| m.chunks())
             .map(|c| c.key.as_str())
             .collect();
 
         let mut report = GcReport {
             retained: retained.iter().map(|m| m.checkpoint).collect(),
+            pinned: pinned.iter().map(|m| m.checkpoint).collect(),
             referenced: referenced.iter().map(|k| k.to_string()).collect(),
             ..GcReport::default()
         };
@@ -88,10 +105,11 @@ impl JobStore {
         //    retention, or fenced zombies); corrupt ones stay.
         for entry in &entries {
             let deletable = entry.id < oldest_retained
-                && matches!(
-                    entry.status,
-                    CheckpointStatus::Committed(_) | CheckpointStatus::Fenced { .. }
-                );
+                && match entry.status {
+                    CheckpointStatus::Committed(_) => !pins.contains(&entry.id),
+                    CheckpointStatus::Fenced { .. } => true,
+                    CheckpointStatus::Corrupt(_) => false,
+                };
             let zombie_newer = entry.id > oldest_retained
                 && matches!(entry.status, CheckpointStatus::Fenced { .. });
             if deletable || zombie_newer {

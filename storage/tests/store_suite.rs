@@ -564,6 +564,127 @@ macro_rules! suite {
     };
 }
 
+async fn test_savepoints_pin_checkpoints_against_retention(env: &Env) {
+    let js = env.store.job(job("savepoints"));
+    // Checkpoint 1 writes a chunk every later one shares, 2 writes its own.
+    let m1 = commit_checkpoint(
+        &js,
+        1,
+        1,
+        &[("w", "shared", state_bytes(1000, 1), Codec::None)],
+        &[],
+    )
+    .await;
+    let shared = m1.workers[&worker("w")].chunks[0].clone();
+    let m2 = commit_checkpoint(
+        &js,
+        2,
+        1,
+        &[("w", "own", state_bytes(1000, 2), Codec::Zstd)],
+        &[("w", shared.clone())],
+    )
+    .await;
+    let own2 = m2.workers[&worker("w")].chunks[0].clone();
+    // Bad names and uncommitted checkpoints are refused, naming why.
+    let e = js
+        .create_savepoint("12", CheckpointId(2))
+        .await
+        .expect_err("digits");
+    assert!(e.to_string().contains("all digits"), "{e}");
+    let e = js
+        .create_savepoint("a/b", CheckpointId(2))
+        .await
+        .expect_err("slash");
+    assert!(e.to_string().contains("savepoint name"), "{e}");
+    let e = js
+        .create_savepoint("x", CheckpointId(9))
+        .await
+        .expect_err("missing");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    js.create_savepoint("before-upgrade", CheckpointId(2))
+        .await
+        .expect("savepoint");
+    // Idempotent for the same checkpoint; another checkpoint is refused.
+    js.create_savepoint("before-upgrade", CheckpointId(2))
+        .await
+        .expect("same again");
+    let e = js
+        .create_savepoint("before-upgrade", CheckpointId(1))
+        .await
+        .expect_err("moved name");
+    assert!(e.to_string().contains("already names checkpoint 2"), "{e}");
+    for id in 3..=6u64 {
+        commit_checkpoint(
+            &js,
+            id,
+            1,
+            &[("w", "own", state_bytes(1000, id), Codec::None)],
+            &[("w", shared.clone())],
+        )
+        .await;
+    }
+    let report = js.gc(2).await.expect("gc");
+    assert_eq!(report.retained, vec![CheckpointId(5), CheckpointId(6)]);
+    assert_eq!(report.pinned, vec![CheckpointId(2)]);
+    let ids: Vec<CheckpointId> = js
+        .list()
+        .await
+        .expect("list")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, vec![CheckpointId(2), CheckpointId(5), CheckpointId(6)]);
+    // The pinned checkpoint still restores, byte for byte, and verifies.
+    let from = js.resolve_start("before-upgrade").await.expect("resolve");
+    assert_eq!(from.checkpoint, CheckpointId(2));
+    assert!(js.verify(&from).await.expect("verify").is_ok());
+    assert_eq!(
+        from.workers[&worker("w")].chunks,
+        vec![own2.clone(), shared.clone()]
+    );
+    assert_eq!(
+        js.resolve_start("6").await.expect("by id").checkpoint,
+        CheckpointId(6)
+    );
+    let e = js.resolve_start("nope").await.expect_err("unknown");
+    assert!(e.to_string().contains("no savepoint named \"nope\""), "{e}");
+    let e = js
+        .resolve_start("3")
+        .await
+        .expect_err("deleted by retention");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(
+        js.savepoints().await.expect("list")[0].name,
+        "before-upgrade"
+    );
+    // A damaged savepoint fails retention instead of unpinning anything.
+    let sp_key = js.full_key("savepoints/before-upgrade.savepoint");
+    let len = env.raw_get(&sp_key).await.len();
+    env.flip_byte(&sp_key, len - 3).await;
+    let e = js.gc(1).await.expect_err("damaged savepoint");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_eq!(js.list().await.expect("list").len(), 3, "nothing deleted");
+    // Once deleted, the checkpoint ages out like any other.
+    env.raw_delete(&sp_key).await;
+    js.create_savepoint("before-upgrade", CheckpointId(2))
+        .await
+        .expect("retaken");
+    js.delete_savepoint("before-upgrade").await.expect("delete");
+    let e = js
+        .delete_savepoint("before-upgrade")
+        .await
+        .expect_err("gone");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let report = js.gc(2).await.expect("gc");
+    assert!(report.pinned.is_empty());
+    assert_eq!(report.deleted_manifests, vec![CheckpointId(2)]);
+    let e = js
+        .resolve_start("before-upgrade")
+        .await
+        .expect_err("unpinned");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+}
+
 suite!(
     test_round_trip_and_restore_both_codecs,
     test_large_chunk_uses_multipart,
@@ -573,6 +694,7 @@ suite!(
     test_falls_back_past_corrupt_and_incomplete,
     test_damaged_cache_file_is_fetched_again,
     test_concurrent_writers_of_many_chunks,
+    test_savepoints_pin_checkpoints_against_retention,
 );
 
 #[tokio::test]

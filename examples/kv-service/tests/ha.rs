@@ -517,7 +517,7 @@ fn test_etcd_quorum_loss_drops_the_vip_and_recovers_by_itself() {
         }
     }
     let healed_at = Instant::now();
-    let after = c.wait(
+    c.wait(
         "the service back under a leader, committing",
         Duration::from_secs(60),
         |st| {
@@ -547,12 +547,30 @@ fn test_etcd_quorum_loss_drops_the_vip_and_recovers_by_itself() {
         "reads through the VIP work again\n{}",
         c.logs()
     );
-    let holder = cluster::vip(&after, VIP_KEY).expect("vip")["holder"]
-        .as_str()
-        .expect("holder")
-        .to_string();
-    let other = if holder == "a" { "b" } else { "a" };
-    assert!(c.bed.holds(&holder, VIP4) && !c.bed.holds(other, VIP4));
+    // The lease holder and the kernel's interfaces agree once the move has
+    // settled: read both in one bounded loop (a status taken before the
+    // interface read may name a holder whose add is still in flight).
+    let settled = Instant::now();
+    let agreed = loop {
+        let holder = c.status().ok().and_then(|st| {
+            cluster::vip(&st, VIP_KEY).and_then(|v| v["holder"].as_str().map(str::to_string))
+        });
+        if let Some(holder) = holder {
+            let other = if holder == "a" { "b" } else { "a" };
+            if c.bed.holds(&holder, VIP4) && !c.bed.holds(other, VIP4) {
+                break Some(holder);
+            }
+        }
+        if settled.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        agreed.is_some(),
+        "exactly the lease holder has the VIP\n{}",
+        c.logs()
+    );
     assert!(
         put_acked_from(&c, "after", "quorum"),
         "writes acknowledged again"
