@@ -24,7 +24,7 @@ use lazarus_benches::percentile;
 
 fn run(rt: &tokio::runtime::Runtime, spec: JobSpec, state: &Path) -> RunSummary {
     let _ = std::fs::remove_dir_all(state);
-    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let (_tx, rx) = tokio::sync::watch::channel(lazarus::supervisor::StopRequest::Run);
     let run = LocalRun {
         spec,
         store_url: format!("file://{}", state.join("store").display()),
@@ -35,6 +35,7 @@ fn run(rt: &tokio::runtime::Runtime, spec: JobSpec, state: &Path) -> RunSummary 
         final_checkpoint_on_stop: false,
         epoch_floor: 0,
         adopt_timeout: None,
+        from: None,
     };
     let summary = rt.block_on(run_local(run, rx)).expect("run");
     assert_eq!(summary.state, JobState::Finished, "{summary:?}");

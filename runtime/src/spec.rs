@@ -677,6 +677,58 @@ impl JobSpec {
         Ok(())
     }
 
+    /// Applies `--parallelism OP=P` overrides (rescaling: the job then
+    /// restores each operator's key groups from however many instances
+    /// wrote them). `validate` checks the result like any spec.
+    pub fn set_parallelism(&mut self, overrides: &[String]) -> Result<(), SpecError> {
+        for o in overrides {
+            let (op, p) = o
+                .split_once('=')
+                .ok_or_else(|| self.invalid("--parallelism", format!("{o:?} is not OPERATOR=N")))?;
+            let (op, p) = (op.trim(), p.trim());
+            let n: u32 = p.parse().map_err(|e| {
+                self.invalid(
+                    "--parallelism",
+                    format!("{o:?}: {p:?} is not a whole number ({e})"),
+                )
+            })?;
+            let Some(i) = self.operators.iter().position(|x| x.name == op) else {
+                let names: Vec<&str> = self.operators.iter().map(|x| x.name.as_str()).collect();
+                return Err(self.invalid(
+                    "--parallelism",
+                    format!(
+                        "{o:?}: no operator {op:?} (operators: {})",
+                        names.join(", ")
+                    ),
+                ));
+            };
+            self.operators[i].parallelism = n;
+        }
+        Ok(())
+    }
+
+    /// `operator` and every operator joined to it by `forward` edges (which
+    /// need equal parallelism): what a rescale of `operator` rescales.
+    pub fn forward_group(&self, operator: &str) -> Vec<String> {
+        let mut group = vec![operator.to_string()];
+        let mut i = 0;
+        while i < group.len() {
+            for e in self
+                .edges
+                .iter()
+                .filter(|e| e.partition == Partition::Forward)
+            {
+                for (a, b) in [(&e.from, &e.to), (&e.to, &e.from)] {
+                    if *a == group[i] && !group.contains(b) {
+                        group.push(b.clone());
+                    }
+                }
+            }
+            i += 1;
+        }
+        group
+    }
+
     /// Every worker of the job, with its channels.
     pub fn plan(&self) -> Vec<PlannedWorker> {
         let wid = |op: &str, i: u32| WorkerId::new(format!("{op}-{i}")).expect("validated names");

@@ -71,7 +71,7 @@ async fn test_control_port_accepts_a_worker_only_with_its_process_credential() {
         idle.display()
     );
     let spec = JobSpec::parse(&text, "auth.toml", dir.path().to_path_buf()).expect("spec");
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop) = tokio::sync::watch::channel(lazarus::supervisor::StopRequest::Run);
     let run = LocalRun {
         spec,
         store_url: format!("file://{}", dir.path().join("store").display()),
@@ -82,6 +82,7 @@ async fn test_control_port_accepts_a_worker_only_with_its_process_credential() {
         final_checkpoint_on_stop: false,
         epoch_floor: 0,
         adopt_timeout: None,
+        from: None,
     };
     // The idle worker inherits this test's environment: tag it to find it.
     std::env::set_var("LAZARUS_TEST_TAG", std::process::id().to_string());
@@ -137,7 +138,7 @@ async fn test_control_port_accepts_a_worker_only_with_its_process_credential() {
     // Used once: the same credential again gets nothing.
     assert_eq!(hello(addr, "x-0", Some(&token)).await, None, "a replay");
 
-    let _ = stop_tx.send(true);
+    let _ = stop_tx.send(lazarus::supervisor::StopRequest::Stop);
     let summary = tokio::time::timeout(Duration::from_secs(30), job)
         .await
         .expect("the job stops")

@@ -28,6 +28,19 @@ pub struct Savepoint {
     pub created_at_ms: u64,
 }
 
+impl Savepoint {
+    /// Checks a savepoint name before anything is done with it (the rules
+    /// of worker names; not all digits, which `--from` reads as an id).
+    ///
+    /// ```
+    /// assert!(lazarus_storage::Savepoint::check_name("nightly-1").is_ok());
+    /// assert!(lazarus_storage::Savepoint::check_name("42").is_err());
+    /// ```
+    pub fn check_name(name: &str) -> Result<()> {
+        keys::validate_savepoint_name(name)
+    }
+}
+
 impl JobStore {
     /// Pins committed checkpoint `checkpoint` under `name`. Taking the same
     /// name for the same checkpoint again is a no-op (a retried request);

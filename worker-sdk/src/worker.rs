@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lazarus_storage::{
-    CheckpointId, CheckpointStore, ChunkRef, JobStore, LocalCache, WorkerId, WorkerSnapshot,
+    CheckpointId, CheckpointStore, ChunkRef, JobStore, LocalCache, Manifest, WorkerId,
+    WorkerSnapshot,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -380,6 +381,86 @@ async fn follow(
     }
 }
 
+/// The instances of `operator` that wrote state in `manifest` (workers are
+/// named `<operator>-<index>`).
+fn instances_in(manifest: &Manifest, operator: &str) -> Vec<WorkerId> {
+    manifest
+        .workers
+        .keys()
+        .filter(|w| {
+            w.as_str()
+                .strip_prefix(operator)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Restore after a rescale: the operator ran with another parallelism when
+/// the checkpoint was taken, so this instance's key groups are spread over
+/// the parts of every old instance. Their parts are merged by name (keyed
+/// state names a part per key group, so names never collide); state that
+/// is not partitioned by key group (the same part name from two instances,
+/// or different metadata) cannot be split and is refused as fatal.
+async fn restore_rescaled(
+    js: &lazarus_storage::JobStore,
+    manifest: &Manifest,
+    writers: &[WorkerId],
+    a: &Assignment,
+    cache: &LocalCache,
+) -> Result<(Restored, u64)> {
+    let mut parts = BTreeMap::new();
+    let mut metadata: Option<(&WorkerId, Vec<u8>)> = None;
+    let mut fetched = 0;
+    for w in writers {
+        let snapshot = &manifest.workers[w];
+        let r = js.restore_worker(manifest, w, cache).await?;
+        fetched += r.fetched_bytes;
+        for (c, chunk) in snapshot.chunks.iter().zip(r.chunks) {
+            if parts.insert(c.name().to_string(), chunk).is_some() {
+                return Err(crate::operator::Fatal::new(format!(
+                    "cannot rescale operator {} from {} to {} instances: state part {:?} was written by more than one instance (only keyed state, one part per key group, can be redistributed)",
+                    a.operator,
+                    writers.len(),
+                    a.parallelism,
+                    c.name()
+                ))
+                .into());
+            }
+        }
+        if !snapshot.metadata.is_empty() {
+            match &metadata {
+                Some((other, m)) if *m != snapshot.metadata => {
+                    return Err(crate::operator::Fatal::new(format!(
+                        "cannot rescale operator {} from {} to {} instances: {other} and {w} stored different metadata (per-instance positions cannot be redistributed)",
+                        a.operator,
+                        writers.len(),
+                        a.parallelism
+                    ))
+                    .into())
+                }
+                _ => metadata = Some((w, snapshot.metadata.clone())),
+            }
+        }
+    }
+    tracing::info!(
+        checkpoint = %manifest.checkpoint,
+        from = writers.len(),
+        to = a.parallelism,
+        fetched,
+        "restored after a rescale"
+    );
+    Ok((
+        Restored::new(
+            manifest.checkpoint,
+            parts,
+            metadata.map(|(_, m)| m).unwrap_or_default(),
+        ),
+        fetched,
+    ))
+}
+
 /// What an assignment tells the operator instance about itself.
 fn context(a: &Assignment) -> Context {
     Context {
@@ -415,7 +496,16 @@ async fn run_assignment(
     let mut fetched_bytes = 0;
     if let Some(n) = a.restore {
         let manifest = js.manifest(n).await?;
-        let restored = if manifest.workers.contains_key(&a.worker) {
+        let writers = instances_in(&manifest, &a.operator);
+        let rescaled = !writers.is_empty() && writers.len() != a.parallelism as usize;
+        let restored = if rescaled {
+            let r = restore_rescaled(&js, &manifest, &writers, &a, &cache).await?;
+            for c in writers.iter().flat_map(|w| &manifest.workers[w].chunks) {
+                base.insert(c.name().to_string(), c.clone());
+            }
+            fetched_bytes = r.1;
+            r.0
+        } else if manifest.workers.contains_key(&a.worker) {
             let r = js.restore_worker(&manifest, &a.worker, &cache).await?;
             let snapshot = &manifest.workers[&a.worker];
             for c in &snapshot.chunks {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lazarus::spec::JobSpec;
-use lazarus::supervisor::{run_local, Chaos, JobState, LocalRun, RunSummary};
+use lazarus::supervisor::{run_local, Chaos, JobState, LocalRun, RunSummary, StopRequest};
 use lazarus_sdk::storage::{CheckpointStore, JobId};
 
 fn spec(dir: &Path, input: &Path, output: &Path, extra: &str) -> JobSpec {
@@ -50,7 +50,7 @@ async fn run_on(
     chaos: Option<Chaos>,
     store_url: String,
 ) -> RunSummary {
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
     let run = LocalRun {
         spec,
         store_url,
@@ -61,6 +61,7 @@ async fn run_on(
         final_checkpoint_on_stop: false,
         epoch_floor: 0,
         adopt_timeout: None,
+        from: None,
     };
     tokio::time::timeout(Duration::from_secs(600), run_local(run, stop_rx))
         .await
@@ -249,7 +250,7 @@ async fn test_stop_with_final_checkpoint_then_resume_is_exactly_once() {
     let input = dir.path().join("input.txt");
     wordcount::generate(3_000_000, &input, 9).expect("corpus");
     let (out, state) = (dir.path().join("out"), dir.path().join("state"));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
     let first = LocalRun {
         spec: spec(dir.path(), &input, &out, ""),
         store_url: format!("file://{}", state.join("store").display()),
@@ -260,10 +261,11 @@ async fn test_stop_with_final_checkpoint_then_resume_is_exactly_once() {
         final_checkpoint_on_stop: true,
         epoch_floor: 0,
         adopt_timeout: None,
+        from: None,
     };
     let handle = tokio::spawn(run_local(first, stop_rx));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop_tx.send(true).expect("stop");
+    stop_tx.send(StopRequest::Stop).expect("stop");
     let stopped = tokio::time::timeout(Duration::from_secs(30), handle)
         .await
         .expect("stops promptly")
@@ -287,6 +289,108 @@ async fn test_stop_with_final_checkpoint_then_resume_is_exactly_once() {
         "a new supervisor takes a new epoch"
     );
     assert_same_multiset(&expected_lines(&input), &output_lines(&out));
+    verify_store(&state).await;
+}
+
+/// Test 4 and 5 of active-active/savepoints: stop with a final checkpoint,
+/// pin it as a savepoint, then start again from it with the counters (and
+/// the sinks chained to them by `forward` edges) rescaled 2 -> 4, under
+/// SIGKILLs. The output stays exactly once, so every count continued from
+/// the savepoint's state; the savepoint survives retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_rescale_from_a_savepoint_is_exactly_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("input.txt");
+    wordcount::generate(3_000_000, &input, 11).expect("corpus");
+    let (out, state) = (dir.path().join("out"), dir.path().join("state"));
+    let store_url = format!("file://{}", state.join("store").display());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
+    let first = LocalRun {
+        spec: spec(dir.path(), &input, &out, ""),
+        store_url: store_url.clone(),
+        worker_binary: PathBuf::from(env!("CARGO_BIN_EXE_wordcount")),
+        state_dir: state.clone(),
+        chaos: None,
+        status_every: None,
+        final_checkpoint_on_stop: false,
+        epoch_floor: 0,
+        adopt_timeout: None,
+        from: None,
+    };
+    let handle = tokio::spawn(run_local(first, stop_rx));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop_tx
+        .send(StopRequest::StopWithCheckpoint)
+        .expect("stop with a checkpoint");
+    let stopped = tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .expect("stops promptly")
+        .expect("task")
+        .expect("run");
+    assert_eq!(
+        stopped.state,
+        JobState::Finished,
+        "the final checkpoint committed: {stopped:?}"
+    );
+    let js = CheckpointStore::open(&store_url)
+        .expect("store")
+        .job(JobId::new("wordcount").expect("job"));
+    let at = js.latest().await.expect("latest").checkpoint;
+    assert_eq!(Some(at), stopped.last_checkpoint);
+    js.create_savepoint("before-rescale", at)
+        .await
+        .expect("savepoint");
+    let partial: u64 = output_lines(&out).values().sum();
+    assert!(
+        partial > 0 && partial < 3_000_000,
+        "stopped mid-way: {partial} lines"
+    );
+
+    // Rescale: counter and sink (forward-chained) to 4, from the savepoint.
+    let mut rescaled = spec(dir.path(), &input, &out, "");
+    rescaled
+        .set_parallelism(&["counter=4".into(), "sink=4".into()])
+        .expect("parallelism");
+    rescaled.validate().expect("valid");
+    let second = LocalRun {
+        spec: rescaled,
+        store_url: store_url.clone(),
+        worker_binary: PathBuf::from(env!("CARGO_BIN_EXE_wordcount")),
+        state_dir: state.clone(),
+        chaos: Some(Chaos {
+            every: Duration::from_millis(700),
+            seed: 5,
+            max_kills: Some(3),
+        }),
+        status_every: None,
+        final_checkpoint_on_stop: false,
+        epoch_floor: 0,
+        adopt_timeout: None,
+        from: Some("before-rescale".into()),
+    };
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
+    let resumed = tokio::time::timeout(Duration::from_secs(600), run_local(second, stop_rx))
+        .await
+        .expect("finishes")
+        .expect("run");
+    assert_eq!(resumed.state, JobState::Finished, "{resumed:?}");
+    assert_same_multiset(&expected_lines(&input), &output_lines(&out));
+    let last = js.latest().await.expect("latest");
+    for w in ["counter-3", "sink-3"] {
+        assert!(
+            last.workers.keys().any(|k| k.as_str() == w),
+            "the rescaled job has {w}: {:?}",
+            last.workers.keys().collect::<Vec<_>>()
+        );
+    }
+    // Retention (keep 3) ran many times: the savepoint is still there, whole.
+    let pinned = js.resolve_start("before-rescale").await.expect("pinned");
+    assert_eq!(pinned.checkpoint, at);
+    assert!(js.verify(&pinned).await.expect("verify").is_ok());
+    assert!(
+        js.list().await.expect("list").len() <= 4,
+        "retention still deletes unpinned checkpoints"
+    );
     verify_store(&state).await;
 }
 

@@ -1,4 +1,4 @@
-//! `lazarus checkpoints list|inspect|verify|gc`.
+//! `lazarus checkpoints list|inspect|verify|gc|savepoint|delete-savepoint`.
 
 use std::process::ExitCode;
 
@@ -49,7 +49,23 @@ fn status_word(entry: &CheckpointEntry) -> String {
 /// `checkpoints list`
 pub async fn list(args: &JobArgs) -> anyhow::Result<ExitCode> {
     let (store, job) = args.open()?;
-    let (_, entries) = entries(&store, &job).await?;
+    let (js, entries) = entries(&store, &job).await?;
+    let savepoints = js
+        .savepoints()
+        .await
+        .with_context(|| format!("listing savepoints of job {job}"))?;
+    let pinned = |id: CheckpointId| {
+        let names: Vec<&str> = savepoints
+            .iter()
+            .filter(|s| s.checkpoint == id)
+            .map(|s| s.name.as_str())
+            .collect();
+        if names.is_empty() {
+            String::new()
+        } else {
+            format!("  savepoint {}", names.join(", "))
+        }
+    };
     println!(
         "{:>8}  {:>6}  {:<23}  {:>10}  {:>10}  {:>7}  STATUS",
         "ID", "EPOCH", "CREATED (UTC)", "STATE", "STORED", "WORKERS"
@@ -64,7 +80,7 @@ pub async fn list(args: &JobArgs) -> anyhow::Result<ExitCode> {
                 format_bytes(m.state_bytes()),
                 format_bytes(m.stored_bytes()),
                 m.workers.len(),
-                status_word(e)
+                status_word(e) + &pinned(e.id)
             ),
             None => println!(
                 "{:>8}  {:>6}  {:<23}  {:>10}  {:>10}  {:>7}  {}",
@@ -223,5 +239,41 @@ pub async fn gc(args: &JobArgs, keep: usize) -> anyhow::Result<ExitCode> {
         format_bytes(report.deleted_bytes),
         report.kept_in_progress
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `checkpoints savepoint`
+pub async fn savepoint(args: &JobArgs, name: &str, id: Option<u64>) -> anyhow::Result<ExitCode> {
+    let (store, job) = args.open()?;
+    let js = store.job(job.clone());
+    let id = match id {
+        Some(id) => CheckpointId(id),
+        None => {
+            js.latest()
+                .await
+                .with_context(|| format!("reading the latest checkpoint of job {job}"))?
+                .checkpoint
+        }
+    };
+    let s = js
+        .create_savepoint(name, id)
+        .await
+        .with_context(|| format!("savepoint {name:?} of job {job}"))?;
+    println!(
+        "savepoint {} pins checkpoint {} of job {job}",
+        s.name, s.checkpoint
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `checkpoints delete-savepoint`
+pub async fn delete_savepoint(args: &JobArgs, name: &str) -> anyhow::Result<ExitCode> {
+    let (store, job) = args.open()?;
+    store
+        .job(job.clone())
+        .delete_savepoint(name)
+        .await
+        .with_context(|| format!("deleting savepoint {name:?} of job {job}"))?;
+    println!("savepoint {name} of job {job} deleted");
     Ok(ExitCode::SUCCESS)
 }

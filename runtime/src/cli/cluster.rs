@@ -187,6 +187,62 @@ pub struct SubmitArgs {
     /// Override a [params] entry: --set KEY=VALUE (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Override an operator's parallelism: --parallelism OPERATOR=N
+    /// (repeatable; with --from, key groups are spread over the new count).
+    #[arg(long = "parallelism", value_name = "OPERATOR=N")]
+    pub parallelism: Vec<String>,
+    /// Start from this savepoint (by name) or committed checkpoint (by id)
+    /// instead of the newest committed checkpoint.
+    #[arg(long, value_name = "SAVEPOINT_OR_ID")]
+    pub from: Option<String>,
+    #[command(flatten)]
+    /// Client TLS.
+    pub tls: ClientTls,
+}
+
+/// Arguments of `lazarus savepoint`.
+#[derive(Debug, Clone, Args)]
+pub struct SavepointArgs {
+    /// The job.
+    pub job: String,
+    /// The savepoint's name (default savepoint-<checkpoint>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Stop the job at the savepoint (after a final checkpoint).
+    #[arg(long)]
+    pub stop: bool,
+    /// The supervisor's address, or several, comma-separated.
+    #[arg(
+        long,
+        env = "LAZARUS_SUPERVISOR_ADDR",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub supervisor: Vec<SocketAddr>,
+    #[command(flatten)]
+    /// Client TLS.
+    pub tls: ClientTls,
+}
+
+/// Arguments of `lazarus rescale`.
+#[derive(Debug, Clone, Args)]
+pub struct RescaleArgs {
+    /// The job.
+    pub job: String,
+    /// The operator to rescale.
+    #[arg(long)]
+    pub operator: String,
+    /// Its new number of instances (1 to the job's key groups).
+    #[arg(long)]
+    pub parallelism: u32,
+    /// The supervisor's address, or several, comma-separated.
+    #[arg(
+        long,
+        env = "LAZARUS_SUPERVISOR_ADDR",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub supervisor: Vec<SocketAddr>,
     #[command(flatten)]
     /// Client TLS.
     pub tls: ClientTls,
@@ -401,9 +457,52 @@ pub async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
 
 /// `lazarus submit`.
 pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
-    let message =
-        client::submit(&args.tls.dialer()?, &args.supervisor, &args.spec, &args.set).await?;
+    let message = client::submit(
+        &args.tls.dialer()?,
+        &args.supervisor,
+        &args.spec,
+        &args.set,
+        &args.parallelism,
+        args.from.as_deref(),
+    )
+    .await?;
     println!("{message}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lazarus savepoint`.
+pub async fn savepoint(args: &SavepointArgs) -> anyhow::Result<ExitCode> {
+    let job = lazarus_storage::JobId::new(args.job.clone())?;
+    if let Some(name) = &args.name {
+        lazarus_storage::Savepoint::check_name(name)?;
+    }
+    let req = crate::cluster::wire::ClientRequest::Savepoint {
+        job,
+        name: args.name.clone(),
+        stop: args.stop,
+    };
+    println!(
+        "{}",
+        client::done(&args.tls.dialer()?, &args.supervisor, req).await?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lazarus rescale`.
+pub async fn rescale(args: &RescaleArgs) -> anyhow::Result<ExitCode> {
+    let job = lazarus_storage::JobId::new(args.job.clone())?;
+    if args.parallelism == 0 {
+        anyhow::bail!("--parallelism must be at least 1");
+    }
+    let req = crate::cluster::wire::ClientRequest::Rescale {
+        job,
+        operator: args.operator.clone(),
+        parallelism: args.parallelism,
+    };
+    println!(
+        "{}",
+        client::done(&args.tls.dialer()?, &args.supervisor, req).await?
+    );
     Ok(ExitCode::SUCCESS)
 }
 

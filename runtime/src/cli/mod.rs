@@ -53,6 +53,12 @@ pub enum Command {
     Status(cluster::StatusArgs),
     /// Stop a job on a supervisor.
     Stop(cluster::StopArgs),
+    /// Take a savepoint of a running job (a checkpoint retention never
+    /// deletes; `--stop` stops the job at it).
+    Savepoint(cluster::SavepointArgs),
+    /// Change an operator's parallelism: stop with a savepoint, start again
+    /// from it with the key groups spread over the new instances.
+    Rescale(cluster::RescaleArgs),
     /// The cluster's certificate authority.
     Ca {
         /// Which CA command.
@@ -104,6 +110,14 @@ pub struct RunArgs {
     /// On Ctrl-C, take a final checkpoint before stopping.
     #[arg(long)]
     pub final_checkpoint_on_stop: bool,
+    /// Override an operator's parallelism: --parallelism OPERATOR=N
+    /// (repeatable; with --from, key groups are spread over the new count).
+    #[arg(long = "parallelism", value_name = "OPERATOR=N")]
+    pub parallelism: Vec<String>,
+    /// Start from this savepoint (by name) or committed checkpoint (by id)
+    /// instead of the newest committed checkpoint.
+    #[arg(long, value_name = "SAVEPOINT_OR_ID")]
+    pub from: Option<String>,
 }
 
 /// Where a job's checkpoints are.
@@ -166,6 +180,29 @@ pub enum CheckpointsCommand {
         /// How many committed checkpoints to keep (at least 1).
         #[arg(long)]
         keep: usize,
+    },
+    /// Pin a committed checkpoint (the latest by default) under a name:
+    /// retention never deletes it; `run`/`submit --from NAME` start from it.
+    /// (`lazarus savepoint` does this for a running cluster job.)
+    Savepoint {
+        #[command(flatten)]
+        /// The job.
+        job: JobArgs,
+        /// The savepoint's name.
+        #[arg(long)]
+        name: String,
+        /// Checkpoint id (default: the latest committed).
+        #[arg(long)]
+        id: Option<u64>,
+    },
+    /// Delete a savepoint (its checkpoint then ages out under retention).
+    DeleteSavepoint {
+        #[command(flatten)]
+        /// The job.
+        job: JobArgs,
+        /// The savepoint's name.
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -264,6 +301,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Supervisor(args) => cluster::supervisor(&args).await,
         Command::Agent(args) => cluster::agent(&args).await,
         Command::Submit(args) => cluster::submit(&args).await,
+        Command::Savepoint(args) => cluster::savepoint(&args).await,
+        Command::Rescale(args) => cluster::rescale(&args).await,
         Command::Status(args) => cluster::status(&args).await,
         Command::Stop(args) => cluster::stop(&args).await,
         Command::Ca {
@@ -279,6 +318,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             CheckpointsCommand::Verify { job, id } => checkpoints::verify(&job, id).await,
             CheckpointsCommand::Gc { job, keep } => checkpoints::gc(&job, keep).await,
+            CheckpointsCommand::Savepoint { job, name, id } => {
+                checkpoints::savepoint(&job, &name, id).await
+            }
+            CheckpointsCommand::DeleteSavepoint { job, name } => {
+                checkpoints::delete_savepoint(&job, &name).await
+            }
         },
         Command::Storage {
             command: StorageCommand::Bench(args),

@@ -39,6 +39,8 @@ fn choose_store(flag: Option<&str>, spec: Option<&str>, state_dir: &Path) -> Str
 pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut spec = JobSpec::from_file(&args.spec)?;
     spec.set_params(&args.set)?;
+    spec.set_parallelism(&args.parallelism)?;
+    spec.validate()?;
     let worker_binary = spec.resolve_worker()?;
     let state_dir = absolute(
         &args
@@ -60,11 +62,11 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         store_url,
         worker_binary.display()
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(supervisor::StopRequest::Run);
     let ctrl_c = tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             eprintln!("[lazarus] stopping (Ctrl-C again to force)");
-            let _ = stop_tx.send(true);
+            let _ = stop_tx.send(supervisor::StopRequest::Stop);
             if tokio::signal::ctrl_c().await.is_ok() {
                 std::process::exit(130);
             }
@@ -81,6 +83,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             final_checkpoint_on_stop: args.final_checkpoint_on_stop,
             epoch_floor: 0,
             adopt_timeout: None,
+            from: args.from.clone(),
         },
         stop_rx,
     )

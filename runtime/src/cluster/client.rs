@@ -14,7 +14,8 @@ use crate::cluster::transport::Dialer;
 use crate::cluster::wire::{ClientReply, ClientRequest, StatusReport};
 
 /// Sends `req` and returns the reply (bounded: 5 s to connect, the TLS
-/// handshake's bound, 10 s to answer).
+/// handshake's bound, 10 s to answer; a savepoint or a rescale, which wait
+/// for checkpoints and a stop, 150 s).
 pub async fn request(
     dialer: &Dialer,
     supervisor: SocketAddr,
@@ -31,9 +32,13 @@ pub async fn request(
         }
         Dialer::Tls(_) => "",
     };
-    tokio::time::timeout(Duration::from_secs(10), protocol::read_control(&mut read))
+    let answer = match req {
+        ClientRequest::Savepoint { .. } | ClientRequest::Rescale { .. } => Duration::from_secs(150),
+        _ => Duration::from_secs(10),
+    };
+    tokio::time::timeout(answer, protocol::read_control(&mut read))
         .await
-        .context("the supervisor did not answer within 10 s")?
+        .with_context(|| format!("the supervisor did not answer within {answer:?}"))?
         .with_context(|| format!("reading the supervisor's answer{hint}"))?
         .with_context(|| format!("the supervisor closed the connection without answering{hint}"))
 }
@@ -63,12 +68,15 @@ pub async fn request_any(
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no supervisor address given")))
 }
 
-/// Submits the spec at `path` with `set` overrides.
+/// Submits the spec at `path` with `set` and `parallelism` overrides,
+/// starting `from` a savepoint or checkpoint id if given.
 pub async fn submit(
     dialer: &Dialer,
     supervisor: &[SocketAddr],
     path: &Path,
     set: &[String],
+    parallelism: &[String],
+    from: Option<&str>,
 ) -> anyhow::Result<String> {
     let spec =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -82,7 +90,19 @@ pub async fn submit(
         origin: path.display().to_string(),
         dir,
         set: set.to_vec(),
+        parallelism: parallelism.to_vec(),
+        from: from.map(str::to_string),
     };
+    acknowledged(request_any(dialer, supervisor, &req).await?)
+}
+
+/// Sends `req` (a savepoint or a rescale) and returns the supervisor's
+/// answer once it is done.
+pub async fn done(
+    dialer: &Dialer,
+    supervisor: &[SocketAddr],
+    req: ClientRequest,
+) -> anyhow::Result<String> {
     acknowledged(request_any(dialer, supervisor, &req).await?)
 }
 

@@ -25,7 +25,7 @@ use crate::cluster::server::{check_conflicts, prepare, signal_stop, start_job, S
 use crate::cluster::state::Cluster;
 use crate::cluster::transport::Dialer;
 use crate::cluster::wire::{
-    ClientReply, ClientRequest, HaStatus, JobStatusCell, StatusReport, VipStatus,
+    ClientReply, ClientRequest, HaStatus, JobStatusCell, StatusReport, Submission, VipStatus,
 };
 use crate::ha::{self, Elector, EtcdHealth, HaOptions, HaStore, JobRecord, Role};
 use crate::supervisor::{Adoption, JobHa, JobStateKind, PlacementLog, RunSummary};
@@ -165,7 +165,7 @@ impl Leadership {
         let mut adopted = 0;
         for rec in records.into_iter().filter(JobRecord::wants_running) {
             let sync = JobSync::new(store.clone(), term, rec.clone());
-            let started = prepare(&rec.spec, &rec.origin, rec.dir.clone(), &rec.set, server)
+            let started = prepare(rec.submission(), server)
                 .and_then(|p| start_job(p, cluster, server, jobs, Some(sync.clone())));
             match started {
                 Ok(()) => {
@@ -286,14 +286,56 @@ pub async fn client_request(
             }
             signal_stop(cluster, &job)
         }
+        ClientRequest::Savepoint { job, name, stop } => {
+            if stop {
+                // Recorded before it takes effect, as a stop.
+                let sync =
+                    ha.0.records
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&job)
+                        .cloned();
+                let Some(sync) = sync else {
+                    return ClientReply::Error {
+                        message: format!("no job {job}"),
+                    };
+                };
+                if let Err(e) = sync.put("stopped", None).await {
+                    return ClientReply::Error {
+                        message: format!("job {job} not stopped: recording it in etcd failed: {e}"),
+                    };
+                }
+            }
+            match crate::cluster::savepoint::take(cluster, &job, name, stop).await {
+                Ok(message) => ClientReply::Ok { message },
+                Err(e) => ClientReply::Error {
+                    message: format!("{e:#}"),
+                },
+            }
+        }
+        ClientRequest::Rescale { job, .. } => ClientReply::Error {
+            message: format!(
+                "rescaling job {job} under --etcd is not supported yet: take `lazarus savepoint {job} --stop`, then submit it again with `--from SAVEPOINT --parallelism OPERATOR=N`"
+            ),
+        },
         ClientRequest::Submit {
             spec,
             origin,
             dir,
             set,
+            parallelism,
+            from,
         } => {
             let submitted = async {
-                let prepared = prepare(&spec, &origin, dir.clone(), &set, server)?;
+                let sub = Submission {
+                    spec: spec.clone(),
+                    origin: origin.clone(),
+                    dir: dir.clone(),
+                    set: set.clone(),
+                    parallelism: parallelism.clone(),
+                };
+                let mut prepared = prepare(sub, server)?;
+                prepared.from = from;
                 check_conflicts(&cluster.lock(), &prepared.spec)?;
                 let job = prepared.spec.job_id();
                 let store = ha.store().await?.clone();
@@ -303,6 +345,7 @@ pub async fn client_request(
                     origin,
                     dir,
                     set,
+                    parallelism,
                     store: prepared.store_url.clone(),
                     state: "running".into(),
                     epoch: 0,

@@ -27,6 +27,7 @@ pub mod config;
 pub mod etcd_vips;
 pub mod fleet;
 pub mod leader;
+pub mod savepoint;
 pub mod server;
 pub mod state;
 pub mod transport;

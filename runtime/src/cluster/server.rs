@@ -25,14 +25,15 @@ use crate::cluster::leader::{self, Leadership};
 use crate::cluster::state::{Cluster, JobEntry};
 use crate::cluster::transport::{Acceptor, BoxRead, BoxWrite, Dialer};
 use crate::cluster::wire::{
-    job_status_cell, AgentMsg, ClientReply, ClientRequest, HaWelcome, ProcRef, SupervisorMsg,
+    job_status_cell, AgentMsg, ClientReply, ClientRequest, HaWelcome, ProcRef, Submission,
+    SupervisorMsg,
 };
 use crate::fleet::FleetEvent;
 use crate::ha::HaOptions;
 use crate::procs::WorkerExited;
 use crate::security::{Identity, Role};
 use crate::spec::JobSpec;
-use crate::supervisor::{self, LocalRun};
+use crate::supervisor::{self, LocalRun, StopRequest};
 
 /// `lazarus supervisor`'s settings.
 #[derive(Debug, Clone)]
@@ -162,7 +163,7 @@ pub async fn serve(
         c.jobs
             .values_mut()
             .filter_map(|j| {
-                let _ = j.stop.send(true);
+                let _ = j.stop.send(StopRequest::Stop);
                 j.task.take()
             })
             .collect()
@@ -276,7 +277,7 @@ async fn connection(
                     // there is none).
                     Err(leader) => leader::forward(req, leader, ha, &opts.forward).await,
                 },
-                None => client_request(req, &cluster, &opts, &jobs),
+                None => client_request(req, &cluster, &opts, &jobs).await,
             },
             Err(message) => {
                 tracing::warn!(%peer, "request refused: {message}");
@@ -499,6 +500,16 @@ fn authorize(identity: Option<&Identity>, req: &ClientRequest) -> Result<(), Str
         ClientRequest::Stop { .. } => {
             (&[Role::Operator, Role::Supervisor], "stop jobs", "operator")
         }
+        ClientRequest::Savepoint { .. } => (
+            &[Role::Operator, Role::Supervisor],
+            "take savepoints",
+            "operator",
+        ),
+        ClientRequest::Rescale { .. } => (
+            &[Role::Operator, Role::Supervisor],
+            "rescale jobs",
+            "operator",
+        ),
     };
     if allowed.contains(&id.role) {
         Ok(())
@@ -509,12 +520,18 @@ fn authorize(identity: Option<&Identity>, req: &ClientRequest) -> Result<(), Str
     }
 }
 
-fn client_request(
+async fn client_request(
     req: ClientRequest,
     cluster: &Cluster,
     opts: &ServerOptions,
     jobs: &TaskTracker,
 ) -> ClientReply {
+    let reply = |r: anyhow::Result<String>| match r {
+        Ok(message) => ClientReply::Ok { message },
+        Err(e) => ClientReply::Error {
+            message: format!("{e:#}"),
+        },
+    };
     match req {
         ClientRequest::Status => ClientReply::Status(Box::new(cluster.lock().report())),
         ClientRequest::Stop { job } => signal_stop(cluster, &job),
@@ -523,12 +540,29 @@ fn client_request(
             origin,
             dir,
             set,
-        } => match submit(spec, origin, dir, set, cluster, opts, jobs) {
-            Ok(message) => ClientReply::Ok { message },
-            Err(e) => ClientReply::Error {
-                message: format!("{e:#}"),
-            },
-        },
+            parallelism,
+            from,
+        } => {
+            let sub = Submission {
+                spec,
+                origin,
+                dir,
+                set,
+                parallelism,
+            };
+            reply(submit(sub, from, cluster, opts, jobs))
+        }
+        ClientRequest::Savepoint { job, name, stop } => {
+            reply(crate::cluster::savepoint::take(cluster, &job, name, stop).await)
+        }
+        ClientRequest::Rescale {
+            job,
+            operator,
+            parallelism,
+        } => reply(
+            crate::cluster::savepoint::rescale(cluster, opts, jobs, &job, &operator, parallelism)
+                .await,
+        ),
     }
 }
 
@@ -536,7 +570,7 @@ fn client_request(
 pub(crate) fn signal_stop(cluster: &Cluster, job: &JobId) -> ClientReply {
     match cluster.lock().jobs.get(job) {
         Some(j) => {
-            let _ = j.stop.send(true);
+            let _ = j.stop.send(StopRequest::Stop);
             ClientReply::Ok {
                 message: format!("stopping job {job}"),
             }
@@ -548,15 +582,14 @@ pub(crate) fn signal_stop(cluster: &Cluster, job: &JobId) -> ClientReply {
 }
 
 fn submit(
-    text: String,
-    origin: String,
-    dir: PathBuf,
-    set: Vec<String>,
+    sub: Submission,
+    from: Option<String>,
     cluster: &Cluster,
     opts: &ServerOptions,
     jobs: &TaskTracker,
 ) -> anyhow::Result<String> {
-    let job = prepare(&text, &origin, dir, &set, opts)?;
+    let mut job = prepare(sub, opts)?;
+    job.from = from;
     let id = job.spec.job_id();
     start_job(job, cluster, opts, jobs, None)?;
     Ok(format!("job {id} submitted"))
@@ -567,18 +600,18 @@ pub(crate) struct Prepared {
     pub spec: JobSpec,
     pub store_url: String,
     pub binary: PathBuf,
+    /// What was submitted (kept to rescale the job).
+    pub submission: Submission,
+    /// Where its first run starts (`--from`); `None`: the newest committed
+    /// checkpoint.
+    pub from: Option<String>,
 }
 
 /// Parses and validates a submitted spec.
-pub(crate) fn prepare(
-    text: &str,
-    origin: &str,
-    dir: PathBuf,
-    set: &[String],
-    opts: &ServerOptions,
-) -> anyhow::Result<Prepared> {
-    let mut spec = JobSpec::parse(text, origin, dir)?;
-    spec.set_params(set)?;
+pub(crate) fn prepare(sub: Submission, opts: &ServerOptions) -> anyhow::Result<Prepared> {
+    let mut spec = JobSpec::parse(&sub.spec, &sub.origin, sub.dir.clone())?;
+    spec.set_params(&sub.set)?;
+    spec.set_parallelism(&sub.parallelism)?;
     spec.validate()?;
     let binary = spec.resolve_worker()?;
     let store_url = spec
@@ -593,6 +626,8 @@ pub(crate) fn prepare(
         spec,
         store_url,
         binary,
+        submission: sub,
+        from: None,
     })
 }
 
@@ -632,12 +667,14 @@ pub(crate) fn start_job(
         spec,
         store_url,
         binary,
+        submission,
+        from,
     } = job;
     let job = spec.job_id();
     let mut c = cluster.lock();
     let vips = check_conflicts(&c, &spec)?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(StopRequest::Run);
     let status = job_status_cell(&job, lazarus_storage::Epoch(0));
     c.jobs.insert(
         job.clone(),
@@ -646,6 +683,7 @@ pub(crate) fn start_job(
             status: status.clone(),
             stop: stop_tx,
             vips,
+            submission: Some(std::sync::Arc::new((submission, store_url.clone()))),
             task: None,
         },
     );
@@ -659,6 +697,7 @@ pub(crate) fn start_job(
         final_checkpoint_on_stop: false,
         epoch_floor: ha.as_ref().map_or(0, leader::JobSync::epoch_floor),
         adopt_timeout: opts.ha.as_ref().map(|h| h.adopt_timeout),
+        from,
     };
     let services = run
         .spec

@@ -45,9 +45,11 @@ pub struct JobEntry {
     /// Its status.
     pub status: JobStatusCell,
     /// Asks it to stop.
-    pub stop: watch::Sender<bool>,
+    pub stop: watch::Sender<crate::supervisor::StopRequest>,
     /// The VIPs its operators hold.
     pub vips: Vec<String>,
+    /// What was submitted and where it checkpoints (to rescale it).
+    pub submission: Option<std::sync::Arc<(crate::cluster::wire::Submission, String)>>,
     /// The task running it (awaited at shutdown).
     pub task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -557,7 +559,7 @@ mod tests {
         let mut c = cluster.lock();
         let mut a = host(&mut c, "a");
         let (events, mut rx) = mpsc::unbounded_channel();
-        let (stop, _) = watch::channel(false);
+        let (stop, _) = watch::channel(crate::supervisor::StopRequest::Run);
         let job = JobId::new("j").expect("job");
         c.jobs.insert(
             job.clone(),
@@ -566,6 +568,7 @@ mod tests {
                 status: crate::cluster::wire::job_status_cell(&job, lazarus_storage::Epoch(1)),
                 stop,
                 vips: Vec::new(),
+                submission: None,
                 task: None,
             },
         );

@@ -375,6 +375,12 @@ pub enum ClientRequest {
         dir: PathBuf,
         /// `--set KEY=VALUE` overrides.
         set: Vec<String>,
+        /// `--parallelism OPERATOR=N` overrides.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        parallelism: Vec<String>,
+        /// `--from`: a savepoint's name or a committed checkpoint's id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
     },
     /// The cluster's state.
     Status,
@@ -383,6 +389,45 @@ pub enum ClientRequest {
         /// The job.
         job: JobId,
     },
+    /// Take a savepoint of a running job: the next checkpoint to commit is
+    /// pinned under `name`; with `stop`, the job stops after a final
+    /// checkpoint, which is pinned.
+    Savepoint {
+        /// The job.
+        job: JobId,
+        /// Its name (default `savepoint-<checkpoint>`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Stop the job at it.
+        #[serde(default)]
+        stop: bool,
+    },
+    /// Change an operator's parallelism: stop with a savepoint, start again
+    /// from it with the key groups spread over `parallelism` instances.
+    Rescale {
+        /// The job.
+        job: JobId,
+        /// The operator.
+        operator: String,
+        /// Its new parallelism.
+        parallelism: u32,
+    },
+}
+
+/// A job as submitted: what a supervisor needs to run it again (after a
+/// rescale, or as a new HA leader).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submission {
+    /// The spec's TOML text.
+    pub spec: String,
+    /// Where it came from (for messages).
+    pub origin: String,
+    /// Its directory (relative paths, the worker binary).
+    pub dir: PathBuf,
+    /// `--set KEY=VALUE` overrides.
+    pub set: Vec<String>,
+    /// `--parallelism OPERATOR=N` overrides, in order (later ones win).
+    pub parallelism: Vec<String>,
 }
 
 /// Supervisor → client.

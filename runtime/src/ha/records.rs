@@ -26,6 +26,9 @@ pub struct JobRecord {
     pub dir: PathBuf,
     /// `--set` overrides as submitted.
     pub set: Vec<String>,
+    /// `--parallelism` overrides as submitted (and added by rescales).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parallelism: Vec<String>,
     /// The store the job checkpoints to.
     pub store: String,
     /// `running` (a leader must run it) or a terminal state: `finished`,
@@ -47,6 +50,17 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// What was submitted, to run it again.
+    pub fn submission(&self) -> crate::cluster::wire::Submission {
+        crate::cluster::wire::Submission {
+            spec: self.spec.clone(),
+            origin: self.origin.clone(),
+            dir: self.dir.clone(),
+            set: self.set.clone(),
+            parallelism: self.parallelism.clone(),
+        }
+    }
+
     /// A leader must run this job.
     pub fn wants_running(&self) -> bool {
         self.state == "running"

@@ -249,8 +249,12 @@ pub enum Fact {
         /// Why, naming the path or address.
         reason: String,
     },
-    /// Someone asked the job to stop.
-    StopRequested,
+    /// Someone asked the job to stop; with `final_checkpoint`, after one
+    /// more checkpoint (stop with savepoint).
+    StopRequested {
+        /// Take a final checkpoint first.
+        final_checkpoint: bool,
+    },
     /// A hot standby's health check changed (its agent counts `fall`
     /// failures and `rise` successes; a primary that goes down is killed by
     /// its agent and arrives as an exit).
@@ -1155,7 +1159,7 @@ impl JobController {
                     self.out.push(Action::PruneCaches { newest, referenced });
                 }
             }
-            Fact::StopRequested => self.on_stop(now),
+            Fact::StopRequested { final_checkpoint } => self.on_stop(now, final_checkpoint),
             Fact::StandbyHealth { worker, host, up } => {
                 let here = self
                     .procs
@@ -1991,12 +1995,12 @@ impl JobController {
         }
     }
 
-    fn on_stop(&mut self, now: Duration) {
+    fn on_stop(&mut self, now: Duration, final_checkpoint: bool) {
         let again = std::mem::replace(&mut self.stop_requested, true);
         match self.phase {
             Phase::Ended(_) => {}
             // Asked once already: the final checkpoint is under way.
-            Phase::Running if self.cfg.final_checkpoint_on_stop && !again => {
+            Phase::Running if (self.cfg.final_checkpoint_on_stop || final_checkpoint) && !again => {
                 tracing::info!("stop requested: taking a final checkpoint");
                 let d = self.coordinator.request_final(now);
                 self.carry_out(now, d);

@@ -75,6 +75,9 @@ pub struct LocalRun {
     pub epoch_floor: u64,
     /// HA: how long an adoption waits for the processes to rejoin.
     pub adopt_timeout: Option<Duration>,
+    /// Start from this savepoint or checkpoint id (`--from`) instead of
+    /// the newest committed checkpoint. Ignored when adopting a running job.
+    pub from: Option<String>,
 }
 
 /// Writes a job's placement where a new leader finds it (HA: etcd), before
@@ -108,8 +111,24 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The end of a job waits this long for its processes and storage tasks.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a job's owner asks of it, through a `watch` channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StopRequest {
+    /// Keep running.
+    #[default]
+    Run,
+    /// Stop now (with a final checkpoint if the run was set up for one).
+    Stop,
+    /// Take a final checkpoint, then stop: nothing after it is committed,
+    /// so a savepoint of it restarts exactly where the job stopped.
+    StopWithCheckpoint,
+}
+
 /// Runs `run` until it finishes, is stopped (`stop` turns true), or fails.
-pub async fn run_local(run: LocalRun, stop: watch::Receiver<bool>) -> anyhow::Result<RunSummary> {
+pub async fn run_local(
+    run: LocalRun,
+    stop: watch::Receiver<StopRequest>,
+) -> anyhow::Result<RunSummary> {
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut table = ProcessTable::new(
         crate::fleet::LOCAL_HOST,
@@ -147,7 +166,7 @@ pub async fn run_job(
     events: mpsc::UnboundedReceiver<FleetEvent>,
     control: ControlPort,
     status: JobStatusCell,
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<StopRequest>,
     ha: Option<JobHa>,
 ) -> anyhow::Result<RunSummary> {
     let job = run.spec.job_id();
@@ -206,7 +225,7 @@ impl Shell {
         mut events: mpsc::UnboundedReceiver<FleetEvent>,
         control: ControlPort,
         status: JobStatusCell,
-        mut stop: watch::Receiver<bool>,
+        mut stop: watch::Receiver<StopRequest>,
         ha: Option<JobHa>,
     ) -> anyhow::Result<RunSummary> {
         let started = Stopwatch::start();
@@ -227,10 +246,14 @@ impl Shell {
         js.claim_epoch(epoch)
             .await
             .context("claiming the job's epoch")?;
-        let latest = match js.latest().await {
-            Ok(m) => Some(m.checkpoint),
-            Err(e) if e.kind() == ErrorKind::NotFound => None,
-            Err(e) => return Err(e).context("reading the latest checkpoint"),
+        let adopting = ha.as_ref().is_some_and(|h| h.adopt.is_some());
+        let latest = match &run.from {
+            Some(from) if !adopting => Some(storage::start_from(&js, from, epoch).await?),
+            _ => match js.latest().await {
+                Ok(m) => Some(m.checkpoint),
+                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                Err(e) => return Err(e).context("reading the latest checkpoint"),
+            },
         };
         let next_id = latest.map_or(CheckpointId(1), |c| c.next());
         let ControlPort {
@@ -322,11 +345,14 @@ impl Shell {
                 _ = tick.tick() => Fact::Tick,
                 _ = tokio::time::sleep_until(wake) => Fact::Tick,
                 changed = stop.changed(), if !stop_seen => {
-                    if changed.is_ok() && !*stop.borrow() {
+                    let request = *stop.borrow();
+                    if changed.is_ok() && request == StopRequest::Run {
                         continue;
                     }
                     stop_seen = true;
-                    Fact::StopRequested
+                    Fact::StopRequested {
+                        final_checkpoint: request == StopRequest::StopWithCheckpoint,
+                    }
                 }
                 _ = status_tick.tick(), if status_every.is_some() => {
                     print_status_line(&ctl, started, &mut last_status);

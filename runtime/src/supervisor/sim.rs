@@ -551,7 +551,12 @@ impl World {
             // Someone stops the job.
             76 => {
                 self.causes.stop = true;
-                self.at(ms(0), Event::Deliver(Fact::StopRequested));
+                self.at(
+                    ms(0),
+                    Event::Deliver(Fact::StopRequested {
+                        final_checkpoint: false,
+                    }),
+                );
             }
             // The supervisor dies; another adopts the job.
             86..=91 => self.at(ms(0), Event::LeaderChange),
@@ -1149,7 +1154,9 @@ impl World {
         for p in self.procs.values_mut() {
             p.stalled = false;
         }
-        self.deliver(Fact::StopRequested);
+        self.deliver(Fact::StopRequested {
+            final_checkpoint: false,
+        });
         let until = self.now + ms(2000);
         self.run_until(until);
         if !self.ctl.is_ended() {
@@ -1488,7 +1495,9 @@ mod scenarios {
     fn test_stop_kills_everything_and_releases_the_vip() {
         let mut w = running(0, 3);
         w.causes.stop = true;
-        w.deliver(Fact::StopRequested);
+        w.deliver(Fact::StopRequested {
+            final_checkpoint: false,
+        });
         assert!(w.ctl.is_ended());
         assert_eq!(w.ctl.summary().state, JobState::Stopped);
         assert!(w.vips.is_empty(), "the VIP is unassigned");

@@ -178,3 +178,41 @@ async fn retention(
     }
     Some((newest, referenced))
 }
+
+/// Makes `from` (a savepoint's name or a committed checkpoint's id) what a
+/// new run restores: if it is not the newest committed checkpoint, a copy
+/// of its manifest (the same chunk references, this run's `epoch`) is
+/// committed as the next id, so recovery, retention and fencing keep
+/// working on "the newest committed checkpoint". Returns the checkpoint the
+/// run restores.
+pub async fn start_from(
+    js: &JobStore,
+    from: &str,
+    epoch: Epoch,
+) -> anyhow::Result<lazarus_storage::CheckpointId> {
+    use anyhow::Context as _;
+    let span = tracing::info_span!("start_from", from, %epoch);
+    async {
+        let source = js
+            .resolve_start(from)
+            .await
+            .with_context(|| format!("--from {from}"))?;
+        let latest = js.latest().await.context("reading the latest checkpoint")?;
+        if latest.checkpoint == source.checkpoint {
+            tracing::info!(checkpoint = %source.checkpoint, "starting from the newest checkpoint");
+            return Ok(source.checkpoint);
+        }
+        let mut copy = Manifest::new(js.job().clone(), latest.checkpoint.next(), epoch);
+        copy.workers = source.workers;
+        js.commit(&copy).await.with_context(|| {
+            format!(
+                "committing checkpoint {} as a copy of {} (--from {from})",
+                copy.checkpoint, source.checkpoint
+            )
+        })?;
+        tracing::info!(source = %source.checkpoint, copy = %copy.checkpoint, "starting from an older checkpoint: committed a copy of it");
+        Ok(copy.checkpoint)
+    }
+    .instrument(span)
+    .await
+}
