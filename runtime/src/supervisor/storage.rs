@@ -216,3 +216,87 @@ pub async fn start_from(
     .instrument(span)
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazarus_storage::{CheckpointId, CheckpointStore, Codec, JobId, WorkerId, WorkerSnapshot};
+
+    async fn commit(js: &JobStore, id: u64, epoch: u64, data: &[u8]) -> Manifest {
+        let w = WorkerId::new("counter-0").expect("worker");
+        let chunk = js
+            .write_chunk(
+                CheckpointId(id),
+                &w,
+                "kg-0",
+                data.to_vec().into(),
+                Codec::None,
+            )
+            .await
+            .expect("chunk");
+        let mut m = Manifest::new(js.job().clone(), CheckpointId(id), Epoch(epoch));
+        m.workers.insert(
+            w,
+            WorkerSnapshot {
+                chunks: vec![chunk],
+                metadata: format!("pos-{id}").into_bytes(),
+            },
+        );
+        js.commit(&m).await.expect("commit");
+        m
+    }
+
+    #[tokio::test]
+    async fn test_start_from_an_older_savepoint_commits_a_copy_as_the_newest() {
+        let js = CheckpointStore::open("memory://")
+            .expect("store")
+            .job(JobId::new("j").expect("job"));
+        let first = commit(&js, 1, 1, b"one").await;
+        commit(&js, 2, 1, b"two").await;
+        commit(&js, 3, 1, b"three").await;
+        js.create_savepoint("sp", CheckpointId(1))
+            .await
+            .expect("savepoint");
+        // The newest: nothing copied.
+        assert_eq!(
+            start_from(&js, "3", Epoch(2)).await.expect("newest"),
+            CheckpointId(3)
+        );
+        // An older one: a copy, with the new epoch, becomes the newest.
+        js.claim_epoch(Epoch(2)).await.expect("claim");
+        let id = start_from(&js, "sp", Epoch(2))
+            .await
+            .expect("from savepoint");
+        assert_eq!(id, CheckpointId(4));
+        let latest = js.latest().await.expect("latest");
+        assert_eq!(latest.checkpoint, CheckpointId(4));
+        assert_eq!(latest.epoch, Epoch(2));
+        assert_eq!(
+            latest.workers, first.workers,
+            "the savepoint's state, by reference"
+        );
+        assert!(js.verify(&latest).await.expect("verify").is_ok());
+        // Unknown names and ids are refused, naming them.
+        let e = start_from(&js, "nope", Epoch(2))
+            .await
+            .expect_err("unknown");
+        assert!(
+            format!("{e:#}").contains("no savepoint named \"nope\""),
+            "{e:#}"
+        );
+        let e = start_from(&js, "99", Epoch(2))
+            .await
+            .expect_err("unknown id");
+        assert!(
+            format!("{e:#}").contains("checkpoint 99 is not committed"),
+            "{e:#}"
+        );
+        let e = start_from(&js, "a/b", Epoch(2))
+            .await
+            .expect_err("bad name");
+        assert!(
+            format!("{e:#}").contains("neither a checkpoint id nor a savepoint name"),
+            "{e:#}"
+        );
+    }
+}
