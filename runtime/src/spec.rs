@@ -258,6 +258,13 @@ pub struct OperatorSpec {
     /// IPv6 service VIP with prefix (`2001:2::100/64`), as `vip`.
     #[serde(default)]
     pub vip6: Option<String>,
+    /// Active-active: one IPv4 VIP per instance, in instance order (at
+    /// most `parallelism`); instance `i` serves `vips[i]`. Instead of `vip`.
+    #[serde(default)]
+    pub vips: Vec<String>,
+    /// Active-active: one IPv6 VIP per instance, as `vips`.
+    #[serde(default)]
+    pub vips6: Vec<String>,
     /// The service port on the VIP; the worker sees it as parameter
     /// `lazarus.port` (and the VIPs as `lazarus.vip`, `lazarus.vip6`).
     #[serde(default)]
@@ -363,6 +370,9 @@ pub struct PlannedWorker {
     pub standby: StandbyKind,
     /// The VIPs its primary's agent holds (`addr/prefix`).
     pub vips: Vec<String>,
+    /// Active-active: every instance's VIP, in instance order (the worker
+    /// sees their addresses as `lazarus.peers`, to forward to a key's owner).
+    pub peer_vips: Vec<String>,
     /// Its service port, if any.
     pub port: Option<u16>,
     /// The hosts it may run on (empty: any).
@@ -388,6 +398,14 @@ impl PlannedWorker {
                 "lazarus.vip"
             };
             p.insert(key.to_string(), addr);
+        }
+        if !self.peer_vips.is_empty() {
+            let addrs: Vec<&str> = self
+                .peer_vips
+                .iter()
+                .map(|v| v.split('/').next().unwrap_or(v))
+                .collect();
+            p.insert("lazarus.peers".to_string(), addrs.join(","));
         }
         if let Some(process) = &self.process {
             p.insert(
@@ -482,8 +500,44 @@ impl JobSpec {
                 if op.parallelism != 1 {
                     return Err(self.invalid(
                         field(f),
-                        "a VIP is served by one primary: parallelism must be 1",
+                        format!("a VIP is served by one primary: parallelism must be 1 (for one VIP per instance, active-active, use {f}s = [...])"),
                     ));
+                }
+            }
+            for (f, list, v6, single, one) in [
+                ("vips", &op.vips, false, &op.vip, "vip"),
+                ("vips6", &op.vips6, true, &op.vip6, "vip6"),
+            ] {
+                if list.is_empty() {
+                    continue;
+                }
+                if single.is_some() {
+                    return Err(self.invalid(
+                        field(f),
+                        format!(
+                            "set either {one} (one primary) or {f} (one per instance), not both"
+                        ),
+                    ));
+                }
+                if list.len() > op.parallelism as usize {
+                    return Err(self.invalid(
+                        field(f),
+                        format!(
+                            "{} VIPs for {} instances: at most one VIP per instance",
+                            list.len(),
+                            op.parallelism
+                        ),
+                    ));
+                }
+                for v in list {
+                    let (addr, _) = crate::vip::parse_vip(v)
+                        .map_err(|e| self.invalid(field(f), e.to_string()))?;
+                    if addr.is_ipv6() != v6 {
+                        return Err(self.invalid(
+                            field(f),
+                            format!("{v:?} is not an IPv{} address", if v6 { 6 } else { 4 }),
+                        ));
+                    }
                 }
             }
             if op.port == Some(0) {
@@ -532,6 +586,28 @@ impl JobSpec {
                     field("hosts"),
                     "a standby needs another host than its primary: list at least two hosts, or set standby = \"none\"",
                 ));
+            }
+        }
+        // A VIP address belongs to one instance of one operator.
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        for (i, op) in self.operators.iter().enumerate() {
+            let named = [
+                ("vip", op.vip.iter().collect::<Vec<_>>()),
+                ("vip6", op.vip6.iter().collect()),
+                ("vips", op.vips.iter().collect()),
+                ("vips6", op.vips6.iter().collect()),
+            ];
+            for (f, list) in named {
+                for v in list {
+                    let addr = v.split('/').next().unwrap_or(v).to_string();
+                    let here = format!("operator[{i}].{f}");
+                    if let Some(first) = seen.insert(addr.clone(), here.clone()) {
+                        return Err(self.invalid(
+                            here,
+                            format!("VIP {addr} is also named by {first}: each VIP is served by one instance"),
+                        ));
+                    }
+                }
             }
         }
         if self.job.key_groups < max_par || self.job.key_groups > 32_768 {
@@ -778,7 +854,19 @@ impl JobSpec {
                     inputs,
                     outputs,
                     standby: op.standby,
-                    vips: op.vip.iter().chain(op.vip6.iter()).cloned().collect(),
+                    vips: op
+                        .vip
+                        .iter()
+                        .chain(op.vip6.iter())
+                        .chain(op.vips.get(index as usize))
+                        .chain(op.vips6.get(index as usize))
+                        .cloned()
+                        .collect(),
+                    peer_vips: if op.vips.is_empty() {
+                        op.vips6.clone()
+                    } else {
+                        op.vips.clone()
+                    },
                     port: op.port,
                     hosts: op.hosts.clone(),
                     process: op.process.clone(),
@@ -980,6 +1068,96 @@ mod tests {
             p.get("lazarus.vip6").map(String::as_str),
             Some("2001:2::100")
         );
+    }
+
+    #[test]
+    fn test_active_active_vips_one_per_instance() {
+        let with = |extra: &str| {
+            let text = GOOD.replacen(
+                "kind = \"tokenizer\"",
+                &format!("kind = \"tokenizer\"\n        {extra}"),
+                1,
+            );
+            parse(&text).map_err(|e| e.to_string())
+        };
+        let spec = with("vips = [\"198.18.0.100/24\", \"198.18.0.101/24\"]\n        vips6 = [\"2001:2::100/64\"]\n        port = 8080")
+            .expect("valid");
+        let plan = spec.plan();
+        let tok = |i: u32| {
+            plan.iter()
+                .find(|w| w.operator == "tok" && w.index == i)
+                .expect("instance")
+        };
+        assert_eq!(tok(0).vips, vec!["198.18.0.100/24", "2001:2::100/64"]);
+        assert_eq!(tok(1).vips, vec!["198.18.0.101/24"]);
+        let p = tok(1).own_params();
+        assert_eq!(
+            p.get("lazarus.vip").map(String::as_str),
+            Some("198.18.0.101")
+        );
+        assert_eq!(
+            p.get("lazarus.peers").map(String::as_str),
+            Some("198.18.0.100,198.18.0.101")
+        );
+        // Bad input, each named by its field.
+        for (extra, says) in [
+            (
+                "vips = [\"198.18.0.100/24\", \"198.18.0.101/24\", \"198.18.0.102/24\"]",
+                "operator[1].vips: 3 VIPs for 2 instances: at most one VIP per instance",
+            ),
+            (
+                "vips = [\"2001:2::100/64\"]",
+                "operator[1].vips: \"2001:2::100/64\" is not an IPv4 address",
+            ),
+            (
+                "vips = [\"198.18.0.100/24\", \"198.18.0.100/24\"]",
+                "operator[1].vips: VIP 198.18.0.100 is also named by operator[1].vips",
+            ),
+            ("vip = \"198.18.0.100/24\"", "use vips = [...]"),
+        ] {
+            let e = with(extra).expect_err(extra);
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+        // A VIP shared by two operators.
+        let text = GOOD
+            .replacen(
+                "kind = \"tokenizer\"",
+                "kind = \"tokenizer\"\n        vips = [\"198.18.0.100/24\"]",
+                1,
+            )
+            .replacen(
+                "kind = \"counter\"",
+                "kind = \"counter\"\n        vips = [\"198.18.0.100/24\"]",
+                1,
+            );
+        let e = parse(&text).map_err(|e| e.to_string()).expect_err("shared");
+        assert!(
+            e.contains("VIP 198.18.0.100 is also named by operator[1].vips"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn test_parallelism_overrides_and_forward_groups() {
+        let mut spec = parse(GOOD).expect("good");
+        assert_eq!(spec.forward_group("count"), vec!["count".to_string()]);
+        spec.set_parallelism(&["tok=3".into()]).expect("override");
+        spec.validate().expect("valid");
+        assert_eq!(
+            spec.plan().iter().filter(|w| w.operator == "tok").count(),
+            3
+        );
+        for (o, says) in [
+            ("tok", "is not OPERATOR=N"),
+            ("tok=x", "\"x\" is not a whole number"),
+            ("nope=2", "no operator \"nope\""),
+        ] {
+            let e = spec.set_parallelism(&[o.into()]).expect_err(o).to_string();
+            assert!(e.contains("--parallelism") && e.contains(says), "{o}: {e}");
+        }
+        spec.set_parallelism(&["tok=0".into()]).expect("parsed");
+        let e = spec.validate().expect_err("0").to_string();
+        assert!(e.contains("must be between 1 and 256, got 0"), "{e}");
     }
 
     #[test]
