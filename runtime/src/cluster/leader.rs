@@ -313,11 +313,65 @@ pub async fn client_request(
                 },
             }
         }
-        ClientRequest::Rescale { job, .. } => ClientReply::Error {
-            message: format!(
-                "rescaling job {job} under --etcd is not supported yet: take `lazarus savepoint {job} --stop`, then submit it again with `--from SAVEPOINT --parallelism OPERATOR=N`"
-            ),
-        },
+        ClientRequest::Rescale {
+            job,
+            operator,
+            parallelism,
+        } => {
+            let rescaled = async {
+                use crate::cluster::savepoint::{plan_rescale, stop_for_rescale};
+                use anyhow::Context as _;
+                let plan = plan_rescale(cluster, server, &job, &operator, parallelism)?;
+                let old =
+                    ha.0.records
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&job)
+                        .cloned()
+                        .with_context(|| format!("no job {job}"))?;
+                // Recorded as stopped before it stops: a new leader does
+                // not start the old plan again.
+                old.put("stopped", None).await.with_context(|| {
+                    format!("job {job} not rescaled: recording the stop in etcd failed")
+                })?;
+                let (next, reply) = stop_for_rescale(cluster, &job, plan).await?;
+                let from = next.from.clone().unwrap_or_default();
+                let sub = next.submission.clone();
+                let store = ha.store().await?.clone();
+                let rec = JobRecord {
+                    job: job.to_string(),
+                    spec: sub.spec,
+                    origin: sub.origin,
+                    dir: sub.dir,
+                    set: sub.set,
+                    parallelism: sub.parallelism,
+                    store: next.store_url.clone(),
+                    state: "running".into(),
+                    epoch: 0,
+                    last_checkpoint: None,
+                    term,
+                    failure: None,
+                    placement: None,
+                };
+                let sync = JobSync::new(store, term, rec);
+                let started = async {
+                    sync.put("running", None).await?;
+                    start_job(next, cluster, server, jobs, Some(sync.clone()))
+                }
+                .await;
+                started.with_context(|| {
+                    format!("job {job} stopped at savepoint {from} but did not start again; submit it with --from {from}")
+                })?;
+                ha.remember(sync);
+                anyhow::Ok(reply)
+            };
+            match rescaled.await {
+                Ok(message) => ClientReply::Ok { message },
+                Err(e) => ClientReply::Error {
+                    message: format!("{e:#}"),
+                },
+            }
+        }
         ClientRequest::Submit {
             spec,
             origin,

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use lazarus_storage::{CheckpointId, CheckpointStore, JobId, Savepoint};
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::server::{prepare, start_job, ServerOptions};
+use crate::cluster::server::{prepare, start_job, Prepared, ServerOptions};
 use crate::cluster::state::Cluster;
 use crate::supervisor::controller::JobStateKind;
 use crate::supervisor::StopRequest;
@@ -129,9 +129,101 @@ pub async fn take(
     })
 }
 
-/// `lazarus rescale`: stop `job` with a savepoint and start it again from
-/// it with `operator` at `parallelism`. Everything the new plan would refuse
-/// is refused before the job is touched.
+/// A checked rescale, ready to carry out.
+pub(crate) struct RescalePlan {
+    /// The job as it will run again (its `from` is set once the savepoint
+    /// is taken).
+    pub next: Prepared,
+    /// The operators rescaled (the one asked for and those chained to it by
+    /// `forward` edges).
+    pub group: Vec<String>,
+    /// Their parallelism now.
+    pub current: u32,
+    /// Their parallelism after.
+    pub parallelism: u32,
+}
+
+/// Checks a rescale of running job `job` against the plan it would make:
+/// everything the new plan would refuse is refused before the job is
+/// touched.
+pub(crate) fn plan_rescale(
+    cluster: &Cluster,
+    opts: &ServerOptions,
+    job: &JobId,
+    operator: &str,
+    parallelism: u32,
+) -> anyhow::Result<RescalePlan> {
+    let mut sub = {
+        let c = cluster.lock();
+        let entry = c.jobs.get(job).with_context(|| format!("no job {job}"))?;
+        if entry.ended() {
+            anyhow::bail!("job {job} is not running");
+        }
+        entry
+            .submission
+            .as_ref()
+            .map(|s| s.0.clone())
+            .with_context(|| format!("job {job} has no submission on record"))?
+    };
+    let now = prepare(sub.clone(), opts)?;
+    let Some(current) = now
+        .spec
+        .operators
+        .iter()
+        .find(|o| o.name == operator)
+        .map(|o| o.parallelism)
+    else {
+        let names: Vec<&str> = now.spec.operators.iter().map(|o| o.name.as_str()).collect();
+        anyhow::bail!(
+            "job {job} has no operator {operator:?} (operators: {})",
+            names.join(", ")
+        );
+    };
+    if current == parallelism {
+        anyhow::bail!("operator {operator} of job {job} already has parallelism {parallelism}");
+    }
+    // Operators chained by `forward` edges keep equal parallelism: they
+    // are rescaled together.
+    let group = now.spec.forward_group(operator);
+    for op in &group {
+        sub.parallelism.push(format!("{op}={parallelism}"));
+    }
+    let next = prepare(sub, opts).with_context(|| format!("rescaling job {job}"))?;
+    Ok(RescalePlan {
+        next,
+        group,
+        current,
+        parallelism,
+    })
+}
+
+/// Stops the job with a savepoint for `plan`; returns the job to start
+/// (from the savepoint) and the reply.
+pub(crate) async fn stop_for_rescale(
+    cluster: &Cluster,
+    job: &JobId,
+    plan: RescalePlan,
+) -> anyhow::Result<(Prepared, String)> {
+    let RescalePlan {
+        mut next,
+        group,
+        current,
+        parallelism,
+    } = plan;
+    let prefix = format!("rescale-{}-{parallelism}", group[0]);
+    let (name, checkpoint) = take_savepoint(cluster, job, None, &prefix, true).await?;
+    next.from = Some(name.clone());
+    Ok((
+        next,
+        format!(
+            "job {job}: {} rescaled from {current} to {parallelism} instances, from savepoint {name} (checkpoint {checkpoint})",
+            group.join(", ")
+        ),
+    ))
+}
+
+/// `lazarus rescale` on a single supervisor: stop `job` with a savepoint
+/// and start it again from it with `operator` at `parallelism`.
 pub async fn rescale(
     cluster: &Cluster,
     opts: &ServerOptions,
@@ -140,52 +232,11 @@ pub async fn rescale(
     operator: &str,
     parallelism: u32,
 ) -> anyhow::Result<String> {
-    let (mut sub, now) = {
-        let c = cluster.lock();
-        let entry = c.jobs.get(job).with_context(|| format!("no job {job}"))?;
-        if entry.ended() {
-            anyhow::bail!("job {job} is not running");
-        }
-        let sub = entry
-            .submission
-            .as_ref()
-            .map(|s| s.0.clone())
-            .with_context(|| format!("job {job} has no submission on record"))?;
-        let now = prepare(sub.clone(), opts)?;
-        (sub, now)
-    };
-    let current = now
-        .spec
-        .operators
-        .iter()
-        .find(|o| o.name == operator)
-        .map(|o| o.parallelism);
-    if current == Some(parallelism) {
-        anyhow::bail!("operator {operator} of job {job} already has parallelism {parallelism}");
-    }
-    if current.is_none() {
-        let names: Vec<&str> = now.spec.operators.iter().map(|o| o.name.as_str()).collect();
-        anyhow::bail!(
-            "job {job} has no operator {operator:?} (operators: {})",
-            names.join(", ")
-        );
-    }
-    // Operators chained by `forward` edges keep equal parallelism: they
-    // are rescaled together.
-    let group = now.spec.forward_group(operator);
-    for op in &group {
-        sub.parallelism.push(format!("{op}={parallelism}"));
-    }
-    let mut next = prepare(sub, opts).with_context(|| format!("rescaling job {job}"))?;
-    let prefix = format!("rescale-{operator}-{parallelism}");
-    let (name, checkpoint) = take_savepoint(cluster, job, None, &prefix, true).await?;
-    next.from = Some(name.clone());
+    let plan = plan_rescale(cluster, opts, job, operator, parallelism)?;
+    let (next, reply) = stop_for_rescale(cluster, job, plan).await?;
+    let from = next.from.clone().unwrap_or_default();
     start_job(next, cluster, opts, jobs, None).with_context(|| {
-        format!("job {job} stopped at savepoint {name} but did not start again; submit it with --from {name}")
+        format!("job {job} stopped at savepoint {from} but did not start again; submit it with --from {from}")
     })?;
-    Ok(format!(
-        "job {job}: {} rescaled from {} to {parallelism} instances, from savepoint {name} (checkpoint {checkpoint})",
-        group.join(", "),
-        current.unwrap_or(0)
-    ))
+    Ok(reply)
 }
