@@ -15,6 +15,15 @@
 //! Write latency is therefore about one checkpoint interval plus the
 //! commit. A client whose write got no answer (the primary died first)
 //! does not know whether it was applied, as with any database; it retries.
+//!
+//! **Active-active**: with `parallelism = N` and `vips = [N addresses]`,
+//! each instance owns a share of the key groups and serves its own VIP
+//! (bound with `IP_FREEBIND`, so two instances can share a host after a
+//! failover). A request for a key another instance owns is forwarded to
+//! the owner's VIP and its answer relayed: any VIP answers for any key, and
+//! a forwarded write is acknowledged only once the owner's checkpoint holding
+//! it has committed. A forwarded request carries `X-Lazarus-Forwarded`; one
+//! that reaches a non-owner anyway gets 421 instead of going round again.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv6Addr, SocketAddr};
@@ -37,6 +46,11 @@ pub const MAX_VALUE: usize = 1 << 20;
 const MAX_HEAD: usize = 16 << 10;
 /// Requests queued for the state loop before new ones get 503.
 const QUEUE: usize = 4096;
+/// A forwarded request must be answered within this (it waits for the
+/// owner's checkpoint to commit).
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The header that marks a request forwarded by another instance.
+const FORWARDED: &str = "x-lazarus-forwarded";
 
 /// An HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +66,15 @@ impl Response {
         Response {
             status,
             body: body.into().into_bytes(),
+        }
+    }
+}
+
+impl Op {
+    /// The key it is about.
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Put(k, _) | Op::Get(k) | Op::Delete(k) => k,
         }
     }
 }
@@ -90,7 +113,76 @@ pub struct KvService {
     staged: VecDeque<(CheckpointId, Vec<Held>)>,
     /// Keys with writes not yet acknowledged, and how many.
     dirty: HashMap<String, usize>,
+    /// Which keys this instance owns (active-active).
+    shares: Shares,
     _server: AbortOnDrop,
+}
+
+/// Who owns which key: the job's key groups spread over the instances
+/// (Flink's key-group model), and every instance's VIP to forward to.
+#[derive(Debug, Clone)]
+pub struct Shares {
+    index: u32,
+    parallelism: u32,
+    key_groups: u32,
+    /// Every instance's VIP, by index (empty with parallelism 1).
+    peers: Vec<std::net::IpAddr>,
+    /// This instance's VIP, bound instead of every address (active-active).
+    own: Option<std::net::IpAddr>,
+}
+
+impl Shares {
+    /// From the operator's context: `lazarus.peers` (one VIP per instance,
+    /// set from the operator's `vips`) is required with parallelism above 1.
+    pub fn from_context(ctx: &Context) -> Result<Shares, BoxError> {
+        let mut shares = Shares {
+            index: ctx.index,
+            parallelism: ctx.parallelism.max(1),
+            key_groups: ctx.key_groups.max(1),
+            peers: Vec::new(),
+            own: None,
+        };
+        if shares.parallelism == 1 {
+            return Ok(shares);
+        }
+        let peers = ctx.params.get("lazarus.peers").ok_or_else(|| {
+            Fatal::new(format!(
+                "kv-service with parallelism {} needs one VIP per instance: set vips = [...] (or vips6) with {} addresses on the operator",
+                ctx.parallelism, ctx.parallelism
+            ))
+        })?;
+        for p in peers.split(',') {
+            shares.peers.push(
+                p.trim().parse().map_err(|e| {
+                    Fatal::new(format!("kv-service: lazarus.peers entry {p:?}: {e}"))
+                })?,
+            );
+        }
+        if shares.peers.len() != shares.parallelism as usize {
+            return Err(Fatal::new(format!(
+                "kv-service with parallelism {} needs one VIP per instance, the operator names {}",
+                ctx.parallelism,
+                shares.peers.len()
+            ))
+            .into());
+        }
+        shares.own = Some(shares.peers[shares.index as usize]);
+        Ok(shares)
+    }
+
+    /// The instance that owns `key`.
+    pub fn owner(&self, key: &str) -> u32 {
+        group_owner(
+            key_group(key.as_bytes(), self.key_groups),
+            self.key_groups,
+            self.parallelism,
+        )
+    }
+
+    /// Whether this instance owns `key`.
+    pub fn owns(&self, key: &str) -> bool {
+        self.owner(key) == self.index
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -107,13 +199,7 @@ impl KvService {
     /// agent adds to this host. Requests wait in a queue until the state is
     /// restored and the worker processes them.
     pub fn new(ctx: &Context) -> Result<KvService, BoxError> {
-        if ctx.parallelism != 1 {
-            return Err(format!(
-                "kv-service serves one VIP: parallelism must be 1, got {}",
-                ctx.parallelism
-            )
-            .into());
-        }
+        let shares = Shares::from_context(ctx)?;
         let port: u16 = ctx
             .params
             .get("lazarus.port")
@@ -121,21 +207,35 @@ impl KvService {
             .ok_or("kv-service needs a port: set `port` on the operator")?
             .parse()
             .map_err(|e| format!("kv-service port: {e}"))?;
-        let listener = bind(port)?;
+        let listener = match &shares.own {
+            Some(vip) => bind_vip(*vip, port)?,
+            None => bind(port)?,
+        };
         let (tx, rx) = mpsc::channel(QUEUE);
-        let server = tokio::spawn(serve(listener, tx));
+        let server = tokio::spawn(serve(listener, tx, shares.clone(), port));
         Ok(KvService {
             state: KeyedState::new("kv", ctx),
             requests: rx,
             unsnapped: Vec::new(),
             staged: VecDeque::new(),
             dirty: HashMap::new(),
+            shares,
             _server: AbortOnDrop(server),
         })
     }
 
     /// Applies one request; the answer is sent now or held for a commit.
     fn apply(&mut self, req: Request) {
+        let key = req.op.key();
+        if !self.shares.owns(key) {
+            // The listener forwards these; one here was misrouted.
+            let owner = self.shares.owner(key);
+            let _ = req.reply.send(Response::text(
+                421,
+                format!("key {key:?} belongs to instance {owner}\n"),
+            ));
+            return;
+        }
         match req.op {
             Op::Put(key, value) => {
                 let created = self.state.get(&key).is_none();
@@ -261,20 +361,204 @@ fn bind(port: u16) -> Result<TcpListener, BoxError> {
         .map_err(|e| format!("kv-service: binding port {port}: {e}").into())
 }
 
-async fn serve(listener: TcpListener, requests: mpsc::Sender<Request>) {
+/// Binds this instance's own VIP (active-active), with `IP_FREEBIND`: the
+/// agent may add the address only after the worker starts, and after a
+/// failover two instances may share a host, each on its own address.
+fn bind_vip(ip: std::net::IpAddr, port: u16) -> Result<TcpListener, BoxError> {
+    let addr = SocketAddr::new(ip, port);
+    let bound = (|| -> std::io::Result<TcpListener> {
+        let socket = if ip.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        freebind(&socket, ip.is_ipv4())?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    })();
+    bound.map_err(|e| format!("kv-service: binding its VIP {addr}: {e}").into())
+}
+
+fn freebind(socket: &tokio::net::TcpSocket, v4: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    let (level, option) = if v4 {
+        (libc::SOL_IP, libc::IP_FREEBIND)
+    } else {
+        (libc::SOL_IPV6, libc::IPV6_FREEBIND)
+    };
+    // SAFETY: a valid socket descriptor, an int option and its length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            std::ptr::addr_of!(one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+async fn serve(listener: TcpListener, requests: mpsc::Sender<Request>, shares: Shares, port: u16) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let requests = requests.clone();
+        let forwarder = Forwarder::new(shares.clone(), port);
         tokio::spawn(async move {
-            let _ = connection(stream, requests).await;
+            let _ = connection(stream, requests, forwarder).await;
         });
     }
 }
 
+/// Requests for keys this instance does not own go to the owner's VIP, on
+/// one kept-alive connection per owner (per client connection, so answers
+/// come back in the client's order).
+struct Forwarder {
+    shares: Shares,
+    port: u16,
+    conns: HashMap<u32, (TcpStream, Vec<u8>)>,
+}
+
+impl Forwarder {
+    fn new(shares: Shares, port: u16) -> Forwarder {
+        Forwarder {
+            shares,
+            port,
+            conns: HashMap::new(),
+        }
+    }
+
+    /// The owner's answer, or 503 if it cannot be reached (a client
+    /// retries, as after any failover). A request is sent again only when
+    /// a kept-alive connection turned out closed before any answer byte.
+    async fn forward(&mut self, owner: u32, method: &str, path: &str, body: &[u8]) -> Response {
+        let peer = SocketAddr::new(self.shares.peers[owner as usize], self.port);
+        for _ in 0..2 {
+            let reused = self.conns.contains_key(&owner);
+            if !reused {
+                let connect = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    TcpStream::connect(peer),
+                );
+                match connect.await {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        self.conns.insert(owner, (s, Vec::new()));
+                    }
+                    _ => break,
+                }
+            }
+            let (stream, buf) = self.conns.get_mut(&owner).expect("inserted above");
+            match tokio::time::timeout(FORWARD_TIMEOUT, exchange(stream, buf, method, path, body))
+                .await
+            {
+                Ok(Ok((r, keep))) => {
+                    if !keep {
+                        self.conns.remove(&owner);
+                    }
+                    return r;
+                }
+                Ok(Err(Exchange::ClosedBeforeAnswer)) if reused => {
+                    self.conns.remove(&owner);
+                }
+                _ => {
+                    self.conns.remove(&owner);
+                    break;
+                }
+            }
+        }
+        Response::text(
+            503,
+            format!("instance {owner} (owner of the key, at {peer}) is unavailable; retry\n"),
+        )
+    }
+}
+
+enum Exchange {
+    ClosedBeforeAnswer,
+    Failed,
+}
+
+/// One request on a connection to an owner; the answer and whether the
+/// connection stays open.
+async fn exchange(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(Response, bool), Exchange> {
+    let mut out = format!(
+        "{method} {path} HTTP/1.1\r\nHost: lazarus\r\nContent-Length: {}\r\n{FORWARDED}: 1\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|_| Exchange::ClosedBeforeAnswer)?;
+    let head_len = loop {
+        if let Some(pos) = find(buf, b"\r\n\r\n") {
+            break pos + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(Exchange::Failed);
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) if buf.is_empty() => return Err(Exchange::ClosedBeforeAnswer),
+            Ok(0) | Err(_) => return Err(Exchange::Failed),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_len]).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or(Exchange::Failed)?;
+    let mut length = 0usize;
+    let mut keep = true;
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().map_err(|_| Exchange::Failed)?,
+                "connection" => keep = !value.trim().eq_ignore_ascii_case("close"),
+                _ => {}
+            }
+        }
+    }
+    if length > MAX_VALUE + MAX_HEAD {
+        return Err(Exchange::Failed);
+    }
+    while buf.len() < head_len + length {
+        let mut chunk = vec![0u8; (head_len + length - buf.len()).min(64 << 10)];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Err(Exchange::Failed),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = buf[head_len..head_len + length].to_vec();
+    buf.drain(..head_len + length);
+    Ok((Response { status, body }, keep))
+}
+
 /// One client connection: HTTP/1.1 requests in order, keep-alive.
-async fn connection(mut stream: TcpStream, requests: mpsc::Sender<Request>) -> std::io::Result<()> {
+async fn connection(
+    mut stream: TcpStream,
+    requests: mpsc::Sender<Request>,
+    mut forwarder: Forwarder,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
@@ -315,6 +599,26 @@ async fn connection(mut stream: TcpStream, requests: mpsc::Sender<Request>) -> s
         let response = match route(&parsed.method, &parsed.path, body) {
             Err(r) => r,
             Ok(None) => Response::text(200, "ok\n"),
+            Ok(Some(op)) if !forwarder.shares.owns(op.key()) => {
+                let owner = forwarder.shares.owner(op.key());
+                if parsed.forwarded {
+                    Response::text(
+                        421,
+                        format!(
+                            "key {:?} belongs to instance {owner}, not this one (forwarded here)\n",
+                            op.key()
+                        ),
+                    )
+                } else {
+                    let body = match &op {
+                        Op::Put(_, v) => v.as_slice(),
+                        _ => &[],
+                    };
+                    forwarder
+                        .forward(owner, &parsed.method, &parsed.path, body)
+                        .await
+                }
+            }
             Ok(Some(op)) => {
                 let (tx, rx) = oneshot::channel();
                 match requests.try_send(Request { op, reply: tx }) {
@@ -341,6 +645,8 @@ struct Head {
     path: String,
     content_length: usize,
     close: bool,
+    /// Sent by another instance (never forwarded again).
+    forwarded: bool,
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -367,6 +673,7 @@ fn parse_head(head: &str) -> Result<Head, Response> {
     }
     let mut content_length = 0usize;
     let mut close = version == "HTTP/1.0";
+    let mut forwarded = false;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             return Err(Response::text(
@@ -394,6 +701,7 @@ fn parse_head(head: &str) -> Result<Head, Response> {
                 ))
             }
             "connection" => close = value.eq_ignore_ascii_case("close"),
+            FORWARDED => forwarded = true,
             _ => {}
         }
     }
@@ -402,6 +710,7 @@ fn parse_head(head: &str) -> Result<Head, Response> {
         path: path.to_string(),
         content_length,
         close,
+        forwarded,
     })
 }
 
@@ -451,6 +760,7 @@ async fn write_response(stream: &mut TcpStream, r: &Response, close: bool) -> st
         405 => "Method Not Allowed",
         411 => "Length Required",
         413 => "Payload Too Large",
+        421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         505 => "HTTP Version Not Supported",
@@ -521,6 +831,151 @@ mod tests {
         let h = parse_head("PUT /kv/a HTTP/1.1\r\nContent-Length: 3\r\nConnection: close")
             .expect("valid");
         assert_eq!((h.content_length, h.close), (3, true));
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    fn active_active(index: u32, port: u16) -> Context {
+        let mut ctx = Context::for_test("kv", index, 2);
+        ctx.params.insert("port".into(), port.to_string());
+        ctx.params
+            .insert("lazarus.peers".into(), "127.0.0.1,127.0.0.2".into());
+        ctx
+    }
+
+    #[test]
+    fn test_active_active_needs_one_vip_per_instance() {
+        let mut ctx = Context::for_test("kv", 0, 2);
+        ctx.params.insert("port".into(), "0".into());
+        let e = KvService::new(&ctx).err().expect("no peers").to_string();
+        assert!(e.contains("needs one VIP per instance: set vips"), "{e}");
+        ctx.params
+            .insert("lazarus.peers".into(), "127.0.0.1".into());
+        let e = KvService::new(&ctx).err().expect("one peer").to_string();
+        assert!(e.contains("the operator names 1"), "{e}");
+        ctx.params
+            .insert("lazarus.peers".into(), "127.0.0.1,nope".into());
+        let e = KvService::new(&ctx).err().expect("bad peer").to_string();
+        assert!(e.contains("lazarus.peers entry \"nope\""), "{e}");
+    }
+
+    /// Two instances on loopback addresses (127.0.0.1 and 127.0.0.2, the
+    /// same port): each key is answered through either address, writes are
+    /// acknowledged only after the owner's checkpoint commits, and a
+    /// forwarded request that reaches a non-owner is refused, not looped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_any_instance_answers_for_any_key_by_forwarding() {
+        let port = free_port();
+        let mut a = KvService::new(&active_active(0, port)).expect("instance 0");
+        let mut b = KvService::new(&active_active(1, port)).expect("instance 1");
+        // The state loops: apply requests, checkpoint and commit every 20 ms.
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let driver = tokio::spawn(async move {
+            let mut out = Emitter::default();
+            let mut n = 0u64;
+            loop {
+                for kv in [&mut a, &mut b] {
+                    kv.poll(&mut out, 64).expect("poll");
+                }
+                n += 1;
+                if n % 20 == 0 {
+                    let id = CheckpointId(n / 20);
+                    for kv in [&mut a, &mut b] {
+                        kv.prepare_snapshot(id);
+                        let _ = kv.snapshot();
+                        kv.committed(id).expect("commit");
+                    }
+                }
+                if stop_rx.try_recv().is_ok() {
+                    return (a, b);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        });
+        let shares = Shares::from_context(&active_active(0, port)).expect("shares");
+        let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        assert!(
+            keys.iter().any(|k| shares.owner(k) == 0) && keys.iter().any(|k| shares.owner(k) == 1)
+        );
+        let request = |ip: &'static str,
+                       method: &'static str,
+                       path: String,
+                       body: Vec<u8>,
+                       extra: &'static str| {
+            let addr: SocketAddr = format!("{ip}:{port}").parse().expect("addr");
+            let extra = extra.to_string();
+            async move {
+                let mut s = TcpStream::connect(addr).await.expect("connect");
+                let mut req = format!(
+                    "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                req.extend_from_slice(&body);
+                s.write_all(&req).await.expect("write");
+                let mut reply = Vec::new();
+                s.read_to_end(&mut reply).await.expect("read");
+                let text = String::from_utf8_lossy(&reply).to_string();
+                let status: u16 = text[9..12].parse().expect("status");
+                let body = text
+                    .split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_string())
+                    .unwrap_or_default();
+                (status, body)
+            }
+        };
+        // Writes through the "wrong" address too: all acknowledged.
+        for (i, k) in keys.iter().enumerate() {
+            let ip = if i % 2 == 0 { "127.0.0.1" } else { "127.0.0.2" };
+            let (status, body) = request(
+                ip,
+                "PUT",
+                format!("/kv/{k}"),
+                format!("v-{k}").into_bytes(),
+                "",
+            )
+            .await;
+            assert_eq!(status, 201, "PUT {k} via {ip}: {body}");
+        }
+        // Every key reads back through both addresses.
+        for k in &keys {
+            for ip in ["127.0.0.1", "127.0.0.2"] {
+                let (status, body) = request(ip, "GET", format!("/kv/{k}"), vec![], "").await;
+                assert_eq!(
+                    (status, body.as_str()),
+                    (200, format!("v-{k}").as_str()),
+                    "GET {k} via {ip}"
+                );
+            }
+        }
+        // A forwarded request at a non-owner: refused, not sent round again.
+        let k = keys
+            .iter()
+            .find(|k| shares.owner(k) == 1)
+            .expect("a key of 1");
+        let (status, body) = request(
+            "127.0.0.1",
+            "GET",
+            format!("/kv/{k}"),
+            vec![],
+            "X-Lazarus-Forwarded: 1\r\n",
+        )
+        .await;
+        assert_eq!(status, 421, "{body}");
+        assert!(body.contains("belongs to instance 1"), "{body}");
+        let _ = stop_tx.send(());
+        let (a, b) = driver.await.expect("driver");
+        // Each instance holds exactly its own share.
+        assert_eq!(a.state.len() + b.state.len(), keys.len());
+        assert_eq!(
+            a.state.len(),
+            keys.iter().filter(|k| shares.owner(k) == 0).count()
+        );
     }
 
     #[tokio::test]
