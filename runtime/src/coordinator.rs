@@ -303,6 +303,19 @@ impl CheckpointCoordinator {
         Vec::new()
     }
 
+    /// Sources that said they ran dry.
+    pub fn exhausted(&self) -> &BTreeSet<WorkerId> {
+        &self.exhausted
+    }
+
+    /// Marks source `worker` as dry without triggering anything (a region
+    /// failover carries what survivors said over to the next coordinator).
+    pub fn mark_exhausted(&mut self, worker: &WorkerId) {
+        if self.sources.contains(worker) {
+            self.exhausted.insert(worker.clone());
+        }
+    }
+
     /// Stop on request: take one more checkpoint, then finish.
     pub fn request_final(&mut self, now: Duration) -> Vec<Decision> {
         self.final_wanted = true;

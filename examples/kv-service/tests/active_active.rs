@@ -5,9 +5,11 @@
 //! Checks (issue "active-active", tests 1 to 3): every key is answered
 //! through either VIP (requests for the other instance's keys are
 //! forwarded); after the loss of one host its VIP and share move to the
-//! survivor within the lease bound, never with two holders of a VIP, and
-//! every acknowledged write is readable through both VIPs; when the host
-//! comes back nothing moves by itself (no preemption).
+//! survivor's host within the lease bound, never with two holders of a
+//! VIP, the surviving instance keeps its process (a region failover: the
+//! instances exchange no records, so only the lost one restarts), and every
+//! acknowledged write is readable through both VIPs; when the host comes
+//! back nothing moves by itself (no preemption).
 //!
 //! Needs root; fails (never skips) without it.
 
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{self, LzCluster, FAST};
-use common::netns::http;
+use common::netns::{http, pids_with_env};
 
 const VIPS: [&str; 2] = ["198.18.0.100", "198.18.0.101"];
 
@@ -144,6 +146,16 @@ fn test_active_active_serves_any_key_on_either_vip_and_survives_host_loss() {
 
     // 2. Host loss of kv-0's host: its VIP and share move to the survivor.
     let (lost, survivor) = (h0.clone(), h1.clone());
+    let survivor_pid = || {
+        let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(&survivor));
+        pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-1", &ip])
+    };
+    let before = survivor_pid();
+    assert_eq!(
+        before.len(),
+        1,
+        "one kv-1 process on {survivor}: {before:?}"
+    );
     let holders: Arc<Mutex<Vec<(bool, bool)>>> = Arc::default();
     let lost_at = Instant::now();
     c.bed.link_down(&lost);
@@ -200,6 +212,17 @@ fn test_active_active_serves_any_key_on_either_vip_and_survives_host_loss() {
                     .is_some_and(|(w, _)| w["primary"] == survivor.as_str())
             })
         },
+    );
+    // A region failover: kv-1 kept its process (and its share's state).
+    let job = cluster::job(&after, "kv").expect("job");
+    assert_eq!(
+        survivor_pid(),
+        before,
+        "the surviving instance was not restarted: {job}"
+    );
+    assert!(
+        job["region_failovers"].as_u64().is_some_and(|n| n >= 1),
+        "{job}"
     );
     let mut all = written.clone();
     all.extend(during);

@@ -526,6 +526,10 @@ pub struct JobStatus {
     pub attempt: u64,
     /// Restarts after failures.
     pub restarts: u32,
+    /// Of those, region failovers: only the failed workers' regions
+    /// restarted, the other workers kept running.
+    #[serde(default)]
+    pub region_failovers: u32,
     /// Checkpoints committed.
     pub committed: u64,
     /// The newest committed checkpoint.

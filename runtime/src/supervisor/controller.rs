@@ -505,6 +505,9 @@ pub struct RunSummary {
     pub restores: u64,
     /// Bytes those restores downloaded.
     pub restored_bytes: u64,
+    /// Recoveries that restarted only the failed workers' regions (the
+    /// other workers kept their processes and state).
+    pub region_failovers: u32,
 }
 
 /// A running job as its record in etcd describes it: what a new leader
@@ -555,6 +558,35 @@ struct AdoptState {
     /// The recorded attempt was not running: start a new one once these
     /// hosts registered (or at the deadline), instead of adopting.
     start_fresh: Option<BTreeSet<String>>,
+}
+
+/// The connected parts of the job graph (inputs and outputs are edges):
+/// worker → region number.
+fn regions_of(plan: &[PlannedWorker]) -> BTreeMap<WorkerId, usize> {
+    let mut region: BTreeMap<WorkerId, usize> = BTreeMap::new();
+    let mut next = 0;
+    for start in plan {
+        if region.contains_key(&start.id) {
+            continue;
+        }
+        let mut stack = vec![start.id.clone()];
+        while let Some(w) = stack.pop() {
+            if region.insert(w.clone(), next).is_some() {
+                continue;
+            }
+            let Some(pw) = plan.iter().find(|p| p.id == w) else {
+                continue;
+            };
+            let outs = pw.outputs.iter().flat_map(|e| e.targets.iter());
+            for n in pw.inputs.iter().chain(outs) {
+                if !region.contains_key(n) {
+                    stack.push(n.clone());
+                }
+            }
+        }
+        next += 1;
+    }
+    region
 }
 
 /// Whom a control connection belongs to.
@@ -608,6 +640,9 @@ enum Phase {
 
 #[derive(Debug)]
 struct Recovery {
+    /// The failure hit a running job with several regions: the failed
+    /// workers' regions may recover alone (decided once the cause is named).
+    partial_ok: bool,
     /// Why, as known so far.
     cause: String,
     /// A worker is named as the cause (no need to wait for an exit).
@@ -618,6 +653,8 @@ struct Recovery {
     drain_until: Duration,
     /// Set once the cause is final: the restart may not start before.
     backoff_until: Option<Duration>,
+    /// The failed primaries were told to go.
+    torn_down: bool,
 }
 
 /// The current attempt's handshake and progress.
@@ -673,6 +710,15 @@ pub struct JobController {
     /// Where each VIP is assigned now.
     vips: BTreeMap<String, String>,
     att: AttemptState,
+    /// The attempt each worker's current primary belongs to (a region
+    /// failover restarts some workers and leaves the others on theirs).
+    att_of: BTreeMap<WorkerId, u64>,
+    /// Each worker's region: the connected part of the job graph it is in.
+    /// Regions exchange no records, so one can roll back alone.
+    regions: BTreeMap<WorkerId, usize>,
+    /// The regions being recovered while the others keep running (a region
+    /// failover in progress), from the tear-down until all run again.
+    partial: Option<BTreeSet<WorkerId>>,
     /// An adoption in progress (a new HA leader).
     adopting: Option<AdoptState>,
     /// Bytes each worker's last restore downloaded.
@@ -720,6 +766,7 @@ impl JobController {
             aborted: 0,
             restores: 0,
             restored_bytes: 0,
+            region_failovers: 0,
         };
         JobController {
             phase: Phase::Claiming,
@@ -742,6 +789,9 @@ impl JobController {
             standby_down: BTreeSet::new(),
             vips: BTreeMap::new(),
             att: AttemptState::default(),
+            att_of: BTreeMap::new(),
+            regions: regions_of(&cfg.plan),
+            partial: None,
             adopting: None,
             fetched: BTreeMap::new(),
             consecutive_failures: 0,
@@ -794,6 +844,13 @@ impl JobController {
             ..AdoptState::default()
         };
         let mut proc_hosts = BTreeSet::new();
+        // Each primary's own attempt (after a region failover they differ).
+        self.att_of = a
+            .procs
+            .iter()
+            .filter(|p| !p.standby)
+            .map(|p| (p.worker.clone(), p.attempt))
+            .collect();
         for p in a.procs {
             let slot = if p.standby {
                 Slot::Standby
@@ -1325,6 +1382,7 @@ impl JobController {
             epoch: self.epoch.0,
             attempt: self.attempt,
             restarts: self.summary.restarts,
+            region_failovers: self.summary.region_failovers,
             committed: self.summary.committed,
             last_checkpoint: self.summary.last_checkpoint.map(|c| c.0),
             last_failure: self.summary.last_failure.clone(),
@@ -1362,6 +1420,17 @@ impl JobController {
     }
 
     /// Starting, running or finishing: an attempt whose workers may talk.
+    /// Whether `attempt` is that of `worker`'s current primary.
+    fn is_current(&self, worker: &WorkerId, attempt: u64) -> bool {
+        self.att_of.get(worker).copied().unwrap_or(self.attempt) == attempt
+    }
+
+    /// The attempt of `worker`'s current primary (after a region failover,
+    /// workers of untouched regions keep an older one).
+    pub fn attempt_of(&self, worker: &WorkerId) -> u64 {
+        self.att_of.get(worker).copied().unwrap_or(self.attempt)
+    }
+
     fn is_active(&self) -> bool {
         matches!(
             self.phase,
@@ -1414,10 +1483,40 @@ impl JobController {
                 }
             };
         self.failed.clear();
+        // A region failover restarts only the failed regions: the other
+        // workers keep their processes, connections and VIPs (and a source
+        // of theirs that ran dry stays so).
+        let region = self.partial.clone();
+        let dry: Vec<WorkerId> = match &region {
+            Some(r) => self
+                .coordinator
+                .exhausted()
+                .iter()
+                .filter(|w| !r.contains(*w))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         self.coordinator = Self::coordinator_for(&self.cfg, self.epoch, self.next_id);
-        self.att = AttemptState::default();
+        for w in &dry {
+            self.coordinator.mark_exhausted(w);
+        }
+        match &region {
+            None => self.att = AttemptState::default(),
+            Some(_) => {
+                // The survivors were silent to us meanwhile (messages are
+                // not read while recovering): their heartbeat clocks restart.
+                for t in self.att.last_seen.values_mut() {
+                    *t = now;
+                }
+            }
+        }
         let plan = self.cfg.plan.clone();
         for w in &plan {
+            if region.as_ref().is_some_and(|r| !r.contains(&w.id)) {
+                continue;
+            }
+            self.att_of.insert(w.id.clone(), attempt);
             let host = self.placement[&w.id].primary.clone();
             let standby_here = self
                 .procs
@@ -1682,7 +1781,7 @@ impl JobController {
             );
             return;
         }
-        let current = attempt == self.attempt
+        let current = self.is_current(&worker, attempt)
             && self.is_active()
             && self.worker(&worker).is_some()
             && !self.att.senders.contains_key(&worker);
@@ -1718,7 +1817,7 @@ impl JobController {
     fn on_message(&mut self, now: Duration, conn: ConnId, msg: ToSupervisor) {
         let worker = match self.conns.get(&conn).cloned() {
             Some(ConnRole::Primary { worker, attempt })
-                if attempt == self.attempt && self.is_active() =>
+                if self.is_current(&worker, attempt) && self.is_active() =>
             {
                 worker
             }
@@ -1742,7 +1841,22 @@ impl JobController {
                 self.att.listening.insert(worker, addr);
                 if self.att.listening.len() == self.cfg.plan.len() {
                     let addrs = self.att.listening.clone();
-                    self.broadcast(ToWorker::Start { addrs });
+                    match self.partial.clone() {
+                        // Only the restarted regions start; the others run.
+                        Some(region) => {
+                            for w in region {
+                                if let Some(conn) = self.att.senders.get(&w) {
+                                    self.out.push(Action::Send {
+                                        conn: *conn,
+                                        msg: ToWorker::Start {
+                                            addrs: addrs.clone(),
+                                        },
+                                    });
+                                }
+                            }
+                        }
+                        None => self.broadcast(ToWorker::Start { addrs }),
+                    }
                 }
             }
             ToSupervisor::Running => {
@@ -1751,6 +1865,13 @@ impl JobController {
                     && matches!(self.phase, Phase::Starting { .. })
                 {
                     self.phase = Phase::Running;
+                    if let Some(region) = self.partial.take() {
+                        tracing::info!(region = ?region, "region failover done: the other workers kept running");
+                        self.summary.region_failovers += 1;
+                        for t in self.att.last_seen.values_mut() {
+                            *t = now;
+                        }
+                    }
                     // A kill that fell due while nothing ran is not fired
                     // in a burst.
                     if self.chaos_at <= now {
@@ -1839,7 +1960,7 @@ impl JobController {
             }
             Some(ConnRole::Standby { .. }) => {}
             Some(ConnRole::Primary { worker, attempt }) => {
-                if attempt != self.attempt
+                if !self.is_current(&worker, attempt)
                     || !self.is_active()
                     || matches!(self.phase, Phase::Finishing { .. })
                 {
@@ -1893,12 +2014,25 @@ impl JobController {
             .as_ref()
             .map(|l| format!(": {l}"))
             .unwrap_or_default();
+        let current = self.is_current(&e.worker, e.attempt);
+        let survivor = self
+            .partial
+            .as_ref()
+            .is_some_and(|r| !r.contains(&e.worker));
+        if survivor
+            && current
+            && e.exit != ExitKind::Success
+            && matches!(self.phase, Phase::Recovering(_) | Phase::Claiming)
+        {
+            self.failed.insert(e.worker.clone());
+            let why = format!("worker {} {}{detail}", e.worker, e.exit);
+            self.escalate(now, why);
+            return;
+        }
         match &mut self.phase {
             // The first abnormal exit of the failed attempt names the cause
             // of a failure that named no worker.
-            Phase::Recovering(r)
-                if !r.named && e.attempt == self.attempt && e.exit != ExitKind::Success =>
-            {
+            Phase::Recovering(r) if !r.named && current && e.exit != ExitKind::Success => {
                 let first = format!("worker {} {}{detail}", e.worker, e.exit);
                 r.cause = if r.cause.starts_with(&format!("worker {} ", e.worker)) {
                     first
@@ -1908,7 +2042,7 @@ impl JobController {
                 r.named = true;
                 self.failed.insert(e.worker.clone());
             }
-            Phase::Finishing { exited, .. } if e.attempt == self.attempt => {
+            Phase::Finishing { exited, .. } if current => {
                 // After the final commit only a sink matters: one that dies
                 // abnormally may not have published, so the job recovers
                 // (its restart publishes). Anything else in flight after the
@@ -1928,9 +2062,7 @@ impl JobController {
                 self.failed.insert(e.worker.clone());
                 self.fail(now, format!("worker {} {}{detail}", e.worker, e.exit), true);
             }
-            Phase::Starting { .. } | Phase::Running | Phase::Adopting
-                if e.attempt == self.attempt =>
-            {
+            Phase::Starting { .. } | Phase::Running | Phase::Adopting if current => {
                 let why = format!("worker {} {}{detail}", e.worker, e.exit);
                 self.failed.insert(e.worker.clone());
                 if self.att.senders.contains_key(&e.worker) {
@@ -1970,6 +2102,24 @@ impl JobController {
             .map(|(w, _)| w.clone())
             .collect();
         self.failed.extend(lost.iter().cloned());
+        let survivors_lost: Vec<String> = match &self.partial {
+            Some(region) => lost
+                .iter()
+                .filter(|w| !region.contains(*w))
+                .map(|w| w.to_string())
+                .collect(),
+            None => Vec::new(),
+        };
+        if !survivors_lost.is_empty()
+            && matches!(self.phase, Phase::Recovering(_) | Phase::Claiming)
+        {
+            let why = format!(
+                "host {host} lost (missed heartbeats) with {}",
+                survivors_lost.join(", ")
+            );
+            self.escalate(now, why);
+            return;
+        }
         let pending: Vec<String> = match &self.phase {
             Phase::Starting { .. } | Phase::Running | Phase::Adopting => {
                 lost.iter().map(|w| w.to_string()).collect()
@@ -2111,13 +2261,19 @@ impl JobController {
     /// connection) first waits briefly for the crashed process's exit, and
     /// our own kills must not be mistaken for it.
     fn fail(&mut self, now: Duration, why: String, named: bool) {
+        // Only a failure of a running job with several regions may leave
+        // the other regions running; anything else (a failure while
+        // starting, finishing, adopting, or of a region failover in
+        // progress) restarts every worker.
+        let partial_ok = matches!(self.phase, Phase::Running)
+            && self.adopting.is_none()
+            && self.partial.is_none()
+            && self.regions.values().collect::<BTreeSet<_>>().len() > 1;
         // An adoption in progress is over: the recovery places everything.
         self.adopting = None;
         let _ = self.coordinator.on_failure();
         self.next_id = self.next_id.max(self.coordinator.next_id());
-        self.records_before += self.source_records_now();
-        self.att.records.clear();
-        self.att.running.clear();
+        self.partial = None;
         self.summary.restarts += 1;
         self.consecutive_failures += 1;
         tracing::info!(%why, restarts = self.summary.restarts, "worker failure; rolling back to the last committed checkpoint");
@@ -2128,20 +2284,81 @@ impl JobController {
             return;
         }
         self.phase = Phase::Recovering(Recovery {
+            partial_ok,
             cause: why,
             named,
             name_until: now + self.cfg.root_cause_wait,
             drain_until: now + self.cfg.root_cause_wait + self.cfg.drain_timeout,
             backoff_until: None,
+            torn_down: named,
         });
         if named {
-            self.tear_down_attempt();
+            self.tear_down(partial_ok);
         }
+    }
+
+    /// The failed workers' regions, if that is not every worker.
+    fn failed_regions(&self) -> Option<BTreeSet<WorkerId>> {
+        let hit: BTreeSet<usize> = self
+            .failed
+            .iter()
+            .filter_map(|w| self.regions.get(w).copied())
+            .collect();
+        if hit.is_empty() {
+            return None;
+        }
+        let region: BTreeSet<WorkerId> = self
+            .regions
+            .iter()
+            .filter(|(_, r)| hit.contains(r))
+            .map(|(w, _)| w.clone())
+            .collect();
+        (region.len() < self.regions.len()).then_some(region)
+    }
+
+    /// The failed attempt's primaries go: with `partial_ok` and the failed
+    /// workers known, only those of their regions (a region failover: the
+    /// other regions keep their processes, state and VIPs); otherwise all.
+    /// Hot standbys keep following.
+    fn tear_down(&mut self, partial_ok: bool) {
+        let region = if partial_ok {
+            self.failed_regions()
+        } else {
+            None
+        };
+        let Some(region) = region else {
+            self.tear_down_attempt();
+            return;
+        };
+        tracing::info!(region = ?region, "region failover: only the failed workers' regions restart");
+        for w in &region {
+            if let Some(p) = self.procs.get(&(w.clone(), Slot::Primary)) {
+                self.out.push(Action::Kill {
+                    host: p.host.clone(),
+                    worker: w.clone(),
+                    slot: Slot::Primary,
+                });
+            }
+            if let Some(conn) = self.att.senders.remove(w) {
+                self.conns.remove(&conn);
+                self.out.push(Action::Close { conn });
+            }
+            self.records_before += self.att.records.remove(w).unwrap_or(0);
+            self.att.listening.remove(w);
+            self.att.running.remove(w);
+            self.att.last_seen.remove(w);
+            self.att.exits.remove(w);
+        }
+        self.partial = Some(region);
     }
 
     /// Every primary of the failed attempt goes; hot standbys keep
     /// following.
     fn tear_down_attempt(&mut self) {
+        self.partial = None;
+        self.records_before += self.att.records.values().sum::<u64>();
+        self.att.records.clear();
+        self.att.running.clear();
         self.out.push(Action::KillAll { standbys: false });
         let conns: Vec<ConnId> = self.att.senders.values().copied().collect();
         for conn in conns {
@@ -2149,6 +2366,25 @@ impl JobController {
             self.out.push(Action::Close { conn });
         }
         self.att.senders.clear();
+    }
+
+    /// A worker outside the regions being recovered failed meanwhile: the
+    /// region failover becomes a full one.
+    fn escalate(&mut self, now: Duration, why: String) {
+        tracing::info!(%why, "a surviving region failed during a region failover: every worker restarts");
+        self.tear_down_attempt();
+        match &mut self.phase {
+            Phase::Recovering(r) => {
+                r.partial_ok = false;
+                r.cause = format!("{} (then: {why})", r.cause);
+            }
+            _ => {
+                // Claiming (its answer is ignored now) or starting: recover
+                // anew, every worker.
+                self.phase = Phase::Starting { deadline: now };
+                self.fail(now, why, true);
+            }
+        }
     }
 
     fn backoff(&self) -> Duration {
@@ -2167,9 +2403,14 @@ impl JobController {
             if !r.named && now < r.name_until {
                 return;
             }
-            let (why, named) = (r.cause.clone(), r.named);
-            if !named || !self.att.senders.is_empty() {
+            let (why, partial_ok, torn_down) = (r.cause.clone(), r.partial_ok, r.torn_down);
+            if !torn_down {
+                self.tear_down(partial_ok);
+            } else if self.partial.is_none() && !self.att.senders.is_empty() {
                 self.tear_down_attempt();
+            }
+            if let Phase::Recovering(r) = &mut self.phase {
+                r.torn_down = true;
             }
             self.summary.last_failure = Some(why.clone());
             let max = self.cfg.restart.max_attempts;
@@ -2191,7 +2432,15 @@ impl JobController {
         let Phase::Recovering(r) = &self.phase else {
             return;
         };
-        let drained = self.live_primaries() == 0 || now >= r.drain_until;
+        let live = match &self.partial {
+            Some(region) => self
+                .procs
+                .keys()
+                .filter(|(w, s)| *s == Slot::Primary && region.contains(w))
+                .count(),
+            None => self.live_primaries(),
+        };
+        let drained = live == 0 || now >= r.drain_until;
         if !drained
             || !self.commits_in_flight.is_empty()
             || r.backoff_until.is_some_and(|b| now < b)

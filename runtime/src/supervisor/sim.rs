@@ -54,8 +54,10 @@ impl Rng {
     }
 }
 
-/// The job specs the simulation runs: every standby kind, with VIPs.
-const SPECS: [&str; 2] = [
+/// The job specs the simulation runs: every standby kind, with VIPs; the
+/// third has independent regions (active-active instances and a separate
+/// pipeline), so a failure restarts only its region.
+const SPECS: [&str; 3] = [
     r#"
 [job]
 name = "sim"
@@ -119,6 +121,39 @@ kind = "s"
 standby = "none"
 [[edge]]
 from = "svc"
+to = "sink"
+partition = "forward"
+"#,
+    r#"
+[job]
+name = "sim"
+worker = "/bin/true"
+heartbeat_interval = "20ms"
+heartbeat_timeout = "100ms"
+[checkpoint]
+interval = "25ms"
+timeout = "300ms"
+[restart]
+max_attempts = 12
+backoff = "2ms"
+max_backoff = "30ms"
+[[operator]]
+name = "kv"
+kind = "k"
+parallelism = 2
+standby = "hot"
+vips = ["198.18.0.100/24", "198.18.0.101/24"]
+port = 8080
+[[operator]]
+name = "src"
+kind = "s"
+standby = "none"
+[[operator]]
+name = "sink"
+kind = "t"
+standby = "cold"
+[[edge]]
+from = "src"
 to = "sink"
 partition = "forward"
 "#,
@@ -973,14 +1008,14 @@ impl World {
             // way (the controller cannot know yet; the exit moves the VIP on).
             let exit_in_flight = |p: &SimProc| {
                 p.host == host
-                    && (p.slot == Slot::Standby || p.attempt == self.ctl.attempt())
+                    && (p.slot == Slot::Standby || p.attempt == self.ctl.attempt_of(&p.worker))
                     && p.died_at.is_some_and(|t| self.now <= t + ms(5))
             };
             let ok = self.procs.values().any(|p| {
                 p.alive
                     && p.slot == Slot::Primary
                     && p.host == host
-                    && p.attempt == self.ctl.attempt()
+                    && p.attempt == self.ctl.attempt_of(&p.worker)
             }) || self.procs.values().any(exit_in_flight)
                 || self.hosts.get(&host) != Some(&true);
             if !ok {
@@ -1017,6 +1052,11 @@ impl World {
         };
         match msg {
             ToWorker::Start { .. } => {
+                // A worker that runs already would fail on a second start
+                // (a region failover starts only the restarted regions).
+                if p.running {
+                    self.fail(&format!("Start sent to {}, which runs already", p.worker));
+                }
                 if let Some(q) = self.procs.get_mut(&pid) {
                     q.running = true;
                 }
@@ -1030,8 +1070,15 @@ impl World {
                 );
             }
             ToWorker::Trigger { checkpoint } => {
-                // The barrier reaches every worker of the attempt; each acks
+                // The barrier reaches every current primary (of its own
+                // attempt: after a region failover they differ); each acks
                 // unless it is stalled or dead.
+                let attempts: BTreeMap<WorkerId, u64> = self
+                    .plan
+                    .iter()
+                    .map(|w| (w.clone(), self.ctl.attempt_of(w)))
+                    .collect();
+                let current_of = |w: &WorkerId| attempts.get(w).copied().unwrap_or(0);
                 let acks: Vec<(ConnId, WorkerId)> = self
                     .procs
                     .values()
@@ -1040,7 +1087,7 @@ impl World {
                             && !q.stalled
                             && q.assigned
                             && q.slot == Slot::Primary
-                            && q.attempt == p.attempt
+                            && q.attempt == self.ctl.attempt_of(&q.worker)
                     })
                     .filter_map(|q| q.conn.map(|c| (c, q.worker.clone())))
                     .collect();
@@ -1049,7 +1096,7 @@ impl World {
                         && !q.stalled
                         && q.assigned
                         && q.slot == Slot::Primary
-                        && q.attempt == p.attempt
+                        && q.attempt == current_of(&q.worker)
                 }) {
                     q.snap = Some(q.snap.map_or(checkpoint, |s| s.max(checkpoint)));
                 }
@@ -1186,7 +1233,7 @@ impl World {
     }
 }
 
-fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32) {
+fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32, u32) {
     let mut w = World::new(seed, true, seed as usize);
     w.trace = trace;
     w.start();
@@ -1197,14 +1244,20 @@ fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32) {
     } else {
         w.check();
     }
-    (w.ctl.summary().state, w.leader_changes, w.standby_downs)
+    let s = w.ctl.summary();
+    (
+        s.state,
+        w.leader_changes,
+        w.standby_downs,
+        s.region_failovers,
+    )
 }
 
 #[test]
 fn test_random_fault_schedules_keep_the_invariants() {
     if let Ok(seed) = std::env::var("LAZARUS_SIM_SEED") {
         let seed: u64 = seed.parse().expect("LAZARUS_SIM_SEED is a number");
-        let (end, changes, _) = schedule(seed, true);
+        let (end, changes, _, _) = schedule(seed, true);
         eprintln!("seed {seed}: {end:?} after {changes} leader changes");
         return;
     }
@@ -1215,10 +1268,12 @@ fn test_random_fault_schedules_keep_the_invariants() {
     let mut ends: BTreeMap<String, u64> = BTreeMap::new();
     let mut with_leader_change = 0u64;
     let mut with_standby_down = 0u64;
+    let mut with_region_failover = 0u64;
     for seed in 1..=n {
-        let (end, changes, downs) = schedule(seed, false);
+        let (end, changes, downs, regions) = schedule(seed, false);
         with_leader_change += u64::from(changes > 0);
         with_standby_down += u64::from(downs > 0);
+        with_region_failover += u64::from(regions > 0);
         let key = match end {
             JobState::Failed(why) if why.contains("fatal") => "failed (fatal)".to_string(),
             JobState::Failed(why) if why.starts_with("fenced") => "failed (fenced)".to_string(),
@@ -1227,7 +1282,11 @@ fn test_random_fault_schedules_keep_the_invariants() {
         };
         *ends.entry(key).or_default() += 1;
     }
-    eprintln!("{n} schedules ({with_leader_change} with a supervisor failover, {with_standby_down} with a standby down by its health check): {ends:?}");
+    eprintln!("{n} schedules ({with_leader_change} with a supervisor failover, {with_standby_down} with a standby down by its health check, {with_region_failover} with a region failover): {ends:?}");
+    assert!(
+        with_region_failover * 20 > n,
+        "too few schedules recover one region alone: {with_region_failover} of {n}"
+    );
     assert!(
         with_leader_change * 5 > n,
         "too few schedules lose their supervisor: {with_leader_change} of {n}"
@@ -1433,6 +1492,50 @@ mod scenarios {
         let (new, new_host) = w.proc_of("sink-0", Slot::Primary);
         assert_ne!(new, old);
         assert_ne!(new_host, host, "moved to the other host");
+    }
+
+    /// Active-active instances are regions of their own: a SIGKILL of one
+    /// restarts (here: promotes the standby of) that one only; the other
+    /// keeps its process, its VIP, and is never told to start again.
+    #[test]
+    fn test_region_failover_leaves_the_other_regions_running() {
+        let mut w = running(2, 3);
+        let (survivor, survivor_host) = w.proc_of("kv-1", Slot::Primary);
+        let (src, _) = w.proc_of("src-0", Slot::Primary);
+        let (victim, _) = w.proc_of("kv-0", Slot::Primary);
+        let (standby, standby_host) = w.proc_of("kv-0", Slot::Standby);
+        let committed = w.ctl.newest_committed();
+        let killed_at = w.now;
+        w.die(victim, ExitKind::Signal(9));
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        assert_eq!(w.ctl.summary().region_failovers, 1);
+        assert_eq!(
+            w.proc_of("kv-0", Slot::Primary),
+            (standby, standby_host.clone())
+        );
+        assert_eq!(w.vips.get("198.18.0.100/24"), Some(&standby_host));
+        // The other regions: same processes, VIP untouched, nothing sent.
+        assert_eq!(
+            w.proc_of("kv-1", Slot::Primary),
+            (survivor, survivor_host.clone())
+        );
+        assert_eq!(w.proc_of("src-0", Slot::Primary).0, src);
+        assert_eq!(w.vips.get("198.18.0.101/24"), Some(&survivor_host));
+        for a in w.actions_since(killed_at) {
+            let touches_survivor = match &a {
+                Action::Kill { worker, .. }
+                | Action::Spawn { worker, .. }
+                | Action::Promote { worker, .. } => {
+                    worker.as_str() == "kv-1" || worker.as_str() == "src-0"
+                }
+                Action::AssignVip { vip, .. } => vip == "198.18.0.101/24",
+                Action::KillAll { .. } => true,
+                _ => false,
+            };
+            assert!(!touches_survivor, "{a:?} touches a surviving region");
+        }
+        assert!(w.ctl.newest_committed() > committed, "checkpoints go on");
     }
 
     #[test]
