@@ -35,6 +35,13 @@ pub enum FleetEvent {
         /// Up or down.
         up: bool,
     },
+    /// Someone asked to move a worker's primary to a host (`lazarus move`).
+    Move {
+        /// The worker.
+        worker: WorkerId,
+        /// The host.
+        host: String,
+    },
     /// A host refused to do something for the job (its allow-lists).
     Refused {
         /// The host.

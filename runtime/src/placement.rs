@@ -8,6 +8,8 @@
 //! - a failed worker (or one whose host is gone) moves to its standby host
 //!   if that host is alive (`hot` and `cold`); without a standby it moves to
 //!   the least loaded other live host, and stays only if there is none;
+//! - a worker asked to move (a fail-back, `lazarus move`) goes to the host
+//!   it prefers if that host is alive and allowed;
 //! - each worker with a standby gets one on a live host other than its
 //!   primary, kept where it was if possible, else the least loaded host.
 //!   With a single live host there is no standby until another joins.
@@ -41,6 +43,8 @@ pub struct Want {
     pub standby: StandbyKind,
     /// The hosts it may run on; empty: any.
     pub hosts: Vec<String>,
+    /// Where it goes if it moves now (a fail-back or a `move`), if alive.
+    pub prefer: Option<String>,
 }
 
 impl Want {
@@ -50,6 +54,7 @@ impl Want {
             id,
             standby,
             hosts: Vec::new(),
+            prefer: None,
         }
     }
 
@@ -81,8 +86,10 @@ pub fn place(
         let prev = previous.get(w);
         let usable = |h: &String| alive.contains(h) && want.allows(h);
         let stays = prev.filter(|p| usable(&p.primary) && !failed.contains(w));
+        let preferred = want.prefer.as_ref().filter(|h| usable(h));
         let primary = match (stays, prev) {
             (Some(p), _) => p.primary.clone(),
+            (None, _) if preferred.is_some() => preferred.cloned().expect("checked"),
             (None, Some(p))
                 if *kind != StandbyKind::None && p.standby.as_ref().is_some_and(usable) =>
             {
@@ -141,11 +148,13 @@ mod tests {
             id: w("lb-0"),
             standby: StandbyKind::Hot,
             hosts: vec!["lb1".into(), "lb2".into()],
+            prefer: None,
         };
         let be = Want {
             id: w("be-0"),
             standby: StandbyKind::None,
             hosts: vec!["be1".into()],
+            prefer: None,
         };
         let all = hosts(&["be1", "lb1", "lb2", "x"]);
         let first = place(
@@ -171,6 +180,32 @@ mod tests {
         let only = hosts(&[p.primary.as_str(), "x"]);
         let third = place(&[lb], &only, &first, &BTreeSet::new()).expect("placed");
         assert_eq!(third[&w("lb-0")].standby, None);
+    }
+
+    #[test]
+    fn test_a_move_goes_to_the_preferred_host_if_it_is_alive_and_allowed() {
+        let mut kv = Want::anywhere(w("kv-0"), StandbyKind::None);
+        let all = hosts(&["a", "b", "c"]);
+        let first = place(&[kv.clone()], &all, &BTreeMap::new(), &BTreeSet::new()).expect("placed");
+        let here = first[&w("kv-0")].primary.clone();
+        let there = if here == "c" { "b" } else { "c" };
+        kv.prefer = Some(there.into());
+        let failed = BTreeSet::from([w("kv-0")]);
+        let moved = place(&[kv.clone()], &all, &first, &failed).expect("placed");
+        assert_eq!(moved[&w("kv-0")].primary, there);
+        // Not alive, or not allowed: placed as any failed worker instead.
+        kv.prefer = Some("gone".into());
+        let elsewhere = place(&[kv.clone()], &all, &first, &failed).expect("placed");
+        assert_ne!(elsewhere[&w("kv-0")].primary, here);
+        kv.prefer = Some(there.into());
+        kv.hosts = vec![here.clone()];
+        let kept = place(&[kv], &all, &first, &failed).expect("placed");
+        assert_eq!(kept[&w("kv-0")].primary, here);
+        // Without a failure the preference does not move anything.
+        let mut still = Want::anywhere(w("kv-0"), StandbyKind::None);
+        still.prefer = Some(there.into());
+        let same = place(&[still], &all, &first, &BTreeSet::new()).expect("placed");
+        assert_eq!(same[&w("kv-0")].primary, here);
     }
 
     fn hosts(h: &[&str]) -> BTreeSet<String> {

@@ -83,6 +83,13 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn de_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
     if s.trim() == "off" {
@@ -272,6 +279,12 @@ pub struct OperatorSpec {
     /// The hosts (agent names) its processes may run on; empty: any.
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Automatic fail-back (keepalived's preempt, with a delay): an
+    /// instance moved off the host it first ran on goes back once that host
+    /// has been up this long. Unset: it stays where it is (`nopreempt`).
+    /// Needs `standby = "none"`.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub failback: Option<Duration>,
     /// `kind = "process"`: the unmodified program it runs.
     #[serde(default)]
     pub process: Option<ProcessSpec>,
@@ -377,6 +390,8 @@ pub struct PlannedWorker {
     pub port: Option<u16>,
     /// The hosts it may run on (empty: any).
     pub hosts: Vec<String>,
+    /// Fail back to the host it first ran on after this hold-down.
+    pub failback: Option<Duration>,
     /// The program it runs (`kind = "process"`).
     pub process: Option<ProcessSpec>,
     /// Its health check, port resolved.
@@ -539,6 +554,12 @@ impl JobSpec {
                         ));
                     }
                 }
+            }
+            if op.failback.is_some() && op.standby != StandbyKind::None {
+                return Err(self.invalid(
+                    field("failback"),
+                    "fail-back moves an instance without a standby back to the host it first ran on; with a standby, set standby = \"none\" or drop failback",
+                ));
             }
             if op.port == Some(0) {
                 return Err(self.invalid(field("port"), "must be 1..=65535"));
@@ -869,6 +890,7 @@ impl JobSpec {
                     },
                     port: op.port,
                     hosts: op.hosts.clone(),
+                    failback: op.failback,
                     process: op.process.clone(),
                     health: op.health.clone().map(|mut h| {
                         h.resolve(op.port).expect("validated");

@@ -268,3 +268,130 @@ fn test_active_active_serves_any_key_on_either_vip_and_survives_host_loss() {
             .unwrap_or_default(),
     );
 }
+
+/// Test 3 with fail-back configured, and `lazarus move`: after the lost host
+/// has been back for the hold-down, the moved instance returns to it (the
+/// other instance keeps its process), no acknowledged write is lost; an
+/// operator moves an instance on request; bad requests are refused by name.
+#[test]
+fn test_fail_back_after_the_hold_down_and_move_on_request() {
+    let c = LzCluster::start("aafb", &["a", "b"], &["cl"], FAST);
+    let text = std::fs::read_to_string(spec(c.dir.path()))
+        .expect("spec")
+        .replace("port = 8080", "port = 8080\nfailback = \"1s\"");
+    let path = c.dir.path().join("kv-fb.toml");
+    std::fs::write(&path, text).expect("spec");
+    c.submit(&path, &[]);
+    let serving_on = |st: &serde_json::Value, i: usize, host: &str| {
+        cluster::serving(st, "kv", &format!("kv-{i}"), &vip_key(i))
+            .is_some_and(|(w, _)| w["primary"] == host)
+    };
+    let ready = c.wait("both instances serving", Duration::from_secs(30), |st| {
+        cluster::serving(st, "kv", "kv-0", &vip_key(0)).is_some()
+            && cluster::serving(st, "kv", "kv-1", &vip_key(1)).is_some()
+    });
+    let (home, other) = (
+        holder(&ready, 0).expect("vip 0"),
+        holder(&ready, 1).expect("vip 1"),
+    );
+    assert_ne!(home, other);
+    let pid_of = |worker: &str, host: &str| {
+        let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(host));
+        pids_with_env(&c.bed.tag, &[&format!("LAZARUS_WORKER={worker}"), &ip])
+    };
+    let kv1 = pid_of("kv-1", &other);
+    assert_eq!(kv1.len(), 1);
+    let write = |from: usize, n: usize, tag: &'static str| {
+        let keys: Vec<(String, String)> = (from..from + n)
+            .map(|i| (format!("{tag}{i}"), format!("{tag}-v{i}")))
+            .collect();
+        let k = keys.clone();
+        let late = c
+            .bed
+            .in_host("cl", move || {
+                k.iter()
+                    .enumerate()
+                    .filter(|(i, (k, v))| !put_acked(i % 2, k, v, Duration::from_secs(20)))
+                    .map(|(_, (k, _))| k.clone())
+                    .collect::<Vec<_>>()
+            })
+            .join()
+            .expect("client");
+        assert!(late.is_empty(), "not acknowledged: {late:?}\n{}", c.logs());
+        keys
+    };
+    let mut all = write(0, 20, "a");
+    c.bed.link_down(&home);
+    c.wait(
+        "kv-0 moved to the survivor",
+        Duration::from_secs(30),
+        |st| serving_on(st, 0, &other),
+    );
+    all.extend(write(0, 10, "b"));
+    c.bed.link_up(&home);
+    let back_at = Instant::now();
+    let st = c.wait(
+        "kv-0 back on its first host after the hold-down",
+        Duration::from_secs(30),
+        |st| serving_on(st, 0, &home) && serving_on(st, 1, &other),
+    );
+    let job = cluster::job(&st, "kv").expect("job");
+    assert!(job["moves"].as_u64().is_some_and(|n| n >= 1), "{job}");
+    assert!(c.bed.holds(&home, VIPS[0]) && !c.bed.holds(&other, VIPS[0]));
+    assert_eq!(
+        pid_of("kv-1", &other),
+        kv1,
+        "kv-1 was never restarted: {job}"
+    );
+    all.extend(write(0, 10, "c"));
+    let bad = unreadable(&c, all.clone());
+    assert!(
+        bad.is_empty(),
+        "acknowledged writes lost: {bad:?}\n{}",
+        c.logs()
+    );
+    eprintln!(
+        "fail-back: kv-0 home again {:?} after its host returned",
+        back_at.elapsed()
+    );
+
+    // `lazarus move`: bad requests are refused by name; a good one moves.
+    for (args, says) in [
+        (
+            vec!["move", "kv", "kv-9", "--to", "a"],
+            "has no worker \"kv-9\" (workers: kv-0, kv-1)",
+        ),
+        (
+            vec!["move", "kv", "kv-1", "--to", "zz"],
+            "host zz is not a live agent",
+        ),
+        (vec!["move", "nojob", "kv-1", "--to", "a"], "no job nojob"),
+    ] {
+        let out = c.cli(&args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !out.status.success() && text.contains(says),
+            "{args:?}: {text}"
+        );
+    }
+    let out = c.cli(&["move", "kv", "kv-1", "--to", &home]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait("kv-1 moved on request", Duration::from_secs(30), |st| {
+        serving_on(st, 1, &home) && serving_on(st, 0, &home)
+    });
+    all.extend(write(0, 10, "d"));
+    let bad = unreadable(&c, all);
+    assert!(
+        bad.is_empty(),
+        "acknowledged writes lost: {bad:?}\n{}",
+        c.logs()
+    );
+}

@@ -224,6 +224,29 @@ pub struct SavepointArgs {
     pub tls: ClientTls,
 }
 
+/// Arguments of `lazarus move`.
+#[derive(Debug, Clone, Args)]
+pub struct MoveArgs {
+    /// The job.
+    pub job: String,
+    /// The worker (`<operator>-<index>`, as in `lazarus status`).
+    pub worker: String,
+    /// The host (agent name) to move it to.
+    #[arg(long)]
+    pub to: String,
+    /// The supervisor's address, or several, comma-separated.
+    #[arg(
+        long,
+        env = "LAZARUS_SUPERVISOR_ADDR",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub supervisor: Vec<SocketAddr>,
+    #[command(flatten)]
+    /// Client TLS.
+    pub tls: ClientTls,
+}
+
 /// Arguments of `lazarus rescale`.
 #[derive(Debug, Clone, Args)]
 pub struct RescaleArgs {
@@ -480,6 +503,21 @@ pub async fn savepoint(args: &SavepointArgs) -> anyhow::Result<ExitCode> {
         job,
         name: args.name.clone(),
         stop: args.stop,
+    };
+    println!(
+        "{}",
+        client::done(&args.tls.dialer()?, &args.supervisor, req).await?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lazarus move`.
+pub async fn move_worker(args: &MoveArgs) -> anyhow::Result<ExitCode> {
+    let job = lazarus_storage::JobId::new(args.job.clone())?;
+    let req = crate::cluster::wire::ClientRequest::Move {
+        job,
+        worker: args.worker.clone(),
+        host: args.to.clone(),
     };
     println!(
         "{}",

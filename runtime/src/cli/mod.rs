@@ -56,6 +56,9 @@ pub enum Command {
     /// Take a savepoint of a running job (a checkpoint retention never
     /// deletes; `--stop` stops the job at it).
     Savepoint(cluster::SavepointArgs),
+    /// Move a worker's primary to another host (restored there from the
+    /// last committed checkpoint; with its region).
+    Move(cluster::MoveArgs),
     /// Change an operator's parallelism: stop with a savepoint, start again
     /// from it with the key groups spread over the new instances.
     Rescale(cluster::RescaleArgs),
@@ -303,6 +306,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Submit(args) => cluster::submit(&args).await,
         Command::Savepoint(args) => cluster::savepoint(&args).await,
         Command::Rescale(args) => cluster::rescale(&args).await,
+        Command::Move(args) => cluster::move_worker(&args).await,
         Command::Status(args) => cluster::status(&args).await,
         Command::Stop(args) => cluster::stop(&args).await,
         Command::Ca {

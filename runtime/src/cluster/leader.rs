@@ -313,6 +313,14 @@ pub async fn client_request(
                 },
             }
         }
+        ClientRequest::Move { job, worker, host } => {
+            match crate::cluster::server::request_move(cluster, server, &job, &worker, &host) {
+                Ok(message) => ClientReply::Ok { message },
+                Err(e) => ClientReply::Error {
+                    message: format!("{e:#}"),
+                },
+            }
+        }
         ClientRequest::Rescale {
             job,
             operator,

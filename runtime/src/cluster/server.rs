@@ -510,6 +510,11 @@ fn authorize(identity: Option<&Identity>, req: &ClientRequest) -> Result<(), Str
             "rescale jobs",
             "operator",
         ),
+        ClientRequest::Move { .. } => (
+            &[Role::Operator, Role::Supervisor],
+            "move workers",
+            "operator",
+        ),
     };
     if allowed.contains(&id.role) {
         Ok(())
@@ -555,6 +560,9 @@ async fn client_request(
         ClientRequest::Savepoint { job, name, stop } => {
             reply(crate::cluster::savepoint::take(cluster, &job, name, stop).await)
         }
+        ClientRequest::Move { job, worker, host } => {
+            reply(request_move(cluster, opts, &job, &worker, &host))
+        }
         ClientRequest::Rescale {
             job,
             operator,
@@ -564,6 +572,51 @@ async fn client_request(
                 .await,
         ),
     }
+}
+
+/// Asks job `job` to move `worker`'s primary to `host`, after checking
+/// that both exist (the job moves it if it is running then).
+pub(crate) fn request_move(
+    cluster: &Cluster,
+    opts: &ServerOptions,
+    job: &JobId,
+    worker: &str,
+    host: &str,
+) -> anyhow::Result<String> {
+    let c = cluster.lock();
+    let entry = c.jobs.get(job).with_context(|| format!("no job {job}"))?;
+    if entry.ended() {
+        anyhow::bail!("job {job} is not running");
+    }
+    let sub = entry
+        .submission
+        .as_ref()
+        .map(|s| s.0.clone())
+        .with_context(|| format!("job {job} has no submission on record"))?;
+    let plan = prepare(sub, opts)?.spec.plan();
+    let Some(w) = plan.iter().find(|w| w.id.as_str() == worker) else {
+        let names: Vec<&str> = plan.iter().map(|w| w.id.as_str()).collect();
+        anyhow::bail!(
+            "job {job} has no worker {worker:?} (workers: {})",
+            names.join(", ")
+        );
+    };
+    if !w.hosts.is_empty() && !w.hosts.iter().any(|h| h == host) {
+        anyhow::bail!("{worker} may run only on {}", w.hosts.join(", "));
+    }
+    if !c.alive().iter().any(|h| h == host) {
+        anyhow::bail!("host {host} is not a live agent of this cluster");
+    }
+    entry
+        .events
+        .send(FleetEvent::Move {
+            worker: w.id.clone(),
+            host: host.to_string(),
+        })
+        .map_err(|_| anyhow::anyhow!("job {job} is ending"))?;
+    Ok(format!(
+        "moving {worker} of job {job} to {host} (restored from the last committed checkpoint)"
+    ))
 }
 
 /// Tells job `job`'s task to stop.

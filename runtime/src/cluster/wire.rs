@@ -402,6 +402,16 @@ pub enum ClientRequest {
         #[serde(default)]
         stop: bool,
     },
+    /// Move a worker's primary to a host (the moved share of an
+    /// active-active service back home, or anywhere it may run).
+    Move {
+        /// The job.
+        job: JobId,
+        /// The worker.
+        worker: String,
+        /// The host.
+        host: String,
+    },
     /// Change an operator's parallelism: stop with a savepoint, start again
     /// from it with the key groups spread over `parallelism` instances.
     Rescale {
@@ -530,6 +540,10 @@ pub struct JobStatus {
     /// restarted, the other workers kept running.
     #[serde(default)]
     pub region_failovers: u32,
+    /// Planned moves: fail-backs and `lazarus move` (not counted in
+    /// `restarts`).
+    #[serde(default)]
+    pub moves: u32,
     /// Checkpoints committed.
     pub committed: u64,
     /// The newest committed checkpoint.

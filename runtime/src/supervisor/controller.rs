@@ -249,6 +249,14 @@ pub enum Fact {
         /// Why, naming the path or address.
         reason: String,
     },
+    /// Someone asked to move `worker`'s primary to `host` (`lazarus move`):
+    /// it restarts there from the last committed checkpoint, with its region.
+    MoveRequested {
+        /// The worker.
+        worker: WorkerId,
+        /// The host.
+        host: String,
+    },
     /// Someone asked the job to stop; with `final_checkpoint`, after one
     /// more checkpoint (stop with savepoint).
     StopRequested {
@@ -508,6 +516,9 @@ pub struct RunSummary {
     /// Recoveries that restarted only the failed workers' regions (the
     /// other workers kept their processes and state).
     pub region_failovers: u32,
+    /// Planned moves (fail-backs and `lazarus move`); not counted in
+    /// `restarts` nor against the restart budget.
+    pub moves: u32,
 }
 
 /// A running job as its record in etcd describes it: what a new leader
@@ -719,6 +730,12 @@ pub struct JobController {
     /// The regions being recovered while the others keep running (a region
     /// failover in progress), from the tear-down until all run again.
     partial: Option<BTreeSet<WorkerId>>,
+    /// The host each worker first ran on (where a fail-back returns it).
+    home: BTreeMap<WorkerId, String>,
+    /// Since when each live host has been up (a fail-back waits a hold-down).
+    host_since: BTreeMap<String, Duration>,
+    /// Workers asked to move, and where (a fail-back or `lazarus move`).
+    prefer: BTreeMap<WorkerId, String>,
     /// An adoption in progress (a new HA leader).
     adopting: Option<AdoptState>,
     /// Bytes each worker's last restore downloaded.
@@ -767,6 +784,7 @@ impl JobController {
             restores: 0,
             restored_bytes: 0,
             region_failovers: 0,
+            moves: 0,
         };
         JobController {
             phase: Phase::Claiming,
@@ -792,6 +810,9 @@ impl JobController {
             att_of: BTreeMap::new(),
             regions: regions_of(&cfg.plan),
             partial: None,
+            home: BTreeMap::new(),
+            host_since: BTreeMap::new(),
+            prefer: BTreeMap::new(),
             adopting: None,
             fetched: BTreeMap::new(),
             consecutive_failures: 0,
@@ -825,6 +846,9 @@ impl JobController {
 
     /// Starts the first attempt at `now`.
     pub fn start(&mut self, now: Duration) -> Vec<Action> {
+        for h in &self.hosts {
+            self.host_since.insert(h.clone(), now);
+        }
         if let Some(c) = self.cfg.chaos {
             self.chaos_at = now + c.every;
         }
@@ -1150,7 +1174,9 @@ impl JobController {
             Fact::Exited(e) => self.on_exited(now, e),
             Fact::HostLost(h) => self.on_host_lost(now, &h),
             Fact::HostJoined(h) => {
-                self.hosts.insert(h.clone());
+                if self.hosts.insert(h.clone()) {
+                    self.host_since.insert(h.clone(), now);
+                }
                 if matches!(self.phase, Phase::Adopting) || self.adopting.is_some() {
                     self.host_joined_adopting(now, &h);
                 } else if self.is_active() {
@@ -1217,6 +1243,13 @@ impl JobController {
                 }
             }
             Fact::StopRequested { final_checkpoint } => self.on_stop(now, final_checkpoint),
+            Fact::MoveRequested { worker, host } => {
+                let why = format!("{worker} moves to {host} on request");
+                if self.move_to(now, &worker, &host, why) {
+                    // An operator's choice: fail-back returns it here now.
+                    self.home.insert(worker, host);
+                }
+            }
             Fact::StandbyHealth { worker, host, up } => {
                 let here = self
                     .procs
@@ -1383,6 +1416,7 @@ impl JobController {
             attempt: self.attempt,
             restarts: self.summary.restarts,
             region_failovers: self.summary.region_failovers,
+            moves: self.summary.moves,
             committed: self.summary.committed,
             last_checkpoint: self.summary.last_checkpoint.map(|c| c.0),
             last_failure: self.summary.last_failure.clone(),
@@ -1454,6 +1488,7 @@ impl JobController {
                 id: w.id.clone(),
                 standby: w.standby,
                 hosts: w.hosts.clone(),
+                prefer: self.prefer.get(&w.id).cloned(),
             })
             .collect()
     }
@@ -1483,6 +1518,12 @@ impl JobController {
                 }
             };
         self.failed.clear();
+        self.prefer.clear();
+        for (w, p) in &self.placement {
+            self.home
+                .entry(w.clone())
+                .or_insert_with(|| p.primary.clone());
+        }
         // A region failover restarts only the failed regions: the other
         // workers keep their processes, connections and VIPs (and a source
         // of theirs that ran dry stays so).
@@ -1647,6 +1688,9 @@ impl JobController {
             }
             Phase::Running | Phase::Finishing { .. } => {
                 if matches!(self.phase, Phase::Running) && self.missed_heartbeats(now) {
+                    return;
+                }
+                if matches!(self.phase, Phase::Running) && self.maybe_fail_back(now) {
                     return;
                 }
                 let d = self.coordinator.tick(now);
@@ -2080,6 +2124,7 @@ impl JobController {
 
     fn on_host_lost(&mut self, now: Duration, host: &str) {
         self.hosts.remove(host);
+        self.host_since.remove(host);
         if let Some(st) = self.adopting.as_mut() {
             st.joined.remove(host);
         }
@@ -2295,6 +2340,51 @@ impl JobController {
         if named {
             self.tear_down(partial_ok);
         }
+    }
+
+    /// A worker with `failback` whose first host has been up for the
+    /// hold-down moves back there; returns whether one did.
+    fn maybe_fail_back(&mut self, now: Duration) -> bool {
+        let due = self.cfg.plan.iter().find_map(|w| {
+            let hold = w.failback?;
+            let home = self.home.get(&w.id)?;
+            let here = &self.placement.get(&w.id)?.primary;
+            let up = *self.host_since.get(home)?;
+            (home != here && self.hosts.contains(home) && now.saturating_sub(up) >= hold)
+                .then(|| (w.id.clone(), home.clone(), hold))
+        });
+        let Some((w, home, hold)) = due else {
+            return false;
+        };
+        let why = format!("{w} fails back to {home} (up for the {hold:?} hold-down)");
+        self.move_to(now, &w, &home, why)
+    }
+
+    /// Restarts `worker`'s primary (and its region) on `host`, from the last
+    /// committed checkpoint. Only while running, and only to a live host it
+    /// may run on that it is not on already; returns whether it moves.
+    fn move_to(&mut self, now: Duration, worker: &WorkerId, host: &str, why: String) -> bool {
+        let allowed = self
+            .worker(worker)
+            .is_some_and(|w| w.hosts.is_empty() || w.hosts.iter().any(|h| h == host));
+        let here = self.placement.get(worker).map(|p| p.primary.as_str());
+        if !matches!(self.phase, Phase::Running)
+            || !allowed
+            || !self.hosts.contains(host)
+            || here == Some(host)
+        {
+            tracing::info!(%worker, host, "move not possible now (not running, host not live or not allowed, or already there)");
+            return false;
+        }
+        tracing::info!(%worker, host, %why, "moving a worker");
+        self.summary.moves += 1;
+        self.failed.insert(worker.clone());
+        self.prefer.insert(worker.clone(), host.to_string());
+        self.fail(now, why, true);
+        // Planned: not a failure, so not counted against the restart budget.
+        self.summary.restarts = self.summary.restarts.saturating_sub(1);
+        self.consecutive_failures = self.consecutive_failures.saturating_sub(1);
+        true
     }
 
     /// The failed workers' regions, if that is not every worker.

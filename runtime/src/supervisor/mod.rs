@@ -416,6 +416,7 @@ impl Shell {
             FleetEvent::HostLost(h) => Fact::HostLost(h),
             FleetEvent::HostJoined(h) => Fact::HostJoined(h),
             FleetEvent::Refused { host, reason } => Fact::Refused { host, reason },
+            FleetEvent::Move { worker, host } => Fact::MoveRequested { worker, host },
             FleetEvent::StandbyHealth { worker, host, up } => {
                 Fact::StandbyHealth { worker, host, up }
             }

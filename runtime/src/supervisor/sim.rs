@@ -141,7 +141,8 @@ max_backoff = "30ms"
 name = "kv"
 kind = "k"
 parallelism = 2
-standby = "hot"
+standby = "none"
+failback = "60ms"
 vips = ["198.18.0.100/24", "198.18.0.101/24"]
 port = 8080
 [[operator]]
@@ -1495,26 +1496,30 @@ mod scenarios {
     }
 
     /// Active-active instances are regions of their own: a SIGKILL of one
-    /// restarts (here: promotes the standby of) that one only; the other
-    /// keeps its process, its VIP, and is never told to start again.
+    /// restarts that one only (elsewhere: no standby); the other keeps its
+    /// process and VIP and is never told to start again. With `failback`,
+    /// the restarted one returns to its first host after the hold-down.
     #[test]
     fn test_region_failover_leaves_the_other_regions_running() {
         let mut w = running(2, 3);
         let (survivor, survivor_host) = w.proc_of("kv-1", Slot::Primary);
         let (src, _) = w.proc_of("src-0", Slot::Primary);
-        let (victim, _) = w.proc_of("kv-0", Slot::Primary);
-        let (standby, standby_host) = w.proc_of("kv-0", Slot::Standby);
+        let (victim, home) = w.proc_of("kv-0", Slot::Primary);
         let committed = w.ctl.newest_committed();
         let killed_at = w.now;
         w.die(victim, ExitKind::Signal(9));
         w.run_for(ms(300));
         assert_eq!(w.ctl.state(), JobState::Running);
-        assert_eq!(w.ctl.summary().region_failovers, 1);
+        let s = w.ctl.summary();
         assert_eq!(
-            w.proc_of("kv-0", Slot::Primary),
-            (standby, standby_host.clone())
+            (s.region_failovers, s.moves),
+            (2, 1),
+            "the crash, then the fail-back"
         );
-        assert_eq!(w.vips.get("198.18.0.100/24"), Some(&standby_host));
+        let (back, host) = w.proc_of("kv-0", Slot::Primary);
+        assert_ne!(back, victim);
+        assert_eq!(host, home, "back on its first host");
+        assert_eq!(w.vips.get("198.18.0.100/24"), Some(&home));
         // The other regions: same processes, VIP untouched, nothing sent.
         assert_eq!(
             w.proc_of("kv-1", Slot::Primary),
@@ -1536,6 +1541,75 @@ mod scenarios {
             assert!(!touches_survivor, "{a:?} touches a surviving region");
         }
         assert!(w.ctl.newest_committed() > committed, "checkpoints go on");
+    }
+
+    /// A lost host's instance moves to a survivor; when the host is back,
+    /// it returns only after the hold-down, and a `move` request moves the
+    /// other one; nothing else restarts.
+    #[test]
+    fn test_fail_back_waits_for_the_hold_down_and_moves_go_where_asked() {
+        let mut w = running(2, 3);
+        let (_, home) = w.proc_of("kv-0", Slot::Primary);
+        let (survivor, survivor_host) = w.proc_of("kv-1", Slot::Primary);
+        assert_ne!(home, survivor_host);
+        w.hosts.insert(home.clone(), false);
+        for p in w.procs.values_mut().filter(|p| p.host == home) {
+            p.alive = false;
+        }
+        w.run_for(ms(50));
+        w.deliver(Fact::HostLost(home.clone()));
+        w.run_for(ms(200));
+        let (_, away) = w.proc_of("kv-0", Slot::Primary);
+        assert_ne!(away, home);
+        w.hosts.insert(home.clone(), true);
+        w.deliver(Fact::HostJoined(home.clone()));
+        w.run_for(ms(40));
+        assert_eq!(
+            w.proc_of("kv-0", Slot::Primary).1,
+            away,
+            "held down for 60 ms"
+        );
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        assert_eq!(w.proc_of("kv-0", Slot::Primary).1, home, "failed back");
+        assert_eq!(w.vips.get("198.18.0.100/24"), Some(&home));
+        assert_eq!(w.ctl.summary().moves, 1);
+        assert_eq!(
+            w.proc_of("kv-1", Slot::Primary).0,
+            survivor,
+            "never restarted"
+        );
+        // An operator's move: to a live host, not to a dead or the same one.
+        let target = w
+            .hosts
+            .keys()
+            .find(|h| **h != survivor_host)
+            .cloned()
+            .expect("another host");
+        w.deliver(Fact::MoveRequested {
+            worker: id("kv-1"),
+            host: survivor_host.clone(),
+        });
+        w.deliver(Fact::MoveRequested {
+            worker: id("kv-1"),
+            host: "nowhere".into(),
+        });
+        assert_eq!(
+            w.ctl.summary().moves,
+            1,
+            "no move to the same or an unknown host"
+        );
+        w.deliver(Fact::MoveRequested {
+            worker: id("kv-1"),
+            host: target.clone(),
+        });
+        // Its new home: fail-back does not take it back.
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.summary().moves, 2);
+        assert_eq!(w.ctl.state(), JobState::Running);
+        assert_eq!(w.proc_of("kv-1", Slot::Primary).1, target);
+        assert_eq!(w.vips.get("198.18.0.101/24"), Some(&target));
+        assert_eq!(w.proc_of("kv-0", Slot::Primary).1, home, "kv-0 stays");
     }
 
     #[test]
