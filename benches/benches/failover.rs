@@ -24,6 +24,12 @@
 //!   Flink on Kubernetes, lease 15 s; Flink on ZooKeeper, session timeout
 //!   60 s.
 //!
+//! - active-active (`LAZARUS_BENCH_ONLY=active` for just these): kv
+//!   requests/s through one VIP (active-passive) against two VIPs (two
+//!   instances, same client load), and the outage of a host loss on the
+//!   lost host's VIP and on the surviving one, beside keepalived with two
+//!   VRRP instances (masters on different hosts).
+//!
 //! Needs root, iproute2 and keepalived (`apt-get install keepalived`); it
 //! builds `lazarus` and `kv-service` for its own profile first.
 
@@ -64,6 +70,12 @@ struct Prober {
 
 impl Prober {
     fn start(bed: &Testbed, client: &str, addr: SocketAddr) -> Prober {
+        Prober::start_key(bed, client, addr, "k0", "v0")
+    }
+
+    /// Reads key `key` (expecting `value`) through `addr` every millisecond.
+    fn start_key(bed: &Testbed, client: &str, addr: SocketAddr, key: &str, value: &str) -> Prober {
+        let (path, want) = (format!("/kv/{key}"), value.as_bytes().to_vec());
         let stop = Arc::new(AtomicBool::new(false));
         let probes: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
         let (s, p) = (stop.clone(), probes.clone());
@@ -72,8 +84,8 @@ impl Prober {
             // Bounded: at most one hour of probing.
             while !s.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(3600) {
                 let good = matches!(
-                    http(addr, "GET", "/kv/k0", b"", Duration::from_millis(10)),
-                    Ok((200, ref b)) if b == b"v0"
+                    http(addr, "GET", &path, b"", Duration::from_millis(10)),
+                    Ok((200, ref b)) if *b == want
                 );
                 p.lock().expect("probes").push((Instant::now(), good));
                 std::thread::sleep(Duration::from_millis(1));
@@ -479,6 +491,16 @@ fn supervisor_trials(trials: usize) -> (Vec<Duration>, Vec<Duration>) {
 
 type Row = (String, Vec<Duration>, Vec<Duration>, String);
 
+/// The active-active table: throughput, then the host-loss outages.
+fn print_active(rows: &[Row], throughput: &[String]) {
+    println!("\nactive-passive (one VIP) against active-active (two VIPs), same client load:");
+    println!("\n| load | one VIP | two VIPs | ratio |\n| --- | --- | --- | --- |");
+    for l in throughput {
+        println!("{l}");
+    }
+    print_rows(rows);
+}
+
 fn print_rows(rows: &[Row]) {
     println!("\n| scenario | p50 | p99 | max | two VIP holders (max) | bounds |\n| --- | --- | --- | --- | --- | --- |");
     for (name, v, both, bound) in rows {
@@ -798,6 +820,356 @@ fn build_binaries() {
     assert!(status.success(), "building lazarus and kv-service failed");
 }
 
+const VIP_B: &str = "198.18.0.101";
+
+/// The kv job active-active: two instances, one VIP each, no standby, back
+/// to their first host 1 s after it returns.
+fn kv_active_spec(dir: &Path, bins: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/kv-service/job.toml"
+    ))
+    .expect("kv job.toml")
+    .replace(
+        "worker = \"kv-service\"",
+        &format!("worker = \"{}\"", bins.join("kv-service").display()),
+    )
+    .replace("parallelism = 1", "parallelism = 2")
+    .replace("standby = \"hot\"", "standby = \"none\"\nfailback = \"1s\"")
+    .replace(
+        "vip = \"198.18.0.100/24\"\nvip6 = \"2001:2::100/64\"",
+        "vips = [\"198.18.0.100/24\", \"198.18.0.101/24\"]",
+    );
+    assert!(
+        text.contains("vips = ["),
+        "the kv job.toml changed: update this bench"
+    );
+    let path = dir.join("kv-active.toml");
+    std::fs::write(&path, text).expect("spec");
+    path
+}
+
+/// The kv job's key groups (its job.toml), to pick keys each instance owns.
+const KV_KEY_GROUPS: u32 = 16;
+
+/// The host holding `vip`, from a status.
+fn holder(s: &serde_json::Value, vip: &str) -> Option<String> {
+    cluster::vip(s, vip).and_then(|v| v["holder"].as_str().map(str::to_string))
+}
+
+/// The first key `probe<i>` that instance `index` of 2 owns.
+fn key_owned_by(index: u32) -> String {
+    (0..)
+        .map(|i| format!("probe{i}"))
+        .find(|k| {
+            let g = lazarus_sdk::key_group(k.as_bytes(), KV_KEY_GROUPS);
+            lazarus_sdk::group_owner(g, KV_KEY_GROUPS, 2) == index
+        })
+        .expect("some key")
+}
+
+/// Requests per second from `threads` clients in host `cl` for `span`,
+/// spread over `addrs` (GETs of `keys`, or PUTs of them when `write`).
+fn throughput(
+    bed: &Testbed,
+    addrs: &[SocketAddr],
+    keys: &[String],
+    span: Duration,
+    threads: usize,
+    write: bool,
+) -> f64 {
+    let clients: Vec<_> = (0..threads)
+        .map(|t| {
+            let (addrs, keys) = (addrs.to_vec(), keys.to_vec());
+            bed.in_host("cl", move || {
+                let start = Instant::now();
+                let mut ok = 0u64;
+                let mut i = t;
+                while start.elapsed() < span {
+                    let addr = addrs[i % addrs.len()];
+                    let path = format!("/kv/{}", keys[i % keys.len()]);
+                    let r = if write {
+                        http(addr, "PUT", &path, b"w", Duration::from_secs(2))
+                    } else {
+                        http(addr, "GET", &path, b"", Duration::from_secs(2))
+                    };
+                    ok += u64::from(matches!(r, Ok((200 | 201 | 204, _))));
+                    i += threads;
+                }
+                ok
+            })
+        })
+        .collect();
+    let total: u64 = clients.into_iter().map(|c| c.join().expect("client")).sum();
+    total as f64 / span.as_secs_f64()
+}
+
+/// Writes `keys` (each acknowledged) through `addr`.
+fn preload(bed: &Testbed, addr: SocketAddr, keys: &[String]) {
+    let keys = keys.to_vec();
+    let ok = bed
+        .in_host("cl", move || {
+            keys.iter().all(|k| {
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(20) {
+                    let body = format!("v-{k}");
+                    if let Ok((201 | 204, _)) = http(
+                        addr,
+                        "PUT",
+                        &format!("/kv/{k}"),
+                        body.as_bytes(),
+                        Duration::from_secs(2),
+                    ) {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                false
+            })
+        })
+        .join()
+        .expect("client");
+    assert!(ok, "could not preload the keys");
+}
+
+/// Active-active against active-passive and keepalived with two VRRP
+/// instances: kv throughput through one VIP and through two with the same
+/// client load, and the outage of a host loss on the lost VIP and on the
+/// surviving one. Returns the throughput lines.
+fn active_rows(rows: &mut Vec<Row>, trials: usize) -> Vec<String> {
+    // The fastest settings of the active-passive host-loss row, so the two
+    // shapes are compared at the same detection speed.
+    let fast = "heartbeat_interval = \"10ms\"\nhost_timeout = \"40ms\"\n[lease]\nlength = \"40ms\"\nrenew_every = \"10ms\"\ndrift_margin = \"10ms\"\n";
+    let span = if trials < 5 {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(4)
+    };
+    let threads = 8;
+    let keys: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+    let a: SocketAddr = format!("{VIP}:8080").parse().expect("addr");
+    let b: SocketAddr = format!("{VIP_B}:8080").parse().expect("addr");
+    let bins = cluster::bin_dir();
+    let mut lines = Vec::new();
+
+    // Active-passive: one primary (hot standby), one VIP.
+    let (ap_read, ap_write) = {
+        let c = LzCluster::start("aap", &["a", "b"], &["cl"], fast);
+        c.submit(&kv_spec(c.dir.path(), &bins, "hot"), &[]);
+        c.wait("kv serving", Duration::from_secs(60), |s| {
+            cluster::serving(s, "kv", "kv-0", VIP_KEY).is_some()
+        });
+        preload(&c.bed, a, &keys);
+        (
+            throughput(&c.bed, &[a], &keys, span, threads, false),
+            throughput(&c.bed, &[a], &keys, span, threads, true),
+        )
+    };
+    // Active-active: two primaries on two hosts, two VIPs, the same load
+    // spread over both (half the requests are forwarded to the owner).
+    let c = LzCluster::start("aaa", &["a", "b"], &["cl"], fast);
+    c.submit(&kv_active_spec(c.dir.path(), &bins), &[]);
+    let spread = |s: &serde_json::Value| {
+        cluster::serving(s, "kv", "kv-0", VIP_KEY).is_some()
+            && cluster::serving(s, "kv", "kv-1", "198.18.0.101/24").is_some()
+            && holder(s, VIP_KEY) != holder(s, "198.18.0.101/24")
+    };
+    let st = c.wait("both instances serving", Duration::from_secs(60), spread);
+    preload(&c.bed, a, &keys);
+    let aa_read = throughput(&c.bed, &[a, b], &keys, span, threads, false);
+    let aa_write = throughput(&c.bed, &[a, b], &keys, span, threads, true);
+    lines.push(format!(
+        "| reads (GET, {threads} clients, new connection per request) | {ap_read:.0} req/s | {aa_read:.0} req/s | {:.2}x |",
+        aa_read / ap_read.max(1e-9)
+    ));
+    lines.push(format!(
+        "| writes (PUT, acknowledged after commit) | {ap_write:.0} req/s | {aa_write:.0} req/s | {:.2}x |",
+        aa_write / ap_write.max(1e-9)
+    ));
+
+    // Host loss of kv-0's host, every trial from the spread layout (the
+    // instance fails back 1 s after its host returns).
+    let home = holder(&st, VIP_KEY).expect("holder");
+    let (k0, k1) = (key_owned_by(0), key_owned_by(1));
+    preload(&c.bed, a, &[k0.clone(), k1.clone()]);
+    let lost_probe = Prober::start_key(&c.bed, "cl", a, &k0, &format!("v-{k0}"));
+    let kept_probe = Prober::start_key(&c.bed, "cl", b, &k1, &format!("v-{k1}"));
+    let (mut lost, mut kept) = (Vec::new(), Vec::new());
+    for trial in 0..trials {
+        c.wait("spread over both hosts", Duration::from_secs(60), |s| {
+            spread(s) && holder(s, VIP_KEY).as_deref() == Some(home.as_str())
+        });
+        assert!(
+            lost_probe.wait_good(Instant::now(), 50, Duration::from_secs(20))
+                && kept_probe.wait_good(Instant::now(), 50, Duration::from_secs(20)),
+            "no steady reads before trial {trial}"
+        );
+        std::thread::sleep(phase(trial));
+        let fault_at = Instant::now();
+        c.bed.link_down(&home);
+        assert!(
+            lost_probe.wait_good(fault_at, 50, Duration::from_secs(30)),
+            "active-active: the lost VIP did not come back in trial {trial}\n{}",
+            c.logs()
+        );
+        let from = fault_at - Duration::from_millis(50);
+        lost.push(lost_probe.outage(from));
+        kept.push(kept_probe.outage(from));
+        eprintln!(
+            "  active-active trial {trial}: lost VIP outage {}, surviving VIP longest gap {}",
+            ms(*lost.last().expect("pushed")),
+            ms(*kept.last().expect("pushed"))
+        );
+        c.bed.link_up(&home);
+    }
+    drop((lost_probe, kept_probe));
+    rows.push((
+        "lazarus active-active host loss: the lost host's VIP".into(),
+        lost,
+        Vec::new(),
+        "two kv instances, no standby; heartbeat 10 ms, host timeout 40 ms, lease 40 ms + 10 ms; the lost share restarts on the survivor".into(),
+    ));
+    rows.push((
+        "lazarus active-active host loss: the surviving VIP (longest gap)".into(),
+        kept,
+        Vec::new(),
+        "region failover: the surviving instance keeps running".into(),
+    ));
+    drop(c);
+    let (lost, kept) = keepalived_active_trials(trials);
+    rows.push((
+        "keepalived two VRRP instances, host loss: the lost host's VIP".into(),
+        lost,
+        Vec::new(),
+        "VI_1 master on a, VI_2 master on b, advert 0.01 s, preempt_delay 1 s; stateless responders".into(),
+    ));
+    rows.push((
+        "keepalived two VRRP instances, host loss: the surviving VIP (longest gap)".into(),
+        kept,
+        Vec::new(),
+        "the other instance's master is not involved".into(),
+    ));
+    lines
+}
+
+/// keepalived with two VRRP instances (one VIP each, masters on different
+/// hosts), stateless responders on both: the outage on each VIP when host
+/// a (VIP 1's master) loses its link.
+fn keepalived_active_trials(trials: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let bed = Testbed::new("kaa", &["a", "b", "cl"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut k = Keepalived {
+        procs: Vec::new(),
+        responders: vec![None, None],
+        bed,
+        dir,
+    };
+    for (i, host) in ["a", "b"].iter().enumerate() {
+        k.responders[i] = Some(k.responder(host));
+        let (p1, p2) = if i == 0 { (150, 100) } else { (100, 150) };
+        let conf = format!(
+            r#"global_defs {{
+    router_id kaa_{host}
+    vrrp_version 3
+    vrrp_garp_master_repeat 3
+}}
+vrrp_instance VI_1 {{
+    state BACKUP
+    interface eth0
+    virtual_router_id 51
+    priority {p1}
+    advert_int 0.01
+    preempt_delay 1
+    virtual_ipaddress {{
+        {VIP_KEY} dev eth0
+    }}
+}}
+vrrp_instance VI_2 {{
+    state BACKUP
+    interface eth0
+    virtual_router_id 52
+    priority {p2}
+    advert_int 0.01
+    preempt_delay 1
+    virtual_ipaddress {{
+        {VIP_B}/24 dev eth0
+    }}
+}}
+"#
+        );
+        let path = k.dir.path().join(format!("keepalived-{host}.conf"));
+        std::fs::write(&path, conf).expect("conf");
+        let d = k.dir.path();
+        let args = [
+            "--dont-fork",
+            "--log-console",
+            "--vrrp",
+            "-f",
+            path.to_str().expect("utf-8"),
+            "-p",
+            &format!("{}/{host}-main.pid", d.display()),
+            "-r",
+            &format!("{}/{host}-vrrp.pid", d.display()),
+            "-c",
+            &format!("{}/{host}-checkers.pid", d.display()),
+        ];
+        let p = k.bed.spawn(
+            host,
+            Path::new("/usr/sbin/keepalived"),
+            &args,
+            &[],
+            &d.join(format!("keepalived-{host}.log")),
+        );
+        k.procs.push(p);
+    }
+    let spread = |k: &Keepalived, limit: Duration| {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let (a1, b1) = (k.bed.holds("a", VIP), k.bed.holds("b", VIP));
+            let (a2, b2) = (k.bed.holds("a", VIP_B), k.bed.holds("b", VIP_B));
+            if a1 && !b1 && b2 && !a2 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    let a: SocketAddr = format!("{VIP}:8080").parse().expect("addr");
+    let b: SocketAddr = format!("{VIP_B}:8080").parse().expect("addr");
+    let lost_probe = Prober::start(&k.bed, "cl", a);
+    let kept_probe = Prober::start(&k.bed, "cl", b);
+    let (mut lost, mut kept) = (Vec::new(), Vec::new());
+    for trial in 0..trials {
+        assert!(
+            spread(&k, Duration::from_secs(30)),
+            "keepalived: the two masters are not on a and b before trial {trial}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            lost_probe.wait_good(Instant::now(), 50, Duration::from_secs(10))
+                && kept_probe.wait_good(Instant::now(), 50, Duration::from_secs(10)),
+            "keepalived: no steady reads before trial {trial}"
+        );
+        std::thread::sleep(phase(trial));
+        let fault_at = Instant::now();
+        k.bed.link_down("a");
+        assert!(
+            lost_probe.wait_good(fault_at, 50, Duration::from_secs(30)),
+            "keepalived: no failover in trial {trial}"
+        );
+        let from = fault_at - Duration::from_millis(50);
+        lost.push(lost_probe.outage(from));
+        kept.push(kept_probe.outage(from));
+        eprintln!(
+            "  keepalived two instances trial {trial}: lost VIP outage {}, surviving VIP longest gap {}",
+            ms(*lost.last().expect("pushed")),
+            ms(*kept.last().expect("pushed"))
+        );
+        k.bed.link_up("a");
+    }
+    (lost, kept)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--serve") {
@@ -900,6 +1272,11 @@ fn main() {
     // LAZARUS_BENCH_ONLY=process: just the unmodified-program rows.
     let only = std::env::var("LAZARUS_BENCH_ONLY").unwrap_or_default();
     let only_supervisor = only == "supervisor";
+    if only == "active" {
+        let lines = active_rows(&mut rows, trials);
+        print_active(&rows, &lines);
+        return;
+    }
     if only.is_empty() || only == "process" {
         process_rows(&mut rows, trials);
         if only == "process" {
@@ -949,7 +1326,10 @@ fn main() {
         let (v, both) = keepalived_trials(fault, trials, TRACK_PID_1S);
         rows.push((name.to_string(), v, both, bound.to_string()));
     }
+    let mut active = Vec::new();
+    let lines = active_rows(&mut active, trials);
     print_rows(&rows);
+    print_active(&active, &lines);
     let p50 = |name: &str| {
         let row = rows.iter().find(|r| r.0 == name).expect("row");
         percentile(&row.1, 0.5)
