@@ -804,6 +804,39 @@ impl JobSpec {
         Ok(())
     }
 
+    /// Applies `--vips OPERATOR=ADDR/PREFIX,...` overrides: the operator's
+    /// per-instance VIPs (IPv4 into `vips`, IPv6 into `vips6`); an empty
+    /// list clears both. `validate` checks the result like any spec.
+    pub fn set_vips(&mut self, overrides: &[String]) -> Result<(), SpecError> {
+        for o in overrides {
+            let (op, list) = o.split_once('=').ok_or_else(|| {
+                self.invalid("--vips", format!("{o:?} is not OPERATOR=ADDR/PREFIX,..."))
+            })?;
+            let op = op.trim();
+            let Some(i) = self.operators.iter().position(|x| x.name == op) else {
+                let names: Vec<&str> = self.operators.iter().map(|x| x.name.as_str()).collect();
+                return Err(self.invalid(
+                    "--vips",
+                    format!(
+                        "{o:?}: no operator {op:?} (operators: {})",
+                        names.join(", ")
+                    ),
+                ));
+            };
+            let addrs: Vec<String> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+                .collect();
+            let (v6, v4): (Vec<String>, Vec<String>) =
+                addrs.into_iter().partition(|v| v.contains(':'));
+            self.operators[i].vips = v4;
+            self.operators[i].vips6 = v6;
+        }
+        Ok(())
+    }
+
     /// `operator` and every operator joined to it by `forward` edges (which
     /// need equal parallelism): what a rescale of `operator` rescales.
     pub fn forward_group(&self, operator: &str) -> Vec<String> {
@@ -1177,6 +1210,29 @@ mod tests {
             let e = spec.set_parallelism(&[o.into()]).expect_err(o).to_string();
             assert!(e.contains("--parallelism") && e.contains(says), "{o}: {e}");
         }
+        // --vips: per-instance VIPs by family; refused by name when wrong.
+        spec.set_vips(&["tok=198.18.0.100/24,2001:2::100/64".into()])
+            .expect("vips");
+        spec.validate().expect("valid");
+        assert_eq!(spec.operators[1].vips, vec!["198.18.0.100/24"]);
+        assert_eq!(spec.operators[1].vips6, vec!["2001:2::100/64"]);
+        let e = spec
+            .set_vips(&["nope=198.18.0.1/24".into()])
+            .expect_err("op");
+        assert!(
+            e.to_string().contains("--vips") && e.to_string().contains("no operator"),
+            "{e}"
+        );
+        spec.set_vips(&[
+            "tok=198.18.0.100/24,198.18.0.101/24,198.18.0.102/24,198.18.0.103/24".into(),
+        ])
+        .expect("parsed");
+        let e = spec
+            .validate()
+            .expect_err("4 VIPs for 3 instances")
+            .to_string();
+        assert!(e.contains("4 VIPs for 3 instances"), "{e}");
+        spec.set_vips(&["tok=".into()]).expect("cleared");
         spec.set_parallelism(&["tok=0".into()]).expect("parsed");
         let e = spec.validate().expect_err("0").to_string();
         assert!(e.contains("must be between 1 and 256, got 0"), "{e}");

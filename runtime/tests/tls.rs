@@ -234,7 +234,7 @@ async fn test_viewer_reads_status_and_cannot_submit_or_stop() {
         "[job]\nname = \"x\"\nworker = \"/bin/true\"\n[[operator]]\nname = \"a\"\nkind = \"k\"\n",
     )
     .expect("spec");
-    let e = client::submit(&viewer, &[sup.addr], &spec, &[], &[], None)
+    let e = client::submit(&viewer, &[sup.addr], &spec, &[], &[], &[], None)
         .await
         .expect_err("a viewer may not submit");
     assert!(e.to_string().contains("may not submit jobs"), "{e}");

@@ -395,3 +395,121 @@ fn test_fail_back_after_the_hold_down_and_move_on_request() {
         c.logs()
     );
 }
+
+/// Test 4 and 5 for the service: rescale the active-active kv-service
+/// 2 -> 3 (a VIP for the new instance), every acknowledged key readable
+/// through all three VIPs; then stop it at a savepoint and start it again
+/// from the savepoint: the same data.
+#[test]
+fn test_rescale_the_service_and_restart_it_from_a_savepoint() {
+    let c = LzCluster::start("aars", &["a", "b"], &["cl"], FAST);
+    let path = spec(c.dir.path());
+    c.submit(&path, &[]);
+    c.wait("both instances serving", Duration::from_secs(30), |st| {
+        cluster::serving(st, "kv", "kv-0", &vip_key(0)).is_some()
+            && cluster::serving(st, "kv", "kv-1", &vip_key(1)).is_some()
+    });
+    let keys: Vec<(String, String)> = (0..30)
+        .map(|i| (format!("r{i}"), format!("rv{i}")))
+        .collect();
+    let k = keys.clone();
+    let late = c
+        .bed
+        .in_host("cl", move || {
+            k.iter()
+                .enumerate()
+                .filter(|(i, (k, v))| !put_acked(i % 2, k, v, Duration::from_secs(10)))
+                .map(|(_, (k, _))| k.clone())
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("client");
+    assert!(late.is_empty(), "{late:?}");
+    let text = |out: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    // Without a VIP for the new instance: refused, the job left alone.
+    let out = c.cli(&["rescale", "kv", "--operator", "kv", "--parallelism", "3"]);
+    assert!(
+        !out.status.success()
+            && text(&out).contains("give --vip for each of the 1 added instances"),
+        "{}",
+        text(&out)
+    );
+    let out = c.cli(&[
+        "rescale",
+        "kv",
+        "--operator",
+        "kv",
+        "--parallelism",
+        "3",
+        "--vip",
+        "198.18.0.102/24",
+    ]);
+    assert!(out.status.success(), "{}\n{}", text(&out), c.logs());
+    let three = |st: &serde_json::Value| {
+        (0..3).all(|i| {
+            cluster::serving(st, "kv", &format!("kv-{i}"), &format!("198.18.0.10{i}/24")).is_some()
+        })
+    };
+    c.wait("three instances serving", Duration::from_secs(60), three);
+    let all3 = |c: &LzCluster, keys: Vec<(String, String)>| {
+        c.bed
+            .in_host("cl", move || {
+                let mut bad = Vec::new();
+                for (k, v) in &keys {
+                    for i in 0..3 {
+                        let addr: SocketAddr =
+                            format!("198.18.0.10{i}:8080").parse().expect("addr");
+                        let got = http(
+                            addr,
+                            "GET",
+                            &format!("/kv/{k}"),
+                            b"",
+                            Duration::from_secs(2),
+                        );
+                        if !matches!(&got, Ok((200, b)) if b == v.as_bytes()) {
+                            bad.push(format!("{k} via .10{i}: {got:?}"));
+                        }
+                    }
+                }
+                bad
+            })
+            .join()
+            .expect("client")
+    };
+    let bad = all3(&c, keys.clone());
+    assert!(bad.is_empty(), "after the rescale: {bad:?}\n{}", c.logs());
+    // Stop at a savepoint, start again from it (same parallelism and VIPs).
+    let out = c.cli(&["savepoint", "kv", "--name", "kv-sp", "--stop"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), c.logs());
+    c.wait("kv stopped", Duration::from_secs(30), |st| {
+        cluster::job(st, "kv").is_some_and(|j| j["state"] == "finished" || j["state"] == "stopped")
+    });
+    let out = c.cli(&[
+        "submit",
+        path.to_str().expect("utf-8"),
+        "--from",
+        "kv-sp",
+        "--parallelism",
+        "kv=3",
+        "--vips",
+        "kv=198.18.0.100/24,198.18.0.101/24,198.18.0.102/24",
+    ]);
+    assert!(out.status.success(), "{}\n{}", text(&out), c.logs());
+    c.wait(
+        "three instances serving again",
+        Duration::from_secs(60),
+        three,
+    );
+    let bad = all3(&c, keys);
+    assert!(
+        bad.is_empty(),
+        "after the restart from the savepoint: {bad:?}\n{}",
+        c.logs()
+    );
+}

@@ -191,6 +191,10 @@ pub struct SubmitArgs {
     /// (repeatable; with --from, key groups are spread over the new count).
     #[arg(long = "parallelism", value_name = "OPERATOR=N")]
     pub parallelism: Vec<String>,
+    /// Set an operator's per-instance VIPs: --vips OPERATOR=ADDR/PREFIX,...
+    /// (repeatable).
+    #[arg(long = "vips", value_name = "OPERATOR=ADDR/PREFIX,...")]
+    pub vips: Vec<String>,
     /// Start from this savepoint (by name) or committed checkpoint (by id)
     /// instead of the newest committed checkpoint.
     #[arg(long, value_name = "SAVEPOINT_OR_ID")]
@@ -258,6 +262,10 @@ pub struct RescaleArgs {
     /// Its new number of instances (1 to the job's key groups).
     #[arg(long)]
     pub parallelism: u32,
+    /// A VIP for an added instance of an operator with one VIP per
+    /// instance (repeatable, in instance order).
+    #[arg(long = "vip", value_name = "ADDR/PREFIX")]
+    pub vip: Vec<String>,
     /// The supervisor's address, or several, comma-separated.
     #[arg(
         long,
@@ -486,6 +494,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
         &args.spec,
         &args.set,
         &args.parallelism,
+        &args.vips,
         args.from.as_deref(),
     )
     .await?;
@@ -536,6 +545,7 @@ pub async fn rescale(args: &RescaleArgs) -> anyhow::Result<ExitCode> {
         job,
         operator: args.operator.clone(),
         parallelism: args.parallelism,
+        vips: args.vip.clone(),
     };
     println!(
         "{}",

@@ -117,6 +117,9 @@ pub struct RunArgs {
     /// (repeatable; with --from, key groups are spread over the new count).
     #[arg(long = "parallelism", value_name = "OPERATOR=N")]
     pub parallelism: Vec<String>,
+    /// Set an operator's per-instance VIPs: --vips OPERATOR=ADDR/PREFIX,...
+    #[arg(long = "vips", value_name = "OPERATOR=ADDR/PREFIX,...")]
+    pub vips: Vec<String>,
     /// Start from this savepoint (by name) or committed checkpoint (by id)
     /// instead of the newest committed checkpoint.
     #[arg(long, value_name = "SAVEPOINT_OR_ID")]

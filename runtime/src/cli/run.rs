@@ -40,6 +40,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut spec = JobSpec::from_file(&args.spec)?;
     spec.set_params(&args.set)?;
     spec.set_parallelism(&args.parallelism)?;
+    spec.set_vips(&args.vips)?;
     spec.validate()?;
     let worker_binary = spec.resolve_worker()?;
     let state_dir = absolute(

@@ -76,6 +76,7 @@ pub async fn submit(
     path: &Path,
     set: &[String],
     parallelism: &[String],
+    vips: &[String],
     from: Option<&str>,
 ) -> anyhow::Result<String> {
     let spec =
@@ -91,6 +92,7 @@ pub async fn submit(
         dir,
         set: set.to_vec(),
         parallelism: parallelism.to_vec(),
+        vips: vips.to_vec(),
         from: from.map(str::to_string),
     };
     acknowledged(request_any(dialer, supervisor, &req).await?)

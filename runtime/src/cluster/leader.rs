@@ -325,11 +325,12 @@ pub async fn client_request(
             job,
             operator,
             parallelism,
+            vips,
         } => {
             let rescaled = async {
                 use crate::cluster::savepoint::{plan_rescale, stop_for_rescale};
                 use anyhow::Context as _;
-                let plan = plan_rescale(cluster, server, &job, &operator, parallelism)?;
+                let plan = plan_rescale(cluster, server, &job, &operator, parallelism, &vips)?;
                 let old =
                     ha.0.records
                         .lock()
@@ -353,6 +354,7 @@ pub async fn client_request(
                     dir: sub.dir,
                     set: sub.set,
                     parallelism: sub.parallelism,
+                    vips: sub.vips,
                     store: next.store_url.clone(),
                     state: "running".into(),
                     epoch: 0,
@@ -386,6 +388,7 @@ pub async fn client_request(
             dir,
             set,
             parallelism,
+            vips,
             from,
         } => {
             let submitted = async {
@@ -395,6 +398,7 @@ pub async fn client_request(
                     dir: dir.clone(),
                     set: set.clone(),
                     parallelism: parallelism.clone(),
+                    vips: vips.clone(),
                 };
                 let mut prepared = prepare(sub, server)?;
                 prepared.from = from;
@@ -408,6 +412,7 @@ pub async fn client_request(
                     dir,
                     set,
                     parallelism,
+                    vips,
                     store: prepared.store_url.clone(),
                     state: "running".into(),
                     epoch: 0,

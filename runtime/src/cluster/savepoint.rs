@@ -152,6 +152,7 @@ pub(crate) fn plan_rescale(
     job: &JobId,
     operator: &str,
     parallelism: u32,
+    added_vips: &[String],
 ) -> anyhow::Result<RescalePlan> {
     let mut sub = {
         let c = cluster.lock();
@@ -187,6 +188,30 @@ pub(crate) fn plan_rescale(
     let group = now.spec.forward_group(operator);
     for op in &group {
         sub.parallelism.push(format!("{op}={parallelism}"));
+    }
+    // One VIP per instance: a scale-down drops the last ones, a scale-up
+    // takes the VIPs given for the added instances.
+    let o = now
+        .spec
+        .operators
+        .iter()
+        .find(|o| o.name == operator)
+        .expect("found above");
+    let per_instance: Vec<String> = o.vips.iter().chain(o.vips6.iter()).cloned().collect();
+    if !added_vips.is_empty() && per_instance.is_empty() {
+        anyhow::bail!("operator {operator} of job {job} has no per-instance VIPs (vips = [...]): --vip does not apply");
+    }
+    if !per_instance.is_empty() {
+        let keep = per_instance.len().min(parallelism as usize);
+        let mut next: Vec<String> = per_instance[..keep].to_vec();
+        next.extend(added_vips.iter().cloned());
+        if next.len() < parallelism as usize && per_instance.len() >= current as usize {
+            anyhow::bail!(
+                "operator {operator} of job {job} serves one VIP per instance: give --vip for each of the {} added instances",
+                parallelism as usize - keep
+            );
+        }
+        sub.vips.push(format!("{operator}={}", next.join(",")));
     }
     let next = prepare(sub, opts).with_context(|| format!("rescaling job {job}"))?;
     Ok(RescalePlan {
@@ -231,8 +256,9 @@ pub async fn rescale(
     job: &JobId,
     operator: &str,
     parallelism: u32,
+    vips: &[String],
 ) -> anyhow::Result<String> {
-    let plan = plan_rescale(cluster, opts, job, operator, parallelism)?;
+    let plan = plan_rescale(cluster, opts, job, operator, parallelism, vips)?;
     let (next, reply) = stop_for_rescale(cluster, job, plan).await?;
     let from = next.from.clone().unwrap_or_default();
     start_job(next, cluster, opts, jobs, None).with_context(|| {

@@ -546,6 +546,7 @@ async fn client_request(
             dir,
             set,
             parallelism,
+            vips,
             from,
         } => {
             let sub = Submission {
@@ -554,6 +555,7 @@ async fn client_request(
                 dir,
                 set,
                 parallelism,
+                vips,
             };
             reply(submit(sub, from, cluster, opts, jobs))
         }
@@ -567,9 +569,18 @@ async fn client_request(
             job,
             operator,
             parallelism,
+            vips,
         } => reply(
-            crate::cluster::savepoint::rescale(cluster, opts, jobs, &job, &operator, parallelism)
-                .await,
+            crate::cluster::savepoint::rescale(
+                cluster,
+                opts,
+                jobs,
+                &job,
+                &operator,
+                parallelism,
+                &vips,
+            )
+            .await,
         ),
     }
 }
@@ -665,6 +676,7 @@ pub(crate) fn prepare(sub: Submission, opts: &ServerOptions) -> anyhow::Result<P
     let mut spec = JobSpec::parse(&sub.spec, &sub.origin, sub.dir.clone())?;
     spec.set_params(&sub.set)?;
     spec.set_parallelism(&sub.parallelism)?;
+    spec.set_vips(&sub.vips)?;
     spec.validate()?;
     let binary = spec.resolve_worker()?;
     let store_url = spec

@@ -378,6 +378,9 @@ pub enum ClientRequest {
         /// `--parallelism OPERATOR=N` overrides.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         parallelism: Vec<String>,
+        /// `--vips OPERATOR=ADDR/PREFIX,...` overrides.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        vips: Vec<String>,
         /// `--from`: a savepoint's name or a committed checkpoint's id.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from: Option<String>,
@@ -421,6 +424,10 @@ pub enum ClientRequest {
         operator: String,
         /// Its new parallelism.
         parallelism: u32,
+        /// VIPs for the added instances of an operator with one VIP per
+        /// instance (a scale-down drops the last ones).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        vips: Vec<String>,
     },
 }
 
@@ -438,6 +445,9 @@ pub struct Submission {
     pub set: Vec<String>,
     /// `--parallelism OPERATOR=N` overrides, in order (later ones win).
     pub parallelism: Vec<String>,
+    /// `--vips OPERATOR=ADDR/PREFIX,...` overrides, in order.
+    #[serde(default)]
+    pub vips: Vec<String>,
 }
 
 /// Supervisor → client.

@@ -29,6 +29,9 @@ pub struct JobRecord {
     /// `--parallelism` overrides as submitted (and added by rescales).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parallelism: Vec<String>,
+    /// `--vips` overrides as submitted (and set by rescales).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<String>,
     /// The store the job checkpoints to.
     pub store: String,
     /// `running` (a leader must run it) or a terminal state: `finished`,
@@ -58,6 +61,7 @@ impl JobRecord {
             dir: self.dir.clone(),
             set: self.set.clone(),
             parallelism: self.parallelism.clone(),
+            vips: self.vips.clone(),
         }
     }
 
