@@ -31,6 +31,8 @@ pub const CHECKPOINTS_ABORTED: &str = "lazarus_checkpoints_aborted_total";
 pub const RESTORES: &str = "lazarus_restores_total";
 /// Bytes those restores downloaded (local cache hits are not counted).
 pub const RESTORE_BYTES: &str = "lazarus_restore_bytes_total";
+/// Planned moves of a worker (fail-backs and `lazarus move`).
+pub const MOVES: &str = "lazarus_moves_total";
 /// Failovers (recoveries), by cause.
 pub const FAILOVERS: &str = "lazarus_failovers_total";
 /// Failure detected → every worker running again.
@@ -112,6 +114,10 @@ fn describe() {
     describe_counter!(RESTORES, "worker restores from a checkpoint");
     describe_counter!(RESTORE_BYTES, Unit::Bytes, "bytes downloaded by restores");
     describe_counter!(FAILOVERS, "failovers (recoveries) by cause");
+    describe_counter!(
+        MOVES,
+        "planned moves of a worker: fail-backs and lazarus move"
+    );
     describe_histogram!(
         FAILOVER_DURATION,
         Unit::Seconds,
@@ -171,6 +177,7 @@ pub struct JobMetrics {
     aborted: u64,
     restores: u64,
     restarts: u32,
+    moves: u32,
     state: Option<JobStateKind>,
     failing_since: Option<Stopwatch>,
     /// Restarts whose cause is not final yet, and the last cause seen.
@@ -188,6 +195,7 @@ impl JobMetrics {
             aborted: summary.aborted,
             restores: summary.restores,
             restarts: summary.restarts,
+            moves: summary.moves,
             state: None,
             failing_since: None,
             pending: 0,
@@ -219,6 +227,10 @@ impl JobMetrics {
         }
         if summary.restored_bytes > 0 {
             counter!(RESTORE_BYTES, "job" => job.clone()).absolute(summary.restored_bytes);
+        }
+        if summary.moves > self.moves {
+            counter!(MOVES, "job" => job.clone()).increment(u64::from(summary.moves - self.moves));
+            self.moves = summary.moves;
         }
         if summary.restarts > self.restarts {
             self.pending += summary.restarts - self.restarts;

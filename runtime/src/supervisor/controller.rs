@@ -666,6 +666,9 @@ struct Recovery {
     backoff_until: Option<Duration>,
     /// The failed primaries were told to go.
     torn_down: bool,
+    /// A planned move (fail-back, `lazarus move`), not a failure: it is not
+    /// reported as the last failure.
+    planned: bool,
 }
 
 /// The current attempt's handshake and progress.
@@ -2336,6 +2339,7 @@ impl JobController {
             drain_until: now + self.cfg.root_cause_wait + self.cfg.drain_timeout,
             backoff_until: None,
             torn_down: named,
+            planned: false,
         });
         if named {
             self.tear_down(partial_ok);
@@ -2381,6 +2385,9 @@ impl JobController {
         self.failed.insert(worker.clone());
         self.prefer.insert(worker.clone(), host.to_string());
         self.fail(now, why, true);
+        if let Phase::Recovering(r) = &mut self.phase {
+            r.planned = true;
+        }
         // Planned: not a failure, so not counted against the restart budget.
         self.summary.restarts = self.summary.restarts.saturating_sub(1);
         self.consecutive_failures = self.consecutive_failures.saturating_sub(1);
@@ -2493,7 +2500,8 @@ impl JobController {
             if !r.named && now < r.name_until {
                 return;
             }
-            let (why, partial_ok, torn_down) = (r.cause.clone(), r.partial_ok, r.torn_down);
+            let (why, partial_ok, torn_down, planned) =
+                (r.cause.clone(), r.partial_ok, r.torn_down, r.planned);
             if !torn_down {
                 self.tear_down(partial_ok);
             } else if self.partial.is_none() && !self.att.senders.is_empty() {
@@ -2502,7 +2510,9 @@ impl JobController {
             if let Phase::Recovering(r) = &mut self.phase {
                 r.torn_down = true;
             }
-            self.summary.last_failure = Some(why.clone());
+            if !planned {
+                self.summary.last_failure = Some(why.clone());
+            }
             let max = self.cfg.restart.max_attempts;
             if self.summary.restarts > max {
                 let newest = self

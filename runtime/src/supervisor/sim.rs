@@ -1574,6 +1574,14 @@ mod scenarios {
         assert_eq!(w.proc_of("kv-0", Slot::Primary).1, home, "failed back");
         assert_eq!(w.vips.get("198.18.0.100/24"), Some(&home));
         assert_eq!(w.ctl.summary().moves, 1);
+        assert!(
+            w.ctl
+                .summary()
+                .last_failure
+                .is_some_and(|f| f.contains("lost")),
+            "a fail-back is not reported as the last failure: {:?}",
+            w.ctl.summary().last_failure
+        );
         assert_eq!(
             w.proc_of("kv-1", Slot::Primary).0,
             survivor,
