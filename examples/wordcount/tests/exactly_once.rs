@@ -179,6 +179,21 @@ async fn test_wordcount_is_exactly_once_with_and_without_sigkills() {
         "no kill landed during a checkpoint: {summary:?}"
     );
     assert!(summary.restarts >= 10, "{summary:?}");
+    // Every recovery that got the job running again is timed, its parts
+    // adding up (a kill during a recovery extends that recovery).
+    assert!(
+        !summary.recoveries.is_empty() && summary.recoveries.len() <= summary.restarts as usize,
+        "{:?}",
+        summary.recoveries
+    );
+    for r in &summary.recoveries {
+        assert_eq!(
+            r.drain_ms + r.restore_ms + r.connect_ms,
+            r.total_ms,
+            "{r:?}"
+        );
+        assert!(r.total_ms > 0 && r.total_ms < 30_000, "{r:?}");
+    }
     let chaotic = output_lines(&out_b);
     assert_same_multiset(&expected, &chaotic);
     assert_eq!(clean, chaotic, "chaos changed the output");

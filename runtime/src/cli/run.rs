@@ -126,6 +126,25 @@ fn print_summary(s: &RunSummary, store: &str) {
         percentile(&pauses, 0.5).as_micros(),
         pauses.last().copied().unwrap_or_default().as_micros()
     );
+    if !s.recoveries.is_empty() {
+        let mut totals: Vec<Duration> = s
+            .recoveries
+            .iter()
+            .map(|r| Duration::from_millis(r.total_ms))
+            .collect();
+        totals.sort();
+        let last = s.recoveries.last().expect("not empty");
+        println!(
+            "  recovery (failure detected -> every worker running): p50 {} ms, p99 {} ms over {}; last {} ms = drain {} + restore {} + connect {}",
+            percentile(&totals, 0.5).as_millis(),
+            percentile(&totals, 0.99).as_millis(),
+            s.recoveries.len(),
+            last.total_ms,
+            last.drain_ms,
+            last.restore_ms,
+            last.connect_ms
+        );
+    }
     println!(
         "  checkpoints: lazarus checkpoints list --store {store} --job {}",
         s.job

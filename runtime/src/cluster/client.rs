@@ -208,6 +208,17 @@ pub fn render(s: &StatusReport) -> String {
         if let Some(f) = &j.last_failure {
             let _ = writeln!(out, "  last failure: {f}");
         }
+        if let Some(r) = &j.last_recovery {
+            let _ = writeln!(
+                out,
+                "  last recovery: {} ms to every worker running (drain {} + restore {} + connect {}){}",
+                r.total_ms,
+                r.drain_ms,
+                r.restore_ms,
+                r.connect_ms,
+                if r.region_failover { ", region failover" } else { "" }
+            );
+        }
         let _ = writeln!(
             out,
             "  WORKER          PRIMARY         STANDBY              RUNNING"

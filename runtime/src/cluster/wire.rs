@@ -554,6 +554,9 @@ pub struct JobStatus {
     /// `restarts`).
     #[serde(default)]
     pub moves: u32,
+    /// The newest recovery's time and parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recovery: Option<crate::supervisor::controller::RecoveryTime>,
     /// Checkpoints committed.
     pub committed: u64,
     /// The newest committed checkpoint.

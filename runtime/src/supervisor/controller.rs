@@ -519,6 +519,8 @@ pub struct RunSummary {
     /// Planned moves (fail-backs and `lazarus move`); not counted in
     /// `restarts` nor against the restart budget.
     pub moves: u32,
+    /// Each recovery of this run that got every worker running again.
+    pub recoveries: Vec<RecoveryTime>,
 }
 
 /// A running job as its record in etcd describes it: what a new leader
@@ -598,6 +600,32 @@ fn regions_of(plan: &[PlannedWorker]) -> BTreeMap<WorkerId, usize> {
         next += 1;
     }
     region
+}
+
+/// How long one recovery took, from the failure being detected to every
+/// worker running again, and its parts (they add up to the total).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryTime {
+    /// Failure detected → every worker running again, ms.
+    pub total_ms: u64,
+    /// Naming the cause, the failed processes gone, backoff and the new
+    /// epoch claimed, ms.
+    pub drain_ms: u64,
+    /// Placement → every restarted worker restored and listening (standby
+    /// promoted or process started, state restored), ms.
+    pub restore_ms: u64,
+    /// Listening → every worker running (channels connected), ms.
+    pub connect_ms: u64,
+    /// Only the failed regions restarted.
+    pub region_failover: bool,
+}
+
+/// The moments of a recovery in progress.
+#[derive(Debug, Clone, Copy)]
+struct RecoveryClock {
+    detected: Duration,
+    placed: Option<Duration>,
+    listening: Option<Duration>,
 }
 
 /// Whom a control connection belongs to.
@@ -739,6 +767,8 @@ pub struct JobController {
     host_since: BTreeMap<String, Duration>,
     /// Workers asked to move, and where (a fail-back or `lazarus move`).
     prefer: BTreeMap<WorkerId, String>,
+    /// The recovery in progress, timed.
+    clock: Option<RecoveryClock>,
     /// An adoption in progress (a new HA leader).
     adopting: Option<AdoptState>,
     /// Bytes each worker's last restore downloaded.
@@ -788,6 +818,7 @@ impl JobController {
             restored_bytes: 0,
             region_failovers: 0,
             moves: 0,
+            recoveries: Vec::new(),
         };
         JobController {
             phase: Phase::Claiming,
@@ -816,6 +847,7 @@ impl JobController {
             home: BTreeMap::new(),
             host_since: BTreeMap::new(),
             prefer: BTreeMap::new(),
+            clock: None,
             adopting: None,
             fetched: BTreeMap::new(),
             consecutive_failures: 0,
@@ -1420,6 +1452,7 @@ impl JobController {
             restarts: self.summary.restarts,
             region_failovers: self.summary.region_failovers,
             moves: self.summary.moves,
+            last_recovery: self.summary.recoveries.last().copied(),
             committed: self.summary.committed,
             last_checkpoint: self.summary.last_checkpoint.map(|c| c.0),
             last_failure: self.summary.last_failure.clone(),
@@ -1522,6 +1555,10 @@ impl JobController {
             };
         self.failed.clear();
         self.prefer.clear();
+        if let Some(c) = self.clock.as_mut() {
+            c.placed = Some(now);
+            c.listening = None;
+        }
         for (w, p) in &self.placement {
             self.home
                 .entry(w.clone())
@@ -1887,6 +1924,9 @@ impl JobController {
                 }
                 self.att.listening.insert(worker, addr);
                 if self.att.listening.len() == self.cfg.plan.len() {
+                    if let Some(c) = self.clock.as_mut() {
+                        c.listening.get_or_insert(now);
+                    }
                     let addrs = self.att.listening.clone();
                     match self.partial.clone() {
                         // Only the restarted regions start; the others run.
@@ -1912,6 +1952,25 @@ impl JobController {
                     && matches!(self.phase, Phase::Starting { .. })
                 {
                     self.phase = Phase::Running;
+                    let region_failover = self.partial.is_some();
+                    if let Some(c) = self.clock.take() {
+                        // Whole milliseconds of each moment, so the parts
+                        // add up to the total exactly.
+                        let ms = |d: Duration| d.as_millis() as u64;
+                        let detected = ms(c.detected);
+                        let placed = ms(c.placed.unwrap_or(now)).max(detected);
+                        let listening = ms(c.listening.unwrap_or(now)).max(placed);
+                        let running = ms(now).max(listening);
+                        let t = RecoveryTime {
+                            total_ms: running - detected,
+                            drain_ms: placed - detected,
+                            restore_ms: listening - placed,
+                            connect_ms: running - listening,
+                            region_failover,
+                        };
+                        tracing::info!(?t, "recovered: every worker running again");
+                        self.summary.recoveries.push(t);
+                    }
                     if let Some(region) = self.partial.take() {
                         tracing::info!(region = ?region, "region failover done: the other workers kept running");
                         self.summary.region_failovers += 1;
@@ -2319,6 +2378,14 @@ impl JobController {
             && self.regions.values().collect::<BTreeSet<_>>().len() > 1;
         // An adoption in progress is over: the recovery places everything.
         self.adopting = None;
+        // A failure during a recovery extends it: timed from the first.
+        if self.clock.is_none() {
+            self.clock = Some(RecoveryClock {
+                detected: now,
+                placed: None,
+                listening: None,
+            });
+        }
         let _ = self.coordinator.on_failure();
         self.next_id = self.next_id.max(self.coordinator.next_id());
         self.partial = None;

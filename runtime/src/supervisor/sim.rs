@@ -1163,6 +1163,12 @@ impl World {
         if let Some((w, n)) = primaries.iter().find(|(_, n)| **n > 1) {
             self.fail(&format!("{n} live primaries of {w}"));
         }
+        // A recovery's parts add up to its total.
+        if let Some(r) = self.ctl.summary().recoveries.last() {
+            if r.drain_ms + r.restore_ms + r.connect_ms != r.total_ms {
+                self.fail(&format!("recovery parts do not add up: {r:?}"));
+            }
+        }
         // Committed checkpoints and epochs never go backwards.
         let newest = self.ctl.newest_committed();
         if newest < self.newest_seen {
