@@ -76,23 +76,42 @@ impl Fleet for ClusterFleet {
         supervisor: SocketAddr,
         token: &str,
     ) {
-        self.send(
-            host,
-            SupervisorMsg::Spawn {
-                job: self.job.clone(),
-                worker: worker.clone(),
-                attempt,
-                standby: slot == Slot::Standby,
-                binary: self.binary.clone(),
-                supervisor,
-                token: token.to_string(),
-                service: self
-                    .services
-                    .get(worker)
-                    .filter(|s| **s != SpawnService::default())
-                    .map(|s| Box::new(s.clone())),
-            },
-        );
+        let msg = SupervisorMsg::Spawn {
+            job: self.job.clone(),
+            worker: worker.clone(),
+            attempt,
+            standby: slot == Slot::Standby,
+            binary: self.binary.clone(),
+            supervisor,
+            token: token.to_string(),
+            service: self
+                .services
+                .get(worker)
+                .filter(|s| **s != SpawnService::default())
+                .map(|s| Box::new(s.clone())),
+        };
+        let c = self.cluster.lock();
+        if !c.send(host, msg) {
+            // A host a new leader presumed alive that has not registered
+            // (yet), or one just lost: the process cannot start there. Said
+            // at once, so the job places it again instead of waiting for
+            // its start-up timeout.
+            tracing::warn!(host, %worker, job = %self.job, "cannot start a worker on a host that is not registered");
+            if let Some(j) = c.jobs.get(&self.job) {
+                let _ = j
+                    .events
+                    .send(crate::fleet::FleetEvent::Exited(WorkerExited {
+                        worker: worker.clone(),
+                        attempt,
+                        standby: slot == Slot::Standby,
+                        host: host.to_string(),
+                        exit: crate::procs::ExitKind::SpawnFailed(format!(
+                            "host {host} is not registered with this supervisor"
+                        )),
+                        detail: None,
+                    }));
+            }
+        }
     }
 
     fn promote(&mut self, host: &str, worker: &WorkerId, attempt: u64) {
