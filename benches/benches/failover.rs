@@ -554,6 +554,34 @@ impl Keepalived {
         )
     }
 
+    /// Starts keepalived (VRRP only, in the foreground) on `host` with `conf`.
+    fn start(&mut self, host: &str, conf: &str) {
+        let path = self.dir.path().join(format!("keepalived-{host}.conf"));
+        std::fs::write(&path, conf).expect("conf");
+        let d = self.dir.path();
+        let args = [
+            "--dont-fork",
+            "--log-console",
+            "--vrrp",
+            "-f",
+            path.to_str().expect("utf-8"),
+            "-p",
+            &format!("{}/{host}-main.pid", d.display()),
+            "-r",
+            &format!("{}/{host}-vrrp.pid", d.display()),
+            "-c",
+            &format!("{}/{host}-checkers.pid", d.display()),
+        ];
+        let p = self.bed.spawn(
+            host,
+            Path::new("/usr/sbin/keepalived"),
+            &args,
+            &[],
+            &d.join(format!("keepalived-{host}.log")),
+        );
+        self.procs.push(p);
+    }
+
     fn holders(&self) -> (bool, bool) {
         (self.bed.holds("a", VIP), self.bed.holds("b", VIP))
     }
@@ -642,30 +670,7 @@ vrrp_instance VI_1 {{
             fall = track.fall,
             prio = if i == 0 { 150 } else { 100 },
         );
-        let path = k.dir.path().join(format!("keepalived-{host}.conf"));
-        std::fs::write(&path, conf).expect("conf");
-        let d = k.dir.path();
-        let args = [
-            "--dont-fork",
-            "--log-console",
-            "--vrrp",
-            "-f",
-            path.to_str().expect("utf-8"),
-            "-p",
-            &format!("{}/{host}-main.pid", d.display()),
-            "-r",
-            &format!("{}/{host}-vrrp.pid", d.display()),
-            "-c",
-            &format!("{}/{host}-checkers.pid", d.display()),
-        ];
-        let p = k.bed.spawn(
-            host,
-            Path::new("/usr/sbin/keepalived"),
-            &args,
-            &[],
-            &d.join(format!("keepalived-{host}.log")),
-        );
-        k.procs.push(p);
+        k.start(host, &conf);
     }
     let single = |k: &Keepalived, limit: Duration| {
         let start = Instant::now();
@@ -1097,30 +1102,7 @@ vrrp_instance VI_2 {{
 }}
 "#
         );
-        let path = k.dir.path().join(format!("keepalived-{host}.conf"));
-        std::fs::write(&path, conf).expect("conf");
-        let d = k.dir.path();
-        let args = [
-            "--dont-fork",
-            "--log-console",
-            "--vrrp",
-            "-f",
-            path.to_str().expect("utf-8"),
-            "-p",
-            &format!("{}/{host}-main.pid", d.display()),
-            "-r",
-            &format!("{}/{host}-vrrp.pid", d.display()),
-            "-c",
-            &format!("{}/{host}-checkers.pid", d.display()),
-        ];
-        let p = k.bed.spawn(
-            host,
-            Path::new("/usr/sbin/keepalived"),
-            &args,
-            &[],
-            &d.join(format!("keepalived-{host}.log")),
-        );
-        k.procs.push(p);
+        k.start(host, &conf);
     }
     let spread = |k: &Keepalived, limit: Duration| {
         let start = Instant::now();

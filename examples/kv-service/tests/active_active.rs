@@ -72,6 +72,23 @@ fn put_acked(via: usize, key: &str, value: &str, limit: Duration) -> bool {
     false
 }
 
+/// Writes every pair, through the two VIPs in turn, each retried until
+/// acknowledged (bounded by `limit`); returns the keys that were not.
+fn unacked(c: &LzCluster, pairs: &[(String, String)], limit: Duration) -> Vec<String> {
+    let pairs = pairs.to_vec();
+    c.bed
+        .in_host("cl", move || {
+            pairs
+                .iter()
+                .enumerate()
+                .filter(|(i, (k, v))| !put_acked(i % 2, k, v, limit))
+                .map(|(_, (k, _))| k.clone())
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("client")
+}
+
 /// Reads every pair through both VIPs; returns the mismatches.
 fn unreadable(c: &LzCluster, pairs: Vec<(String, String)>) -> Vec<String> {
     c.bed
@@ -124,18 +141,7 @@ fn test_active_active_serves_any_key_on_either_vip_and_survives_host_loss() {
     let written: Vec<(String, String)> = (0..40)
         .map(|i| (format!("k{i}"), format!("v{i}")))
         .collect();
-    let w = written.clone();
-    let acked = c
-        .bed
-        .in_host("cl", move || {
-            w.iter()
-                .enumerate()
-                .filter(|(i, (k, v))| !put_acked(i % 2, k, v, Duration::from_secs(10)))
-                .map(|(_, (k, _))| k.clone())
-                .collect::<Vec<_>>()
-        })
-        .join()
-        .expect("client");
+    let acked = unacked(&c, &written, Duration::from_secs(10));
     assert!(
         acked.is_empty(),
         "not acknowledged: {acked:?}\n{}",
@@ -186,18 +192,7 @@ fn test_active_active_serves_any_key_on_either_vip_and_survives_host_loss() {
     let during: Vec<(String, String)> = (0..20)
         .map(|i| (format!("w{i}"), format!("x{i}")))
         .collect();
-    let d = during.clone();
-    let late = c
-        .bed
-        .in_host("cl", move || {
-            d.iter()
-                .enumerate()
-                .filter(|(i, (k, v))| !put_acked(i % 2, k, v, Duration::from_secs(20)))
-                .map(|(_, (k, _))| k.clone())
-                .collect::<Vec<_>>()
-        })
-        .join()
-        .expect("client");
+    let late = unacked(&c, &during, Duration::from_secs(20));
     assert!(
         late.is_empty(),
         "not acknowledged after the loss: {late:?}\n{}",
@@ -305,18 +300,7 @@ fn test_fail_back_after_the_hold_down_and_move_on_request() {
         let keys: Vec<(String, String)> = (from..from + n)
             .map(|i| (format!("{tag}{i}"), format!("{tag}-v{i}")))
             .collect();
-        let k = keys.clone();
-        let late = c
-            .bed
-            .in_host("cl", move || {
-                k.iter()
-                    .enumerate()
-                    .filter(|(i, (k, v))| !put_acked(i % 2, k, v, Duration::from_secs(20)))
-                    .map(|(_, (k, _))| k.clone())
-                    .collect::<Vec<_>>()
-            })
-            .join()
-            .expect("client");
+        let late = unacked(&c, &keys, Duration::from_secs(20));
         assert!(late.is_empty(), "not acknowledged: {late:?}\n{}", c.logs());
         keys
     };
@@ -412,18 +396,7 @@ fn test_rescale_the_service_and_restart_it_from_a_savepoint() {
     let keys: Vec<(String, String)> = (0..30)
         .map(|i| (format!("r{i}"), format!("rv{i}")))
         .collect();
-    let k = keys.clone();
-    let late = c
-        .bed
-        .in_host("cl", move || {
-            k.iter()
-                .enumerate()
-                .filter(|(i, (k, v))| !put_acked(i % 2, k, v, Duration::from_secs(10)))
-                .map(|(_, (k, _))| k.clone())
-                .collect::<Vec<_>>()
-        })
-        .join()
-        .expect("client");
+    let late = unacked(&c, &keys, Duration::from_secs(10));
     assert!(late.is_empty(), "{late:?}");
     let text = |out: &std::process::Output| {
         format!(

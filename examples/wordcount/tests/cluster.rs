@@ -198,20 +198,8 @@ fn test_wordcount_across_three_hosts_survives_host_loss() {
     let input = c.dir.path().join("input.txt");
     let output = c.dir.path().join("output");
     wordcount::generate(3_000_000, &input, 11).expect("input");
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/job.toml"))
-        .expect("job.toml")
-        .replace(
-            "worker = \"wordcount\"",
-            &format!("worker = \"{}\"", env!("CARGO_BIN_EXE_wordcount")),
-        )
-        .replace("interval = \"250ms\"", "interval = \"100ms\"")
-        .replace("backoff = \"50ms\"", "backoff = \"10ms\"")
-        .replace(
-            "key_groups = 32",
-            "key_groups = 32\nheartbeat_interval = \"50ms\"",
-        );
     let spec = c.dir.path().join("wordcount.toml");
-    std::fs::write(&spec, text).expect("spec");
+    std::fs::write(&spec, job_text()).expect("spec");
     c.submit(
         &spec,
         &[

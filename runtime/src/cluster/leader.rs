@@ -183,6 +183,25 @@ impl Leadership {
         self.0.serving.send_replace(Some(term));
     }
 
+    /// The record of job `job` this leader keeps in etcd.
+    fn record(&self, job: &JobId) -> Option<JobSync> {
+        self.0
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(job)
+            .cloned()
+    }
+
+    /// Records job `job` as stopped, before the stop takes effect: a new
+    /// leader will not start it again. The error is the client's answer.
+    async fn record_stopped(&self, job: &JobId) -> Result<(), String> {
+        let sync = self.record(job).ok_or_else(|| format!("no job {job}"))?;
+        sync.put("stopped", None)
+            .await
+            .map_err(|e| format!("job {job} not stopped: recording it in etcd failed: {e}"))
+    }
+
     fn remember(&self, sync: JobSync) {
         if let Ok(id) = JobId::new(sync.job()) {
             self.0
@@ -266,44 +285,15 @@ pub async fn client_request(
             ClientReply::Status(Box::new(ha.status(report, Some(term)).await))
         }
         ClientRequest::Stop { job } => {
-            let sync =
-                ha.0.records
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&job)
-                    .cloned();
-            let Some(sync) = sync else {
-                return ClientReply::Error {
-                    message: format!("no job {job}"),
-                };
-            };
-            // Recorded before it takes effect: a new leader will not start
-            // it again.
-            if let Err(e) = sync.put("stopped", None).await {
-                return ClientReply::Error {
-                    message: format!("job {job} not stopped: recording it in etcd failed: {e}"),
-                };
+            if let Err(message) = ha.record_stopped(&job).await {
+                return ClientReply::Error { message };
             }
             signal_stop(cluster, &job)
         }
         ClientRequest::Savepoint { job, name, stop } => {
             if stop {
-                // Recorded before it takes effect, as a stop.
-                let sync =
-                    ha.0.records
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&job)
-                        .cloned();
-                let Some(sync) = sync else {
-                    return ClientReply::Error {
-                        message: format!("no job {job}"),
-                    };
-                };
-                if let Err(e) = sync.put("stopped", None).await {
-                    return ClientReply::Error {
-                        message: format!("job {job} not stopped: recording it in etcd failed: {e}"),
-                    };
+                if let Err(message) = ha.record_stopped(&job).await {
+                    return ClientReply::Error { message };
                 }
             }
             match crate::cluster::savepoint::take(cluster, &job, name, stop).await {
@@ -331,13 +321,7 @@ pub async fn client_request(
                 use crate::cluster::savepoint::{plan_rescale, stop_for_rescale};
                 use anyhow::Context as _;
                 let plan = plan_rescale(cluster, server, &job, &operator, parallelism, &vips)?;
-                let old =
-                    ha.0.records
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&job)
-                        .cloned()
-                        .with_context(|| format!("no job {job}"))?;
+                let old = ha.record(&job).with_context(|| format!("no job {job}"))?;
                 // Recorded as stopped before it stops: a new leader does
                 // not start the old plan again.
                 old.put("stopped", None).await.with_context(|| {

@@ -2368,6 +2368,13 @@ impl JobController {
     /// connection) first waits briefly for the crashed process's exit, and
     /// our own kills must not be mistaken for it.
     fn fail(&mut self, now: Duration, why: String, named: bool) {
+        self.recover(now, why, named, false);
+    }
+
+    /// Starts a recovery; a `planned` one (a fail-back, `lazarus move`) is
+    /// not a failure: not counted in restarts nor against the restart
+    /// budget, nor reported as the last failure.
+    fn recover(&mut self, now: Duration, why: String, named: bool, planned: bool) {
         // Only a failure of a running job with several regions may leave
         // the other regions running; anything else (a failure while
         // starting, finishing, adopting, or of a region failover in
@@ -2389,9 +2396,11 @@ impl JobController {
         let _ = self.coordinator.on_failure();
         self.next_id = self.next_id.max(self.coordinator.next_id());
         self.partial = None;
-        self.summary.restarts += 1;
-        self.consecutive_failures += 1;
-        tracing::info!(%why, restarts = self.summary.restarts, "worker failure; rolling back to the last committed checkpoint");
+        if !planned {
+            self.summary.restarts += 1;
+            self.consecutive_failures += 1;
+        }
+        tracing::info!(%why, restarts = self.summary.restarts, planned, "rolling back to the last committed checkpoint");
         let named = named || !self.failed.is_empty();
         if self.stop_requested {
             // Asked to stop: no restart. What is committed stays.
@@ -2406,7 +2415,7 @@ impl JobController {
             drain_until: now + self.cfg.root_cause_wait + self.cfg.drain_timeout,
             backoff_until: None,
             torn_down: named,
-            planned: false,
+            planned,
         });
         if named {
             self.tear_down(partial_ok);
@@ -2451,13 +2460,7 @@ impl JobController {
         self.summary.moves += 1;
         self.failed.insert(worker.clone());
         self.prefer.insert(worker.clone(), host.to_string());
-        self.fail(now, why, true);
-        if let Phase::Recovering(r) = &mut self.phase {
-            r.planned = true;
-        }
-        // Planned: not a failure, so not counted against the restart budget.
-        self.summary.restarts = self.summary.restarts.saturating_sub(1);
-        self.consecutive_failures = self.consecutive_failures.saturating_sub(1);
+        self.recover(now, why, true, true);
         true
     }
 
@@ -2542,12 +2545,9 @@ impl JobController {
                 r.partial_ok = false;
                 r.cause = format!("{} (then: {why})", r.cause);
             }
-            _ => {
-                // Claiming (its answer is ignored now) or starting: recover
-                // anew, every worker.
-                self.phase = Phase::Starting { deadline: now };
-                self.fail(now, why, true);
-            }
+            // Claiming (its answer is ignored now): recover anew, every
+            // worker (a failure outside Running is never partial).
+            _ => self.fail(now, why, true),
         }
     }
 
