@@ -285,12 +285,31 @@ pub struct OperatorSpec {
     /// Needs `standby = "none"`.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub failback: Option<Duration>,
+    /// Active-active with `standby = "none"`: who takes a failed
+    /// instance's share over. `survivor` (default): a surviving instance
+    /// on the chosen host, inside its running process; `process`: a
+    /// process of its own.
+    #[serde(default)]
+    pub takeover: Option<Takeover>,
     /// `kind = "process"`: the unmodified program it runs.
     #[serde(default)]
     pub process: Option<ProcessSpec>,
     /// A health check its agent runs against each of its processes.
     #[serde(default)]
     pub health: Option<HealthSpec>,
+}
+
+/// Who takes a failed active-active instance's share over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Takeover {
+    /// A surviving instance on the chosen host, in its running process
+    /// (Flink's slots, Kafka Streams' tasks): nothing starts, only the
+    /// lost share is restored.
+    #[default]
+    Survivor,
+    /// A process of its own (isolation over speed).
+    Process,
 }
 
 /// How a failed worker is replaced.
@@ -392,6 +411,9 @@ pub struct PlannedWorker {
     pub hosts: Vec<String>,
     /// Fail back to the host it first ran on after this hold-down.
     pub failback: Option<Duration>,
+    /// Active-active: a failed instance may be taken over inside a
+    /// surviving instance's process.
+    pub takeover: bool,
     /// The program it runs (`kind = "process"`).
     pub process: Option<ProcessSpec>,
     /// Its health check, port resolved.
@@ -554,6 +576,14 @@ impl JobSpec {
                         ));
                     }
                 }
+            }
+            if op.takeover.is_some()
+                && (op.standby != StandbyKind::None || (op.vips.is_empty() && op.vips6.is_empty()))
+            {
+                return Err(self.invalid(
+                    field("takeover"),
+                    "takeover chooses who takes over a failed active-active instance (one VIP per instance, `vips`) without a standby; set vips and standby = \"none\", or drop takeover",
+                ));
             }
             if op.failback.is_some() && op.standby != StandbyKind::None {
                 return Err(self.invalid(
@@ -924,6 +954,7 @@ impl JobSpec {
                     port: op.port,
                     hosts: op.hosts.clone(),
                     failback: op.failback,
+                    takeover: op.takeover.unwrap_or_default() == Takeover::Survivor,
                     process: op.process.clone(),
                     health: op.health.clone().map(|mut h| {
                         h.resolve(op.port).expect("validated");

@@ -10,12 +10,17 @@
 //! into that file, connects there, and says hello again with what it is doing
 //! ([`Rejoin`]). Messages for the supervisor while no connection exists are
 //! dropped (heartbeats, acks of checkpoints the new leader abandons anyway).
+//!
+//! A [`ToWorker::Adopt`] (active-active takeover) does not go to the worker's
+//! loops: it comes out of `adopt` as an [`Adoption`], naming the supervisor
+//! this link talks to now, and the process starts that worker beside its own.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lazarus_storage::CheckpointId;
+use lazarus_storage::{CheckpointId, WorkerId};
 use tokio::sync::mpsc;
 
 use crate::protocol::{self, Rejoin, RejoinTicket, ToSupervisor, ToWorker};
@@ -72,6 +77,19 @@ impl LinkState {
     }
 }
 
+/// Another worker to run in this process (a [`ToWorker::Adopt`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Adoption {
+    /// The worker.
+    pub(crate) worker: WorkerId,
+    /// Its attempt.
+    pub(crate) attempt: u64,
+    /// Its credential.
+    pub(crate) token: String,
+    /// Where to say hello: the supervisor that sent the adoption.
+    pub(crate) supervisor: SocketAddr,
+}
+
 /// Bound on waiting for a new leader.
 fn rejoin_timeout() -> Duration {
     std::env::var("LAZARUS_REJOIN_TIMEOUT_MS")
@@ -88,11 +106,22 @@ pub(crate) async fn run(
     mut write: CtlWrite,
     mut to_sup: mpsc::UnboundedReceiver<ToSupervisor>,
     ctl_tx: mpsc::UnboundedSender<Option<ToWorker>>,
+    adopt: mpsc::UnboundedSender<Adoption>,
     state: LinkState,
 ) {
     let mut last_token = env.token.clone();
+    let mut supervisor = env.supervisor;
     loop {
-        match pump(&mut read, &mut write, &mut to_sup, &ctl_tx).await {
+        match pump(
+            &mut read,
+            &mut write,
+            &mut to_sup,
+            &ctl_tx,
+            &adopt,
+            supervisor,
+        )
+        .await
+        {
             Pumped::WorkerDone => return,
             Pumped::Lost => {}
         }
@@ -106,6 +135,7 @@ pub(crate) async fn run(
                 tracing::info!(supervisor = %ticket.supervisor, "rejoining the new leader");
                 read = r;
                 write = w;
+                supervisor = ticket.supervisor;
                 last_token = Some(ticket.token.clone());
                 let hello = ToSupervisor::Hello {
                     worker: env.worker.clone(),
@@ -141,10 +171,24 @@ async fn pump(
     write: &mut CtlWrite,
     to_sup: &mut mpsc::UnboundedReceiver<ToSupervisor>,
     ctl_tx: &mpsc::UnboundedSender<Option<ToWorker>>,
+    adopt: &mpsc::UnboundedSender<Adoption>,
+    supervisor: SocketAddr,
 ) -> Pumped {
     let reader = async {
         loop {
             match protocol::read_control::<_, ToWorker>(read).await {
+                Ok(Some(ToWorker::Adopt {
+                    worker,
+                    attempt,
+                    token,
+                })) => {
+                    let _ = adopt.send(Adoption {
+                        worker,
+                        attempt,
+                        token,
+                        supervisor,
+                    });
+                }
                 Ok(Some(msg)) => {
                     if ctl_tx.send(Some(msg)).is_err() {
                         // The worker stopped listening; keep the connection

@@ -303,6 +303,19 @@ pub enum ToWorker {
     },
     /// Stop now.
     Shutdown,
+    /// Take over another worker in this process (active-active takeover):
+    /// start it beside this one, as a worker of its own toward the
+    /// supervisor (its own hello with `token`, its own assignment, restore
+    /// and VIP), while this worker goes on untouched. It ends when its
+    /// control connection does; this process ending ends it too.
+    Adopt {
+        /// The worker taken over.
+        worker: WorkerId,
+        /// The attempt it starts for.
+        attempt: u64,
+        /// Its one-time credential.
+        token: String,
+    },
 }
 
 /// Writes one control frame.

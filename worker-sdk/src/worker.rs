@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::align::BarrierAligner;
-use crate::link::LinkState;
+use crate::link::{Adoption, LinkState};
 use crate::operator::{BoxError, Context, Registry, Role};
 use crate::protocol::{self, Assignment, DataMsg, Partition, ToSupervisor, ToWorker};
 use crate::record::{group_owner, key_group, Emitter, Record};
@@ -101,7 +101,7 @@ pub fn run_worker(registry: Registry) -> ExitCode {
         }
     };
     let worker = env.worker.clone();
-    match runtime.block_on(main_loop(registry, env)) {
+    match runtime.block_on(main_loop(Arc::new(registry), env)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lazarus worker {worker}: {e}");
@@ -237,7 +237,7 @@ pub(crate) async fn connect_supervisor(
     Ok((Box::new(r), Box::new(w)))
 }
 
-async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
+async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
     let env = Arc::new(env);
     let (ctl_read, mut ctl_write) = connect_supervisor(&env, env.supervisor).await?;
     protocol::write_control(
@@ -256,14 +256,23 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
     let (to_sup, to_sup_rx) = mpsc::unbounded_channel::<ToSupervisor>();
     let (ctl_tx, mut ctl_in) = mpsc::unbounded_channel::<Option<ToWorker>>();
     let link_state = LinkState::default();
+    let (adopt_tx, adopt_rx) = mpsc::unbounded_channel::<Adoption>();
     let control_link = tokio::spawn(crate::link::run(
         env.clone(),
         ctl_read,
         ctl_write,
         to_sup_rx,
         ctl_tx,
+        adopt_tx,
         link_state.clone(),
     ));
+    // Workers taken over into this process run beside this one, and end
+    // with it.
+    let _guests = TaskGuard(tokio::spawn(run_guests(
+        registry.clone(),
+        env.clone(),
+        adopt_rx,
+    )));
     let (assignment, early) = match ctl_in.recv().await.flatten() {
         Some(ToWorker::Assign(a)) => (*a, None),
         Some(ToWorker::Standby(a)) => {
@@ -292,7 +301,7 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
     let span = tracing::info_span!("worker", worker = %assignment.worker);
 
     let result = run_assignment(
-        registry,
+        &registry,
         early,
         &env,
         assignment,
@@ -312,6 +321,53 @@ async fn main_loop(registry: Registry, env: WorkerEnv) -> Result<()> {
     // Let the last messages (acks, the failure) reach the supervisor.
     let _ = tokio::time::timeout(Duration::from_secs(2), control_link).await;
     result
+}
+
+/// Runs the workers this process takes over (active-active: a failed
+/// instance's share restored into a surviving instance's process), each a
+/// worker of its own toward the supervisor, until this worker ends.
+async fn run_guests(
+    registry: Arc<Registry>,
+    env: Arc<WorkerEnv>,
+    mut adopt: mpsc::UnboundedReceiver<Adoption>,
+) {
+    let mut guests = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            Some(a) = adopt.recv() => {
+                tracing::info!(worker = %a.worker, attempt = a.attempt, host = %env.worker, "taking over a worker into this process");
+                let guest = WorkerEnv {
+                    supervisor: a.supervisor,
+                    worker: a.worker,
+                    attempt: a.attempt,
+                    bind_ip: env.bind_ip,
+                    standby: false,
+                    token: Some(a.token),
+                    ca: env.ca.clone(),
+                    // A taken-over worker does not outlive its supervisor:
+                    // a new leader starts its share again.
+                    rejoin_file: None,
+                };
+                guests.spawn(run_guest(registry.clone(), guest));
+            }
+            Some(_) = guests.join_next() => {}
+            else => return,
+        }
+    }
+}
+
+/// One taken-over worker's life (boxed: it is [`main_loop`] again).
+fn run_guest(
+    registry: Arc<Registry>,
+    env: WorkerEnv,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let worker = env.worker.clone();
+        match main_loop(registry, env).await {
+            Ok(()) => tracing::info!(%worker, "taken-over worker stopped"),
+            Err(e) => tracing::warn!(%worker, error = %e, "taken-over worker ended"),
+        }
+    })
 }
 
 /// A hot standby's life before promotion: restore every checkpoint the
@@ -475,7 +531,7 @@ fn context(a: &Assignment) -> Context {
 }
 
 async fn run_assignment(
-    registry: Registry,
+    registry: &Registry,
     early: Option<Role>,
     env: &WorkerEnv,
     a: Assignment,

@@ -554,6 +554,10 @@ pub struct JobStatus {
     /// `restarts`).
     #[serde(default)]
     pub moves: u32,
+    /// Failed active-active instances taken over by a surviving instance's
+    /// running process.
+    #[serde(default)]
+    pub takeovers: u32,
     /// The newest recovery's time and parts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_recovery: Option<crate::supervisor::controller::RecoveryTime>,
@@ -583,6 +587,9 @@ pub struct WorkerStatus {
     pub restore_fetched_bytes: u64,
     /// The newest checkpoint its hot standby holds locally.
     pub standby_checkpoint: Option<u64>,
+    /// Taken over (active-active): it runs inside this worker's process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_over_by: Option<WorkerId>,
 }
 
 /// One VIP.

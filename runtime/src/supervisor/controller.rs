@@ -302,6 +302,21 @@ pub enum Action {
         /// Its slot.
         slot: Slot,
     },
+    /// Start `worker` for `attempt` inside `into`'s running process on
+    /// `host` (active-active takeover), by a message on `into`'s control
+    /// connection `conn`.
+    Adopt {
+        /// `into`'s connection.
+        conn: ConnId,
+        /// The host.
+        host: String,
+        /// The worker taken over.
+        worker: WorkerId,
+        /// Its attempt.
+        attempt: u64,
+        /// The surviving worker whose process takes it.
+        into: WorkerId,
+    },
     /// Make `worker`'s standby process on `host` its primary for `attempt`.
     Promote {
         /// The host.
@@ -519,6 +534,9 @@ pub struct RunSummary {
     /// Planned moves (fail-backs and `lazarus move`); not counted in
     /// `restarts` nor against the restart budget.
     pub moves: u32,
+    /// Failed active-active instances taken over by a surviving instance's
+    /// process (no process started for them).
+    pub takeovers: u32,
     /// Each recovery of this run that got every worker running again.
     pub recoveries: Vec<RecoveryTime>,
 }
@@ -651,6 +669,10 @@ struct Proc {
     /// may still be reported as the standby's if it died just before the
     /// promotion reached it.
     promoted_from: Option<u64>,
+    /// Taken over into another worker's running process (active-active):
+    /// that worker and its attempt. No agent knows it as a process: it
+    /// ends when its connection closes or its host process ends.
+    guest_of: Option<(WorkerId, u64)>,
 }
 
 /// The lifecycle. Each phase carries what only it needs.
@@ -818,6 +840,7 @@ impl JobController {
             restored_bytes: 0,
             region_failovers: 0,
             moves: 0,
+            takeovers: 0,
             recoveries: Vec::new(),
         };
         JobController {
@@ -924,6 +947,7 @@ impl JobController {
                     host: p.host,
                     attempt: p.attempt,
                     promoted_from: p.promoted_from,
+                    guest_of: None,
                 },
             );
         }
@@ -1452,6 +1476,7 @@ impl JobController {
             restarts: self.summary.restarts,
             region_failovers: self.summary.region_failovers,
             moves: self.summary.moves,
+            takeovers: self.summary.takeovers,
             last_recovery: self.summary.recoveries.last().copied(),
             committed: self.summary.committed,
             last_checkpoint: self.summary.last_checkpoint.map(|c| c.0),
@@ -1474,6 +1499,11 @@ impl JobController {
                             .get(&w.id)
                             .and_then(|s| s.followed)
                             .map(|c| c.0),
+                        taken_over_by: self
+                            .procs
+                            .get(&(w.id.clone(), Slot::Primary))
+                            .and_then(|p| p.guest_of.as_ref())
+                            .map(|(into, _)| into.clone()),
                     })
                 })
                 .collect(),
@@ -1627,6 +1657,7 @@ impl JobController {
                             host: host.clone(),
                             attempt,
                             promoted_from: standby.map(|p| p.attempt),
+                            guest_of: None,
                         },
                     );
                     self.out.push(Action::Promote {
@@ -1653,23 +1684,49 @@ impl JobController {
                     self.att.senders.insert(w.id.clone(), s.conn);
                     self.att.last_seen.insert(w.id.clone(), now);
                 }
-                None => {
-                    tracing::info!(worker = %w.id, %host, attempt, "starting primary");
-                    self.procs.insert(
-                        (w.id.clone(), Slot::Primary),
-                        Proc {
+                None => match self.takeover_by(w, &host) {
+                    Some((into, conn)) => {
+                        // Active-active: a surviving instance on that host
+                        // takes the share over in its own running process.
+                        tracing::info!(worker = %w.id, %host, attempt, %into, "share taken over by a surviving instance");
+                        self.summary.takeovers += 1;
+                        let into_attempt = self.att_of.get(&into).copied().unwrap_or(attempt);
+                        self.procs.insert(
+                            (w.id.clone(), Slot::Primary),
+                            Proc {
+                                host: host.clone(),
+                                attempt,
+                                promoted_from: None,
+                                guest_of: Some((into.clone(), into_attempt)),
+                            },
+                        );
+                        self.out.push(Action::Adopt {
+                            conn,
                             host: host.clone(),
+                            worker: w.id.clone(),
                             attempt,
-                            promoted_from: None,
-                        },
-                    );
-                    self.out.push(Action::Spawn {
-                        host: host.clone(),
-                        worker: w.id.clone(),
-                        attempt,
-                        slot: Slot::Primary,
-                    });
-                }
+                            into,
+                        });
+                    }
+                    None => {
+                        tracing::info!(worker = %w.id, %host, attempt, "starting primary");
+                        self.procs.insert(
+                            (w.id.clone(), Slot::Primary),
+                            Proc {
+                                host: host.clone(),
+                                attempt,
+                                promoted_from: None,
+                                guest_of: None,
+                            },
+                        );
+                        self.out.push(Action::Spawn {
+                            host: host.clone(),
+                            worker: w.id.clone(),
+                            attempt,
+                            slot: Slot::Primary,
+                        });
+                    }
+                },
             }
             if self.cfg.vips {
                 for v in &w.vips {
@@ -1782,9 +1839,13 @@ impl JobController {
             return;
         };
         let Some(host) = self
-            .process_host(&victim, Slot::Primary)
-            .map(str::to_string)
+            .procs
+            .get(&(victim.clone(), Slot::Primary))
+            .filter(|p| p.guest_of.is_none())
+            .map(|p| p.host.clone())
         else {
+            // Not running, or taken over into another process (no process
+            // of its own to kill).
             return;
         };
         tracing::info!(%victim, "chaos: SIGKILL");
@@ -2066,6 +2127,31 @@ impl JobController {
             }
             Some(ConnRole::Standby { .. }) => {}
             Some(ConnRole::Primary { worker, attempt }) => {
+                // A taken-over worker has no process an agent could report:
+                // its connection closing is its end.
+                let key = (worker.clone(), Slot::Primary);
+                let guest = self
+                    .procs
+                    .get(&key)
+                    .filter(|p| p.guest_of.is_some() && p.attempt == attempt)
+                    .map(|p| p.host.clone());
+                let was_guest = guest.is_some();
+                if let Some(host) = guest {
+                    self.procs.remove(&key);
+                    if matches!(self.phase, Phase::Finishing { .. }) {
+                        // Told to shut down after the final checkpoint.
+                        let ended = WorkerExited {
+                            worker,
+                            attempt,
+                            standby: false,
+                            host,
+                            exit: ExitKind::Success,
+                            detail: None,
+                        };
+                        self.on_exited(now, ended);
+                        return;
+                    }
+                }
                 if !self.is_current(&worker, attempt)
                     || !self.is_active()
                     || matches!(self.phase, Phase::Finishing { .. })
@@ -2075,6 +2161,14 @@ impl JobController {
                 match self.att.exits.remove(&worker) {
                     // It exited, and everything it said has been heard.
                     Some((why, _)) => self.fail(now, why, true),
+                    // No exit will name a taken-over worker's end: this does.
+                    None if was_guest => {
+                        self.failed.insert(worker.clone());
+                        let why = format!(
+                            "worker {worker} (taken over into another instance's process) ended"
+                        );
+                        self.fail(now, why, true);
+                    }
                     None => self.fail(now, format!("worker {worker} disconnected"), false),
                 }
             }
@@ -2099,6 +2193,26 @@ impl JobController {
         } else {
             Slot::Primary
         };
+        // The workers taken over into this process ended with it (first:
+        // the failure then names them too, and restarts them together).
+        let host_of = Some((e.worker.clone(), e.attempt));
+        let guests: Vec<(WorkerId, u64)> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| !e.standby && p.guest_of == host_of && p.host == e.host)
+            .map(|((w, _), p)| (w.clone(), p.attempt))
+            .collect();
+        for (w, attempt) in guests {
+            let ended = WorkerExited {
+                worker: w,
+                attempt,
+                standby: false,
+                host: e.host.clone(),
+                exit: e.exit.clone(),
+                detail: Some(format!("its host process ({}) ended", e.worker)),
+            };
+            self.on_exited(now, ended);
+        }
         let key = (e.worker.clone(), slot);
         if self
             .procs
@@ -2464,11 +2578,49 @@ impl JobController {
         true
     }
 
+    /// Active-active takeover: the surviving instance (and its connection)
+    /// whose running process on `host` takes `w`'s share over, if any. Only
+    /// in a region failover, for an instance of an operator with one VIP
+    /// per instance and no standby that is a region of its own, built by
+    /// the worker SDK (not a `process` operator) without a health check
+    /// (the agent checks processes); and only into a running primary that
+    /// is not itself taken over.
+    fn takeover_by(&self, w: &PlannedWorker, host: &str) -> Option<(WorkerId, ConnId)> {
+        let region = self.partial.as_ref()?;
+        if w.peer_vips.is_empty()
+            || w.standby != StandbyKind::None
+            || w.process.is_some()
+            || w.health.is_some()
+            || !w.takeover
+        {
+            return None;
+        }
+        let own = self.regions.get(&w.id)?;
+        if self.regions.iter().any(|(o, r)| r == own && *o != w.id) {
+            return None;
+        }
+        self.cfg.plan.iter().find_map(|s| {
+            if s.operator != w.operator || region.contains(&s.id) {
+                return None;
+            }
+            let p = self.procs.get(&(s.id.clone(), Slot::Primary))?;
+            let ok = p.host == host && p.guest_of.is_none() && self.att.running.contains(&s.id);
+            let conn = *self.att.senders.get(&s.id).filter(|_| ok)?;
+            Some((s.id.clone(), conn))
+        })
+    }
+
     /// The failed workers' regions, if that is not every worker.
     fn failed_regions(&self) -> Option<BTreeSet<WorkerId>> {
+        // A worker taken over into a failed worker's process goes with it.
+        let guests = self.procs.iter().filter_map(|((w, _), p)| {
+            let (into, _) = p.guest_of.as_ref()?;
+            self.failed.contains(into).then_some(w)
+        });
         let hit: BTreeSet<usize> = self
             .failed
             .iter()
+            .chain(guests)
             .filter_map(|w| self.regions.get(w).copied())
             .collect();
         if hit.is_empty() {
@@ -2499,12 +2651,19 @@ impl JobController {
         };
         tracing::info!(region = ?region, "region failover: only the failed workers' regions restart");
         for w in &region {
-            if let Some(p) = self.procs.get(&(w.clone(), Slot::Primary)) {
-                self.out.push(Action::Kill {
+            let key = (w.clone(), Slot::Primary);
+            match self.procs.get(&key) {
+                // A taken-over worker has no process of its own: closing
+                // its connection (below) ends it, and no exit will come.
+                Some(p) if p.guest_of.is_some() => {
+                    self.procs.remove(&key);
+                }
+                Some(p) => self.out.push(Action::Kill {
                     host: p.host.clone(),
                     worker: w.clone(),
                     slot: Slot::Primary,
-                });
+                }),
+                None => {}
             }
             if let Some(conn) = self.att.senders.remove(w) {
                 self.conns.remove(&conn);
@@ -2527,6 +2686,9 @@ impl JobController {
         self.att.records.clear();
         self.att.running.clear();
         self.out.push(Action::KillAll { standbys: false });
+        // Taken-over workers end with their host processes or connections;
+        // no exit comes for them.
+        self.procs.retain(|_, p| p.guest_of.is_none());
         let conns: Vec<ConnId> = self.att.senders.values().copied().collect();
         for conn in conns {
             self.conns.remove(&conn);
@@ -2715,6 +2877,7 @@ impl JobController {
                         host: h.clone(),
                         attempt: self.attempt,
                         promoted_from: None,
+                        guest_of: None,
                     },
                 );
                 self.out.push(Action::Spawn {

@@ -488,6 +488,28 @@ impl Shell {
                     self.fleet
                         .spawn(&host, &worker, attempt, slot, self.addr, &token);
                 }
+                Action::Adopt {
+                    conn,
+                    host,
+                    worker,
+                    attempt,
+                    into,
+                } => {
+                    let token = new_credential();
+                    self.tokens.insert(
+                        (worker.clone(), attempt, Slot::Primary),
+                        vec![token.clone()],
+                    );
+                    tracing::info!(%worker, attempt, %into, %host, "taking a share over into a surviving instance's process");
+                    self.send(
+                        conn,
+                        ToWorker::Adopt {
+                            worker,
+                            attempt,
+                            token,
+                        },
+                    );
+                }
                 Action::Rejoin {
                     host,
                     worker,

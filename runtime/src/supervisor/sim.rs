@@ -207,6 +207,10 @@ struct SimProc {
     down: bool,
     /// What the current controller was told of it.
     down_told: bool,
+    /// A worker taken over into another process (that pid): no agent
+    /// knows it, no exit is reported for it, it dies with its host
+    /// process or its connection.
+    guest_of: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -480,7 +484,19 @@ impl World {
         p.alive = false;
         p.died_at = Some(self.now);
         let p = p.clone();
+        // What runs inside it dies with it.
+        for guest in self.live_pids(|g| g.guest_of == Some(pid)) {
+            self.die(guest, exit.clone());
+        }
         if self.hosts.get(&p.host) != Some(&true) {
+            return;
+        }
+        if p.guest_of.is_some() {
+            // Only its connection tells: no agent reports it.
+            if let Some(conn) = p.conn {
+                let d = self.rng.between(0, 3);
+                self.at(d, Event::Deliver(Fact::Closed { conn }));
+            }
             return;
         }
         let exited = WorkerExited {
@@ -509,9 +525,9 @@ impl World {
 
     fn fault(&mut self) {
         match self.rng.below(100) {
-            // SIGKILL of a primary.
+            // SIGKILL of a primary's process (what runs inside dies too).
             0..=29 => {
-                let pids = self.live_pids(|p| p.slot == Slot::Primary);
+                let pids = self.live_pids(|p| p.slot == Slot::Primary && p.guest_of.is_none());
                 if let Some(&pid) = pids.get(self.rng.below(pids.len() as u64) as usize) {
                     self.die(pid, ExitKind::Signal(9));
                 }
@@ -525,8 +541,14 @@ impl World {
             }
             // A primary stalls (SIGSTOP): no heartbeats, no messages.
             40..=47 => {
-                let pids = self.live_pids(|p| p.slot == Slot::Primary && p.assigned);
+                let pids = self
+                    .live_pids(|p| p.slot == Slot::Primary && p.assigned && p.guest_of.is_none());
                 if let Some(&pid) = pids.get(self.rng.below(pids.len() as u64) as usize) {
+                    for q in self.live_pids(|q| q.guest_of == Some(pid)) {
+                        if let Some(q) = self.procs.get_mut(&q) {
+                            q.stalled = true;
+                        }
+                    }
                     if let Some(p) = self.procs.get_mut(&pid) {
                         p.stalled = true;
                     }
@@ -644,7 +666,8 @@ impl World {
         for (pid, p) in self.procs.iter_mut().filter(|(_, p)| p.alive) {
             p.conn = None;
             let rejoinable = match p.slot {
-                Slot::Primary => p.running,
+                // A taken-over worker ends with its connection.
+                Slot::Primary => p.running && p.guest_of.is_none(),
                 Slot::Standby => p.assigned,
             };
             if !rejoinable {
@@ -732,45 +755,31 @@ impl World {
                     slot,
                 } => {
                     self.no_lost_host(&host, "spawn");
-                    let pid = self.next_pid;
-                    self.next_pid += 1;
-                    let alive = self.hosts.get(&host) == Some(&true);
-                    self.procs.insert(
-                        pid,
-                        SimProc {
-                            source: self.plan_sources.contains(&worker),
-                            worker: worker.clone(),
-                            slot,
-                            host,
-                            attempt,
-                            conn: None,
-                            alive,
-                            stalled: false,
-                            assigned: false,
-                            running: false,
-                            snap: None,
-                            exhausted: false,
-                            died_at: None,
-                            down: false,
-                            down_told: false,
-                        },
-                    );
-                    if alive {
-                        let conn = ConnId(self.next_conn);
-                        self.next_conn += 1;
-                        self.conn_pid.insert(conn, pid);
-                        if let Some(p) = self.procs.get_mut(&pid) {
-                            p.conn = Some(conn);
-                        }
-                        let d = self.rng.between(1, 8);
-                        let hello = Fact::Hello {
-                            conn,
+                    self.start_proc(host, worker, attempt, slot, None);
+                }
+                Action::Adopt {
+                    conn,
+                    host,
+                    worker,
+                    attempt,
+                    into,
+                } => {
+                    self.no_lost_host(&host, "take a worker over on");
+                    match self.conn_pid.get(&conn).and_then(|p| self.procs.get(p)) {
+                        Some(p) if p.worker != into || p.host != host => self.fail(&format!(
+                            "{worker} taken over into {into} on {host} through the connection of {} on {}",
+                            p.worker, p.host
+                        )),
+                        _ => {}
+                    }
+                    if let Some(&pid) = self.conn_pid.get(&conn) {
+                        let d = self.rng.between(0, 2);
+                        let msg = ToWorker::Adopt {
                             worker,
                             attempt,
-                            standby: slot == Slot::Standby,
-                            rejoin: None,
+                            token: String::new(),
                         };
-                        self.at(d, Event::Deliver(hello));
+                        self.at(d, Event::Worker { pid, msg });
                     }
                 }
                 Action::Promote {
@@ -805,14 +814,19 @@ impl World {
                 }
                 Action::Kill { host, worker, slot } => {
                     self.no_lost_host(&host, "kill");
-                    for pid in
-                        self.live_pids(|p| p.worker == worker && p.slot == slot && p.host == host)
-                    {
+                    for pid in self.live_pids(|p| {
+                        p.worker == worker
+                            && p.slot == slot
+                            && p.host == host
+                            && p.guest_of.is_none()
+                    }) {
                         self.die(pid, ExitKind::Signal(9));
                     }
                 }
                 Action::KillAll { standbys } => {
-                    for pid in self.live_pids(|p| standbys || p.slot == Slot::Primary) {
+                    for pid in self.live_pids(|p| {
+                        (standbys || p.slot == Slot::Primary) && p.guest_of.is_none()
+                    }) {
                         self.die(pid, ExitKind::Signal(9));
                     }
                 }
@@ -1040,6 +1054,59 @@ impl World {
         }
     }
 
+    /// A process starts (or, with `guest_of`, a worker inside that one) and
+    /// says hello.
+    fn start_proc(
+        &mut self,
+        host: String,
+        worker: WorkerId,
+        attempt: u64,
+        slot: Slot,
+        guest_of: Option<u64>,
+    ) {
+        let pid = self.next_pid;
+        self.next_pid += 1;
+        let alive = self.hosts.get(&host) == Some(&true);
+        self.procs.insert(
+            pid,
+            SimProc {
+                source: self.plan_sources.contains(&worker),
+                worker: worker.clone(),
+                slot,
+                host,
+                attempt,
+                conn: None,
+                alive,
+                stalled: false,
+                assigned: false,
+                running: false,
+                snap: None,
+                exhausted: false,
+                died_at: None,
+                down: false,
+                down_told: false,
+                guest_of,
+            },
+        );
+        if alive {
+            let conn = ConnId(self.next_conn);
+            self.next_conn += 1;
+            self.conn_pid.insert(conn, pid);
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.conn = Some(conn);
+            }
+            let d = self.rng.between(1, 8);
+            let hello = Fact::Hello {
+                conn,
+                worker,
+                attempt,
+                standby: slot == Slot::Standby,
+                rejoin: None,
+            };
+            self.at(d, Event::Deliver(hello));
+        }
+    }
+
     /// A fake worker's reaction to a control message.
     fn worker_reacts(&mut self, pid: u64, msg: ToWorker) {
         let Some(p) = self.procs.get(&pid).cloned() else {
@@ -1121,6 +1188,17 @@ impl World {
                     fetched_bytes: 1,
                 };
                 self.at(d, Event::Deliver(Fact::Message { conn, msg }));
+            }
+            ToWorker::Adopt {
+                worker, attempt, ..
+            } => {
+                if p.slot != Slot::Primary || p.guest_of.is_some() {
+                    self.fail(&format!(
+                        "{worker} taken over into {}, which is not a primary's own process",
+                        p.worker
+                    ));
+                }
+                self.start_proc(p.host.clone(), worker, attempt, Slot::Primary, Some(pid));
             }
             ToWorker::Shutdown => {
                 let d = self.rng.between(1, 10);
@@ -1240,7 +1318,7 @@ impl World {
     }
 }
 
-fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32, u32) {
+fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32, u32, u32) {
     let mut w = World::new(seed, true, seed as usize);
     w.trace = trace;
     w.start();
@@ -1257,6 +1335,7 @@ fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32, u32) {
         w.leader_changes,
         w.standby_downs,
         s.region_failovers,
+        s.takeovers,
     )
 }
 
@@ -1264,7 +1343,7 @@ fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32, u32) {
 fn test_random_fault_schedules_keep_the_invariants() {
     if let Ok(seed) = std::env::var("LAZARUS_SIM_SEED") {
         let seed: u64 = seed.parse().expect("LAZARUS_SIM_SEED is a number");
-        let (end, changes, _, _) = schedule(seed, true);
+        let (end, changes, ..) = schedule(seed, true);
         eprintln!("seed {seed}: {end:?} after {changes} leader changes");
         return;
     }
@@ -1276,11 +1355,13 @@ fn test_random_fault_schedules_keep_the_invariants() {
     let mut with_leader_change = 0u64;
     let mut with_standby_down = 0u64;
     let mut with_region_failover = 0u64;
+    let mut with_takeover = 0u64;
     for seed in 1..=n {
-        let (end, changes, downs, regions) = schedule(seed, false);
+        let (end, changes, downs, regions, takeovers) = schedule(seed, false);
         with_leader_change += u64::from(changes > 0);
         with_standby_down += u64::from(downs > 0);
         with_region_failover += u64::from(regions > 0);
+        with_takeover += u64::from(takeovers > 0);
         let key = match end {
             JobState::Failed(why) if why.contains("fatal") => "failed (fatal)".to_string(),
             JobState::Failed(why) if why.starts_with("fenced") => "failed (fenced)".to_string(),
@@ -1289,10 +1370,14 @@ fn test_random_fault_schedules_keep_the_invariants() {
         };
         *ends.entry(key).or_default() += 1;
     }
-    eprintln!("{n} schedules ({with_leader_change} with a supervisor failover, {with_standby_down} with a standby down by its health check, {with_region_failover} with a region failover): {ends:?}");
+    eprintln!("{n} schedules ({with_leader_change} with a supervisor failover, {with_standby_down} with a standby down by its health check, {with_region_failover} with a region failover, {with_takeover} with a share taken over into a surviving process): {ends:?}");
     assert!(
         with_region_failover * 20 > n,
         "too few schedules recover one region alone: {with_region_failover} of {n}"
+    );
+    assert!(
+        with_takeover * 50 > n,
+        "too few schedules take a share over into a surviving process: {with_takeover} of {n}"
     );
     assert!(
         with_leader_change * 5 > n,
@@ -1547,6 +1632,100 @@ mod scenarios {
             assert!(!touches_survivor, "{a:?} touches a surviving region");
         }
         assert!(w.ctl.newest_committed() > committed, "checkpoints go on");
+    }
+
+    /// Active-active takeover: with two hosts, the lost host's instance is
+    /// taken over inside the surviving instance's running process (no
+    /// process starts, the survivor is not restarted), its VIP moves there;
+    /// the fail-back after the hold-down ends it there (no kill: its
+    /// connection closes) and starts it at home. A SIGKILL of a process
+    /// holding a taken-over instance restarts both.
+    #[test]
+    fn test_a_lost_instance_is_taken_over_inside_the_survivors_process() {
+        let mut w = running(2, 2);
+        let (victim, home) = w.proc_of("kv-0", Slot::Primary);
+        let (survivor, survivor_host) = w.proc_of("kv-1", Slot::Primary);
+        assert_ne!(home, survivor_host);
+        w.hosts.insert(home.clone(), false);
+        for p in w.procs.values_mut().filter(|p| p.host == home) {
+            p.alive = false;
+        }
+        w.run_for(ms(50));
+        let lost_at = w.now;
+        w.deliver(Fact::HostLost(home.clone()));
+        w.run_for(ms(200));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        let (guest, there) = w.proc_of("kv-0", Slot::Primary);
+        assert_ne!(guest, victim);
+        assert_eq!(there, survivor_host);
+        assert_eq!(
+            w.procs[&guest].guest_of,
+            Some(survivor),
+            "inside the survivor's process"
+        );
+        assert_eq!(
+            w.proc_of("kv-1", Slot::Primary).0,
+            survivor,
+            "not restarted"
+        );
+        assert_eq!(w.ctl.summary().takeovers, 1);
+        assert_eq!(w.vips.get("198.18.0.100/24"), Some(&survivor_host));
+        let status = w.ctl.status();
+        let kv0 = status
+            .workers
+            .iter()
+            .find(|s| s.worker.as_str() == "kv-0")
+            .expect("kv-0");
+        assert_eq!(kv0.taken_over_by.as_ref().map(|w| w.as_str()), Some("kv-1"));
+        assert!(
+            !w.actions_since(lost_at).iter().any(|a| matches!(a, Action::Spawn { worker, slot: Slot::Primary, .. } if worker.as_str() == "kv-0")),
+            "no process started for kv-0"
+        );
+        // Home again: after the 60 ms hold-down, kv-0 is a process there.
+        w.hosts.insert(home.clone(), true);
+        w.deliver(Fact::HostJoined(home.clone()));
+        let back_at = w.now;
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        let (back, host) = w.proc_of("kv-0", Slot::Primary);
+        assert_eq!(host, home);
+        assert_eq!(w.procs[&back].guest_of, None);
+        assert!(!w.procs[&guest].alive, "the taken-over instance ended");
+        assert!(
+            !w.actions_since(back_at)
+                .iter()
+                .any(|a| matches!(a, Action::Kill { .. } | Action::KillAll { .. })),
+            "nothing killed: the taken-over instance ends with its connection"
+        );
+        assert_eq!(
+            w.proc_of("kv-1", Slot::Primary).0,
+            survivor,
+            "still not restarted"
+        );
+        assert_eq!(w.vips.get("198.18.0.100/24"), Some(&home));
+
+        // Taken over again, then the process holding both dies: both restart.
+        w.hosts.insert(home.clone(), false);
+        for p in w.procs.values_mut().filter(|p| p.host == home) {
+            p.alive = false;
+        }
+        w.run_for(ms(50));
+        w.deliver(Fact::HostLost(home.clone()));
+        w.run_for(ms(200));
+        let (guest, _) = w.proc_of("kv-0", Slot::Primary);
+        assert_eq!(w.procs[&guest].guest_of, Some(survivor));
+        let restarts = w.ctl.summary().restarts;
+        w.die(survivor, ExitKind::Signal(9));
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        assert!(w.ctl.summary().restarts > restarts);
+        let (kv1, _) = w.proc_of("kv-1", Slot::Primary);
+        let (kv0, _) = w.proc_of("kv-0", Slot::Primary);
+        assert_ne!(kv1, survivor);
+        assert!(
+            kv0 != guest && w.procs[&kv0].guest_of.is_none(),
+            "both started anew"
+        );
     }
 
     /// A lost host's instance moves to a survivor; when the host is back,
