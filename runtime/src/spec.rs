@@ -1200,10 +1200,27 @@ mod tests {
                 "operator[1].vips: VIP 198.18.0.100 is also named by operator[1].vips",
             ),
             ("vip = \"198.18.0.100/24\"", "use vips = [...]"),
+            (
+                "vips = [\"198.18.0.100/24\"]\n        takeover = \"anyone\"",
+                "unknown variant `anyone`, expected `survivor` or `process`",
+            ),
         ] {
             let e = with(extra).expect_err(extra);
             assert!(e.contains(says), "{extra}: {e}");
         }
+        // Who takes a failed instance over: a survivor's process by default.
+        assert!(tok(0).takeover);
+        let own =
+            with("vips = [\"198.18.0.100/24\"]\n        takeover = \"process\"").expect("valid");
+        assert!(own
+            .plan()
+            .iter()
+            .all(|w| !w.takeover || w.operator != "tok"));
+        let e = with("takeover = \"survivor\"").expect_err("not active-active");
+        assert!(
+            e.contains("operator[1].takeover: takeover chooses who takes over a failed active-active instance"),
+            "{e}"
+        );
         // A VIP shared by two operators.
         let text = GOOD
             .replacen(

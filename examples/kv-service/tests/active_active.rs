@@ -114,6 +114,23 @@ fn unreadable(c: &LzCluster, pairs: Vec<(String, String)>) -> Vec<String> {
         .expect("client")
 }
 
+/// The pids whose sockets listen on `addr`:8080 on `host`, from the
+/// kernel's socket table (`ss`).
+fn listener_pids(c: &LzCluster, host: &str, addr: &str) -> Vec<u32> {
+    let out = c
+        .bed
+        .exec(host, "ss", &["-Hltnp", &format!("src {addr}:8080")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut pids: Vec<u32> = text
+        .split("pid=")
+        .skip(1)
+        .filter_map(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
 fn holder(st: &serde_json::Value, i: usize) -> Option<String> {
     cluster::vip(st, &vip_key(i)).and_then(|v| v["holder"].as_str().map(str::to_string))
 }
@@ -218,6 +235,25 @@ fn test_active_active_serves_any_key_on_either_vip_and_survives_host_loss() {
     assert!(
         job["region_failovers"].as_u64().is_some_and(|n| n >= 1),
         "{job}"
+    );
+    // Taken over inside kv-1's process: no kv-0 process was started, and
+    // the kernel says the survivor's process listens on VIP 0.
+    assert!(job["takeovers"].as_u64().is_some_and(|n| n >= 1), "{job}");
+    let kv0 = job["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["worker"] == "kv-0"))
+        .expect("kv-0 in status");
+    assert_eq!(kv0["taken_over_by"], "kv-1", "{job}");
+    let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(&survivor));
+    assert_eq!(
+        pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip]),
+        Vec::<u32>::new(),
+        "no kv-0 process on the survivor"
+    );
+    assert_eq!(
+        listener_pids(&c, &survivor, VIPS[0]),
+        before,
+        "VIP 0's listener is in kv-1's process"
     );
     let mut all = written.clone();
     all.extend(during);
@@ -327,6 +363,19 @@ fn test_fail_back_after_the_hold_down_and_move_on_request() {
         kv1,
         "kv-1 was never restarted: {job}"
     );
+    assert_eq!(
+        pid_of("kv-0", &home).len(),
+        1,
+        "kv-0 is a process of its own at home again"
+    );
+    let ended = Instant::now();
+    while !listener_pids(&c, &other, VIPS[0]).is_empty() {
+        assert!(
+            ended.elapsed() < Duration::from_secs(5),
+            "the taken-over share still listens in kv-1's process"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     all.extend(write(0, 10, "c"));
     let bad = unreadable(&c, all.clone());
     assert!(
