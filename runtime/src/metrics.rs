@@ -33,6 +33,8 @@ pub const RESTORES: &str = "lazarus_restores_total";
 pub const RESTORE_BYTES: &str = "lazarus_restore_bytes_total";
 /// Planned moves of a worker (fail-backs and `lazarus move`).
 pub const MOVES: &str = "lazarus_moves_total";
+/// Active-active instances taken over inside a surviving instance's process.
+pub const TAKEOVERS: &str = "lazarus_takeovers_total";
 /// Failovers (recoveries), by cause.
 pub const FAILOVERS: &str = "lazarus_failovers_total";
 /// Failure detected → every worker running again.
@@ -118,6 +120,10 @@ fn describe() {
         MOVES,
         "planned moves of a worker: fail-backs and lazarus move"
     );
+    describe_counter!(
+        TAKEOVERS,
+        "failed instances taken over inside a surviving instance's process"
+    );
     describe_histogram!(
         FAILOVER_DURATION,
         Unit::Seconds,
@@ -178,6 +184,7 @@ pub struct JobMetrics {
     restores: u64,
     restarts: u32,
     moves: u32,
+    takeovers: u32,
     state: Option<JobStateKind>,
     failing_since: Option<Stopwatch>,
     /// Restarts whose cause is not final yet, and the last cause seen.
@@ -196,6 +203,7 @@ impl JobMetrics {
             restores: summary.restores,
             restarts: summary.restarts,
             moves: summary.moves,
+            takeovers: summary.takeovers,
             state: None,
             failing_since: None,
             pending: 0,
@@ -231,6 +239,11 @@ impl JobMetrics {
         if summary.moves > self.moves {
             counter!(MOVES, "job" => job.clone()).increment(u64::from(summary.moves - self.moves));
             self.moves = summary.moves;
+        }
+        if summary.takeovers > self.takeovers {
+            counter!(TAKEOVERS, "job" => job.clone())
+                .increment(u64::from(summary.takeovers - self.takeovers));
+            self.takeovers = summary.takeovers;
         }
         if summary.restarts > self.restarts {
             self.pending += summary.restarts - self.restarts;
