@@ -36,6 +36,13 @@ pub struct StoreOptions {
     /// Parts (and objects) in flight at once. Default 4: enough to fill a
     /// link to one endpoint without holding many parts in memory.
     pub upload_concurrency: usize,
+    /// Chunks a restore fetches at once, and ranged GETs in flight for one
+    /// large object (`range_size` each). Default 8: a restore is on the
+    /// recovery path, so it uses the link and both cores' CRC/decode.
+    pub download_concurrency: usize,
+    /// Remote objects larger than this (bytes) are read with parallel
+    /// ranged GETs of this size. Default 8 MiB.
+    pub range_size: u64,
     /// zstd level for [`Codec::Zstd`](crate::Codec). Default 1: the fastest,
     /// since checkpoint latency matters more than a few percent of size.
     pub zstd_level: i32,
@@ -48,6 +55,8 @@ impl Default for StoreOptions {
             multipart_threshold: 16 << 20,
             part_size: 16 << 20,
             upload_concurrency: 4,
+            download_concurrency: 8,
+            range_size: 8 << 20,
             zstd_level: 1,
         }
     }
@@ -67,6 +76,15 @@ impl StoreOptions {
         }
         if self.upload_concurrency == 0 {
             return bad("upload_concurrency", "must be at least 1".into());
+        }
+        if self.download_concurrency == 0 {
+            return bad("download_concurrency", "must be at least 1".into());
+        }
+        if self.range_size < 1 << 20 {
+            return bad(
+                "range_size",
+                format!("{} bytes is below the 1 MiB minimum", self.range_size),
+            );
         }
         if !(1..=22).contains(&self.zstd_level) {
             return bad(

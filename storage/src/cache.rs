@@ -13,12 +13,14 @@ use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use futures::StreamExt;
 use memmap2::Mmap;
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor;
 use rkyv::Portable;
 use tracing::Instrument;
 
+use crate::backend::BackendKind;
 use crate::error::{CorruptReason, Result, StorageError};
 use crate::frame::{Codec, FrameHeader, FrameKind, HEADER_LEN};
 use crate::ids::WorkerId;
@@ -148,15 +150,14 @@ impl MappedChunk {
     /// Maps the cache file at `path` and checks it: a codec-none chunk frame
     /// whose payload has length `raw_len` and CRC `raw_crc`.
     fn open(path: &Path, key: &str, raw_len: u64, raw_crc: u32) -> Result<MappedChunk> {
-        let file = File::open(path).map_err(|e| StorageError::io("open cache file", path, e))?;
-        // SAFETY: the cache directory belongs to this process's agent and files
-        // in it are only ever created by rename, never modified in place, so
-        // the mapped bytes do not change under us.
+        let file = File::open(path).map_err(|e| StorageError::io("open chunk file", path, e))?;
+        // SAFETY: cache files (and a local store's objects) are only ever
+        // created by rename and never modified in place, so the mapped bytes
+        // do not change under us.
         let map =
-            unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io("map cache file", path, e))?;
-        let corrupt = |reason| {
-            StorageError::corrupt(format!("{key} (cache file {})", path.display()), reason)
-        };
+            unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io("map chunk file", path, e))?;
+        let corrupt =
+            |reason| StorageError::corrupt(format!("{key} (file {})", path.display()), reason);
         let header = FrameHeader::decode(key, FrameKind::Chunk, &map)?;
         if header.codec != Codec::None {
             return Err(corrupt(CorruptReason::UnknownCodec(1)));
@@ -235,10 +236,25 @@ pub struct RestoredWorker {
     pub metadata: Vec<u8>,
     /// The chunks, in the order the worker wrote them.
     pub chunks: Vec<MappedChunk>,
-    /// Bytes downloaded from the store (0 when everything was cached).
+    /// Bytes downloaded from the store into the cache (0 when everything
+    /// was cached or mapped in place).
     pub fetched_bytes: u64,
     /// Chunks served from the cache without download.
     pub cache_hits: usize,
+    /// Chunks mapped where they lie in a local-directory store (codec none:
+    /// the stored object is a cache file already), neither downloaded nor
+    /// cached.
+    pub in_place: usize,
+}
+
+/// Where one restored chunk came from.
+enum ChunkSource {
+    /// The local cache.
+    Cache,
+    /// The store's own file, mapped where it lies.
+    InPlace,
+    /// Downloaded (this many stored bytes) into the cache.
+    Fetched(u64),
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -265,19 +281,30 @@ impl JobStore {
         async {
             let mut chunks = Vec::with_capacity(snapshot.chunks.len());
             let mut fetched_bytes = 0;
-            let mut cache_hits = 0;
-            // Chunks are fetched one after another; each streams through a
-            // bounded channel, so memory stays at a few buffers however large
-            // the state. Parallel fetch is left to the store's own parallelism.
-            for chunk in &snapshot.chunks {
-                let (mapped, fetched) = self.restore_chunk(chunk, cache).await?;
-                match fetched {
-                    0 => cache_hits += 1,
-                    n => fetched_bytes += n,
+            let (mut cache_hits, mut in_place) = (0, 0);
+            // `download_concurrency` chunks at once, in order; each streams
+            // through a bounded channel (a large remote one as parallel
+            // ranged GETs), so memory stays at a few buffers per chunk
+            // however large the state.
+            // (Owned clones in each future: a future borrowing through the
+            // closure is not `Send` for every lifetime, which a spawned
+            // worker needs.)
+            let mut restored = futures::stream::iter(snapshot.chunks.clone())
+                .map(|chunk| {
+                    let (js, cache) = (self.clone(), cache.clone());
+                    async move { js.restore_chunk(&chunk, &cache).await }
+                })
+                .buffered(self.store.options.download_concurrency);
+            while let Some(next) = restored.next().await {
+                let (mapped, source) = next?;
+                match source {
+                    ChunkSource::Cache => cache_hits += 1,
+                    ChunkSource::InPlace => in_place += 1,
+                    ChunkSource::Fetched(n) => fetched_bytes += n,
                 }
                 chunks.push(mapped);
             }
-            tracing::info!(fetched_bytes, cache_hits, "restored");
+            tracing::info!(fetched_bytes, cache_hits, in_place, "restored");
             Ok(RestoredWorker {
                 checkpoint: manifest.checkpoint,
                 worker: worker.clone(),
@@ -285,6 +312,7 @@ impl JobStore {
                 chunks,
                 fetched_bytes,
                 cache_hits,
+                in_place,
             })
         }
         .instrument(span)
@@ -296,16 +324,25 @@ impl JobStore {
         &self,
         chunk: &ChunkRef,
         cache: &LocalCache,
-    ) -> Result<(MappedChunk, u64)> {
+    ) -> Result<(MappedChunk, ChunkSource)> {
         let key = self.full_key(&chunk.key);
         let path = cache.path_of(self.job.as_str(), &chunk.key);
         let (raw_len, raw_crc) = (chunk.raw_len, chunk.raw_crc);
         if path.exists() {
             let (p, k) = (path.clone(), key.clone());
             match blocking(move || MappedChunk::open(&p, &k, raw_len, raw_crc)).await? {
-                Ok(mapped) => return Ok((mapped, 0)),
+                Ok(mapped) => return Ok((mapped, ChunkSource::Cache)),
                 Err(e) => tracing::warn!(error = %e, "cached chunk is bad; fetching it again"),
             }
+        }
+        if let (BackendKind::File { root }, Codec::None) = (&self.store.kind, chunk.codec) {
+            // An uncompressed chunk in a local directory is already what a
+            // cache file is (a codec-none frame, written once by rename and
+            // never changed): mapped and checked where it lies, no copy.
+            let (p, k) = (root.join(&key), key.clone());
+            return blocking(move || MappedChunk::open(&p, &k, raw_len, raw_crc))
+                .await?
+                .map(|mapped| (mapped, ChunkSource::InPlace));
         }
         let parent = path
             .parent()
@@ -358,7 +395,7 @@ impl JobStore {
         if finished.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        Ok((finished?, chunk.stored_len))
+        Ok((finished?, ChunkSource::Fetched(chunk.stored_len)))
     }
 }
 

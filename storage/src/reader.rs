@@ -317,7 +317,10 @@ impl JobStore {
                         StorageError::io("check task", &chunk.key, std::io::Error::other(e))
                     })??
             }
-            BackendKind::Remote => self.check_stream(&key, &chunk.key, sink).await?,
+            BackendKind::Remote => {
+                self.check_stream(&key, &chunk.key, chunk.stored_len, sink)
+                    .await?
+            }
         };
         let (header, sink) = checked;
         let mismatch = |field, expected: u64, actual: u64| {
@@ -365,19 +368,116 @@ impl JobStore {
 
     /// Streams an object from a remote store through a [`FrameReader`] on a
     /// blocking thread; the channel bound keeps a few buffers in memory.
+    /// The object `rel` (expected `len` bytes) as a stream of buffers in
+    /// order. Larger than `range_size`: `download_concurrency` ranged GETs
+    /// in flight (one GET stream is bound by one connection's window); a
+    /// shorter object fails its range, a longer one is read only up to
+    /// `len` (the frame check then names what is wrong).
+    async fn object_stream(
+        &self,
+        rel: &str,
+        len: u64,
+    ) -> Result<futures::stream::BoxStream<'static, Result<bytes::Bytes>>> {
+        let key = self.full_key(rel);
+        let path = self.path(rel);
+        let store = self.store.object_store.clone();
+        let (range, parallel) = (
+            self.store.options.range_size,
+            self.store.options.download_concurrency,
+        );
+        if len <= range || parallel < 2 {
+            let result = store
+                .get(&path)
+                .await
+                .map_err(|e| StorageError::backend("get", &key, e))?;
+            return Ok(result
+                .into_stream()
+                .map(move |b| b.map_err(|e| StorageError::backend("read", &key, e)))
+                .boxed());
+        }
+        let ranges = (0..len.div_ceil(range)).map(move |i| i * range..((i + 1) * range).min(len));
+        Ok(futures::stream::iter(ranges)
+            .map(move |r| {
+                let (store, path, key) = (store.clone(), path.clone(), key.clone());
+                async move {
+                    let first = r.start == 0;
+                    let opts = object_store::GetOptions::new().with_range(Some(r));
+                    let got = store
+                        .get_opts(&path, opts)
+                        .await
+                        .map_err(|e| StorageError::backend("get range", &key, e))?;
+                    // The first range (yielded first) says the object's size:
+                    // one cut short or grown is named as such, not as a
+                    // failed range request further on.
+                    if first && got.meta.size != len {
+                        return Err(StorageError::corrupt(
+                            &key,
+                            CorruptReason::ManifestMismatch {
+                                field: "object length",
+                                expected: len,
+                                actual: got.meta.size,
+                            },
+                        ));
+                    }
+                    got.bytes()
+                        .await
+                        .map_err(|e| StorageError::backend("read range", &key, e))
+                }
+            })
+            .buffered(parallel)
+            .boxed())
+    }
+
+    /// Reads a chunk's stored object with no frame check: the baseline a
+    /// restore is measured against (`lazarus storage bench`). A local
+    /// directory's file is read and CRC'd in 1 MiB blocks; a remote object
+    /// is fetched as a restore fetches it (parallel ranged GETs). Returns
+    /// the bytes read.
+    pub async fn read_raw(&self, chunk: &ChunkRef) -> Result<u64> {
+        let key = self.full_key(&chunk.key);
+        match &self.store.kind {
+            BackendKind::File { root } => {
+                let path = root.join(&key);
+                tokio::task::spawn_blocking(move || {
+                    let mut f = std::fs::File::open(&path)
+                        .map_err(|e| StorageError::io("open", &path, e))?;
+                    let mut buf = vec![0u8; 1 << 20];
+                    let (mut n, mut crc) = (0u64, crc32fast::Hasher::new());
+                    loop {
+                        let got = f
+                            .read(&mut buf)
+                            .map_err(|e| StorageError::io("read", &path, e))?;
+                        if got == 0 {
+                            break;
+                        }
+                        crc.update(&buf[..got]);
+                        n += got as u64;
+                    }
+                    std::hint::black_box(crc.finalize());
+                    Ok(n)
+                })
+                .await
+                .map_err(|e| StorageError::io("read task", &key, std::io::Error::other(e)))?
+            }
+            BackendKind::Remote => {
+                let mut stream = self.object_stream(&chunk.key, chunk.stored_len).await?;
+                let mut n = 0;
+                while let Some(buf) = stream.next().await {
+                    n += buf?.len() as u64;
+                }
+                Ok(n)
+            }
+        }
+    }
+
     async fn check_stream<W: Write + Send + 'static>(
         &self,
         key: &str,
         rel: &str,
+        len: u64,
         sink: W,
     ) -> Result<(FrameHeader, CountingSink<W>)> {
-        let result = self
-            .store
-            .object_store
-            .get(&self.path(rel))
-            .await
-            .map_err(|e| StorageError::backend("get", key, e))?;
-        let mut stream = result.into_stream();
+        let mut stream = self.object_stream(rel, len).await?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
         let checker_key = key.to_string();
         let checker = tokio::task::spawn_blocking(move || {
@@ -396,7 +496,7 @@ impl JobStore {
                     }
                 }
                 Err(e) => {
-                    stream_error = Some(StorageError::backend("read", key, e));
+                    stream_error = Some(e);
                     break;
                 }
             }

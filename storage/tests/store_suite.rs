@@ -92,6 +92,9 @@ async fn test_round_trip_and_restore_both_codecs(env: &Env) {
         .expect("restore");
     assert_eq!(restored.cache_hits, 0);
     assert!(restored.fetched_bytes > 0);
+    // A local directory's uncompressed chunk is mapped where it lies.
+    let in_place = usize::from(!env.is_s3);
+    assert_eq!(restored.in_place, in_place);
     assert_eq!(restored.metadata, b"pos-1");
     let view = restored.chunks[0]
         .access::<rkyv::Archived<Vec<u64>>>()
@@ -107,7 +110,11 @@ async fn test_round_trip_and_restore_both_codecs(env: &Env) {
         .restore_worker(&latest, &worker("counter-0"), &cache)
         .await
         .expect("restore again");
-    assert_eq!((again.cache_hits, again.fetched_bytes), (2, 0));
+    assert_eq!(
+        (again.cache_hits + again.in_place, again.fetched_bytes),
+        (2, 0)
+    );
+    assert_eq!(again.in_place, in_place);
     let empty = js
         .restore_worker(&latest, &worker("source-0"), &cache)
         .await
@@ -162,7 +169,41 @@ async fn test_large_chunk_uses_multipart(env: &Env) {
         restored.chunks[0].bytes() == &data[..],
         "64 MiB chunk differs after restore"
     );
+    // S3: downloaded once, as eight 8 MiB ranged GETs in parallel; a local
+    // directory: mapped where it lies, nothing copied to the cache.
+    if env.is_s3 {
+        assert_eq!(restored.fetched_bytes, chunk.stored_len);
+    } else {
+        assert_eq!((restored.fetched_bytes, restored.in_place), (0, 1));
+        assert!(
+            walk(cache_dir.path()).is_empty(),
+            "an uncompressed local chunk is not copied into the cache"
+        );
+    }
+    assert_eq!(js.read_raw(chunk).await.expect("raw"), chunk.stored_len);
     assert!(js.verify(&m).await.expect("verify").is_ok());
+    drop(restored);
+
+    // A byte damaged in the fifth range, then the object cut short: each
+    // restore fails with what is wrong, nothing is restored.
+    let key = js.full_key(&chunk.key);
+    env.flip_byte(&key, (33 << 20) + 5).await;
+    let fresh = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(fresh.path()).expect("cache");
+    let e = js
+        .restore_worker(&m, &worker("w"), &cache)
+        .await
+        .expect_err("damaged");
+    assert!(e.to_string().contains("CRC"), "{e}");
+    let mut cut = env.raw_get(&key).await;
+    cut.truncate((20 << 20) + 7);
+    env.raw_put(&key, cut).await;
+    let e = js
+        .restore_worker(&m, &worker("w"), &cache)
+        .await
+        .expect_err("cut short");
+    assert_eq!(e.kind(), lazarus_storage::ErrorKind::Corrupt, "{e}");
+    assert!(walk(fresh.path()).is_empty(), "nothing left in the cache");
 }
 
 async fn test_commit_race_has_one_winner(env: &Env) {
