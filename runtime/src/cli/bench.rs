@@ -154,7 +154,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let restore_secs = started.elapsed().as_secs_f64();
     println!(
-        "restore: {:.3} s, {:.1} MiB/s of state, {:.1} MiB/s of stored bytes (read {} + check + decode + map); {:.2}x the raw read",
+        "restore: {:.3} s, {:.1} MiB/s of state, {:.1} MiB/s of stored bytes (downloaded {}; check + decode + map); {:.2}x the raw read",
         restore_secs,
         mib_per_s(args.size, restore_secs),
         mib_per_s(stored, restore_secs),
@@ -179,16 +179,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     drop(restored);
     let started = Stopwatch::start();
-    let mut hits = 0;
+    let (mut hits, mut in_place) = (0, 0);
     for worker in manifest.workers.keys() {
-        hits += js
-            .restore_worker(&manifest, worker, &cache)
-            .await?
-            .cache_hits;
+        let r = js.restore_worker(&manifest, worker, &cache).await?;
+        hits += r.cache_hits;
+        in_place += r.in_place;
     }
     let cached_secs = started.elapsed().as_secs_f64();
     println!(
-        "cached:  {:.3} s, {:.1} MiB/s (restore again: {hits} chunks from the local cache, map + CRC check)",
+        "cached:  {:.3} s, {:.1} MiB/s (restore again: {hits} chunks from the local cache, {in_place} mapped in place in the store; map + CRC check)",
         cached_secs,
         mib_per_s(args.size, cached_secs)
     );
