@@ -74,6 +74,9 @@ pub trait Fleet: Send {
     );
     /// Makes `worker`'s standby process on `host` its primary for `attempt`.
     fn promote(&mut self, host: &str, worker: &WorkerId, attempt: u64);
+    /// `worker`'s primary process on `host` was rolled back in place: it
+    /// belongs to `attempt` now.
+    fn retag(&mut self, host: &str, worker: &WorkerId, attempt: u64);
     /// Hands `worker`'s running process in `slot` on `host` a rejoin ticket
     /// for `supervisor` (a new HA leader adopting the job). A process that
     /// is not there comes back as an exit.
@@ -135,6 +138,10 @@ impl Fleet for LocalFleet {
 
     fn promote(&mut self, _host: &str, worker: &WorkerId, attempt: u64) {
         self.0.promote(worker, attempt);
+    }
+
+    fn retag(&mut self, _host: &str, worker: &WorkerId, attempt: u64) {
+        self.0.retag(worker, attempt);
     }
 
     fn kill(&mut self, _host: &str, worker: &WorkerId, slot: Slot) {

@@ -382,6 +382,16 @@ impl ProcessTable {
         }
     }
 
+    /// `worker`'s primary process was rolled back in place: it belongs to
+    /// `attempt` now. Returns false if there is no primary process.
+    pub fn retag(&mut self, worker: &WorkerId, attempt: u64) -> bool {
+        let Some(child) = self.children.get(&(worker.clone(), Slot::Primary)) else {
+            return false;
+        };
+        child.tag.lock().unwrap_or_else(|p| p.into_inner()).0 = attempt;
+        true
+    }
+
     /// Makes `worker`'s standby process its primary for `attempt`: it keeps
     /// running, and its exit is reported as the primary's from now on.
     /// Returns false if there is no standby process.

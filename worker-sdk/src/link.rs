@@ -62,6 +62,12 @@ impl LinkState {
         self.with(|p| p.info.followed = Some(p.info.followed.map_or(n, |f| f.max(n))));
     }
 
+    /// A new assignment in the same process (rolled back in place): what
+    /// was said of the last one no longer holds.
+    pub(crate) fn reset(&self) {
+        self.with(|p| *p = Progress::default());
+    }
+
     /// A source ran out of input.
     pub(crate) fn exhausted(&self) {
         self.with(|p| p.info.exhausted = true);

@@ -303,6 +303,11 @@ pub enum ToWorker {
     },
     /// Stop now.
     Shutdown,
+    /// Stop the current assignment (drop its channels, its in-flight
+    /// checkpoints and its state) and wait: a recovery that keeps this
+    /// process sends the next attempt's [`ToWorker::Assign`] on this
+    /// connection, and the worker restores and starts again in place.
+    Halt,
     /// Take over another worker in this process (active-active takeover):
     /// start it beside this one, as a worker of its own toward the
     /// supervisor (its own hello with `token`, its own assignment, restore

@@ -291,36 +291,96 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
         Some(ToWorker::Shutdown) | None => return Ok(()),
         Some(other) => return Err(format!("expected an assignment, got {other:?}").into()),
     };
-    if assignment.worker != env.worker {
-        return Err(format!(
-            "assigned as {}, started as {}",
-            assignment.worker, env.worker
+    let (mut assignment, mut early) = (assignment, early);
+    let result = loop {
+        if assignment.worker != env.worker {
+            return Err(format!(
+                "assigned as {}, started as {}",
+                assignment.worker, env.worker
+            )
+            .into());
+        }
+        let span =
+            tracing::info_span!("worker", worker = %assignment.worker, epoch = %assignment.epoch);
+        let result = run_assignment(
+            &registry,
+            early.take(),
+            &env,
+            assignment,
+            &to_sup,
+            &mut ctl_in,
+            &link_state,
         )
-        .into());
-    }
-    let span = tracing::info_span!("worker", worker = %assignment.worker);
-
-    let result = run_assignment(
-        &registry,
-        early,
-        &env,
-        assignment,
-        &to_sup,
-        &mut ctl_in,
-        &link_state,
-    )
-    .instrument(span)
-    .await;
-    if let Err(e) = &result {
-        let _ = to_sup.send(ToSupervisor::Failed {
-            error: e.to_string(),
-            fatal: crate::operator::Fatal::is_fatal(e),
-        });
-    }
+        .instrument(span)
+        .await;
+        match &result {
+            Ok(()) => break result,
+            Err(e) if e.is::<Halted>() => {}
+            Err(e) => {
+                let fatal = crate::operator::Fatal::is_fatal(e);
+                let _ = to_sup.send(ToSupervisor::Failed {
+                    error: e.to_string(),
+                    fatal,
+                });
+                if fatal {
+                    break result;
+                }
+            }
+        }
+        // Rolled back in place: the supervisor keeps this process and sends
+        // the next attempt's assignment (or stops it, or closes).
+        match next_assignment(&mut ctl_in).await {
+            Ok(Some(a)) => {
+                tracing::info!(epoch = %a.epoch, restore = ?a.restore, "rolled back in place: a new assignment");
+                link_state.reset();
+                assignment = a;
+            }
+            Ok(None) => break result.or(Ok(())),
+            Err(e) => break Err(e),
+        }
+    };
     drop(to_sup);
     // Let the last messages (acks, the failure) reach the supervisor.
     let _ = tokio::time::timeout(Duration::from_secs(2), control_link).await;
     result
+}
+
+/// A [`ToWorker::Halt`] ended the assignment: the process waits for the
+/// next one.
+#[derive(Debug)]
+struct Halted;
+
+impl std::fmt::Display for Halted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("halted by the supervisor for a recovery")
+    }
+}
+
+impl std::error::Error for Halted {}
+
+/// How long a halted or failed worker waits for the supervisor to roll it
+/// back in place before it exits.
+const ROLLBACK_WAIT: Duration = Duration::from_secs(60);
+
+/// After a halt or a failure: the next attempt's assignment, `None` on a
+/// shutdown, an error when the supervisor is gone or silent.
+async fn next_assignment(
+    ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
+) -> Result<Option<Assignment>> {
+    let deadline = tokio::time::sleep(ROLLBACK_WAIT);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return Err(format!("no new assignment within {ROLLBACK_WAIT:?} after a rollback").into()),
+            msg = ctl_in.recv() => match msg.flatten() {
+                Some(ToWorker::Assign(a)) => return Ok(Some(*a)),
+                Some(ToWorker::Shutdown) => return Ok(None),
+                None => return Err("supervisor connection lost".into()),
+                // The old attempt's last messages.
+                Some(other) => tracing::debug!(?other, "ignored while rolled back"),
+            },
+        }
+    }
 }
 
 /// Runs the workers this process takes over (active-active: a failed
@@ -609,6 +669,7 @@ async fn run_assignment(
         match ctl_in.recv().await.flatten() {
             Some(ToWorker::Start { addrs }) => break addrs,
             Some(ToWorker::Shutdown) | None => return Ok(()),
+            Some(ToWorker::Halt) => return Err(Box::new(Halted)),
             Some(other) => tracing::debug!(?other, "ignored before start"),
         }
     };
@@ -670,7 +731,8 @@ async fn run_assignment(
     // off the processing path, then acks. A failure ends the worker.
     let (upload_tx, upload_rx) = mpsc::unbounded_channel::<UploadJob>();
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel::<BoxError>();
-    tokio::spawn(uploader(
+    // Ends with the assignment: a halted one acks nothing more.
+    let _uploader = TaskGuard(tokio::spawn(uploader(
         js.clone(),
         cache,
         a.clone(),
@@ -678,7 +740,7 @@ async fn run_assignment(
         upload_rx,
         to_sup.clone(),
         fatal_tx,
-    ));
+    )));
 
     let mut emitter = Emitter::default();
     let n_in = inputs.len();
@@ -800,6 +862,7 @@ async fn handle_control(
     match msg {
         None => Err("supervisor connection lost".into()),
         Some(ToWorker::Shutdown) => Ok(false),
+        Some(ToWorker::Halt) => Err(Box::new(Halted)),
         Some(ToWorker::Trigger { checkpoint }) => {
             if matches!(role, Role::Source(_)) {
                 // Sources snapshot right here, between two polls.

@@ -801,6 +801,15 @@ impl AgentState {
                     );
                 }
             }
+            SupervisorMsg::Retag {
+                job,
+                worker,
+                attempt,
+            } => {
+                if let Some(agent) = self.jobs.get_mut(&job) {
+                    agent.retag(&worker, attempt);
+                }
+            }
             SupervisorMsg::Kill {
                 job,
                 worker,

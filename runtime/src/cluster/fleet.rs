@@ -125,6 +125,17 @@ impl Fleet for ClusterFleet {
         );
     }
 
+    fn retag(&mut self, host: &str, worker: &WorkerId, attempt: u64) {
+        self.send(
+            host,
+            SupervisorMsg::Retag {
+                job: self.job.clone(),
+                worker: worker.clone(),
+                attempt,
+            },
+        );
+    }
+
     fn rejoin(
         &mut self,
         host: &str,

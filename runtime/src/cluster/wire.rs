@@ -263,6 +263,16 @@ pub enum SupervisorMsg {
         /// The attempt.
         attempt: u64,
     },
+    /// The worker's primary process was rolled back in place: it belongs
+    /// to `attempt` now (its exit is reported so, a rejoin names it so).
+    Retag {
+        /// Its job.
+        job: JobId,
+        /// The worker.
+        worker: WorkerId,
+        /// The attempt.
+        attempt: u64,
+    },
     /// SIGKILL one process.
     Kill {
         /// Its job.

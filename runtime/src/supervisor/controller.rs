@@ -109,6 +109,10 @@ pub struct ControllerConfig {
     /// How long a new HA leader waits for an adopted job's processes to
     /// rejoin before it recovers the job instead.
     pub adopt_timeout: Duration,
+    /// A recovery of a running job keeps the processes that did not fail:
+    /// they are halted and rolled back in place (a new assignment on their
+    /// connection), and only the failed workers' processes are replaced.
+    pub rollback_in_place: bool,
 }
 
 impl ControllerConfig {
@@ -147,6 +151,7 @@ impl ControllerConfig {
             root_cause_wait: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(10),
             adopt_timeout: Duration::from_secs(10),
+            rollback_in_place: true,
         }
     }
 }
@@ -319,6 +324,16 @@ pub enum Action {
     },
     /// Make `worker`'s standby process on `host` its primary for `attempt`.
     Promote {
+        /// The host.
+        host: String,
+        /// The worker.
+        worker: WorkerId,
+        /// The attempt.
+        attempt: u64,
+    },
+    /// `worker`'s primary process on `host` was rolled back in place: its
+    /// agent reports it under `attempt` from now on.
+    Retag {
         /// The host.
         host: String,
         /// The worker.
@@ -537,6 +552,9 @@ pub struct RunSummary {
     /// Failed active-active instances taken over by a surviving instance's
     /// process (no process started for them).
     pub takeovers: u32,
+    /// Processes that did not fail and were rolled back in place by a
+    /// recovery (restored from the checkpoint without a restart).
+    pub kept_processes: u32,
     /// Each recovery of this run that got every worker running again.
     pub recoveries: Vec<RecoveryTime>,
 }
@@ -673,6 +691,9 @@ struct Proc {
     /// that worker and its attempt. No agent knows it as a process: it
     /// ends when its connection closes or its host process ends.
     guest_of: Option<(WorkerId, u64)>,
+    /// Rolled back in place: the attempt its agent still reports it under
+    /// (the one it was started or promoted for).
+    kept_from: Option<u64>,
 }
 
 /// The lifecycle. Each phase carries what only it needs.
@@ -719,6 +740,9 @@ struct Recovery {
     /// A planned move (fail-back, `lazarus move`), not a failure: it is not
     /// reported as the last failure.
     planned: bool,
+    /// The failure hit a running job: processes that did not fail may be
+    /// rolled back in place.
+    rollback_ok: bool,
 }
 
 /// The current attempt's handshake and progress.
@@ -763,6 +787,9 @@ pub struct JobController {
     placement: BTreeMap<WorkerId, Placed>,
     /// Workers whose primary failed: they move at the next placement.
     failed: BTreeSet<WorkerId>,
+    /// Halted processes of a recovery, kept to be rolled back in place:
+    /// their control connections.
+    kept: BTreeMap<WorkerId, ConnId>,
     /// Processes believed running.
     procs: BTreeMap<(WorkerId, Slot), Proc>,
     conns: BTreeMap<ConnId, ConnRole>,
@@ -841,6 +868,7 @@ impl JobController {
             region_failovers: 0,
             moves: 0,
             takeovers: 0,
+            kept_processes: 0,
             recoveries: Vec::new(),
         };
         JobController {
@@ -857,6 +885,7 @@ impl JobController {
             hosts,
             placement: BTreeMap::new(),
             failed: BTreeSet::new(),
+            kept: BTreeMap::new(),
             procs: BTreeMap::new(),
             conns: BTreeMap::new(),
             standbys: BTreeMap::new(),
@@ -948,6 +977,7 @@ impl JobController {
                     attempt: p.attempt,
                     promoted_from: p.promoted_from,
                     guest_of: None,
+                    kept_from: None,
                 },
             );
         }
@@ -1629,6 +1659,9 @@ impl JobController {
             }
             self.att_of.insert(w.id.clone(), attempt);
             let host = self.placement[&w.id].primary.clone();
+            if self.roll_back_in_place(now, &w.id, &host, attempt) {
+                continue;
+            }
             let standby_here = self
                 .procs
                 .get(&(w.id.clone(), Slot::Standby))
@@ -1658,6 +1691,7 @@ impl JobController {
                             attempt,
                             promoted_from: standby.map(|p| p.attempt),
                             guest_of: None,
+                            kept_from: None,
                         },
                     );
                     self.out.push(Action::Promote {
@@ -1698,6 +1732,7 @@ impl JobController {
                                 attempt,
                                 promoted_from: None,
                                 guest_of: Some((into.clone(), into_attempt)),
+                                kept_from: None,
                             },
                         );
                         self.out.push(Action::Adopt {
@@ -1717,6 +1752,7 @@ impl JobController {
                                 attempt,
                                 promoted_from: None,
                                 guest_of: None,
+                                kept_from: None,
                             },
                         );
                         self.out.push(Action::Spawn {
@@ -1743,6 +1779,55 @@ impl JobController {
             deadline: now + self.cfg.startup_timeout,
         };
         self.ensure_standbys(now);
+    }
+
+    /// Gives a kept process (halted by the recovery) the new attempt's
+    /// assignment on its connection; false if `worker` was not kept or its
+    /// process is gone (it is started anew).
+    fn roll_back_in_place(
+        &mut self,
+        now: Duration,
+        worker: &WorkerId,
+        host: &str,
+        attempt: u64,
+    ) -> bool {
+        let Some(conn) = self.kept.remove(worker) else {
+            return false;
+        };
+        let key = (worker.clone(), Slot::Primary);
+        let Some(p) = self.procs.get_mut(&key).filter(|p| p.host == host) else {
+            self.conns.remove(&conn);
+            self.out.push(Action::Close { conn });
+            return false;
+        };
+        // Its agent knows it by its last attempt until the retag arrives.
+        p.kept_from = Some(p.attempt);
+        p.attempt = attempt;
+        self.out.push(Action::Retag {
+            host: host.to_string(),
+            worker: worker.clone(),
+            attempt,
+        });
+        tracing::info!(%worker, %host, attempt, "rolled back in place: the process stays");
+        self.summary.kept_processes += 1;
+        self.conns.insert(
+            conn,
+            ConnRole::Primary {
+                worker: worker.clone(),
+                attempt,
+            },
+        );
+        self.out.push(Action::Assign {
+            conn,
+            worker: worker.clone(),
+            host: host.to_string(),
+            epoch: self.epoch,
+            restore: self.restored,
+            standby: false,
+        });
+        self.att.senders.insert(worker.clone(), conn);
+        self.att.last_seen.insert(worker.clone(), now);
+        true
     }
 
     fn on_tick(&mut self, now: Duration) {
@@ -2126,6 +2211,18 @@ impl JobController {
                 self.standbys.remove(&worker);
             }
             Some(ConnRole::Standby { .. }) => {}
+            Some(ConnRole::Primary { worker, .. }) if self.kept.get(&worker) == Some(&conn) => {
+                // A kept process lost its connection: it cannot be rolled
+                // back in place; it goes, and is started anew.
+                self.kept.remove(&worker);
+                if let Some(p) = self.procs.get(&(worker.clone(), Slot::Primary)) {
+                    self.out.push(Action::Kill {
+                        host: p.host.clone(),
+                        worker,
+                        slot: Slot::Primary,
+                    });
+                }
+            }
             Some(ConnRole::Primary { worker, attempt }) => {
                 // A taken-over worker has no process an agent could report:
                 // its connection closing is its end.
@@ -2187,6 +2284,27 @@ impl JobController {
         if let (true, Some(attempt)) = (e.standby, promoted) {
             e.standby = false;
             e.attempt = attempt;
+        }
+        // A process rolled back in place is reported under the attempt it
+        // started with.
+        let kept = self
+            .procs
+            .get(&(e.worker.clone(), Slot::Primary))
+            .filter(|p| !e.standby && p.host == e.host && p.kept_from == Some(e.attempt))
+            .map(|p| p.attempt);
+        if let Some(attempt) = kept {
+            e.attempt = attempt;
+        }
+        // A kept process that died is started anew.
+        if !e.standby
+            && self
+                .procs
+                .get(&(e.worker.clone(), Slot::Primary))
+                .is_some_and(|p| p.host == e.host && p.attempt == e.attempt)
+        {
+            if let Some(conn) = self.kept.remove(&e.worker) {
+                self.conns.remove(&conn);
+            }
         }
         let slot = if e.standby {
             Slot::Standby
@@ -2497,6 +2615,11 @@ impl JobController {
             && self.adopting.is_none()
             && self.partial.is_none()
             && self.regions.values().collect::<BTreeSet<_>>().len() > 1;
+        let rollback_ok = self.cfg.rollback_in_place
+            && matches!(self.phase, Phase::Running)
+            && self.adopting.is_none()
+            && self.partial.is_none()
+            && self.kept.is_empty();
         // An adoption in progress is over: the recovery places everything.
         self.adopting = None;
         // A failure during a recovery extends it: timed from the first.
@@ -2530,9 +2653,10 @@ impl JobController {
             backoff_until: None,
             torn_down: named,
             planned,
+            rollback_ok,
         });
         if named {
-            self.tear_down(partial_ok);
+            self.tear_down(partial_ok, rollback_ok);
         }
     }
 
@@ -2639,20 +2763,40 @@ impl JobController {
     /// workers known, only those of their regions (a region failover: the
     /// other regions keep their processes, state and VIPs); otherwise all.
     /// Hot standbys keep following.
-    fn tear_down(&mut self, partial_ok: bool) {
+    fn tear_down(&mut self, partial_ok: bool, rollback_ok: bool) {
         let region = if partial_ok {
             self.failed_regions()
         } else {
             None
         };
-        let Some(region) = region else {
-            self.tear_down_attempt();
-            return;
+        let partial = region.is_some();
+        let region = match region {
+            Some(region) => {
+                tracing::info!(region = ?region, "region failover: only the failed workers' regions restart");
+                region
+            }
+            None if rollback_ok => self.cfg.plan.iter().map(|w| w.id.clone()).collect(),
+            None => {
+                self.tear_down_attempt();
+                return;
+            }
         };
-        tracing::info!(region = ?region, "region failover: only the failed workers' regions restart");
         for w in &region {
             let key = (w.clone(), Slot::Primary);
+            if rollback_ok && self.keep(w) {
+                // Rolled back in place: halted now (its channels, in-flight
+                // checkpoints and state dropped), assigned again with the
+                // next attempt on the same connection.
+                if let Some(conn) = self.att.senders.remove(w) {
+                    self.out.push(Action::Send {
+                        conn,
+                        msg: ToWorker::Halt,
+                    });
+                    self.kept.insert(w.clone(), conn);
+                }
+            }
             match self.procs.get(&key) {
+                _ if self.kept.contains_key(w) => {}
                 // A taken-over worker has no process of its own: closing
                 // its connection (below) ends it, and no exit will come.
                 Some(p) if p.guest_of.is_some() => {
@@ -2675,13 +2819,39 @@ impl JobController {
             self.att.last_seen.remove(w);
             self.att.exits.remove(w);
         }
-        self.partial = Some(region);
+        if partial {
+            self.partial = Some(region);
+        } else {
+            self.partial = None;
+            // Taken-over workers end with their connections (closed above).
+            self.procs.retain(|_, p| p.guest_of.is_none());
+        }
+    }
+
+    /// Whether `w`'s process may be rolled back in place: it did not fail
+    /// (did not exit, stall or lose its host), it is connected, it is a
+    /// process of its own, and a worker-SDK process (a `process` operator's
+    /// wrapper is replaced).
+    fn keep(&self, w: &WorkerId) -> bool {
+        !self.failed.contains(w)
+            && !self.att.exits.contains_key(w)
+            && self.att.senders.contains_key(w)
+            && self
+                .procs
+                .get(&(w.clone(), Slot::Primary))
+                .is_some_and(|p| p.guest_of.is_none())
+            && self.worker(w).is_some_and(|p| p.process.is_none())
     }
 
     /// Every primary of the failed attempt goes; hot standbys keep
     /// following.
     fn tear_down_attempt(&mut self) {
         self.partial = None;
+        // Kept processes go too (KillAll below).
+        for (_, conn) in std::mem::take(&mut self.kept) {
+            self.conns.remove(&conn);
+            self.out.push(Action::Close { conn });
+        }
         self.records_before += self.att.records.values().sum::<u64>();
         self.att.records.clear();
         self.att.running.clear();
@@ -2729,10 +2899,15 @@ impl JobController {
             if !r.named && now < r.name_until {
                 return;
             }
-            let (why, partial_ok, torn_down, planned) =
-                (r.cause.clone(), r.partial_ok, r.torn_down, r.planned);
+            let (why, partial_ok, torn_down, planned, rollback_ok) = (
+                r.cause.clone(),
+                r.partial_ok,
+                r.torn_down,
+                r.planned,
+                r.rollback_ok,
+            );
             if !torn_down {
-                self.tear_down(partial_ok);
+                self.tear_down(partial_ok, rollback_ok);
             } else if self.partial.is_none() && !self.att.senders.is_empty() {
                 self.tear_down_attempt();
             }
@@ -2761,14 +2936,16 @@ impl JobController {
         let Phase::Recovering(r) = &self.phase else {
             return;
         };
-        let live = match &self.partial {
-            Some(region) => self
-                .procs
-                .keys()
-                .filter(|(w, s)| *s == Slot::Primary && region.contains(w))
-                .count(),
-            None => self.live_primaries(),
-        };
+        // Kept processes are not waited for: they stay.
+        let live = self
+            .procs
+            .keys()
+            .filter(|(w, s)| {
+                *s == Slot::Primary
+                    && !self.kept.contains_key(w)
+                    && self.partial.as_ref().is_none_or(|r| r.contains(w))
+            })
+            .count();
         let drained = live == 0 || now >= r.drain_until;
         if !drained
             || !self.commits_in_flight.is_empty()
@@ -2786,6 +2963,7 @@ impl JobController {
     fn end(&mut self, state: JobState) {
         tracing::info!(?state, "job ended");
         self.adopting = None;
+        self.kept.clear();
         self.summary.state = state.clone();
         self.phase = Phase::Ended(state);
         self.att.running.clear();
@@ -2878,6 +3056,7 @@ impl JobController {
                         attempt: self.attempt,
                         promoted_from: None,
                         guest_of: None,
+                        kept_from: None,
                     },
                 );
                 self.out.push(Action::Spawn {

@@ -532,6 +532,11 @@ impl Shell {
                     attempt,
                 } => self.fleet.promote(&host, &worker, attempt),
                 Action::Kill { host, worker, slot } => self.fleet.kill(&host, &worker, slot),
+                Action::Retag {
+                    host,
+                    worker,
+                    attempt,
+                } => self.fleet.retag(&host, &worker, attempt),
                 Action::KillAll { standbys } => self.fleet.kill_all(standbys),
                 Action::AssignVip { vip, host } => self.fleet.assign_vip(&vip, &host),
                 Action::UnassignVip { vip } => self.fleet.unassign_vip(&vip),

@@ -823,6 +823,23 @@ impl World {
                         self.die(pid, ExitKind::Signal(9));
                     }
                 }
+                Action::Retag {
+                    host,
+                    worker,
+                    attempt,
+                } => {
+                    self.no_lost_host(&host, "retag a process on");
+                    for pid in self.live_pids(|p| {
+                        p.worker == worker
+                            && p.slot == Slot::Primary
+                            && p.host == host
+                            && p.guest_of.is_none()
+                    }) {
+                        if let Some(p) = self.procs.get_mut(&pid) {
+                            p.attempt = attempt;
+                        }
+                    }
+                }
                 Action::KillAll { standbys } => {
                     for pid in self.live_pids(|p| {
                         (standbys || p.slot == Slot::Primary) && p.guest_of.is_none()
@@ -862,6 +879,10 @@ impl World {
                     let Some(&pid) = self.conn_pid.get(&conn) else {
                         continue;
                     };
+                    if self.procs.get(&pid).is_some_and(|p| p.stalled || !p.alive) {
+                        // A stalled process reads nothing.
+                        continue;
+                    }
                     if let Some(p) = self.procs.get_mut(&pid) {
                         p.assigned = true;
                     }
@@ -872,6 +893,24 @@ impl World {
                             fetched_bytes: 0,
                         };
                         self.at(d, Event::Deliver(Fact::Message { conn, msg }));
+                    }
+                }
+                Action::Send {
+                    conn,
+                    msg: ToWorker::Halt,
+                } => {
+                    // In order with what follows on the connection: the
+                    // process drops its assignment before the next arrives.
+                    if let Some(p) = self
+                        .conn_pid
+                        .get(&conn)
+                        .and_then(|pid| self.procs.get_mut(pid))
+                    {
+                        if p.alive && !p.stalled {
+                            p.running = false;
+                            p.assigned = false;
+                            p.exhausted = false;
+                        }
                     }
                 }
                 Action::Send { conn, msg } => {
@@ -1318,7 +1357,7 @@ impl World {
     }
 }
 
-fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32, u32, u32) {
+fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32, u32, u32, u32) {
     let mut w = World::new(seed, true, seed as usize);
     w.trace = trace;
     w.start();
@@ -1336,6 +1375,7 @@ fn schedule(seed: u64, trace: bool) -> (JobState, u32, u32, u32, u32) {
         w.standby_downs,
         s.region_failovers,
         s.takeovers,
+        s.kept_processes,
     )
 }
 
@@ -1356,8 +1396,10 @@ fn test_random_fault_schedules_keep_the_invariants() {
     let mut with_standby_down = 0u64;
     let mut with_region_failover = 0u64;
     let mut with_takeover = 0u64;
+    let mut with_kept = 0u64;
     for seed in 1..=n {
-        let (end, changes, downs, regions, takeovers) = schedule(seed, false);
+        let (end, changes, downs, regions, takeovers, kept) = schedule(seed, false);
+        with_kept += u64::from(kept > 0);
         with_leader_change += u64::from(changes > 0);
         with_standby_down += u64::from(downs > 0);
         with_region_failover += u64::from(regions > 0);
@@ -1370,7 +1412,11 @@ fn test_random_fault_schedules_keep_the_invariants() {
         };
         *ends.entry(key).or_default() += 1;
     }
-    eprintln!("{n} schedules ({with_leader_change} with a supervisor failover, {with_standby_down} with a standby down by its health check, {with_region_failover} with a region failover, {with_takeover} with a share taken over into a surviving process): {ends:?}");
+    eprintln!("{n} schedules ({with_leader_change} with a supervisor failover, {with_standby_down} with a standby down by its health check, {with_region_failover} with a region failover, {with_takeover} with a share taken over into a surviving process, {with_kept} with processes rolled back in place): {ends:?}");
+    assert!(
+        with_kept * 5 > n,
+        "too few schedules roll processes back in place: {with_kept} of {n}"
+    );
     assert!(
         with_region_failover * 20 > n,
         "too few schedules recover one region alone: {with_region_failover} of {n}"
@@ -1631,6 +1677,51 @@ mod scenarios {
             };
             assert!(!touches_survivor, "{a:?} touches a surviving region");
         }
+        assert!(w.ctl.newest_committed() > committed, "checkpoints go on");
+    }
+
+    /// A SIGKILL of one worker of a pipeline: its process is replaced, and
+    /// every other worker keeps its process, halted and rolled back in
+    /// place to the last committed checkpoint (a new assignment on its
+    /// connection), with no kill; checkpoints go on.
+    #[test]
+    fn test_a_failure_rolls_the_other_processes_back_in_place() {
+        let mut w = running(0, 3);
+        let before: BTreeMap<WorkerId, u64> = w
+            .ctl
+            .placement()
+            .keys()
+            .map(|id| (id.clone(), w.proc_of(id.as_str(), Slot::Primary).0))
+            .collect();
+        let victim = id("count-1");
+        let committed = w.ctl.newest_committed();
+        let t = w.now;
+        w.die(before[&victim], ExitKind::Signal(9));
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        for (worker, pid) in &before {
+            let (now, _) = w.proc_of(worker.as_str(), Slot::Primary);
+            if *worker == victim {
+                assert_ne!(now, *pid, "the failed worker's process is replaced");
+            } else {
+                assert_eq!(now, *pid, "{worker} kept its process");
+            }
+        }
+        let s = w.ctl.summary();
+        assert_eq!(s.restarts, 1);
+        assert_eq!(s.kept_processes as usize, before.len() - 1);
+        let acted = w.actions_since(t);
+        assert!(
+            !acted.iter().any(|a| matches!(a, Action::KillAll { .. })),
+            "nothing killed wholesale: {acted:?}"
+        );
+        assert!(
+            acted
+                .iter()
+                .any(|a| matches!(a, Action::Retag { worker, .. } if worker.as_str() == "count-0")),
+            "the agent learns the kept process's new attempt"
+        );
+        w.run_for(ms(200));
         assert!(w.ctl.newest_committed() > committed, "checkpoints go on");
     }
 
@@ -1895,8 +1986,8 @@ mod scenarios {
         w.run_for(ms(10));
         let acted = w.actions_since(t);
         assert!(
-            acted.contains(&Action::KillAll { standbys: false }),
-            "the exit is handled at once, with the commit still in flight: {acted:?}"
+            acted.iter().any(|a| matches!(a, Action::Send { msg: ToWorker::Halt, .. })),
+            "the exit is handled at once (the others halted), with the commit still in flight: {acted:?}"
         );
         assert_eq!(w.ctl.state(), JobState::Recovering);
         assert!(
