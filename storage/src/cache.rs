@@ -245,14 +245,24 @@ pub struct RestoredWorker {
     /// the stored object is a cache file already), neither downloaded nor
     /// cached.
     pub in_place: usize,
+    /// Stored bytes of those chunks.
+    pub in_place_bytes: u64,
+}
+
+impl RestoredWorker {
+    /// Bytes this restore read from the store: downloaded into the cache,
+    /// or mapped in place (0 when everything came from the cache).
+    pub fn read_from_store(&self) -> u64 {
+        self.fetched_bytes + self.in_place_bytes
+    }
 }
 
 /// Where one restored chunk came from.
 enum ChunkSource {
     /// The local cache.
     Cache,
-    /// The store's own file, mapped where it lies.
-    InPlace,
+    /// The store's own file (this many stored bytes), mapped where it lies.
+    InPlace(u64),
     /// Downloaded (this many stored bytes) into the cache.
     Fetched(u64),
 }
@@ -261,12 +271,36 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl JobStore {
     /// Restores `worker`'s state of `manifest` into `cache` and maps it.
-    /// Chunks already cached with the right CRC are not fetched again.
+    /// Chunks already cached with the right CRC are not fetched again; an
+    /// uncompressed chunk of a local-directory store is mapped where it
+    /// lies (no copy).
     pub async fn restore_worker(
         &self,
         manifest: &Manifest,
         worker: &WorkerId,
         cache: &LocalCache,
+    ) -> Result<RestoredWorker> {
+        self.restore_into(manifest, worker, cache, true).await
+    }
+
+    /// As [`JobStore::restore_worker`], but every chunk ends up in `cache`
+    /// (none is mapped in place): what a hot standby does ahead of its
+    /// promotion, so that the promotion reads nothing from the store.
+    pub async fn cache_worker(
+        &self,
+        manifest: &Manifest,
+        worker: &WorkerId,
+        cache: &LocalCache,
+    ) -> Result<RestoredWorker> {
+        self.restore_into(manifest, worker, cache, false).await
+    }
+
+    async fn restore_into(
+        &self,
+        manifest: &Manifest,
+        worker: &WorkerId,
+        cache: &LocalCache,
+        in_place_ok: bool,
     ) -> Result<RestoredWorker> {
         let snapshot =
             manifest
@@ -281,7 +315,7 @@ impl JobStore {
         async {
             let mut chunks = Vec::with_capacity(snapshot.chunks.len());
             let mut fetched_bytes = 0;
-            let (mut cache_hits, mut in_place) = (0, 0);
+            let (mut cache_hits, mut in_place, mut in_place_bytes) = (0, 0, 0);
             // `download_concurrency` chunks at once, in order; each streams
             // through a bounded channel (a large remote one as parallel
             // ranged GETs), so memory stays at a few buffers per chunk
@@ -292,14 +326,17 @@ impl JobStore {
             let mut restored = futures::stream::iter(snapshot.chunks.clone())
                 .map(|chunk| {
                     let (js, cache) = (self.clone(), cache.clone());
-                    async move { js.restore_chunk(&chunk, &cache).await }
+                    async move { js.restore_chunk(&chunk, &cache, in_place_ok).await }
                 })
                 .buffered(self.store.options.download_concurrency);
             while let Some(next) = restored.next().await {
                 let (mapped, source) = next?;
                 match source {
                     ChunkSource::Cache => cache_hits += 1,
-                    ChunkSource::InPlace => in_place += 1,
+                    ChunkSource::InPlace(n) => {
+                        in_place += 1;
+                        in_place_bytes += n;
+                    }
                     ChunkSource::Fetched(n) => fetched_bytes += n,
                 }
                 chunks.push(mapped);
@@ -313,6 +350,7 @@ impl JobStore {
                 fetched_bytes,
                 cache_hits,
                 in_place,
+                in_place_bytes,
             })
         }
         .instrument(span)
@@ -324,6 +362,7 @@ impl JobStore {
         &self,
         chunk: &ChunkRef,
         cache: &LocalCache,
+        in_place_ok: bool,
     ) -> Result<(MappedChunk, ChunkSource)> {
         let key = self.full_key(&chunk.key);
         let path = cache.path_of(self.job.as_str(), &chunk.key);
@@ -335,14 +374,16 @@ impl JobStore {
                 Err(e) => tracing::warn!(error = %e, "cached chunk is bad; fetching it again"),
             }
         }
-        if let (BackendKind::File { root }, Codec::None) = (&self.store.kind, chunk.codec) {
+        if let (BackendKind::File { root }, Codec::None, true) =
+            (&self.store.kind, chunk.codec, in_place_ok)
+        {
             // An uncompressed chunk in a local directory is already what a
             // cache file is (a codec-none frame, written once by rename and
             // never changed): mapped and checked where it lies, no copy.
             let (p, k) = (root.join(&key), key.clone());
             return blocking(move || MappedChunk::open(&p, &k, raw_len, raw_crc))
                 .await?
-                .map(|mapped| (mapped, ChunkSource::InPlace));
+                .map(|mapped| (mapped, ChunkSource::InPlace(chunk.stored_len)));
         }
         let parent = path
             .parent()

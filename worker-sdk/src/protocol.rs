@@ -226,7 +226,8 @@ pub enum ToSupervisor {
     Listening {
         /// Data address.
         addr: SocketAddr,
-        /// Bytes the restore downloaded (0 when the local cache had every
+        /// Bytes the restore read from the store: downloaded, or mapped in
+        /// place from a local directory (0 when the local cache had every
         /// chunk, as for a promoted hot standby).
         #[serde(default)]
         fetched_bytes: u64,

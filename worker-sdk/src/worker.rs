@@ -450,7 +450,7 @@ async fn follow(
             async {
                 let manifest = js.manifest(n).await?;
                 let fetched = if manifest.workers.contains_key(&worker) {
-                    js.restore_worker(&manifest, &worker, &cache)
+                    js.cache_worker(&manifest, &worker, &cache)
                         .await?
                         .fetched_bytes
                 } else {
@@ -532,7 +532,7 @@ async fn restore_rescaled(
     for w in writers {
         let snapshot = &manifest.workers[w];
         let r = js.restore_worker(manifest, w, cache).await?;
-        fetched += r.fetched_bytes;
+        fetched += r.read_from_store();
         for (c, chunk) in snapshot.chunks.iter().zip(r.chunks) {
             if parts.insert(c.name().to_string(), chunk).is_some() {
                 return Err(crate::operator::Fatal::new(format!(
@@ -623,6 +623,8 @@ async fn run_assignment(
             r.0
         } else if manifest.workers.contains_key(&a.worker) {
             let r = js.restore_worker(&manifest, &a.worker, &cache).await?;
+            tracing::info!(checkpoint = %n, fetched = r.fetched_bytes, cache_hits = r.cache_hits, in_place = r.in_place, "restored");
+            fetched_bytes = r.read_from_store();
             let snapshot = &manifest.workers[&a.worker];
             for c in &snapshot.chunks {
                 base.insert(c.name().to_string(), c.clone());
@@ -633,8 +635,6 @@ async fn run_assignment(
                 .map(|c| c.name().to_string())
                 .zip(r.chunks)
                 .collect();
-            tracing::info!(checkpoint = %n, fetched = r.fetched_bytes, cache_hits = r.cache_hits, "restored");
-            fetched_bytes = r.fetched_bytes;
             Restored::new(n, parts, r.metadata)
         } else {
             Restored::default()

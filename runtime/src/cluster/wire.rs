@@ -593,7 +593,8 @@ pub struct WorkerStatus {
     pub placed: Placed,
     /// Its primary is running (connected, processing).
     pub running: bool,
-    /// Bytes its last restore downloaded.
+    /// Bytes its last restore read from the store (downloaded, or mapped in
+    /// place from a local directory; 0 when all came from the local cache).
     pub restore_fetched_bytes: u64,
     /// The newest checkpoint its hot standby holds locally.
     pub standby_checkpoint: Option<u64>,
