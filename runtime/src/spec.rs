@@ -20,6 +20,7 @@
 //! max_attempts = 20
 //! backoff = "100ms"           # doubled per consecutive failure, up to max_backoff
 //! max_backoff = "5s"
+//! keep_processes = true       # roll workers that did not fail back in place
 //!
 //! [[operator]]
 //! name = "source"
@@ -213,6 +214,16 @@ pub struct RestartSection {
     /// Longest wait between restarts. Default 5s.
     #[serde(default = "default_max_backoff", deserialize_with = "de_duration")]
     pub max_backoff: Duration,
+    /// A recovery keeps the processes that did not fail and rolls them
+    /// back in place (restored from the checkpoint without a restart);
+    /// `false` replaces every process of the failed workers' regions.
+    /// Default true.
+    #[serde(default = "yes")]
+    pub keep_processes: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn twenty() -> u32 {
@@ -231,6 +242,7 @@ impl Default for RestartSection {
             max_attempts: 20,
             backoff: default_backoff(),
             max_backoff: default_max_backoff(),
+            keep_processes: true,
         }
     }
 }

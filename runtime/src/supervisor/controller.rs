@@ -131,6 +131,7 @@ impl ControllerConfig {
         cfg.retention_every = spec.checkpoint.retention_interval;
         cfg.heartbeat_timeout = spec.job.heartbeat_timeout;
         cfg.restart = spec.restart.clone();
+        cfg.rollback_in_place = spec.restart.keep_processes;
         cfg
     }
 

@@ -40,7 +40,7 @@ use tracing::Instrument;
 
 pub use controller::{
     Action, AdoptedProc, Adoption, Chaos, ConnId, ControllerConfig, Fact, JobController, JobState,
-    JobStateKind, RunSummary,
+    JobStateKind, RecoveryTime, RunSummary,
 };
 
 use crate::clock::{Clock, Stopwatch, SystemClock};
