@@ -200,6 +200,107 @@ async fn test_wordcount_is_exactly_once_with_and_without_sigkills() {
     verify_store(&state_b).await;
 }
 
+/// This test process's children with `LAZARUS_WORKER` set: worker → pid.
+fn my_workers() -> HashMap<String, u32> {
+    let me = std::process::id();
+    let mut found = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // Field 4 of /proc/PID/stat is the parent (after the parenthesised name).
+        let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let after = s.rsplit_once(')')?.1.to_string();
+                after.split_whitespace().nth(1)?.parse::<u32>().ok()
+            });
+        if parent != Some(me) {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        for var in env.split(|b| *b == 0) {
+            if let Some(w) = var.strip_prefix(b"LAZARUS_WORKER=") {
+                found.insert(String::from_utf8_lossy(w).into_owned(), pid);
+            }
+        }
+    }
+    found
+}
+
+/// Issue 11, "rollback without restarting survivors": SIGKILLs of random
+/// workers replace only those processes; every worker that was not killed
+/// keeps its process id across all the recoveries (halted, rolled back in
+/// place to the last committed checkpoint), and the output is still
+/// exactly once. With `keep_processes = false` every process is replaced,
+/// which the same pid check tells apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_workers_that_did_not_fail_keep_their_processes_and_the_output_stays_exact() {
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("input.txt");
+    wordcount::generate(1_500_000, &input, 7).expect("corpus");
+    let expected = expected_lines(&input);
+    for keep in [true, false] {
+        let out = dir.path().join(format!("out-{keep}"));
+        let state = dir.path().join(format!("state-{keep}"));
+        let mut spec = spec(dir.path(), &input, &out, "");
+        spec.restart.keep_processes = keep;
+        // The pids of every worker, first and last seen.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen: HashMap<String, (u32, u32)> = HashMap::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (w, pid) in my_workers() {
+                        seen.entry(w)
+                            .and_modify(|e| e.1 = pid)
+                            .or_insert((pid, pid));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                seen
+            })
+        };
+        let chaos = Chaos {
+            every: Duration::from_millis(300),
+            seed: 77,
+            max_kills: Some(3),
+        };
+        let summary = run(spec, &state, Some(chaos)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = sampler.join().expect("sampler");
+        eprintln!("keep_processes = {keep}: {seen:?}\n{summary:?}");
+        assert_eq!(summary.state, JobState::Finished, "{summary:?}");
+        assert_eq!(summary.chaos_kills, 3, "make the input larger");
+        assert!(summary.restarts >= 3, "{summary:?}");
+        assert_eq!(seen.len(), 7, "every worker seen: {seen:?}");
+        let kept: Vec<&String> = seen
+            .iter()
+            .filter(|(_, (first, last))| first == last)
+            .map(|(w, _)| w)
+            .collect();
+        if keep {
+            assert!(
+                kept.len() >= 7 - summary.chaos_kills as usize,
+                "only {kept:?} kept their processes after {} kills",
+                summary.chaos_kills
+            );
+            assert!(summary.kept_processes >= 3 * 4, "{summary:?}");
+        } else {
+            assert!(kept.is_empty(), "{kept:?} were not replaced");
+            assert_eq!(summary.kept_processes, 0);
+        }
+        assert_same_multiset(&expected, &output_lines(&out));
+        verify_store(&state).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_worker_panicking_on_start_gives_up_clearly_and_keeps_checkpoints() {
     let dir = tempfile::tempdir().expect("dir");
