@@ -1700,24 +1700,8 @@ impl JobController {
                         worker: w.id.clone(),
                         attempt,
                     });
-                    self.conns.insert(
-                        s.conn,
-                        ConnRole::Primary {
-                            worker: w.id.clone(),
-                            attempt,
-                        },
-                    );
-                    self.out.push(Action::Assign {
-                        conn: s.conn,
-                        worker: w.id.clone(),
-                        host: host.clone(),
-                        epoch: self.epoch,
-                        restore: self.restored,
-                        standby: false,
-                    });
+                    self.assign_primary(now, s.conn, &w.id, &host, attempt);
                     tracing::info!(worker = %w.id, %host, followed = ?s.followed, "hot standby promoted");
-                    self.att.senders.insert(w.id.clone(), s.conn);
-                    self.att.last_seen.insert(w.id.clone(), now);
                 }
                 None => match self.takeover_by(w, &host) {
                     Some((into, conn)) => {
@@ -1811,23 +1795,7 @@ impl JobController {
         });
         tracing::info!(%worker, %host, attempt, "rolled back in place: the process stays");
         self.summary.kept_processes += 1;
-        self.conns.insert(
-            conn,
-            ConnRole::Primary {
-                worker: worker.clone(),
-                attempt,
-            },
-        );
-        self.out.push(Action::Assign {
-            conn,
-            worker: worker.clone(),
-            host: host.to_string(),
-            epoch: self.epoch,
-            restore: self.restored,
-            standby: false,
-        });
-        self.att.senders.insert(worker.clone(), conn);
-        self.att.last_seen.insert(worker.clone(), now);
+        self.assign_primary(now, conn, worker, host, attempt);
         true
     }
 
@@ -2026,6 +1994,20 @@ impl JobController {
             self.out.push(Action::Close { conn });
             return;
         };
+        self.assign_primary(now, conn, &worker, &host, attempt);
+    }
+
+    /// Connection `conn` is `worker`'s primary of `attempt` on `host` from
+    /// now on: it gets the attempt's assignment (restore the newest
+    /// committed checkpoint) and its heartbeat clock starts.
+    fn assign_primary(
+        &mut self,
+        now: Duration,
+        conn: ConnId,
+        worker: &WorkerId,
+        host: &str,
+        attempt: u64,
+    ) {
         self.conns.insert(
             conn,
             ConnRole::Primary {
@@ -2036,13 +2018,13 @@ impl JobController {
         self.out.push(Action::Assign {
             conn,
             worker: worker.clone(),
-            host,
+            host: host.to_string(),
             epoch: self.epoch,
             restore: self.restored,
             standby: false,
         });
         self.att.senders.insert(worker.clone(), conn);
-        self.att.last_seen.insert(worker, now);
+        self.att.last_seen.insert(worker.clone(), now);
     }
 
     fn on_message(&mut self, now: Duration, conn: ConnId, msg: ToSupervisor) {

@@ -1468,6 +1468,16 @@ mod scenarios {
             self.run_until(until);
         }
 
+        /// `host` crashes: its processes die unseen, and 50 ms pass (its
+        /// loss is delivered by the caller).
+        fn crash(&mut self, host: &str) {
+            self.hosts.insert(host.to_string(), false);
+            for p in self.procs.values_mut().filter(|p| p.host == host) {
+                p.alive = false;
+            }
+            self.run_for(ms(50));
+        }
+
         /// The live process of `worker` in `slot`: pid and host.
         fn proc_of(&self, worker: &str, slot: Slot) -> (u64, String) {
             let w = id(worker);
@@ -1737,11 +1747,7 @@ mod scenarios {
         let (victim, home) = w.proc_of("kv-0", Slot::Primary);
         let (survivor, survivor_host) = w.proc_of("kv-1", Slot::Primary);
         assert_ne!(home, survivor_host);
-        w.hosts.insert(home.clone(), false);
-        for p in w.procs.values_mut().filter(|p| p.host == home) {
-            p.alive = false;
-        }
-        w.run_for(ms(50));
+        w.crash(&home);
         let lost_at = w.now;
         w.deliver(Fact::HostLost(home.clone()));
         w.run_for(ms(200));
@@ -1796,11 +1802,7 @@ mod scenarios {
         assert_eq!(w.vips.get("198.18.0.100/24"), Some(&home));
 
         // Taken over again, then the process holding both dies: both restart.
-        w.hosts.insert(home.clone(), false);
-        for p in w.procs.values_mut().filter(|p| p.host == home) {
-            p.alive = false;
-        }
-        w.run_for(ms(50));
+        w.crash(&home);
         w.deliver(Fact::HostLost(home.clone()));
         w.run_for(ms(200));
         let (guest, _) = w.proc_of("kv-0", Slot::Primary);
@@ -1828,11 +1830,7 @@ mod scenarios {
         let (_, home) = w.proc_of("kv-0", Slot::Primary);
         let (survivor, survivor_host) = w.proc_of("kv-1", Slot::Primary);
         assert_ne!(home, survivor_host);
-        w.hosts.insert(home.clone(), false);
-        for p in w.procs.values_mut().filter(|p| p.host == home) {
-            p.alive = false;
-        }
-        w.run_for(ms(50));
+        w.crash(&home);
         w.deliver(Fact::HostLost(home.clone()));
         w.run_for(ms(200));
         let (_, away) = w.proc_of("kv-0", Slot::Primary);
@@ -1901,11 +1899,7 @@ mod scenarios {
         let mut w = running(0, 3);
         let (_, host) = w.proc_of("kv-0", Slot::Primary);
         let (standby, standby_host) = w.proc_of("kv-0", Slot::Standby);
-        w.hosts.insert(host.clone(), false);
-        for p in w.procs.values_mut().filter(|p| p.host == host) {
-            p.alive = false;
-        }
-        w.run_for(ms(50));
+        w.crash(&host);
         let lost_at = w.now;
         w.deliver(Fact::HostLost(host.clone()));
         w.run_for(ms(300));
