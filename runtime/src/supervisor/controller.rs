@@ -791,6 +791,9 @@ pub struct JobController {
     /// Halted processes of a recovery, kept to be rolled back in place:
     /// their control connections.
     kept: BTreeMap<WorkerId, ConnId>,
+    /// Workers that reported a failure without exiting: their regions
+    /// recover, their processes are rolled back in place.
+    reported: BTreeSet<WorkerId>,
     /// Processes believed running.
     procs: BTreeMap<(WorkerId, Slot), Proc>,
     conns: BTreeMap<ConnId, ConnRole>,
@@ -887,6 +890,7 @@ impl JobController {
             placement: BTreeMap::new(),
             failed: BTreeSet::new(),
             kept: BTreeMap::new(),
+            reported: BTreeSet::new(),
             procs: BTreeMap::new(),
             conns: BTreeMap::new(),
             standbys: BTreeMap::new(),
@@ -1615,6 +1619,7 @@ impl JobController {
                 }
             };
         self.failed.clear();
+        self.reported.clear();
         self.prefer.clear();
         if let Some(c) = self.clock.as_mut() {
             c.placed = Some(now);
@@ -2146,7 +2151,11 @@ impl JobController {
                     )));
                     return;
                 }
-                self.fail(now, format!("worker {worker} failed: {error}"), false);
+                // It said why and stays to be rolled back in place: the
+                // cause is named, and its region is the one to recover
+                // (its process is not replaced: it did not exit).
+                self.reported.insert(worker.clone());
+                self.fail(now, format!("worker {worker} failed: {error}"), true);
             }
             ToSupervisor::Hello { .. } | ToSupervisor::Followed { .. } => {}
         }
@@ -2727,6 +2736,7 @@ impl JobController {
         let hit: BTreeSet<usize> = self
             .failed
             .iter()
+            .chain(&self.reported)
             .chain(guests)
             .filter_map(|w| self.regions.get(w).copied())
             .collect();

@@ -587,7 +587,15 @@ impl World {
                     };
                     self.at(ms(0), Event::Deliver(Fact::Message { conn, msg }));
                     self.causes.fatal |= fatal;
-                    self.die(pid, ExitKind::Code(1));
+                    if fatal || self.rng.chance(500) {
+                        self.die(pid, ExitKind::Code(1));
+                    } else if let Some(p) = self.procs.get_mut(&pid) {
+                        // The SDK's way: it stops its assignment and waits
+                        // to be rolled back in place.
+                        p.running = false;
+                        p.assigned = false;
+                        p.exhausted = false;
+                    }
                 }
             }
             // Every source runs dry: the job finishes with a final checkpoint.
