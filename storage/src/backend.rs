@@ -278,3 +278,36 @@ fn check_s3_credentials(builder: &AmazonS3Builder) -> std::result::Result<(), St
          or {INSTANCE_CREDENTIALS_ENV}=true to use the cloud instance's credentials"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Makes one field of the options bad.
+    type Break = fn(&mut StoreOptions);
+
+    #[test]
+    fn test_bad_options_are_refused_naming_the_field() {
+        StoreOptions::default()
+            .validate()
+            .expect("defaults are valid");
+        let cases: [(&str, Break); 6] = [
+            ("part_size", |o| o.part_size = 1 << 20),
+            ("upload_concurrency", |o| o.upload_concurrency = 0),
+            ("download_concurrency", |o| o.download_concurrency = 0),
+            ("range_size", |o| o.range_size = 4096),
+            ("zstd_level", |o| o.zstd_level = 23),
+            ("s3", |o| {
+                o.s3.insert("nope".into(), "1".into());
+            }),
+        ];
+        for (field, break_it) in cases {
+            let mut o = StoreOptions::default();
+            break_it(&mut o);
+            match o.validate() {
+                Err(StorageError::InvalidArgument { what, .. }) => assert_eq!(what, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+}

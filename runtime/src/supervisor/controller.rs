@@ -684,17 +684,27 @@ struct StandbyConn {
 struct Proc {
     host: String,
     attempt: u64,
-    /// A primary promoted from a standby: the standby's attempt. Its exit
-    /// may still be reported as the standby's if it died just before the
-    /// promotion reached it.
-    promoted_from: Option<u64>,
+    /// The slot and attempt its agent may still report it under, until
+    /// the change reaches the agent: a primary promoted from a standby
+    /// (the standby's attempt), or a process rolled back in place (its
+    /// attempt before).
+    formerly: Option<(Slot, u64)>,
     /// Taken over into another worker's running process (active-active):
     /// that worker and its attempt. No agent knows it as a process: it
     /// ends when its connection closes or its host process ends.
     guest_of: Option<(WorkerId, u64)>,
-    /// Rolled back in place: the attempt its agent still reports it under
-    /// (the one it was started or promoted for).
-    kept_from: Option<u64>,
+}
+
+impl Proc {
+    /// A process started on `host` for `attempt`.
+    fn new(host: &str, attempt: u64) -> Proc {
+        Proc {
+            host: host.to_string(),
+            attempt,
+            formerly: None,
+            guest_of: None,
+        }
+    }
 }
 
 /// The lifecycle. Each phase carries what only it needs.
@@ -978,11 +988,8 @@ impl JobController {
             self.procs.insert(
                 (p.worker, slot),
                 Proc {
-                    host: p.host,
-                    attempt: p.attempt,
-                    promoted_from: p.promoted_from,
-                    guest_of: None,
-                    kept_from: None,
+                    formerly: p.promoted_from.map(|a| (Slot::Standby, a)),
+                    ..Proc::new(&p.host, p.attempt)
                 },
             );
         }
@@ -1035,7 +1042,10 @@ impl JobController {
                     standby: *slot == Slot::Standby,
                     host: p.host.clone(),
                     attempt: p.attempt,
-                    promoted_from: p.promoted_from,
+                    promoted_from: p
+                        .formerly
+                        .filter(|(slot, _)| *slot == Slot::Standby)
+                        .map(|(_, a)| a),
                 })
                 .collect(),
             placement: self.placement.clone(),
@@ -1693,11 +1703,8 @@ impl JobController {
                     self.procs.insert(
                         (w.id.clone(), Slot::Primary),
                         Proc {
-                            host: host.clone(),
-                            attempt,
-                            promoted_from: standby.map(|p| p.attempt),
-                            guest_of: None,
-                            kept_from: None,
+                            formerly: standby.map(|p| (Slot::Standby, p.attempt)),
+                            ..Proc::new(&host, attempt)
                         },
                     );
                     self.out.push(Action::Promote {
@@ -1718,11 +1725,8 @@ impl JobController {
                         self.procs.insert(
                             (w.id.clone(), Slot::Primary),
                             Proc {
-                                host: host.clone(),
-                                attempt,
-                                promoted_from: None,
                                 guest_of: Some((into.clone(), into_attempt)),
-                                kept_from: None,
+                                ..Proc::new(&host, attempt)
                             },
                         );
                         self.out.push(Action::Adopt {
@@ -1735,16 +1739,8 @@ impl JobController {
                     }
                     None => {
                         tracing::info!(worker = %w.id, %host, attempt, "starting primary");
-                        self.procs.insert(
-                            (w.id.clone(), Slot::Primary),
-                            Proc {
-                                host: host.clone(),
-                                attempt,
-                                promoted_from: None,
-                                guest_of: None,
-                                kept_from: None,
-                            },
-                        );
+                        self.procs
+                            .insert((w.id.clone(), Slot::Primary), Proc::new(&host, attempt));
                         self.out.push(Action::Spawn {
                             host: host.clone(),
                             worker: w.id.clone(),
@@ -1791,7 +1787,7 @@ impl JobController {
             return false;
         };
         // Its agent knows it by its last attempt until the retag arrives.
-        p.kept_from = Some(p.attempt);
+        p.formerly = Some((Slot::Primary, p.attempt));
         p.attempt = attempt;
         self.out.push(Action::Retag {
             host: host.to_string(),
@@ -2266,25 +2262,24 @@ impl JobController {
     }
 
     fn on_exited(&mut self, now: Duration, mut e: WorkerExited) {
-        // A standby that died just as it was promoted: its exit is the
-        // promoted primary's.
-        let promoted = self
+        // Reported under the primary's former name (a standby that died
+        // just as it was promoted, a process rolled back in place before
+        // its retag arrived): the exit is the primary's of this attempt.
+        let reported = (
+            if e.standby {
+                Slot::Standby
+            } else {
+                Slot::Primary
+            },
+            e.attempt,
+        );
+        let renamed = self
             .procs
             .get(&(e.worker.clone(), Slot::Primary))
-            .filter(|p| p.host == e.host && p.promoted_from == Some(e.attempt))
+            .filter(|p| p.host == e.host && p.formerly == Some(reported))
             .map(|p| p.attempt);
-        if let (true, Some(attempt)) = (e.standby, promoted) {
+        if let Some(attempt) = renamed {
             e.standby = false;
-            e.attempt = attempt;
-        }
-        // A process rolled back in place is reported under the attempt it
-        // started with.
-        let kept = self
-            .procs
-            .get(&(e.worker.clone(), Slot::Primary))
-            .filter(|p| !e.standby && p.host == e.host && p.kept_from == Some(e.attempt))
-            .map(|p| p.attempt);
-        if let Some(attempt) = kept {
             e.attempt = attempt;
         }
         // A kept process that died is started anew.
@@ -2776,20 +2771,19 @@ impl JobController {
         };
         for w in &region {
             let key = (w.clone(), Slot::Primary);
-            if rollback_ok && self.keep(w) {
+            match self.procs.get(&key) {
                 // Rolled back in place: halted now (its channels, in-flight
                 // checkpoints and state dropped), assigned again with the
                 // next attempt on the same connection.
-                if let Some(conn) = self.att.senders.remove(w) {
-                    self.out.push(Action::Send {
-                        conn,
-                        msg: ToWorker::Halt,
-                    });
-                    self.kept.insert(w.clone(), conn);
+                Some(_) if rollback_ok && self.keep(w) => {
+                    if let Some(conn) = self.att.senders.remove(w) {
+                        self.out.push(Action::Send {
+                            conn,
+                            msg: ToWorker::Halt,
+                        });
+                        self.kept.insert(w.clone(), conn);
+                    }
                 }
-            }
-            match self.procs.get(&key) {
-                _ if self.kept.contains_key(w) => {}
                 // A taken-over worker has no process of its own: closing
                 // its connection (below) ends it, and no exit will come.
                 Some(p) if p.guest_of.is_some() => {
@@ -2812,13 +2806,7 @@ impl JobController {
             self.att.last_seen.remove(w);
             self.att.exits.remove(w);
         }
-        if partial {
-            self.partial = Some(region);
-        } else {
-            self.partial = None;
-            // Taken-over workers end with their connections (closed above).
-            self.procs.retain(|_, p| p.guest_of.is_none());
-        }
+        self.partial = partial.then_some(region);
     }
 
     /// Whether `w`'s process may be rolled back in place: it did not fail
@@ -3042,16 +3030,8 @@ impl JobController {
             let waiting = self.standby_retry.get(&w).is_some_and(|(_, at)| now < *at);
             if let Some(h) = want.filter(|_| !waiting) {
                 tracing::info!(worker = %w, host = %h, "starting hot standby");
-                self.procs.insert(
-                    (w.clone(), Slot::Standby),
-                    Proc {
-                        host: h.clone(),
-                        attempt: self.attempt,
-                        promoted_from: None,
-                        guest_of: None,
-                        kept_from: None,
-                    },
-                );
+                self.procs
+                    .insert((w.clone(), Slot::Standby), Proc::new(&h, self.attempt));
                 self.out.push(Action::Spawn {
                     host: h,
                     worker: w,

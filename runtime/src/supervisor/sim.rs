@@ -288,8 +288,12 @@ impl World {
     }
 
     fn with_hosts(seed: u64, faults: bool, spec: usize, hosts: Option<usize>) -> World {
+        World::with_spec(seed, faults, SPECS[spec % SPECS.len()], hosts)
+    }
+
+    fn with_spec(seed: u64, faults: bool, text: &str, hosts: Option<usize>) -> World {
         let mut rng = Rng(seed);
-        let spec = JobSpec::parse(SPECS[spec % SPECS.len()], "sim.toml", PathBuf::from("/"))
+        let spec = JobSpec::parse(text, "sim.toml", PathBuf::from("/"))
             .expect("the simulation's spec parses");
         let plan = spec.plan();
         let mut cfg = ControllerConfig::from_spec(&spec);
@@ -1457,7 +1461,12 @@ mod scenarios {
 
     /// A quiet world (no random faults) with `hosts` hosts, running.
     fn running(spec: usize, hosts: usize) -> World {
-        let mut w = World::with_hosts(7, false, spec, Some(hosts));
+        running_spec(SPECS[spec], hosts)
+    }
+
+    /// As [`running`], for a spec of the caller's.
+    fn running_spec(text: &str, hosts: usize) -> World {
+        let mut w = World::with_spec(7, false, text, Some(hosts));
         w.record = true;
         w.start();
         w.run_for(ms(300));
@@ -1827,6 +1836,31 @@ mod scenarios {
             kv0 != guest && w.procs[&kv0].guest_of.is_none(),
             "both started anew"
         );
+    }
+
+    /// `takeover = "process"`: the same host loss starts a process of its
+    /// own for the lost instance on the survivor's host; nothing is taken
+    /// over.
+    #[test]
+    fn test_takeover_process_starts_a_process_of_its_own() {
+        let text = SPECS[2].replace(
+            "failback = \"60ms\"",
+            "failback = \"60ms\"\ntakeover = \"process\"",
+        );
+        assert!(text.contains("takeover = \"process\""));
+        let mut w = running_spec(&text, 2);
+        let (victim, home) = w.proc_of("kv-0", Slot::Primary);
+        let (survivor, survivor_host) = w.proc_of("kv-1", Slot::Primary);
+        w.crash(&home);
+        w.deliver(Fact::HostLost(home.clone()));
+        w.run_for(ms(200));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        let (own, there) = w.proc_of("kv-0", Slot::Primary);
+        assert_ne!(own, victim);
+        assert_eq!(there, survivor_host);
+        assert_eq!(w.procs[&own].guest_of, None, "a process of its own");
+        assert_eq!(w.proc_of("kv-1", Slot::Primary).0, survivor);
+        assert_eq!(w.ctl.summary().takeovers, 0);
     }
 
     /// A lost host's instance moves to a survivor; when the host is back,
