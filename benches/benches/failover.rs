@@ -24,6 +24,9 @@
 //!   Flink on Kubernetes, lease 15 s; Flink on ZooKeeper, session timeout
 //!   60 s.
 //!
+//! - the hot standby SIGKILL rows with tiny, 64 MiB and 1 GiB of state
+//!   (`LAZARUS_BENCH_ONLY=state` for just these), with the peak RSS of the
+//!   primary and of the hot standby holding 1 GiB;
 //! - active-active (`LAZARUS_BENCH_ONLY=active` for just these): kv
 //!   requests/s through one VIP (active-passive) against two VIPs (two
 //!   instances, same client load), and the outage of a host loss on the
@@ -185,6 +188,31 @@ fn kv_spec(dir: &Path, bins: &Path, standby: &str) -> PathBuf {
     path
 }
 
+/// Prints the peak and current RSS (from `/proc/<pid>/status`) of kv-0's
+/// primary and hot standby processes beside the state size.
+fn memory_line(tag: &str, state_mib: usize) {
+    let kb = |status: &str, field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    for pid in pids_with_env(tag, &["LAZARUS_WORKER=kv-0"]) {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let standby = env.split(|b| *b == 0).any(|v| v == b"LAZARUS_STANDBY=1");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let (peak, now) = (kb(&status, "VmHWM:"), kb(&status, "VmRSS:"));
+        println!(
+            "  memory, {state_mib} MiB of kv state: {:<12} peak RSS {:>6} MiB ({:.2} x the state), now {:>6} MiB",
+            if standby { "hot standby" } else { "primary" },
+            peak / 1024,
+            peak as f64 / 1024.0 / state_mib as f64,
+            now / 1024
+        );
+    }
+}
+
 fn lazarus_trials(
     tag: &str,
     standby: &str,
@@ -228,27 +256,41 @@ fn lazarus_trials(
         .expect("client");
     assert!(seeded, "could not write k0\n{}", c.logs());
     // Bulk state: `state_mib` values of 1 MiB - 1 KiB, each acknowledged
-    // (so committed) before the trials start.
+    // (so committed) before the trials start; 8 writers at once (threads
+    // started in the client's namespace stay in it).
     let bulk = c
         .bed
         .in_host("cl", move || {
-            let value = vec![b'x'; (1 << 20) - 1024];
-            (0..state_mib).all(|i| {
-                matches!(
-                    http(
-                        addr,
-                        "PUT",
-                        &format!("/kv/bulk{i}"),
-                        &value,
-                        Duration::from_secs(10)
-                    ),
-                    Ok((201 | 204, _))
-                )
-            })
+            let writers: Vec<_> = (0..8)
+                .map(|w| {
+                    std::thread::spawn(move || {
+                        let value = vec![b'x'; (1 << 20) - 1024];
+                        (0..state_mib).filter(|i| i % 8 == w).all(|i| {
+                            matches!(
+                                http(
+                                    addr,
+                                    "PUT",
+                                    &format!("/kv/bulk{i}"),
+                                    &value,
+                                    Duration::from_secs(30)
+                                ),
+                                Ok((201 | 204, _))
+                            )
+                        })
+                    })
+                })
+                .collect();
+            writers.into_iter().all(|w| w.join().unwrap_or(false))
         })
         .join()
         .expect("client");
     assert!(bulk, "could not write the bulk state\n{}", c.logs());
+    if state_mib >= 1024 {
+        // Let the standby follow the last bulk checkpoint, then read both
+        // processes' peak memory from the kernel.
+        std::thread::sleep(Duration::from_secs(3));
+        memory_line(&c.bed.tag, state_mib);
+    }
     let prober = Prober::start(&c.bed, "cl", addr);
     let mut outages = Vec::new();
     let mut two_holders = Vec::new();
@@ -1210,6 +1252,15 @@ fn main() {
             64,
         ),
         (
+            "lazarus SIGKILL, hot standby, 1 GiB state",
+            "fbh1g",
+            "hot",
+            Fault::Kill,
+            default,
+            "promoted standby holds the state decoded (not in the smoke run)",
+            1024,
+        ),
+        (
             "lazarus SIGKILL, cold standby, 64 MiB state",
             "fbc64",
             "cold",
@@ -1257,12 +1308,25 @@ fn main() {
     ];
     let mut rows = Vec::new();
     // LAZARUS_BENCH_ONLY=supervisor: just the supervisor failover rows;
-    // LAZARUS_BENCH_ONLY=process: just the unmodified-program rows.
+    // LAZARUS_BENCH_ONLY=process: just the unmodified-program rows;
+    // LAZARUS_BENCH_ONLY=state: just the hot standby SIGKILL rows (tiny,
+    // 64 MiB and 1 GiB of state).
     let only = std::env::var("LAZARUS_BENCH_ONLY").unwrap_or_default();
     let only_supervisor = only == "supervisor";
     if only == "active" {
         let lines = active_rows(&mut rows, trials);
         print_active(&rows, &lines);
+        return;
+    }
+    if only == "state" {
+        for (name, tag, standby, fault, config, bound, state_mib) in scenarios {
+            if fault != Fault::Kill || standby != "hot" {
+                continue;
+            }
+            let (v, both) = lazarus_trials(tag, standby, fault, config, trials, state_mib);
+            rows.push((name.to_string(), v, both, bound.to_string()));
+        }
+        print_rows(&rows);
         return;
     }
     if only.is_empty() || only == "process" {
@@ -1291,6 +1355,10 @@ fn main() {
         return;
     }
     for (name, tag, standby, fault, config, bound, state_mib) in scenarios {
+        if state_mib > 64 && trials == 1 {
+            println!("  {name}: not run in the smoke run (1 trial); cargo bench runs it");
+            continue;
+        }
         let (v, both) = lazarus_trials(tag, standby, fault, config, trials, state_mib);
         rows.push((name.to_string(), v, both, bound.to_string()));
     }

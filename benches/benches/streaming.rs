@@ -18,6 +18,8 @@
 //!    rolled back in place (the default) beside every process replaced
 //!    (`keep_processes = false`), restart backoff 1 ms in both.
 //!
+//! `LAZARUS_BENCH_SECTIONS` (default `1,2,3`) picks the sections to run.
+//!
 //! Workers are real processes (the `lazarus-bench-worker` binary); the store
 //! is a local directory under `target/`.
 
@@ -122,137 +124,150 @@ fn main() {
         .build()
         .expect("runtime");
 
+    let sections = std::env::var("LAZARUS_BENCH_SECTIONS").unwrap_or_else(|_| "1,2,3".into());
+    let section = |n: &str| sections.split(',').any(|s| s.trim() == n);
+
     // 1. Throughput with and without checkpoints.
     let words: u64 = std::env::var("LAZARUS_BENCH_WORDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000_000);
     let input = base.join("words.txt");
-    wordcount::generate(words, &input, 11).expect("corpus");
-    let mut on = Vec::new();
-    let mut off = Vec::new();
-    let mut latencies = Vec::new();
-    for round in 0..2 {
-        for (interval, out) in [("off", &mut off), ("1s", &mut on)] {
-            let dir = base.join(format!("wc-{interval}-{round}"));
-            let spec = wordcount_spec(&base, &input, &dir.join("out"), interval);
-            let s = run(&rt, spec, &dir.join("state"));
-            if interval == "1s" {
-                latencies.extend(s.checkpoint_latencies.iter().copied());
+    if section("1") || section("3") {
+        wordcount::generate(words, &input, 11).expect("corpus");
+    }
+    if section("1") {
+        let mut on = Vec::new();
+        let mut off = Vec::new();
+        let mut latencies = Vec::new();
+        for round in 0..2 {
+            for (interval, out) in [("off", &mut off), ("1s", &mut on)] {
+                let dir = base.join(format!("wc-{interval}-{round}"));
+                let spec = wordcount_spec(&base, &input, &dir.join("out"), interval);
+                let s = run(&rt, spec, &dir.join("state"));
+                if interval == "1s" {
+                    latencies.extend(s.checkpoint_latencies.iter().copied());
+                }
+                out.push(words as f64 / s.elapsed.as_secs_f64());
+                let _ = std::fs::remove_dir_all(&dir);
             }
-            out.push(words as f64 / s.elapsed.as_secs_f64());
+        }
+        let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+        let (on, off) = (best(&on), best(&off));
+        println!("wordcount, {words} words, 7 worker processes (best of 2 runs each):");
+        println!(
+            "  {:<44} {:>12.0} words/s",
+            "baseline: checkpoints off (final one only)", off
+        );
+        println!(
+            "  {:<44} {:>12.0} words/s   overhead {:.1} %   (checkpoint latency p50 {} ms, p99 {} ms)",
+            "checkpoints every 1 s",
+            on,
+            100.0 * (off - on) / off,
+            percentile(&latencies, 0.5).as_millis(),
+            percentile(&latencies, 0.99).as_millis()
+        );
+    }
+
+    if section("2") {
+        // 2. Latency and pause against state size.
+        let sizes = std::env::var("LAZARUS_BENCH_STATE_SIZES")
+            .unwrap_or_else(|_| "10MiB,100MiB,1GiB".into());
+        let state_ms: u64 = std::env::var("LAZARUS_BENCH_STATE_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(9000);
+        println!();
+        println!("keyed state, 128 key groups, 10 % of them dirtied per 1 s checkpoint interval, codec none:");
+        println!(
+            "  {:>10}  {:>14}  {:>14}  {:>14}  {:>14}  {:>14}  {:>14}",
+            "state",
+            "first ckpt ms",
+            "latency p50 ms",
+            "latency p99 ms",
+            "pause p50 us",
+            "pause p99 us",
+            "pause max us"
+        );
+        for size in sizes.split(',') {
+            let bytes = lazarus::units::parse_size(size).expect("size");
+            let dir = base.join(format!("state-{size}"));
+            let s = run(&rt, state_spec(&base, bytes, state_ms), &dir);
+            let (first, rest) = s
+                .checkpoint_latencies
+                .split_first()
+                .map_or((Duration::ZERO, &[][..]), |(f, r)| (*f, r));
+            println!(
+                "  {:>10}  {:>14}  {:>14}  {:>14}  {:>14}  {:>14}  {:>14}",
+                size,
+                first.as_millis(),
+                percentile(rest, 0.5).as_millis(),
+                percentile(rest, 0.99).as_millis(),
+                percentile(&s.pauses, 0.5).as_micros(),
+                percentile(&s.pauses, 0.99).as_micros(),
+                s.pauses
+                    .iter()
+                    .max()
+                    .copied()
+                    .unwrap_or_default()
+                    .as_micros()
+            );
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
-    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    let (on, off) = (best(&on), best(&off));
-    println!("wordcount, {words} words, 7 worker processes (best of 2 runs each):");
-    println!(
-        "  {:<44} {:>12.0} words/s",
-        "baseline: checkpoints off (final one only)", off
-    );
-    println!(
-        "  {:<44} {:>12.0} words/s   overhead {:.1} %   (checkpoint latency p50 {} ms, p99 {} ms)",
-        "checkpoints every 1 s",
-        on,
-        100.0 * (off - on) / off,
-        percentile(&latencies, 0.5).as_millis(),
-        percentile(&latencies, 0.99).as_millis()
-    );
 
-    // 2. Latency and pause against state size.
-    let sizes =
-        std::env::var("LAZARUS_BENCH_STATE_SIZES").unwrap_or_else(|_| "10MiB,100MiB,1GiB".into());
-    let state_ms: u64 = std::env::var("LAZARUS_BENCH_STATE_MS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(9000);
-    println!();
-    println!("keyed state, 128 key groups, 10 % of them dirtied per 1 s checkpoint interval, codec none:");
-    println!(
-        "  {:>10}  {:>14}  {:>14}  {:>14}  {:>16}  {:>16}",
-        "state",
-        "first ckpt ms",
-        "latency p50 ms",
-        "latency p99 ms",
-        "pause p50 us",
-        "pause max us"
-    );
-    for size in sizes.split(',') {
-        let bytes = lazarus::units::parse_size(size).expect("size");
-        let dir = base.join(format!("state-{size}"));
-        let s = run(&rt, state_spec(&base, bytes, state_ms), &dir);
-        let (first, rest) = s
-            .checkpoint_latencies
-            .split_first()
-            .map_or((Duration::ZERO, &[][..]), |(f, r)| (*f, r));
+    if section("3") {
+        // 3. Recovery from a SIGKILL: rolled back in place against replaced.
+        println!();
+        println!("wordcount recovery from a SIGKILL of one of its 7 workers (20 kills; restart backoff 1 ms):");
         println!(
-            "  {:>10}  {:>14}  {:>14}  {:>14}  {:>16}  {:>16}",
-            size,
-            first.as_millis(),
-            percentile(rest, 0.5).as_millis(),
-            percentile(rest, 0.99).as_millis(),
-            percentile(&s.pauses, 0.5).as_micros(),
-            s.pauses
-                .iter()
-                .max()
-                .copied()
-                .unwrap_or_default()
-                .as_micros()
+            "  {:<40} {:>8} {:>8}   {:>22}",
+            "", "p50 ms", "p99 ms", "p50 drain/restore/connect"
         );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    // 3. Recovery from a SIGKILL: rolled back in place against replaced.
-    println!();
-    println!("wordcount recovery from a SIGKILL of one of its 7 workers (20 kills; restart backoff 1 ms):");
-    println!(
-        "  {:<40} {:>8} {:>8}   {:>22}",
-        "", "p50 ms", "p99 ms", "p50 drain/restore/connect"
-    );
-    for keep in [false, true] {
-        let dir = base.join(format!("recovery-{keep}"));
-        let mut spec = wordcount_spec(&base, &input, &dir.join("out"), "250ms");
-        spec.restart.backoff = Duration::from_millis(1);
-        spec.restart.max_backoff = Duration::from_millis(1);
-        spec.restart.keep_processes = keep;
-        let chaos = lazarus::supervisor::Chaos {
-            every: Duration::from_millis(400),
-            seed: 5,
-            max_kills: Some(20),
-        };
-        let s = run_with(&rt, spec, &dir.join("state"), Some(chaos));
-        let ms = |f: fn(&lazarus::supervisor::RecoveryTime) -> u64| {
-            let v: Vec<Duration> = s
-                .recoveries
-                .iter()
-                .map(|r| Duration::from_millis(f(r)))
-                .collect();
-            (
-                percentile(&v, 0.5).as_millis(),
-                percentile(&v, 0.99).as_millis(),
-            )
-        };
-        let (total, total99) = ms(|r| r.total_ms);
-        let (drain, restore, connect) = (
-            ms(|r| r.drain_ms).0,
-            ms(|r| r.restore_ms).0,
-            ms(|r| r.connect_ms).0,
-        );
-        println!(
-            "  {:<40} {:>8} {:>8}   {:>22}   ({} recoveries, {} processes kept)",
-            if keep {
-                "processes that did not fail kept"
-            } else {
-                "baseline: every process replaced"
-            },
-            total,
-            total99,
-            format!("{drain}/{restore}/{connect}"),
-            s.recoveries.len(),
-            s.kept_processes
-        );
-        let _ = std::fs::remove_dir_all(&dir);
+        for keep in [false, true] {
+            let dir = base.join(format!("recovery-{keep}"));
+            let mut spec = wordcount_spec(&base, &input, &dir.join("out"), "250ms");
+            spec.restart.backoff = Duration::from_millis(1);
+            spec.restart.max_backoff = Duration::from_millis(1);
+            spec.restart.keep_processes = keep;
+            let chaos = lazarus::supervisor::Chaos {
+                every: Duration::from_millis(400),
+                seed: 5,
+                max_kills: Some(20),
+            };
+            let s = run_with(&rt, spec, &dir.join("state"), Some(chaos));
+            let ms = |f: fn(&lazarus::supervisor::RecoveryTime) -> u64| {
+                let v: Vec<Duration> = s
+                    .recoveries
+                    .iter()
+                    .map(|r| Duration::from_millis(f(r)))
+                    .collect();
+                (
+                    percentile(&v, 0.5).as_millis(),
+                    percentile(&v, 0.99).as_millis(),
+                )
+            };
+            let (total, total99) = ms(|r| r.total_ms);
+            let (drain, restore, connect) = (
+                ms(|r| r.drain_ms).0,
+                ms(|r| r.restore_ms).0,
+                ms(|r| r.connect_ms).0,
+            );
+            println!(
+                "  {:<40} {:>8} {:>8}   {:>22}   ({} recoveries, {} processes kept)",
+                if keep {
+                    "processes that did not fail kept"
+                } else {
+                    "baseline: every process replaced"
+                },
+                total,
+                total99,
+                format!("{drain}/{restore}/{connect}"),
+                s.recoveries.len(),
+                s.kept_processes
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
     let _ = std::fs::remove_dir_all(&base);
 }

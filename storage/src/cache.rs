@@ -280,7 +280,26 @@ impl JobStore {
         worker: &WorkerId,
         cache: &LocalCache,
     ) -> Result<RestoredWorker> {
-        self.restore_into(manifest, worker, cache, true).await
+        self.restore_into(manifest, worker, cache, true, &|_| false)
+            .await
+    }
+
+    /// As [`JobStore::restore_worker`], but the chunks for which `held`
+    /// says true are neither fetched nor mapped: the caller holds their
+    /// content already (decoded, in memory). [`RestoredWorker::chunks`]
+    /// then lists only the others, in the order the worker wrote them.
+    /// With `cache_all`, every chunk fetched ends up in `cache` (none is
+    /// mapped in place, as [`JobStore::cache_worker`]).
+    pub async fn restore_worker_except(
+        &self,
+        manifest: &Manifest,
+        worker: &WorkerId,
+        cache: &LocalCache,
+        cache_all: bool,
+        held: &(dyn Fn(&ChunkRef) -> bool + Sync),
+    ) -> Result<RestoredWorker> {
+        self.restore_into(manifest, worker, cache, !cache_all, held)
+            .await
     }
 
     /// As [`JobStore::restore_worker`], but every chunk ends up in `cache`
@@ -292,7 +311,8 @@ impl JobStore {
         worker: &WorkerId,
         cache: &LocalCache,
     ) -> Result<RestoredWorker> {
-        self.restore_into(manifest, worker, cache, false).await
+        self.restore_into(manifest, worker, cache, false, &|_| false)
+            .await
     }
 
     async fn restore_into(
@@ -301,6 +321,7 @@ impl JobStore {
         worker: &WorkerId,
         cache: &LocalCache,
         in_place_ok: bool,
+        held: &(dyn Fn(&ChunkRef) -> bool + Sync),
     ) -> Result<RestoredWorker> {
         let snapshot =
             manifest
@@ -323,7 +344,14 @@ impl JobStore {
             // (Owned clones in each future: a future borrowing through the
             // closure is not `Send` for every lifetime, which a spawned
             // worker needs.)
-            let mut restored = futures::stream::iter(snapshot.chunks.clone())
+            let wanted: Vec<ChunkRef> = snapshot
+                .chunks
+                .iter()
+                .filter(|c| !held(c))
+                .cloned()
+                .collect();
+            let held_count = snapshot.chunks.len() - wanted.len();
+            let mut restored = futures::stream::iter(wanted)
                 .map(|chunk| {
                     let (js, cache) = (self.clone(), cache.clone());
                     async move { js.restore_chunk(&chunk, &cache, in_place_ok).await }
@@ -341,7 +369,13 @@ impl JobStore {
                 }
                 chunks.push(mapped);
             }
-            tracing::info!(fetched_bytes, cache_hits, in_place, "restored");
+            tracing::info!(
+                fetched_bytes,
+                cache_hits,
+                in_place,
+                held = held_count,
+                "restored"
+            );
             Ok(RestoredWorker {
                 checkpoint: manifest.checkpoint,
                 worker: worker.clone(),

@@ -165,6 +165,13 @@ impl JobStore {
         &self.store.url
     }
 
+    /// Whether the store is a local directory, where a restore maps an
+    /// uncompressed chunk in place: a local cache copy of such a chunk
+    /// would only duplicate it.
+    pub fn is_local_directory(&self) -> bool {
+        matches!(self.store.kind, BackendKind::File { .. })
+    }
+
     /// The full object key of `rel` (a key relative to the job root), as
     /// shown to people: `[prefix/]jobs/<job>/<rel>`.
     pub fn full_key(&self, rel: &str) -> String {

@@ -12,6 +12,8 @@
 //! | `record` | [`Record`], [`Emitter`], key groups and their owners |
 //! | `operator` | the [`Source`], [`Operator`] and [`Sink`] traits, [`Context`], [`Registry`], [`Fatal`] errors |
 //! | `state` | [`Snapshot`], [`Restored`], [`KeyedState`] (copy-on-write, incremental) |
+//! | `decoded` | state parts held decoded in memory beside their chunks (restores without a read or a decode) |
+//! | `background` | snapshot serialization on low-priority threads |
 //! | `align` | barrier alignment across inputs (a pure state machine) |
 //! | `protocol` | the wire protocol shared with the supervisor (control and data frames) |
 //! | `worker` | the worker process main loop: [`run_worker`] |
@@ -19,6 +21,8 @@
 #![deny(missing_docs)]
 
 mod align;
+mod background;
+mod decoded;
 mod link;
 mod operator;
 pub mod protocol;
@@ -28,7 +32,7 @@ mod worker;
 
 pub use operator::{BoxError, Context, Fatal, Operator, Registry, Role, Sink, Source, SourcePoll};
 pub use record::{group_owner, key_group, Emitter, Record};
-pub use state::{to_rkyv, KeyedState, PartContent, Restored, Snapshot, StateKey};
+pub use state::{to_rkyv, Decoded, KeyedState, PartContent, Restored, Revive, Snapshot, StateKey};
 pub use worker::run_worker;
 
 /// Checkpoint storage, as the SDK sees it.

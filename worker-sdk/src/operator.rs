@@ -231,7 +231,10 @@ pub trait Operator: Send + 'static {
     fn snapshot(&mut self) -> Snapshot {
         Snapshot::default()
     }
-    /// Restores state.
+    /// Restores state: replaces the instance's state with the restored
+    /// one. A hot standby calls it on one instance for every checkpoint it
+    /// follows (and a promotion may call it once more), so it must not add
+    /// to what an earlier call restored.
     fn restore(&mut self, _state: &Restored) -> Result<(), BoxError> {
         Ok(())
     }
@@ -306,6 +309,9 @@ pub struct Registry {
     ctors: BTreeMap<String, Ctor>,
     /// Kinds a hot standby builds when it starts following.
     early: std::collections::BTreeSet<String>,
+    /// Kinds a hot standby builds when it starts following and keeps
+    /// restored to each checkpoint it follows.
+    ahead: std::collections::BTreeSet<String>,
 }
 
 impl Registry {
@@ -320,6 +326,7 @@ impl Registry {
         kind: &str,
         f: impl Fn(&Context) -> Result<S, BoxError> + Send + Sync + 'static,
     ) -> Self {
+        self.ahead.remove(kind);
         self.ctors.insert(
             kind.to_string(),
             Box::new(move |ctx| Ok(Role::Source(Box::new(f(ctx)?)))),
@@ -354,6 +361,45 @@ impl Registry {
         self.source(kind, f)
     }
 
+    /// As [`Registry::early_source`], and the hot standby keeps the
+    /// instance restored to every checkpoint it follows (only the key
+    /// groups that changed are decoded), so that a promotion finds the
+    /// state decoded in memory and reads nothing. For a service whose
+    /// `restore` only replaces in-memory state (`restore` is then called
+    /// once per followed checkpoint, and again if the promotion restores
+    /// another one).
+    ///
+    /// ```no_run
+    /// use lazarus_sdk::*;
+    /// struct Kv { state: KeyedState<String, Vec<u8>> }
+    /// impl Source for Kv {
+    ///     fn poll(&mut self, _out: &mut Emitter, _max: usize) -> Result<SourcePoll, BoxError> { Ok(SourcePoll::Idle) }
+    ///     fn snapshot(&mut self) -> Snapshot { self.state.snapshot() }
+    ///     fn restore(&mut self, s: &Restored) -> Result<(), BoxError> { self.state.restore(s) }
+    /// }
+    /// fn main() -> std::process::ExitCode {
+    ///     lazarus_sdk::run_worker(Registry::new().following_source("kv", |ctx| {
+    ///         Ok(Kv { state: KeyedState::new("kv", ctx) })
+    ///     }))
+    /// }
+    /// ```
+    pub fn following_source<S: Source>(
+        self,
+        kind: &str,
+        f: impl Fn(&Context) -> Result<S, BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        let mut this = self.early_source(kind, f);
+        this.ahead.insert(kind.to_string());
+        this
+    }
+
+    /// Whether a hot standby keeps an instance of `kind` restored to each
+    /// checkpoint it follows: operators, and sources registered with
+    /// [`Registry::following_source`].
+    pub(crate) fn restores_ahead(&self, kind: &str) -> bool {
+        self.ahead.contains(kind)
+    }
+
     /// Whether a hot standby of `kind` is built before its promotion (see
     /// [`Registry::early_source`]).
     ///
@@ -378,6 +424,7 @@ impl Registry {
         kind: &str,
         f: impl Fn(&Context) -> Result<O, BoxError> + Send + Sync + 'static,
     ) -> Self {
+        self.ahead.insert(kind.to_string());
         self.ctors.insert(
             kind.to_string(),
             Box::new(move |ctx| Ok(Role::Operator(Box::new(f(ctx)?)))),
@@ -391,6 +438,7 @@ impl Registry {
         kind: &str,
         f: impl Fn(&Context) -> Result<S, BoxError> + Send + Sync + 'static,
     ) -> Self {
+        self.ahead.remove(kind);
         self.ctors.insert(
             kind.to_string(),
             Box::new(move |ctx| Ok(Role::Sink(Box::new(f(ctx)?)))),

@@ -11,20 +11,30 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use lazarus_storage::rkyv::{self, rancor};
-use lazarus_storage::{CheckpointId, MappedChunk};
+use lazarus_storage::{CheckpointId, ChunkRef, MappedChunk};
 
+use crate::decoded::DecodedParts;
+pub use crate::decoded::{Decoded, Revive};
 use crate::operator::{BoxError, Context};
-use crate::record::{group_owner, key_group};
+use crate::record::group_owner;
 
 type Serializer = Box<dyn FnOnce() -> Result<bytes::Bytes, BoxError> + Send>;
 
 /// One named part of a snapshot.
 pub enum PartContent {
-    /// Serialize this later, off the processing thread.
-    Fresh(Serializer),
+    /// Serialize this later, off the processing thread; `revive`, if set,
+    /// is kept beside the written chunk (see [`Snapshot::add_fresh_decoded`]).
+    Fresh {
+        /// Turns the frozen part into bytes.
+        serialize: Serializer,
+        /// The decoded part, while it lasts.
+        revive: Option<Revive>,
+    },
     /// Same bytes as the part of this name in the previous checkpoint.
     Unchanged,
 }
@@ -62,7 +72,45 @@ impl Snapshot {
     ) {
         self.parts.push((
             name.into(),
-            PartContent::Fresh(Box::new(move || serialize().map(Into::into))),
+            PartContent::Fresh {
+                serialize: Box::new(move || serialize().map(Into::into)),
+                revive: None,
+            },
+        ));
+    }
+
+    /// As [`Snapshot::add_fresh`], and the runtime keeps `revive` beside
+    /// the chunk it writes: a later restore of that very chunk in this
+    /// process (a rollback in place) asks `revive` for the decoded part
+    /// and, if it gets it, neither reads nor decodes the chunk (see
+    /// [`Restored::decoded`]). `revive` should hold weak pointers, so the
+    /// runtime keeps nothing alive, and answer `None` once the part changed.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Weak};
+    /// use lazarus_sdk::Snapshot;
+    /// let table = Arc::new(vec![1u8, 2, 3]);
+    /// let (frozen, weak): (_, Weak<Vec<u8>>) = (table.clone(), Arc::downgrade(&table));
+    /// let mut s = Snapshot::default();
+    /// s.add_fresh_decoded(
+    ///     "table",
+    ///     move || Ok(frozen.as_ref().clone()),
+    ///     move || weak.upgrade().map(|t| t as lazarus_sdk::Decoded),
+    /// );
+    /// assert_eq!(s.parts().len(), 1);
+    /// ```
+    pub fn add_fresh_decoded<B: Into<bytes::Bytes>>(
+        &mut self,
+        name: impl Into<String>,
+        serialize: impl FnOnce() -> Result<B, BoxError> + Send + 'static,
+        revive: impl Fn() -> Option<Decoded> + Send + Sync + 'static,
+    ) {
+        self.parts.push((
+            name.into(),
+            PartContent::Fresh {
+                serialize: Box::new(move || serialize().map(Into::into)),
+                revive: Some(Arc::new(revive)),
+            },
         ));
     }
 
@@ -89,15 +137,71 @@ impl Snapshot {
     pub(crate) fn into_parts(self) -> (Vec<(String, PartContent)>, Vec<u8>) {
         (self.parts, self.metadata)
     }
+
+    /// Serializes every fresh part now, on this thread, and returns the
+    /// parts by name with the metadata (unchanged parts are left out): for
+    /// testing an operator's snapshot and restore (see
+    /// [`Restored::from_parts`]).
+    ///
+    /// ```
+    /// use lazarus_sdk::Snapshot;
+    /// let mut s = Snapshot::with_metadata(b"pos".to_vec());
+    /// s.add_fresh("buffer", || Ok(vec![1u8, 2]));
+    /// let (parts, metadata) = Snapshot::serialize_for_test(s)?;
+    /// assert_eq!(&parts["buffer"][..], &[1, 2]);
+    /// assert_eq!(metadata, b"pos");
+    /// # Ok::<(), lazarus_sdk::BoxError>(())
+    /// ```
+    #[allow(clippy::type_complexity)]
+    pub fn serialize_for_test(
+        snapshot: Snapshot,
+    ) -> Result<(BTreeMap<String, bytes::Bytes>, Vec<u8>), BoxError> {
+        let mut parts = BTreeMap::new();
+        for (name, content) in snapshot.parts {
+            if let PartContent::Fresh { serialize, .. } = content {
+                parts.insert(name, serialize()?);
+            }
+        }
+        Ok((parts, snapshot.metadata))
+    }
 }
 
-/// A worker's restored state: named parts mapped from the local cache, and
-/// the metadata.
-#[derive(Debug, Default)]
+/// A restored part's bytes: mapped from a chunk file, or given (tests).
+enum PartBytes {
+    Mapped(MappedChunk),
+    Owned(bytes::Bytes),
+}
+
+impl PartBytes {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            PartBytes::Mapped(m) => m.bytes(),
+            PartBytes::Owned(b) => b,
+        }
+    }
+}
+
+/// A worker's restored state: named parts mapped from the local cache (or
+/// held decoded in memory, see [`Restored::decoded`]), and the metadata.
+#[derive(Default)]
 pub struct Restored {
     checkpoint: Option<CheckpointId>,
-    parts: BTreeMap<String, MappedChunk>,
+    parts: BTreeMap<String, PartBytes>,
+    held: BTreeMap<String, Decoded>,
+    chunks: BTreeMap<String, ChunkRef>,
+    decoded: Option<DecodedParts>,
     metadata: Vec<u8>,
+}
+
+impl std::fmt::Debug for Restored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Restored")
+            .field("checkpoint", &self.checkpoint)
+            .field("parts", &self.parts.keys().collect::<Vec<_>>())
+            .field("held", &self.held.keys().collect::<Vec<_>>())
+            .field("metadata_len", &self.metadata.len())
+            .finish()
+    }
 }
 
 impl Restored {
@@ -108,9 +212,58 @@ impl Restored {
     ) -> Restored {
         Restored {
             checkpoint: Some(checkpoint),
-            parts,
+            parts: parts
+                .into_iter()
+                .map(|(name, chunk)| (name, PartBytes::Mapped(chunk)))
+                .collect(),
             metadata,
+            ..Restored::default()
         }
+    }
+
+    /// Restored state made of given parts: for testing an operator's
+    /// `restore` against what its `snapshot` wrote.
+    ///
+    /// ```
+    /// use lazarus_sdk::*;
+    /// let ctx = Context::for_test("counter", 0, 1);
+    /// let mut counts: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+    /// *counts.entry("word".to_string()).or_insert(0) += 3;
+    /// let (parts, metadata) = Snapshot::serialize_for_test(counts.snapshot())?;
+    /// let restored = Restored::from_parts(CheckpointId(1), parts, metadata);
+    /// let mut again: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+    /// again.restore(&restored)?;
+    /// assert_eq!(again.get(&"word".to_string()), Some(&3));
+    /// # Ok::<(), BoxError>(())
+    /// ```
+    pub fn from_parts(
+        checkpoint: CheckpointId,
+        parts: BTreeMap<String, bytes::Bytes>,
+        metadata: Vec<u8>,
+    ) -> Restored {
+        Restored {
+            checkpoint: Some(checkpoint),
+            parts: parts
+                .into_iter()
+                .map(|(name, b)| (name, PartBytes::Owned(b)))
+                .collect(),
+            metadata,
+            ..Restored::default()
+        }
+    }
+
+    /// The same, with the parts held decoded (`held`, not mapped), the
+    /// chunk of every part, and where a decoded part is kept for later.
+    pub(crate) fn with_decoded(
+        mut self,
+        held: BTreeMap<String, Decoded>,
+        chunks: BTreeMap<String, ChunkRef>,
+        decoded: DecodedParts,
+    ) -> Restored {
+        self.held = held;
+        self.chunks = chunks;
+        self.decoded = Some(decoded);
+        self
     }
 
     /// The checkpoint restored.
@@ -123,14 +276,57 @@ impl Restored {
         &self.metadata
     }
 
-    /// A part's bytes (CRC-checked, memory-mapped), if the snapshot had it.
+    /// A part's bytes (CRC-checked, memory-mapped), if the snapshot had it
+    /// and it is not held decoded (parts held decoded are not mapped: see
+    /// [`Restored::decoded`]).
     pub fn part(&self, name: &str) -> Option<&[u8]> {
-        self.parts.get(name).map(|c| c.bytes())
+        self.parts.get(name).map(PartBytes::bytes)
     }
 
-    /// Names of the parts.
+    /// The decoded value this process holds for part `name`, when it equals
+    /// the restored chunk: what a state passed to
+    /// [`Snapshot::add_fresh_decoded`] or [`Restored::keep_decoded`] and
+    /// its `revive` still gave back. The part's bytes are then not mapped.
+    ///
+    /// ```
+    /// use lazarus_sdk::Restored;
+    /// let r = Restored::default();
+    /// assert!(r.decoded("counts-kg7").is_none() && r.part("counts-kg7").is_none());
+    /// ```
+    pub fn decoded(&self, name: &str) -> Option<&Decoded> {
+        self.held.get(name)
+    }
+
+    /// After decoding part `name` from its bytes: the runtime keeps
+    /// `revive` beside the part's chunk, so that restoring the same chunk
+    /// again in this process (a hot standby following the next checkpoint,
+    /// a rollback in place) gets the decoded part from it.
+    ///
+    /// ```
+    /// use lazarus_sdk::Restored;
+    /// let r = Restored::default();
+    /// r.keep_decoded("counts-kg7", || None); // no chunk restored: ignored
+    /// ```
+    pub fn keep_decoded(
+        &self,
+        name: &str,
+        revive: impl Fn() -> Option<Decoded> + Send + Sync + 'static,
+    ) {
+        if let (Some(decoded), Some(chunk)) = (&self.decoded, self.chunks.get(name)) {
+            decoded.keep(chunk, Arc::new(revive));
+        }
+    }
+
+    /// Names of the parts (mapped or held decoded).
     pub fn part_names(&self) -> impl Iterator<Item = &str> {
-        self.parts.keys().map(String::as_str)
+        let mut names: Vec<&str> = self
+            .parts
+            .keys()
+            .chain(self.held.keys())
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        names.into_iter()
     }
 }
 
@@ -148,10 +344,160 @@ where
     Ok(rkyv::to_bytes::<rancor::Error>(value)?.to_vec())
 }
 
+/// Copy-on-write shards per key group: a write after a snapshot copies one
+/// shard (1/64 of the group), not the group, so the processing thread never
+/// stalls for long however large a group grows.
+const SHARDS: usize = 64;
+
+/// The longest copy-on-write stall since it was last taken (nanoseconds).
+static COW_STALL_NS: AtomicU64 = AtomicU64::new(0);
+
+/// The longest copy-on-write stall of any keyed state in this process since
+/// the last call: the processing time a snapshot costs after it returns.
+pub(crate) fn take_cow_stall() -> Duration {
+    Duration::from_nanos(COW_STALL_NS.swap(0, Ordering::Relaxed))
+}
+
+type Shard<K, V> = Arc<HashMap<K, V>>;
+
+/// A shard for writing: copied first if a snapshot (or a restore's
+/// reference) still holds it.
+fn writable<K: Clone + Eq + Hash, V: Clone>(shard: &mut Shard<K, V>) -> &mut HashMap<K, V> {
+    let started = (Arc::strong_count(shard) > 1).then(Instant::now);
+    let map = Arc::make_mut(shard);
+    if let Some(started) = started {
+        COW_STALL_NS.fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    map
+}
+
+/// A revive function for `shards`: weak pointers, so it keeps nothing
+/// alive; it gives the shards back while no write has copied or changed
+/// any of them (copy-on-write moves a shard that only weak pointers share).
+fn revive_of<K, V>(shards: &[Shard<K, V>]) -> impl Fn() -> Option<Decoded> + Send + Sync + 'static
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    let weak: Vec<Weak<HashMap<K, V>>> = shards.iter().map(Arc::downgrade).collect();
+    move || {
+        let strong: Option<Vec<Shard<K, V>>> = weak.iter().map(Weak::upgrade).collect();
+        strong.map(|s| Arc::new(s) as Decoded)
+    }
+}
+
+/// The archived layout of a key group: `ArchivedVec<ArchivedTuple2<K, V>>`,
+/// the archive of a `Vec<(K, V)>`, written straight from the frozen shards
+/// (no intermediate list of cloned entries).
+type ArchivedGroup<K, V> =
+    rkyv::vec::ArchivedVec<rkyv::tuple::ArchivedTuple2<rkyv::Archived<K>, rkyv::Archived<V>>>;
+
+/// One entry by reference, archived as the tuple `(K, V)` is.
+struct PairRef<'a, K, V>(&'a K, &'a V);
+
+impl<K: rkyv::Archive, V: rkyv::Archive> rkyv::Archive for PairRef<'_, K, V> {
+    type Archived = rkyv::tuple::ArchivedTuple2<K::Archived, V::Archived>;
+    type Resolver = (K::Resolver, V::Resolver);
+
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::munge::munge!(let rkyv::tuple::ArchivedTuple2(k, v) = out);
+        self.0.resolve(resolver.0, k);
+        self.1.resolve(resolver.1, v);
+    }
+}
+
+impl<K, V, S> rkyv::Serialize<S> for PairRef<'_, K, V>
+where
+    K: rkyv::Serialize<S>,
+    V: rkyv::Serialize<S>,
+    S: rancor::Fallible + ?Sized,
+{
+    fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        Ok((self.0.serialize(serializer)?, self.1.serialize(serializer)?))
+    }
+}
+
+/// Every entry of the frozen shards, as one list.
+struct Entries<'a, K, V> {
+    shards: &'a [Shard<K, V>],
+    len: usize,
+}
+
+struct EntriesIter<'a, K, V> {
+    shards: std::slice::Iter<'a, Shard<K, V>>,
+    current: Option<std::collections::hash_map::Iter<'a, K, V>>,
+    left: usize,
+}
+
+// Not derived: the derive would ask `K: Clone` and `V: Clone` of references.
+impl<K, V> Clone for EntriesIter<'_, K, V> {
+    fn clone(&self) -> Self {
+        EntriesIter {
+            shards: self.shards.clone(),
+            current: self.current.clone(),
+            left: self.left,
+        }
+    }
+}
+
+impl<'a, K, V> Iterator for EntriesIter<'a, K, V> {
+    type Item = PairRef<'a, K, V>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((k, v)) = self.current.as_mut().and_then(Iterator::next) {
+                self.left -= 1;
+                return Some(PairRef(k, v));
+            }
+            self.current = Some(self.shards.next()?.iter());
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl<K, V> ExactSizeIterator for EntriesIter<'_, K, V> {}
+
+impl<K: rkyv::Archive, V: rkyv::Archive> rkyv::Archive for Entries<'_, K, V> {
+    type Archived = ArchivedGroup<K, V>;
+    type Resolver = rkyv::vec::VecResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::vec::ArchivedVec::resolve_from_len(self.len, resolver, out);
+    }
+}
+
+impl<K, V, S> rkyv::Serialize<S> for Entries<'_, K, V>
+where
+    K: rkyv::Serialize<S>,
+    V: rkyv::Serialize<S>,
+    S: rancor::Fallible + rkyv::ser::Allocator + rkyv::ser::Writer + ?Sized,
+{
+    fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        let iter = EntriesIter {
+            shards: self.shards.iter(),
+            current: None,
+            left: self.len,
+        };
+        rkyv::vec::ArchivedVec::serialize_from_iter::<PairRef<'_, K, V>, _, _>(iter, serializer)
+    }
+}
+
+type HighSerializer<'a> = rkyv::api::high::HighSerializer<
+    rkyv::util::AlignedVec,
+    rkyv::ser::allocator::ArenaHandle<'a>,
+    rancor::Error,
+>;
+type Decoder = rkyv::rancor::Strategy<rkyv::de::Pool, rancor::Error>;
+
 /// Keyed state: a map from key to `V`, partitioned into the job's key
 /// groups; an instance holds only the groups it owns. Snapshots are
-/// copy-on-write per group and incremental (groups untouched since the
-/// previous checkpoint are not written again).
+/// copy-on-write (per shard of a group) and incremental (groups untouched
+/// since the previous checkpoint are not written again); a restore of a
+/// checkpoint whose groups this process still holds decoded (a rollback
+/// in place, a hot standby's promotion) neither reads nor decodes them.
 ///
 /// ```
 /// use lazarus_sdk::{Context, KeyedState};
@@ -169,8 +515,20 @@ pub struct KeyedState<K, V> {
 }
 
 struct Group<K, V> {
-    map: Arc<HashMap<K, V>>,
+    shards: Vec<Shard<K, V>>,
     dirty: bool,
+    /// Bytes of the group's last archive: the next one's buffer size.
+    archived_len: Arc<AtomicUsize>,
+}
+
+impl<K, V> Group<K, V> {
+    fn empty() -> Group<K, V> {
+        Group {
+            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+            dirty: true,
+            archived_len: Arc::default(),
+        }
+    }
 }
 
 /// Keys of keyed state: their bytes decide the key group.
@@ -193,32 +551,19 @@ impl StateKey for Vec<u8> {
 
 impl<K, V> KeyedState<K, V>
 where
-    K: StateKey + rkyv::Archive,
-    V: Clone + Send + Sync + 'static + rkyv::Archive,
-    Vec<(K, V)>: for<'a> rkyv::Serialize<
-        rkyv::api::high::HighSerializer<
-            rkyv::util::AlignedVec,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rancor::Error,
-        >,
-    >,
-    rkyv::Archived<Vec<(K, V)>>: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
-        + rkyv::Deserialize<Vec<(K, V)>, rkyv::rancor::Strategy<rkyv::de::Pool, rancor::Error>>,
+    K: StateKey + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+    K::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<K, Decoder>,
+    V: Clone + Send + Sync + 'static + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+    V::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<V, Decoder>,
 {
     /// Empty state named `name` (part names derive from it), holding the key
     /// groups this instance owns.
     pub fn new(name: &str, ctx: &Context) -> KeyedState<K, V> {
         let groups = (0..ctx.key_groups)
             .filter(|g| group_owner(*g, ctx.key_groups, ctx.parallelism) == ctx.index)
-            .map(|g| {
-                (
-                    g,
-                    Group {
-                        map: Arc::new(HashMap::new()),
-                        dirty: true,
-                    },
-                )
-            })
+            .map(|g| (g, Group::empty()))
             .collect();
         KeyedState {
             name: name.to_string(),
@@ -240,43 +585,55 @@ where
             .collect()
     }
 
-    fn group_of(&self, key: &K) -> u32 {
-        key_group(key.key_bytes(), self.key_groups)
+    /// The key group and shard of `key` (one CRC: the group is the same as
+    /// [`key_group`]'s).
+    fn place(key_groups: u32, key: &K) -> (u32, usize) {
+        let hash = crc32fast::hash(key.key_bytes());
+        let groups = key_groups.max(1);
+        (hash % groups, (hash / groups) as usize % SHARDS)
     }
 
     /// The value of `key`.
     pub fn get(&self, key: &K) -> Option<&V> {
+        let (group, shard) = Self::place(self.key_groups, key);
         self.groups
-            .get(&self.group_of(key))
-            .and_then(|g| g.map.get(key))
+            .get(&group)
+            .and_then(|g| g.shards[shard].get(key))
     }
 
-    /// Mutable access to `key`'s slot; copies the key group first if a
+    /// Mutable access to `key`'s slot; copies the key's shard first if a
     /// snapshot still holds it (copy-on-write).
     ///
     /// # Panics
     /// If this instance does not own the key's group: routing (hash edges)
     /// guarantees it does; a key arriving here otherwise is a bug in the job.
     pub fn entry(&mut self, key: K) -> std::collections::hash_map::Entry<'_, K, V> {
-        let group = self.group_of(&key);
+        let (group, shard) = Self::place(self.key_groups, &key);
         let g = self.groups.get_mut(&group).unwrap_or_else(|| {
             panic!("key group {group} is not owned by this instance: is the input edge `hash`?")
         });
         g.dirty = true;
-        Arc::make_mut(&mut g.map).entry(key)
+        writable(&mut g.shards[shard]).entry(key)
     }
 
     /// Removes `key`.
     pub fn remove(&mut self, key: &K) -> Option<V> {
-        let group = self.group_of(key);
+        let (group, shard) = Self::place(self.key_groups, key);
         let g = self.groups.get_mut(&group)?;
+        if !g.shards[shard].contains_key(key) {
+            return None;
+        }
         g.dirty = true;
-        Arc::make_mut(&mut g.map).remove(key)
+        writable(&mut g.shards[shard]).remove(key)
     }
 
     /// Number of keys held.
     pub fn len(&self) -> usize {
-        self.groups.values().map(|g| g.map.len()).sum()
+        self.groups
+            .values()
+            .flat_map(|g| &g.shards)
+            .map(|s| s.len())
+            .sum()
     }
 
     /// True when no key is held.
@@ -284,20 +641,27 @@ where
         self.len() == 0
     }
 
-    /// Freezes the state: O(key groups), independent of state size. Dirty
-    /// groups are serialized later by the runtime, clean ones are referenced.
+    /// Freezes the state: O(key groups × shards), independent of state
+    /// size. Dirty groups are serialized later by the runtime, straight
+    /// from the frozen shards; clean ones are referenced.
     pub fn snapshot(&mut self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for (group, name) in self.owned_parts() {
             let g = self.groups.get_mut(&group).expect("listed above");
             if g.dirty {
-                let frozen = Arc::clone(&g.map);
                 g.dirty = false;
-                snapshot.add_fresh(name, move || {
-                    let entries: Vec<(K, V)> =
-                        frozen.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                    to_rkyv(&entries)
-                });
+                let frozen = g.shards.clone();
+                let revive = revive_of(&frozen);
+                let archived_len = g.archived_len.clone();
+                snapshot.add_fresh_decoded(
+                    name,
+                    move || {
+                        let bytes = archive(&frozen, archived_len.load(Ordering::Relaxed))?;
+                        archived_len.store(bytes.len(), Ordering::Relaxed);
+                        Ok(bytes)
+                    },
+                    revive,
+                );
             } else {
                 snapshot.add_unchanged(name);
             }
@@ -305,28 +669,86 @@ where
         snapshot
     }
 
-    /// Restores the owned groups from `state` (validated rkyv archives).
+    /// Restores the owned groups from `state`: a group held decoded in this
+    /// process is taken as it is; others are decoded from their validated
+    /// rkyv archives (and then held decoded for the next restore).
     pub fn restore(&mut self, state: &Restored) -> Result<(), BoxError> {
         for (group, name) in self.owned_parts() {
-            let Some(bytes) = state.part(&name) else {
-                return Err(
-                    format!("restored state has no part {name:?} for key group {group}").into(),
-                );
+            let shards = match state.decoded(&name) {
+                Some(held) => held
+                    .clone()
+                    .downcast::<Vec<Shard<K, V>>>()
+                    .map_err(|_| {
+                        format!("state part {name:?} is held decoded as another type (two states named {:?}?)", self.name)
+                    })?
+                    .as_ref()
+                    .clone(),
+                None => {
+                    let Some(bytes) = state.part(&name) else {
+                        return Err(format!(
+                            "restored state has no part {name:?} for key group {group}"
+                        )
+                        .into());
+                    };
+                    let shards = self.decode(group, &name, bytes)?;
+                    state.keep_decoded(&name, revive_of(&shards));
+                    shards
+                }
             };
-            let entries = rkyv::from_bytes::<Vec<(K, V)>, rancor::Error>(bytes)
-                .map_err(|e| format!("state part {name:?} does not decode: {e}"))?;
             let g = self.groups.get_mut(&group).expect("listed above");
-            g.map = Arc::new(entries.into_iter().collect());
+            g.shards = shards;
             // Restored groups equal the stored chunks: reference them next time.
             g.dirty = false;
         }
         Ok(())
     }
+
+    /// One key group's shards from its archive, every key checked to
+    /// belong to the group.
+    fn decode(&self, group: u32, name: &str, bytes: &[u8]) -> Result<Vec<Shard<K, V>>, BoxError> {
+        let archived = rkyv::access::<ArchivedGroup<K, V>, rancor::Error>(bytes)
+            .map_err(|e| format!("state part {name:?} does not decode: {e}"))?;
+        let mut shards: Vec<HashMap<K, V>> = (0..SHARDS)
+            .map(|_| HashMap::with_capacity(archived.len() / SHARDS + 1))
+            .collect();
+        for entry in archived.iter() {
+            let key: K = rkyv::deserialize::<K, rancor::Error>(&entry.0)
+                .map_err(|e| format!("state part {name:?}: a key does not decode: {e}"))?;
+            let value: V = rkyv::deserialize::<V, rancor::Error>(&entry.1)
+                .map_err(|e| format!("state part {name:?}: a value does not decode: {e}"))?;
+            let (g, shard) = Self::place(self.key_groups, &key);
+            if g != group {
+                return Err(format!(
+                    "state part {name:?} of key group {group} holds a key of group {g}"
+                )
+                .into());
+            }
+            shards[shard].insert(key, value);
+        }
+        Ok(shards.into_iter().map(Arc::new).collect())
+    }
+}
+
+/// A frozen key group's archive, written straight from its shards into one
+/// buffer of about the last archive's size.
+fn archive<K, V>(frozen: &[Shard<K, V>], size_hint: usize) -> Result<bytes::Bytes, BoxError>
+where
+    K: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+    V: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+{
+    let entries = Entries {
+        shards: frozen,
+        len: frozen.iter().map(|s| s.len()).sum(),
+    };
+    let buffer = rkyv::util::AlignedVec::<16>::with_capacity(size_hint + size_hint / 8);
+    let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&entries, buffer)?;
+    Ok(bytes::Bytes::from_owner(bytes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::key_group;
 
     fn serialize_all(s: Snapshot) -> BTreeMap<String, Option<bytes::Bytes>> {
         let (parts, _) = s.into_parts();
@@ -336,7 +758,9 @@ mod tests {
                 (
                     n,
                     match c {
-                        PartContent::Fresh(f) => Some(f().expect("serialize")),
+                        PartContent::Fresh { serialize, .. } => {
+                            Some(serialize().expect("serialize"))
+                        }
                         PartContent::Unchanged => None,
                     },
                 )
@@ -372,6 +796,167 @@ mod tests {
             .map(|(n, _)| n.clone())
             .collect();
         assert_eq!(fresh, vec![a_group]);
+    }
+
+    /// What the uploader does with a snapshot: serialize every fresh part
+    /// and keep its revive beside a (made-up) chunk of checkpoint `n`.
+    fn write(
+        s: Snapshot,
+        n: u64,
+        decoded: &DecodedParts,
+        chunks: &mut BTreeMap<String, ChunkRef>,
+        bytes: &mut BTreeMap<String, bytes::Bytes>,
+    ) {
+        let (parts, _) = s.into_parts();
+        for (name, content) in parts {
+            if let PartContent::Fresh { serialize, revive } = content {
+                let b = serialize().expect("serialize");
+                let chunk = ChunkRef {
+                    key: format!("chunks/{n}/w/{name}.chunk"),
+                    codec: lazarus_storage::Codec::None,
+                    stored_len: b.len() as u64,
+                    stored_crc: 0,
+                    raw_len: b.len() as u64,
+                    raw_crc: crc32fast::hash(&b),
+                };
+                decoded.keep(&chunk, revive.expect("keyed state parts revive"));
+                chunks.insert(name.clone(), chunk);
+                bytes.insert(name, b);
+            }
+        }
+    }
+
+    /// A restore as the runtime makes it: parts held decoded are not given
+    /// as bytes.
+    fn restored(
+        decoded: &DecodedParts,
+        chunks: &BTreeMap<String, ChunkRef>,
+        bytes: &BTreeMap<String, bytes::Bytes>,
+    ) -> Restored {
+        let held: BTreeMap<String, Decoded> = chunks
+            .iter()
+            .filter_map(|(n, c)| decoded.get(c).map(|v| (n.clone(), v)))
+            .collect();
+        let parts = bytes
+            .iter()
+            .filter(|(n, _)| !held.contains_key(*n))
+            .map(|(n, b)| (n.clone(), b.clone()))
+            .collect();
+        Restored::from_parts(CheckpointId(1), parts, Vec::new()).with_decoded(
+            held,
+            chunks.clone(),
+            decoded.clone(),
+        )
+    }
+
+    #[test]
+    fn test_restore_takes_untouched_groups_from_memory_and_decodes_changed_ones() {
+        let ctx = Context::for_test("c", 0, 1);
+        let mut a: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        for i in 0..5000u64 {
+            a.entry(format!("k{i}")).or_insert(i);
+        }
+        let decoded = DecodedParts::default();
+        let (mut chunks, mut bytes) = (BTreeMap::new(), BTreeMap::new());
+        write(a.snapshot(), 1, &decoded, &mut chunks, &mut bytes);
+        // After the checkpoint, one key changes: its shard is moved away
+        // (copy-on-write with only weak pointers left), so its group is no
+        // longer held; every other group still is.
+        *a.entry("k7".into()).or_insert(0) += 1000;
+        let changed = format!("counts-kg{}", key_group(b"k7", 128));
+        let r = restored(&decoded, &chunks, &bytes);
+        assert!(r.decoded(&changed).is_none() && r.part(&changed).is_some());
+        assert_eq!(r.part_names().count(), 128);
+        assert_eq!(
+            chunks.keys().filter(|n| r.decoded(n).is_some()).count(),
+            127
+        );
+        // Restored state is the checkpoint's, not the later write's.
+        let mut b: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        b.restore(&r).expect("restore");
+        assert_eq!(b.len(), 5000);
+        assert_eq!(b.get(&"k7".to_string()), Some(&7));
+        assert_eq!(b.get(&"k4999".to_string()), Some(&4999));
+        // Held groups are shared, not copied: the same shards as `a`.
+        let held_group = (0..128u32)
+            .find(|g| format!("counts-kg{g}") != changed && !a.groups[g].shards[0].is_empty())
+            .expect("a held group with keys");
+        assert!(Arc::ptr_eq(
+            &a.groups[&held_group].shards[0],
+            &b.groups[&held_group].shards[0]
+        ));
+        // The changed group was decoded, and is now held for `b`.
+        let again = restored(&decoded, &chunks, &bytes);
+        assert!(again.decoded(&changed).is_some());
+        // Writing to the restored copy never shows through the other one.
+        *b.entry("k1".into()).or_insert(0) += 1;
+        assert_eq!(a.get(&"k1".to_string()), Some(&1));
+        assert_eq!(b.get(&"k1".to_string()), Some(&2));
+    }
+
+    #[test]
+    fn test_restore_refuses_a_part_holding_a_key_of_another_group() {
+        let ctx = Context::for_test("c", 0, 1);
+        let k = "somekey".to_string();
+        let own = key_group(k.as_bytes(), 128);
+        let other = (own + 1) % 128;
+        let mut parts = BTreeMap::new();
+        for g in 0..128u32 {
+            let entries: Vec<(String, u64)> = if g == other {
+                vec![(k.clone(), 1)]
+            } else {
+                vec![]
+            };
+            parts.insert(
+                format!("counts-kg{g}"),
+                bytes::Bytes::from(to_rkyv(&entries).expect("archive")),
+            );
+        }
+        let r = Restored::from_parts(CheckpointId(3), parts, Vec::new());
+        let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        let e = st.restore(&r).expect_err("wrong group").to_string();
+        assert!(
+            e.contains(&format!("counts-kg{other}")) && e.contains(&format!("group {own}")),
+            "{e}"
+        );
+        // Garbage is named too, not a panic.
+        let mut parts = BTreeMap::new();
+        for g in 0..128u32 {
+            parts.insert(
+                format!("counts-kg{g}"),
+                bytes::Bytes::from_static(&[7u8; 13]),
+            );
+        }
+        let r = Restored::from_parts(CheckpointId(3), parts, Vec::new());
+        let e = st.restore(&r).expect_err("garbage").to_string();
+        assert!(e.contains("does not decode"), "{e}");
+    }
+
+    #[test]
+    fn test_a_write_after_a_snapshot_copies_one_shard_not_the_group() {
+        let ctx = Context::for_test("c", 0, 1);
+        let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        for i in 0..20_000u64 {
+            st.entry(format!("k{i}")).or_insert(i);
+        }
+        let g = key_group(b"k1", 128);
+        let before: Vec<Shard<String, u64>> = st.groups[&g].shards.clone();
+        let frozen = st.snapshot();
+        *st.entry("k1".into()).or_insert(0) += 1;
+        let after = &st.groups[&g].shards;
+        let copied = before
+            .iter()
+            .zip(after)
+            .filter(|(b, a)| !Arc::ptr_eq(b, a))
+            .count();
+        assert_eq!(copied, 1, "one shard of {SHARDS} copied");
+        // The snapshot still serializes the value before the write.
+        let (parts, _) = Snapshot::serialize_for_test(frozen).expect("serialize");
+        let r = Restored::from_parts(CheckpointId(1), parts, Vec::new());
+        let mut back: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        back.restore(&r).expect("restore");
+        assert_eq!(back.get(&"k1".to_string()), Some(&1));
+        assert_eq!(back.len(), 20_000);
     }
 
     #[test]

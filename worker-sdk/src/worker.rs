@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lazarus_storage::{
-    CheckpointId, CheckpointStore, ChunkRef, JobStore, LocalCache, Manifest, WorkerId,
+    CheckpointId, CheckpointStore, ChunkRef, Codec, JobStore, LocalCache, Manifest, WorkerId,
     WorkerSnapshot,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::align::BarrierAligner;
+use crate::decoded::DecodedParts;
 use crate::link::{Adoption, LinkState};
 use crate::operator::{BoxError, Context, Registry, Role};
 use crate::protocol::{self, Assignment, DataMsg, Partition, ToSupervisor, ToWorker};
@@ -273,18 +274,36 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
         env.clone(),
         adopt_rx,
     )));
+    // State parts this process holds decoded, shared by its assignments:
+    // a rollback in place and a promotion restore from them.
+    let decoded = DecodedParts::default();
     let (assignment, early) = match ctl_in.recv().await.flatten() {
         Some(ToWorker::Assign(a)) => (*a, None),
         Some(ToWorker::Standby(a)) => {
             // A service kind runs on the standby too (only the VIP moves
-            // on promotion): built now, restored and polled once promoted.
-            let early = if registry.builds_early(&a.kind) {
-                Some(registry.build(&a.kind, &context(&a))?)
+            // on promotion), and a kind that restores ahead keeps the
+            // state of every followed checkpoint decoded: built now.
+            let early = if registry.builds_early(&a.kind) || registry.restores_ahead(&a.kind) {
+                Some(Prepared {
+                    role: registry.build(&a.kind, &context(&a))?,
+                    restored: None,
+                })
             } else {
                 None
             };
-            match follow(*a, &mut ctl_in, &to_sup, &link_state).await? {
-                Some(a) => (a, early),
+            let ahead = registry.restores_ahead(&a.kind);
+            match follow(
+                *a,
+                early,
+                ahead,
+                &decoded,
+                &mut ctl_in,
+                &to_sup,
+                &link_state,
+            )
+            .await?
+            {
+                Some(promoted) => promoted,
                 None => return Ok(()),
             }
         }
@@ -292,6 +311,10 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
         Some(other) => return Err(format!("expected an assignment, got {other:?}").into()),
     };
     let (mut assignment, mut early) = (assignment, early);
+    // The last assignment's operator instance, kept while the next one
+    // restores: its key groups untouched since the checkpoint are taken
+    // over without a read or a decode (a rollback in place from memory).
+    let mut last_role: Option<Role> = None;
     let result = loop {
         if assignment.worker != env.worker {
             return Err(format!(
@@ -305,6 +328,8 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
         let result = run_assignment(
             &registry,
             early.take(),
+            &mut last_role,
+            &decoded,
             &env,
             assignment,
             &to_sup,
@@ -430,58 +455,50 @@ fn run_guest(
     })
 }
 
+/// An operator instance built before its assignment (a hot standby's),
+/// and the checkpoint it holds restored, if any.
+struct Prepared {
+    role: Role,
+    restored: Option<Manifest>,
+}
+
 /// A hot standby's life before promotion: restore every checkpoint the
 /// supervisor names into the local cache (downloading only the chunks it does
 /// not have yet, and checking them), so that promotion restores from local
-/// disk. Returns the assignment that promotes it, or `None` on shutdown.
+/// disk; with `ahead`, also into the prepared instance (decoding only the
+/// parts that changed), so that promotion reads and decodes nothing.
+/// Returns the assignment that promotes it and the instance, or `None` on
+/// shutdown.
 async fn follow(
     standby: Assignment,
+    mut prepared: Option<Prepared>,
+    ahead: bool,
+    decoded: &DecodedParts,
     ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
     to_sup: &mpsc::UnboundedSender<ToSupervisor>,
     link: &LinkState,
-) -> Result<Option<Assignment>> {
+) -> Result<Option<(Assignment, Option<Prepared>)>> {
     let store = CheckpointStore::open(&standby.store)?;
     let js = store.job(standby.job.clone());
     let cache = LocalCache::new(&standby.cache_dir)?;
-    let fetch = |n: CheckpointId| {
-        let (js, cache, worker) = (js.clone(), cache.clone(), standby.worker.clone());
-        async move {
-            let span = tracing::info_span!("standby_follow", checkpoint = %n, %worker);
-            async {
-                let manifest = js.manifest(n).await?;
-                let fetched = if manifest.workers.contains_key(&worker) {
-                    js.cache_worker(&manifest, &worker, &cache)
-                        .await?
-                        .fetched_bytes
-                } else {
-                    0
-                };
-                tracing::info!(fetched, "standby follows");
-                Ok::<_, BoxError>(fetched)
-            }
-            .instrument(span)
-            .await
-        }
-    };
     link.following(true);
-    if let Some(n) = standby.restore {
-        let fetched_bytes = fetch(n).await?;
-        link.followed(n);
-        to_sup.send(ToSupervisor::Followed {
-            checkpoint: n,
-            fetched_bytes,
-        })?;
-    }
+    let mut next = standby.restore;
     loop {
+        if let Some(n) = next.take() {
+            let span =
+                tracing::info_span!("standby_follow", checkpoint = %n, worker = %standby.worker);
+            let into = prepared.as_mut().filter(|_| ahead);
+            let fetched_bytes = follow_one(&js, &cache, &standby.worker, n, into, decoded)
+                .instrument(span)
+                .await?;
+            link.followed(n);
+            to_sup.send(ToSupervisor::Followed {
+                checkpoint: n,
+                fetched_bytes,
+            })?;
+        }
         match ctl_in.recv().await.flatten() {
-            Some(ToWorker::Follow { checkpoint }) => {
-                let fetched_bytes = fetch(checkpoint).await?;
-                link.followed(checkpoint);
-                to_sup.send(ToSupervisor::Followed {
-                    checkpoint,
-                    fetched_bytes,
-                })?;
-            }
+            Some(ToWorker::Follow { checkpoint }) => next = Some(checkpoint),
             Some(ToWorker::Assign(a)) => {
                 link.following(false);
                 if a.worker != standby.worker {
@@ -489,11 +506,121 @@ async fn follow(
                         format!("standby of {} promoted as {}", standby.worker, a.worker).into(),
                     );
                 }
-                return Ok(Some(*a));
+                return Ok(Some((*a, prepared)));
             }
             Some(ToWorker::Shutdown) | None => return Ok(None),
             Some(other) => tracing::debug!(?other, "ignored by a standby"),
         }
+    }
+}
+
+/// Follows checkpoint `n`: its chunks into the cache and, given an
+/// instance, its state into the instance. Returns the bytes fetched.
+async fn follow_one(
+    js: &lazarus_storage::JobStore,
+    cache: &LocalCache,
+    worker: &WorkerId,
+    n: CheckpointId,
+    into: Option<&mut Prepared>,
+    decoded: &DecodedParts,
+) -> Result<u64> {
+    let manifest = js.manifest(n).await?;
+    if !manifest.workers.contains_key(worker) {
+        return Ok(0);
+    }
+    let Some(prepared) = into else {
+        let fetched = js
+            .cache_worker(&manifest, worker, cache)
+            .await?
+            .fetched_bytes;
+        tracing::info!(fetched, "standby follows");
+        return Ok(fetched);
+    };
+    let started = Instant::now();
+    let (restored, r) = restore_parts(js, &manifest, worker, cache, decoded, true).await?;
+    restore_role(&mut prepared.role, &restored)?;
+    prepared.restored = Some(manifest);
+    tracing::info!(
+        fetched = r.fetched_bytes,
+        decoded_parts = r.chunks,
+        held_parts = r.held,
+        ms = started.elapsed().as_millis() as u64,
+        "standby follows, state decoded"
+    );
+    Ok(r.fetched_bytes)
+}
+
+/// What a restore read.
+struct RestoreStats {
+    /// Bytes read from the store (downloaded, or mapped in place).
+    fetched_bytes: u64,
+    /// Parts mapped (to be decoded).
+    chunks: usize,
+    /// Parts held decoded in this process (neither read nor decoded).
+    held: usize,
+}
+
+/// `worker`'s state of `manifest`: the parts this process holds decoded
+/// are taken from memory (neither read nor mapped), the others mapped from
+/// the local cache or the store (with `cache_all`, always through the
+/// cache, as a standby does so that a promotion reads nothing remote).
+async fn restore_parts(
+    js: &lazarus_storage::JobStore,
+    manifest: &Manifest,
+    worker: &WorkerId,
+    cache: &LocalCache,
+    decoded: &DecodedParts,
+    cache_all: bool,
+) -> Result<(Restored, RestoreStats)> {
+    let snapshot = manifest.workers.get(worker).ok_or_else(|| {
+        format!(
+            "checkpoint {} holds no state of {worker}",
+            manifest.checkpoint
+        )
+    })?;
+    let held: BTreeMap<String, crate::Decoded> = snapshot
+        .chunks
+        .iter()
+        .filter_map(|c| decoded.get(c).map(|v| (c.name().to_string(), v)))
+        .collect();
+    let r = js
+        .restore_worker_except(manifest, worker, cache, cache_all, &|c| {
+            held.contains_key(c.name())
+        })
+        .await?;
+    // Parts of key groups this worker no longer has are not kept.
+    decoded.retain(snapshot.chunks.iter().map(|c| c.name()));
+    let stats = RestoreStats {
+        fetched_bytes: r.read_from_store(),
+        chunks: r.chunks.len(),
+        held: held.len(),
+    };
+    let parts: BTreeMap<String, _> = snapshot
+        .chunks
+        .iter()
+        .filter(|c| !held.contains_key(c.name()))
+        .map(|c| c.name().to_string())
+        .zip(r.chunks)
+        .collect();
+    let chunks = snapshot
+        .chunks
+        .iter()
+        .map(|c| (c.name().to_string(), c.clone()))
+        .collect();
+    let restored = Restored::new(manifest.checkpoint, parts, r.metadata).with_decoded(
+        held,
+        chunks,
+        decoded.clone(),
+    );
+    Ok((restored, stats))
+}
+
+/// Restores an instance (sinks recover separately).
+fn restore_role(role: &mut Role, restored: &Restored) -> Result<()> {
+    match role {
+        Role::Source(s) => s.restore(restored),
+        Role::Operator(o) => o.restore(restored),
+        Role::Sink(_) => Ok(()),
     }
 }
 
@@ -590,18 +717,26 @@ fn context(a: &Assignment) -> Context {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_assignment(
     registry: &Registry,
-    early: Option<Role>,
+    early: Option<Prepared>,
+    last_role: &mut Option<Role>,
+    decoded: &DecodedParts,
     env: &WorkerEnv,
     a: Assignment,
     to_sup: &mpsc::UnboundedSender<ToSupervisor>,
     ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
     link: &LinkState,
 ) -> Result<()> {
-    let mut role = match early {
-        Some(role) => role,
-        None => registry.build(&a.kind, &context(&a))?,
+    if !registry.restores_ahead(&a.kind) {
+        // An instance of another kind may hold what its successor needs
+        // (a listener, a program): it goes before the new one is built.
+        *last_role = None;
+    }
+    let (mut role, prepared_at) = match early {
+        Some(p) => (p.role, p.restored),
+        None => (registry.build(&a.kind, &context(&a))?, None),
     };
     let store = CheckpointStore::open(&a.store)?;
     let js = store.job(a.job.clone());
@@ -610,42 +745,48 @@ async fn run_assignment(
     // Restore.
     let mut base: HashMap<String, ChunkRef> = HashMap::new();
     let mut fetched_bytes = 0;
-    if let Some(n) = a.restore {
-        let manifest = js.manifest(n).await?;
-        let writers = instances_in(&manifest, &a.operator);
-        let rescaled = !writers.is_empty() && writers.len() != a.parallelism as usize;
-        let restored = if rescaled {
-            let r = restore_rescaled(&js, &manifest, &writers, &a, &cache).await?;
-            for c in writers.iter().flat_map(|w| &manifest.workers[w].chunks) {
+    match (a.restore, prepared_at) {
+        (Some(n), Some(manifest))
+            if manifest.checkpoint == n && manifest.workers.contains_key(&a.worker) =>
+        {
+            // A hot standby that followed this very checkpoint holds its
+            // state decoded already.
+            tracing::info!(checkpoint = %n, "promoted with the state of the checkpoint it followed");
+            for c in &manifest.workers[&a.worker].chunks {
                 base.insert(c.name().to_string(), c.clone());
             }
-            fetched_bytes = r.1;
-            r.0
-        } else if manifest.workers.contains_key(&a.worker) {
-            let r = js.restore_worker(&manifest, &a.worker, &cache).await?;
-            tracing::info!(checkpoint = %n, fetched = r.fetched_bytes, cache_hits = r.cache_hits, in_place = r.in_place, "restored");
-            fetched_bytes = r.read_from_store();
-            let snapshot = &manifest.workers[&a.worker];
-            for c in &snapshot.chunks {
-                base.insert(c.name().to_string(), c.clone());
-            }
-            let parts: BTreeMap<String, _> = snapshot
-                .chunks
-                .iter()
-                .map(|c| c.name().to_string())
-                .zip(r.chunks)
-                .collect();
-            Restored::new(n, parts, r.metadata)
-        } else {
-            Restored::default()
-        };
-        match &mut role {
-            Role::Source(s) => s.restore(&restored)?,
-            Role::Operator(o) => o.restore(&restored)?,
-            Role::Sink(_) => {}
         }
+        (Some(n), _) => {
+            let manifest = js.manifest(n).await?;
+            let writers = instances_in(&manifest, &a.operator);
+            let rescaled = !writers.is_empty() && writers.len() != a.parallelism as usize;
+            let restored = if rescaled {
+                let r = restore_rescaled(&js, &manifest, &writers, &a, &cache).await?;
+                for c in writers.iter().flat_map(|w| &manifest.workers[w].chunks) {
+                    base.insert(c.name().to_string(), c.clone());
+                }
+                fetched_bytes = r.1;
+                r.0
+            } else if manifest.workers.contains_key(&a.worker) {
+                let (restored, r) =
+                    restore_parts(&js, &manifest, &a.worker, &cache, decoded, false).await?;
+                tracing::info!(checkpoint = %n, fetched = r.fetched_bytes, mapped = r.chunks, held = r.held, "restored");
+                fetched_bytes = r.fetched_bytes;
+                for c in &manifest.workers[&a.worker].chunks {
+                    base.insert(c.name().to_string(), c.clone());
+                }
+                restored
+            } else {
+                Restored::default()
+            };
+            restore_role(&mut role, &restored)?;
+        }
+        (None, _) => {}
     }
-    if let Role::Sink(s) = &mut role {
+    // Restored: the previous instance (whose untouched key groups the new
+    // one may share) can go.
+    let role = last_role.insert(role);
+    if let Role::Sink(s) = role {
         s.recover(a.restore)?;
     }
 
@@ -733,8 +874,11 @@ async fn run_assignment(
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel::<BoxError>();
     // Ends with the assignment: a halted one acks nothing more.
     let _uploader = TaskGuard(tokio::spawn(uploader(
-        js.clone(),
-        cache,
+        UploadTarget {
+            js: js.clone(),
+            cache,
+            decoded: decoded.clone(),
+        },
         a.clone(),
         base,
         upload_rx,
@@ -753,7 +897,7 @@ async fn run_assignment(
             loop {
                 match ctl_in.try_recv() {
                     Ok(msg) => {
-                        if !handle_control(msg, &mut role, &mut outputs, &upload_tx, link).await? {
+                        if !handle_control(msg, role, &mut outputs, &upload_tx, link).await? {
                             return Ok(());
                         }
                     }
@@ -767,7 +911,7 @@ async fn run_assignment(
                 return Err(e);
             }
             if !exhausted {
-                let Role::Source(source) = &mut role else {
+                let Role::Source(source) = &mut *role else {
                     unreachable!("checked above")
                 };
                 let status = source.poll(&mut emitter, SOURCE_BATCH)?;
@@ -778,7 +922,7 @@ async fn run_assignment(
                     crate::SourcePoll::Idle => {
                         tokio::select! {
                             msg = ctl_in.recv() => {
-                                if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx, link).await? {
+                                if !handle_control(msg.flatten(), role, &mut outputs, &upload_tx, link).await? {
                                     return Ok(());
                                 }
                             }
@@ -795,7 +939,7 @@ async fn run_assignment(
             } else {
                 tokio::select! {
                     msg = ctl_in.recv() => {
-                        if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx, link).await? {
+                        if !handle_control(msg.flatten(), role, &mut outputs, &upload_tx, link).await? {
                             return Ok(());
                         }
                     }
@@ -809,7 +953,7 @@ async fn run_assignment(
         tokio::select! {
             biased;
             msg = ctl_in.recv() => {
-                if !handle_control(msg.flatten(), &mut role, &mut outputs, &upload_tx, link).await? {
+                if !handle_control(msg.flatten(), role, &mut outputs, &upload_tx, link).await? {
                     return Ok(());
                 }
             }
@@ -818,7 +962,7 @@ async fn run_assignment(
                 match msg {
                     Some(Ok(DataMsg::Batch(records))) => {
                         records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
-                        match &mut role {
+                        match &mut *role {
                             Role::Operator(op) => {
                                 for r in records {
                                     op.process(r, &mut emitter)?;
@@ -835,12 +979,12 @@ async fn run_assignment(
                     }
                     Some(Ok(DataMsg::Barrier(n))) => {
                         if let Some(n) = aligner.on_barrier(i, n)? {
-                            snapshot_now(n, &mut role, &mut outputs, &upload_tx, link).await?;
+                            snapshot_now(n, role, &mut outputs, &upload_tx, link).await?;
                         }
                     }
                     Some(Ok(DataMsg::End)) | None => {
                         if let Some(n) = aligner.on_closed(i) {
-                            snapshot_now(n, &mut role, &mut outputs, &upload_tx, link).await?;
+                            snapshot_now(n, role, &mut outputs, &upload_tx, link).await?;
                         }
                     }
                     Some(Ok(DataMsg::Hello(w))) => return Err(format!("unexpected hello from {w} on input {i}").into()),
@@ -924,15 +1068,26 @@ async fn snapshot_now(
             checkpoint: n,
             parts,
             metadata,
-            pause: started.elapsed(),
+            // The longest stall this checkpointing caused processing: the
+            // synchronous part, or a copy-on-write copy of keyed state
+            // since the previous snapshot.
+            pause: started.elapsed().max(crate::state::take_cow_stall()),
         })
         .map_err(|_| "uploader stopped")?;
     Ok(())
 }
 
-async fn uploader(
+/// Where the uploader puts a snapshot: the store, the local cache, and
+/// the decoded parts it keeps beside the chunks.
+#[derive(Clone)]
+struct UploadTarget {
     js: JobStore,
     cache: LocalCache,
+    decoded: DecodedParts,
+}
+
+async fn uploader(
+    to: UploadTarget,
     a: Assignment,
     mut base: HashMap<String, ChunkRef>,
     mut jobs: mpsc::UnboundedReceiver<UploadJob>,
@@ -942,7 +1097,7 @@ async fn uploader(
     while let Some(job) = jobs.recv().await {
         let span = tracing::info_span!("snapshot_upload", checkpoint = %job.checkpoint, worker = %a.worker);
         let (checkpoint, pause) = (job.checkpoint, job.pause);
-        let result = upload(&js, &cache, &a, &base, job).instrument(span).await;
+        let result = upload(&to, &a, &base, job).instrument(span).await;
         match result {
             Ok(snapshot) => {
                 base = snapshot
@@ -970,8 +1125,7 @@ async fn uploader(
 /// Resolves unchanged parts to the chunks already written (incremental
 /// checkpoints) and writes the fresh ones, four at a time.
 async fn upload(
-    js: &JobStore,
-    cache: &LocalCache,
+    to: &UploadTarget,
     a: &Assignment,
     base: &HashMap<String, ChunkRef>,
     job: UploadJob,
@@ -987,12 +1141,11 @@ async fn upload(
                 })?;
                 chunks.push(Some(prior.clone()));
             }
-            PartContent::Fresh(serialize) => {
+            PartContent::Fresh { serialize, revive } => {
                 chunks.push(None);
                 let slot = chunks.len() - 1;
-                let (js, cache, worker, job_id, codec, limit) = (
-                    js.clone(),
-                    cache.clone(),
+                let (UploadTarget { js, cache, decoded }, worker, job_id, codec, limit) = (
+                    to.clone(),
                     a.worker.clone(),
                     a.job.clone(),
                     a.codec,
@@ -1001,20 +1154,27 @@ async fn upload(
                 let checkpoint = job.checkpoint;
                 handles.push(tokio::spawn(async move {
                     let _permit = limit.acquire_owned().await?;
-                    let bytes: Bytes = tokio::task::spawn_blocking(serialize).await??;
+                    let bytes: Bytes = crate::background::run(serialize).await??;
                     let chunk = js
                         .write_chunk(checkpoint, &worker, &name, bytes.clone(), codec)
                         .await?;
+                    if let Some(revive) = revive {
+                        decoded.keep(&chunk, revive);
+                    }
                     // The local copy (for restarts on this host) is written
                     // without holding up the ack: it is an optimisation, and
                     // a missing one only means a restore downloads the chunk.
                     // The task reports its own failure; nothing waits for it.
-                    let (c2, local) = (chunk.clone(), bytes);
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = cache.insert(&job_id, &c2, &local) {
-                            tracing::warn!(error = %e, "local cache copy failed");
-                        }
-                    });
+                    // An uncompressed chunk in a local directory is mapped
+                    // where it lies: a copy would only double the writes.
+                    if !(js.is_local_directory() && codec == Codec::None) {
+                        let (c2, local) = (chunk.clone(), bytes);
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = cache.insert(&job_id, &c2, &local) {
+                                tracing::warn!(error = %e, "local cache copy failed");
+                            }
+                        });
+                    }
                     Ok::<_, BoxError>((slot, chunk))
                 }));
             }

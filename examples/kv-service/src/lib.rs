@@ -34,9 +34,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 /// The operator kinds of this binary.
+///
+/// A hot standby builds the service as soon as it follows, and keeps its
+/// state restored to every checkpoint it follows: a promotion finds the
+/// state decoded in memory. The service binds its port at its first poll,
+/// that is once it is primary.
 pub fn registry() -> Registry {
-    Registry::new().source("kv-service", KvService::new)
+    Registry::new().following_source("kv-service", KvService::new)
 }
+
+/// How long the first poll retries a port still held by the instance this
+/// one replaces in the same process (a rollback in place).
+const BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Largest key, bytes.
 pub const MAX_KEY: usize = 256;
@@ -115,7 +124,20 @@ pub struct KvService {
     dirty: HashMap<String, usize>,
     /// Which keys this instance owns (active-active).
     shares: Shares,
-    _server: AbortOnDrop,
+    listener: Listener,
+}
+
+/// The HTTP listener: bound at the first poll (a hot standby is built
+/// long before it serves anything), then serving.
+enum Listener {
+    Unbound {
+        port: u16,
+        requests: mpsc::Sender<Request>,
+        since: Option<std::time::Instant>,
+    },
+    Serving {
+        _server: AbortOnDrop,
+    },
 }
 
 /// Who owns which key: the job's key groups spread over the instances
@@ -194,10 +216,10 @@ impl Drop for AbortOnDrop {
 }
 
 impl KvService {
-    /// Binds the port (parameter `lazarus.port`, set from the operator's
-    /// `port`, or `port`) on all addresses, so it serves whatever VIP the
-    /// agent adds to this host. Requests wait in a queue until the state is
-    /// restored and the worker processes them.
+    /// The service on the port (parameter `lazarus.port`, set from the
+    /// operator's `port`, or `port`), which it binds at its first poll on
+    /// all addresses, so it serves whatever VIP the agent adds to this
+    /// host (active-active: its own VIP).
     pub fn new(ctx: &Context) -> Result<KvService, BoxError> {
         let shares = Shares::from_context(ctx)?;
         let port: u16 = ctx
@@ -207,12 +229,7 @@ impl KvService {
             .ok_or("kv-service needs a port: set `port` on the operator")?
             .parse()
             .map_err(|e| format!("kv-service port: {e}"))?;
-        let listener = match &shares.own {
-            Some(vip) => bind_vip(*vip, port)?,
-            None => bind(port)?,
-        };
         let (tx, rx) = mpsc::channel(QUEUE);
-        let server = tokio::spawn(serve(listener, tx, shares.clone(), port));
         Ok(KvService {
             state: KeyedState::new("kv", ctx),
             requests: rx,
@@ -220,8 +237,51 @@ impl KvService {
             staged: VecDeque::new(),
             dirty: HashMap::new(),
             shares,
-            _server: AbortOnDrop(server),
+            listener: Listener::Unbound {
+                port,
+                requests: tx,
+                since: None,
+            },
         })
+    }
+
+    /// Binds and starts serving, once; `false` while the port is still
+    /// held by the instance this one replaces (retried for [`BIND_WAIT`]).
+    fn listen(&mut self) -> Result<bool, BoxError> {
+        let Listener::Unbound {
+            port,
+            requests,
+            since,
+        } = &mut self.listener
+        else {
+            return Ok(true);
+        };
+        let port = *port;
+        let bound = match &self.shares.own {
+            Some(vip) => bind_vip(*vip, port),
+            None => bind(port),
+        };
+        match bound {
+            Ok(listener) => {
+                let server =
+                    tokio::spawn(serve(listener, requests.clone(), self.shares.clone(), port));
+                self.listener = Listener::Serving {
+                    _server: AbortOnDrop(server),
+                };
+                Ok(true)
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && since.get_or_insert_with(std::time::Instant::now).elapsed() < BIND_WAIT =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(match &self.shares.own {
+                Some(vip) => format!("kv-service: binding its VIP {vip} port {port}: {e}"),
+                None => format!("kv-service: binding port {port}: {e}"),
+            }
+            .into()),
+        }
     }
 
     /// Applies one request; the answer is sent now or held for a commit.
@@ -289,6 +349,9 @@ impl KvService {
 
 impl Source for KvService {
     fn poll(&mut self, _out: &mut Emitter, max: usize) -> Result<SourcePoll, BoxError> {
+        if !self.listen()? {
+            return Ok(SourcePoll::Idle);
+        }
         let mut n = 0;
         while n < max {
             match self.requests.try_recv() {
@@ -344,7 +407,7 @@ impl Source for KvService {
 /// Binds `[::]:port` (IPv4 too, as mapped addresses), or `0.0.0.0:port`
 /// where IPv6 is off. SO_REUSEADDR: a restart on the same host must not
 /// wait for old connections in TIME_WAIT.
-fn bind(port: u16) -> Result<TcpListener, BoxError> {
+fn bind(port: u16) -> std::io::Result<TcpListener> {
     let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     let try_bind = |addr: SocketAddr| -> std::io::Result<TcpListener> {
         let socket = if addr.is_ipv6() {
@@ -356,17 +419,19 @@ fn bind(port: u16) -> Result<TcpListener, BoxError> {
         socket.bind(addr)?;
         socket.listen(1024)
     };
-    try_bind(v6)
-        .or_else(|_| try_bind(SocketAddr::from(([0, 0, 0, 0], port))))
-        .map_err(|e| format!("kv-service: binding port {port}: {e}").into())
+    match try_bind(v6) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(e),
+        Err(_) => try_bind(SocketAddr::from(([0, 0, 0, 0], port))),
+        ok => ok,
+    }
 }
 
 /// Binds this instance's own VIP (active-active), with `IP_FREEBIND`: the
 /// agent may add the address only after the worker starts, and after a
 /// failover two instances may share a host, each on its own address.
-fn bind_vip(ip: std::net::IpAddr, port: u16) -> Result<TcpListener, BoxError> {
+fn bind_vip(ip: std::net::IpAddr, port: u16) -> std::io::Result<TcpListener> {
     let addr = SocketAddr::new(ip, port);
-    let bound = (|| -> std::io::Result<TcpListener> {
+    (|| -> std::io::Result<TcpListener> {
         let socket = if ip.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
         } else {
@@ -376,8 +441,7 @@ fn bind_vip(ip: std::net::IpAddr, port: u16) -> Result<TcpListener, BoxError> {
         freebind(&socket, ip.is_ipv4())?;
         socket.bind(addr)?;
         socket.listen(1024)
-    })();
-    bound.map_err(|e| format!("kv-service: binding its VIP {addr}: {e}").into())
+    })()
 }
 
 fn freebind(socket: &tokio::net::TcpSocket, v4: bool) -> std::io::Result<()> {
@@ -873,6 +937,13 @@ mod tests {
         let port = free_port();
         let mut a = KvService::new(&active_active(0, port)).expect("instance 0");
         let mut b = KvService::new(&active_active(1, port)).expect("instance 1");
+        // The first poll binds the listeners.
+        for kv in [&mut a, &mut b] {
+            assert_eq!(
+                kv.poll(&mut Emitter::default(), 1).expect("bind"),
+                SourcePoll::Idle
+            );
+        }
         // The state loops: apply requests, checkpoint and commit every 20 ms.
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let driver = tokio::spawn(async move {
