@@ -3,8 +3,12 @@
 //!     cargo bench -p lazarus-benches --bench streaming
 //!
 //! 1. wordcount records/s (words) with checkpoints every 1 s beside
-//!    checkpoints off (only the final one): the overhead in %.
-//!    `LAZARUS_BENCH_WORDS` (default 10,000,000).
+//!    checkpoints off (only the final one): the overhead in %, best of
+//!    `LAZARUS_BENCH_ROUNDS` (default 3) runs each, and the checkpoint
+//!    latency; on the generated corpus (`LAZARUS_BENCH_WORDS`, default
+//!    10,000,000) and on one with a long tail of distinct words
+//!    (`LAZARUS_BENCH_TAIL_WORDS`, default 5,000,000: about 720,000
+//!    distinct, like the corpus of source text).
 //! 2. checkpoint latency (trigger → commit) p50/p99 and the processing pause
 //!    of the snapshot (the synchronous part, per worker and checkpoint) at
 //!    keyed-state sizes of 10 MiB, 100 MiB and 1 GiB with 10 % of the key
@@ -111,6 +115,14 @@ fn state_spec(dir: &Path, bytes: u64, duration_ms: u64) -> JobSpec {
     JobSpec::parse(&text, "state-bench", dir.to_path_buf()).expect("spec")
 }
 
+/// Distinct whitespace-separated words of `path`.
+fn distinct_words(path: &Path) -> usize {
+    let text = std::fs::read_to_string(path).expect("corpus");
+    text.split_whitespace()
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 fn main() {
     let base = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -137,36 +149,58 @@ fn main() {
         wordcount::generate(words, &input, 11).expect("corpus");
     }
     if section("1") {
-        let mut on = Vec::new();
-        let mut off = Vec::new();
-        let mut latencies = Vec::new();
-        for round in 0..2 {
-            for (interval, out) in [("off", &mut off), ("1s", &mut on)] {
-                let dir = base.join(format!("wc-{interval}-{round}"));
-                let spec = wordcount_spec(&base, &input, &dir.join("out"), interval);
-                let s = run(&rt, spec, &dir.join("state"));
-                if interval == "1s" {
-                    latencies.extend(s.checkpoint_latencies.iter().copied());
+        // The generated corpus, and one with a long tail of distinct words
+        // (the real corpus: 5 M words, 706,554 distinct).
+        let tail_words: u64 = std::env::var("LAZARUS_BENCH_TAIL_WORDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(5_000_000);
+        let tail_input = base.join("words-tail.txt");
+        wordcount::generate_with_tail(tail_words, &tail_input, 11, 730_000).expect("corpus");
+        let rounds: usize = std::env::var("LAZARUS_BENCH_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3);
+        for (label, corpus, n) in [
+            ("generated, skewed 20k-word vocabulary", &input, words),
+            ("long tail of distinct words", &tail_input, tail_words),
+        ] {
+            let distinct = distinct_words(corpus);
+            let mut on = Vec::new();
+            let mut off = Vec::new();
+            let mut latencies = Vec::new();
+            for round in 0..rounds {
+                for (interval, out) in [("off", &mut off), ("1s", &mut on)] {
+                    let dir = base.join(format!("wc-{interval}-{round}"));
+                    let spec = wordcount_spec(&base, corpus, &dir.join("out"), interval);
+                    let s = run(&rt, spec, &dir.join("state"));
+                    if interval == "1s" {
+                        latencies.extend(s.checkpoint_latencies.iter().copied());
+                    }
+                    out.push(n as f64 / s.elapsed.as_secs_f64());
+                    let _ = std::fs::remove_dir_all(&dir);
                 }
-                out.push(words as f64 / s.elapsed.as_secs_f64());
-                let _ = std::fs::remove_dir_all(&dir);
             }
+            let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+            let (on, off) = (best(&on), best(&off));
+            println!(
+                "wordcount, {n} words ({label}: {distinct} distinct), 7 worker processes (best of {rounds} runs each):"
+            );
+            println!(
+                "  {:<44} {:>12.0} words/s",
+                "baseline: checkpoints off (final one only)", off
+            );
+            println!(
+                "  {:<44} {:>12.0} words/s   overhead {:.1} %   (checkpoint latency p50 {} ms, p99 {} ms, {} checkpoints)",
+                "checkpoints every 1 s",
+                on,
+                100.0 * (off - on) / off,
+                percentile(&latencies, 0.5).as_millis(),
+                percentile(&latencies, 0.99).as_millis(),
+                latencies.len()
+            );
         }
-        let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-        let (on, off) = (best(&on), best(&off));
-        println!("wordcount, {words} words, 7 worker processes (best of 2 runs each):");
-        println!(
-            "  {:<44} {:>12.0} words/s",
-            "baseline: checkpoints off (final one only)", off
-        );
-        println!(
-            "  {:<44} {:>12.0} words/s   overhead {:.1} %   (checkpoint latency p50 {} ms, p99 {} ms)",
-            "checkpoints every 1 s",
-            on,
-            100.0 * (off - on) / off,
-            percentile(&latencies, 0.5).as_millis(),
-            percentile(&latencies, 0.99).as_millis()
-        );
+        let _ = std::fs::remove_file(&tail_input);
     }
 
     if section("2") {

@@ -13,7 +13,6 @@
 //! | `operator` | the [`Source`], [`Operator`] and [`Sink`] traits, [`Context`], [`Registry`], [`Fatal`] errors |
 //! | `state` | [`Snapshot`], [`Restored`], [`KeyedState`] (copy-on-write, incremental) |
 //! | `decoded` | state parts held decoded in memory beside their chunks (restores without a read or a decode) |
-//! | `background` | snapshot serialization on low-priority threads |
 //! | `align` | barrier alignment across inputs (a pure state machine) |
 //! | `protocol` | the wire protocol shared with the supervisor (control and data frames) |
 //! | `worker` | the worker process main loop: [`run_worker`] |
@@ -21,7 +20,6 @@
 #![deny(missing_docs)]
 
 mod align;
-mod background;
 mod decoded;
 mod link;
 mod operator;

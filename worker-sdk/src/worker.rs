@@ -1154,7 +1154,7 @@ async fn upload(
                 let checkpoint = job.checkpoint;
                 handles.push(tokio::spawn(async move {
                     let _permit = limit.acquire_owned().await?;
-                    let bytes: Bytes = crate::background::run(serialize).await??;
+                    let bytes: Bytes = tokio::task::spawn_blocking(serialize).await??;
                     let chunk = js
                         .write_chunk(checkpoint, &worker, &name, bytes.clone(), codec)
                         .await?;
