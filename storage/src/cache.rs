@@ -192,6 +192,22 @@ impl MappedChunk {
         &self.map[HEADER_LEN..]
     }
 
+    /// Drops the chunk's pages from this process's resident memory (they
+    /// stay in the page cache, and [`MappedChunk::bytes`] still reads the
+    /// same bytes: a later access faults them back in from the file). For
+    /// a caller done with the bytes, say after decoding them, that keeps
+    /// the map: a restore then holds the decoded state, not the state
+    /// twice. Best effort: a failure only leaves the pages resident.
+    pub fn release(&self) {
+        // SAFETY: a read-only shared map of a file that is never modified
+        // in place (see `open`): dropping its pages loses nothing, a later
+        // access reads the same bytes from the file.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+
     /// The payload read in place as an rkyv archive of type `T`, validated
     /// first: no deserialization pass, and no access to bytes that fail
     /// validation.

@@ -104,6 +104,9 @@ async fn test_round_trip_and_restore_both_codecs(env: &Env) {
     assert_eq!(restored.chunks[1].bytes(), &text[..]);
     // Read in place: the view points into the map, which starts page-aligned.
     assert_eq!(restored.chunks[0].bytes().as_ptr() as usize % 16, 0);
+    // Released pages read back the same bytes (from the file).
+    restored.chunks[1].release();
+    assert_eq!(restored.chunks[1].bytes(), &text[..]);
 
     // Again: everything comes from the cache.
     let again = js

@@ -317,6 +317,30 @@ impl Restored {
         }
     }
 
+    /// Done with part `name`'s bytes (decoded them): their pages leave this
+    /// process's resident memory, so a restore holds the decoded state, not
+    /// the state twice. [`Restored::part`] still gives the same bytes
+    /// afterwards (read again from the file).
+    ///
+    /// ```
+    /// use lazarus_sdk::Restored;
+    /// Restored::default().release("counts-kg7"); // no such part: nothing to do
+    /// ```
+    pub fn release(&self, name: &str) {
+        if let Some(PartBytes::Mapped(m)) = self.parts.get(name) {
+            m.release();
+        }
+    }
+
+    /// Releases every mapped part (see [`Restored::release`]).
+    pub(crate) fn release_all(&self) {
+        for part in self.parts.values() {
+            if let PartBytes::Mapped(m) = part {
+                m.release();
+            }
+        }
+    }
+
     /// Names of the parts (mapped or held decoded).
     pub fn part_names(&self) -> impl Iterator<Item = &str> {
         let mut names: Vec<&str> = self
@@ -691,6 +715,7 @@ where
                         .into());
                     };
                     let shards = self.decode(group, &name, bytes)?;
+                    state.release(&name);
                     state.keep_decoded(&name, revive_of(&shards));
                     shards
                 }

@@ -538,6 +538,9 @@ async fn follow_one(
     };
     let started = Instant::now();
     let (restored, r) = restore_parts(js, &manifest, worker, cache, decoded, true).await?;
+    // The check read every mapped chunk; a standby is in no hurry, so its
+    // memory holds one chunk at a time while it decodes, not all of them.
+    restored.release_all();
     restore_role(&mut prepared.role, &restored)?;
     prepared.restored = Some(manifest);
     tracing::info!(
