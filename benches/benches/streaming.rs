@@ -287,8 +287,13 @@ fn main() {
                 ms(|r| r.restore_ms).0,
                 ms(|r| r.connect_ms).0,
             );
+            let replays: Vec<Duration> = s
+                .recoveries
+                .iter()
+                .filter_map(|r| r.replay_ms.map(Duration::from_millis))
+                .collect();
             println!(
-                "  {:<40} {:>8} {:>8}   {:>22}   ({} recoveries, {} processes kept)",
+                "  {:<40} {:>8} {:>8}   {:>22}   ({} recoveries, {} processes kept; then replay p50 {} ms, p99 {} ms over {})",
                 if keep {
                     "processes that did not fail kept"
                 } else {
@@ -298,7 +303,10 @@ fn main() {
                 total99,
                 format!("{drain}/{restore}/{connect}"),
                 s.recoveries.len(),
-                s.kept_processes
+                s.kept_processes,
+                percentile(&replays, 0.5).as_millis(),
+                percentile(&replays, 0.99).as_millis(),
+                replays.len()
             );
             let _ = std::fs::remove_dir_all(&dir);
         }

@@ -113,6 +113,11 @@ pub struct Assignment {
     /// a supervisor that predates it; then channels are not authenticated.
     #[serde(default)]
     pub channel_key: Option<String>,
+    /// A source rolled back after a failure: how many records it emitted
+    /// after the restored checkpoint before the failure. It reports
+    /// [`ToSupervisor::Replayed`] once it has emitted that many again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_records: Option<u64>,
 }
 
 /// Bytes of the nonce a data receiver sends first.
@@ -249,7 +254,17 @@ pub enum ToSupervisor {
         snapshot: WorkerSnapshot,
         /// How long processing was paused for the synchronous part, in µs.
         pause_us: u64,
+        /// Records the worker had taken in (a source: emitted) when it
+        /// snapshotted, counted from its assignment: what a source must
+        /// emit again after a rollback to this checkpoint is its count at
+        /// the failure minus this.
+        #[serde(default)]
+        records: u64,
     },
+    /// A source emitted again everything it had emitted after the restored
+    /// checkpoint before the failure (its assignment's `replay_records`):
+    /// the job is back where it was.
+    Replayed,
     /// A source has no more input.
     SourceExhausted,
     /// Liveness and progress.

@@ -185,6 +185,15 @@ struct UploadJob {
     parts: Vec<(String, PartContent)>,
     metadata: Vec<u8>,
     pause: Duration,
+    /// Records taken in (a source: emitted) before the snapshot.
+    records: u64,
+}
+
+/// What a snapshot needs besides the instance: where frozen parts go, and
+/// the worker's record count (acked with each snapshot).
+struct Snapshotter {
+    upload_tx: mpsc::UnboundedSender<UploadJob>,
+    records: Arc<AtomicU64>,
 }
 
 /// The control connection's read half (plain TCP, or TLS on a cluster).
@@ -874,6 +883,19 @@ async fn run_assignment(
     // The uploader: serializes and writes frozen parts in checkpoint order,
     // off the processing path, then acks. A failure ends the worker.
     let (upload_tx, upload_rx) = mpsc::unbounded_channel::<UploadJob>();
+    let snapper = Snapshotter {
+        upload_tx,
+        records: records_in.clone(),
+    };
+    // A source rolled back after a failure reports once it has emitted
+    // again what it had emitted since the restored checkpoint.
+    let mut replay = a
+        .replay_records
+        .filter(|_| matches!(&*role, Role::Source(_)));
+    if replay == Some(0) {
+        replay = None;
+        to_sup.send(ToSupervisor::Replayed)?;
+    }
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel::<BoxError>();
     // Ends with the assignment: a halted one acks nothing more.
     let _uploader = TaskGuard(tokio::spawn(uploader(
@@ -900,7 +922,7 @@ async fn run_assignment(
             loop {
                 match ctl_in.try_recv() {
                     Ok(msg) => {
-                        if !handle_control(msg, role, &mut outputs, &upload_tx, link).await? {
+                        if !handle_control(msg, role, &mut outputs, &snapper, link).await? {
                             return Ok(());
                         }
                     }
@@ -918,14 +940,19 @@ async fn run_assignment(
                     unreachable!("checked above")
                 };
                 let status = source.poll(&mut emitter, SOURCE_BATCH)?;
-                records_in.fetch_add(emitter.len() as u64, Ordering::Relaxed);
+                let emitted = records_in.fetch_add(emitter.len() as u64, Ordering::Relaxed)
+                    + emitter.len() as u64;
+                if replay.is_some_and(|target| emitted >= target) {
+                    replay = None;
+                    to_sup.send(ToSupervisor::Replayed)?;
+                }
                 route(&mut outputs, &mut emitter).await?;
                 match status {
                     crate::SourcePoll::Ready => tokio::task::yield_now().await,
                     crate::SourcePoll::Idle => {
                         tokio::select! {
                             msg = ctl_in.recv() => {
-                                if !handle_control(msg.flatten(), role, &mut outputs, &upload_tx, link).await? {
+                                if !handle_control(msg.flatten(), role, &mut outputs, &snapper, link).await? {
                                     return Ok(());
                                 }
                             }
@@ -934,6 +961,10 @@ async fn run_assignment(
                         }
                     }
                     crate::SourcePoll::Exhausted => {
+                        if replay.take().is_some() {
+                            // Nothing more to emit: it is as far as it gets.
+                            to_sup.send(ToSupervisor::Replayed)?;
+                        }
                         exhausted = true;
                         link.exhausted();
                         to_sup.send(ToSupervisor::SourceExhausted)?;
@@ -942,7 +973,7 @@ async fn run_assignment(
             } else {
                 tokio::select! {
                     msg = ctl_in.recv() => {
-                        if !handle_control(msg.flatten(), role, &mut outputs, &upload_tx, link).await? {
+                        if !handle_control(msg.flatten(), role, &mut outputs, &snapper, link).await? {
                             return Ok(());
                         }
                     }
@@ -956,7 +987,7 @@ async fn run_assignment(
         tokio::select! {
             biased;
             msg = ctl_in.recv() => {
-                if !handle_control(msg.flatten(), role, &mut outputs, &upload_tx, link).await? {
+                if !handle_control(msg.flatten(), role, &mut outputs, &snapper, link).await? {
                     return Ok(());
                 }
             }
@@ -982,12 +1013,12 @@ async fn run_assignment(
                     }
                     Some(Ok(DataMsg::Barrier(n))) => {
                         if let Some(n) = aligner.on_barrier(i, n)? {
-                            snapshot_now(n, role, &mut outputs, &upload_tx, link).await?;
+                            snapshot_now(n, role, &mut outputs, &snapper, link).await?;
                         }
                     }
                     Some(Ok(DataMsg::End)) | None => {
                         if let Some(n) = aligner.on_closed(i) {
-                            snapshot_now(n, role, &mut outputs, &upload_tx, link).await?;
+                            snapshot_now(n, role, &mut outputs, &snapper, link).await?;
                         }
                     }
                     Some(Ok(DataMsg::Hello(w))) => return Err(format!("unexpected hello from {w} on input {i}").into()),
@@ -1003,7 +1034,7 @@ async fn handle_control(
     msg: Option<ToWorker>,
     role: &mut Role,
     outputs: &mut [EdgeOut],
-    upload_tx: &mpsc::UnboundedSender<UploadJob>,
+    snapper: &Snapshotter,
     link: &LinkState,
 ) -> Result<bool> {
     match msg {
@@ -1013,7 +1044,7 @@ async fn handle_control(
         Some(ToWorker::Trigger { checkpoint }) => {
             if matches!(role, Role::Source(_)) {
                 // Sources snapshot right here, between two polls.
-                snapshot_now(checkpoint, role, outputs, upload_tx, link).await?;
+                snapshot_now(checkpoint, role, outputs, snapper, link).await?;
             }
             Ok(true)
         }
@@ -1040,10 +1071,11 @@ async fn snapshot_now(
     n: CheckpointId,
     role: &mut Role,
     outputs: &mut [EdgeOut],
-    upload_tx: &mpsc::UnboundedSender<UploadJob>,
+    snapper: &Snapshotter,
     link: &LinkState,
 ) -> Result<()> {
     link.snapshotted(n);
+    let records = snapper.records.load(Ordering::Relaxed);
     let started = Instant::now();
     let snapshot = match role {
         Role::Source(s) => {
@@ -1066,8 +1098,10 @@ async fn snapshot_now(
         }
     }
     let (parts, metadata) = snapshot.into_parts();
-    upload_tx
+    snapper
+        .upload_tx
         .send(UploadJob {
+            records,
             checkpoint: n,
             parts,
             metadata,
@@ -1099,7 +1133,7 @@ async fn uploader(
 ) {
     while let Some(job) = jobs.recv().await {
         let span = tracing::info_span!("snapshot_upload", checkpoint = %job.checkpoint, worker = %a.worker);
-        let (checkpoint, pause) = (job.checkpoint, job.pause);
+        let (checkpoint, pause, records) = (job.checkpoint, job.pause, job.records);
         let result = upload(&to, &a, &base, job).instrument(span).await;
         match result {
             Ok(snapshot) => {
@@ -1112,6 +1146,7 @@ async fn uploader(
                     checkpoint,
                     snapshot,
                     pause_us: pause.as_micros() as u64,
+                    records,
                 };
                 if to_sup.send(ack).is_err() {
                     return;

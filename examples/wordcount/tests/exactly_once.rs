@@ -279,6 +279,13 @@ async fn test_workers_that_did_not_fail_keep_their_processes_and_the_output_stay
         assert_eq!(summary.state, JobState::Finished, "{summary:?}");
         assert_eq!(summary.chaos_kills, 3, "make the input larger");
         assert!(summary.restarts >= 3, "{summary:?}");
+        // A recovery after the source got past a checkpoint is timed until
+        // the source has emitted again what it had emitted since (replay).
+        assert!(
+            summary.recoveries.iter().any(|r| r.replay_ms.is_some()),
+            "no recovery reported its replay: {:?}",
+            summary.recoveries
+        );
         assert_eq!(seen.len(), 7, "every worker seen: {seen:?}");
         let kept: Vec<&String> = seen
             .iter()

@@ -135,14 +135,16 @@ fn print_summary(s: &RunSummary, store: &str) {
         totals.sort();
         let last = s.recoveries.last().expect("not empty");
         println!(
-            "  recovery (failure detected -> every worker running): p50 {} ms, p99 {} ms over {}; last {} ms = drain {} + restore {} + connect {}",
+            "  recovery (failure detected -> every worker running): p50 {} ms, p99 {} ms over {}; last {} ms = drain {} + restore {} + connect {}, then sources back where they were after {}",
             percentile(&totals, 0.5).as_millis(),
             percentile(&totals, 0.99).as_millis(),
             s.recoveries.len(),
             last.total_ms,
             last.drain_ms,
             last.restore_ms,
-            last.connect_ms
+            last.connect_ms,
+            last.replay_ms
+                .map_or("(not known)".to_string(), |ms| format!("{ms} ms of replay"))
         );
     }
     println!(

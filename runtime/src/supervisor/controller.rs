@@ -383,6 +383,9 @@ pub enum Action {
         restore: Option<CheckpointId>,
         /// Follow as a standby instead of running.
         standby: bool,
+        /// A source rolled back after a failure: the records it emitted
+        /// after the restored checkpoint before the failure.
+        replay: Option<u64>,
     },
     /// Send a control message.
     Send {
@@ -655,14 +658,24 @@ pub struct RecoveryTime {
     pub connect_ms: u64,
     /// Only the failed regions restarted.
     pub region_failover: bool,
+    /// Every worker running → every source emitted again what it had
+    /// emitted after the restored checkpoint before the failure (the job
+    /// back where it was), ms; not part of `total_ms`. `None` while that
+    /// is not known yet, or when no source's count at the checkpoint was
+    /// known (a failure in another attempt than the checkpoint's).
+    #[serde(default)]
+    pub replay_ms: Option<u64>,
 }
 
 /// The moments of a recovery in progress.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct RecoveryClock {
     detected: Duration,
     placed: Option<Duration>,
     listening: Option<Duration>,
+    /// The checkpoint to restore when the failure was detected, and per
+    /// source the records it had emitted after that checkpoint.
+    replay: Option<(CheckpointId, BTreeMap<WorkerId, u64>)>,
 }
 
 /// Whom a control connection belongs to.
@@ -765,6 +778,9 @@ struct AttemptState {
     running: BTreeSet<WorkerId>,
     last_seen: BTreeMap<WorkerId, Duration>,
     records: BTreeMap<WorkerId, u64>,
+    /// Per worker, its record count at each checkpoint it acked (the
+    /// latest few).
+    snap_records: BTreeMap<WorkerId, BTreeMap<CheckpointId, u64>>,
     /// Primaries that exited abnormally while their connection was still
     /// open: the failure (and until when to wait) is decided when the
     /// connection closes, after the worker's last message (a stream keeps
@@ -832,6 +848,10 @@ pub struct JobController {
     prefer: BTreeMap<WorkerId, String>,
     /// The recovery in progress, timed.
     clock: Option<RecoveryClock>,
+    /// A recovery whose sources are replaying: its index in
+    /// `summary.recoveries`, when every worker ran, and the sources not
+    /// done yet.
+    replaying: Option<(usize, Duration, BTreeSet<WorkerId>)>,
     /// An adoption in progress (a new HA leader).
     adopting: Option<AdoptState>,
     /// Bytes each worker's last restore downloaded.
@@ -915,6 +935,7 @@ impl JobController {
             host_since: BTreeMap::new(),
             prefer: BTreeMap::new(),
             clock: None,
+            replaying: None,
             adopting: None,
             fetched: BTreeMap::new(),
             consecutive_failures: 0,
@@ -1587,6 +1608,26 @@ impl JobController {
         self.cfg.plan.iter().find(|w| w.id == *id)
     }
 
+    /// At a failure: the checkpoint a recovery restores now, and per source
+    /// of the current attempt how many records it emitted after that
+    /// checkpoint (its last heartbeat's count minus its count in the ack of
+    /// the checkpoint). Sources without both counts are left out.
+    fn replay_targets(&self) -> Option<(CheckpointId, BTreeMap<WorkerId, u64>)> {
+        let at = self.newest_committed?;
+        let targets: BTreeMap<WorkerId, u64> = self
+            .cfg
+            .plan
+            .iter()
+            .filter(|w| w.inputs.is_empty())
+            .filter_map(|w| {
+                let now = *self.att.records.get(&w.id)?;
+                let then = *self.att.snap_records.get(&w.id)?.get(&at)?;
+                Some((w.id.clone(), now.saturating_sub(then)))
+            })
+            .collect();
+        (!targets.is_empty()).then_some((at, targets))
+    }
+
     fn is_sink(&self, id: &WorkerId) -> bool {
         self.worker(id).is_some_and(|w| w.outputs.is_empty())
     }
@@ -1964,6 +2005,7 @@ impl JobController {
                 epoch: self.epoch,
                 restore: self.newest_committed,
                 standby: true,
+                replay: None,
             });
             self.conns.insert(
                 conn,
@@ -2023,6 +2065,10 @@ impl JobController {
             epoch: self.epoch,
             restore: self.restored,
             standby: false,
+            replay: self.clock.as_ref().and_then(|c| match &c.replay {
+                Some((at, targets)) if Some(*at) == self.restored => targets.get(worker).copied(),
+                _ => None,
+            }),
         });
         self.att.senders.insert(worker.clone(), conn);
         self.att.last_seen.insert(worker.clone(), now);
@@ -2097,9 +2143,24 @@ impl JobController {
                             restore_ms: listening - placed,
                             connect_ms: running - listening,
                             region_failover,
+                            replay_ms: None,
                         };
                         tracing::info!(?t, "recovered: every worker running again");
                         self.summary.recoveries.push(t);
+                        // The sources given a replay target report when
+                        // they reach it.
+                        let waiting: BTreeSet<WorkerId> = match &c.replay {
+                            Some((at, targets)) if Some(*at) == self.restored => targets
+                                .keys()
+                                .filter(|w| self.partial.as_ref().is_none_or(|r| r.contains(*w)))
+                                .cloned()
+                                .collect(),
+                            _ => BTreeSet::new(),
+                        };
+                        if !waiting.is_empty() {
+                            self.replaying =
+                                Some((self.summary.recoveries.len() - 1, now, waiting));
+                        }
                     }
                     if let Some(region) = self.partial.take() {
                         tracing::info!(region = ?region, "region failover done: the other workers kept running");
@@ -2120,8 +2181,14 @@ impl JobController {
                 checkpoint,
                 snapshot,
                 pause_us,
+                records,
             } => {
                 self.summary.pauses.push(Duration::from_micros(pause_us));
+                let acked = self.att.snap_records.entry(worker.clone()).or_default();
+                acked.insert(checkpoint, records);
+                while acked.len() > 64 {
+                    acked.pop_first();
+                }
                 let d = self.coordinator.on_ack(&worker, checkpoint, snapshot);
                 self.carry_out(now, d);
             }
@@ -2131,6 +2198,22 @@ impl JobController {
             }
             ToSupervisor::Heartbeat { records_in } => {
                 self.att.records.insert(worker, records_in);
+            }
+            ToSupervisor::Replayed => {
+                if let Some((i, running_at, waiting)) = self.replaying.as_mut() {
+                    waiting.remove(&worker);
+                    if waiting.is_empty() {
+                        let ms = (now.saturating_sub(*running_at)).as_millis() as u64;
+                        if let Some(r) = self.summary.recoveries.get_mut(*i) {
+                            r.replay_ms = Some(ms);
+                            tracing::info!(
+                                replay_ms = ms,
+                                "replayed: every source is back where it was"
+                            );
+                        }
+                        self.replaying = None;
+                    }
+                }
             }
             ToSupervisor::Failed { error, fatal } => {
                 if matches!(self.phase, Phase::Finishing { .. }) && !self.is_sink(&worker) {
@@ -2611,12 +2694,16 @@ impl JobController {
         self.adopting = None;
         // A failure during a recovery extends it: timed from the first.
         if self.clock.is_none() {
+            let replay = self.replay_targets();
             self.clock = Some(RecoveryClock {
                 detected: now,
                 placed: None,
                 listening: None,
+                replay,
             });
         }
+        // A recovery still replaying is cut short: its replay stays unknown.
+        self.replaying = None;
         let _ = self.coordinator.on_failure();
         self.next_id = self.next_id.max(self.coordinator.next_id());
         self.partial = None;

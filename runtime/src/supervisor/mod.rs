@@ -547,12 +547,14 @@ impl Shell {
                     epoch,
                     restore,
                     standby,
+                    replay,
                 } => {
                     let Some(w) = self.run.spec_worker(&worker) else {
                         continue;
                     };
                     let key = self.channel_key(epoch);
-                    let a = Box::new(self.assignment(&w, epoch, restore, &host, key));
+                    let mut a = Box::new(self.assignment(&w, epoch, restore, &host, key));
+                    a.replay_records = replay;
                     let msg = if standby {
                         ToWorker::Standby(a)
                     } else {
@@ -628,6 +630,7 @@ impl Shell {
             heartbeat_ms: spec.job.heartbeat_interval.as_millis() as u64,
             codec: spec.checkpoint.codec,
             channel_key: Some(channel_key),
+            replay_records: None,
         }
     }
 }

@@ -1228,6 +1228,7 @@ impl World {
                             WorkerSnapshot::default()
                         },
                         pause_us: 10,
+                        records: 0,
                     };
                     self.at(d, Event::Deliver(Fact::Message { conn: c, msg }));
                 }
