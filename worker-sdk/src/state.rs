@@ -210,12 +210,18 @@ impl Restored {
         parts: BTreeMap<String, MappedChunk>,
         metadata: Vec<u8>,
     ) -> Restored {
+        let parts = parts.into_iter().map(|(n, c)| (n, PartBytes::Mapped(c)));
+        Restored::of(checkpoint, parts.collect(), metadata)
+    }
+
+    fn of(
+        checkpoint: CheckpointId,
+        parts: BTreeMap<String, PartBytes>,
+        metadata: Vec<u8>,
+    ) -> Restored {
         Restored {
             checkpoint: Some(checkpoint),
-            parts: parts
-                .into_iter()
-                .map(|(name, chunk)| (name, PartBytes::Mapped(chunk)))
-                .collect(),
+            parts,
             metadata,
             ..Restored::default()
         }
@@ -241,15 +247,8 @@ impl Restored {
         parts: BTreeMap<String, bytes::Bytes>,
         metadata: Vec<u8>,
     ) -> Restored {
-        Restored {
-            checkpoint: Some(checkpoint),
-            parts: parts
-                .into_iter()
-                .map(|(name, b)| (name, PartBytes::Owned(b)))
-                .collect(),
-            metadata,
-            ..Restored::default()
-        }
+        let parts = parts.into_iter().map(|(n, b)| (n, PartBytes::Owned(b)));
+        Restored::of(checkpoint, parts.collect(), metadata)
     }
 
     /// The same, with the parts held decoded (`held`, not mapped), the
