@@ -678,6 +678,17 @@ struct RecoveryClock {
     replay: Option<(CheckpointId, BTreeMap<WorkerId, u64>)>,
 }
 
+impl RecoveryClock {
+    /// The sources' replay targets, if they were taken at the checkpoint
+    /// the recovery restores.
+    fn replay_targets(&self, restored: Option<CheckpointId>) -> Option<&BTreeMap<WorkerId, u64>> {
+        self.replay
+            .as_ref()
+            .filter(|(at, _)| Some(*at) == restored)
+            .map(|(_, targets)| targets)
+    }
+}
+
 /// Whom a control connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ConnRole {
@@ -2065,10 +2076,10 @@ impl JobController {
             epoch: self.epoch,
             restore: self.restored,
             standby: false,
-            replay: self.clock.as_ref().and_then(|c| match &c.replay {
-                Some((at, targets)) if Some(*at) == self.restored => targets.get(worker).copied(),
-                _ => None,
-            }),
+            replay: self
+                .clock
+                .as_ref()
+                .and_then(|c| c.replay_targets(self.restored)?.get(worker).copied()),
         });
         self.att.senders.insert(worker.clone(), conn);
         self.att.last_seen.insert(worker.clone(), now);
@@ -2149,14 +2160,13 @@ impl JobController {
                         self.summary.recoveries.push(t);
                         // The sources given a replay target report when
                         // they reach it.
-                        let waiting: BTreeSet<WorkerId> = match &c.replay {
-                            Some((at, targets)) if Some(*at) == self.restored => targets
-                                .keys()
-                                .filter(|w| self.partial.as_ref().is_none_or(|r| r.contains(*w)))
-                                .cloned()
-                                .collect(),
-                            _ => BTreeSet::new(),
-                        };
+                        let waiting: BTreeSet<WorkerId> = c
+                            .replay_targets(self.restored)
+                            .into_iter()
+                            .flat_map(BTreeMap::keys)
+                            .filter(|w| self.partial.as_ref().is_none_or(|r| r.contains(*w)))
+                            .cloned()
+                            .collect();
                         if !waiting.is_empty() {
                             self.replaying =
                                 Some((self.summary.recoveries.len() - 1, now, waiting));
