@@ -52,7 +52,9 @@ impl JobStore {
             let total = encoded.len();
             let header = Bytes::copy_from_slice(&encoded.header);
             if total <= self.store.options.multipart_threshold {
-                let payload = PutPayload::from_iter([header, encoded.payload.clone()]);
+                let payload = PutPayload::from_iter(
+                    std::iter::once(header).chain(segments(encoded.payload.clone())),
+                );
                 self.put_small(&rel, payload, false)
                     .await
                     .map_err(|e| StorageError::backend("put", self.full_key(&rel), e))?;
@@ -100,11 +102,27 @@ impl JobStore {
                 ));
             }
             let take = payload.len().min(options.part_size);
-            writer.put(payload.split_to(take));
+            for piece in segments(payload.split_to(take)) {
+                writer.put(piece);
+            }
         }
         writer.finish().await.map_err(|e| {
             StorageError::backend("complete multipart upload", self.full_key(rel), e)
         })?;
         Ok(())
     }
+}
+
+/// The largest single write a chunk's bytes are handed to the backend in.
+/// A local directory writes each segment with one `write(2)`, and a kernel
+/// without preemption finishes a syscall before it runs anything else: a
+/// whole chunk in one call (8 MiB: about 5 ms of page-cache copying here)
+/// held a core away from a waking processing thread for that long.
+const WRITE_SEGMENT: usize = 256 << 10;
+
+/// `payload` as slices of at most [`WRITE_SEGMENT`] bytes (no copy).
+fn segments(mut payload: Bytes) -> impl Iterator<Item = Bytes> {
+    std::iter::from_fn(move || {
+        (!payload.is_empty()).then(|| payload.split_to(payload.len().min(WRITE_SEGMENT)))
+    })
 }

@@ -102,6 +102,7 @@ pub fn run_worker(registry: Registry) -> ExitCode {
         }
     };
     let worker = env.worker.clone();
+    latency_critical();
     match runtime.block_on(main_loop(Arc::new(registry), env)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -1229,6 +1230,53 @@ async fn upload(
             .collect(),
         metadata: job.metadata,
     })
+}
+
+/// Asks the kernel for short time slices on the calling thread, the one
+/// that runs the operator (EEVDF's custom slice, Linux 6.12 and later): a
+/// waking processing thread then preempts a serialization or upload thread
+/// running a default slice instead of waiting for its slice to end. Its
+/// share of the CPU is unchanged. Only a thread at the default policy is
+/// changed, and its nice value is kept; an older kernel ignores the slice.
+fn latency_critical() {
+    // SAFETY: plain syscalls on the calling thread; no memory is passed.
+    let (policy, nice) = unsafe {
+        (
+            libc::sched_getscheduler(0),
+            libc::getpriority(libc::PRIO_PROCESS, 0),
+        )
+    };
+    if policy != libc::SCHED_OTHER {
+        return;
+    }
+    #[repr(C)]
+    struct SchedAttr {
+        size: u32,
+        policy: u32,
+        flags: u64,
+        nice: i32,
+        priority: u32,
+        runtime: u64,
+        deadline: u64,
+        period: u64,
+    }
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        policy: libc::SCHED_OTHER as u32,
+        flags: 0,
+        nice,
+        priority: 0,
+        // 100 µs, the shortest slice the kernel accepts.
+        runtime: 100_000,
+        deadline: 0,
+        period: 0,
+    };
+    // SAFETY: sched_setattr(2) on the calling thread with a fully
+    // initialised attribute of the size it states.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "no short time slice");
+    }
 }
 
 /// Sends everything the emitter holds over the output edges.
