@@ -292,8 +292,13 @@ fn main() {
                 .iter()
                 .filter_map(|r| r.replay_ms.map(Duration::from_millis))
                 .collect();
+            let detects: Vec<Duration> = s
+                .recoveries
+                .iter()
+                .filter_map(|r| r.detect_ms.map(Duration::from_millis))
+                .collect();
             println!(
-                "  {:<40} {:>8} {:>8}   {:>22}   ({} recoveries, {} processes kept; then replay p50 {} ms, p99 {} ms over {})",
+                "  {:<40} {:>8} {:>8}   {:>22}   ({} recoveries, {} processes kept; detection p50 {} ms, p99 {} ms over {}; then replay p50 {} ms, p99 {} ms over {})",
                 if keep {
                     "processes that did not fail kept"
                 } else {
@@ -304,6 +309,9 @@ fn main() {
                 format!("{drain}/{restore}/{connect}"),
                 s.recoveries.len(),
                 s.kept_processes,
+                percentile(&detects, 0.5).as_millis(),
+                percentile(&detects, 0.99).as_millis(),
+                detects.len(),
                 percentile(&replays, 0.5).as_millis(),
                 percentile(&replays, 0.99).as_millis(),
                 replays.len()

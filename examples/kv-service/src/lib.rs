@@ -1049,6 +1049,63 @@ mod tests {
         );
     }
 
+    /// A rolled-back instance's first polls wait while the instance it
+    /// replaces still holds the port, then bind it and serve.
+    #[tokio::test]
+    async fn test_the_first_poll_waits_for_a_port_still_held_then_binds_it() {
+        let holder = bind(0).expect("a port");
+        let port = holder.local_addr().expect("addr").port();
+        let mut ctx = Context::for_test("kv", 0, 1);
+        ctx.params.insert("port".into(), port.to_string());
+        let mut kv = KvService::new(&ctx).expect("service");
+        let mut out = Emitter::default();
+        for _ in 0..3 {
+            let poll = kv.poll(&mut out, 16).expect("a held port is waited for");
+            assert!(matches!(poll, SourcePoll::Idle));
+        }
+        assert!(
+            matches!(kv.listener, Listener::Unbound { since: Some(_), .. }),
+            "still waiting for the port"
+        );
+        drop(holder);
+        kv.poll(&mut out, 16).expect("binds once it is free");
+        assert!(matches!(kv.listener, Listener::Serving { .. }));
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("it serves the port");
+        conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let mut answer = vec![0; 12];
+        conn.read_exact(&mut answer).await.expect("answer");
+        assert_eq!(
+            &answer,
+            b"HTTP/1.1 200",
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+
+    /// A port still held after the bind wait is an error that names it,
+    /// not a wait for ever.
+    #[tokio::test]
+    async fn test_a_port_held_past_the_bind_wait_is_an_error_naming_it() {
+        let holder = bind(0).expect("a port");
+        let port = holder.local_addr().expect("addr").port();
+        let mut ctx = Context::for_test("kv", 0, 1);
+        ctx.params.insert("port".into(), port.to_string());
+        let mut kv = KvService::new(&ctx).expect("service");
+        let mut out = Emitter::default();
+        kv.poll(&mut out, 16).expect("waits at first");
+        if let Listener::Unbound { since, .. } = &mut kv.listener {
+            *since = std::time::Instant::now()
+                .checked_sub(BIND_WAIT + std::time::Duration::from_millis(1));
+        }
+        let e = kv.poll(&mut out, 16).expect_err("gives up").to_string();
+        assert!(e.contains(&format!("binding port {port}")), "{e}");
+        drop(holder);
+    }
+
     #[tokio::test]
     async fn test_writes_are_answered_only_after_their_checkpoint_commits() {
         let mut ctx = Context::for_test("kv", 0, 1);

@@ -286,6 +286,17 @@ async fn test_workers_that_did_not_fail_keep_their_processes_and_the_output_stay
             "no recovery reported its replay: {:?}",
             summary.recoveries
         );
+        // A SIGKILLed process is seen to go (its exit or its connection)
+        // before the recovery starts: every recovery times its detection,
+        // within the root-cause wait.
+        assert!(
+            summary
+                .recoveries
+                .iter()
+                .all(|r| r.detect_ms.is_some_and(|ms| ms <= 1000)),
+            "a recovery without its detection time: {:?}",
+            summary.recoveries
+        );
         assert_eq!(seen.len(), 7, "every worker seen: {seen:?}");
         let kept: Vec<&String> = seen
             .iter()
@@ -629,6 +640,14 @@ async fn test_a_frozen_worker_is_caught_by_missed_heartbeats() {
     assert!(
         why.contains("missed heartbeats"),
         "the frozen worker was found by its heartbeats: {why}"
+    );
+    // Its detection is timed from its last heartbeat: the timeout, and at
+    // most one supervisor tick and heartbeat interval more.
+    let detect = summary.recoveries.first().and_then(|r| r.detect_ms);
+    assert!(
+        detect.is_some_and(|ms| (800..=2000).contains(&ms)),
+        "detection of a frozen worker: {:?}",
+        summary.recoveries
     );
     assert_same_multiset(&expected_lines(&input), &output_lines(&out));
 }

@@ -135,7 +135,7 @@ fn print_summary(s: &RunSummary, store: &str) {
         totals.sort();
         let last = s.recoveries.last().expect("not empty");
         println!(
-            "  recovery (failure detected -> every worker running): p50 {} ms, p99 {} ms over {}; last {} ms = drain {} + restore {} + connect {}, then sources back where they were after {}",
+            "  recovery (failure detected -> every worker running): p50 {} ms, p99 {} ms over {}; last {} ms = drain {} + restore {} + connect {}, detected {} after its first sign, then sources back where they were after {}",
             percentile(&totals, 0.5).as_millis(),
             percentile(&totals, 0.99).as_millis(),
             s.recoveries.len(),
@@ -143,6 +143,8 @@ fn print_summary(s: &RunSummary, store: &str) {
             last.drain_ms,
             last.restore_ms,
             last.connect_ms,
+            last.detect_ms
+                .map_or("(no sign before)".to_string(), |ms| format!("{ms} ms")),
             last.replay_ms
                 .map_or("(not known)".to_string(), |ms| format!("{ms} ms of replay"))
         );

@@ -211,12 +211,14 @@ pub fn render(s: &StatusReport) -> String {
         if let Some(r) = &j.last_recovery {
             let _ = writeln!(
                 out,
-                "  last recovery: {} ms to every worker running (drain {} + restore {} + connect {}){}{}",
+                "  last recovery: {} ms to every worker running (drain {} + restore {} + connect {}){}{}{}",
                 r.total_ms,
                 r.drain_ms,
                 r.restore_ms,
                 r.connect_ms,
                 if r.region_failover { ", region failover" } else { "" },
+                r.detect_ms
+                    .map_or(String::new(), |ms| format!("; detected {ms} ms after its first sign")),
                 r.replay_ms
                     .map_or(String::new(), |ms| format!("; sources back where they were {ms} ms later"))
             );

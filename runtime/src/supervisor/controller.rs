@@ -665,11 +665,23 @@ pub struct RecoveryTime {
     /// known (a failure in another attempt than the checkpoint's).
     #[serde(default)]
     pub replay_ms: Option<u64>,
+    /// The first sign of the failure → the failure detected, ms; not part
+    /// of `total_ms`. The first sign is what the supervisor heard first:
+    /// the process's exit or its connection closing (then this is the wait
+    /// for the other of the two, which names the cause), an error the
+    /// worker reported (0), or, for a worker that went silent, its last
+    /// heartbeat (then this is the heartbeat timeout). `None` where no
+    /// sign came before the decision: a host declared lost by the fleet,
+    /// a stop or a planned move.
+    #[serde(default)]
+    pub detect_ms: Option<u64>,
 }
 
 /// The moments of a recovery in progress.
 #[derive(Debug, Clone)]
 struct RecoveryClock {
+    /// The first sign of the failure, when one came before `detected`.
+    sign: Option<Duration>,
     detected: Duration,
     placed: Option<Duration>,
     listening: Option<Duration>,
@@ -859,6 +871,10 @@ pub struct JobController {
     prefer: BTreeMap<WorkerId, String>,
     /// The recovery in progress, timed.
     clock: Option<RecoveryClock>,
+    /// The first sign of a primary's failure not yet acted on (its exit,
+    /// its connection closing, its last heartbeat): where a recovery's
+    /// detection time starts.
+    first_sign: Option<Duration>,
     /// A recovery whose sources are replaying: its index in
     /// `summary.recoveries`, when every worker ran, and the sources not
     /// done yet.
@@ -946,6 +962,7 @@ impl JobController {
             host_since: BTreeMap::new(),
             prefer: BTreeMap::new(),
             clock: None,
+            first_sign: None,
             replaying: None,
             adopting: None,
             fetched: BTreeMap::new(),
@@ -1927,6 +1944,9 @@ impl JobController {
         let Some(w) = silent else {
             return false;
         };
+        if let Some(&last) = self.att.last_seen.get(&w) {
+            self.sign(last);
+        }
         self.failed.insert(w.clone());
         self.fail(
             now,
@@ -2155,6 +2175,7 @@ impl JobController {
                             connect_ms: running - listening,
                             region_failover,
                             replay_ms: None,
+                            detect_ms: c.sign.map(|s| ms(c.detected.saturating_sub(s))),
                         };
                         tracing::info!(?t, "recovered: every worker running again");
                         self.summary.recoveries.push(t);
@@ -2244,6 +2265,7 @@ impl JobController {
                 // cause is named, and its region is the one to recover
                 // (its process is not replaced: it did not exit).
                 self.reported.insert(worker.clone());
+                self.sign(now);
                 self.fail(now, format!("worker {worker} failed: {error}"), true);
             }
             ToSupervisor::Hello { .. } | ToSupervisor::Followed { .. } => {}
@@ -2336,6 +2358,7 @@ impl JobController {
                 {
                     return;
                 }
+                self.sign(now);
                 match self.att.exits.remove(&worker) {
                     // It exited, and everything it said has been heard.
                     Some((why, _)) => self.fail(now, why, true),
@@ -2352,6 +2375,11 @@ impl JobController {
             }
             None => {}
         }
+    }
+
+    /// Notes a sign of a primary's failure at `at` (the earliest counts).
+    fn sign(&mut self, at: Duration) {
+        self.first_sign = Some(self.first_sign.map_or(at, |s| s.min(at)));
     }
 
     fn on_exited(&mut self, now: Duration, mut e: WorkerExited) {
@@ -2478,11 +2506,13 @@ impl JobController {
                     return;
                 }
                 self.failed.insert(e.worker.clone());
+                self.sign(now);
                 self.fail(now, format!("worker {} {}{detail}", e.worker, e.exit), true);
             }
             Phase::Starting { .. } | Phase::Running | Phase::Adopting if current => {
                 let why = format!("worker {} {}{detail}", e.worker, e.exit);
                 self.failed.insert(e.worker.clone());
+                self.sign(now);
                 if self.att.senders.contains_key(&e.worker) {
                     // Hear the worker's last words first (its connection
                     // closes right after them); bounded by the root-cause wait.
@@ -2703,9 +2733,11 @@ impl JobController {
         // An adoption in progress is over: the recovery places everything.
         self.adopting = None;
         // A failure during a recovery extends it: timed from the first.
+        let sign = self.first_sign.take();
         if self.clock.is_none() {
             let replay = self.replay_targets();
             self.clock = Some(RecoveryClock {
+                sign: sign.filter(|_| !planned).map(|s| s.min(now)),
                 detected: now,
                 placed: None,
                 listening: None,

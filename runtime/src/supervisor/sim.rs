@@ -1539,6 +1539,46 @@ mod scenarios {
         assert_ne!(new_standby, host, "a new standby on another host");
     }
 
+    /// Detection is timed from the first sign of the failure: for a crash
+    /// the exit or the closed connection (the wait for the other one,
+    /// bounded by the root-cause wait), for a stall the last heartbeat
+    /// (the heartbeat timeout).
+    #[test]
+    fn test_recoveries_report_how_long_detection_took() {
+        let mut w = running(0, 3);
+        let (old, _) = w.proc_of("kv-0", Slot::Primary);
+        w.die(old, ExitKind::Signal(9));
+        w.run_for(ms(300));
+        let crash = *w.ctl.summary().recoveries.last().expect("a recovery");
+        let crash_detect = crash
+            .detect_ms
+            .expect("a crash is seen before it is acted on");
+        assert!(
+            crash_detect <= 100,
+            "a crash is named within the root-cause wait: {crash:?}"
+        );
+
+        let (stalled, _) = w.proc_of("kv-0", Slot::Primary);
+        w.procs.get_mut(&stalled).expect("live").stalled = true;
+        let before = w.ctl.summary().recoveries.len();
+        w.run_for(ms(600));
+        let recoveries = &w.ctl.summary().recoveries;
+        assert_eq!(recoveries.len(), before + 1, "the stall was recovered from");
+        let stall = recoveries[before];
+        let detect = stall
+            .detect_ms
+            .expect("the last heartbeat is the first sign");
+        assert!(
+            (100..=160).contains(&detect),
+            "the heartbeat timeout (100 ms) after the last heartbeat: {stall:?}"
+        );
+        assert_eq!(
+            stall.total_ms,
+            stall.drain_ms + stall.restore_ms + stall.connect_ms,
+            "detection is not part of the total"
+        );
+    }
+
     #[test]
     fn test_a_standby_down_by_its_health_check_is_never_promoted() {
         let mut w = running(0, 3);
