@@ -323,6 +323,9 @@ pub struct CountingSink<W> {
     limit: u64,
     written: u64,
     crc: crc32fast::Hasher,
+    /// The wrapped sink refused a write: an error of the sink, not of the
+    /// bytes being decoded.
+    sink_failed: bool,
 }
 
 impl<W> CountingSink<W> {
@@ -343,7 +346,10 @@ impl<W: Write> Write for CountingSink<W> {
                 ),
             ));
         }
-        let n = self.inner.write(buf)?;
+        let n = self
+            .inner
+            .write(buf)
+            .inspect_err(|_| self.sink_failed = true)?;
         self.crc.update(&buf[..n]);
         self.written += n as u64;
         Ok(n)
@@ -401,7 +407,13 @@ impl<W: Write> FrameReader<W> {
     }
 
     fn sink_error(&self, e: io::Error) -> StorageError {
-        if e.kind() == io::ErrorKind::InvalidData {
+        // zstd reports damaged input as a plain I/O error: whatever the
+        // decoder says that the sink did not is about the stored bytes.
+        let from_decoder = match &self.decoding {
+            Decoding::Zstd(decoder) => !decoder.get_ref().sink_failed,
+            _ => false,
+        };
+        if e.kind() == io::ErrorKind::InvalidData || from_decoder {
             self.corrupt(CorruptReason::Decode(e.to_string()))
         } else {
             StorageError::io("write decoded payload of", &self.key, e)
@@ -427,6 +439,7 @@ impl<W: Write> FrameReader<W> {
                 limit: header.raw_len,
                 written: 0,
                 crc: crc32fast::Hasher::new(),
+                sink_failed: false,
             };
             self.decoding = match header.codec {
                 Codec::None => Decoding::Plain(sink),
@@ -600,6 +613,44 @@ mod tests {
         f.extend_from_slice(&compressed);
         let err = decode("k", FrameKind::Chunk, &f).expect_err("bomb");
         assert!(err.to_string().contains("exceeds the 10 bytes"), "{err}");
+    }
+
+    /// A zstd payload damaged so that the decoder fails midway is corrupt
+    /// (a restore falls back past it), not an unavailable store; a sink
+    /// that refuses a write is not corruption.
+    #[test]
+    fn test_damaged_zstd_is_corrupt_and_a_failing_sink_is_not() {
+        let raw: Vec<u8> = (0..400_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let f = frame(Codec::Zstd, &raw);
+        let mut failed_midway = 0;
+        for i in HEADER_LEN..f.len() {
+            let mut bad = f.clone();
+            bad[i] ^= 0x5a;
+            let mut r = FrameReader::new("k", FrameKind::Chunk, Vec::new());
+            let err = match r.update(&bad) {
+                Err(e) => {
+                    failed_midway += 1;
+                    e
+                }
+                Ok(()) => r.finish().map(|_| ()).expect_err("damaged"),
+            };
+            assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "byte {i}: {err}");
+        }
+        assert!(failed_midway > 0, "no damage stopped the decoder midway");
+
+        struct Refusing;
+        impl Write for Refusing {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut r = FrameReader::new("k", FrameKind::Chunk, Refusing);
+        let err = r.update(&f).expect_err("the sink refuses");
+        assert_ne!(err.kind(), crate::ErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains("disk full"), "{err}");
     }
 
     proptest! {

@@ -587,6 +587,81 @@ async fn test_concurrent_writers_of_many_chunks(env: &Env) {
     assert_eq!(report.objects.len(), 1 + 32);
 }
 
+/// Chunks the caller holds (decoded, in memory) are neither fetched nor
+/// mapped nor cached: a damaged copy of one in the store goes unnoticed,
+/// and the others restore in the order the worker wrote them.
+async fn test_restore_except_skips_held_chunks(env: &Env) {
+    let js = env.store.job(job("held"));
+    let (a, b, c) = (
+        state_bytes(200_000, 1),
+        state_bytes(300_000, 2),
+        state_bytes(100_000, 3),
+    );
+    let m = commit_checkpoint(
+        &js,
+        1,
+        1,
+        &[
+            ("w", "kg-0", a.clone(), Codec::None),
+            ("w", "kg-1", b, Codec::Zstd),
+            ("w", "kg-2", c.clone(), Codec::None),
+        ],
+        &[],
+    )
+    .await;
+    let chunks = &m.workers[&worker("w")].chunks;
+    let held_key = chunks[1].key.clone();
+    let others: u64 = chunks[0].stored_len + chunks[2].stored_len;
+    env.flip_byte(&js.full_key(&held_key), 50).await;
+    let held = |chunk: &ChunkRef| chunk.key == held_key;
+
+    let cache_dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(cache_dir.path()).expect("cache");
+    let r = js
+        .restore_worker_except(&m, &worker("w"), &cache, false, &held)
+        .await
+        .expect("the held chunk is not read");
+    assert_eq!(r.chunks.len(), 2);
+    assert_eq!(r.chunks[0].bytes(), &a[..]);
+    assert_eq!(r.chunks[1].bytes(), &c[..]);
+    assert_eq!(r.metadata, b"pos-1");
+    if env.is_s3 {
+        assert_eq!((r.fetched_bytes, r.in_place), (others, 0));
+    } else {
+        assert_eq!(
+            (r.in_place, r.in_place_bytes, r.fetched_bytes),
+            (2, others, 0)
+        );
+    }
+
+    // Everything it reads goes into the cache, and only that.
+    let cache_dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(cache_dir.path()).expect("cache");
+    let r = js
+        .restore_worker_except(&m, &worker("w"), &cache, true, &held)
+        .await
+        .expect("cached");
+    assert_eq!(
+        (r.chunks.len(), r.in_place, r.fetched_bytes),
+        (2, 0, others)
+    );
+    let e = js
+        .restore_worker(&m, &worker("w"), &cache)
+        .await
+        .expect_err("the damaged chunk was never cached");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains(&held_key), "{e}");
+
+    // All held: nothing read, the metadata still there.
+    let r = js
+        .restore_worker_except(&m, &worker("w"), &cache, false, &|_| true)
+        .await
+        .expect("all held");
+    assert!(r.chunks.is_empty());
+    assert_eq!((r.fetched_bytes, r.in_place, r.cache_hits), (0, 0, 0));
+    assert_eq!(r.metadata, b"pos-1");
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod file {
@@ -739,6 +814,7 @@ suite!(
     test_damaged_cache_file_is_fetched_again,
     test_concurrent_writers_of_many_chunks,
     test_savepoints_pin_checkpoints_against_retention,
+    test_restore_except_skips_held_chunks,
 );
 
 #[tokio::test]
