@@ -305,7 +305,9 @@ impl JobStore {
     /// content already (decoded, in memory). [`RestoredWorker::chunks`]
     /// then lists only the others, in the order the worker wrote them.
     /// With `cache_all`, every chunk fetched ends up in `cache` (none is
-    /// mapped in place, as [`JobStore::cache_worker`]).
+    /// mapped in place, as [`JobStore::cache_worker`]), and each chunk's
+    /// pages are dropped from memory once it is checked
+    /// ([`MappedChunk::release`]): what a standby restoring ahead wants.
     pub async fn restore_worker_except(
         &self,
         manifest: &Manifest,
@@ -367,12 +369,29 @@ impl JobStore {
                 .cloned()
                 .collect();
             let held_count = snapshot.chunks.len() - wanted.len();
+            // Working ahead (a standby, `!in_place_ok`): two chunks at once,
+            // and each one's pages dropped as soon as it is checked (the
+            // check read them all), so memory holds about two chunks, not
+            // every chunk of the checkpoint, until the caller decodes them
+            // one by one.
+            let ahead = !in_place_ok;
+            let concurrency = if ahead {
+                self.store.options.download_concurrency.min(2)
+            } else {
+                self.store.options.download_concurrency
+            };
             let mut restored = futures::stream::iter(wanted)
                 .map(|chunk| {
                     let (js, cache) = (self.clone(), cache.clone());
-                    async move { js.restore_chunk(&chunk, &cache, in_place_ok).await }
+                    async move {
+                        let restored = js.restore_chunk(&chunk, &cache, in_place_ok).await;
+                        if let (true, Ok((mapped, _))) = (ahead, &restored) {
+                            mapped.release();
+                        }
+                        restored
+                    }
                 })
-                .buffered(self.store.options.download_concurrency);
+                .buffered(concurrency);
             while let Some(next) = restored.next().await {
                 let (mapped, source) = next?;
                 match source {

@@ -26,6 +26,7 @@ mod operator;
 pub mod protocol;
 mod record;
 mod state;
+mod tuning;
 mod worker;
 
 pub use operator::{BoxError, Context, Fatal, Operator, Registry, Role, Sink, Source, SourcePoll};

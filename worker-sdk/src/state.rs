@@ -331,15 +331,6 @@ impl Restored {
         }
     }
 
-    /// Releases every mapped part (see [`Restored::release`]).
-    pub(crate) fn release_all(&self) {
-        for part in self.parts.values() {
-            if let PartBytes::Mapped(m) = part {
-                m.release();
-            }
-        }
-    }
-
     /// Names of the parts (mapped or held decoded).
     pub fn part_names(&self) -> impl Iterator<Item = &str> {
         let mut names: Vec<&str> = self
@@ -764,9 +755,58 @@ where
         shards: frozen,
         len: frozen.iter().map(|s| s.len()).sum(),
     };
-    let buffer = rkyv::util::AlignedVec::<16>::with_capacity(size_hint + size_hint / 8);
+    let buffer = buffers::take(size_hint + size_hint / 8);
     let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&entries, buffer)?;
-    Ok(bytes::Bytes::from_owner(bytes))
+    Ok(bytes::Bytes::from_owner(buffers::Pooled(bytes)))
+}
+
+/// Archive buffers kept for the next checkpoint. A fresh buffer of many
+/// MiB is a fresh mapping: the kernel zeroes its pages on first touch and
+/// unmaps them when it is freed, taking the process's memory-map lock that
+/// the processing thread's page faults wait on. Reused buffers do neither.
+/// At most [`buffers::KEEP`] bytes are kept, so a process with few large
+/// key groups returns them (memory) rather than keeping them (speed).
+mod buffers {
+    use std::sync::Mutex;
+
+    use lazarus_storage::rkyv::util::AlignedVec;
+
+    /// Bytes of buffers kept between checkpoints.
+    pub(super) const KEEP: usize = 64 << 20;
+
+    static POOL: Mutex<Vec<AlignedVec<16>>> = Mutex::new(Vec::new());
+
+    /// A buffer of at least `capacity` bytes: a kept one when one is big
+    /// enough, else a new one.
+    pub(super) fn take(capacity: usize) -> AlignedVec<16> {
+        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        match pool.iter().position(|b| b.capacity() >= capacity) {
+            Some(i) => pool.swap_remove(i),
+            None => AlignedVec::with_capacity(capacity),
+        }
+    }
+
+    /// An archive handed to the store; its buffer goes back to the pool
+    /// when the store is done with it (if the pool has room).
+    pub(super) struct Pooled(pub(super) AlignedVec<16>);
+
+    impl AsRef<[u8]> for Pooled {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl Drop for Pooled {
+        fn drop(&mut self) {
+            let mut buffer = std::mem::replace(&mut self.0, AlignedVec::new());
+            buffer.clear();
+            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            let kept: usize = pool.iter().map(AlignedVec::capacity).sum();
+            if kept + buffer.capacity() <= KEEP {
+                pool.push(buffer);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

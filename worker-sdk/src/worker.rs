@@ -90,6 +90,7 @@ pub fn run_worker(registry: Registry) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    crate::tuning::fixed_mmap_threshold();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -102,7 +103,7 @@ pub fn run_worker(registry: Registry) -> ExitCode {
         }
     };
     let worker = env.worker.clone();
-    latency_critical();
+    crate::tuning::latency_critical();
     match runtime.block_on(main_loop(Arc::new(registry), env)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -547,10 +548,9 @@ async fn follow_one(
         return Ok(fetched);
     };
     let started = Instant::now();
+    // Restored ahead (`cache_all`): each chunk's pages were dropped once
+    // checked, so memory holds one chunk at a time while it decodes.
     let (restored, r) = restore_parts(js, &manifest, worker, cache, decoded, true).await?;
-    // The check read every mapped chunk; a standby is in no hurry, so its
-    // memory holds one chunk at a time while it decodes, not all of them.
-    restored.release_all();
     restore_role(&mut prepared.role, &restored)?;
     prepared.restored = Some(manifest);
     tracing::info!(
@@ -1162,7 +1162,10 @@ async fn uploader(
 }
 
 /// Resolves unchanged parts to the chunks already written (incremental
-/// checkpoints) and writes the fresh ones, four at a time.
+/// checkpoints) and writes the fresh ones, one per core at a time (at most
+/// four): each holds its serialized part in memory until it is written, so
+/// more at once would only add memory (two 64 MiB key groups at a time on
+/// 2 cores, not four) without adding cores.
 async fn upload(
     to: &UploadTarget,
     a: &Assignment,
@@ -1171,7 +1174,8 @@ async fn upload(
 ) -> Result<WorkerSnapshot> {
     let mut chunks: Vec<Option<ChunkRef>> = Vec::with_capacity(job.parts.len());
     let mut handles = Vec::new();
-    let limit = Arc::new(tokio::sync::Semaphore::new(4));
+    let at_once = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+    let limit = Arc::new(tokio::sync::Semaphore::new(at_once));
     for (name, content) in job.parts {
         match content {
             PartContent::Unchanged => {
@@ -1230,53 +1234,6 @@ async fn upload(
             .collect(),
         metadata: job.metadata,
     })
-}
-
-/// Asks the kernel for short time slices on the calling thread, the one
-/// that runs the operator (EEVDF's custom slice, Linux 6.12 and later): a
-/// waking processing thread then preempts a serialization or upload thread
-/// running a default slice instead of waiting for its slice to end. Its
-/// share of the CPU is unchanged. Only a thread at the default policy is
-/// changed, and its nice value is kept; an older kernel ignores the slice.
-fn latency_critical() {
-    // SAFETY: plain syscalls on the calling thread; no memory is passed.
-    let (policy, nice) = unsafe {
-        (
-            libc::sched_getscheduler(0),
-            libc::getpriority(libc::PRIO_PROCESS, 0),
-        )
-    };
-    if policy != libc::SCHED_OTHER {
-        return;
-    }
-    #[repr(C)]
-    struct SchedAttr {
-        size: u32,
-        policy: u32,
-        flags: u64,
-        nice: i32,
-        priority: u32,
-        runtime: u64,
-        deadline: u64,
-        period: u64,
-    }
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        flags: 0,
-        nice,
-        priority: 0,
-        // 100 µs, the shortest slice the kernel accepts.
-        runtime: 100_000,
-        deadline: 0,
-        period: 0,
-    };
-    // SAFETY: sched_setattr(2) on the calling thread with a fully
-    // initialised attribute of the size it states.
-    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "no short time slice");
-    }
 }
 
 /// Sends everything the emitter holds over the output edges.
