@@ -755,40 +755,66 @@ where
         shards: frozen,
         len: frozen.iter().map(|s| s.len()).sum(),
     };
-    let buffer = buffers::take(size_hint + size_hint / 8);
+    let buffer = buffers::POOL.take(size_hint + size_hint / 8);
     let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&entries, buffer)?;
-    Ok(bytes::Bytes::from_owner(buffers::Pooled(bytes)))
+    Ok(bytes::Bytes::from_owner(buffers::Pooled(
+        bytes,
+        &buffers::POOL,
+    )))
 }
 
 /// Archive buffers kept for the next checkpoint. A fresh buffer of many
 /// MiB is a fresh mapping: the kernel zeroes its pages on first touch and
 /// unmaps them when it is freed, taking the process's memory-map lock that
 /// the processing thread's page faults wait on. Reused buffers do neither.
-/// At most [`buffers::KEEP`] bytes are kept, so a process with few large
-/// key groups returns them (memory) rather than keeping them (speed).
+/// At most 64 MiB are kept, so a process with few large key groups
+/// returns them (memory) rather than keeping them (speed).
 mod buffers {
     use std::sync::Mutex;
 
     use lazarus_storage::rkyv::util::AlignedVec;
 
-    /// Bytes of buffers kept between checkpoints.
-    pub(super) const KEEP: usize = 64 << 20;
+    /// Buffers kept between checkpoints, up to `keep` bytes in all.
+    pub(super) struct Pool {
+        buffers: Mutex<Vec<AlignedVec<16>>>,
+        keep: usize,
+    }
 
-    static POOL: Mutex<Vec<AlignedVec<16>>> = Mutex::new(Vec::new());
+    /// The process's pool: 64 MiB at most.
+    pub(super) static POOL: Pool = Pool::new(64 << 20);
 
-    /// A buffer of at least `capacity` bytes: a kept one when one is big
-    /// enough, else a new one.
-    pub(super) fn take(capacity: usize) -> AlignedVec<16> {
-        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-        match pool.iter().position(|b| b.capacity() >= capacity) {
-            Some(i) => pool.swap_remove(i),
-            None => AlignedVec::with_capacity(capacity),
+    impl Pool {
+        pub(super) const fn new(keep: usize) -> Pool {
+            Pool {
+                buffers: Mutex::new(Vec::new()),
+                keep,
+            }
+        }
+
+        /// A buffer of at least `capacity` bytes: a kept one when one is
+        /// big enough, else a new one.
+        pub(super) fn take(&self, capacity: usize) -> AlignedVec<16> {
+            let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+            match buffers.iter().position(|b| b.capacity() >= capacity) {
+                Some(i) => buffers.swap_remove(i),
+                None => AlignedVec::with_capacity(capacity),
+            }
+        }
+
+        /// Keeps `buffer` (emptied) if the pool has room, else frees it.
+        fn give(&self, mut buffer: AlignedVec<16>) {
+            buffer.clear();
+            let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+            let kept: usize = buffers.iter().map(AlignedVec::capacity).sum();
+            if kept + buffer.capacity() <= self.keep {
+                buffers.push(buffer);
+            }
         }
     }
 
-    /// An archive handed to the store; its buffer goes back to the pool
-    /// when the store is done with it (if the pool has room).
-    pub(super) struct Pooled(pub(super) AlignedVec<16>);
+    /// An archive handed to the store; its buffer goes back to its pool
+    /// when the store is done with it.
+    pub(super) struct Pooled(pub(super) AlignedVec<16>, pub(super) &'static Pool);
 
     impl AsRef<[u8]> for Pooled {
         fn as_ref(&self) -> &[u8] {
@@ -798,13 +824,41 @@ mod buffers {
 
     impl Drop for Pooled {
         fn drop(&mut self) {
-            let mut buffer = std::mem::replace(&mut self.0, AlignedVec::new());
-            buffer.clear();
-            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-            let kept: usize = pool.iter().map(AlignedVec::capacity).sum();
-            if kept + buffer.capacity() <= KEEP {
-                pool.push(buffer);
-            }
+            self.1
+                .give(std::mem::replace(&mut self.0, AlignedVec::new()));
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn test_buffers_are_reused_and_ones_past_the_limit_are_freed() {
+            static POOL: Pool = Pool::new(4 << 20);
+            let mut a = POOL.take(1 << 20);
+            a.extend_from_slice(b"archive");
+            let at = a.as_ptr();
+            drop(Pooled(a, &POOL));
+            let again = POOL.take(512 << 10);
+            assert_eq!(again.as_ptr(), at, "the kept buffer is handed out again");
+            assert!(again.is_empty(), "emptied");
+            let fresh = POOL.take(2 << 20);
+            assert_ne!(fresh.as_ptr(), at, "a bigger one is new");
+            drop(Pooled(again, &POOL));
+            drop(Pooled(fresh, &POOL));
+            assert_eq!(
+                POOL.buffers.lock().expect("pool").len(),
+                2,
+                "3 MiB kept of 4"
+            );
+            let huge = POOL.take(4 << 20);
+            drop(Pooled(huge, &POOL));
+            assert_eq!(
+                POOL.buffers.lock().expect("pool").len(),
+                2,
+                "a buffer past the limit is freed, not kept"
+            );
         }
     }
 }
