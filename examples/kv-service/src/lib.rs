@@ -1049,15 +1049,20 @@ mod tests {
         );
     }
 
-    /// A rolled-back instance's first polls wait while the instance it
-    /// replaces still holds the port, then bind it and serve.
-    #[tokio::test]
-    async fn test_the_first_poll_waits_for_a_port_still_held_then_binds_it() {
+    /// A listener holding a free port, and a service configured for it.
+    fn service_on_a_held_port() -> (TcpListener, u16, KvService) {
         let holder = bind(0).expect("a port");
         let port = holder.local_addr().expect("addr").port();
         let mut ctx = Context::for_test("kv", 0, 1);
         ctx.params.insert("port".into(), port.to_string());
-        let mut kv = KvService::new(&ctx).expect("service");
+        (holder, port, KvService::new(&ctx).expect("service"))
+    }
+
+    /// A rolled-back instance's first polls wait while the instance it
+    /// replaces still holds the port, then bind it and serve.
+    #[tokio::test]
+    async fn test_the_first_poll_waits_for_a_port_still_held_then_binds_it() {
+        let (holder, port, mut kv) = service_on_a_held_port();
         let mut out = Emitter::default();
         for _ in 0..3 {
             let poll = kv.poll(&mut out, 16).expect("a held port is waited for");
@@ -1090,11 +1095,7 @@ mod tests {
     /// not a wait for ever.
     #[tokio::test]
     async fn test_a_port_held_past_the_bind_wait_is_an_error_naming_it() {
-        let holder = bind(0).expect("a port");
-        let port = holder.local_addr().expect("addr").port();
-        let mut ctx = Context::for_test("kv", 0, 1);
-        ctx.params.insert("port".into(), port.to_string());
-        let mut kv = KvService::new(&ctx).expect("service");
+        let (holder, port, mut kv) = service_on_a_held_port();
         let mut out = Emitter::default();
         kv.poll(&mut out, 16).expect("waits at first");
         if let Listener::Unbound { since, .. } = &mut kv.listener {
