@@ -7,6 +7,10 @@
 /// mapping, returned to the kernel when freed.
 const MMAP_THRESHOLD: libc::c_int = 128 << 10;
 
+/// Free memory at the top of a glibc heap kept for reuse rather than
+/// returned to the kernel.
+const TRIM_THRESHOLD: libc::c_int = 64 << 20;
+
 /// Fixes glibc's mmap threshold at its default (128 KiB), which turns off
 /// its dynamic raise. The raise (up to 32 MiB, after the first large free)
 /// moves large values, such as a service's 1 MiB entries rewritten under
@@ -16,6 +20,12 @@ const MMAP_THRESHOLD: libc::c_int = 128 << 10;
 /// 1.26x (1.01x) without. A threshold the operator set
 /// (`GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...` or
 /// `MALLOC_MMAP_THRESHOLD_`) is kept.
+///
+/// Fixing it also fixes the trim threshold, at 128 KiB unless set: every
+/// free that leaves that much at the top of a heap gives it back, and the
+/// next copy-on-write copies fault fresh pages in, which the kernel zeroes
+/// on the processing thread. The trim threshold is set to 64 MiB (what the
+/// dynamic raise reaches), unless the operator set one.
 pub(crate) fn fixed_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -25,6 +35,12 @@ pub(crate) fn fixed_mmap_threshold() {
             // SAFETY: mallopt only sets an allocator parameter; it is called
             // before the runtime starts any other thread.
             unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+        }
+        let trim_set = std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some()
+            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("trim_threshold"));
+        if !trim_set {
+            // SAFETY: as above.
+            unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) };
         }
     }
 }
