@@ -296,6 +296,16 @@ fn lazarus_trials(
     let mut two_holders = Vec::new();
     for trial in 0..trials {
         let st = ready("kv ready for the next trial");
+        if trial > 0 {
+            // The supervisor's own timing of the previous trial's recovery
+            // (detection, drain, restore, connect): where a slow one went.
+            let r = cluster::job(&st, "kv").map(|j| j["last_recovery"].to_string());
+            eprintln!(
+                "  {tag} trial {}: recovery {}",
+                trial - 1,
+                r.unwrap_or_default()
+            );
+        }
         let old = cluster::worker(&st, "kv", "kv-0").expect("kv-0")["primary"]
             .as_str()
             .expect("host")
