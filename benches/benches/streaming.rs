@@ -287,16 +287,15 @@ fn main() {
                 ms(|r| r.restore_ms).0,
                 ms(|r| r.connect_ms).0,
             );
-            let replays: Vec<Duration> = s
-                .recoveries
-                .iter()
-                .filter_map(|r| r.replay_ms.map(Duration::from_millis))
-                .collect();
-            let detects: Vec<Duration> = s
-                .recoveries
-                .iter()
-                .filter_map(|r| r.detect_ms.map(Duration::from_millis))
-                .collect();
+            // The optional parts, over the recoveries that have them.
+            let known =
+                |f: fn(&lazarus::supervisor::RecoveryTime) -> Option<u64>| -> Vec<Duration> {
+                    s.recoveries
+                        .iter()
+                        .filter_map(|r| f(r).map(Duration::from_millis))
+                        .collect()
+                };
+            let (replays, detects) = (known(|r| r.replay_ms), known(|r| r.detect_ms));
             println!(
                 "  {:<40} {:>8} {:>8}   {:>22}   ({} recoveries, {} processes kept; detection p50 {} ms, p99 {} ms over {}; then replay p50 {} ms, p99 {} ms over {})",
                 if keep {

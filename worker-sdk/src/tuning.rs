@@ -29,20 +29,37 @@ const TRIM_THRESHOLD: libc::c_int = 64 << 20;
 pub(crate) fn fixed_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let set_by_operator = std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some()
-            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold"));
-        if !set_by_operator {
-            // SAFETY: mallopt only sets an allocator parameter; it is called
-            // before the runtime starts any other thread.
-            unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
-        }
-        let trim_set = std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some()
-            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("trim_threshold"));
-        if !trim_set {
-            // SAFETY: as above.
-            unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) };
+        let tunables = std::env::var("GLIBC_TUNABLES").ok();
+        let settings = [
+            (
+                "MALLOC_MMAP_THRESHOLD_",
+                "mmap_threshold",
+                libc::M_MMAP_THRESHOLD,
+                MMAP_THRESHOLD,
+            ),
+            (
+                "MALLOC_TRIM_THRESHOLD_",
+                "trim_threshold",
+                libc::M_TRIM_THRESHOLD,
+                TRIM_THRESHOLD,
+            ),
+        ];
+        for (env, tunable, param, value) in settings {
+            let by_operator = std::env::var_os(env).is_some();
+            if !set_by_operator(by_operator, tunables.as_deref(), tunable) {
+                // SAFETY: mallopt only sets an allocator parameter; it is
+                // called before the runtime starts any other thread.
+                unsafe { libc::mallopt(param, value) };
+            }
         }
     }
+}
+
+/// Whether the operator set an allocator parameter: by its environment
+/// variable (`env_set`), or as `tunable` (`mmap_threshold`) in
+/// `GLIBC_TUNABLES`.
+fn set_by_operator(env_set: bool, tunables: Option<&str>, tunable: &str) -> bool {
+    env_set || tunables.is_some_and(|t| t.contains(tunable))
 }
 
 /// Asks the kernel for short time slices on the calling thread, the one
@@ -89,5 +106,19 @@ pub(crate) fn latency_critical() {
     let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
     if r != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "no short time slice");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_an_allocator_setting_of_the_operator_is_kept() {
+        let tunables = Some("glibc.malloc.trim_threshold=1048576:glibc.malloc.arena_max=2");
+        assert!(set_by_operator(true, None, "mmap_threshold"));
+        assert!(set_by_operator(false, tunables, "trim_threshold"));
+        assert!(!set_by_operator(false, tunables, "mmap_threshold"));
+        assert!(!set_by_operator(false, None, "trim_threshold"));
     }
 }

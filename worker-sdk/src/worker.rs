@@ -1132,10 +1132,14 @@ async fn uploader(
     to_sup: mpsc::UnboundedSender<ToSupervisor>,
     fatal: mpsc::UnboundedSender<BoxError>,
 ) {
+    // Parts written at once, for the uploader's life: one per core (at
+    // most four).
+    let at_once = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+    let limit = Arc::new(tokio::sync::Semaphore::new(at_once));
     while let Some(job) = jobs.recv().await {
         let span = tracing::info_span!("snapshot_upload", checkpoint = %job.checkpoint, worker = %a.worker);
         let (checkpoint, pause, records) = (job.checkpoint, job.pause, job.records);
-        let result = upload(&to, &a, &base, job).instrument(span).await;
+        let result = upload(&to, &a, &base, &limit, job).instrument(span).await;
         match result {
             Ok(snapshot) => {
                 base = snapshot
@@ -1162,20 +1166,19 @@ async fn uploader(
 }
 
 /// Resolves unchanged parts to the chunks already written (incremental
-/// checkpoints) and writes the fresh ones, one per core at a time (at most
-/// four): each holds its serialized part in memory until it is written, so
+/// checkpoints) and writes the fresh ones, `limit` at a time (one per
+/// core, at most four): each holds its serialized part in memory until it is written, so
 /// more at once would only add memory (two 64 MiB key groups at a time on
 /// 2 cores, not four) without adding cores.
 async fn upload(
     to: &UploadTarget,
     a: &Assignment,
     base: &HashMap<String, ChunkRef>,
+    limit: &Arc<tokio::sync::Semaphore>,
     job: UploadJob,
 ) -> Result<WorkerSnapshot> {
     let mut chunks: Vec<Option<ChunkRef>> = Vec::with_capacity(job.parts.len());
     let mut handles = Vec::new();
-    let at_once = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
-    let limit = Arc::new(tokio::sync::Semaphore::new(at_once));
     for (name, content) in job.parts {
         match content {
             PartContent::Unchanged => {

@@ -1940,13 +1940,11 @@ impl JobController {
             .last_seen
             .iter()
             .find(|(_, t)| now.saturating_sub(**t) > timeout)
-            .map(|(w, _)| w.clone());
-        let Some(w) = silent else {
+            .map(|(w, t)| (w.clone(), *t));
+        let Some((w, last)) = silent else {
             return false;
         };
-        if let Some(&last) = self.att.last_seen.get(&w) {
-            self.sign(last);
-        }
+        self.sign(last);
         self.failed.insert(w.clone());
         self.fail(
             now,
