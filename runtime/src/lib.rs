@@ -30,6 +30,7 @@ pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod coordinator;
+pub mod exit_word;
 pub mod fleet;
 pub mod ha;
 pub mod lease;

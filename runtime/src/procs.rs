@@ -292,6 +292,24 @@ impl ProcessTable {
         unsafe {
             cmd.pre_exec(drop_network_capabilities);
         }
+        // A worker-SDK process gets an exit word: its exit is reported as
+        // it starts to die, not once the kernel has freed its memory.
+        let word = if self.program_workers.contains(worker) {
+            None
+        } else {
+            crate::exit_word::ExitWord::new()
+                .inspect_err(|e| tracing::warn!(%worker, error = %e, "no exit word; the exit is seen when the process has ended"))
+                .ok()
+        };
+        if let Some(word) = &word {
+            let (key, value) = word.env();
+            cmd.env(key, value);
+            let fd = word.raw_fd();
+            // SAFETY: runs in the child between fork and exec; one fcntl.
+            unsafe {
+                cmd.pre_exec(move || crate::exit_word::inherit(fd));
+            }
+        }
         match log {
             Ok(f) => {
                 cmd.stderr(Stdio::from(f));
@@ -323,9 +341,10 @@ impl ProcessTable {
                 let pid = child.id();
                 tracing::debug!(worker = %w, attempt, ?slot, ?pid, "worker started");
                 let task_tag = tag.clone();
+                let mut watch = word.zip(pid).map(|(word, pid)| word.watch(pid));
                 self.tasks.spawn(async move {
                     let status = tokio::select! {
-                        status = child.wait() => status,
+                        status = ended(&mut child, watch.as_mut()) => status,
                         _ = kill_rx => {
                             // The whole process group: a `process`
                             // worker's program (and what it started) too.
@@ -337,8 +356,12 @@ impl ProcessTable {
                                 unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
                             }
                             let _ = child.start_kill();
-                            child.wait().await
+                            ended(&mut child, watch.as_mut()).await
                         }
+                    };
+                    let (status, early) = match status {
+                        Ok((status, early)) => (Ok(status), early),
+                        Err(e) => (Err(e), None),
                     };
                     let exit = match status {
                         Ok(s) => classify(s),
@@ -350,14 +373,23 @@ impl ProcessTable {
                         last_log_line(&log_path)
                     };
                     let (attempt, slot) = *task_tag.lock().unwrap_or_else(|p| p.into_inner());
+                    let said = early.map(|seen| (seen, exit.clone()));
                     exits(WorkerExited {
-                        worker: w,
+                        worker: w.clone(),
                         attempt,
                         standby: slot == Slot::Standby,
                         host,
                         exit,
                         detail,
                     });
+                    if let Some((seen, exit)) = said {
+                        // Reaped here, once the kernel is done with it.
+                        let end = child.wait().await.map(classify);
+                        let pid = pid.unwrap_or_default();
+                        let us = seen.elapsed().as_micros();
+                        tracing::info!(worker = %w, ?end, "pid {pid} {exit}, reported from its exit word {us} µs before the kernel finished ending it");
+                    }
+                    drop(watch);
                 });
                 self.children.insert(
                     (worker.clone(), slot),
@@ -470,6 +502,23 @@ impl ProcessTable {
     /// Whether `worker` has a process in `slot`.
     pub fn has(&self, worker: &WorkerId, slot: Slot) -> bool {
         self.children.contains_key(&(worker.clone(), slot))
+    }
+}
+
+/// Waits for `child` to end: its exit status as soon as its exit word
+/// (`watch`) tells the process is dying and the kernel has set the status,
+/// with the instant it did (the process is reaped later); otherwise when
+/// it has exited.
+async fn ended(
+    child: &mut tokio::process::Child,
+    watch: Option<&mut crate::exit_word::Watch>,
+) -> std::io::Result<(std::process::ExitStatus, Option<crate::clock::Stopwatch>)> {
+    let Some(watch) = watch else {
+        return Ok((child.wait().await?, None));
+    };
+    tokio::select! {
+        status = child.wait() => Ok((status?, None)),
+        status = watch.dying() => Ok((status, Some(crate::clock::Stopwatch::start()))),
     }
 }
 

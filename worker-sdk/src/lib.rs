@@ -21,6 +21,7 @@
 
 mod align;
 mod decoded;
+mod exit_word;
 mod link;
 mod operator;
 pub mod protocol;

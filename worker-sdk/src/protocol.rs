@@ -120,6 +120,20 @@ pub struct Assignment {
     pub replay_records: Option<u64>,
 }
 
+/// The environment variable naming the file descriptor of a worker's exit
+/// word: a 4-byte word in a page of shared memory (a memfd named
+/// [`EXIT_WORD_NAME`]) the agent maps too. The worker parks a thread that
+/// registers the word with `set_tid_address` and writes its thread id
+/// there; the kernel zeroes the word and wakes its futex the moment the
+/// process starts to die, before it frees the process's memory (about
+/// 100 ms per GiB) and long before the exit can be waited for. The agent
+/// then reads the exit status from `/proc` and reports the exit at once.
+pub const EXIT_WORD_ENV: &str = "LAZARUS_EXIT_WORD_FD";
+/// The name of an exit word's memfd (`/proc/self/fd/N` links to
+/// `/memfd:lazarus-exit-word (deleted)`): a worker arms only a descriptor
+/// that is one.
+pub const EXIT_WORD_NAME: &str = "lazarus-exit-word";
+
 /// Bytes of the nonce a data receiver sends first.
 pub const DATA_NONCE_LEN: usize = 16;
 /// Bytes of a data sender's proof.

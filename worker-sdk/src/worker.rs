@@ -91,6 +91,7 @@ pub fn run_worker(registry: Registry) -> ExitCode {
         }
     };
     crate::tuning::fixed_mmap_threshold();
+    crate::exit_word::arm();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

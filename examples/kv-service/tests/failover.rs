@@ -41,6 +41,9 @@ struct Scenario {
     fault: Fault,
     config: String,
     lease: Duration,
+    /// MiB of state loaded before the fault (1 MiB values): a process
+    /// that holds it takes the kernel tens of milliseconds to end.
+    ballast_mib: usize,
 }
 
 fn spec(dir: &std::path::Path, standby: &str) -> PathBuf {
@@ -190,6 +193,38 @@ fn run(s: Scenario) {
         .as_u64()
         .expect("epoch");
 
+    // Ballast: its killed process is then still being torn down when the
+    // agent reports its exit from the exit word.
+    let ballast = s.ballast_mib;
+    let loaded = c
+        .bed
+        .in_host("cl", move || {
+            // 8 writers at once (threads started in the client's namespace
+            // stay in it); each write waits for its checkpoint.
+            let writers: Vec<_> = (0..8)
+                .map(|w| {
+                    std::thread::spawn(move || {
+                        let value = vec![b'b'; (1 << 20) - 1024];
+                        (0..ballast)
+                            .filter(|i| i % 8 == w)
+                            .filter(|i| {
+                                let path = format!("/kv/ballast{i}");
+                                let put = http(addr, "PUT", &path, &value, Duration::from_secs(30));
+                                !matches!(put, Ok((201 | 204, _)))
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .map(|w| w.join().unwrap_or(1))
+                .sum::<usize>()
+        })
+        .join()
+        .expect("client");
+    assert_eq!(loaded, 0, "ballast values not stored\n{}", c.logs());
+
     // A prober reads through the VIP every millisecond (bounded: 30 s).
     let stop = Arc::new(AtomicBool::new(false));
     let probes: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
@@ -209,15 +244,19 @@ fn run(s: Scenario) {
     std::thread::sleep(Duration::from_millis(100));
 
     let fault_at = Instant::now();
-    match s.fault {
+    let killed = match s.fault {
         Fault::Kill => {
             let ip = format!("LAZARUS_BIND_IP={}", c.bed.ip(&old));
             let pids = pids_with_env(&c.bed.tag, &["LAZARUS_WORKER=kv-0", &ip]);
             assert_eq!(pids.len(), 1, "one kv-0 process on {old}: {pids:?}");
             common::netns::ok("kill", &["-KILL", &pids[0].to_string()]);
+            Some(pids[0])
         }
-        Fault::LinkDown => c.bed.link_down(&old),
-    }
+        Fault::LinkDown => {
+            c.bed.link_down(&old);
+            None
+        }
+    };
     let watch_until = Instant::now() + effective_lease(s.lease) * 3 + Duration::from_millis(1500);
     while Instant::now() < watch_until && s.fault == Fault::LinkDown {
         let (ha, hb) = (c.bed.holds("a", vip_ip), c.bed.holds("b", vip_ip));
@@ -259,6 +298,25 @@ fn run(s: Scenario) {
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
     prober.join().expect("prober");
+    if let Some(pid) = killed.filter(|_| s.ballast_mib > 0) {
+        // The agent saw the kill on the worker's exit word, while the
+        // kernel was still ending the process, with its real status; the
+        // recovery names the signal.
+        let logs = c.logs();
+        assert!(
+            logs.contains(&format!(
+                "pid {pid} killed by signal 9, reported from its exit word"
+            )),
+            "exit of {pid} reported from its exit word:\n{logs}"
+        );
+        let cause = cluster::job(&after, "kv").expect("job")["last_failure"].clone();
+        assert!(
+            cause
+                .as_str()
+                .is_some_and(|c| c.contains("killed by signal 9")),
+            "the recovery names the signal: {cause}"
+        );
+    }
 
     // The client's kernel now sends VIP traffic to the new primary's MAC.
     let entry = c.bed.neighbour("cl", vip_ip);
@@ -491,6 +549,7 @@ fn test_hot_standby_takes_over_after_sigkill_ipv4() {
         fault: Fault::Kill,
         config: FAST.into(),
         lease: Duration::from_millis(100),
+        ballast_mib: 256,
     });
 }
 
@@ -506,6 +565,7 @@ fn test_host_loss_moves_vip_after_lease_expiry() {
         fault: Fault::LinkDown,
         config: "heartbeat_interval = \"50ms\"\nhost_timeout = \"400ms\"\n".into(),
         lease: Duration::from_secs(1),
+        ballast_mib: 0,
     });
 }
 
@@ -519,6 +579,7 @@ fn test_host_loss_with_100ms_lease() {
         fault: Fault::LinkDown,
         config: FAST.into(),
         lease: Duration::from_millis(100),
+        ballast_mib: 0,
     });
 }
 
@@ -532,6 +593,7 @@ fn test_cold_standby_restores_from_storage() {
         fault: Fault::Kill,
         config: FAST.into(),
         lease: Duration::from_millis(100),
+        ballast_mib: 0,
     });
 }
 
@@ -545,6 +607,7 @@ fn test_no_standby_restarts_on_the_other_host() {
         fault: Fault::Kill,
         config: FAST.into(),
         lease: Duration::from_millis(100),
+        ballast_mib: 0,
     });
 }
 
@@ -558,6 +621,7 @@ fn test_ipv6_vip_moves_with_unsolicited_na() {
         fault: Fault::Kill,
         config: FAST.into(),
         lease: Duration::from_millis(100),
+        ballast_mib: 0,
     });
 }
 

@@ -2511,7 +2511,12 @@ impl JobController {
                 let why = format!("worker {} {}{detail}", e.worker, e.exit);
                 self.failed.insert(e.worker.clone());
                 self.sign(now);
-                if self.att.senders.contains_key(&e.worker) {
+                // A process ended by a signal said all it would before the
+                // signal. Its connection closes only once the kernel has
+                // freed its memory (about 100 ms per GiB), long after an
+                // exit reported from its exit word: not waited for.
+                let said_all = matches!(e.exit, ExitKind::Signal(_));
+                if self.att.senders.contains_key(&e.worker) && !said_all {
                     // Hear the worker's last words first (its connection
                     // closes right after them); bounded by the root-cause wait.
                     let until = now + self.cfg.root_cause_wait;

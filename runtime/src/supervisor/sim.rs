@@ -1580,6 +1580,36 @@ mod scenarios {
     }
 
     #[test]
+    fn test_an_exit_by_signal_is_acted_on_before_its_connection_closes() {
+        // An exit reported from the exit word: the process is still being
+        // torn down, its connection open. Killed by a signal, it has said
+        // all it will; an exit with a code may still have last words.
+        for (exit, waits) in [(ExitKind::Signal(9), false), (ExitKind::Code(1), true)] {
+            let mut w = running(0, 3);
+            let (old, host) = w.proc_of("kv-0", Slot::Primary);
+            let p = &w.procs[&old];
+            let exited = WorkerExited {
+                worker: p.worker.clone(),
+                attempt: p.attempt,
+                standby: false,
+                host,
+                exit: exit.clone(),
+                detail: None,
+            };
+            w.deliver(Fact::Exited(exited));
+            assert_eq!(
+                w.ctl.state() == JobState::Running,
+                waits,
+                "{exit}: recovery starts at once unless last words may come"
+            );
+            w.run_for(ms(300));
+            assert_eq!(w.ctl.state(), JobState::Running, "{exit}: recovered");
+            let cause = w.ctl.summary().last_failure.clone().unwrap_or_default();
+            assert!(cause.contains(&exit.to_string()), "{exit}: {cause}");
+        }
+    }
+
+    #[test]
     fn test_a_standby_down_by_its_health_check_is_never_promoted() {
         let mut w = running(0, 3);
         let (old, old_host) = w.proc_of("kv-0", Slot::Primary);
