@@ -24,6 +24,13 @@ use tokio::sync::oneshot;
 /// still wanted.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// How long after the word cleared the watcher looks for the exit status,
+/// and how often. The thread that cleared it may be gone by the first
+/// look, and on a busy machine the others may not have run yet (each sets
+/// the status on its way out); a clean exit never sets one.
+const STATUS_WAIT: Duration = Duration::from_millis(50);
+const STATUS_POLL: Duration = Duration::from_micros(200);
+
 /// `PF_EXITING` in a task's flags (`/proc/.../stat`, field 9): the task is
 /// in `do_exit`, and its `exit_code` (field 52) is final once nonzero.
 const PF_EXITING: u64 = 0x4;
@@ -117,12 +124,23 @@ impl ExitWord {
         let started = std::thread::Builder::new()
             .name(format!("exit-word-{pid}"))
             .stack_size(64 << 10)
-            .spawn(move || watch(&map, &thread_stop, tx));
+            .spawn(move || {
+                if let Some(tid) = watch(&map, &thread_stop) {
+                    match wait_status(pid, tid, &thread_stop) {
+                        Some(raw) => {
+                            let _ = tx.send(raw);
+                        }
+                        None => tracing::debug!(
+                            pid,
+                            "exit word cleared, no exit status set: the exit is waited for"
+                        ),
+                    }
+                }
+            });
         if let Err(e) = started {
             tracing::warn!(pid, error = %e, "cannot watch the exit word; the exit is seen when the process has ended");
         }
         Watch {
-            pid,
             map: self.map,
             stop,
             rx: Some(rx),
@@ -144,10 +162,9 @@ pub unsafe fn inherit(fd: RawFd) -> std::io::Result<()> {
 
 /// A watched exit word. Dropping it stops the watcher.
 pub struct Watch {
-    pid: u32,
     map: Arc<Mapping>,
     stop: Arc<AtomicBool>,
-    rx: Option<oneshot::Receiver<u32>>,
+    rx: Option<oneshot::Receiver<i32>>,
 }
 
 impl Drop for Watch {
@@ -164,40 +181,49 @@ impl Watch {
     /// the exit decides then).
     pub async fn dying(&mut self) -> ExitStatus {
         if let Some(rx) = self.rx.as_mut() {
-            if let Ok(tid) = rx.await {
-                self.rx = None;
-                if let Some(raw) = dying_status(self.pid, tid) {
-                    return std::os::unix::process::ExitStatusExt::from_raw(raw);
-                }
-                tracing::debug!(
-                    pid = self.pid,
-                    "exit word cleared, status not set yet; waiting for the exit"
-                );
-            } else {
-                self.rx = None;
+            let raw = rx.await;
+            self.rx = None;
+            if let Ok(raw) = raw {
+                return std::os::unix::process::ExitStatusExt::from_raw(raw);
             }
         }
         std::future::pending().await
     }
 }
 
-/// The watcher: waits on the word until the child armed it (its thread id)
-/// and then cleared it (it is dying), and sends the thread id; ends early
-/// when `stop` is set.
-fn watch(map: &Mapping, stop: &AtomicBool, tx: oneshot::Sender<u32>) {
+/// Waits on the word until the child armed it (a thread id) and then
+/// cleared it (it is dying); returns the last thread id it held, or `None`
+/// once `stop` is set.
+fn watch(map: &Mapping, stop: &AtomicBool) -> Option<u32> {
     let word = map.word();
     let mut armed = 0;
     while !stop.load(Ordering::Acquire) {
         let now = word.load(Ordering::Acquire);
         if now == 0 && armed != 0 {
-            let _ = tx.send(armed);
-            return;
+            return Some(armed);
         }
         if now != 0 {
             armed = now;
         }
         futex_wait(word, now, RECHECK);
     }
+    None
+}
+
+/// The dying process's exit status, looked for every [`STATUS_POLL`] for at
+/// most [`STATUS_WAIT`], until `stop` is set (its exit was waited for).
+fn wait_status(pid: u32, tid: u32, stop: &AtomicBool) -> Option<i32> {
+    let polls = STATUS_WAIT.as_micros() / STATUS_POLL.as_micros();
+    for _ in 0..polls {
+        if stop.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Some(raw) = dying_status(pid, tid) {
+            return Some(raw);
+        }
+        std::thread::sleep(STATUS_POLL);
+    }
+    None
 }
 
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {

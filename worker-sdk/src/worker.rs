@@ -500,17 +500,39 @@ async fn follow(
             let span =
                 tracing::info_span!("standby_follow", checkpoint = %n, worker = %standby.worker);
             let into = prepared.as_mut().filter(|_| ahead);
-            let fetched_bytes = follow_one(&js, &cache, &standby.worker, n, into, decoded)
+            match follow_one(&js, &cache, &standby.worker, n, into, decoded)
                 .instrument(span)
-                .await?;
-            link.followed(n);
-            to_sup.send(ToSupervisor::Followed {
-                checkpoint: n,
-                fetched_bytes,
-            })?;
+                .await
+            {
+                Ok(fetched_bytes) => {
+                    link.followed(n);
+                    to_sup.send(ToSupervisor::Followed {
+                        checkpoint: n,
+                        fetched_bytes,
+                    })?;
+                }
+                // Retention removed it (or a chunk of it) while this
+                // standby was busy: a newer checkpoint is announced.
+                Err(e) if removed(&e) => {
+                    tracing::warn!(checkpoint = %n, error = %e, "checkpoint gone before it was followed; following the next one");
+                }
+                Err(e) => return Err(e),
+            }
         }
-        match ctl_in.recv().await.flatten() {
-            Some(ToWorker::Follow { checkpoint }) => next = Some(checkpoint),
+        let mut msg = ctl_in.recv().await.flatten();
+        // Only the newest of the checkpoints announced meanwhile is
+        // followed: one follow can outlast several checkpoint intervals
+        // (a new standby's first, which decodes everything), and retention
+        // removes the ones in between.
+        while let Some(ToWorker::Follow { checkpoint }) = msg {
+            next = Some(next.map_or(checkpoint, |n: CheckpointId| n.max(checkpoint)));
+            msg = match ctl_in.try_recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            };
+        }
+        match msg {
+            Some(ToWorker::Follow { .. }) => {}
             Some(ToWorker::Assign(a)) => {
                 link.following(false);
                 if a.worker != standby.worker {
@@ -524,6 +546,14 @@ async fn follow(
             Some(other) => tracing::debug!(?other, "ignored by a standby"),
         }
     }
+}
+
+/// Whether a follow failed because what it read is no longer in the store
+/// (its manifest or a chunk: removed by retention), not because the store
+/// failed.
+fn removed(e: &BoxError) -> bool {
+    e.downcast_ref::<lazarus_storage::StorageError>()
+        .is_some_and(|e| e.kind() == lazarus_storage::ErrorKind::NotFound)
 }
 
 /// Follows checkpoint `n`: its chunks into the cache and, given an
@@ -1511,6 +1541,97 @@ mod data_port_tests {
         assert!(
             matches!(first, Some(Ok(DataMsg::End))),
             "only the real sender's bytes: {first:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazarus_storage::{Codec, Epoch, JobId};
+
+    fn standby_assignment(store: &str, cache_dir: std::path::PathBuf) -> Assignment {
+        Assignment {
+            job: JobId::new("j").expect("job id"),
+            worker: WorkerId::new("kv-0").expect("worker id"),
+            operator: "kv".into(),
+            kind: "kv".into(),
+            index: 0,
+            parallelism: 1,
+            key_groups: 4,
+            params: BTreeMap::new(),
+            store: store.into(),
+            epoch: Epoch(1),
+            restore: None,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            cache_dir,
+            heartbeat_ms: 100,
+            codec: Codec::None,
+            channel_key: None,
+            replay_records: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn test_a_busy_standby_follows_the_newest_checkpoint_and_skips_removed_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store_url = format!("file://{}", dir.path().join("store").display());
+        let js = CheckpointStore::open(&store_url)
+            .expect("store")
+            .job(JobId::new("j").expect("job id"));
+        js.claim_epoch(Epoch(1)).await.expect("claim");
+        // Checkpoints 5 and 7 are committed; 6 was, and retention removed
+        // it before the standby got to it.
+        for n in [5, 7] {
+            let m = Manifest::new(JobId::new("j").expect("job id"), CheckpointId(n), Epoch(1));
+            js.commit(&m).await.expect("commit");
+        }
+        let a = standby_assignment(&store_url, dir.path().join("cache"));
+        let (ctl_tx, mut ctl_in) = mpsc::unbounded_channel();
+        let (to_sup, mut from_standby) = mpsc::unbounded_channel();
+        // Announced while the standby was busy: only the newest (6) is
+        // followed, and it is gone; then 7 is announced.
+        for n in [5, 6] {
+            ctl_tx
+                .send(Some(ToWorker::Follow {
+                    checkpoint: CheckpointId(n),
+                }))
+                .expect("send");
+        }
+        let link = LinkState::default();
+        let decoded = DecodedParts::default();
+        let standby = follow(a, None, false, &decoded, &mut ctl_in, &to_sup, &link);
+        let driver = async {
+            // Nothing is reported for 5 (skipped) or 6 (removed).
+            let early = tokio::time::timeout(Duration::from_millis(300), from_standby.recv()).await;
+            assert!(early.is_err(), "no follow reported yet: {early:?}");
+            ctl_tx
+                .send(Some(ToWorker::Follow {
+                    checkpoint: CheckpointId(7),
+                }))
+                .expect("send");
+            let followed = tokio::time::timeout(Duration::from_secs(10), from_standby.recv())
+                .await
+                .expect("reported in time");
+            ctl_tx.send(Some(ToWorker::Shutdown)).expect("send");
+            followed
+        };
+        let (ended, followed) = tokio::join!(standby, driver);
+        match ended {
+            Ok(None) => {}
+            Ok(Some(_)) => panic!("promoted, not shut down"),
+            Err(e) => panic!("the standby ended with an error: {e}"),
+        }
+        assert!(
+            matches!(
+                followed,
+                Some(ToSupervisor::Followed {
+                    checkpoint: CheckpointId(7),
+                    ..
+                })
+            ),
+            "{followed:?}"
         );
     }
 }
