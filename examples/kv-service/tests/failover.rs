@@ -224,6 +224,23 @@ fn run(s: Scenario) {
         .join()
         .expect("client");
     assert_eq!(loaded, 0, "ballast values not stored\n{}", c.logs());
+    if ballast > 0 && hot {
+        // The standby holds the loaded state before the fault (a promotion
+        // then restores nothing, as checked below).
+        let loaded_at = cluster::job(&c.status().expect("status"), "kv").expect("job")
+            ["last_checkpoint"]
+            .as_u64()
+            .expect("a checkpoint");
+        c.wait(
+            "the hot standby followed the loaded state",
+            Duration::from_secs(30),
+            |st| {
+                cluster::worker(st, "kv", "kv-0")
+                    .and_then(|w| w["standby_checkpoint"].as_u64())
+                    .is_some_and(|n| n >= loaded_at)
+            },
+        );
+    }
 
     // A prober reads through the VIP every millisecond (bounded: 30 s).
     let stop = Arc::new(AtomicBool::new(false));

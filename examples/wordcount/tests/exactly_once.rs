@@ -452,7 +452,21 @@ async fn test_rescale_from_a_savepoint_is_exactly_once() {
         from: None,
     };
     let handle = tokio::spawn(run_local(first, stop_rx));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stopped as soon as a checkpoint has published output (a fixed delay
+    // raced the job's end on a fast run): mid-way, with counts to carry.
+    let started = std::time::Instant::now();
+    let published = |out: &Path| {
+        std::fs::read_dir(out).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                !name.starts_with('.') && !name.starts_with('_')
+            })
+        })
+    };
+    while !published(&out) && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop_tx
         .send(StopRequest::StopWithCheckpoint)
         .expect("stop with a checkpoint");
