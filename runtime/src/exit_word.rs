@@ -126,7 +126,6 @@ impl ExitWord {
             .stack_size(64 << 10)
             .spawn(move || {
                 if let Some(tid) = watch(&map, &thread_stop) {
-                    idle_teardown(pid);
                     match wait_status(pid, tid, &thread_stop) {
                         Some(raw) => {
                             let _ = tx.send(raw);
@@ -209,28 +208,6 @@ fn watch(map: &Mapping, stop: &AtomicBool) -> Option<u32> {
         futex_wait(word, now, RECHECK);
     }
     None
-}
-
-/// Moves every thread of dying process `pid` to `SCHED_IDLE`: the kernel
-/// frees its memory (about 100 ms of a core per GiB) on the thread that
-/// leaves last, and on a small machine that would take a core from the
-/// recovery it set off (the standby's promotion, the VIP move, the
-/// supervisor). Idle, it runs when nothing else wants the core. Threads
-/// already gone are skipped.
-fn idle_teardown(pid: u32) {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return;
-    };
-    let idle = libc::sched_param { sched_priority: 0 };
-    for tid in tasks
-        .flatten()
-        .filter_map(|t| t.file_name().to_str()?.parse::<libc::pid_t>().ok())
-    {
-        // SAFETY: sets the policy of a thread of a process this agent
-        // started (not reaped yet, so the id is still its); `idle` lives
-        // across the call.
-        unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &idle) };
-    }
 }
 
 /// The dying process's exit status, looked for every [`STATUS_POLL`] for at
