@@ -343,8 +343,8 @@ impl ProcessTable {
                 let task_tag = tag.clone();
                 let mut watch = word.zip(pid).map(|(word, pid)| word.watch(pid));
                 self.tasks.spawn(async move {
-                    let status = tokio::select! {
-                        status = ended(&mut child, watch.as_mut()) => status,
+                    let (status, early) = tokio::select! {
+                        ended = ended(&mut child, watch.as_mut()) => ended,
                         _ = kill_rx => {
                             // The whole process group: a `process`
                             // worker's program (and what it started) too.
@@ -358,10 +358,6 @@ impl ProcessTable {
                             let _ = child.start_kill();
                             ended(&mut child, watch.as_mut()).await
                         }
-                    };
-                    let (status, early) = match status {
-                        Ok((status, early)) => (Ok(status), early),
-                        Err(e) => (Err(e), None),
                     };
                     let exit = match status {
                         Ok(s) => classify(s),
@@ -507,18 +503,21 @@ impl ProcessTable {
 
 /// Waits for `child` to end: its exit status as soon as its exit word
 /// (`watch`) tells the process is dying and the kernel has set the status,
-/// with the instant it did (the process is reaped later); otherwise when
-/// it has exited.
+/// with a stopwatch started then (the process is reaped later); otherwise
+/// when it has exited, and no stopwatch.
 async fn ended(
     child: &mut tokio::process::Child,
     watch: Option<&mut crate::exit_word::Watch>,
-) -> std::io::Result<(std::process::ExitStatus, Option<crate::clock::Stopwatch>)> {
+) -> (
+    std::io::Result<std::process::ExitStatus>,
+    Option<crate::clock::Stopwatch>,
+) {
     let Some(watch) = watch else {
-        return Ok((child.wait().await?, None));
+        return (child.wait().await, None);
     };
     tokio::select! {
-        status = child.wait() => Ok((status?, None)),
-        status = watch.dying() => Ok((status, Some(crate::clock::Stopwatch::start()))),
+        status = child.wait() => (status, None),
+        status = watch.dying() => (Ok(status), Some(crate::clock::Stopwatch::start())),
     }
 }
 

@@ -110,3 +110,40 @@ fn park_registered(word: &'static AtomicU32) -> ! {
         std::thread::park();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn test_only_the_agents_memfd_is_armed() {
+        for bad in ["", "x", "-1", "3.5"] {
+            let e = map(bad).expect_err(bad);
+            assert!(e.contains("is not a file descriptor number"), "{bad}: {e}");
+        }
+        // Some other descriptor this process holds: named, not mapped.
+        let other = std::fs::File::open("/dev/null").expect("/dev/null");
+        let e = map(&other.as_raw_fd().to_string()).expect_err("/dev/null");
+        assert!(
+            e.contains("/dev/null") && e.contains("not the agent's exit word"),
+            "{e}"
+        );
+        // The agent's word: mapped (and its descriptor closed).
+        let name = std::ffi::CString::new(EXIT_WORD_NAME).expect("name");
+        // SAFETY: a NUL-terminated name; the descriptor is handed to `map`,
+        // which closes it.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: sizes the memfd just created.
+        assert_eq!(unsafe { libc::ftruncate(fd, 4) }, 0, "ftruncate");
+        let word = map(&fd.to_string()).expect("the agent's word");
+        word.store(7, Ordering::Relaxed);
+        assert_eq!(word.load(Ordering::Relaxed), 7);
+        assert!(
+            std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map_or(true, |l| !l.to_string_lossy().contains(EXIT_WORD_NAME)),
+            "the descriptor is closed after mapping"
+        );
+    }
+}

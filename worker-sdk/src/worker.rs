@@ -525,11 +525,11 @@ async fn follow(
         // (a new standby's first, which decodes everything), and retention
         // removes the ones in between.
         while let Some(ToWorker::Follow { checkpoint }) = msg {
-            next = Some(next.map_or(checkpoint, |n: CheckpointId| n.max(checkpoint)));
-            msg = match ctl_in.try_recv() {
-                Ok(m) => m,
+            next = next.max(Some(checkpoint));
+            match ctl_in.try_recv() {
+                Ok(m) => msg = m,
                 Err(_) => break,
-            };
+            }
         }
         match msg {
             Some(ToWorker::Follow { .. }) => {}
