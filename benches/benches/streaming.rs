@@ -296,8 +296,20 @@ fn main() {
                         .collect()
                 };
             let (replays, detects) = (known(|r| r.replay_ms), known(|r| r.detect_ms));
+            // The slowest recovery's parts: where a p99 comes from.
+            let slowest = s
+                .recoveries
+                .iter()
+                .max_by_key(|r| r.total_ms)
+                .map(|r| {
+                    format!(
+                        "slowest {} ms = {}/{}/{}",
+                        r.total_ms, r.drain_ms, r.restore_ms, r.connect_ms
+                    )
+                })
+                .unwrap_or_default();
             println!(
-                "  {:<40} {:>8} {:>8}   {:>22}   ({} recoveries, {} processes kept; detection p50 {} ms, p99 {} ms over {}; then replay p50 {} ms, p99 {} ms over {})",
+                "  {:<40} {:>8} {:>8}   {:>22}   ({slowest}; {} recoveries, {} processes kept; detection p50 {} ms, p99 {} ms over {}; then replay p50 {} ms, p99 {} ms over {})",
                 if keep {
                     "processes that did not fail kept"
                 } else {

@@ -622,12 +622,64 @@ where
     /// If this instance does not own the key's group: routing (hash edges)
     /// guarantees it does; a key arriving here otherwise is a bug in the job.
     pub fn entry(&mut self, key: K) -> std::collections::hash_map::Entry<'_, K, V> {
-        let (group, shard) = Self::place(self.key_groups, &key);
+        self.entry_slot(&key).entry(key)
+    }
+
+    /// The writable shard of `key`, its group marked dirty.
+    fn entry_slot(&mut self, key: &K) -> &mut HashMap<K, V> {
+        let (group, shard) = Self::place(self.key_groups, key);
         let g = self.groups.get_mut(&group).unwrap_or_else(|| {
             panic!("key group {group} is not owned by this instance: is the input edge `hash`?")
         });
         g.dirty = true;
-        writable(&mut g.shards[shard]).entry(key)
+        writable(&mut g.shards[shard])
+    }
+
+    /// Mutable access to the value of a key already held; copies the key's
+    /// shard first if a snapshot still holds it (copy-on-write). A miss
+    /// copies nothing. Unlike [`KeyedState::entry`] it needs no owned key,
+    /// so a hot path that mostly updates existing keys allocates nothing:
+    ///
+    /// ```
+    /// use lazarus_sdk::{Context, KeyedState};
+    /// let ctx = Context::for_test("counter", 0, 1);
+    /// let mut counts: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+    /// let word = "word".to_string();
+    /// for _ in 0..3 {
+    ///     match counts.get_mut(&word) {
+    ///         Some(count) => *count += 1,
+    ///         None => {
+    ///             counts.insert(word.clone(), 1);
+    ///         }
+    ///     }
+    /// }
+    /// assert_eq!(counts.get(&word), Some(&3));
+    /// ```
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        let (group, shard) = Self::place(self.key_groups, key);
+        let g = self.groups.get_mut(&group)?;
+        if !g.shards[shard].contains_key(key) {
+            return None;
+        }
+        g.dirty = true;
+        writable(&mut g.shards[shard]).get_mut(key)
+    }
+
+    /// Sets `key` to `value`, returning the value it replaced; copies the
+    /// key's shard first if a snapshot still holds it (copy-on-write).
+    ///
+    /// ```
+    /// use lazarus_sdk::{Context, KeyedState};
+    /// let ctx = Context::for_test("latest", 0, 1);
+    /// let mut latest: KeyedState<String, u64> = KeyedState::new("latest", &ctx);
+    /// assert_eq!(latest.insert("sensor-7".to_string(), 20), None);
+    /// assert_eq!(latest.insert("sensor-7".to_string(), 21), Some(20));
+    /// ```
+    ///
+    /// # Panics
+    /// As [`KeyedState::entry`], if this instance does not own the key's group.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        self.entry_slot(&key).insert(key, value)
     }
 
     /// Removes `key`.
@@ -867,6 +919,48 @@ mod buffers {
 mod tests {
     use super::*;
     use crate::record::key_group;
+
+    #[test]
+    fn test_get_mut_and_insert_are_copy_on_write_and_a_miss_dirties_nothing() {
+        let ctx = Context::for_test("c", 0, 1);
+        let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        assert_eq!(st.insert("a".into(), 1), None);
+        let group_of = |k: &str| format!("counts-kg{}", key_group(k.as_bytes(), 128));
+        let decode = |b: &bytes::Bytes| {
+            let mut e = rkyv::from_bytes::<Vec<(String, u64)>, rancor::Error>(b).expect("decode");
+            e.sort();
+            e
+        };
+        let first = st.snapshot();
+        // Writes after the snapshot, through both calls, leave it as it was.
+        *st.get_mut(&"a".to_string()).expect("held") += 10;
+        assert_eq!(st.insert("a".into(), 20), Some(11));
+        let bytes = serialize_all(first);
+        assert_eq!(
+            decode(bytes[&group_of("a")].as_ref().expect("fresh")),
+            vec![("a".to_string(), 1)]
+        );
+        assert_eq!(st.get(&"a".to_string()), Some(&20));
+        // The next snapshot writes the group of "a" and nothing else: a miss
+        // of get_mut (key "zz", in another group) marks no group dirty.
+        assert_ne!(group_of("a"), group_of("zz"));
+        assert_eq!(st.get_mut(&"zz".to_string()), None);
+        let second = serialize_all(st.snapshot());
+        let fresh: Vec<_> = second.iter().filter(|(_, b)| b.is_some()).collect();
+        assert_eq!(
+            fresh.len(),
+            1,
+            "{:?}",
+            fresh.iter().map(|f| f.0).collect::<Vec<_>>()
+        );
+        assert_eq!(fresh[0].0, &group_of("a"));
+        assert_eq!(
+            decode(fresh[0].1.as_ref().expect("fresh")),
+            vec![("a".to_string(), 20)]
+        );
+        // Nothing written since: the third snapshot writes nothing.
+        assert!(serialize_all(st.snapshot()).values().all(Option::is_none));
+    }
 
     fn serialize_all(s: Snapshot) -> BTreeMap<String, Option<bytes::Bytes>> {
         let (parts, _) = s.into_parts();

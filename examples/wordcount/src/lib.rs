@@ -129,12 +129,19 @@ impl Counter {
 
 impl Operator for Counter {
     fn process(&mut self, record: Record, out: &mut Emitter) -> Result<(), BoxError> {
-        let word = record
-            .key_str()
-            .ok_or("counter: key is not UTF-8")?
-            .to_string();
-        let count = self.counts.entry(word.clone()).or_insert(0);
-        *count += 1;
+        // The record's key becomes the word without a copy; a word already
+        // counted is updated in place (no allocation but the output line).
+        let word = String::from_utf8(record.key).map_err(|_| "counter: key is not UTF-8")?;
+        let count = match self.counts.get_mut(&word) {
+            Some(count) => {
+                *count += 1;
+                *count
+            }
+            None => {
+                self.counts.insert(word.clone(), 1);
+                1
+            }
+        };
         let line = format!("{word}\t{count}");
         out.emit(Record::new(word, line));
         Ok(())
@@ -268,10 +275,12 @@ impl Sink for FileSink {
     }
 }
 
-/// `wordcount generate WORDS FILE [SEED]`: a corpus of WORDS words in lines
-/// of up to 12, drawn from a skewed vocabulary, deterministic per seed.
+/// `wordcount generate WORDS FILE [SEED [TAIL]]`: a corpus of WORDS words in
+/// lines of up to 12, drawn from a skewed vocabulary, deterministic per
+/// seed; with TAIL, every other word comes from TAIL further words (see
+/// [`generate_with_tail`]).
 pub fn generate_cli(args: &[String]) -> Result<(), String> {
-    let usage = "usage: wordcount generate WORDS FILE [SEED]";
+    let usage = "usage: wordcount generate WORDS FILE [SEED [TAIL]]";
     let words: u64 = args
         .first()
         .ok_or(usage)?
@@ -282,7 +291,14 @@ pub fn generate_cli(args: &[String]) -> Result<(), String> {
         .get(2)
         .map_or(Ok(7), |s| s.parse())
         .map_err(|_| format!("SEED must be a number; {usage}"))?;
-    generate(words, Path::new(file), seed).map_err(|e| format!("{file}: {e}"))
+    let tail: u64 = args
+        .get(3)
+        .map_or(Ok(0), |s| s.parse())
+        .map_err(|_| format!("TAIL must be a number; {usage}"))?;
+    if args.len() > 4 {
+        return Err(format!("too many arguments; {usage}"));
+    }
+    generate_with_tail(words, Path::new(file), seed, tail).map_err(|e| format!("{file}: {e}"))
 }
 
 /// Writes a corpus of `words` words to `path`: a skewed vocabulary of
@@ -383,4 +399,39 @@ pub fn check_cli(args: &[String]) -> Result<String, String> {
         "output ok: {expected_total} lines, each exactly once ({} distinct words)",
         counts.len()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn test_generate_cli_takes_a_tail_and_names_bad_arguments() {
+        let dir = std::env::temp_dir().join(format!("wc-gen-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        let (cli, direct) = (dir.join("cli.txt"), dir.join("direct.txt"));
+        let cli_s = cli.display().to_string();
+        generate_cli(&args(&["5000", &cli_s, "3", "1000"])).expect("generate");
+        generate_with_tail(5000, &direct, 3, 1000).expect("generate");
+        assert_eq!(
+            fs::read(&cli).expect("cli"),
+            fs::read(&direct).expect("direct")
+        );
+        // Without TAIL: the plain generated corpus, which differs.
+        generate_cli(&args(&["5000", &cli_s, "3"])).expect("generate");
+        assert_ne!(
+            fs::read(&cli).expect("cli"),
+            fs::read(&direct).expect("direct")
+        );
+        let err = generate_cli(&args(&["5000", &cli_s, "3", "many"])).expect_err("bad TAIL");
+        assert!(err.starts_with("TAIL must be a number"), "{err}");
+        let err =
+            generate_cli(&args(&["5000", &cli_s, "3", "10", "x"])).expect_err("extra argument");
+        assert!(err.starts_with("too many arguments"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

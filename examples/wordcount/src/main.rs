@@ -1,5 +1,5 @@
 //! The wordcount worker binary. Started by a lazarus agent it runs one
-//! operator of the job; `wordcount generate WORDS FILE [SEED]` writes a test
+//! operator of the job; `wordcount generate WORDS FILE [SEED [TAIL]]` writes a test
 //! corpus and `wordcount check INPUT OUTPUT_DIR` compares a run's output with
 //! an independent count of the input.
 
