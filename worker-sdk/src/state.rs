@@ -656,13 +656,7 @@ where
     /// assert_eq!(counts.get(&word), Some(&3));
     /// ```
     pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        let (group, shard) = Self::place(self.key_groups, key);
-        let g = self.groups.get_mut(&group)?;
-        if !g.shards[shard].contains_key(key) {
-            return None;
-        }
-        g.dirty = true;
-        writable(&mut g.shards[shard]).get_mut(key)
+        self.held_slot(key)?.get_mut(key)
     }
 
     /// Sets `key` to `value`, returning the value it replaced; copies the
@@ -684,13 +678,19 @@ where
 
     /// Removes `key`.
     pub fn remove(&mut self, key: &K) -> Option<V> {
+        self.held_slot(key)?.remove(key)
+    }
+
+    /// The writable shard of a key this instance holds, its group marked
+    /// dirty; a miss copies and dirties nothing.
+    fn held_slot(&mut self, key: &K) -> Option<&mut HashMap<K, V>> {
         let (group, shard) = Self::place(self.key_groups, key);
         let g = self.groups.get_mut(&group)?;
         if !g.shards[shard].contains_key(key) {
             return None;
         }
         g.dirty = true;
-        writable(&mut g.shards[shard]).remove(key)
+        Some(writable(&mut g.shards[shard]))
     }
 
     /// Number of keys held.
