@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use lazarus_storage::rkyv::util::AlignedVec;
 use lazarus_storage::rkyv::{self, rancor};
 use lazarus_storage::{CheckpointId, ChunkRef, MappedChunk};
 
@@ -374,15 +375,105 @@ pub(crate) fn take_cow_stall() -> Duration {
 
 type Shard<K, V> = Arc<HashMap<K, V>>;
 
-/// A shard for writing: copied first if a snapshot (or a restore's
-/// reference) still holds it.
-fn writable<K: Clone + Eq + Hash, V: Clone>(shard: &mut Shard<K, V>) -> &mut HashMap<K, V> {
-    let started = (Arc::strong_count(shard) > 1).then(Instant::now);
-    let map = Arc::make_mut(shard);
-    if let Some(started) = started {
-        COW_STALL_NS.fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+/// Shard `i` of `group` for writing. A snapshot whose serialization has
+/// not reached the shard yet gets its archive first, written by this call
+/// (archive-on-write: the entries' bytes, no copy of the keys and values
+/// as objects); the shard is then changed in place. It is copied only if
+/// something else still holds it (a restore's reference).
+fn writable<K, V>(group: &mut Group<K, V>, i: usize) -> &mut HashMap<K, V>
+where
+    K: Clone + Eq + Hash + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+    V: Clone + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+{
+    if Arc::strong_count(&group.shards[i]) == 1 {
+        return Arc::make_mut(&mut group.shards[i]);
     }
+    let started = Instant::now();
+    group.archive_for_pending(i);
+    let map = Arc::make_mut(&mut group.shards[i]);
+    COW_STALL_NS.fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     map
+}
+
+/// One shard of a snapshot's key group, between the snapshot and its
+/// serialization.
+enum Slot<K, V> {
+    /// Frozen and not archived yet: the shard as it was at the snapshot.
+    Held(Shard<K, V>),
+    /// Archived by a writer before it changed the shard (shared by every
+    /// pending snapshot that held the same shard).
+    Archived(Arc<Result<AlignedVec<16>, String>>),
+    /// Taken by the serialization.
+    Taken,
+}
+
+/// The shards of one key group in one snapshot.
+type Slots<K, V> = Vec<std::sync::Mutex<Slot<K, V>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A key group's part: `PART_MAGIC`, the shard count (u32 LE) and 4
+/// reserved bytes, then per shard its archive's start and end (u64 LE
+/// each, offsets in the part), then the shards' archives, each aligned to
+/// 16 bytes: the archive of a `Vec<(K, V)>`, so every shard validates and
+/// decodes on its own. Parts written before this layout are one such
+/// archive for the whole group, and still decode.
+const PART_MAGIC: [u8; 8] = *b"LZKGSH\x00\x01";
+
+fn part_header_len(shards: usize) -> usize {
+    16 + 16 * shards
+}
+
+/// The shard archives of a part in the sharded layout; `None` for a part
+/// in the earlier one-archive layout.
+fn part_shards(bytes: &[u8]) -> Result<Option<Vec<&[u8]>>, String> {
+    if bytes.len() < 16 || bytes[..8] != PART_MAGIC {
+        return Ok(None);
+    }
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let count = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    if count == 0 || count > 1 << 16 || bytes.len() < part_header_len(count) {
+        return Err(format!(
+            "sharded part header names {count} shards in {} bytes",
+            bytes.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let (start, end) = (word(16 + 16 * i), word(24 + 16 * i));
+        let fits = start as usize >= part_header_len(count)
+            && start % 16 == 0
+            && start <= end
+            && end <= bytes.len() as u64;
+        if !fits {
+            return Err(format!(
+                "shard {i} of a sharded part spans {start}..{end} of {} bytes",
+                bytes.len()
+            ));
+        }
+        out.push(&bytes[start as usize..end as usize]);
+    }
+    Ok(Some(out))
+}
+
+/// One shard's entries archived on their own, into a buffer of
+/// `size_hint` bytes (it grows if they need more).
+fn archive_shard<K, V>(
+    shard: &Shard<K, V>,
+    size_hint: usize,
+) -> Result<AlignedVec<16>, rancor::Error>
+where
+    K: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+    V: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+{
+    let entries = Entries {
+        shards: std::slice::from_ref(shard),
+        len: shard.len(),
+    };
+    let buffer = AlignedVec::with_capacity(size_hint);
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(&entries, buffer)
 }
 
 /// A revive function for `shards`: weak pointers, so it keeps nothing
@@ -533,6 +624,8 @@ struct Group<K, V> {
     dirty: bool,
     /// Bytes of the group's last archive: the next one's buffer size.
     archived_len: Arc<AtomicUsize>,
+    /// Snapshots of this group not serialized yet.
+    pending: Vec<Weak<Slots<K, V>>>,
 }
 
 impl<K, V> Group<K, V> {
@@ -541,6 +634,34 @@ impl<K, V> Group<K, V> {
             shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
             dirty: true,
             archived_len: Arc::default(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Archives shard `i` for every pending snapshot that still holds it
+    /// frozen, and lets go of it there, so a write can change it in place.
+    /// A serialization busy with the shard is waited for (one shard).
+    fn archive_for_pending(&mut self, i: usize)
+    where
+        K: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+        V: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+    {
+        self.pending.retain(|p| p.strong_count() > 0);
+        // A shard's share of the group's last part, and some room.
+        let hint = self.archived_len.load(Ordering::Relaxed) / self.shards.len().max(1);
+        let hint = hint + hint / 4 + 64;
+        let mut archived = None;
+        for pending in &self.pending {
+            let Some(slots) = pending.upgrade() else {
+                continue;
+            };
+            let mut slot = lock(&slots[i]);
+            if matches!(&*slot, Slot::Held(frozen) if Arc::ptr_eq(frozen, &self.shards[i])) {
+                let bytes = archived.get_or_insert_with(|| {
+                    Arc::new(archive_shard(&self.shards[i], hint).map_err(|e| e.to_string()))
+                });
+                *slot = Slot::Archived(bytes.clone());
+            }
         }
     }
 }
@@ -632,7 +753,7 @@ where
             panic!("key group {group} is not owned by this instance: is the input edge `hash`?")
         });
         g.dirty = true;
-        writable(&mut g.shards[shard])
+        writable(g, shard)
     }
 
     /// Mutable access to the value of a key already held; copies the key's
@@ -690,7 +811,7 @@ where
             return None;
         }
         g.dirty = true;
-        Some(writable(&mut g.shards[shard]))
+        Some(writable(g, shard))
     }
 
     /// Number of keys held.
@@ -716,13 +837,20 @@ where
             let g = self.groups.get_mut(&group).expect("listed above");
             if g.dirty {
                 g.dirty = false;
-                let frozen = g.shards.clone();
-                let revive = revive_of(&frozen);
+                let slots: Arc<Slots<K, V>> = Arc::new(
+                    g.shards
+                        .iter()
+                        .map(|s| std::sync::Mutex::new(Slot::Held(s.clone())))
+                        .collect(),
+                );
+                g.pending.retain(|p| p.strong_count() > 0);
+                g.pending.push(Arc::downgrade(&slots));
+                let revive = revive_of(&g.shards);
                 let archived_len = g.archived_len.clone();
                 snapshot.add_fresh_decoded(
                     name,
                     move || {
-                        let bytes = archive(&frozen, archived_len.load(Ordering::Relaxed))?;
+                        let bytes = archive(&slots, archived_len.load(Ordering::Relaxed))?;
                         archived_len.store(bytes.len(), Ordering::Relaxed);
                         Ok(bytes)
                     },
@@ -773,11 +901,29 @@ where
     /// One key group's shards from its archive, every key checked to
     /// belong to the group.
     fn decode(&self, group: u32, name: &str, bytes: &[u8]) -> Result<Vec<Shard<K, V>>, BoxError> {
+        let archives = match part_shards(bytes)
+            .map_err(|e| format!("state part {name:?} does not decode: {e}"))?
+        {
+            Some(archives) => archives,
+            None => vec![bytes],
+        };
+        let mut shards: Vec<HashMap<K, V>> = (0..SHARDS).map(|_| HashMap::new()).collect();
+        for archive in archives {
+            self.decode_into(group, name, archive, &mut shards)?;
+        }
+        Ok(shards.into_iter().map(Arc::new).collect())
+    }
+
+    /// The entries of one archive of `Vec<(K, V)>` into their shards.
+    fn decode_into(
+        &self,
+        group: u32,
+        name: &str,
+        bytes: &[u8],
+        shards: &mut [HashMap<K, V>],
+    ) -> Result<(), BoxError> {
         let archived = rkyv::access::<ArchivedGroup<K, V>, rancor::Error>(bytes)
             .map_err(|e| format!("state part {name:?} does not decode: {e}"))?;
-        let mut shards: Vec<HashMap<K, V>> = (0..SHARDS)
-            .map(|_| HashMap::with_capacity(archived.len() / SHARDS + 1))
-            .collect();
         for entry in archived.iter() {
             let key: K = rkyv::deserialize::<K, rancor::Error>(&entry.0)
                 .map_err(|e| format!("state part {name:?}: a key does not decode: {e}"))?;
@@ -792,25 +938,55 @@ where
             }
             shards[shard].insert(key, value);
         }
-        Ok(shards.into_iter().map(Arc::new).collect())
+        Ok(())
     }
 }
 
-/// A frozen key group's archive, written straight from its shards into one
-/// buffer of about the last archive's size.
-fn archive<K, V>(frozen: &[Shard<K, V>], size_hint: usize) -> Result<bytes::Bytes, BoxError>
+/// A frozen key group's part (see [`PART_MAGIC`]), written into one buffer
+/// of about the last part's size: each shard still held is archived
+/// straight from its entries, each one a writer archived already is
+/// copied in.
+fn archive<K, V>(slots: &Slots<K, V>, size_hint: usize) -> Result<bytes::Bytes, BoxError>
 where
     K: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
     V: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
 {
-    let entries = Entries {
-        shards: frozen,
-        len: frozen.iter().map(|s| s.len()).sum(),
-    };
-    let buffer = buffers::POOL.take(size_hint + size_hint / 8);
-    let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&entries, buffer)?;
+    let header = part_header_len(slots.len());
+    let mut buffer = buffers::POOL.take(size_hint + size_hint / 8);
+    buffer.extend_from_slice(&PART_MAGIC);
+    buffer.extend_from_slice(&(slots.len() as u32).to_le_bytes());
+    buffer.resize(header, 0);
+    let mut spans = Vec::with_capacity(slots.len());
+    for slot in slots {
+        buffer.resize(buffer.len().next_multiple_of(16), 0);
+        let start = buffer.len();
+        // The slot stays locked while its shard is archived: a writer
+        // waits for this one shard, then finds it released.
+        let mut slot = lock(slot);
+        match std::mem::replace(&mut *slot, Slot::Taken) {
+            Slot::Held(frozen) => {
+                let entries = Entries {
+                    shards: std::slice::from_ref(&frozen),
+                    len: frozen.len(),
+                };
+                buffer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&entries, buffer)?;
+                drop(frozen);
+            }
+            Slot::Archived(archived) => match archived.as_ref() {
+                Ok(bytes) => buffer.extend_from_slice(bytes),
+                Err(e) => return Err(format!("a shard archived on write failed: {e}").into()),
+            },
+            Slot::Taken => return Err("a key group shard was serialized twice".into()),
+        }
+        drop(slot);
+        spans.push((start as u64, buffer.len() as u64));
+    }
+    for (i, (start, end)) in spans.into_iter().enumerate() {
+        buffer[16 + 16 * i..24 + 16 * i].copy_from_slice(&start.to_le_bytes());
+        buffer[24 + 16 * i..32 + 16 * i].copy_from_slice(&end.to_le_bytes());
+    }
     Ok(bytes::Bytes::from_owner(buffers::Pooled(
-        bytes,
+        buffer,
         &buffers::POOL,
     )))
 }
@@ -926,11 +1102,7 @@ mod tests {
         let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
         assert_eq!(st.insert("a".into(), 1), None);
         let group_of = |k: &str| format!("counts-kg{}", key_group(k.as_bytes(), 128));
-        let decode = |b: &bytes::Bytes| {
-            let mut e = rkyv::from_bytes::<Vec<(String, u64)>, rancor::Error>(b).expect("decode");
-            e.sort();
-            e
-        };
+        let decode = |b: &bytes::Bytes| part_entries(b);
         let first = st.snapshot();
         // Writes after the snapshot, through both calls, leave it as it was.
         *st.get_mut(&"a".to_string()).expect("held") += 10;
@@ -960,6 +1132,137 @@ mod tests {
         );
         // Nothing written since: the third snapshot writes nothing.
         assert!(serialize_all(st.snapshot()).values().all(Option::is_none));
+    }
+
+    #[test]
+    fn test_writes_racing_the_serialization_leave_each_snapshot_as_it_was() {
+        let ctx = Context::for_test("c", 0, 1);
+        let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        let keys: Vec<String> = (0..4_000).map(|i| format!("k{i}")).collect();
+        for k in &keys {
+            st.insert(k.clone(), 0);
+        }
+        for round in 1..=5u64 {
+            // Two snapshots pending at once (the second taken before the
+            // first is serialized), then writes to every key while both
+            // serialize on other threads.
+            let first = st.snapshot();
+            for k in keys.iter().step_by(3) {
+                *st.get_mut(k).expect("held") += 1000;
+            }
+            let second = st.snapshot();
+            // Every key holds this at the round's start.
+            let before = (round - 1) * 1001;
+            let threads: Vec<_> = [first, second]
+                .into_iter()
+                .map(|snap| std::thread::spawn(move || serialize_all(snap)))
+                .collect();
+            for k in &keys {
+                *st.get_mut(k).expect("held") += 1;
+            }
+            let mut done = threads.into_iter().map(|t| t.join().expect("serialized"));
+            let (first, second) = (done.next().expect("first"), done.next().expect("second"));
+            let all = |parts: &BTreeMap<String, Option<bytes::Bytes>>| -> BTreeMap<String, u64> {
+                parts
+                    .values()
+                    .flatten()
+                    .flat_map(|b| part_entries(b))
+                    .collect()
+            };
+            let (first, second) = (all(&first), all(&second));
+            assert_eq!(first.len(), keys.len(), "round {round}");
+            for (i, k) in keys.iter().enumerate() {
+                let bumped = if i % 3 == 0 { before + 1000 } else { before };
+                assert_eq!(first[k], before, "round {round}: {k} in the first snapshot");
+                assert_eq!(
+                    second[k], bumped,
+                    "round {round}: {k} in the second snapshot"
+                );
+                assert_eq!(st.get(k), Some(&(bumped + 1)), "round {round}: {k} live");
+            }
+            // Every key ends the round at round * 1001.
+            for k in &keys {
+                st.insert(k.clone(), round * 1001);
+            }
+        }
+    }
+
+    #[test]
+    fn test_parts_of_both_layouts_restore_and_a_bad_shard_table_is_named() {
+        let ctx = Context::for_test("c", 0, 1);
+        let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        for i in 0..500u64 {
+            st.insert(format!("k{i}"), i);
+        }
+        let (parts, _) = Snapshot::serialize_for_test(st.snapshot()).expect("serialize");
+        // The sharded layout, as written now.
+        let r = Restored::from_parts(CheckpointId(1), parts.clone(), Vec::new());
+        let mut back: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        back.restore(&r).expect("restore");
+        assert_eq!(back.len(), 500);
+        assert_eq!(back.get(&"k77".to_string()), Some(&77));
+        // The one-archive layout of earlier checkpoints.
+        let old: BTreeMap<String, bytes::Bytes> = parts
+            .iter()
+            .map(|(n, b)| {
+                (
+                    n.clone(),
+                    bytes::Bytes::from(to_rkyv(&part_entries(b)).expect("archive")),
+                )
+            })
+            .collect();
+        let mut back: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        back.restore(&Restored::from_parts(CheckpointId(1), old, Vec::new()))
+            .expect("restore the earlier layout");
+        assert_eq!(back.len(), 500);
+        assert_eq!(back.get(&"k77".to_string()), Some(&77));
+        // A shard table pointing outside the part, misaligned, or an
+        // impossible shard count: named, not a panic.
+        let name = "counts-kg0".to_string();
+        let good = parts[&name].to_vec();
+        let mut bad_end = good.clone();
+        bad_end[24..32].copy_from_slice(&(good.len() as u64 + 1).to_le_bytes());
+        let mut misaligned = good.clone();
+        let start = u64::from_le_bytes(good[16..24].try_into().expect("8"));
+        misaligned[16..24].copy_from_slice(&(start + 1).to_le_bytes());
+        let mut no_shards = good.clone();
+        no_shards[8..12].copy_from_slice(&0u32.to_le_bytes());
+        let mut truncated = good.clone();
+        truncated.truncate(100);
+        for (what, bytes) in [
+            ("end past the part", bad_end),
+            ("misaligned start", misaligned),
+            ("no shards", no_shards),
+            ("header cut short", truncated),
+        ] {
+            let mut parts = parts.clone();
+            parts.insert(name.clone(), bytes::Bytes::from(bytes));
+            let mut back: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+            let e = back
+                .restore(&Restored::from_parts(CheckpointId(1), parts, Vec::new()))
+                .expect_err(what)
+                .to_string();
+            assert!(
+                e.contains("counts-kg0") && e.contains("does not decode"),
+                "{what}: {e}"
+            );
+        }
+    }
+
+    /// Every entry of a part, sorted.
+    fn part_entries(bytes: &[u8]) -> Vec<(String, u64)> {
+        let shards = part_shards(bytes).expect("header").expect("sharded layout");
+        assert_eq!(shards.len(), SHARDS);
+        let mut all = Vec::new();
+        for shard in shards {
+            let mut aligned = AlignedVec::<16>::new();
+            aligned.extend_from_slice(shard);
+            all.extend(
+                rkyv::from_bytes::<Vec<(String, u64)>, rancor::Error>(&aligned).expect("decode"),
+            );
+        }
+        all.sort();
+        all
     }
 
     fn serialize_all(s: Snapshot) -> BTreeMap<String, Option<bytes::Bytes>> {
@@ -995,10 +1298,7 @@ mod tests {
             "first snapshot writes every group"
         );
         let a_group = format!("counts-kg{}", key_group(b"a", 128));
-        let entries = rkyv::from_bytes::<Vec<(String, u64)>, rancor::Error>(
-            bytes[&a_group].as_ref().expect("fresh"),
-        )
-        .expect("decode");
+        let entries = part_entries(bytes[&a_group].as_ref().expect("fresh"));
         assert_eq!(entries, vec![("a".to_string(), 1)]);
         // Second snapshot: only the group of "a" is dirty.
         let second = serialize_all(st.snapshot());
@@ -1162,6 +1462,18 @@ mod tests {
             .filter(|(b, a)| !Arc::ptr_eq(b, a))
             .count();
         assert_eq!(copied, 1, "one shard of {SHARDS} copied");
+        // ... and not as a copy of its entries: the write archived the
+        // frozen shard for the snapshot and then changed it in place.
+        let slots = st.groups[&g]
+            .pending
+            .last()
+            .and_then(Weak::upgrade)
+            .expect("the snapshot is pending");
+        let archived = slots
+            .iter()
+            .filter(|slot| matches!(&*lock(slot), Slot::Archived(_)))
+            .count();
+        assert_eq!(archived, 1, "the written shard archived on write");
         // The snapshot still serializes the value before the write.
         let (parts, _) = Snapshot::serialize_for_test(frozen).expect("serialize");
         let r = Restored::from_parts(CheckpointId(1), parts, Vec::new());
