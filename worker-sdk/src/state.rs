@@ -5,9 +5,10 @@
 //! closure that serializes *frozen* data later, on a blocking thread, or a
 //! note that the part is unchanged since the previous checkpoint (the
 //! runtime then references the chunk it already wrote: incremental
-//! checkpoints). [`KeyedState`] freezes its key groups copy-on-write: a
-//! snapshot clones one `Arc` per group, and the first write to a frozen
-//! group after the snapshot copies that group only.
+//! checkpoints). [`KeyedState`] freezes its key groups per shard: a
+//! snapshot clones one `Arc` per shard of a dirty group, and the first
+//! write to a frozen shard the serialization has not reached archives that
+//! shard for the snapshot, then changes it in place (archive-on-write).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -359,16 +360,18 @@ where
     Ok(rkyv::to_bytes::<rancor::Error>(value)?.to_vec())
 }
 
-/// Copy-on-write shards per key group: a write after a snapshot copies one
-/// shard (1/64 of the group), not the group, so the processing thread never
-/// stalls for long however large a group grows.
+/// Shards per key group: a write after a snapshot archives (or, where a
+/// restore still holds it, copies) one shard, 1/64 of the group, so the
+/// processing thread never stalls for long however large a group grows.
 const SHARDS: usize = 64;
 
-/// The longest copy-on-write stall since it was last taken (nanoseconds).
+/// The longest stall of a write on a frozen shard (archive-on-write or
+/// copy-on-write) since it was last taken (nanoseconds).
 static COW_STALL_NS: AtomicU64 = AtomicU64::new(0);
 
-/// The longest copy-on-write stall of any keyed state in this process since
-/// the last call: the processing time a snapshot costs after it returns.
+/// The longest stall of a write on a frozen shard of any keyed state in
+/// this process since the last call: the processing time a snapshot costs
+/// after it returns.
 pub(crate) fn take_cow_stall() -> Duration {
     Duration::from_nanos(COW_STALL_NS.swap(0, Ordering::Relaxed))
 }
@@ -598,8 +601,9 @@ type HighSerializer<'a> = rkyv::api::high::HighSerializer<
 type Decoder = rkyv::rancor::Strategy<rkyv::de::Pool, rancor::Error>;
 
 /// Keyed state: a map from key to `V`, partitioned into the job's key
-/// groups; an instance holds only the groups it owns. Snapshots are
-/// copy-on-write (per shard of a group) and incremental (groups untouched
+/// groups; an instance holds only the groups it owns. Snapshots freeze
+/// shards, and a write archives a frozen shard for its snapshot before it
+/// changes it (archive-on-write); they are incremental (groups untouched
 /// since the previous checkpoint are not written again); a restore of a
 /// checkpoint whose groups this process still holds decoded (a rollback
 /// in place, a hot standby's promotion) neither reads nor decodes them.
@@ -736,8 +740,8 @@ where
             .and_then(|g| g.shards[shard].get(key))
     }
 
-    /// Mutable access to `key`'s slot; copies the key's shard first if a
-    /// snapshot still holds it (copy-on-write).
+    /// Mutable access to `key`'s slot; a snapshot still holding the key's
+    /// shard gets it archived first (archive-on-write).
     ///
     /// # Panics
     /// If this instance does not own the key's group: routing (hash edges)
@@ -756,9 +760,9 @@ where
         writable(g, shard)
     }
 
-    /// Mutable access to the value of a key already held; copies the key's
-    /// shard first if a snapshot still holds it (copy-on-write). A miss
-    /// copies nothing. Unlike [`KeyedState::entry`] it needs no owned key,
+    /// Mutable access to the value of a key already held; a snapshot still
+    /// holding the key's shard gets it archived first (archive-on-write). A
+    /// miss archives and copies nothing. Unlike [`KeyedState::entry`] it needs no owned key,
     /// so a hot path that mostly updates existing keys allocates nothing:
     ///
     /// ```
@@ -780,8 +784,8 @@ where
         self.held_slot(key)?.get_mut(key)
     }
 
-    /// Sets `key` to `value`, returning the value it replaced; copies the
-    /// key's shard first if a snapshot still holds it (copy-on-write).
+    /// Sets `key` to `value`, returning the value it replaced; a snapshot
+    /// still holding the key's shard gets it archived first.
     ///
     /// ```
     /// use lazarus_sdk::{Context, KeyedState};
