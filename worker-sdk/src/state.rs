@@ -461,11 +461,11 @@ fn part_shards(bytes: &[u8]) -> Result<Option<Vec<&[u8]>>, String> {
     Ok(Some(out))
 }
 
-/// One shard's entries archived on their own, into a buffer of
-/// `size_hint` bytes (it grows if they need more).
+/// One shard's entries archived on their own, appended to `buffer` (the
+/// archive starts at its current length, which must be 16-aligned).
 fn archive_shard<K, V>(
     shard: &Shard<K, V>,
-    size_hint: usize,
+    buffer: AlignedVec<16>,
 ) -> Result<AlignedVec<16>, rancor::Error>
 where
     K: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
@@ -475,7 +475,6 @@ where
         shards: std::slice::from_ref(shard),
         len: shard.len(),
     };
-    let buffer = AlignedVec::with_capacity(size_hint);
     rkyv::api::high::to_bytes_in::<_, rancor::Error>(&entries, buffer)
 }
 
@@ -662,7 +661,8 @@ impl<K, V> Group<K, V> {
             let mut slot = lock(&slots[i]);
             if matches!(&*slot, Slot::Held(frozen) if Arc::ptr_eq(frozen, &self.shards[i])) {
                 let bytes = archived.get_or_insert_with(|| {
-                    Arc::new(archive_shard(&self.shards[i], hint).map_err(|e| e.to_string()))
+                    let buffer = AlignedVec::with_capacity(hint);
+                    Arc::new(archive_shard(&self.shards[i], buffer).map_err(|e| e.to_string()))
                 });
                 *slot = Slot::Archived(bytes.clone());
             }
@@ -912,22 +912,34 @@ where
             None => vec![bytes],
         };
         let mut shards: Vec<HashMap<K, V>> = (0..SHARDS).map(|_| HashMap::new()).collect();
-        for archive in archives {
-            self.decode_into(group, name, archive, &mut shards)?;
+        // A part of SHARDS shard archives fills one shard from each.
+        let homes = archives.len() == SHARDS;
+        for (i, archive) in archives.into_iter().enumerate() {
+            self.decode_into(group, name, archive, &mut shards, homes.then_some(i))?;
         }
         Ok(shards.into_iter().map(Arc::new).collect())
     }
 
-    /// The entries of one archive of `Vec<(K, V)>` into their shards.
+    /// The entries of one archive of `Vec<(K, V)>` into their shards,
+    /// room made first in shard `home` (the one they fill) or, without
+    /// one, spread over all.
     fn decode_into(
         &self,
         group: u32,
         name: &str,
         bytes: &[u8],
         shards: &mut [HashMap<K, V>],
+        home: Option<usize>,
     ) -> Result<(), BoxError> {
         let archived = rkyv::access::<ArchivedGroup<K, V>, rancor::Error>(bytes)
             .map_err(|e| format!("state part {name:?} does not decode: {e}"))?;
+        match home {
+            Some(i) => shards[i].reserve(archived.len()),
+            None => {
+                let each = archived.len() / shards.len().max(1) + 1;
+                shards.iter_mut().for_each(|s| s.reserve(each));
+            }
+        }
         for entry in archived.iter() {
             let key: K = rkyv::deserialize::<K, rancor::Error>(&entry.0)
                 .map_err(|e| format!("state part {name:?}: a key does not decode: {e}"))?;
@@ -969,11 +981,7 @@ where
         let mut slot = lock(slot);
         match std::mem::replace(&mut *slot, Slot::Taken) {
             Slot::Held(frozen) => {
-                let entries = Entries {
-                    shards: std::slice::from_ref(&frozen),
-                    len: frozen.len(),
-                };
-                buffer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&entries, buffer)?;
+                buffer = archive_shard(&frozen, buffer)?;
                 drop(frozen);
             }
             Slot::Archived(archived) => match archived.as_ref() {
@@ -1026,7 +1034,7 @@ mod buffers {
         /// A buffer of at least `capacity` bytes: a kept one when one is
         /// big enough, else a new one.
         pub(super) fn take(&self, capacity: usize) -> AlignedVec<16> {
-            let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut buffers = super::lock(&self.buffers);
             match buffers.iter().position(|b| b.capacity() >= capacity) {
                 Some(i) => buffers.swap_remove(i),
                 None => AlignedVec::with_capacity(capacity),
@@ -1036,7 +1044,7 @@ mod buffers {
         /// Keeps `buffer` (emptied) if the pool has room, else frees it.
         fn give(&self, mut buffer: AlignedVec<16>) {
             buffer.clear();
-            let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut buffers = super::lock(&self.buffers);
             let kept: usize = buffers.iter().map(AlignedVec::capacity).sum();
             if kept + buffer.capacity() <= self.keep {
                 buffers.push(buffer);
@@ -1101,7 +1109,7 @@ mod tests {
     use crate::record::key_group;
 
     #[test]
-    fn test_get_mut_and_insert_are_copy_on_write_and_a_miss_dirties_nothing() {
+    fn test_get_mut_and_insert_leave_a_snapshot_as_it_was_and_a_miss_dirties_nothing() {
         let ctx = Context::for_test("c", 0, 1);
         let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
         assert_eq!(st.insert("a".into(), 1), None);
