@@ -268,6 +268,7 @@ fn main() {
                 every: Duration::from_millis(400),
                 seed: 5,
                 max_kills: Some(20),
+                after_commit: false,
             };
             let s = run_with(&rt, spec, &dir.join("state"), Some(chaos));
             let ms = |f: fn(&lazarus::supervisor::RecoveryTime) -> u64| {

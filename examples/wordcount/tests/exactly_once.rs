@@ -166,6 +166,7 @@ async fn test_wordcount_is_exactly_once_with_and_without_sigkills() {
         every: Duration::from_millis(150),
         seed: 1234,
         max_kills: Some(12),
+        after_commit: false,
     };
     let summary = run(spec(dir.path(), &input, &out_b, ""), &state_b, Some(chaos)).await;
     eprintln!("chaos run: {summary:?}");
@@ -271,6 +272,9 @@ async fn test_workers_that_did_not_fail_keep_their_processes_and_the_output_stay
             every: Duration::from_millis(300),
             seed: 77,
             max_kills: Some(3),
+            // Each kill rolls back to a checkpoint of its attempt, so each
+            // recovery has a replay to time, however loaded the machine.
+            after_commit: true,
         };
         let summary = run(spec, &state, Some(chaos)).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -509,6 +513,7 @@ async fn test_rescale_from_a_savepoint_is_exactly_once() {
             every: Duration::from_millis(700),
             seed: 5,
             max_kills: Some(3),
+            after_commit: false,
         }),
         status_every: None,
         final_checkpoint_on_stop: false,
@@ -562,6 +567,7 @@ async fn test_wordcount_on_s3_store_with_sigkills() {
         every: Duration::from_millis(300),
         seed: 99,
         max_kills: Some(2),
+        after_commit: false,
     };
     let summary = run_on(
         spec(dir.path(), &input, &out, ""),

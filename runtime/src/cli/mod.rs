@@ -104,6 +104,11 @@ pub struct RunArgs {
     /// Stop the chaos after this many kills.
     #[arg(long)]
     pub chaos_max_kills: Option<u32>,
+    /// Kill only once a checkpoint has committed since the last recovery
+    /// (or the start): every kill then rolls back to a checkpoint, and the
+    /// job progresses however fast the kills come.
+    #[arg(long)]
+    pub chaos_after_commit: bool,
     /// Worker logs and local cache (default .lazarus/<job>).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,

@@ -54,6 +54,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         every,
         seed: args.chaos_seed,
         max_kills: args.chaos_max_kills,
+        after_commit: args.chaos_after_commit,
     });
     eprintln!(
         "[lazarus] job {} ({} workers) from {}; store {}; worker binary {}",

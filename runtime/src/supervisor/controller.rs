@@ -72,6 +72,11 @@ pub struct Chaos {
     pub seed: u64,
     /// Stop killing after this many kills (so a run is sure to finish).
     pub max_kills: Option<u32>,
+    /// A kill falls due only once a checkpoint has committed since the
+    /// last recovery (or the start): every recovery then rolls back to a
+    /// checkpoint of its attempt's progress, and a job whose checkpoints
+    /// are slower than the kills still progresses.
+    pub after_commit: bool,
 }
 
 /// The controller's settings (from the job spec and the run's options).
@@ -688,6 +693,10 @@ struct RecoveryClock {
     /// The checkpoint to restore when the failure was detected, and per
     /// source the records it had emitted after that checkpoint.
     replay: Option<(CheckpointId, BTreeMap<WorkerId, u64>)>,
+    /// Sources of the attempt that reported their replay done before every
+    /// worker was running (a source emits from its own start; the last
+    /// worker to report running may come later).
+    replayed: BTreeSet<WorkerId>,
 }
 
 impl RecoveryClock {
@@ -809,6 +818,8 @@ struct AttemptState {
     /// connection closes, after the worker's last message (a stream keeps
     /// order: a fatal error it sent comes before the close).
     exits: BTreeMap<WorkerId, (String, Duration)>,
+    /// A checkpoint committed in this attempt (chaos `after_commit`).
+    committed: bool,
 }
 
 /// See the module documentation.
@@ -1454,7 +1465,7 @@ impl JobController {
         if let Some(st) = &self.adopting {
             at = Some(at.map_or(st.deadline, |a| a.min(st.deadline)));
         }
-        if self.chaos_armed() && matches!(self.phase, Phase::Running) {
+        if self.chaos_armed() && matches!(self.phase, Phase::Running) && self.chaos_may_fire() {
             at = Some(at.map_or(self.chaos_at, |a| a.min(self.chaos_at)));
         }
         at.filter(|t| *t > now)
@@ -1639,7 +1650,10 @@ impl JobController {
     /// At a failure: the checkpoint a recovery restores now, and per source
     /// of the current attempt how many records it emitted after that
     /// checkpoint (its last heartbeat's count minus its count in the ack of
-    /// the checkpoint). Sources without both counts are left out.
+    /// the checkpoint). A source this attempt started from that very
+    /// checkpoint counts from it: it acked nothing of it, and its count is
+    /// the target (a failure before the attempt's first commit). Sources
+    /// without both counts are left out.
     fn replay_targets(&self) -> Option<(CheckpointId, BTreeMap<WorkerId, u64>)> {
         let at = self.newest_committed?;
         let targets: BTreeMap<WorkerId, u64> = self
@@ -1649,7 +1663,15 @@ impl JobController {
             .filter(|w| w.inputs.is_empty())
             .filter_map(|w| {
                 let now = *self.att.records.get(&w.id)?;
-                let then = *self.att.snap_records.get(&w.id)?.get(&at)?;
+                let then = match self.att.snap_records.get(&w.id).and_then(|s| s.get(&at)) {
+                    Some(then) => *then,
+                    None if Some(at) == self.restored
+                        && self.att_of.get(&w.id) == Some(&self.attempt) =>
+                    {
+                        0
+                    }
+                    None => return None,
+                };
                 Some((w.id.clone(), now.saturating_sub(then)))
             })
             .collect();
@@ -1703,6 +1725,7 @@ impl JobController {
         if let Some(c) = self.clock.as_mut() {
             c.placed = Some(now);
             c.listening = None;
+            c.replayed.clear();
         }
         for (w, p) in &self.placement {
             self.home
@@ -1729,11 +1752,17 @@ impl JobController {
         }
         match &region {
             None => self.att = AttemptState::default(),
-            Some(_) => {
+            Some(r) => {
                 // The survivors were silent to us meanwhile (messages are
                 // not read while recovering): their heartbeat clocks restart.
                 for t in self.att.last_seen.values_mut() {
                     *t = now;
+                }
+                self.att.committed = false;
+                // The region's new processes count their records afresh.
+                for w in r {
+                    self.att.records.remove(w);
+                    self.att.snap_records.remove(w);
                 }
             }
         }
@@ -1958,6 +1987,10 @@ impl JobController {
         if !self.chaos_armed() || now < self.chaos_at {
             return;
         }
+        if !self.chaos_may_fire() {
+            // Due: it fires at the first tick after the attempt commits.
+            return;
+        }
         self.schedule_chaos(now);
         let pick = (self.next_random() % self.cfg.plan.len().max(1) as u64) as usize;
         let Some(victim) = self.cfg.plan.get(pick).map(|w| w.id.clone()) else {
@@ -1983,6 +2016,11 @@ impl JobController {
             worker: victim,
             slot: Slot::Primary,
         });
+    }
+
+    /// Whether a due kill may fire now (see [`Chaos::after_commit`]).
+    fn chaos_may_fire(&self) -> bool {
+        self.cfg.chaos.is_some_and(|c| !c.after_commit) || self.att.committed
     }
 
     fn chaos_armed(&self) -> bool {
@@ -2186,9 +2224,19 @@ impl JobController {
                             .filter(|w| self.partial.as_ref().is_none_or(|r| r.contains(*w)))
                             .cloned()
                             .collect();
-                        if !waiting.is_empty() {
-                            self.replaying =
-                                Some((self.summary.recoveries.len() - 1, now, waiting));
+                        let still: BTreeSet<WorkerId> =
+                            waiting.difference(&c.replayed).cloned().collect();
+                        if !still.is_empty() {
+                            self.replaying = Some((self.summary.recoveries.len() - 1, now, still));
+                        } else if !waiting.is_empty() {
+                            // Every source was back before the last worker ran.
+                            if let Some(r) = self.summary.recoveries.last_mut() {
+                                r.replay_ms = Some(0);
+                            }
+                            tracing::info!(
+                                replay_ms = 0,
+                                "replayed: every source is back where it was"
+                            );
                         }
                     }
                     if let Some(region) = self.partial.take() {
@@ -2218,6 +2266,9 @@ impl JobController {
                 while acked.len() > 64 {
                     acked.pop_first();
                 }
+                if let Some(at) = self.coordinator.triggered_at(checkpoint) {
+                    tracing::debug!(%worker, %checkpoint, after_ms = now.saturating_sub(at).as_millis() as u64, "acked");
+                }
                 let d = self.coordinator.on_ack(&worker, checkpoint, snapshot);
                 self.carry_out(now, d);
             }
@@ -2242,6 +2293,8 @@ impl JobController {
                         }
                         self.replaying = None;
                     }
+                } else if let Some(c) = self.clock.as_mut() {
+                    c.replayed.insert(worker);
                 }
             }
             ToSupervisor::Failed { error, fatal } => {
@@ -2638,6 +2691,7 @@ impl JobController {
             });
         }
         if epoch == self.epoch && self.is_active() {
+            self.att.committed = true;
             if let Some(t) = self.coordinator.triggered_at(checkpoint) {
                 self.summary
                     .checkpoint_latencies
@@ -2745,6 +2799,7 @@ impl JobController {
                 placed: None,
                 listening: None,
                 replay,
+                replayed: BTreeSet::new(),
             });
         }
         // A recovery still replaying is cut short: its replay stays unknown.

@@ -292,6 +292,18 @@ impl World {
     }
 
     fn with_spec(seed: u64, faults: bool, text: &str, hosts: Option<usize>) -> World {
+        Self::with_spec_and(seed, faults, text, hosts, |_| {})
+    }
+
+    /// As [`World::with_spec`], with the controller's settings changed by
+    /// `tweak` first.
+    fn with_spec_and(
+        seed: u64,
+        faults: bool,
+        text: &str,
+        hosts: Option<usize>,
+        tweak: impl FnOnce(&mut ControllerConfig),
+    ) -> World {
         let mut rng = Rng(seed);
         let spec = JobSpec::parse(text, "sim.toml", PathBuf::from("/"))
             .expect("the simulation's spec parses");
@@ -302,6 +314,7 @@ impl World {
         cfg.vips = true;
         cfg.root_cause_wait = ms(10);
         cfg.drain_timeout = ms(500);
+        tweak(&mut cfg);
         let n_hosts = hosts.unwrap_or(2 + rng.below(3) as usize);
         let hosts: BTreeMap<String, bool> = (0..n_hosts).map(|i| (format!("h{i}"), true)).collect();
         let store = SimStore {
@@ -1821,6 +1834,86 @@ mod scenarios {
         );
         w.run_for(ms(200));
         assert!(w.ctl.newest_committed() > committed, "checkpoints go on");
+    }
+
+    /// A failure before the attempt that recovered from the last one has
+    /// committed anything still times the sources' replay: they started
+    /// from the restored checkpoint, so what they emitted since is their
+    /// whole count (the wordcount SIGKILL test lost every replay figure
+    /// when kills came faster than commits).
+    #[test]
+    fn test_a_failure_before_the_attempts_first_commit_still_gives_a_replay_target() {
+        let mut w = running(0, 3);
+        let (first, _) = w.proc_of("count-1", Slot::Primary);
+        w.die(first, ExitKind::Signal(9));
+        let restored = w.ctl.newest_committed();
+        let deadline = w.now + ms(500);
+        while w.ctl.summary().recoveries.is_empty() && w.now < deadline {
+            w.run_for(ms(1));
+        }
+        assert_eq!(w.ctl.summary().recoveries.len(), 1, "recovered");
+        // One heartbeat of the new attempt (every 20 ms), before its first
+        // checkpoint (every 30 ms) can commit.
+        w.run_for(ms(21));
+        assert_eq!(
+            w.ctl.newest_committed(),
+            restored,
+            "nothing committed since the recovery"
+        );
+        let (second, _) = w.proc_of("count-0", Slot::Primary);
+        let t = w.now;
+        w.die(second, ExitKind::Signal(9));
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        let replay = w.actions_since(t).into_iter().find_map(|a| match a {
+            Action::Assign {
+                worker,
+                standby: false,
+                replay,
+                ..
+            } if worker.as_str() == "src-0" => Some(replay),
+            _ => None,
+        });
+        assert_eq!(
+            replay,
+            Some(Some(1)),
+            "the source is told to report after re-emitting its heartbeat's count"
+        );
+    }
+
+    /// Chaos with `after_commit` kills only once the attempt has committed
+    /// a checkpoint; without it, kills come as fast as they are due (here
+    /// faster than checkpoints), and some recovery rolls back to nothing
+    /// new.
+    #[test]
+    fn test_chaos_after_commit_waits_for_each_attempt_to_commit() {
+        for after_commit in [true, false] {
+            let mut w = World::with_spec_and(7, false, SPECS[0], Some(3), |cfg| {
+                cfg.chaos = Some(super::super::controller::Chaos {
+                    every: ms(5),
+                    seed: 3,
+                    max_kills: Some(6),
+                    after_commit,
+                });
+            });
+            w.start();
+            let (mut kills, mut committed_at_kill) = (0, 0);
+            let mut kill_without_commit = false;
+            while w.now < ms(5000) && kills < 6 {
+                w.run_for(ms(1));
+                let s = w.ctl.summary();
+                if s.chaos_kills > kills {
+                    kills = s.chaos_kills;
+                    kill_without_commit |= s.committed == committed_at_kill;
+                    committed_at_kill = s.committed;
+                }
+            }
+            assert_eq!(kills, 6, "every kill fired (after_commit {after_commit})");
+            assert_eq!(
+                kill_without_commit, !after_commit,
+                "after_commit {after_commit}: a kill with no commit since the one before"
+            );
+        }
     }
 
     /// Active-active takeover: with two hosts, the lost host's instance is
