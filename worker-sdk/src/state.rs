@@ -643,7 +643,10 @@ impl<K, V> Group<K, V> {
 
     /// Archives shard `i` for every pending snapshot that still holds it
     /// frozen, and lets go of it there, so a write can change it in place.
-    /// A serialization busy with the shard is waited for (one shard).
+    /// A serialization busy with the shard is not waited for: it archives
+    /// from its own reference, and the write copies the shard instead
+    /// (waiting measured up to 5 ms at 1 GiB: the serialization holds the
+    /// slot while it archives, and grows its part buffer there).
     fn archive_for_pending(&mut self, i: usize)
     where
         K: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
@@ -658,7 +661,11 @@ impl<K, V> Group<K, V> {
             let Some(slots) = pending.upgrade() else {
                 continue;
             };
-            let mut slot = lock(&slots[i]);
+            let mut slot = match slots[i].try_lock() {
+                Ok(slot) => slot,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => continue,
+            };
             if matches!(&*slot, Slot::Held(frozen) if Arc::ptr_eq(frozen, &self.shards[i])) {
                 let bytes = archived.get_or_insert_with(|| {
                     let buffer = AlignedVec::with_capacity(hint);
@@ -977,7 +984,7 @@ where
         buffer.resize(buffer.len().next_multiple_of(16), 0);
         let start = buffer.len();
         // The slot stays locked while its shard is archived: a writer
-        // waits for this one shard, then finds it released.
+        // that finds it so copies the shard rather than wait.
         let mut slot = lock(slot);
         match std::mem::replace(&mut *slot, Slot::Taken) {
             Slot::Held(frozen) => {
@@ -1492,6 +1499,57 @@ mod tests {
         let mut back: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
         back.restore(&r).expect("restore");
         assert_eq!(back.get(&"k1".to_string()), Some(&1));
+        assert_eq!(back.len(), 20_000);
+    }
+
+    #[test]
+    fn test_a_write_does_not_wait_for_a_serialization_busy_with_its_shard() {
+        let ctx = Context::for_test("c", 0, 1);
+        let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        for i in 0..20_000u64 {
+            st.entry(format!("k{i}")).or_insert(i);
+        }
+        let g = key_group(b"k1", 128);
+        let frozen = st.snapshot();
+        let i = st.groups[&g]
+            .shards
+            .iter()
+            .position(|s| s.contains_key("k1"))
+            .expect("k1's shard");
+        let slots = st.groups[&g]
+            .pending
+            .last()
+            .and_then(Weak::upgrade)
+            .expect("the snapshot is pending");
+        // The serialization holds the shard's slot (as while it archives).
+        let busy = lock(&slots[i]);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let waited = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                *st.get_mut(&"k1".to_string()).expect("held") += 100;
+                let _ = done_tx.send(());
+            });
+            let waited = done
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .is_err();
+            drop(busy);
+            waited
+        });
+        assert!(!waited, "the write waited for the busy slot");
+        assert!(
+            matches!(&*lock(&slots[i]), Slot::Held(_)),
+            "the busy slot is the serialization's to archive"
+        );
+        assert_eq!(st.get(&"k1".to_string()), Some(&101));
+        let (parts, _) = Snapshot::serialize_for_test(frozen).expect("serialize");
+        let r = Restored::from_parts(CheckpointId(1), parts, Vec::new());
+        let mut back: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        back.restore(&r).expect("restore");
+        assert_eq!(
+            back.get(&"k1".to_string()),
+            Some(&1),
+            "the snapshot's value"
+        );
         assert_eq!(back.len(), 20_000);
     }
 

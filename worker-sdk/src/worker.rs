@@ -1202,20 +1202,24 @@ async fn uploader(
 }
 
 /// What writing one part costs of the uploader's budget (`LARGE_PART_COST`
-/// per core, at most four cores): a unit per MiB its chunk held last
-/// time, at least one, at most `LARGE_PART_COST`; a part never written
-/// before costs the most. Each part holds its serialized bytes in memory
-/// until they are written, so large parts go one per core (two 64 MiB key
-/// groups at a time on 2 cores): more would add memory, not cores. Small
-/// parts go many at once: their time is waits (a thread hand-off, an
-/// fsync), not CPU, and one at a time a checkpoint of 16 parts of 13 KiB
-/// took 25-33 ms of its latency (wordcount's counters).
+/// per core, at most four cores): a part whose chunk held less than
+/// `SMALL_PART` last time costs one unit, any other (and one never
+/// written) the most, so large parts go one per core, end to end
+/// (serialize, write, fsync). More at once added memory and took the
+/// processing thread's cores: with a unit per MiB, 1 GiB of keyed state
+/// wrote 16 parts of 8 MiB at once, and a write's pause grew from 4 to
+/// 40 ms. Small parts go many at once: their time is waits (thread
+/// hand-offs, an fsync), not CPU, and one at a time a checkpoint of 16
+/// parts of 13 KiB took 25-33 ms of its latency (wordcount's counters).
 const LARGE_PART_COST: u32 = 64;
+/// Below this (raw bytes, last time), a part is small.
+const SMALL_PART: u64 = 1 << 20;
 
 fn part_cost(prior: Option<&ChunkRef>) -> u32 {
-    prior.map_or(LARGE_PART_COST, |c| {
-        c.raw_len.div_ceil(1 << 20).clamp(1, LARGE_PART_COST as u64) as u32
-    })
+    match prior {
+        Some(c) if c.raw_len < SMALL_PART => 1,
+        _ => LARGE_PART_COST,
+    }
 }
 
 /// Resolves unchanged parts to the chunks already written (incremental
@@ -1669,7 +1673,7 @@ mod tests {
     }
 
     #[test]
-    fn test_a_part_costs_a_unit_per_mib_it_held_last_time() {
+    fn test_small_parts_cost_one_unit_and_others_a_cores_share() {
         let chunk = |raw_len: u64| ChunkRef {
             key: "chunks/1/w/p.chunk".into(),
             codec: Codec::None,
@@ -1680,8 +1684,9 @@ mod tests {
         };
         assert_eq!(part_cost(None), LARGE_PART_COST, "never written: the most");
         assert_eq!(part_cost(Some(&chunk(13_000))), 1);
-        assert_eq!(part_cost(Some(&chunk(5 << 20))), 5);
-        assert_eq!(part_cost(Some(&chunk(1 << 30))), LARGE_PART_COST);
+        assert_eq!(part_cost(Some(&chunk((1 << 20) - 1))), 1);
+        assert_eq!(part_cost(Some(&chunk(1 << 20))), LARGE_PART_COST);
+        assert_eq!(part_cost(Some(&chunk(8 << 20))), LARGE_PART_COST);
     }
 
     fn standby_assignment(store: &str, cache_dir: std::path::PathBuf) -> Assignment {
