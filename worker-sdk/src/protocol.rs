@@ -60,7 +60,8 @@ pub enum Partition {
     /// By key group of the record key: the instance that owns the key's
     /// group gets it, so keyed state and routing agree.
     Hash,
-    /// Round-robin over all downstream instances.
+    /// Each frame to the next downstream instance, in turn, that has room
+    /// for it; a sender waits only when all are full.
     Rebalance,
 }
 

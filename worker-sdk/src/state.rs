@@ -1463,13 +1463,28 @@ mod tests {
         assert!(e.contains("does not decode"), "{e}");
     }
 
-    #[test]
-    fn test_a_write_after_a_snapshot_copies_one_shard_not_the_group() {
+    /// Keyed state of 20,000 keys `k{i}` holding `i`, one instance.
+    fn twenty_thousand_keys() -> (Context, KeyedState<String, u64>) {
         let ctx = Context::for_test("c", 0, 1);
         let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
         for i in 0..20_000u64 {
             st.entry(format!("k{i}")).or_insert(i);
         }
+        (ctx, st)
+    }
+
+    /// What `frozen` restores to, serialized as the uploader does.
+    fn restored_from(frozen: Snapshot, ctx: &Context) -> KeyedState<String, u64> {
+        let (parts, _) = Snapshot::serialize_for_test(frozen).expect("serialize");
+        let r = Restored::from_parts(CheckpointId(1), parts, Vec::new());
+        let mut back: KeyedState<String, u64> = KeyedState::new("counts", ctx);
+        back.restore(&r).expect("restore");
+        back
+    }
+
+    #[test]
+    fn test_a_write_after_a_snapshot_copies_one_shard_not_the_group() {
+        let (ctx, mut st) = twenty_thousand_keys();
         let g = key_group(b"k1", 128);
         let before: Vec<Shard<String, u64>> = st.groups[&g].shards.clone();
         let frozen = st.snapshot();
@@ -1494,21 +1509,14 @@ mod tests {
             .count();
         assert_eq!(archived, 1, "the written shard archived on write");
         // The snapshot still serializes the value before the write.
-        let (parts, _) = Snapshot::serialize_for_test(frozen).expect("serialize");
-        let r = Restored::from_parts(CheckpointId(1), parts, Vec::new());
-        let mut back: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
-        back.restore(&r).expect("restore");
+        let back = restored_from(frozen, &ctx);
         assert_eq!(back.get(&"k1".to_string()), Some(&1));
         assert_eq!(back.len(), 20_000);
     }
 
     #[test]
     fn test_a_write_does_not_wait_for_a_serialization_busy_with_its_shard() {
-        let ctx = Context::for_test("c", 0, 1);
-        let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
-        for i in 0..20_000u64 {
-            st.entry(format!("k{i}")).or_insert(i);
-        }
+        let (ctx, mut st) = twenty_thousand_keys();
         let g = key_group(b"k1", 128);
         let frozen = st.snapshot();
         let i = st.groups[&g]
@@ -1541,10 +1549,7 @@ mod tests {
             "the busy slot is the serialization's to archive"
         );
         assert_eq!(st.get(&"k1".to_string()), Some(&101));
-        let (parts, _) = Snapshot::serialize_for_test(frozen).expect("serialize");
-        let r = Restored::from_parts(CheckpointId(1), parts, Vec::new());
-        let mut back: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
-        back.restore(&r).expect("restore");
+        let back = restored_from(frozen, &ctx);
         assert_eq!(
             back.get(&"k1".to_string()),
             Some(&1),
