@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 mod align;
+mod clock;
 mod decoded;
 mod exit_word;
 mod link;

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lazarus_storage::rkyv::util::AlignedVec;
 use lazarus_storage::rkyv::{self, rancor};
@@ -391,7 +391,7 @@ where
     if Arc::strong_count(&group.shards[i]) == 1 {
         return Arc::make_mut(&mut group.shards[i]);
     }
-    let started = Instant::now();
+    let started = crate::clock::Stopwatch::start();
     group.archive_for_pending(i);
     let map = Arc::make_mut(&mut group.shards[i]);
     COW_STALL_NS.fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use lazarus_storage::{
@@ -578,7 +578,7 @@ async fn follow_one(
         tracing::info!(fetched, "standby follows");
         return Ok(fetched);
     };
-    let started = Instant::now();
+    let started = crate::clock::Stopwatch::start();
     // Restored ahead (`cache_all`): each chunk's pages were dropped once
     // checked, so memory holds one chunk at a time while it decodes.
     let (restored, r) = restore_parts(js, &manifest, worker, cache, decoded, true).await?;
@@ -1108,7 +1108,7 @@ async fn snapshot_now(
 ) -> Result<()> {
     link.snapshotted(n);
     let records = snapper.records.load(Ordering::Relaxed);
-    let started = Instant::now();
+    let started = crate::clock::Stopwatch::start();
     let snapshot = match role {
         Role::Source(s) => {
             s.prepare_snapshot(n);
@@ -1173,7 +1173,7 @@ async fn uploader(
     while let Some(job) = jobs.recv().await {
         let span = tracing::info_span!("snapshot_upload", checkpoint = %job.checkpoint, worker = %a.worker);
         let (checkpoint, pause, records) = (job.checkpoint, job.pause, job.records);
-        let started = Instant::now();
+        let started = crate::clock::Stopwatch::start();
         let result = upload(&to, &a, &base, &limit, job).instrument(span).await;
         tracing::debug!(%checkpoint, took_us = started.elapsed().as_micros() as u64, "snapshot uploaded");
         match result {
@@ -1319,6 +1319,7 @@ async fn route(outputs: &mut [EdgeOut], emitter: &mut Emitter) -> Result<()> {
             let t = match edge.partition {
                 // Forward edges pair instance i with i; the supervisor checks
                 // equal parallelism, so this worker's edge has one target.
+                // (Rebalance edges were sent above.)
                 Partition::Forward | Partition::Rebalance => 0,
                 // The targets list is in instance order, and instance i owns
                 // the key groups `group_owner` assigns it: the same rule as

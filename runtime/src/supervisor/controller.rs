@@ -1984,11 +1984,9 @@ impl JobController {
     }
 
     fn chaos(&mut self, now: Duration) {
-        if !self.chaos_armed() || now < self.chaos_at {
-            return;
-        }
-        if !self.chaos_may_fire() {
-            // Due: it fires at the first tick after the attempt commits.
+        // A kill due before its attempt commits (`after_commit`) fires at
+        // the first tick after.
+        if !self.chaos_armed() || now < self.chaos_at || !self.chaos_may_fire() {
             return;
         }
         self.schedule_chaos(now);
@@ -2016,6 +2014,18 @@ impl JobController {
             worker: victim,
             slot: Slot::Primary,
         });
+    }
+
+    /// Recovery `i` has every source back where it was, `ms` after every
+    /// worker ran again.
+    fn replay_done(&mut self, i: usize, ms: u64) {
+        if let Some(r) = self.summary.recoveries.get_mut(i) {
+            r.replay_ms = Some(ms);
+            tracing::info!(
+                replay_ms = ms,
+                "replayed: every source is back where it was"
+            );
+        }
     }
 
     /// Whether a due kill may fire now (see [`Chaos::after_commit`]).
@@ -2230,13 +2240,7 @@ impl JobController {
                             self.replaying = Some((self.summary.recoveries.len() - 1, now, still));
                         } else if !waiting.is_empty() {
                             // Every source was back before the last worker ran.
-                            if let Some(r) = self.summary.recoveries.last_mut() {
-                                r.replay_ms = Some(0);
-                            }
-                            tracing::info!(
-                                replay_ms = 0,
-                                "replayed: every source is back where it was"
-                            );
+                            self.replay_done(self.summary.recoveries.len() - 1, 0);
                         }
                     }
                     if let Some(region) = self.partial.take() {
@@ -2284,14 +2288,9 @@ impl JobController {
                     waiting.remove(&worker);
                     if waiting.is_empty() {
                         let ms = (now.saturating_sub(*running_at)).as_millis() as u64;
-                        if let Some(r) = self.summary.recoveries.get_mut(*i) {
-                            r.replay_ms = Some(ms);
-                            tracing::info!(
-                                replay_ms = ms,
-                                "replayed: every source is back where it was"
-                            );
-                        }
+                        let i = *i;
                         self.replaying = None;
+                        self.replay_done(i, ms);
                     }
                 } else if let Some(c) = self.clock.as_mut() {
                     c.replayed.insert(worker);
