@@ -265,7 +265,24 @@ impl EncodedFrame {
 /// Encodes `raw` as a frame. CPU-heavy for large inputs (CRC, compression):
 /// call it from a blocking thread.
 pub fn encode(kind: FrameKind, codec: Codec, zstd_level: i32, raw: Bytes) -> Result<EncodedFrame> {
-    let raw_crc = crc32fast::hash(&raw);
+    encode_with(kind, codec, zstd_level, raw, || {})
+}
+
+/// [`encode`], calling `between` after every 256 KiB the CRC has covered
+/// (background work offers its core there).
+pub fn encode_with(
+    kind: FrameKind,
+    codec: Codec,
+    zstd_level: i32,
+    raw: Bytes,
+    mut between: impl FnMut(),
+) -> Result<EncodedFrame> {
+    let mut hasher = crc32fast::Hasher::new();
+    for piece in raw.chunks(256 << 10) {
+        hasher.update(piece);
+        between();
+    }
+    let raw_crc = hasher.finalize();
     let raw_len = raw.len() as u64;
     let (payload, payload_crc) = match codec {
         Codec::None => (raw, raw_crc),

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use tracing::Instrument;
 
+use crate::backend::BackendKind;
 use crate::error::{Result, StorageError};
 use crate::frame::{self, Codec, FrameKind};
 use crate::ids::{CheckpointId, WorkerId};
@@ -79,6 +80,66 @@ impl JobStore {
         .await
     }
 
+    /// Writes one chunk as [`write_chunk`](Self::write_chunk) does, in one
+    /// step on the calling thread, which must be one that may block: frame,
+    /// write into a staging file, fsync it, rename it into place. Only a
+    /// local-directory store ([`is_local_directory`](Self::is_local_directory))
+    /// writes this way; another store is refused (use `write_chunk`).
+    ///
+    /// `write_chunk` hands each of those steps to a blocking thread of its
+    /// own, and on saturated cores each hand-off waits for a core: measured
+    /// here, small chunks took 10 to 25 ms that way. This takes one. It
+    /// offers its core to other threads (`sched_yield`) after every
+    /// [`WRITE_SEGMENT`] it checksums or writes, so a large chunk does not
+    /// keep a runnable processing thread waiting.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), lazarus_storage::StorageError> {
+    /// use lazarus_storage::{CheckpointId, CheckpointStore, Codec, JobId, WorkerId};
+    /// let dir = std::env::temp_dir().join(format!("lazarus-doc-{}", std::process::id()));
+    /// let url = format!("file://{}", dir.display());
+    /// let job = CheckpointStore::open(&url)?.job(JobId::new("wordcount")?);
+    /// let worker = WorkerId::new("counter-0")?;
+    /// let chunk = job.write_chunk_here(CheckpointId(1), &worker, "kg-0", b"state".to_vec().into(), Codec::None)?;
+    /// assert_eq!(chunk.raw_len, 5);
+    /// # std::fs::remove_dir_all(&dir).ok();
+    /// # Ok(()) }
+    /// ```
+    pub fn write_chunk_here(
+        &self,
+        id: CheckpointId,
+        worker: &WorkerId,
+        name: &str,
+        data: Bytes,
+        codec: Codec,
+    ) -> Result<ChunkRef> {
+        let BackendKind::File { root } = &self.store.kind else {
+            return Err(StorageError::InvalidArgument {
+                what: "store",
+                reason: format!(
+                    "{} is not a local directory: write its chunks with write_chunk",
+                    self.store.url
+                ),
+            });
+        };
+        let rel = keys::chunk(id, worker, name)?;
+        let _span = tracing::debug_span!("write_chunk", job = %self.job, checkpoint = %id, key = %rel, bytes = data.len()).entered();
+        let level = self.store.options.zstd_level;
+        let encoded =
+            frame::encode_with(FrameKind::Chunk, codec, level, data, std::thread::yield_now)?;
+        let path = root.join(self.full_key(&rel));
+        write_durably(&path, &encoded.header, encoded.payload.clone())?;
+        tracing::debug!(stored = encoded.len(), "chunk written");
+        Ok(ChunkRef {
+            key: rel,
+            codec,
+            stored_len: encoded.len(),
+            stored_crc: encoded.payload_crc,
+            raw_len: encoded.raw_len,
+            raw_crc: encoded.raw_crc,
+        })
+    }
+
     async fn put_multipart(&self, rel: &str, header: Bytes, mut payload: Bytes) -> Result<()> {
         let options = &self.store.options;
         let upload = self
@@ -125,4 +186,70 @@ fn segments(mut payload: Bytes) -> impl Iterator<Item = Bytes> {
     std::iter::from_fn(move || {
         (!payload.is_empty()).then(|| payload.split_to(payload.len().min(WRITE_SEGMENT)))
     })
+}
+
+/// Writes `header` and `payload` to a file at `path` that appears whole or
+/// not at all, with its data durable: a staging file beside it (named
+/// `<name>#<digits>`, which listings skip, as object_store's own staging
+/// files), fsynced, then renamed into place. Its directory entry is made
+/// durable at the commit, as for every chunk. Between segments the thread
+/// offers its core (`sched_yield`): a kernel without preemption otherwise
+/// runs the writes back to back until its next tick, 4 ms here.
+fn write_durably(path: &std::path::Path, header: &[u8], payload: Bytes) -> Result<()> {
+    use std::io::Write;
+    static STAGING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| {
+            StorageError::io(
+                "name a chunk file",
+                path,
+                std::io::ErrorKind::InvalidInput.into(),
+            )
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let (file, staging) = loop {
+        let n = STAGING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging = path.with_file_name(format!("{name}#{}{n:08}", std::process::id()));
+        match std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&staging)
+        {
+            Ok(file) => break (file, staging),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let dir = path.parent().unwrap_or(path);
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StorageError::io("create chunk directory", dir, e))?;
+                let file = std::fs::File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&staging)
+                    .map_err(|e| StorageError::io("create chunk file", &staging, e))?;
+                break (file, staging);
+            }
+            Err(e) => return Err(StorageError::io("create chunk file", &staging, e)),
+        }
+    };
+    let written = (|| {
+        let mut file = file;
+        file.write_all(header)?;
+        for segment in segments(payload) {
+            file.write_all(&segment)?;
+            std::thread::yield_now();
+        }
+        file.sync_all()
+    })();
+    let placed = written
+        .map_err(|e| StorageError::io("write chunk file", &staging, e))
+        .and_then(|()| {
+            std::fs::rename(&staging, path)
+                .map_err(|e| StorageError::io("rename chunk file", path, e))
+        });
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    placed
 }

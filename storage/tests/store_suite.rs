@@ -522,6 +522,53 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// `write_chunk_here` (one blocking step, local directories only) writes
+/// chunks a restore reads like any other, in segments, leaving no staging
+/// file; a remote store refuses it by name.
+async fn test_chunks_written_here_restore_like_any_other(env: &Env) {
+    let js = env.store.job(job("here"));
+    let w = worker("counter-0");
+    let big = state_bytes(3 << 20, 7); // many write segments
+    let small = state_bytes(1_000, 8);
+    let write = |name: &'static str, data: Vec<u8>, codec| {
+        let (js, w) = (js.clone(), w.clone());
+        tokio::task::spawn_blocking(move || {
+            js.write_chunk_here(CheckpointId(1), &w, name, data.into(), codec)
+        })
+    };
+    let written = write("kg-0", big.clone(), Codec::None).await.expect("task");
+    if env.is_s3 {
+        let err = written.expect_err("a remote store writes with write_chunk");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+        assert!(err.to_string().contains("not a local directory"), "{err}");
+        return;
+    }
+    let a = written.expect("write here, codec none");
+    let b = write("kg-1", small.clone(), Codec::Zstd)
+        .await
+        .expect("task")
+        .expect("write here, zstd");
+    assert_eq!(
+        (a.raw_len, b.raw_len),
+        (big.len() as u64, small.len() as u64)
+    );
+    let mut m = Manifest::new(js.job().clone(), CheckpointId(1), Epoch(1));
+    m.workers.entry(w.clone()).or_default().chunks = vec![a, b];
+    js.commit(&m).await.expect("commit");
+    assert!(js.verify(&m).await.expect("verify").is_ok());
+    let cache_dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(cache_dir.path()).expect("cache");
+    let restored = js.restore_worker(&m, &w, &cache).await.expect("restore");
+    assert_eq!(restored.chunks[0].bytes(), &big[..]);
+    assert_eq!(restored.chunks[1].bytes(), &small[..]);
+    let root = env.url.strip_prefix("file://").expect("a file URL");
+    let staging: Vec<_> = walk(std::path::Path::new(root))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains('#'))
+        .collect();
+    assert!(staging.is_empty(), "staging files left: {staging:?}");
+}
+
 async fn test_damaged_cache_file_is_fetched_again(env: &Env) {
     let js = env.store.job(job("cache"));
     let data = state_bytes(100_000, 9);
@@ -805,6 +852,7 @@ async fn test_savepoints_pin_checkpoints_against_retention(env: &Env) {
 }
 
 suite!(
+    test_chunks_written_here_restore_like_any_other,
     test_round_trip_and_restore_both_codecs,
     test_large_chunk_uses_multipart,
     test_commit_race_has_one_winner,

@@ -980,7 +980,9 @@ where
     buffer.extend_from_slice(&(slots.len() as u32).to_le_bytes());
     buffer.resize(header, 0);
     let mut spans = Vec::with_capacity(slots.len());
+    let mut ran = crate::clock::Stopwatch::start();
     for slot in slots {
+        crate::tuning::yield_after(&mut ran);
         buffer.resize(buffer.len().next_multiple_of(16), 0);
         let start = buffer.len();
         // The slot stays locked while its shard is archived: a writer

@@ -1256,10 +1256,30 @@ async fn upload(
                 let cost = part_cost(base.get(&name));
                 handles.push(tokio::spawn(async move {
                     let _permit = limit.acquire_many_owned(cost).await?;
-                    let bytes: Bytes = tokio::task::spawn_blocking(serialize).await??;
-                    let chunk = js
-                        .write_chunk(checkpoint, &worker, &name, bytes.clone(), codec)
-                        .await?;
+                    let (bytes, chunk) = if js.is_local_directory() {
+                        // One blocking step from the state to a durable
+                        // file: each hand-off between threads waits for a
+                        // core on a saturated machine.
+                        let js = js.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let bytes: Bytes = serialize()?;
+                            let chunk = js.write_chunk_here(
+                                checkpoint,
+                                &worker,
+                                &name,
+                                bytes.clone(),
+                                codec,
+                            )?;
+                            Ok::<_, BoxError>((bytes, chunk))
+                        })
+                        .await??
+                    } else {
+                        let bytes: Bytes = tokio::task::spawn_blocking(serialize).await??;
+                        let chunk = js
+                            .write_chunk(checkpoint, &worker, &name, bytes.clone(), codec)
+                            .await?;
+                        (bytes, chunk)
+                    };
                     if let Some(revive) = revive {
                         decoded.keep(&chunk, revive);
                     }
