@@ -211,6 +211,9 @@ struct SimProc {
     /// knows it, no exit is reported for it, it dies with its host
     /// process or its connection.
     guest_of: Option<u64>,
+    /// A source's replay target from its assignment (records to emit
+    /// again before it reports `Replayed`).
+    replay: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -280,6 +283,9 @@ struct World {
     leader_changes: u32,
     /// Standbys the controller was told are down by their health check.
     standby_downs: u32,
+    /// A source given a replay target reports `Replayed` this long after
+    /// it starts (scripted scenarios; by default it never does).
+    replayed_after: Option<Duration>,
 }
 
 impl World {
@@ -363,6 +369,7 @@ impl World {
             cfg,
             leader_changes: 0,
             standby_downs: 0,
+            replayed_after: None,
         }
     }
 
@@ -886,6 +893,7 @@ impl World {
                     restore,
                     standby,
                     epoch,
+                    replay,
                     ..
                 } => {
                     if !standby {
@@ -910,6 +918,7 @@ impl World {
                     }
                     if let Some(p) = self.procs.get_mut(&pid) {
                         p.assigned = true;
+                        p.replay = replay;
                     }
                     if !standby {
                         let d = self.rng.between(1, 6);
@@ -1150,6 +1159,7 @@ impl World {
                 down: false,
                 down_told: false,
                 guest_of,
+                replay: None,
             },
         );
         if alive {
@@ -1200,6 +1210,10 @@ impl World {
                         msg: ToSupervisor::Running,
                     }),
                 );
+                if let (true, Some(_), Some(after)) = (p.source, p.replay, self.replayed_after) {
+                    let msg = ToSupervisor::Replayed;
+                    self.at(after, Event::Deliver(Fact::Message { conn, msg }));
+                }
             }
             ToWorker::Trigger { checkpoint } => {
                 // The barrier reaches every current primary (of its own
@@ -1879,6 +1893,28 @@ mod scenarios {
             Some(Some(1)),
             "the source is told to report after re-emitting its heartbeat's count"
         );
+    }
+
+    /// A recovery's replay: a source that reports it before the last worker
+    /// runs again counts 0 ms (the replay did not delay anything); one that
+    /// reports later counts from the moment every worker ran.
+    #[test]
+    fn test_a_replay_reported_before_the_last_worker_runs_counts_as_zero() {
+        for (after, early) in [(ms(0), true), (ms(60), false)] {
+            let mut w = running(0, 3);
+            w.replayed_after = Some(after);
+            let (victim, _) = w.proc_of("count-1", Slot::Primary);
+            w.die(victim, ExitKind::Signal(9));
+            w.run_for(ms(300));
+            let s = w.ctl.summary();
+            assert_eq!(s.recoveries.len(), 1, "recovered");
+            let r = &s.recoveries[0];
+            match (early, r.replay_ms) {
+                (true, Some(0)) => {}
+                (false, Some(ms)) if (40..=60).contains(&ms) => {}
+                _ => panic!("reported {after:?} after the start: {r:?}"),
+            }
+        }
     }
 
     /// Chaos with `after_commit` kills only once the attempt has committed
