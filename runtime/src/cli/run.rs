@@ -102,7 +102,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 fn print_summary(s: &RunSummary, store: &str) {
     let mut lat = s.checkpoint_latencies.clone();
     lat.sort();
-    let mut pauses = s.pauses.clone();
+    let mut pauses: Vec<Duration> = s.pauses.iter().map(|(_, p)| *p).collect();
     pauses.sort();
     let state = match &s.state {
         JobState::Failed(why) => format!("FAILED: {why}"),

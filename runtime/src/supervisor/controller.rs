@@ -540,8 +540,12 @@ pub struct RunSummary {
     pub elapsed: Duration,
     /// Trigger-to-commit latency of each committed checkpoint.
     pub checkpoint_latencies: Vec<Duration>,
-    /// Synchronous snapshot pause of every ack.
-    pub pauses: Vec<Duration>,
+    /// Every ack's pause, with the checkpoint it acked: the longest stall
+    /// of processing that checkpointing caused since the worker's previous
+    /// snapshot (its synchronous part, or a write on state a pending
+    /// snapshot still held). So an ack of checkpoint n also carries the
+    /// stalls of checkpoint n - 1's serialization.
+    pub pauses: Vec<(CheckpointId, Duration)>,
     /// State size of the newest checkpoint (stored bytes).
     pub last_checkpoint_bytes: u64,
     /// Why the last restart happened, if any.
@@ -2264,7 +2268,9 @@ impl JobController {
                 pause_us,
                 records,
             } => {
-                self.summary.pauses.push(Duration::from_micros(pause_us));
+                self.summary
+                    .pauses
+                    .push((checkpoint, Duration::from_micros(pause_us)));
                 let acked = self.att.snap_records.entry(worker.clone()).or_default();
                 acked.insert(checkpoint, records);
                 while acked.len() > 64 {
