@@ -67,14 +67,7 @@ impl JobStore {
             // when the manifest that references this chunk is committed.
             self.make_durable(&rel, false).await?;
             tracing::debug!(stored = total, "chunk written");
-            Ok(ChunkRef {
-                key: rel.clone(),
-                codec,
-                stored_len: total,
-                stored_crc: encoded.payload_crc,
-                raw_len: encoded.raw_len,
-                raw_crc: encoded.raw_crc,
-            })
+            Ok(chunk_ref(rel.clone(), codec, &encoded))
         }
         .instrument(span)
         .await
@@ -130,14 +123,7 @@ impl JobStore {
         let path = root.join(self.full_key(&rel));
         write_durably(&path, &encoded.header, encoded.payload.clone())?;
         tracing::debug!(stored = encoded.len(), "chunk written");
-        Ok(ChunkRef {
-            key: rel,
-            codec,
-            stored_len: encoded.len(),
-            stored_crc: encoded.payload_crc,
-            raw_len: encoded.raw_len,
-            raw_crc: encoded.raw_crc,
-        })
+        Ok(chunk_ref(rel, codec, &encoded))
     }
 
     async fn put_multipart(&self, rel: &str, header: Bytes, mut payload: Bytes) -> Result<()> {
@@ -188,6 +174,18 @@ fn segments(mut payload: Bytes) -> impl Iterator<Item = Bytes> {
     })
 }
 
+/// The manifest's reference to a chunk stored at `key` as `encoded`.
+fn chunk_ref(key: String, codec: Codec, encoded: &frame::EncodedFrame) -> ChunkRef {
+    ChunkRef {
+        key,
+        codec,
+        stored_len: encoded.len(),
+        stored_crc: encoded.payload_crc,
+        raw_len: encoded.raw_len,
+        raw_crc: encoded.raw_crc,
+    }
+}
+
 /// Starts the disk write of `len` bytes of `file` at `at` without waiting
 /// for it (`sync_file_range(2)`, `SYNC_FILE_RANGE_WRITE`), so the final
 /// fsync finds them under way: a kernel without preemption submits a
@@ -233,6 +231,9 @@ fn write_durably(path: &std::path::Path, header: &[u8], payload: Bytes) -> Resul
         })?
         .to_string_lossy()
         .into_owned();
+    // A name taken (a staging file a crashed process of the same id left)
+    // gets the next number; a missing directory is made once.
+    let mut made_dir = false;
     let (file, staging) = loop {
         let n = STAGING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staging = path.with_file_name(format!("{name}#{}{n:08}", std::process::id()));
@@ -242,17 +243,12 @@ fn write_durably(path: &std::path::Path, header: &[u8], payload: Bytes) -> Resul
             .open(&staging)
         {
             Ok(file) => break (file, staging),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !made_dir => {
                 let dir = path.parent().unwrap_or(path);
                 std::fs::create_dir_all(dir)
                     .map_err(|e| StorageError::io("create chunk directory", dir, e))?;
-                let file = std::fs::File::options()
-                    .write(true)
-                    .create_new(true)
-                    .open(&staging)
-                    .map_err(|e| StorageError::io("create chunk file", &staging, e))?;
-                break (file, staging);
+                made_dir = true;
             }
             Err(e) => return Err(StorageError::io("create chunk file", &staging, e)),
         }

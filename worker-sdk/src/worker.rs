@@ -1256,7 +1256,8 @@ async fn upload(
                 let cost = part_cost(base.get(&name));
                 handles.push(tokio::spawn(async move {
                     let _permit = limit.acquire_many_owned(cost).await?;
-                    let (bytes, chunk) = if js.is_local_directory() {
+                    let local_directory = js.is_local_directory();
+                    let (bytes, chunk) = if local_directory {
                         // One blocking step from the state to a durable
                         // file: each hand-off between threads waits for a
                         // core on a saturated machine.
@@ -1289,7 +1290,7 @@ async fn upload(
                     // The task reports its own failure; nothing waits for it.
                     // An uncompressed chunk in a local directory is mapped
                     // where it lies: a copy would only double the writes.
-                    if !(js.is_local_directory() && codec == Codec::None) {
+                    if !(local_directory && codec == Codec::None) {
                         let (c2, local) = (chunk.clone(), bytes);
                         tokio::task::spawn_blocking(move || {
                             if let Err(e) = cache.insert(&job_id, &c2, &local) {
