@@ -139,6 +139,13 @@ impl LocalCache {
     }
 }
 
+/// Whether a cache file's payload was CRC-checked as it was written.
+#[derive(Debug, Clone, Copy)]
+enum Payload {
+    Checked,
+    Unchecked,
+}
+
 /// One restored chunk: a read-only map of a CRC-checked cache file.
 #[derive(Debug)]
 pub struct MappedChunk {
@@ -150,6 +157,19 @@ impl MappedChunk {
     /// Maps the cache file at `path` and checks it: a codec-none chunk frame
     /// whose payload has length `raw_len` and CRC `raw_crc`.
     fn open(path: &Path, key: &str, raw_len: u64, raw_crc: u32) -> Result<MappedChunk> {
+        Self::open_with(path, key, raw_len, raw_crc, Payload::Unchecked)
+    }
+
+    /// As [`MappedChunk::open`]; a payload this process `Checked` as it
+    /// wrote the file (a fetch: every byte went through the CRC on its way
+    /// in) is not read again for its CRC, only its frame is checked.
+    fn open_with(
+        path: &Path,
+        key: &str,
+        raw_len: u64,
+        raw_crc: u32,
+        payload: Payload,
+    ) -> Result<MappedChunk> {
         let file = File::open(path).map_err(|e| StorageError::io("open chunk file", path, e))?;
         // SAFETY: cache files (and a local store's objects) are only ever
         // created by rename and never modified in place, so the mapped bytes
@@ -162,14 +182,17 @@ impl MappedChunk {
         if header.codec != Codec::None {
             return Err(corrupt(CorruptReason::UnknownCodec(1)));
         }
-        let payload = &map[HEADER_LEN..];
-        if payload.len() as u64 != header.payload_len || header.payload_len != raw_len {
+        let (body, payload_checked) = (&map[HEADER_LEN..], payload);
+        if body.len() as u64 != header.payload_len || header.payload_len != raw_len {
             return Err(corrupt(CorruptReason::Length {
                 expected: raw_len,
-                actual: payload.len() as u64,
+                actual: body.len() as u64,
             }));
         }
-        let computed = crc32fast::hash(payload);
+        let computed = match payload_checked {
+            Payload::Checked => raw_crc,
+            Payload::Unchecked => crc32fast::hash(body),
+        };
         if computed != raw_crc || header.payload_crc != raw_crc {
             return Err(corrupt(CorruptReason::PayloadCrc {
                 expected: raw_crc,
@@ -499,7 +522,9 @@ impl JobStore {
             drop(file);
             std::fs::rename(&tmp2, &path2)
                 .map_err(|e| StorageError::io("rename cache file", &path2, e))?;
-            MappedChunk::open(&path2, &key2, raw_len, raw_crc)
+            // Every byte written went through the raw CRC on its way in
+            // (checked against the manifest above): not read again for it.
+            MappedChunk::open_with(&path2, &key2, raw_len, raw_crc, Payload::Checked)
         })
         .await?;
         if finished.is_err() {

@@ -340,6 +340,10 @@ pub struct CountingSink<W> {
     limit: u64,
     written: u64,
     crc: crc32fast::Hasher,
+    /// Whether `write` feeds `crc`: not for a raw payload, whose bytes are
+    /// the stored ones (the frame's payload CRC, taken over once at the
+    /// end, is theirs).
+    hashing: bool,
     /// The wrapped sink refused a write: an error of the sink, not of the
     /// bytes being decoded.
     sink_failed: bool,
@@ -367,7 +371,9 @@ impl<W: Write> Write for CountingSink<W> {
             .inner
             .write(buf)
             .inspect_err(|_| self.sink_failed = true)?;
-        self.crc.update(&buf[..n]);
+        if self.hashing {
+            self.crc.update(&buf[..n]);
+        }
         self.written += n as u64;
         Ok(n)
     }
@@ -456,6 +462,7 @@ impl<W: Write> FrameReader<W> {
                 limit: header.raw_len,
                 written: 0,
                 crc: crc32fast::Hasher::new(),
+                hashing: header.codec != Codec::None,
                 sink_failed: false,
             };
             self.decoding = match header.codec {
@@ -511,7 +518,12 @@ impl<W: Write> FrameReader<W> {
         }
         let key = self.key;
         let sink = match self.decoding {
-            Decoding::Plain(sink) => sink,
+            // Every payload byte went to the sink (`write_all`): the raw
+            // CRC is the payload's, computed once.
+            Decoding::Plain(mut sink) => {
+                sink.crc = self.payload_crc;
+                sink
+            }
             Decoding::Zstd(mut decoder) => {
                 decoder.flush().map_err(|e| {
                     StorageError::corrupt(&key, CorruptReason::Decode(e.to_string()))

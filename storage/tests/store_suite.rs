@@ -596,6 +596,35 @@ async fn test_damaged_cache_file_is_fetched_again(env: &Env) {
     assert_eq!(again.chunks[0].bytes(), &data[..]);
 }
 
+/// An uncompressed chunk damaged in the store is refused by a restore
+/// (its CRC is checked once, as it streams in, or where it lies in a local
+/// directory) and leaves no cache file behind: a later restore of a good
+/// copy is not served the damaged bytes.
+async fn test_damaged_uncompressed_chunk_is_refused_and_not_cached(env: &Env) {
+    let js = env.store.job(job("plain-damage"));
+    let data = state_bytes(3 << 20, 5);
+    let m = commit_checkpoint(&js, 1, 1, &[("w", "s", data.clone(), Codec::None)], &[]).await;
+    let key = js.full_key(&m.workers[&worker("w")].chunks[0].key);
+    env.flip_byte(&key, 2 << 20).await;
+    let cache_dir = tempfile::tempdir().expect("cache");
+    let cache = LocalCache::new(cache_dir.path()).expect("cache");
+    let e = js
+        .restore_worker(&m, &worker("w"), &cache)
+        .await
+        .expect_err("a damaged payload is refused");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("CRC"), "names the CRC: {e}");
+    let files = walk(cache_dir.path());
+    assert!(files.is_empty(), "nothing cached: {files:?}");
+    // The byte flipped back: the same restore now succeeds, byte for byte.
+    env.flip_byte(&key, 2 << 20).await;
+    let good = js
+        .restore_worker(&m, &worker("w"), &cache)
+        .await
+        .expect("restore");
+    assert_eq!(good.chunks[0].bytes(), &data[..]);
+}
+
 async fn test_concurrent_writers_of_many_chunks(env: &Env) {
     // Four workers write eight chunks each at once, then one manifest commits them all.
     let js = Arc::new(env.store.job(job("parallel")));
@@ -860,6 +889,7 @@ suite!(
     test_retention_keeps_shared_and_in_progress_chunks,
     test_falls_back_past_corrupt_and_incomplete,
     test_damaged_cache_file_is_fetched_again,
+    test_damaged_uncompressed_chunk_is_refused_and_not_cached,
     test_concurrent_writers_of_many_chunks,
     test_savepoints_pin_checkpoints_against_retention,
     test_restore_except_skips_held_chunks,

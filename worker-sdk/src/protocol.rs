@@ -251,6 +251,10 @@ pub enum ToSupervisor {
         /// chunk, as for a promoted hot standby).
         #[serde(default)]
         fetched_bytes: u64,
+        /// The epoch of the assignment this answers (see
+        /// [`ToSupervisor::epoch`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<Epoch>,
     },
     /// A hot standby restored checkpoint `checkpoint` into its local cache.
     Followed {
@@ -260,7 +264,12 @@ pub enum ToSupervisor {
         fetched_bytes: u64,
     },
     /// All channels are connected; processing.
-    Running,
+    Running {
+        /// The epoch of the assignment this answers (see
+        /// [`ToSupervisor::epoch`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<Epoch>,
+    },
     /// Checkpoint `checkpoint` is snapshotted and uploaded.
     Ack {
         /// The checkpoint.
@@ -294,7 +303,30 @@ pub enum ToSupervisor {
         /// Restarting cannot help (a [`crate::Fatal`] error): the job ends.
         #[serde(default)]
         fatal: bool,
+        /// The epoch of the assignment that failed (see
+        /// [`ToSupervisor::epoch`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<Epoch>,
     },
+}
+
+impl ToSupervisor {
+    /// The epoch of the assignment a message answers, for the messages
+    /// that say where an attempt stands (listening, running, failed).
+    ///
+    /// A process rolled back in place keeps its control connection across
+    /// attempts, and what it sent before it read its `Halt` can arrive
+    /// after the next attempt's assignment: the supervisor drops such a
+    /// message when its epoch is not the one it last assigned. `None` from
+    /// a worker that predates the field (nothing is dropped then).
+    pub fn epoch(&self) -> Option<Epoch> {
+        match self {
+            ToSupervisor::Listening { epoch, .. }
+            | ToSupervisor::Running { epoch }
+            | ToSupervisor::Failed { epoch, .. } => *epoch,
+            _ => None,
+        }
+    }
 }
 
 /// Supervisor → worker.

@@ -335,9 +335,13 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
             )
             .into());
         }
-        let span =
-            tracing::info_span!("worker", worker = %assignment.worker, epoch = %assignment.epoch);
-        let result = run_assignment(
+        let epoch = assignment.epoch;
+        let span = tracing::info_span!("worker", worker = %assignment.worker, %epoch);
+        // A halt ends the assignment wherever it waits: also in a send to a
+        // peer on a lost host, which would otherwise block until TCP gives
+        // up. The assignment reads every other control message in order.
+        let (fwd_tx, mut fwd_rx) = mpsc::unbounded_channel();
+        let run = run_assignment(
             &registry,
             early.take(),
             &mut last_role,
@@ -345,11 +349,14 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
             &env,
             assignment,
             &to_sup,
-            &mut ctl_in,
+            &mut fwd_rx,
             &link_state,
         )
-        .instrument(span)
-        .await;
+        .instrument(span);
+        let result = until_halted(run, &mut ctl_in, fwd_tx).await;
+        // What reached the assignment but was not read by it (a shutdown
+        // right after its failure) is read next, before anything newer.
+        let unread: Vec<Option<ToWorker>> = std::iter::from_fn(|| fwd_rx.try_recv().ok()).collect();
         match &result {
             Ok(()) => break result,
             Err(e) if e.is::<Halted>() => {}
@@ -358,6 +365,7 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
                 let _ = to_sup.send(ToSupervisor::Failed {
                     error: e.to_string(),
                     fatal,
+                    epoch: Some(epoch),
                 });
                 if fatal {
                     break result;
@@ -366,7 +374,7 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
         }
         // Rolled back in place: the supervisor keeps this process and sends
         // the next attempt's assignment (or stops it, or closes).
-        match next_assignment(&mut ctl_in).await {
+        match next_assignment(unread, &mut ctl_in).await {
             Ok(Some(a)) => {
                 tracing::info!(epoch = %a.epoch, restore = ?a.restore, "rolled back in place: a new assignment");
                 link_state.reset();
@@ -380,6 +388,40 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
     // Let the last messages (acks, the failure) reach the supervisor.
     let _ = tokio::time::timeout(Duration::from_secs(2), control_link).await;
     result
+}
+
+/// Runs an assignment until it ends or a [`ToWorker::Halt`] arrives on
+/// `ctl_in`, whichever comes first; every other control message is passed
+/// on to it through `fwd`, in order. A halt drops the assignment where it
+/// waits (between records: its state is whole; what it staged is dropped by
+/// the next assignment's restore, as after a crash).
+async fn until_halted(
+    run: impl std::future::Future<Output = Result<()>>,
+    ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
+    fwd: mpsc::UnboundedSender<Option<ToWorker>>,
+) -> Result<()> {
+    tokio::pin!(run);
+    let mut fwd = Some(fwd);
+    loop {
+        tokio::select! {
+            biased;
+            msg = ctl_in.recv(), if fwd.is_some() => match msg {
+                Some(Some(ToWorker::Halt)) => {
+                    tracing::info!("halted by the supervisor for a recovery");
+                    return Err(Box::new(Halted));
+                }
+                Some(msg) => {
+                    if let Some(f) = &fwd {
+                        let _ = f.send(msg);
+                    }
+                }
+                // The control link is gone: the assignment sees its
+                // channel close.
+                None => fwd = None,
+            },
+            result = &mut run => return result,
+        }
+    }
 }
 
 /// A [`ToWorker::Halt`] ended the assignment: the process waits for the
@@ -400,10 +442,20 @@ impl std::error::Error for Halted {}
 const ROLLBACK_WAIT: Duration = Duration::from_secs(60);
 
 /// After a halt or a failure: the next attempt's assignment, `None` on a
-/// shutdown, an error when the supervisor is gone or silent.
+/// shutdown, an error when the supervisor is gone or silent. `unread`
+/// (control messages the ended assignment did not read) comes first.
 async fn next_assignment(
+    unread: Vec<Option<ToWorker>>,
     ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
 ) -> Result<Option<Assignment>> {
+    for msg in unread {
+        match msg {
+            Some(ToWorker::Assign(a)) => return Ok(Some(*a)),
+            Some(ToWorker::Shutdown) => return Ok(None),
+            None => return Err("supervisor connection lost".into()),
+            Some(other) => tracing::debug!(?other, "ignored while rolled back"),
+        }
+    }
     let deadline = tokio::time::sleep(ROLLBACK_WAIT);
     tokio::pin!(deadline);
     loop {
@@ -849,6 +901,7 @@ async fn run_assignment(
     to_sup.send(ToSupervisor::Listening {
         addr: listener.local_addr()?,
         fetched_bytes,
+        epoch: Some(a.epoch),
     })?;
     let addrs = loop {
         match ctl_in.recv().await.flatten() {
@@ -890,7 +943,9 @@ async fn run_assignment(
     let mut inputs = tokio::time::timeout(Duration::from_secs(30), accept)
         .await
         .map_err(|_| "inputs did not all connect within 30 s")???;
-    to_sup.send(ToSupervisor::Running)?;
+    to_sup.send(ToSupervisor::Running {
+        epoch: Some(a.epoch),
+    })?;
     link.running();
 
     // Progress and liveness.
@@ -1634,6 +1689,70 @@ mod data_port_tests {
 mod tests {
     use super::*;
     use lazarus_storage::{Codec, Epoch, JobId};
+
+    /// A halt ends an assignment that waits forever (a send to a peer on a
+    /// lost host); the messages before it reach the assignment in order,
+    /// and a closed control link reaches it as a close.
+    #[tokio::test]
+    async fn test_a_halt_ends_an_assignment_wherever_it_waits() {
+        let (ctl_tx, mut ctl_in) = mpsc::unbounded_channel();
+        let (fwd_tx, mut fwd_rx) = mpsc::unbounded_channel();
+        for c in [1, 2] {
+            let msg = ToWorker::Trigger {
+                checkpoint: CheckpointId(c),
+            };
+            ctl_tx.send(Some(msg)).expect("send");
+        }
+        ctl_tx.send(Some(ToWorker::Halt)).expect("send");
+        let stuck = std::future::pending::<Result<()>>();
+        let e = tokio::time::timeout(
+            Duration::from_secs(5),
+            until_halted(stuck, &mut ctl_in, fwd_tx),
+        )
+        .await
+        .expect("ended by the halt")
+        .expect_err("halted");
+        assert!(e.is::<Halted>(), "{e}");
+        let mut seen = Vec::new();
+        while let Ok(Some(ToWorker::Trigger { checkpoint })) = fwd_rx.try_recv() {
+            seen.push(checkpoint.0);
+        }
+        assert_eq!(seen, [1, 2], "passed on in order");
+
+        // A closed link: the assignment sees its channel close and ends.
+        drop(ctl_tx);
+        let (fwd_tx, mut fwd_rx) = mpsc::unbounded_channel();
+        let run = async move {
+            match fwd_rx.recv().await {
+                None => Err::<(), BoxError>("control channel closed".into()),
+                Some(other) => panic!("unexpected {other:?}"),
+            }
+        };
+        let e = until_halted(run, &mut ctl_in, fwd_tx)
+            .await
+            .expect_err("closed");
+        assert!(e.to_string().contains("closed"), "{e}");
+    }
+
+    /// A shutdown that reached an assignment which then failed without
+    /// reading it (its peer exited first) still ends the process: it is
+    /// read before anything newer, not waited for again.
+    #[tokio::test]
+    async fn test_a_shutdown_the_failed_assignment_did_not_read_still_counts() {
+        let (_ctl_tx, mut ctl_in) = mpsc::unbounded_channel();
+        let unread = vec![
+            Some(ToWorker::Committed {
+                checkpoint: CheckpointId(3),
+            }),
+            Some(ToWorker::Shutdown),
+        ];
+        let next =
+            tokio::time::timeout(Duration::from_secs(5), next_assignment(unread, &mut ctl_in))
+                .await
+                .expect("not waited for")
+                .expect("no error");
+        assert!(next.is_none(), "shut down");
+    }
 
     fn records(n: usize) -> Vec<Record> {
         (0..n).map(|i| Record::new(i.to_string(), "")).collect()

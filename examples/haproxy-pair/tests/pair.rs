@@ -332,6 +332,17 @@ fn start_postgres(c: &LzCluster, files: &Path) -> Proc {
     pg
 }
 
+/// The failed requests after `from`: how long after it, and what.
+fn failures_since(failures: &Mutex<Vec<(Instant, String)>>, from: Instant) -> Vec<String> {
+    failures
+        .lock()
+        .expect("failures")
+        .iter()
+        .filter(|(w, _)| *w >= from)
+        .map(|(w, what)| format!("+{:?} {what}", w.duration_since(from)))
+        .collect()
+}
+
 /// The client: creates an employee, reads it back, over and over, through
 /// the VIP only, every few ms (bounded: `limit` and 50,000 requests).
 struct Client {
@@ -340,6 +351,9 @@ struct Client {
     timeline: Arc<Mutex<Vec<(Instant, bool)>>>,
     /// Ids whose creation was acknowledged (201).
     acked: Arc<Mutex<Vec<i64>>>,
+    /// (when, what) of every failed request: its status and body, or its
+    /// error (an assertion names them).
+    failures: Arc<Mutex<Vec<(Instant, String)>>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -348,7 +362,20 @@ impl Client {
         let stop = Arc::new(AtomicBool::new(false));
         let timeline = Arc::new(Mutex::new(Vec::new()));
         let acked = Arc::new(Mutex::new(Vec::new()));
-        let (s, t, a) = (stop.clone(), timeline.clone(), acked.clone());
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (s, t, a, f) = (
+            stop.clone(),
+            timeline.clone(),
+            acked.clone(),
+            failures.clone(),
+        );
+        let describe = |what: &str, r: &Result<(u16, Vec<u8>), String>| match r {
+            Ok((status, body)) => {
+                let body = String::from_utf8_lossy(body);
+                format!("{what}: {status} {}", &body[..body.len().min(200)])
+            }
+            Err(e) => format!("{what}: {e}"),
+        };
         let addr = vip_addr();
         let handle = p.c.bed.in_host("client", move || {
             let start = Instant::now();
@@ -376,6 +403,12 @@ impl Client {
                     }
                     _ => false,
                 };
+                if !ok {
+                    let r = r.map_err(|e| e.to_string());
+                    f.lock()
+                        .expect("failures")
+                        .push((Instant::now(), describe("POST /employees", &r)));
+                }
                 t.lock().expect("timeline").push((Instant::now(), ok));
                 let last = a.lock().expect("acked").last().copied();
                 if let Some(id) = last {
@@ -386,9 +419,15 @@ impl Client {
                         b"",
                         Duration::from_millis(300),
                     );
-                    t.lock()
-                        .expect("timeline")
-                        .push((Instant::now(), matches!(r, Ok((200, _)))));
+                    let ok = matches!(r, Ok((200, _)));
+                    if !ok {
+                        let r = r.map_err(|e| e.to_string());
+                        f.lock().expect("failures").push((
+                            Instant::now(),
+                            describe(&format!("GET /employees/{id}"), &r),
+                        ));
+                    }
+                    t.lock().expect("timeline").push((Instant::now(), ok));
                 }
                 std::thread::sleep(Duration::from_millis(3));
             }
@@ -397,6 +436,7 @@ impl Client {
             stop,
             timeline,
             acked,
+            failures,
             handle: Some(handle),
         }
     }
@@ -558,6 +598,7 @@ fn test_haproxy_sigkill_and_backend_kill_keep_serving_with_hooks_in_order_and_me
             .filter(|(_, ok)| !ok)
             .count()
     };
+    let failures = client.failures.clone();
     let (gap, failed, acked) = client.finish(t0);
     eprintln!(
         "HAProxy SIGKILL: longest client gap {gap:?}, {failed} failed requests in all; after the back-end kill: {timeline_after_backend} failed"
@@ -567,9 +608,10 @@ fn test_haproxy_sigkill_and_backend_kill_keep_serving_with_hooks_in_order_and_me
         "outage {gap:?}\n{}",
         p.c.logs()
     );
+    let failures: Vec<String> = failures_since(&failures, t1);
     assert_eq!(
         timeline_after_backend, 0,
-        "HAProxy routes around a dead back-end without a failed request"
+        "HAProxy routes around a dead back-end without a failed request: {failures:#?}"
     );
     check_no_loss(&p, &acked);
 

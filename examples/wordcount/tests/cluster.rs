@@ -250,6 +250,15 @@ fn test_wordcount_across_three_hosts_survives_host_loss() {
         "{failure}\n{}",
         c.logs()
     );
+    // Workers kept on the other hosts were halted at once, also those
+    // blocked sending to a worker on the lost host (whose TCP peer never
+    // answers): the recovery did not wait for the startup timeout's
+    // safety net, which replaces every process.
+    assert!(
+        !sup_log.contains("did not start within"),
+        "a kept worker did not answer its halt:\n{}",
+        c.logs()
+    );
     for w in j["workers"].as_array().expect("workers") {
         assert_ne!(w["primary"].as_str(), Some(victim.as_str()), "{w}");
     }

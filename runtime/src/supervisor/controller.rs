@@ -824,6 +824,10 @@ struct AttemptState {
     exits: BTreeMap<WorkerId, (String, Duration)>,
     /// A checkpoint committed in this attempt (chaos `after_commit`).
     committed: bool,
+    /// The epoch each primary was last assigned under: a process rolled
+    /// back in place keeps its connection, and what it said of an attempt
+    /// it was halted in is dropped ([`ToSupervisor::epoch`]).
+    epochs: BTreeMap<WorkerId, Epoch>,
 }
 
 /// See the module documentation.
@@ -1930,7 +1934,7 @@ impl JobController {
                         self.att.running.len(),
                         self.cfg.plan.len()
                     );
-                    self.fail(now, why, false);
+                    self.fail_every_process(now, why);
                 }
             }
             Phase::Finishing { deadline, .. } if now > *deadline => {
@@ -2152,6 +2156,7 @@ impl JobController {
                 .and_then(|c| c.replay_targets(self.restored)?.get(worker).copied()),
         });
         self.att.senders.insert(worker.clone(), conn);
+        self.att.epochs.insert(worker.clone(), self.epoch);
         self.att.last_seen.insert(worker.clone(), now);
     }
 
@@ -2168,11 +2173,19 @@ impl JobController {
             }
             _ => return,
         };
+        if let (Some(said), Some(assigned)) = (msg.epoch(), self.att.epochs.get(&worker)) {
+            if said != *assigned {
+                // Sent before it read its halt: of an attempt that is over.
+                tracing::debug!(%worker, %said, %assigned, "dropped: from an attempt it was halted in");
+                return;
+            }
+        }
         self.att.last_seen.insert(worker.clone(), now);
         match msg {
             ToSupervisor::Listening {
                 addr,
                 fetched_bytes,
+                ..
             } => {
                 self.fetched.insert(worker.clone(), fetched_bytes);
                 if self.restored.is_some() {
@@ -2203,7 +2216,7 @@ impl JobController {
                     }
                 }
             }
-            ToSupervisor::Running => {
+            ToSupervisor::Running { .. } => {
                 self.att.running.insert(worker);
                 if self.att.running.len() == self.cfg.plan.len()
                     && matches!(self.phase, Phase::Starting { .. })
@@ -2302,7 +2315,7 @@ impl JobController {
                     c.replayed.insert(worker);
                 }
             }
-            ToSupervisor::Failed { error, fatal } => {
+            ToSupervisor::Failed { error, fatal, .. } => {
                 if matches!(self.phase, Phase::Finishing { .. }) && !self.is_sink(&worker) {
                     tracing::debug!(%worker, %error, "ignored while finishing");
                     return;
@@ -2772,13 +2785,20 @@ impl JobController {
     /// connection) first waits briefly for the crashed process's exit, and
     /// our own kills must not be mistaken for it.
     fn fail(&mut self, now: Duration, why: String, named: bool) {
-        self.recover(now, why, named, false);
+        self.recover(now, why, named, false, true);
+    }
+
+    /// As [`JobController::fail`], replacing every process of the attempt:
+    /// the safety net for an attempt that did not start in time, whatever
+    /// held it (a process that cannot be halted is not kept again).
+    fn fail_every_process(&mut self, now: Duration, why: String) {
+        self.recover(now, why, false, false, false);
     }
 
     /// Starts a recovery; a `planned` one (a fail-back, `lazarus move`) is
     /// not a failure: not counted in restarts nor against the restart
     /// budget, nor reported as the last failure.
-    fn recover(&mut self, now: Duration, why: String, named: bool, planned: bool) {
+    fn recover(&mut self, now: Duration, why: String, named: bool, planned: bool, in_place: bool) {
         // Only a failure of a running job with several regions may leave
         // the other regions running; anything else (a failure while
         // starting, finishing, adopting, or of a region failover in
@@ -2787,8 +2807,14 @@ impl JobController {
             && self.adopting.is_none()
             && self.partial.is_none()
             && self.regions.values().collect::<BTreeSet<_>>().len() > 1;
-        let rollback_ok = self.cfg.rollback_in_place
-            && matches!(self.phase, Phase::Running)
+        // Rolling back in place also while an attempt starts: a kept
+        // process whose death is heard only once the next attempt began
+        // (a peer reported its closed channel first) is then the only one
+        // replaced. What the others said of the halted attempt is dropped
+        // by its epoch.
+        let rollback_ok = in_place
+            && self.cfg.rollback_in_place
+            && matches!(self.phase, Phase::Running | Phase::Starting { .. })
             && self.adopting.is_none()
             && self.partial.is_none()
             && self.kept.is_empty();
@@ -2877,7 +2903,7 @@ impl JobController {
         self.summary.moves += 1;
         self.failed.insert(worker.clone());
         self.prefer.insert(worker.clone(), host.to_string());
-        self.recover(now, why, true, true);
+        self.recover(now, why, true, true, true);
         true
     }
 

@@ -173,6 +173,14 @@ enum Event {
     Fault,
     /// A process (by pid) reacts to a message.
     Worker { pid: u64, msg: ToWorker },
+    /// A process reads `Start`, sent while its assignment was of `epoch`
+    /// (a process halted and assigned anew since read it before its halt:
+    /// it has no effect now).
+    Start {
+        pid: u64,
+        msg: ToWorker,
+        epoch: Option<Epoch>,
+    },
     /// A crashed host comes back.
     HostBack(String),
     /// The host-loss detector notices a crashed or cut-off host.
@@ -214,6 +222,10 @@ struct SimProc {
     /// A source's replay target from its assignment (records to emit
     /// again before it reports `Replayed`).
     replay: Option<u64>,
+    /// The epoch of its last assignment (its reports carry it).
+    epoch: Option<Epoch>,
+    /// The epoch of the last `Listening` of it the controller was handed.
+    listened: Option<Epoch>,
 }
 
 #[derive(Debug)]
@@ -424,6 +436,19 @@ impl World {
         if let Fact::HostLost(h) = &fact {
             self.known_lost.insert(h.clone());
         }
+        if let Fact::Message {
+            conn,
+            msg: ToSupervisor::Listening { epoch, .. },
+        } = &fact
+        {
+            if let Some(p) = self
+                .conn_pid
+                .get(conn)
+                .and_then(|pid| self.procs.get_mut(pid))
+            {
+                p.listened = *epoch;
+            }
+        }
         if let Fact::HostJoined(h) = &fact {
             self.known_lost.remove(h);
         }
@@ -467,6 +492,15 @@ impl World {
                 self.at(d, Event::Fault);
             }
             Event::Worker { pid, msg } => self.worker_reacts(pid, msg),
+            Event::Start { pid, msg, epoch } => {
+                if self
+                    .procs
+                    .get(&pid)
+                    .is_some_and(|p| p.assigned && p.epoch == epoch)
+                {
+                    self.worker_reacts(pid, msg);
+                }
+            }
             Event::HostBack(h) => {
                 // An agent that lost its session fenced itself before it
                 // registers again.
@@ -608,6 +642,7 @@ impl World {
                     let msg = ToSupervisor::Failed {
                         error: "boom".into(),
                         fatal,
+                        epoch: self.procs[&pid].epoch,
                     };
                     self.at(ms(0), Event::Deliver(Fact::Message { conn, msg }));
                     self.causes.fatal |= fatal;
@@ -919,12 +954,14 @@ impl World {
                     if let Some(p) = self.procs.get_mut(&pid) {
                         p.assigned = true;
                         p.replay = replay;
+                        p.epoch = Some(epoch);
                     }
                     if !standby {
                         let d = self.rng.between(1, 6);
                         let msg = ToSupervisor::Listening {
                             addr: SocketAddr::from(([127, 0, 0, 1], 1)),
                             fetched_bytes: 0,
+                            epoch: Some(epoch),
                         };
                         self.at(d, Event::Deliver(Fact::Message { conn, msg }));
                     }
@@ -945,6 +982,26 @@ impl World {
                             p.assigned = false;
                             p.exhausted = false;
                         }
+                    }
+                }
+                Action::Send {
+                    conn,
+                    msg: msg @ ToWorker::Start { .. },
+                } => {
+                    if let Some(&pid) = self.conn_pid.get(&conn) {
+                        // Only a process that said where it listens for its
+                        // current assignment is started (not one whose
+                        // word of a halted attempt came late).
+                        if let Some(p) = self.procs.get(&pid).filter(|p| p.listened != p.epoch) {
+                            let why = format!(
+                                "Start sent to {} (assigned under {:?}) on a Listening of {:?}",
+                                p.worker, p.epoch, p.listened
+                            );
+                            self.fail(&why);
+                        }
+                        let d = self.rng.between(0, 2);
+                        let epoch = self.procs.get(&pid).and_then(|p| p.epoch);
+                        self.at(d, Event::Start { pid, msg, epoch });
                     }
                 }
                 Action::Send { conn, msg } => {
@@ -1160,6 +1217,8 @@ impl World {
                 down_told: false,
                 guest_of,
                 replay: None,
+                epoch: None,
+                listened: None,
             },
         );
         if alive {
@@ -1207,7 +1266,7 @@ impl World {
                     d,
                     Event::Deliver(Fact::Message {
                         conn,
-                        msg: ToSupervisor::Running,
+                        msg: ToSupervisor::Running { epoch: p.epoch },
                     }),
                 );
                 if let (true, Some(_), Some(after)) = (p.source, p.replay, self.replayed_after) {
@@ -1850,6 +1909,170 @@ mod scenarios {
         assert!(w.ctl.newest_committed() > committed, "checkpoints go on");
     }
 
+    /// A SIGKILLed worker's peer notices first (its channel closed) and
+    /// reports a retryable failure before the victim's exit and connection
+    /// close arrive: still a rollback in place, in which only the victim's
+    /// process is replaced (the wordcount chaos test once lost every kept
+    /// process this way).
+    #[test]
+    fn test_a_peer_reporting_first_still_rolls_back_in_place() {
+        for (exit_after, close_after) in [(ms(2), ms(4)), (ms(4), ms(2)), (ms(40), ms(45))] {
+            let mut w = running(0, 3);
+            let before: BTreeMap<WorkerId, u64> = w
+                .ctl
+                .placement()
+                .keys()
+                .map(|id| (id.clone(), w.proc_of(id.as_str(), Slot::Primary).0))
+                .collect();
+            let victim = id("count-1");
+            let pid = before[&victim];
+            let p = w.procs.get_mut(&pid).expect("victim");
+            p.alive = false;
+            p.died_at = Some(w.now);
+            let p = p.clone();
+            let peer = before[&id("src-0")];
+            let conn = w.procs[&peer].conn.expect("peer connected");
+            let msg = ToSupervisor::Failed {
+                error: "output channel closed".into(),
+                fatal: false,
+                epoch: w.procs[&peer].epoch,
+            };
+            if let Some(q) = w.procs.get_mut(&peer) {
+                q.running = false;
+                q.assigned = false;
+            }
+            w.deliver(Fact::Message { conn, msg });
+            let exited = WorkerExited {
+                worker: p.worker.clone(),
+                attempt: p.attempt,
+                standby: false,
+                host: p.host.clone(),
+                exit: ExitKind::Signal(9),
+                detail: None,
+            };
+            w.at(exit_after, Event::Deliver(Fact::Exited(exited)));
+            let closed = p.conn.expect("victim connected");
+            w.at(close_after, Event::Deliver(Fact::Closed { conn: closed }));
+            w.run_for(ms(300));
+            assert_eq!(w.ctl.state(), JobState::Running);
+            for (worker, pid) in &before {
+                let (now, _) = w.proc_of(worker.as_str(), Slot::Primary);
+                if *worker == victim {
+                    assert_ne!(now, *pid, "the failed worker's process is replaced");
+                } else {
+                    assert_eq!(
+                        now, *pid,
+                        "{worker} kept its process (exit after {exit_after:?}, close after {close_after:?})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A process rolled back in place keeps its connection: its word of
+    /// the attempt it was halted in (here a `Listening`) arriving after
+    /// the next assignment is dropped by its epoch, and nobody is started
+    /// until the process says where it listens now.
+    #[test]
+    fn test_a_late_word_of_a_halted_attempt_is_dropped() {
+        let mut w = running(0, 3);
+        let (kept, _) = w.proc_of("count-0", Slot::Primary);
+        let conn = w.procs[&kept].conn.expect("connected");
+        let halted = w.procs[&kept].epoch.expect("assigned");
+        let (peer, _) = w.proc_of("src-0", Slot::Primary);
+        let msg = ToSupervisor::Failed {
+            error: "boom".into(),
+            fatal: false,
+            epoch: w.procs[&peer].epoch,
+        };
+        let peer_conn = w.procs[&peer].conn.expect("connected");
+        if let Some(q) = w.procs.get_mut(&peer) {
+            q.running = false;
+            q.assigned = false;
+        }
+        w.deliver(Fact::Message {
+            conn: peer_conn,
+            msg,
+        });
+        // Until the kept process is assigned anew.
+        let deadline = w.now + ms(200);
+        while w.procs[&kept].epoch == Some(halted) && w.now < deadline {
+            w.run_for(ms(1));
+        }
+        let assigned = w.procs[&kept].epoch.expect("assigned");
+        assert!(assigned > halted, "assigned anew");
+        // Its answer to the new assignment is held back 50 ms; its word of
+        // the halted attempt comes now.
+        let fresh: Vec<usize> = w
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                matches!(e, Some(Event::Deliver(Fact::Message { conn: c, msg: ToSupervisor::Listening { .. } })) if *c == conn)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(fresh.len(), 1, "its Listening is on its way");
+        let held = w.events[fresh[0]].take().expect("queued");
+        w.at(ms(50), held);
+        let stale = ToSupervisor::Listening {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            fetched_bytes: 0,
+            epoch: Some(halted),
+        };
+        w.deliver(Fact::Message { conn, msg: stale });
+        // The sim fails on a Start sent before the fresh Listening.
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        assert_eq!(w.proc_of("count-0", Slot::Primary).0, kept, "kept");
+        assert_eq!(w.ctl.summary().restarts, 1);
+    }
+
+    /// A kept process that never answers its new assignment (here it
+    /// stalled right after its halt) holds the attempt until the startup
+    /// timeout; that failure replaces every process, so the job runs again
+    /// (rolling back in place again would keep the stuck process forever).
+    #[test]
+    fn test_an_attempt_that_does_not_start_replaces_every_process() {
+        let mut w = running(0, 3);
+        let before: BTreeMap<WorkerId, u64> = w
+            .ctl
+            .placement()
+            .keys()
+            .map(|id| (id.clone(), w.proc_of(id.as_str(), Slot::Primary).0))
+            .collect();
+        let (peer, stuck) = (before[&id("src-0")], before[&id("count-0")]);
+        let msg = ToSupervisor::Failed {
+            error: "boom".into(),
+            fatal: false,
+            epoch: w.procs[&peer].epoch,
+        };
+        let conn = w.procs[&peer].conn.expect("connected");
+        if let Some(q) = w.procs.get_mut(&peer) {
+            q.running = false;
+            q.assigned = false;
+        }
+        w.deliver(Fact::Message { conn, msg });
+        if let Some(q) = w.procs.get_mut(&stuck) {
+            q.stalled = true;
+        }
+        w.run_for(ms(1000));
+        assert_eq!(w.ctl.state(), JobState::Recovering, "waits for it");
+        w.run_for(ms(1500));
+        assert_eq!(w.ctl.state(), JobState::Running, "{:?}", w.ctl.summary());
+        let s = w.ctl.summary();
+        assert!(
+            s.last_failure
+                .as_deref()
+                .is_some_and(|f| f.contains("did not start")),
+            "{s:?}"
+        );
+        for (worker, pid) in &before {
+            let (now, _) = w.proc_of(worker.as_str(), Slot::Primary);
+            assert_ne!(now, *pid, "{worker} was replaced");
+        }
+    }
+
     /// A failure before the attempt that recovered from the last one has
     /// committed anything still times the sources' replay: they started
     /// from the restored checkpoint, so what they emitted since is their
@@ -2247,6 +2470,7 @@ mod scenarios {
         let msg = ToSupervisor::Failed {
             error: "input /x: No such file or directory".into(),
             fatal: true,
+            epoch: w.procs[&pid].epoch,
         };
         w.deliver(Fact::Message { conn, msg });
         let s = w.ctl.summary();
