@@ -1590,6 +1590,31 @@ mod scenarios {
             (pids[0], self.procs[&pids[0]].host.clone())
         }
 
+        /// Every planned worker's live primary pid.
+        fn primary_pids(&self) -> BTreeMap<WorkerId, u64> {
+            self.ctl
+                .placement()
+                .keys()
+                .map(|id| (id.clone(), self.proc_of(id.as_str(), Slot::Primary).0))
+                .collect()
+        }
+
+        /// Process `pid` reports a retryable failure the SDK's way: it
+        /// stops its assignment and waits to be rolled back in place.
+        fn report_failure(&mut self, pid: u64, error: &str) {
+            let conn = self.procs[&pid].conn.expect("connected");
+            let msg = ToSupervisor::Failed {
+                error: error.into(),
+                fatal: false,
+                epoch: self.procs[&pid].epoch,
+            };
+            if let Some(q) = self.procs.get_mut(&pid) {
+                q.running = false;
+                q.assigned = false;
+            }
+            self.deliver(Fact::Message { conn, msg });
+        }
+
         fn actions_since(&self, t: Duration) -> Vec<Action> {
             self.log
                 .iter()
@@ -1871,12 +1896,7 @@ mod scenarios {
     #[test]
     fn test_a_failure_rolls_the_other_processes_back_in_place() {
         let mut w = running(0, 3);
-        let before: BTreeMap<WorkerId, u64> = w
-            .ctl
-            .placement()
-            .keys()
-            .map(|id| (id.clone(), w.proc_of(id.as_str(), Slot::Primary).0))
-            .collect();
+        let before = w.primary_pids();
         let victim = id("count-1");
         let committed = w.ctl.newest_committed();
         let t = w.now;
@@ -1918,30 +1938,14 @@ mod scenarios {
     fn test_a_peer_reporting_first_still_rolls_back_in_place() {
         for (exit_after, close_after) in [(ms(2), ms(4)), (ms(4), ms(2)), (ms(40), ms(45))] {
             let mut w = running(0, 3);
-            let before: BTreeMap<WorkerId, u64> = w
-                .ctl
-                .placement()
-                .keys()
-                .map(|id| (id.clone(), w.proc_of(id.as_str(), Slot::Primary).0))
-                .collect();
+            let before = w.primary_pids();
             let victim = id("count-1");
             let pid = before[&victim];
             let p = w.procs.get_mut(&pid).expect("victim");
             p.alive = false;
             p.died_at = Some(w.now);
             let p = p.clone();
-            let peer = before[&id("src-0")];
-            let conn = w.procs[&peer].conn.expect("peer connected");
-            let msg = ToSupervisor::Failed {
-                error: "output channel closed".into(),
-                fatal: false,
-                epoch: w.procs[&peer].epoch,
-            };
-            if let Some(q) = w.procs.get_mut(&peer) {
-                q.running = false;
-                q.assigned = false;
-            }
-            w.deliver(Fact::Message { conn, msg });
+            w.report_failure(before[&id("src-0")], "output channel closed");
             let exited = WorkerExited {
                 worker: p.worker.clone(),
                 attempt: p.attempt,
@@ -1980,20 +1984,7 @@ mod scenarios {
         let conn = w.procs[&kept].conn.expect("connected");
         let halted = w.procs[&kept].epoch.expect("assigned");
         let (peer, _) = w.proc_of("src-0", Slot::Primary);
-        let msg = ToSupervisor::Failed {
-            error: "boom".into(),
-            fatal: false,
-            epoch: w.procs[&peer].epoch,
-        };
-        let peer_conn = w.procs[&peer].conn.expect("connected");
-        if let Some(q) = w.procs.get_mut(&peer) {
-            q.running = false;
-            q.assigned = false;
-        }
-        w.deliver(Fact::Message {
-            conn: peer_conn,
-            msg,
-        });
+        w.report_failure(peer, "boom");
         // Until the kept process is assigned anew.
         let deadline = w.now + ms(200);
         while w.procs[&kept].epoch == Some(halted) && w.now < deadline {
@@ -2035,24 +2026,9 @@ mod scenarios {
     #[test]
     fn test_an_attempt_that_does_not_start_replaces_every_process() {
         let mut w = running(0, 3);
-        let before: BTreeMap<WorkerId, u64> = w
-            .ctl
-            .placement()
-            .keys()
-            .map(|id| (id.clone(), w.proc_of(id.as_str(), Slot::Primary).0))
-            .collect();
+        let before = w.primary_pids();
         let (peer, stuck) = (before[&id("src-0")], before[&id("count-0")]);
-        let msg = ToSupervisor::Failed {
-            error: "boom".into(),
-            fatal: false,
-            epoch: w.procs[&peer].epoch,
-        };
-        let conn = w.procs[&peer].conn.expect("connected");
-        if let Some(q) = w.procs.get_mut(&peer) {
-            q.running = false;
-            q.assigned = false;
-        }
-        w.deliver(Fact::Message { conn, msg });
+        w.report_failure(peer, "boom");
         if let Some(q) = w.procs.get_mut(&stuck) {
             q.stalled = true;
         }

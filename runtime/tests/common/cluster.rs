@@ -29,7 +29,19 @@ pub fn bin_dir() -> PathBuf {
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())
         .expect("binary mtime");
-    if let Some(root) = dir.parent().and_then(Path::parent) {
+    // The sources it was built from are in cargo's dep-info next to it (a
+    // test-only module such as the supervisor's simulator is not one of
+    // them); without that file, every file under the source folders.
+    if let Some(newer) = std::fs::read_to_string(dir.join("lazarus.d"))
+        .ok()
+        .and_then(|d| newest_listed(&d))
+    {
+        assert!(
+            newer <= built,
+            "{} is older than a source it is built from ({newer:?}): rebuild it (cargo build --workspace, or run the tests with --workspace)",
+            bin.display()
+        );
+    } else if let Some(root) = dir.parent().and_then(Path::parent) {
         for src in ["runtime/src", "worker-sdk/src", "storage/src"] {
             if let Some(newer) = newest(&root.join(src)).filter(|t| *t > built) {
                 panic!(
@@ -40,6 +52,17 @@ pub fn bin_dir() -> PathBuf {
         }
     }
     dir
+}
+
+/// The newest modification time of the files a dep-info file lists
+/// (`target: dep dep ...`, a space inside a path escaped as `\ `).
+fn newest_listed(dep_info: &str) -> Option<std::time::SystemTime> {
+    let (_, deps) = dep_info.lines().next()?.split_once(": ")?;
+    deps.replace("\\ ", "\u{0}")
+        .split_whitespace()
+        .map(|p| p.replace('\u{0}', " "))
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max()
 }
 
 fn newest(dir: &Path) -> Option<std::time::SystemTime> {
