@@ -168,7 +168,7 @@ impl MappedChunk {
         key: &str,
         raw_len: u64,
         raw_crc: u32,
-        payload: Payload,
+        check: Payload,
     ) -> Result<MappedChunk> {
         let file = File::open(path).map_err(|e| StorageError::io("open chunk file", path, e))?;
         // SAFETY: cache files (and a local store's objects) are only ever
@@ -182,16 +182,16 @@ impl MappedChunk {
         if header.codec != Codec::None {
             return Err(corrupt(CorruptReason::UnknownCodec(1)));
         }
-        let (body, payload_checked) = (&map[HEADER_LEN..], payload);
-        if body.len() as u64 != header.payload_len || header.payload_len != raw_len {
+        let payload = &map[HEADER_LEN..];
+        if payload.len() as u64 != header.payload_len || header.payload_len != raw_len {
             return Err(corrupt(CorruptReason::Length {
                 expected: raw_len,
-                actual: body.len() as u64,
+                actual: payload.len() as u64,
             }));
         }
-        let computed = match payload_checked {
+        let computed = match check {
             Payload::Checked => raw_crc,
-            Payload::Unchecked => crc32fast::hash(body),
+            Payload::Unchecked => crc32fast::hash(payload),
         };
         if computed != raw_crc || header.payload_crc != raw_crc {
             return Err(corrupt(CorruptReason::PayloadCrc {

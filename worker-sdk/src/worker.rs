@@ -448,25 +448,27 @@ async fn next_assignment(
     unread: Vec<Option<ToWorker>>,
     ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
 ) -> Result<Option<Assignment>> {
-    for msg in unread {
-        match msg {
-            Some(ToWorker::Assign(a)) => return Ok(Some(*a)),
-            Some(ToWorker::Shutdown) => return Ok(None),
-            None => return Err("supervisor connection lost".into()),
-            Some(other) => tracing::debug!(?other, "ignored while rolled back"),
+    // What a message means while rolled back: `None` to keep waiting.
+    let decide = |msg: Option<ToWorker>| match msg {
+        Some(ToWorker::Assign(a)) => Some(Ok(Some(*a))),
+        Some(ToWorker::Shutdown) => Some(Ok(None)),
+        None => Some(Err("supervisor connection lost".into())),
+        // The old attempt's last messages.
+        Some(other) => {
+            tracing::debug!(?other, "ignored while rolled back");
+            None
         }
+    };
+    if let Some(decided) = unread.into_iter().find_map(decide) {
+        return decided;
     }
     let deadline = tokio::time::sleep(ROLLBACK_WAIT);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             _ = &mut deadline => return Err(format!("no new assignment within {ROLLBACK_WAIT:?} after a rollback").into()),
-            msg = ctl_in.recv() => match msg.flatten() {
-                Some(ToWorker::Assign(a)) => return Ok(Some(*a)),
-                Some(ToWorker::Shutdown) => return Ok(None),
-                None => return Err("supervisor connection lost".into()),
-                // The old attempt's last messages.
-                Some(other) => tracing::debug!(?other, "ignored while rolled back"),
+            msg = ctl_in.recv() => if let Some(decided) = decide(msg.flatten()) {
+                return decided;
             },
         }
     }
