@@ -143,6 +143,11 @@ impl CheckpointCoordinator {
         self.pending.get(&checkpoint).map(|p| p.triggered_at)
     }
 
+    /// Whether `checkpoint` is the final one (nothing commits after it).
+    pub fn is_final(&self, checkpoint: CheckpointId) -> bool {
+        self.pending.get(&checkpoint).is_some_and(|p| p.is_final)
+    }
+
     fn trigger(&mut self, now: Duration, is_final: bool) -> Decision {
         let checkpoint = self.next_id;
         self.next_id = self.next_id.next();

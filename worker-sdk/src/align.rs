@@ -9,6 +9,17 @@
 
 use lazarus_storage::CheckpointId;
 
+/// Where one input stands in the alignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InputState {
+    /// Read as usual.
+    Open,
+    /// Delivered the barrier being aligned: held back.
+    Held,
+    /// Ended.
+    Closed,
+}
+
 /// Tracks barrier alignment across a worker's inputs.
 #[derive(Debug, Clone)]
 pub(crate) struct BarrierAligner {
@@ -29,6 +40,34 @@ impl BarrierAligner {
     /// Whether input `i` must not be read now.
     pub(crate) fn skip(&self, i: usize) -> bool {
         self.blocked[i] || self.closed[i]
+    }
+
+    /// Where input `i` stands.
+    pub(crate) fn input(&self, i: usize) -> InputState {
+        if self.closed[i] {
+            InputState::Closed
+        } else if self.blocked[i] {
+            InputState::Held
+        } else {
+            InputState::Open
+        }
+    }
+
+    /// The barrier being aligned, if one is.
+    pub(crate) fn aligning(&self) -> Option<CheckpointId> {
+        self.aligning
+    }
+
+    /// Barrier `n` was found on every other input by reading ahead (see
+    /// `in_flight`): the snapshot is taken now, and every input is read
+    /// again.
+    pub(crate) fn cut(&mut self, n: CheckpointId) -> Result<(), String> {
+        if let Some(m) = self.aligning.filter(|m| *m != n) {
+            return Err(format!("cut at barrier {n} while aligning barrier {m}"));
+        }
+        self.blocked.iter_mut().for_each(|b| *b = false);
+        self.aligning = None;
+        Ok(())
     }
 
     /// Barrier `n` arrived on input `i`. Returns `Some(n)` when that

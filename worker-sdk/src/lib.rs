@@ -14,6 +14,7 @@
 //! | `state` | [`Snapshot`], [`Restored`], [`KeyedState`] (copy-on-write, incremental) |
 //! | `decoded` | state parts held decoded in memory beside their chunks (restores without a read or a decode) |
 //! | `align` | barrier alignment across inputs (a pure state machine) |
+//! | `in_flight` | barriers found by reading ahead, and the records in flight a checkpoint keeps |
 //! | `protocol` | the wire protocol shared with the supervisor (control and data frames) |
 //! | `worker` | the worker process main loop: [`run_worker`] |
 
@@ -23,6 +24,7 @@ mod align;
 mod clock;
 mod decoded;
 mod exit_word;
+mod in_flight;
 mod link;
 mod operator;
 pub mod protocol;

@@ -25,6 +25,11 @@ pub const MAX_CONTROL_FRAME: usize = 64 << 20;
 /// Largest data frame accepted.
 pub const MAX_DATA_FRAME: usize = 64 << 20;
 
+/// The state part in which a worker's snapshot keeps the records it read
+/// ahead of a barrier (in flight at the checkpoint), as data frames. Part
+/// names starting with `_lazarus.` are the runtime's.
+pub const IN_FLIGHT_PART: &str = "_lazarus.in-flight";
+
 /// A protocol failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
@@ -251,6 +256,10 @@ pub enum ToSupervisor {
         /// chunk, as for a promoted hot standby).
         #[serde(default)]
         fetched_bytes: u64,
+        /// Records the restored checkpoint held in flight to this worker
+        /// (processed before any new input).
+        #[serde(default)]
+        in_flight_records: u64,
         /// The epoch of the assignment this answers (see
         /// [`ToSupervisor::epoch`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -41,7 +41,9 @@ pub enum PartContent {
     Unchanged,
 }
 
-/// What an operator's `snapshot` returns.
+/// What an operator's `snapshot` returns. Part names follow the rules of
+/// worker names; names starting with `_lazarus.` are the runtime's (a
+/// snapshot using one fails the worker, naming the part).
 ///
 /// ```
 /// use lazarus_sdk::Snapshot;
@@ -330,6 +332,16 @@ impl Restored {
     pub fn release(&self, name: &str) {
         if let Some(PartBytes::Mapped(m)) = self.parts.get(name) {
             m.release();
+        }
+    }
+
+    /// Takes out the records the checkpoint holds in flight to this
+    /// worker (its reserved part, which an operator never sees).
+    pub(crate) fn take_in_flight(&mut self) -> Result<Vec<crate::Record>, BoxError> {
+        match self.parts.remove(crate::in_flight::PART) {
+            Some(part) => Ok(crate::in_flight::decode(part.bytes())
+                .map_err(|e| format!("checkpoint {}: {e}", self.checkpoint.map_or(0, |c| c.0)))?),
+            None => Ok(Vec::new()),
         }
     }
 

@@ -35,6 +35,7 @@ use tracing::Instrument;
 
 use crate::align::BarrierAligner;
 use crate::decoded::DecodedParts;
+use crate::in_flight::{InputItem, ReadAhead};
 use crate::link::{Adoption, LinkState};
 use crate::operator::{BoxError, Context, Registry, Role};
 use crate::protocol::{self, Assignment, DataMsg, Partition, ToSupervisor, ToWorker};
@@ -299,6 +300,7 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
                 Some(Prepared {
                     role: registry.build(&a.kind, &context(&a))?,
                     restored: None,
+                    in_flight: Vec::new(),
                 })
             } else {
                 None
@@ -526,6 +528,8 @@ fn run_guest(
 struct Prepared {
     role: Role,
     restored: Option<Manifest>,
+    /// The records `restored` holds in flight to this worker.
+    in_flight: Vec<Record>,
 }
 
 /// A hot standby's life before promotion: restore every checkpoint the
@@ -635,7 +639,8 @@ async fn follow_one(
     let started = crate::clock::Stopwatch::start();
     // Restored ahead (`cache_all`): each chunk's pages were dropped once
     // checked, so memory holds one chunk at a time while it decodes.
-    let (restored, r) = restore_parts(js, &manifest, worker, cache, decoded, true).await?;
+    let (mut restored, r) = restore_parts(js, &manifest, worker, cache, decoded, true).await?;
+    prepared.in_flight = restored.take_in_flight()?;
     restore_role(&mut prepared.role, &restored)?;
     prepared.restored = Some(manifest);
     tracing::info!(
@@ -750,15 +755,36 @@ async fn restore_rescaled(
     writers: &[WorkerId],
     a: &Assignment,
     cache: &LocalCache,
-) -> Result<(Restored, u64)> {
+) -> Result<(Restored, u64, Vec<Record>)> {
     let mut parts = BTreeMap::new();
     let mut metadata: Option<(&WorkerId, Vec<u8>)> = None;
     let mut fetched = 0;
+    let mut in_flight = Vec::new();
     for w in writers {
         let snapshot = &manifest.workers[w];
         let r = js.restore_worker(manifest, w, cache).await?;
         fetched += r.read_from_store();
         for (c, chunk) in snapshot.chunks.iter().zip(r.chunks) {
+            if c.name() == crate::in_flight::PART {
+                // Each record in flight to an old instance goes to the new
+                // instance its key (or its old instance) maps to.
+                let records = crate::in_flight::decode(chunk.bytes())
+                    .map_err(|e| format!("{w} in checkpoint {}: {e}", manifest.checkpoint))?;
+                let old_index = w
+                    .as_str()
+                    .rsplit('-')
+                    .next()
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or(0);
+                in_flight.extend(crate::in_flight::rescaled(
+                    records,
+                    old_index,
+                    a.key_groups,
+                    a.index,
+                    a.parallelism,
+                ));
+                continue;
+            }
             if parts.insert(c.name().to_string(), chunk).is_some() {
                 return Err(crate::operator::Fatal::new(format!(
                     "cannot rescale operator {} from {} to {} instances: state part {:?} was written by more than one instance (only keyed state, one part per key group, can be redistributed)",
@@ -799,6 +825,7 @@ async fn restore_rescaled(
             metadata.map(|(_, m)| m).unwrap_or_default(),
         ),
         fetched,
+        in_flight,
     ))
 }
 
@@ -832,9 +859,9 @@ async fn run_assignment(
         // (a listener, a program): it goes before the new one is built.
         *last_role = None;
     }
-    let (mut role, prepared_at) = match early {
-        Some(p) => (p.role, p.restored),
-        None => (registry.build(&a.kind, &context(&a))?, None),
+    let (mut role, prepared_at, prepared_in_flight) = match early {
+        Some(p) => (p.role, p.restored, p.in_flight),
+        None => (registry.build(&a.kind, &context(&a))?, None, Vec::new()),
     };
     let store = CheckpointStore::open(&a.store)?;
     let js = store.job(a.job.clone());
@@ -843,6 +870,8 @@ async fn run_assignment(
     // Restore.
     let mut base: HashMap<String, ChunkRef> = HashMap::new();
     let mut fetched_bytes = 0;
+    // Records the restored checkpoint holds in flight to this worker.
+    let mut in_flight = Vec::new();
     match (a.restore, prepared_at) {
         (Some(n), Some(manifest))
             if manifest.checkpoint == n && manifest.workers.contains_key(&a.worker) =>
@@ -853,6 +882,7 @@ async fn run_assignment(
             for c in &manifest.workers[&a.worker].chunks {
                 base.insert(c.name().to_string(), c.clone());
             }
+            in_flight = prepared_in_flight;
         }
         (Some(n), _) => {
             let manifest = js.manifest(n).await?;
@@ -864,10 +894,12 @@ async fn run_assignment(
                     base.insert(c.name().to_string(), c.clone());
                 }
                 fetched_bytes = r.1;
+                in_flight = r.2;
                 r.0
             } else if manifest.workers.contains_key(&a.worker) {
-                let (restored, r) =
+                let (mut restored, r) =
                     restore_parts(&js, &manifest, &a.worker, &cache, decoded, false).await?;
+                in_flight = restored.take_in_flight()?;
                 tracing::info!(checkpoint = %n, fetched = r.fetched_bytes, mapped = r.chunks, held = r.held, "restored");
                 fetched_bytes = r.fetched_bytes;
                 for c in &manifest.workers[&a.worker].chunks {
@@ -903,6 +935,7 @@ async fn run_assignment(
     to_sup.send(ToSupervisor::Listening {
         addr: listener.local_addr()?,
         fetched_bytes,
+        in_flight_records: in_flight.len() as u64,
         epoch: Some(a.epoch),
     })?;
     let addrs = loop {
@@ -1001,8 +1034,24 @@ async fn run_assignment(
     )));
 
     let mut emitter = Emitter::default();
+    if !in_flight.is_empty() {
+        // The records the checkpoint holds in flight go first.
+        tracing::info!(
+            records = in_flight.len(),
+            "processing the records in flight at the checkpoint"
+        );
+        process(role, in_flight, &mut outputs, &mut emitter).await?;
+    }
     let n_in = inputs.len();
     let mut aligner = BarrierAligner::new(n_in);
+    let mut ahead = ReadAhead::new(n_in);
+    // The newest checkpoint announced, the newest snapshotted here, and
+    // one for which reading ahead gave up.
+    let (mut announced, mut last_snap, mut gave_up) = (None, None, None);
+    let mut next_pop = 0;
+    // `LAZARUS_READ_AHEAD=off` aligns barriers in order, as before reading
+    // ahead existed: for measuring one against the other.
+    let read_ahead = std::env::var("LAZARUS_READ_AHEAD").map_or(true, |v| v != "off");
     let mut exhausted = false;
 
     loop {
@@ -1011,7 +1060,9 @@ async fn run_assignment(
             loop {
                 match ctl_in.try_recv() {
                     Ok(msg) => {
-                        if !handle_control(msg, role, &mut outputs, &snapper, link).await? {
+                        if !handle_control(msg, role, &mut outputs, &snapper, link, &mut announced)
+                            .await?
+                        {
                             return Ok(());
                         }
                     }
@@ -1041,7 +1092,7 @@ async fn run_assignment(
                     crate::SourcePoll::Idle => {
                         tokio::select! {
                             msg = ctl_in.recv() => {
-                                if !handle_control(msg.flatten(), role, &mut outputs, &snapper, link).await? {
+                                if !handle_control(msg.flatten(), role, &mut outputs, &snapper, link, &mut announced).await? {
                                     return Ok(());
                                 }
                             }
@@ -1062,7 +1113,7 @@ async fn run_assignment(
             } else {
                 tokio::select! {
                     msg = ctl_in.recv() => {
-                        if !handle_control(msg.flatten(), role, &mut outputs, &snapper, link).await? {
+                        if !handle_control(msg.flatten(), role, &mut outputs, &snapper, link, &mut announced).await? {
                             return Ok(());
                         }
                     }
@@ -1072,49 +1123,130 @@ async fn run_assignment(
             continue;
         }
 
-        let skip: Vec<bool> = (0..n_in).map(|i| aligner.skip(i)).collect();
+        // Reading ahead for an announced checkpoint (see `in_flight`): no
+        // record is processed until the next barrier is found on every
+        // open input, or reading ahead gives up.
+        let reading_ahead = read_ahead
+            && announced.is_some_and(|n| last_snap.is_none_or(|s| n > s))
+            && gave_up != announced;
+        if reading_ahead {
+            if let Some(n) = ahead.cut(&aligner) {
+                aligner.cut(n)?;
+                let in_flight = ahead.take_cut(n);
+                tracing::debug!(checkpoint = %n, in_flight_bytes = in_flight.len(), "barrier found on every input by reading ahead");
+                snapshot_now(n, role, &mut outputs, &snapper, link, in_flight).await?;
+                last_snap = Some(n);
+                continue;
+            }
+        } else if let Some(i) = (0..n_in)
+            .map(|k| (next_pop + k) % n_in)
+            .find(|&i| !aligner.skip(i) && ahead.has(i))
+        {
+            // What was read ahead is processed first, input by input in order.
+            next_pop = (i + 1) % n_in;
+            let item = ahead.pop(i).expect("has one");
+            if let Some(n) = on_input(
+                i,
+                item,
+                role,
+                &mut aligner,
+                &mut outputs,
+                &mut emitter,
+                &records_in,
+            )
+            .await?
+            {
+                snapshot_now(n, role, &mut outputs, &snapper, link, Vec::new()).await?;
+                last_snap = Some(n);
+            }
+            continue;
+        }
+        let skip: Vec<bool> = (0..n_in)
+            .map(|i| {
+                aligner.skip(i)
+                    || if reading_ahead {
+                        ahead.found(i)
+                    } else {
+                        ahead.has(i)
+                    }
+            })
+            .collect();
+        if reading_ahead && skip.iter().all(|s| *s) {
+            // Nothing left to read ahead, and no cut: align in order.
+            tracing::debug!(checkpoint = ?announced, "reading ahead found no cut");
+            gave_up = announced;
+            continue;
+        }
         tokio::select! {
             biased;
             msg = ctl_in.recv() => {
-                if !handle_control(msg.flatten(), role, &mut outputs, &snapper, link).await? {
+                if !handle_control(msg.flatten(), role, &mut outputs, &snapper, link, &mut announced).await? {
                     return Ok(());
                 }
             }
             Some(e) = fatal_rx.recv() => return Err(e),
-            (i, msg) = next_input(&mut inputs, &skip) => {
-                match msg {
-                    Some(Ok(DataMsg::Batch(records))) => {
-                        records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
-                        match &mut *role {
-                            Role::Operator(op) => {
-                                for r in records {
-                                    op.process(r, &mut emitter)?;
-                                }
-                                route(&mut outputs, &mut emitter).await?;
-                            }
-                            Role::Sink(sink) => {
-                                for r in records {
-                                    sink.write(r)?;
-                                }
-                            }
-                            Role::Source(_) => unreachable!("sources have no inputs"),
-                        }
+            (i, item) = next_input(&mut inputs, &skip) => {
+                if reading_ahead {
+                    if let crate::in_flight::Ahead::GiveUp(why) = ahead.push(i, item) {
+                        tracing::debug!(checkpoint = ?announced, why, "reading ahead given up");
+                        gave_up = announced;
                     }
-                    Some(Ok(DataMsg::Barrier(n))) => {
-                        if let Some(n) = aligner.on_barrier(i, n)? {
-                            snapshot_now(n, role, &mut outputs, &snapper, link).await?;
-                        }
-                    }
-                    Some(Ok(DataMsg::End)) | None => {
-                        if let Some(n) = aligner.on_closed(i) {
-                            snapshot_now(n, role, &mut outputs, &snapper, link).await?;
-                        }
-                    }
-                    Some(Ok(DataMsg::Hello(w))) => return Err(format!("unexpected hello from {w} on input {i}").into()),
-                    Some(Err(e)) => return Err(e.into()),
+                } else if let Some(n) = on_input(i, item, role, &mut aligner, &mut outputs, &mut emitter, &records_in).await? {
+                    snapshot_now(n, role, &mut outputs, &snapper, link, Vec::new()).await?;
+                    last_snap = Some(n);
                 }
             }
         }
+    }
+}
+
+/// Processes one message of input `i`; returns the checkpoint to snapshot
+/// when it completes an alignment.
+async fn on_input(
+    i: usize,
+    item: InputItem,
+    role: &mut Role,
+    aligner: &mut BarrierAligner,
+    outputs: &mut [EdgeOut],
+    emitter: &mut Emitter,
+    records_in: &AtomicU64,
+) -> Result<Option<CheckpointId>> {
+    match item {
+        Some(Ok(DataMsg::Batch(records))) => {
+            records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
+            process(role, records, outputs, emitter).await?;
+            Ok(None)
+        }
+        Some(Ok(DataMsg::Barrier(n))) => Ok(aligner.on_barrier(i, n)?),
+        Some(Ok(DataMsg::End)) | None => Ok(aligner.on_closed(i)),
+        Some(Ok(DataMsg::Hello(w))) => {
+            Err(format!("unexpected hello from {w} on input {i}").into())
+        }
+        Some(Err(e)) => Err(e.into()),
+    }
+}
+
+/// Hands records to the operator (and routes what it emits) or the sink.
+async fn process(
+    role: &mut Role,
+    records: Vec<Record>,
+    outputs: &mut [EdgeOut],
+    emitter: &mut Emitter,
+) -> Result<()> {
+    match role {
+        Role::Operator(op) => {
+            for r in records {
+                op.process(r, emitter)?;
+            }
+            route(outputs, emitter).await
+        }
+        Role::Sink(sink) => {
+            for r in records {
+                sink.write(r)?;
+            }
+            Ok(())
+        }
+        Role::Source(_) => Err("a source has no inputs".into()),
     }
 }
 
@@ -1125,6 +1257,7 @@ async fn handle_control(
     outputs: &mut [EdgeOut],
     snapper: &Snapshotter,
     link: &LinkState,
+    announced: &mut Option<CheckpointId>,
 ) -> Result<bool> {
     match msg {
         None => Err("supervisor connection lost".into()),
@@ -1133,7 +1266,10 @@ async fn handle_control(
         Some(ToWorker::Trigger { checkpoint }) => {
             if matches!(role, Role::Source(_)) {
                 // Sources snapshot right here, between two polls.
-                snapshot_now(checkpoint, role, outputs, snapper, link).await?;
+                snapshot_now(checkpoint, role, outputs, snapper, link, Vec::new()).await?;
+            } else {
+                // Others learn that its barriers are on their way.
+                *announced = (*announced).max(Some(checkpoint));
             }
             Ok(true)
         }
@@ -1162,6 +1298,7 @@ async fn snapshot_now(
     outputs: &mut [EdgeOut],
     snapper: &Snapshotter,
     link: &LinkState,
+    in_flight: Vec<u8>,
 ) -> Result<()> {
     link.snapshotted(n);
     let records = snapper.records.load(Ordering::Relaxed);
@@ -1187,7 +1324,28 @@ async fn snapshot_now(
         }
     }
     tracing::debug!(checkpoint = %n, took_us = started.elapsed().as_micros() as u64, "snapshot taken, barrier forwarded");
-    let (parts, metadata) = snapshot.into_parts();
+    let (mut parts, metadata) = snapshot.into_parts();
+    if let Some((name, _)) = parts
+        .iter()
+        .find(|(name, _)| name.starts_with(crate::in_flight::RESERVED_PREFIX))
+    {
+        // Restarting would not rename it.
+        return Err(crate::operator::Fatal::new(format!(
+            "state part {name:?}: names starting with {:?} are the runtime's",
+            crate::in_flight::RESERVED_PREFIX
+        ))
+        .into());
+    }
+    if !in_flight.is_empty() {
+        let bytes = Bytes::from(in_flight);
+        parts.push((
+            crate::in_flight::PART.to_string(),
+            PartContent::Fresh {
+                serialize: Box::new(move || Ok(bytes)),
+                revive: None,
+            },
+        ));
+    }
     snapper
         .upload_tx
         .send(UploadJob {
@@ -1310,6 +1468,13 @@ async fn upload(
                     limit.clone(),
                 );
                 let checkpoint = job.checkpoint;
+                // Records in flight are read once, on a restore, and
+                // written every checkpoint: not worth compressing.
+                let codec = if name == crate::in_flight::PART {
+                    Codec::None
+                } else {
+                    codec
+                };
                 let cost = part_cost(base.get(&name));
                 handles.push(tokio::spawn(async move {
                     let _permit = limit.acquire_many_owned(cost).await?;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use lazarus::spec::JobSpec;
 use lazarus::supervisor::{run_local, Chaos, JobState, LocalRun, RunSummary, StopRequest};
+use lazarus_sdk::protocol::IN_FLIGHT_PART;
 use lazarus_sdk::storage::{CheckpointStore, JobId};
 
 fn spec(dir: &Path, input: &Path, output: &Path, extra: &str) -> JobSpec {
@@ -44,16 +45,17 @@ async fn run(spec: JobSpec, state: &Path, chaos: Option<Chaos>) -> RunSummary {
     .await
 }
 
-async fn run_on(
+/// A local run of this example's worker binary.
+fn local_run(
     spec: JobSpec,
+    store_url: &str,
     state: &Path,
     chaos: Option<Chaos>,
-    store_url: String,
-) -> RunSummary {
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
-    let run = LocalRun {
+    from: Option<&str>,
+) -> LocalRun {
+    LocalRun {
         spec,
-        store_url,
+        store_url: store_url.to_string(),
         worker_binary: PathBuf::from(env!("CARGO_BIN_EXE_wordcount")),
         state_dir: state.to_path_buf(),
         chaos,
@@ -61,11 +63,35 @@ async fn run_on(
         final_checkpoint_on_stop: false,
         epoch_floor: 0,
         adopt_timeout: None,
-        from: None,
-    };
+        from: from.map(str::to_string),
+    }
+}
+
+async fn run_on(
+    spec: JobSpec,
+    state: &Path,
+    chaos: Option<Chaos>,
+    store_url: String,
+) -> RunSummary {
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
+    let run = local_run(spec, &store_url, state, chaos, None);
     tokio::time::timeout(Duration::from_secs(600), run_local(run, stop_rx))
         .await
         .expect("the job finishes within 10 minutes")
+        .expect("run")
+}
+
+/// Asks a running job to stop (`how`) and waits for its summary.
+async fn stop<E: std::fmt::Debug>(
+    stop_tx: &tokio::sync::watch::Sender<StopRequest>,
+    run: tokio::task::JoinHandle<Result<RunSummary, E>>,
+    how: StopRequest,
+) -> RunSummary {
+    stop_tx.send(how).expect("the run listens");
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("stops promptly")
+        .expect("task")
         .expect("run")
 }
 
@@ -195,6 +221,13 @@ async fn test_wordcount_is_exactly_once_with_and_without_sigkills() {
         );
         assert!(r.total_ms > 0 && r.total_ms < 30_000, "{r:?}");
     }
+    // Barriers were found by reading ahead, the records read ahead of
+    // them were kept with checkpoints, and restores processed them again:
+    // the exact output below covers that path.
+    assert!(
+        summary.in_flight_checkpoints >= 1 && summary.in_flight_restored >= 1,
+        "no records in flight kept and restored: {summary:?}"
+    );
     let chaotic = output_lines(&out_b);
     assert_same_multiset(&expected, &chaotic);
     assert_eq!(clean, chaotic, "chaos changed the output");
@@ -403,12 +436,7 @@ async fn test_stop_with_final_checkpoint_then_resume_is_exactly_once() {
     };
     let handle = tokio::spawn(run_local(first, stop_rx));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop_tx.send(StopRequest::Stop).expect("stop");
-    let stopped = tokio::time::timeout(Duration::from_secs(30), handle)
-        .await
-        .expect("stops promptly")
-        .expect("task")
-        .expect("run");
+    let stopped = stop(&stop_tx, handle, StopRequest::Stop).await;
     // Stopped with a final checkpoint: every worker exited, output so far committed.
     assert!(
         matches!(stopped.state, JobState::Finished | JobState::Stopped),
@@ -443,18 +471,13 @@ async fn test_rescale_from_a_savepoint_is_exactly_once() {
     let (out, state) = (dir.path().join("out"), dir.path().join("state"));
     let store_url = format!("file://{}", state.join("store").display());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
-    let first = LocalRun {
-        spec: spec(dir.path(), &input, &out, ""),
-        store_url: store_url.clone(),
-        worker_binary: PathBuf::from(env!("CARGO_BIN_EXE_wordcount")),
-        state_dir: state.clone(),
-        chaos: None,
-        status_every: None,
-        final_checkpoint_on_stop: false,
-        epoch_floor: 0,
-        adopt_timeout: None,
-        from: None,
-    };
+    let first = local_run(
+        spec(dir.path(), &input, &out, ""),
+        &store_url,
+        &state,
+        None,
+        None,
+    );
     let handle = tokio::spawn(run_local(first, stop_rx));
     // Stopped as soon as a checkpoint has published output (a fixed delay
     // raced the job's end on a fast run): mid-way, with counts to carry.
@@ -471,14 +494,7 @@ async fn test_rescale_from_a_savepoint_is_exactly_once() {
     while !published(&out) && started.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop_tx
-        .send(StopRequest::StopWithCheckpoint)
-        .expect("stop with a checkpoint");
-    let stopped = tokio::time::timeout(Duration::from_secs(30), handle)
-        .await
-        .expect("stops promptly")
-        .expect("task")
-        .expect("run");
+    let stopped = stop(&stop_tx, handle, StopRequest::StopWithCheckpoint).await;
     assert_eq!(
         stopped.state,
         JobState::Finished,
@@ -492,6 +508,11 @@ async fn test_rescale_from_a_savepoint_is_exactly_once() {
     js.create_savepoint("before-rescale", at)
         .await
         .expect("savepoint");
+    let in_flight = holding_in_flight(&js.manifest(at).await.expect("manifest"));
+    assert!(
+        in_flight.is_empty(),
+        "the final checkpoint aligns its barriers in order, so it holds nothing in flight: {in_flight:?}"
+    );
     let partial: u64 = output_lines(&out).values().sum();
     assert!(
         partial > 0 && partial < 3_000_000,
@@ -504,23 +525,19 @@ async fn test_rescale_from_a_savepoint_is_exactly_once() {
         .set_parallelism(&["counter=4".into(), "sink=4".into()])
         .expect("parallelism");
     rescaled.validate().expect("valid");
-    let second = LocalRun {
-        spec: rescaled,
-        store_url: store_url.clone(),
-        worker_binary: PathBuf::from(env!("CARGO_BIN_EXE_wordcount")),
-        state_dir: state.clone(),
-        chaos: Some(Chaos {
-            every: Duration::from_millis(700),
-            seed: 5,
-            max_kills: Some(3),
-            after_commit: false,
-        }),
-        status_every: None,
-        final_checkpoint_on_stop: false,
-        epoch_floor: 0,
-        adopt_timeout: None,
-        from: Some("before-rescale".into()),
+    let chaos = Chaos {
+        every: Duration::from_millis(700),
+        seed: 5,
+        max_kills: Some(3),
+        after_commit: false,
     };
+    let second = local_run(
+        rescaled,
+        &store_url,
+        &state,
+        Some(chaos),
+        Some("before-rescale"),
+    );
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
     let resumed = tokio::time::timeout(Duration::from_secs(600), run_local(second, stop_rx))
         .await
@@ -544,6 +561,86 @@ async fn test_rescale_from_a_savepoint_is_exactly_once() {
         js.list().await.expect("list").len() <= 4,
         "retention still deletes unpinned checkpoints"
     );
+    verify_store(&state).await;
+}
+
+/// The workers of `manifest` whose snapshot keeps records in flight.
+fn holding_in_flight(manifest: &lazarus_sdk::storage::Manifest) -> Vec<String> {
+    manifest
+        .workers
+        .iter()
+        .filter(|(_, s)| s.chunks.iter().any(|c| c.name() == IN_FLIGHT_PART))
+        .map(|(w, _)| w.to_string())
+        .collect()
+}
+
+/// A periodic checkpoint keeps the records its workers read ahead of the
+/// barriers (in flight). Resumed from one with the counters and sinks
+/// rescaled 2 -> 4, each of those records goes to the new instance that
+/// owns its key, is processed once before any new input, and the output is
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_rescale_from_a_periodic_checkpoint_carries_its_records_in_flight() {
+    let dir = tempfile::tempdir().expect("dir");
+    let input = dir.path().join("input.txt");
+    wordcount::generate(2_000_000, &input, 17).expect("corpus");
+    let (out, state) = (dir.path().join("out"), dir.path().join("state"));
+    let store_url = format!("file://{}", state.join("store").display());
+    let js = CheckpointStore::open(&store_url)
+        .expect("store")
+        .job(JobId::new("wordcount").expect("job"));
+    let local = |spec: JobSpec| local_run(spec, &store_url, &state, None, None);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
+    let handle = tokio::spawn(run_local(
+        local(spec(dir.path(), &input, &out, "")),
+        stop_rx,
+    ));
+    // Stopped (no final checkpoint) once a committed checkpoint keeps
+    // records in flight to a counter or a sink: the pipeline runs flat
+    // out, so their inputs are full at nearly every checkpoint.
+    let rescaled_op = |w: &String| w.starts_with("counter-") || w.starts_with("sink-");
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(m) = js.latest().await {
+            if holding_in_flight(&m).iter().any(rescaled_op) {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30) && !handle.is_finished(),
+            "no checkpoint kept records in flight to a counter or a sink"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopped = stop(&stop_tx, handle, StopRequest::Stop).await;
+    assert_eq!(stopped.state, JobState::Stopped, "{stopped:?}");
+    let at = js.latest().await.expect("latest");
+    let holders = holding_in_flight(&at);
+    assert!(
+        holders.iter().any(rescaled_op),
+        "checkpoint {} (the newest; a stop took it at most one interval after the one found) keeps no records in flight to a counter or a sink: {holders:?}",
+        at.checkpoint
+    );
+
+    let mut rescaled = spec(dir.path(), &input, &out, "");
+    rescaled
+        .set_parallelism(&["counter=4".into(), "sink=4".into()])
+        .expect("parallelism");
+    rescaled.validate().expect("valid");
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(StopRequest::Run);
+    let resumed = tokio::time::timeout(
+        Duration::from_secs(600),
+        run_local(local(rescaled), stop_rx),
+    )
+    .await
+    .expect("finishes")
+    .expect("run");
+    assert_eq!(resumed.state, JobState::Finished, "{resumed:?}");
+    assert!(
+        resumed.in_flight_restored >= 1,
+        "the restore processed no records in flight: {resumed:?}"
+    );
+    assert_same_multiset(&expected_lines(&input), &output_lines(&out));
     verify_store(&state).await;
 }
 

@@ -127,6 +127,14 @@ fn print_summary(s: &RunSummary, store: &str) {
         percentile(&pauses, 0.5).as_micros(),
         pauses.last().copied().unwrap_or_default().as_micros()
     );
+    if s.in_flight_checkpoints > 0 {
+        println!(
+            "  {} checkpoints kept records in flight (read ahead of their barriers): {} in all; restores processed {} of them again",
+            s.in_flight_checkpoints,
+            format_bytes(s.in_flight_bytes),
+            s.in_flight_restored
+        );
+    }
     if !s.recoveries.is_empty() {
         let mut totals: Vec<Duration> = s
             .recoveries

@@ -568,6 +568,13 @@ pub struct RunSummary {
     /// Processes that did not fail and were rolled back in place by a
     /// recovery (restored from the checkpoint without a restart).
     pub kept_processes: u32,
+    /// Committed checkpoints that hold records in flight (read ahead of a
+    /// barrier, see `lazarus_sdk`'s `in_flight`), and their bytes.
+    pub in_flight_checkpoints: u64,
+    /// The bytes of records in flight over those checkpoints.
+    pub in_flight_bytes: u64,
+    /// Records in flight that restores processed again before new input.
+    pub in_flight_restored: u64,
     /// Each recovery of this run that got every worker running again.
     pub recoveries: Vec<RecoveryTime>,
 }
@@ -846,7 +853,8 @@ pub struct JobController {
     restored: Option<CheckpointId>,
     coordinator: CheckpointCoordinator,
     /// Commits handed to the store and not answered yet.
-    commits_in_flight: BTreeSet<CheckpointId>,
+    /// Commits under way, with the bytes of records in flight each holds.
+    commits_in_flight: BTreeMap<CheckpointId, u64>,
     /// A retention pass is running; when the last one started.
     retention_running: bool,
     retention_last: Option<Duration>,
@@ -949,6 +957,9 @@ impl JobController {
             moves: 0,
             takeovers: 0,
             kept_processes: 0,
+            in_flight_checkpoints: 0,
+            in_flight_bytes: 0,
+            in_flight_restored: 0,
             recoveries: Vec::new(),
         };
         JobController {
@@ -959,7 +970,7 @@ impl JobController {
             newest_committed: latest,
             restored: None,
             coordinator,
-            commits_in_flight: BTreeSet::new(),
+            commits_in_flight: BTreeMap::new(),
             retention_running: false,
             retention_last: None,
             hosts,
@@ -2185,12 +2196,14 @@ impl JobController {
             ToSupervisor::Listening {
                 addr,
                 fetched_bytes,
+                in_flight_records,
                 ..
             } => {
                 self.fetched.insert(worker.clone(), fetched_bytes);
                 if self.restored.is_some() {
                     self.summary.restores += 1;
                     self.summary.restored_bytes += fetched_bytes;
+                    self.summary.in_flight_restored += in_flight_records;
                 }
                 self.att.listening.insert(worker, addr);
                 if self.att.listening.len() == self.cfg.plan.len() {
@@ -2420,6 +2433,16 @@ impl JobController {
                         self.on_exited(now, ended);
                         return;
                     }
+                }
+                if was_guest
+                    && self.is_current(&worker, attempt)
+                    && matches!(self.phase, Phase::Recovering(_))
+                {
+                    // Its end heard while the recovery of its host
+                    // process is under way (that connection closed
+                    // first, so the exit that would name it finds no
+                    // guest): the recovery names it too.
+                    self.failed.insert(worker.clone());
                 }
                 if !self.is_current(&worker, attempt)
                     || !self.is_active()
@@ -2692,7 +2715,14 @@ impl JobController {
         epoch: Epoch,
         bytes: u64,
     ) {
-        self.commits_in_flight.remove(&checkpoint);
+        if let Some(in_flight) = self
+            .commits_in_flight
+            .remove(&checkpoint)
+            .filter(|b| *b > 0)
+        {
+            self.summary.in_flight_checkpoints += 1;
+            self.summary.in_flight_bytes += in_flight;
+        }
         self.newest_committed = Some(
             self.newest_committed
                 .map_or(checkpoint, |n| n.max(checkpoint)),
@@ -2749,8 +2779,20 @@ impl JobController {
                     sources,
                 } => {
                     tracing::debug!(%checkpoint, "trigger");
-                    for s in sources {
-                        if let Some(conn) = self.att.senders.get(&s) {
+                    // The sources put the barrier in; every other worker
+                    // learns it is coming and reads its inputs ahead to
+                    // meet it (a worker from before that ignores it). Not
+                    // for the final checkpoint: records in flight at it
+                    // would reach no sink's commit, so it aligns in order.
+                    let announce = !self.coordinator.is_final(checkpoint);
+                    let others = self
+                        .att
+                        .senders
+                        .keys()
+                        .filter(|w| announce && !sources.contains(w));
+                    let to: Vec<WorkerId> = sources.iter().chain(others).cloned().collect();
+                    for w in to {
+                        if let Some(conn) = self.att.senders.get(&w) {
                             self.out.push(Action::Send {
                                 conn: *conn,
                                 msg: ToWorker::Trigger { checkpoint },
@@ -2759,7 +2801,13 @@ impl JobController {
                     }
                 }
                 Decision::Commit(manifest) => {
-                    self.commits_in_flight.insert(manifest.checkpoint);
+                    let in_flight = manifest
+                        .chunks()
+                        .filter(|c| c.name() == lazarus_sdk::protocol::IN_FLIGHT_PART)
+                        .map(|c| c.raw_len)
+                        .sum();
+                    self.commits_in_flight
+                        .insert(manifest.checkpoint, in_flight);
                     self.out.push(Action::Commit(manifest));
                 }
                 Decision::Abort { checkpoint, reason } => {

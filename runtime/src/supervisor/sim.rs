@@ -961,6 +961,7 @@ impl World {
                         let msg = ToSupervisor::Listening {
                             addr: SocketAddr::from(([127, 0, 0, 1], 1)),
                             fetched_bytes: 0,
+                            in_flight_records: 0,
                             epoch: Some(epoch),
                         };
                         self.at(d, Event::Deliver(Fact::Message { conn, msg }));
@@ -1273,6 +1274,9 @@ impl World {
                     let msg = ToSupervisor::Replayed;
                     self.at(after, Event::Deliver(Fact::Message { conn, msg }));
                 }
+            }
+            ToWorker::Trigger { .. } if !p.source => {
+                // Only an announcement: the barrier comes from the sources.
             }
             ToWorker::Trigger { checkpoint } => {
                 // The barrier reaches every current primary (of its own
@@ -1622,6 +1626,65 @@ mod scenarios {
                 .map(|(_, a)| a.clone())
                 .collect()
         }
+    }
+
+    /// A periodic checkpoint's trigger reaches every primary: the sources
+    /// put the barrier in, the others read their inputs ahead to meet it.
+    /// The final checkpoint's reaches only the sources: its barriers align
+    /// in order, so it holds no records in flight that no commit follows.
+    #[test]
+    fn test_triggers_announce_periodic_checkpoints_to_every_primary_but_not_the_final_one() {
+        let mut w = running(0, 3);
+        let primaries = w.primary_pids();
+        let worker_of = |w: &World, conn: ConnId| {
+            w.procs
+                .values()
+                .find(|p| p.conn == Some(conn))
+                .map(|p| p.worker.clone())
+        };
+        let triggered = |w: &World, since: Duration| {
+            let mut by: BTreeMap<CheckpointId, BTreeSet<WorkerId>> = BTreeMap::new();
+            for a in w.actions_since(since) {
+                if let Action::Send {
+                    conn,
+                    msg: ToWorker::Trigger { checkpoint },
+                } = a
+                {
+                    let who = worker_of(w, conn).expect("a known process");
+                    by.entry(checkpoint).or_default().insert(who);
+                }
+            }
+            by
+        };
+        let all: BTreeSet<WorkerId> = primaries.keys().cloned().collect();
+        let periodic = triggered(&w, Duration::ZERO);
+        assert!(periodic.len() >= 3, "{periodic:?}");
+        for (n, to) in &periodic {
+            assert_eq!(to, &all, "checkpoint {n} was announced to every primary");
+        }
+
+        // The source runs dry: the job finishes with a final checkpoint.
+        let t = w.now;
+        let src = primaries[&id("src-0")];
+        w.causes.exhausted = true;
+        if let Some(p) = w.procs.get_mut(&src) {
+            p.exhausted = true;
+        }
+        let conn = w.procs[&src].conn.expect("connected");
+        w.deliver(Fact::Message {
+            conn,
+            msg: ToSupervisor::SourceExhausted,
+        });
+        w.run_for(ms(300));
+        let last = triggered(&w, t);
+        let (n, to) = last.iter().next_back().expect("a final checkpoint");
+        assert_eq!(
+            to,
+            &BTreeSet::from([id("src-0")]),
+            "the final checkpoint {n} goes to the sources only: {last:?}"
+        );
+        assert_eq!(w.ctl.newest_committed(), Some(*n), "and it committed");
+        assert_eq!(w.ctl.state(), JobState::Finished);
     }
 
     #[test]
@@ -2009,6 +2072,7 @@ mod scenarios {
         let stale = ToSupervisor::Listening {
             addr: SocketAddr::from(([127, 0, 0, 1], 1)),
             fetched_bytes: 0,
+            in_flight_records: 0,
             epoch: Some(halted),
         };
         w.deliver(Fact::Message { conn, msg: stale });
