@@ -524,7 +524,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// `write_chunk_here` (one blocking step, local directories only) writes
 /// chunks a restore reads like any other, in segments, leaving no staging
-/// file; a remote store refuses it by name.
+/// file, also when it fails; a remote store refuses it by name.
 async fn test_chunks_written_here_restore_like_any_other(env: &Env) {
     let js = env.store.job(job("here"));
     let w = worker("counter-0");
@@ -562,6 +562,23 @@ async fn test_chunks_written_here_restore_like_any_other(env: &Env) {
     assert_eq!(restored.chunks[0].bytes(), &big[..]);
     assert_eq!(restored.chunks[1].bytes(), &small[..]);
     let root = env.url.strip_prefix("file://").expect("a file URL");
+    // A write that cannot be placed (a directory is in the way of the
+    // chunk's name) fails naming the step and the path, and leaves no
+    // staging file behind.
+    let first = walk(std::path::Path::new(root))
+        .into_iter()
+        .find(|p| p.ends_with("kg-0.chunk"))
+        .expect("kg-0 lies in the store");
+    let blocked = first.with_file_name("kg-2.chunk");
+    std::fs::create_dir_all(blocked.join("in-the-way")).expect("block the name");
+    let err = write("kg-2", small.clone(), Codec::None)
+        .await
+        .expect("task")
+        .expect_err("the rename cannot replace a directory");
+    assert!(
+        err.to_string().contains("rename chunk file") && err.to_string().contains("kg-2.chunk"),
+        "{err}"
+    );
     let staging: Vec<_> = walk(std::path::Path::new(root))
         .into_iter()
         .filter(|p| p.to_string_lossy().contains('#'))

@@ -1484,8 +1484,11 @@ async fn upload(
                         // file: each hand-off between threads waits for a
                         // core on a saturated machine.
                         let js = js.clone();
+                        let queued = crate::clock::Stopwatch::start();
                         tokio::task::spawn_blocking(move || {
+                            let waited = queued.elapsed();
                             let bytes: Bytes = serialize()?;
+                            let serialized = queued.elapsed();
                             let chunk = js.write_chunk_here(
                                 checkpoint,
                                 &worker,
@@ -1493,6 +1496,15 @@ async fn upload(
                                 bytes.clone(),
                                 codec,
                             )?;
+                            tracing::debug!(
+                                %checkpoint,
+                                part = %name,
+                                bytes = bytes.len(),
+                                waited_us = waited.as_micros() as u64,
+                                serialize_us = (serialized - waited).as_micros() as u64,
+                                write_us = (queued.elapsed() - serialized).as_micros() as u64,
+                                "part written"
+                            );
                             Ok::<_, BoxError>((bytes, chunk))
                         })
                         .await??
