@@ -584,6 +584,27 @@ async fn test_chunks_written_here_restore_like_any_other(env: &Env) {
         .filter(|p| p.to_string_lossy().contains('#'))
         .collect();
     assert!(staging.is_empty(), "staging files left: {staging:?}");
+
+    // Staging names already taken (what a crashed process with this pid
+    // left) are skipped, not overwritten: nextest runs this test in a
+    // process of its own, whose next staging number is 3.
+    let pid = std::process::id();
+    let stale: Vec<_> = (0..64)
+        .map(|n| first.with_file_name(format!("kg-3.chunk#{pid}{n:08}")))
+        .collect();
+    for p in &stale {
+        std::fs::write(p, b"stale").expect("a stale staging file");
+    }
+    let c = write("kg-3", small.clone(), Codec::None)
+        .await
+        .expect("task")
+        .expect("written under a free staging name");
+    let mut m2 = Manifest::new(js.job().clone(), CheckpointId(2), Epoch(1));
+    m2.workers.entry(w.clone()).or_default().chunks = vec![c];
+    assert!(js.verify(&m2).await.expect("verify").is_ok());
+    for p in &stale {
+        assert_eq!(std::fs::read(p).expect("still there"), b"stale");
+    }
 }
 
 async fn test_damaged_cache_file_is_fetched_again(env: &Env) {
