@@ -15,6 +15,7 @@
 //! retention = 3
 //! retention_interval = "2s"   # at most one retention pass this often
 //! codec = "zstd"
+//! read_ahead = true           # find barriers by reading inputs ahead (records in flight kept)
 //!
 //! [restart]
 //! max_attempts = 20
@@ -167,6 +168,14 @@ pub struct CheckpointSection {
     /// Codec of state chunks. Default zstd (level 1).
     #[serde(default = "default_codec")]
     pub codec: Codec,
+    /// Workers find each checkpoint's barriers by reading their inputs
+    /// ahead, and keep the records read ahead of them with the checkpoint
+    /// (like Flink's unaligned checkpoints): checkpoints complete in about
+    /// the time the barriers take to cross the job, not the time its full
+    /// channels take to drain; a recovery then processes those records
+    /// again first. `false` aligns barriers in order. Default true.
+    #[serde(default = "yes")]
+    pub read_ahead: bool,
 }
 
 fn default_interval() -> Option<Duration> {
@@ -197,6 +206,7 @@ impl Default for CheckpointSection {
             retention: 3,
             retention_interval: default_retention_interval(),
             codec: Codec::Zstd,
+            read_ahead: true,
         }
     }
 }
@@ -1075,6 +1085,16 @@ mod tests {
             .expect("count-1");
         assert_eq!(count1.inputs.len(), 2);
         assert!(plan[0].is_source && plan[0].outputs[0].targets.len() == 2);
+        assert!(
+            spec.checkpoint.read_ahead,
+            "barriers are read ahead by default"
+        );
+        let aligned = parse(&GOOD.replace("[checkpoint]", "[checkpoint]\nread_ahead = false"))
+            .expect("valid");
+        assert!(!aligned.checkpoint.read_ahead);
+        let bad = parse(&GOOD.replace("[checkpoint]", "[checkpoint]\nread_ahead = \"yes\""))
+            .expect_err("not a bool");
+        assert!(bad.to_string().contains("read_ahead"), "{bad}");
     }
 
     #[test]

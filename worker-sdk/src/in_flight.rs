@@ -196,6 +196,55 @@ impl ReadAhead {
     }
 }
 
+/// The records in flight a restore hands to a worker: decoded already (a
+/// rescale sorts them by owner, a standby decodes while it follows), or
+/// the part's bytes, decoded only when the worker processes them, after it
+/// reports running: a recovery's restore does not wait for them.
+#[derive(Debug)]
+pub(crate) enum InFlight {
+    Records(Vec<Record>),
+    Part(bytes::Bytes),
+}
+
+impl Default for InFlight {
+    fn default() -> InFlight {
+        InFlight::Records(Vec::new())
+    }
+}
+
+impl InFlight {
+    /// How many records (a part's frames are counted, not decoded).
+    pub(crate) fn len(&self) -> u64 {
+        match self {
+            InFlight::Records(r) => r.len() as u64,
+            InFlight::Part(bytes) => {
+                let (mut rest, mut n) = (&bytes[..], 0u64);
+                while let Some(body) = rest
+                    .get(..4)
+                    .map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize)
+                    .and_then(|len| rest.get(4..4 + len))
+                {
+                    if let [tag, c0, c1, c2, c3, ..] = *body {
+                        if tag == 1 {
+                            n += u64::from(u32::from_le_bytes([c0, c1, c2, c3]));
+                        }
+                    }
+                    rest = &rest[4 + body.len()..];
+                }
+                n
+            }
+        }
+    }
+
+    /// The records, decoded now if they were not.
+    pub(crate) fn into_records(self) -> Result<Vec<Record>, String> {
+        match self {
+            InFlight::Records(r) => Ok(r),
+            InFlight::Part(bytes) => decode(&bytes),
+        }
+    }
+}
+
 /// The records of an in-flight part, in the order they were read (input
 /// by input). A part that does not decode is refused, naming what is
 /// wrong: a restore never processes half a channel.
@@ -387,6 +436,20 @@ mod tests {
             .contains("barrier frame"));
         assert!(decode(&[1, 0]).expect_err("stray").contains("stray"));
         assert_eq!(decode(&[]).expect("empty"), Vec::<Record>::new());
+    }
+
+    #[test]
+    fn test_a_part_counts_its_records_without_decoding_them() {
+        let mut part = Vec::new();
+        DataMsg::Batch(vec![Record::new("a", ""), Record::new("b", "")]).encode(&mut part);
+        DataMsg::Batch(vec![Record::new("c", "x")]).encode(&mut part);
+        let held = InFlight::Part(bytes::Bytes::from(part));
+        assert_eq!(held.len(), 3);
+        assert_eq!(
+            keys(&held.into_records().expect("decodes")),
+            ["a", "b", "c"]
+        );
+        assert_eq!(InFlight::default().len(), 0);
     }
 
     #[test]

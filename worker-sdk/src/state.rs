@@ -336,12 +336,14 @@ impl Restored {
     }
 
     /// Takes out the records the checkpoint holds in flight to this
-    /// worker (its reserved part, which an operator never sees).
-    pub(crate) fn take_in_flight(&mut self) -> Result<Vec<crate::Record>, BoxError> {
+    /// worker (its reserved part, which an operator never sees), not yet
+    /// decoded.
+    pub(crate) fn take_in_flight(&mut self) -> crate::in_flight::InFlight {
         match self.parts.remove(crate::in_flight::PART) {
-            Some(part) => Ok(crate::in_flight::decode(part.bytes())
-                .map_err(|e| format!("checkpoint {}: {e}", self.checkpoint.map_or(0, |c| c.0)))?),
-            None => Ok(Vec::new()),
+            Some(part) => {
+                crate::in_flight::InFlight::Part(bytes::Bytes::copy_from_slice(part.bytes()))
+            }
+            None => crate::in_flight::InFlight::default(),
         }
     }
 

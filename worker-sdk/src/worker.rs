@@ -35,7 +35,7 @@ use tracing::Instrument;
 
 use crate::align::BarrierAligner;
 use crate::decoded::DecodedParts;
-use crate::in_flight::{InputItem, ReadAhead};
+use crate::in_flight::{InFlight, InputItem, ReadAhead};
 use crate::link::{Adoption, LinkState};
 use crate::operator::{BoxError, Context, Registry, Role};
 use crate::protocol::{self, Assignment, DataMsg, Partition, ToSupervisor, ToWorker};
@@ -640,7 +640,7 @@ async fn follow_one(
     // Restored ahead (`cache_all`): each chunk's pages were dropped once
     // checked, so memory holds one chunk at a time while it decodes.
     let (mut restored, r) = restore_parts(js, &manifest, worker, cache, decoded, true).await?;
-    prepared.in_flight = restored.take_in_flight()?;
+    prepared.in_flight = restored.take_in_flight().into_records()?;
     restore_role(&mut prepared.role, &restored)?;
     prepared.restored = Some(manifest);
     tracing::info!(
@@ -871,7 +871,7 @@ async fn run_assignment(
     let mut base: HashMap<String, ChunkRef> = HashMap::new();
     let mut fetched_bytes = 0;
     // Records the restored checkpoint holds in flight to this worker.
-    let mut in_flight = Vec::new();
+    let mut in_flight = InFlight::default();
     match (a.restore, prepared_at) {
         (Some(n), Some(manifest))
             if manifest.checkpoint == n && manifest.workers.contains_key(&a.worker) =>
@@ -882,7 +882,7 @@ async fn run_assignment(
             for c in &manifest.workers[&a.worker].chunks {
                 base.insert(c.name().to_string(), c.clone());
             }
-            in_flight = prepared_in_flight;
+            in_flight = InFlight::Records(prepared_in_flight);
         }
         (Some(n), _) => {
             let manifest = js.manifest(n).await?;
@@ -894,12 +894,12 @@ async fn run_assignment(
                     base.insert(c.name().to_string(), c.clone());
                 }
                 fetched_bytes = r.1;
-                in_flight = r.2;
+                in_flight = InFlight::Records(r.2);
                 r.0
             } else if manifest.workers.contains_key(&a.worker) {
                 let (mut restored, r) =
                     restore_parts(&js, &manifest, &a.worker, &cache, decoded, false).await?;
-                in_flight = restored.take_in_flight()?;
+                in_flight = restored.take_in_flight();
                 tracing::info!(checkpoint = %n, fetched = r.fetched_bytes, mapped = r.chunks, held = r.held, "restored");
                 fetched_bytes = r.fetched_bytes;
                 for c in &manifest.workers[&a.worker].chunks {
@@ -935,7 +935,7 @@ async fn run_assignment(
     to_sup.send(ToSupervisor::Listening {
         addr: listener.local_addr()?,
         fetched_bytes,
-        in_flight_records: in_flight.len() as u64,
+        in_flight_records: in_flight.len(),
         epoch: Some(a.epoch),
     })?;
     let addrs = loop {
@@ -1034,6 +1034,7 @@ async fn run_assignment(
     )));
 
     let mut emitter = Emitter::default();
+    let in_flight = in_flight.into_records()?;
     if !in_flight.is_empty() {
         // The records the checkpoint holds in flight go first.
         tracing::info!(
@@ -1049,9 +1050,6 @@ async fn run_assignment(
     // one for which reading ahead gave up.
     let (mut announced, mut last_snap, mut gave_up) = (None, None, None);
     let mut next_pop = 0;
-    // `LAZARUS_READ_AHEAD=off` aligns barriers in order, as before reading
-    // ahead existed: for measuring one against the other.
-    let read_ahead = std::env::var("LAZARUS_READ_AHEAD").map_or(true, |v| v != "off");
     let mut exhausted = false;
 
     loop {
@@ -1126,9 +1124,8 @@ async fn run_assignment(
         // Reading ahead for an announced checkpoint (see `in_flight`): no
         // record is processed until the next barrier is found on every
         // open input, or reading ahead gives up.
-        let reading_ahead = read_ahead
-            && announced.is_some_and(|n| last_snap.is_none_or(|s| n > s))
-            && gave_up != announced;
+        let reading_ahead =
+            announced.is_some_and(|n| last_snap.is_none_or(|s| n > s)) && gave_up != announced;
         if reading_ahead {
             if let Some(n) = ahead.cut(&aligner) {
                 aligner.cut(n)?;

@@ -118,6 +118,10 @@ pub struct ControllerConfig {
     /// they are halted and rolled back in place (a new assignment on their
     /// connection), and only the failed workers' processes are replaced.
     pub rollback_in_place: bool,
+    /// Periodic checkpoints are announced to every worker, which then
+    /// finds the barriers by reading its inputs ahead (`read_ahead` in the
+    /// spec's `[checkpoint]`).
+    pub read_ahead: bool,
 }
 
 impl ControllerConfig {
@@ -137,6 +141,7 @@ impl ControllerConfig {
         cfg.heartbeat_timeout = spec.job.heartbeat_timeout;
         cfg.restart = spec.restart.clone();
         cfg.rollback_in_place = spec.restart.keep_processes;
+        cfg.read_ahead = spec.checkpoint.read_ahead;
         cfg
     }
 
@@ -158,6 +163,7 @@ impl ControllerConfig {
             drain_timeout: Duration::from_secs(10),
             adopt_timeout: Duration::from_secs(10),
             rollback_in_place: true,
+            read_ahead: true,
         }
     }
 }
@@ -2784,7 +2790,7 @@ impl JobController {
                     // meet it (a worker from before that ignores it). Not
                     // for the final checkpoint: records in flight at it
                     // would reach no sink's commit, so it aligns in order.
-                    let announce = !self.coordinator.is_final(checkpoint);
+                    let announce = self.cfg.read_ahead && !self.coordinator.is_final(checkpoint);
                     let others = self
                         .att
                         .senders

@@ -1685,6 +1685,17 @@ mod scenarios {
         );
         assert_eq!(w.ctl.newest_committed(), Some(*n), "and it committed");
         assert_eq!(w.ctl.state(), JobState::Finished);
+
+        // `read_ahead = false`: no worker but the sources hears of one.
+        let w = running_spec(
+            &SPECS[0].replace("[checkpoint]", "[checkpoint]\nread_ahead = false"),
+            3,
+        );
+        let aligned = triggered(&w, Duration::ZERO);
+        assert!(!aligned.is_empty());
+        for (n, to) in &aligned {
+            assert_eq!(to, &BTreeSet::from([id("src-0")]), "checkpoint {n}");
+        }
     }
 
     #[test]
