@@ -84,7 +84,7 @@ impl JobStore {
     /// here, small chunks took 10 to 25 ms that way. This takes one. It
     /// offers its core to other threads (`sched_yield`) after every
     /// [`WRITE_SEGMENT`] it checksums or writes of a chunk of 512 KiB or more
-    /// (see [`Pacer`]), so a large chunk does not keep a runnable
+    /// (see [`PACED_FROM`]), so a large chunk does not keep a runnable
     /// processing thread waiting.
     ///
     /// ```
@@ -119,10 +119,11 @@ impl JobStore {
         let rel = keys::chunk(id, worker, name)?;
         let _span = tracing::debug_span!("write_chunk", job = %self.job, checkpoint = %id, key = %rel, bytes = data.len()).entered();
         let level = self.store.options.zstd_level;
-        let mut pacer = Pacer::for_len(data.len());
-        let encoded = frame::encode_with(FrameKind::Chunk, codec, level, data, || pacer.offer())?;
+        let paced = data.len() >= PACED_FROM;
+        let encoded =
+            frame::encode_with(FrameKind::Chunk, codec, level, data, || offer_core(paced))?;
         let path = root.join(self.full_key(&rel));
-        write_durably(&path, &encoded.header, encoded.payload.clone(), &mut pacer)?;
+        write_durably(&path, &encoded.header, encoded.payload.clone(), paced)?;
         tracing::debug!(stored = encoded.len(), "chunk written");
         Ok(chunk_ref(rel, codec, &encoded))
     }
@@ -161,37 +162,24 @@ impl JobStore {
     }
 }
 
-/// Chunks this large (raw bytes) or larger offer their core between steps.
+/// Chunks this large (raw bytes) or larger offer their core
+/// (`sched_yield`) between the steps of their write (every
+/// [`WRITE_SEGMENT`] checksummed or written). A kernel without preemption
+/// otherwise lets the writing thread run to the end of its slice while a
+/// runnable processing thread waits. A smaller chunk never offers: its
+/// whole write is a few hundred microseconds, and on a saturated machine
+/// each offer gives the core away for others' whole slices (a 13 KB part
+/// took 13-20 ms to write when it offered after every step, 7-19 ms
+/// without; wordcount's counters write 16 such parts per checkpoint).
+/// Offering only after 200 µs of work instead, large chunks too, doubled
+/// the 1 GiB keyed-state bench's pause maximum (1.2 and 2.1 ms to 4.2 and
+/// 4.0 ms).
 const PACED_FROM: usize = 512 << 10;
 
-/// Offers the core (`sched_yield`) between the steps of writing a large
-/// chunk (every [`WRITE_SEGMENT`] checksummed or written). A kernel without
-/// preemption otherwise lets the writing thread run to the end of its slice
-/// while a runnable processing thread waits. A chunk under [`PACED_FROM`]
-/// never offers: its whole write is a few hundred microseconds, and on a
-/// saturated machine each offer gives the core away for others' whole
-/// slices (a 13 KB part took 13-20 ms to write when it offered after every
-/// step, 7-19 ms without; wordcount's counters write 16 such parts per
-/// checkpoint). Offering only after 200 µs of work instead, large chunks
-/// too, doubled the 1 GiB keyed-state bench's pause maximum (1.2 and 2.1
-/// ms to 4.2 and 4.0 ms).
-pub(crate) struct Pacer {
-    paced: bool,
-}
-
-impl Pacer {
-    /// For a chunk of `len` raw bytes.
-    pub(crate) fn for_len(len: usize) -> Pacer {
-        Pacer {
-            paced: len >= PACED_FROM,
-        }
-    }
-
-    /// Between two steps.
-    pub(crate) fn offer(&mut self) {
-        if self.paced {
-            std::thread::yield_now();
-        }
+/// Between two steps of a write: offers the core if the chunk is `paced`.
+fn offer_core(paced: bool) {
+    if paced {
+        std::thread::yield_now();
     }
 }
 
@@ -249,15 +237,10 @@ fn start_writeback(file: &std::fs::File, at: u64, len: u64) {
 /// not at all, with its data durable: a staging file beside it (named
 /// `<name>#<digits>`, which listings skip, as object_store's own staging
 /// files), fsynced, then renamed into place. Its directory entry is made
-/// durable at the commit, as for every chunk. Between segments the thread
-/// offers its core (`sched_yield`): a kernel without preemption otherwise
-/// runs the writes back to back until its next tick, 4 ms here.
-fn write_durably(
-    path: &std::path::Path,
-    header: &[u8],
-    payload: Bytes,
-    pacer: &mut Pacer,
-) -> Result<()> {
+/// durable at the commit, as for every chunk. Between segments a `paced`
+/// write offers its core (`sched_yield`): a kernel without preemption
+/// otherwise runs the writes back to back until its next tick, 4 ms here.
+fn write_durably(path: &std::path::Path, header: &[u8], payload: Bytes, paced: bool) -> Result<()> {
     use std::io::Write;
     static STAGING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path
@@ -301,7 +284,7 @@ fn write_durably(
             file.write_all(&segment)?;
             start_writeback(&file, at, segment.len() as u64);
             at += segment.len() as u64;
-            pacer.offer();
+            offer_core(paced);
         }
         file.sync_all()
     })();

@@ -34,6 +34,19 @@ pub(crate) const PART: &str = crate::protocol::IN_FLIGHT_PART;
 /// Part names reserved for the runtime.
 pub(crate) const RESERVED_PREFIX: &str = "_lazarus.";
 
+/// Refuses an operator's snapshot that names a part in the runtime's
+/// space, as fatal: restarting would not rename it.
+pub(crate) fn check_part_names<'a>(
+    mut names: impl Iterator<Item = &'a str>,
+) -> Result<(), crate::operator::Fatal> {
+    match names.find(|name| name.starts_with(RESERVED_PREFIX)) {
+        Some(name) => Err(crate::operator::Fatal::new(format!(
+            "state part {name:?}: names starting with {RESERVED_PREFIX:?} are the runtime's"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Bytes of records read ahead (over all inputs) after which a worker
 /// gives up reading ahead for this checkpoint and aligns as before: a
 /// barrier that does not come (a source that stopped emitting them) must
@@ -217,22 +230,10 @@ impl InFlight {
     pub(crate) fn len(&self) -> u64 {
         match self {
             InFlight::Records(r) => r.len() as u64,
-            InFlight::Part(bytes) => {
-                let (mut rest, mut n) = (&bytes[..], 0u64);
-                while let Some(body) = rest
-                    .get(..4)
-                    .map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize)
-                    .and_then(|len| rest.get(4..4 + len))
-                {
-                    if let [tag, c0, c1, c2, c3, ..] = *body {
-                        if tag == 1 {
-                            n += u64::from(u32::from_le_bytes([c0, c1, c2, c3]));
-                        }
-                    }
-                    rest = &rest[4 + body.len()..];
-                }
-                n
-            }
+            InFlight::Part(bytes) => frames(bytes)
+                .filter_map(|body| DataMsg::batch_len(body.ok()?))
+                .map(u64::from)
+                .sum(),
         }
     }
 
@@ -250,22 +251,8 @@ impl InFlight {
 /// wrong: a restore never processes half a channel.
 pub(crate) fn decode(part: &[u8]) -> Result<Vec<Record>, String> {
     let mut records = Vec::new();
-    let mut rest = part;
-    while !rest.is_empty() {
-        if rest.len() < 4 {
-            return Err(format!(
-                "in-flight records: {} stray bytes at the end",
-                rest.len()
-            ));
-        }
-        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-        let body = rest[4..].get(..len).ok_or_else(|| {
-            format!(
-                "in-flight records: a frame of {len} bytes with {} left",
-                rest.len() - 4
-            )
-        })?;
-        match DataMsg::decode(body) {
+    for body in frames(part) {
+        match DataMsg::decode(body?) {
             Ok(DataMsg::Batch(batch)) => records.extend(batch),
             Ok(other) => {
                 return Err(format!(
@@ -279,9 +266,40 @@ pub(crate) fn decode(part: &[u8]) -> Result<Vec<Record>, String> {
             }
             Err(e) => return Err(format!("in-flight records: {e}")),
         }
-        rest = &rest[4 + len..];
     }
     Ok(records)
+}
+
+/// The bodies of the length-prefixed frames of an in-flight part; a
+/// truncated one ends it with an error naming what is wrong.
+fn frames(part: &[u8]) -> impl Iterator<Item = Result<&[u8], String>> {
+    let mut rest = part;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let Some(len) = rest.get(..4) else {
+            let stray = rest.len();
+            rest = &[];
+            return Some(Err(format!(
+                "in-flight records: {stray} stray bytes at the end"
+            )));
+        };
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        match rest[4..].get(..len) {
+            Some(body) => {
+                rest = &rest[4 + len..];
+                Some(Ok(body))
+            }
+            None => {
+                let left = rest.len() - 4;
+                rest = &[];
+                Some(Err(format!(
+                    "in-flight records: a frame of {len} bytes with {left} left"
+                )))
+            }
+        }
+    })
 }
 
 /// After a rescale: which of the records in flight to old instance
@@ -419,6 +437,15 @@ mod tests {
             ["a", "b"],
             "records not yet processed are in flight for the next cut too"
         );
+    }
+
+    #[test]
+    fn test_an_operator_part_in_the_runtimes_names_is_refused_as_fatal() {
+        assert!(check_part_names(["counts-kg0", "buffer"].into_iter()).is_ok());
+        let err =
+            check_part_names(["counts-kg0", "_lazarus.mine"].into_iter()).expect_err("reserved");
+        assert!(err.to_string().contains("\"_lazarus.mine\""), "{err}");
+        assert!(err.to_string().contains("the runtime's"), "{err}");
     }
 
     #[test]

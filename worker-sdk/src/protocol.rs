@@ -504,6 +504,22 @@ impl DataMsg {
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
 
+    /// The record count of a batch frame's body, without decoding it
+    /// (`None` for any other frame).
+    ///
+    /// ```
+    /// use lazarus_sdk::{protocol::DataMsg, Record};
+    /// let mut frame = Vec::new();
+    /// DataMsg::Batch(vec![Record::new("k", "v")]).encode(&mut frame);
+    /// assert_eq!(DataMsg::batch_len(&frame[4..]), Some(1));
+    /// ```
+    pub fn batch_len(body: &[u8]) -> Option<u32> {
+        match body {
+            [TAG_BATCH, c0, c1, c2, c3, ..] => Some(u32::from_le_bytes([*c0, *c1, *c2, *c3])),
+            _ => None,
+        }
+    }
+
     /// Decodes a frame body (after the length prefix).
     pub fn decode(body: &[u8]) -> Result<DataMsg, ProtocolError> {
         let bad = |reason: String| ProtocolError::Malformed {

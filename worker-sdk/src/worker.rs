@@ -733,14 +733,19 @@ fn instances_in(manifest: &Manifest, operator: &str) -> Vec<WorkerId> {
     manifest
         .workers
         .keys()
-        .filter(|w| {
-            w.as_str()
-                .strip_prefix(operator)
-                .and_then(|rest| rest.strip_prefix('-'))
-                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
-        })
+        .filter(|w| instance_index(w, operator).is_some())
         .cloned()
         .collect()
+}
+
+/// The index of `w` if it is an instance of `operator` (`<operator>-<index>`).
+fn instance_index(w: &WorkerId, operator: &str) -> Option<u32> {
+    w.as_str()
+        .strip_prefix(operator)?
+        .strip_prefix('-')
+        .filter(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))?
+        .parse()
+        .ok()
 }
 
 /// Restore after a rescale: the operator ran with another parallelism when
@@ -770,12 +775,7 @@ async fn restore_rescaled(
                 // instance its key (or its old instance) maps to.
                 let records = crate::in_flight::decode(chunk.bytes())
                     .map_err(|e| format!("{w} in checkpoint {}: {e}", manifest.checkpoint))?;
-                let old_index = w
-                    .as_str()
-                    .rsplit('-')
-                    .next()
-                    .and_then(|i| i.parse().ok())
-                    .unwrap_or(0);
+                let old_index = instance_index(w, &a.operator).expect("listed by instances_in");
                 in_flight.extend(crate::in_flight::rescaled(
                     records,
                     old_index,
@@ -1322,17 +1322,7 @@ async fn snapshot_now(
     }
     tracing::debug!(checkpoint = %n, took_us = started.elapsed().as_micros() as u64, "snapshot taken, barrier forwarded");
     let (mut parts, metadata) = snapshot.into_parts();
-    if let Some((name, _)) = parts
-        .iter()
-        .find(|(name, _)| name.starts_with(crate::in_flight::RESERVED_PREFIX))
-    {
-        // Restarting would not rename it.
-        return Err(crate::operator::Fatal::new(format!(
-            "state part {name:?}: names starting with {:?} are the runtime's",
-            crate::in_flight::RESERVED_PREFIX
-        ))
-        .into());
-    }
+    crate::in_flight::check_part_names(parts.iter().map(|(name, _)| name.as_str()))?;
     if !in_flight.is_empty() {
         let bytes = Bytes::from(in_flight);
         parts.push((
