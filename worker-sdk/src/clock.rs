@@ -21,3 +21,18 @@ impl Stopwatch {
         self.0.elapsed()
     }
 }
+
+/// CPU time the calling thread has used: how much of a step's wall time
+/// was work and how much waiting for a core.
+pub(crate) fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes one timespec it is given.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    if r != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
