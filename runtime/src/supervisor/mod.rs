@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use lazarus_sdk::protocol::{self, Assignment, ToSupervisor, ToWorker};
-use lazarus_storage::{CheckpointId, CheckpointStore, Epoch, ErrorKind, WorkerId};
+use lazarus_storage::{CheckpointId, CheckpointStore, Codec, Epoch, ErrorKind, WorkerId};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -216,6 +216,8 @@ struct Shell {
     tokens: HashMap<(WorkerId, u64, Slot), Vec<String>>,
     /// Each attempt's data-channel key, by its epoch.
     channel_keys: HashMap<Epoch, String>,
+    /// The codec of state chunks, resolved for the store (`codec = "auto"`).
+    codec: Codec,
 }
 
 impl Shell {
@@ -234,6 +236,8 @@ impl Shell {
         let store =
             CheckpointStore::open(&run.store_url).context("opening the checkpoint store")?;
         let js = store.job(job.clone());
+        let codec = run.spec.checkpoint.codec.resolve(js.is_local_directory());
+        tracing::info!(?codec, "state chunk codec");
         // A new supervisor takes a new epoch: commits of any older one are fenced.
         let epoch = Epoch(
             (js.current_epoch()
@@ -296,6 +300,7 @@ impl Shell {
             fleet.hosts(),
         );
         let mut shell = Shell {
+            codec,
             fleet,
             conns: HashMap::new(),
             storage,
@@ -628,7 +633,7 @@ impl Shell {
             outputs: w.outputs.clone(),
             cache_dir: self.fleet.cache_dir(host),
             heartbeat_ms: spec.job.heartbeat_interval.as_millis() as u64,
-            codec: spec.checkpoint.codec,
+            codec: self.codec,
             channel_key: Some(channel_key),
             replay_records: None,
         }
