@@ -342,7 +342,7 @@ fn lazarus_trials(
             // Where a slow trial went: the end of every process's log.
             eprintln!(
                 "  {tag} trial {trial}: slow; the logs' last lines:\n{}",
-                log_tails(&c.logs(), 30)
+                c.logs()
             );
         }
         outages.push(outage);
@@ -1441,20 +1441,3 @@ fn main() {
 
 /// A kv trial slower than this prints its processes' last log lines.
 const SLOW_TRIAL: Duration = Duration::from_millis(100);
-
-/// The last `n` lines of each process's log in `logs` (sections headed
-/// `--- name (path) ---`, as the cluster's `logs()` writes them).
-fn log_tails(logs: &str, n: usize) -> String {
-    let mut out = String::new();
-    for section in logs.split("--- ").filter(|s| !s.is_empty()) {
-        let lines: Vec<&str> = section.lines().collect();
-        out.push_str("--- ");
-        out.push_str(lines.first().copied().unwrap_or_default());
-        out.push('\n');
-        for line in &lines[lines.len().saturating_sub(n).max(1)..] {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
-}

@@ -216,7 +216,11 @@ impl ReadAhead {
 #[derive(Debug)]
 pub(crate) enum InFlight {
     Records(Vec<Record>),
-    Part(bytes::Bytes),
+    /// The part of checkpoint `checkpoint` (named by a decoding error).
+    Part {
+        checkpoint: u64,
+        bytes: bytes::Bytes,
+    },
 }
 
 impl Default for InFlight {
@@ -230,7 +234,7 @@ impl InFlight {
     pub(crate) fn len(&self) -> u64 {
         match self {
             InFlight::Records(r) => r.len() as u64,
-            InFlight::Part(bytes) => frames(bytes)
+            InFlight::Part { bytes, .. } => frames(bytes)
                 .filter_map(|body| DataMsg::batch_len(body.ok()?))
                 .map(u64::from)
                 .sum(),
@@ -241,7 +245,9 @@ impl InFlight {
     pub(crate) fn into_records(self) -> Result<Vec<Record>, String> {
         match self {
             InFlight::Records(r) => Ok(r),
-            InFlight::Part(bytes) => decode(&bytes),
+            InFlight::Part { checkpoint, bytes } => {
+                decode(&bytes).map_err(|e| format!("checkpoint {checkpoint}: {e}"))
+            }
         }
     }
 }
@@ -470,13 +476,24 @@ mod tests {
         let mut part = Vec::new();
         DataMsg::Batch(vec![Record::new("a", ""), Record::new("b", "")]).encode(&mut part);
         DataMsg::Batch(vec![Record::new("c", "x")]).encode(&mut part);
-        let held = InFlight::Part(bytes::Bytes::from(part));
+        let held = InFlight::Part {
+            checkpoint: 4,
+            bytes: bytes::Bytes::from(part.clone()),
+        };
         assert_eq!(held.len(), 3);
         assert_eq!(
             keys(&held.into_records().expect("decodes")),
             ["a", "b", "c"]
         );
         assert_eq!(InFlight::default().len(), 0);
+        // Damaged, it is refused when decoded, naming its checkpoint.
+        part.truncate(part.len() - 1);
+        let damaged = InFlight::Part {
+            checkpoint: 4,
+            bytes: bytes::Bytes::from(part),
+        };
+        let e = damaged.into_records().expect_err("truncated");
+        assert!(e.starts_with("checkpoint 4: in-flight records:"), "{e}");
     }
 
     #[test]

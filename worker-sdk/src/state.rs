@@ -340,9 +340,10 @@ impl Restored {
     /// decoded.
     pub(crate) fn take_in_flight(&mut self) -> crate::in_flight::InFlight {
         match self.parts.remove(crate::in_flight::PART) {
-            Some(part) => {
-                crate::in_flight::InFlight::Part(bytes::Bytes::copy_from_slice(part.bytes()))
-            }
+            Some(part) => crate::in_flight::InFlight::Part {
+                checkpoint: self.checkpoint.map_or(0, |c| c.0),
+                bytes: bytes::Bytes::copy_from_slice(part.bytes()),
+            },
             None => crate::in_flight::InFlight::default(),
         }
     }
