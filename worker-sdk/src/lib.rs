@@ -12,6 +12,7 @@
 //! | `record` | [`Record`], [`Emitter`], key groups and their owners |
 //! | `operator` | the [`Source`], [`Operator`] and [`Sink`] traits, [`Context`], [`Registry`], [`Fatal`] errors |
 //! | `state` | [`Snapshot`], [`Restored`], [`KeyedState`] (copy-on-write, incremental) |
+//! | `short_string` | [`ShortString`], a string key held inline when short |
 //! | `decoded` | state parts held decoded in memory beside their chunks (restores without a read or a decode) |
 //! | `align` | barrier alignment across inputs (a pure state machine) |
 //! | `in_flight` | barriers found by reading ahead, and the records in flight a checkpoint keeps |
@@ -29,12 +30,14 @@ mod link;
 mod operator;
 pub mod protocol;
 mod record;
+mod short_string;
 mod state;
 mod tuning;
 mod worker;
 
 pub use operator::{BoxError, Context, Fatal, Operator, Registry, Role, Sink, Source, SourcePoll};
 pub use record::{group_owner, key_group, Emitter, Record};
+pub use short_string::ShortString;
 pub use state::{to_rkyv, Decoded, KeyedState, PartContent, Restored, Revive, Snapshot, StateKey};
 pub use worker::run_worker;
 

@@ -529,7 +529,9 @@ impl DataMsg {
         let (&tag, mut rest) = body
             .split_first()
             .ok_or_else(|| bad("empty frame".into()))?;
-        let mut take = |n: usize, what: &str| -> Result<&[u8], ProtocolError> {
+        // `what` is formatted only for an error: a `format!` per record
+        // here was 6 % of a wordcount run's CPU.
+        let mut take = |n: usize, what: &dyn std::fmt::Display| -> Result<&[u8], ProtocolError> {
             if rest.len() < n {
                 return Err(bad(format!("{what}: needs {n} bytes, {} left", rest.len())));
             }
@@ -539,13 +541,13 @@ impl DataMsg {
         };
         let msg = match tag {
             TAG_HELLO => {
-                let name = std::str::from_utf8(take(body.len() - 1, "worker name")?)
+                let name = std::str::from_utf8(take(body.len() - 1, &"worker name")?)
                     .map_err(|_| bad("worker name is not UTF-8".into()))?;
                 DataMsg::Hello(WorkerId::new(name).map_err(|e| bad(e.to_string()))?)
             }
             TAG_BATCH => {
                 let count =
-                    u32::from_le_bytes(take(4, "record count")?.try_into().expect("4 bytes"))
+                    u32::from_le_bytes(take(4, &"record count")?.try_into().expect("4 bytes"))
                         as usize;
                 // Each record needs at least 8 bytes of lengths: bound the
                 // allocation by what the frame can actually hold.
@@ -558,19 +560,19 @@ impl DataMsg {
                 let mut records = Vec::with_capacity(count);
                 for i in 0..count {
                     let klen =
-                        u32::from_le_bytes(take(4, "key length")?.try_into().expect("4 bytes"))
+                        u32::from_le_bytes(take(4, &"key length")?.try_into().expect("4 bytes"))
                             as usize;
-                    let key = take(klen, &format!("key of record {i}"))?.to_vec();
+                    let key = take(klen, &format_args!("key of record {i}"))?.to_vec();
                     let vlen =
-                        u32::from_le_bytes(take(4, "value length")?.try_into().expect("4 bytes"))
+                        u32::from_le_bytes(take(4, &"value length")?.try_into().expect("4 bytes"))
                             as usize;
-                    let value = take(vlen, &format!("value of record {i}"))?.to_vec();
+                    let value = take(vlen, &format_args!("value of record {i}"))?.to_vec();
                     records.push(Record { key, value });
                 }
                 DataMsg::Batch(records)
             }
             TAG_BARRIER => DataMsg::Barrier(CheckpointId(u64::from_le_bytes(
-                take(8, "checkpoint id")?.try_into().expect("8 bytes"),
+                take(8, &"checkpoint id")?.try_into().expect("8 bytes"),
             ))),
             TAG_END => DataMsg::End,
             other => return Err(bad(format!("unknown tag {other}"))),

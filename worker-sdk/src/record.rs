@@ -64,6 +64,19 @@ impl Emitter {
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
+
+    /// The records emitted and not yet routed, in order: for testing what
+    /// an operator emits.
+    ///
+    /// ```
+    /// use lazarus_sdk::{Emitter, Record};
+    /// let mut out = Emitter::default();
+    /// out.emit(Record::new("word", "word\t1"));
+    /// assert_eq!(out.records()[0].value_str(), Some("word\t1"));
+    /// ```
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
 }
 
 /// The key group of `key`: CRC-32 of the key modulo the job's key groups.

@@ -391,14 +391,17 @@ pub(crate) fn take_cow_stall() -> Duration {
     Duration::from_nanos(COW_STALL_NS.swap(0, Ordering::Relaxed))
 }
 
-type Shard<K, V> = Arc<HashMap<K, V>>;
+/// A shard's map: foldhash rather than SipHash (std's default).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+type Shard<K, V> = Arc<Map<K, V>>;
 
 /// Shard `i` of `group` for writing. A snapshot whose serialization has
 /// not reached the shard yet gets its archive first, written by this call
 /// (archive-on-write: the entries' bytes, no copy of the keys and values
 /// as objects); the shard is then changed in place. It is copied only if
 /// something else still holds it (a restore's reference).
-fn writable<K, V>(group: &mut Group<K, V>, i: usize) -> &mut HashMap<K, V>
+fn writable<K, V>(group: &mut Group<K, V>, i: usize) -> &mut Map<K, V>
 where
     K: Clone + Eq + Hash + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
     V: Clone + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
@@ -501,7 +504,7 @@ where
     K: Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
-    let weak: Vec<Weak<HashMap<K, V>>> = shards.iter().map(Arc::downgrade).collect();
+    let weak: Vec<Weak<Map<K, V>>> = shards.iter().map(Arc::downgrade).collect();
     move || {
         let strong: Option<Vec<Shard<K, V>>> = weak.iter().map(Weak::upgrade).collect();
         strong.map(|s| Arc::new(s) as Decoded)
@@ -649,7 +652,7 @@ struct Group<K, V> {
 impl<K, V> Group<K, V> {
     fn empty() -> Group<K, V> {
         Group {
-            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Arc::new(Map::default())).collect(),
             dirty: true,
             archived_len: Arc::default(),
             pending: Vec::new(),
@@ -773,7 +776,7 @@ where
     }
 
     /// The writable shard of `key`, its group marked dirty.
-    fn entry_slot(&mut self, key: &K) -> &mut HashMap<K, V> {
+    fn entry_slot(&mut self, key: &K) -> &mut Map<K, V> {
         let (group, shard) = Self::place(self.key_groups, key);
         let g = self.groups.get_mut(&group).unwrap_or_else(|| {
             panic!("key group {group} is not owned by this instance: is the input edge `hash`?")
@@ -803,7 +806,23 @@ where
     /// assert_eq!(counts.get(&word), Some(&3));
     /// ```
     pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        self.held_slot(key)?.get_mut(key)
+        let (group, shard) = Self::place(self.key_groups, key);
+        let g = self.groups.get_mut(&group)?;
+        // A shard no snapshot or restore shares (the usual case between
+        // checkpoints) is looked up once; a shared one is checked first,
+        // so a miss archives and copies nothing.
+        let only = &g.shards[shard];
+        if Arc::strong_count(only) == 1 && Arc::weak_count(only) == 0 {
+            let Group { shards, dirty, .. } = g;
+            let value = Arc::get_mut(&mut shards[shard])?.get_mut(key)?;
+            *dirty = true;
+            return Some(value);
+        }
+        if !g.shards[shard].contains_key(key) {
+            return None;
+        }
+        g.dirty = true;
+        writable(g, shard).get_mut(key)
     }
 
     /// Sets `key` to `value`, returning the value it replaced; a snapshot
@@ -830,7 +849,7 @@ where
 
     /// The writable shard of a key this instance holds, its group marked
     /// dirty; a miss copies and dirties nothing.
-    fn held_slot(&mut self, key: &K) -> Option<&mut HashMap<K, V>> {
+    fn held_slot(&mut self, key: &K) -> Option<&mut Map<K, V>> {
         let (group, shard) = Self::place(self.key_groups, key);
         let g = self.groups.get_mut(&group)?;
         if !g.shards[shard].contains_key(key) {
@@ -933,7 +952,7 @@ where
             Some(archives) => archives,
             None => vec![bytes],
         };
-        let mut shards: Vec<HashMap<K, V>> = (0..SHARDS).map(|_| HashMap::new()).collect();
+        let mut shards: Vec<Map<K, V>> = (0..SHARDS).map(|_| Map::default()).collect();
         // A part of SHARDS shard archives fills one shard from each.
         let homes = archives.len() == SHARDS;
         for (i, archive) in archives.into_iter().enumerate() {
@@ -950,7 +969,7 @@ where
         group: u32,
         name: &str,
         bytes: &[u8],
-        shards: &mut [HashMap<K, V>],
+        shards: &mut [Map<K, V>],
         home: Option<usize>,
     ) -> Result<(), BoxError> {
         let archived = rkyv::access::<ArchivedGroup<K, V>, rancor::Error>(bytes)
