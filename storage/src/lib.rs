@@ -74,6 +74,7 @@ pub use reader::{CheckpointEntry, CheckpointStatus, ObjectCheck, Skipped, Verify
 pub use retention::GcReport;
 pub use savepoint::Savepoint;
 pub use store::{CheckpointStore, JobStore};
+pub use writer::start_writeback;
 
 /// Re-exported so worker code and tests use the same rkyv as the store.
 pub use rkyv;

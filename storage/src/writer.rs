@@ -210,11 +210,24 @@ fn chunk_ref(key: String, codec: Codec, encoded: &frame::EncodedFrame) -> ChunkR
 }
 
 /// Starts the disk write of `len` bytes of `file` at `at` without waiting
-/// for it (`sync_file_range(2)`, `SYNC_FILE_RANGE_WRITE`), so the final
-/// fsync finds them under way: a kernel without preemption submits a
-/// whole chunk's pages inside that one system call otherwise. Advisory:
-/// the fsync that follows reports any error.
-fn start_writeback(file: &std::fs::File, at: u64, len: u64) {
+/// for it (`sync_file_range(2)`, `SYNC_FILE_RANGE_WRITE`; nothing on other
+/// systems), so the final fsync finds them under way or done: a kernel
+/// without preemption submits a whole chunk's pages inside that one system
+/// call otherwise, and a sink that fsyncs a second of output at a barrier
+/// waits for all of it there. Advisory: the fsync that follows reports any
+/// error.
+///
+/// ```
+/// use std::io::Write;
+/// let path = std::env::temp_dir().join(format!("lazarus-wb-{}", std::process::id()));
+/// let mut file = std::fs::File::create(&path)?;
+/// file.write_all(&[7u8; 4096])?;
+/// lazarus_storage::start_writeback(&file, 0, 4096); // returns at once
+/// file.sync_data()?; // durable: finds the write under way
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn start_writeback(file: &std::fs::File, at: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;

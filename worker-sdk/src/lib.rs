@@ -43,5 +43,9 @@ pub use worker::run_worker;
 
 /// Checkpoint storage, as the SDK sees it.
 pub use lazarus_storage as storage;
+/// For sinks that write files: start the disk write of what was written
+/// so far, so the fsync at the next barrier has little left to wait for
+/// (re-exported from the storage crate).
+pub use lazarus_storage::start_writeback;
 /// A checkpoint's number (re-exported from the storage crate).
 pub use lazarus_storage::CheckpointId;

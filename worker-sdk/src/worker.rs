@@ -186,6 +186,39 @@ struct EdgeOut {
     key_groups: u32,
 }
 
+/// The tasks that write one assignment's output connections. An
+/// assignment that ends normally lets them finish: each drains its
+/// channel (the end of the stream included) and closes its connection.
+/// One that was halted or failed has them aborted, so a writer blocked on
+/// a peer that never reads (a lost host: TCP gives up only after many
+/// minutes) does not outlive it with its connection and buffers.
+#[derive(Clone, Default)]
+struct Writers(Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>);
+
+impl Writers {
+    fn add(&self, task: &tokio::task::JoinHandle<()>) {
+        let mut tasks = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
+    }
+
+    /// Aborts every writer still running; returns how many there were.
+    fn abort_all(&self) -> usize {
+        let tasks = std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let running = tasks.iter().filter(|t| !t.is_finished()).count();
+        tasks.iter().for_each(tokio::task::AbortHandle::abort);
+        running
+    }
+}
+
 /// A snapshot on its way to storage.
 struct UploadJob {
     checkpoint: CheckpointId,
@@ -346,6 +379,7 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
         // peer on a lost host, which would otherwise block until TCP gives
         // up. The assignment reads every other control message in order.
         let (fwd_tx, mut fwd_rx) = mpsc::unbounded_channel();
+        let writers = Writers::default();
         let run = run_assignment(
             &registry,
             early.take(),
@@ -356,9 +390,14 @@ async fn main_loop(registry: Arc<Registry>, env: WorkerEnv) -> Result<()> {
             &to_sup,
             &mut fwd_rx,
             &link_state,
+            &writers,
         )
         .instrument(span);
         let result = until_halted(run, &mut ctl_in, fwd_tx).await;
+        if result.is_err() {
+            let aborted = writers.abort_all();
+            tracing::debug!(aborted, "output writers of the ended assignment aborted");
+        }
         // What reached the assignment but was not read by it (a shutdown
         // right after its failure) is read next, before anything newer.
         let unread: Vec<Option<ToWorker>> = std::iter::from_fn(|| fwd_rx.try_recv().ok()).collect();
@@ -880,6 +919,7 @@ async fn run_assignment(
     to_sup: &mpsc::UnboundedSender<ToSupervisor>,
     ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
     link: &LinkState,
+    writers: &Writers,
 ) -> Result<()> {
     if !registry.restores_ahead(&a.kind) {
         // An instance of another kind may hold what its successor needs
@@ -993,7 +1033,7 @@ async fn run_assignment(
             let addr = addrs
                 .get(target)
                 .ok_or_else(|| format!("no address for output {target}"))?;
-            senders.push(connect_output(&a.worker, target, *addr, key.as_deref()).await?);
+            senders.push(connect_output(&a.worker, target, *addr, key.as_deref(), writers).await?);
         }
         outputs.push(EdgeOut {
             partition: edge.partition,
@@ -1665,6 +1705,7 @@ async fn connect_output(
     target: &WorkerId,
     addr: SocketAddr,
     key: Option<&[u8]>,
+    writers: &Writers,
 ) -> Result<mpsc::Sender<DataMsg>> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -1690,7 +1731,7 @@ async fn connect_output(
     }
     stream.write_all(&hello).await?;
     let (tx, mut rx) = mpsc::channel::<DataMsg>(CHANNEL_DEPTH);
-    tokio::spawn(async move {
+    let writer = tokio::spawn(async move {
         let mut buf = Vec::with_capacity(64 << 10);
         while let Some(msg) = rx.recv().await {
             buf.clear();
@@ -1700,6 +1741,7 @@ async fn connect_output(
             }
         }
     });
+    writers.add(&writer);
     Ok(tx)
 }
 
@@ -1855,7 +1897,8 @@ mod data_port_tests {
             .await
             .expect("write");
         let _silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let stranger = connect_output(&up, &me, addr, Some(&[9u8; 32]))
+        let writers = Writers::default();
+        let stranger = connect_output(&up, &me, addr, Some(&[9u8; 32]), &writers)
             .await
             .expect("the stranger's side cannot tell");
         let _ = stranger.send(DataMsg::Barrier(CheckpointId(99))).await;
@@ -1865,7 +1908,7 @@ mod data_port_tests {
             "strangers neither fill the slot nor end the wait"
         );
 
-        let real = connect_output(&up, &me, addr, Some(&key))
+        let real = connect_output(&up, &me, addr, Some(&key), &writers)
             .await
             .expect("connect");
         let mut inputs = tokio::time::timeout(Duration::from_secs(5), accept)
@@ -1888,6 +1931,84 @@ mod data_port_tests {
 mod tests {
     use super::*;
     use lazarus_storage::{Codec, Epoch, JobId};
+
+    /// A writer blocked on a peer that accepts but never reads keeps
+    /// running after its sender is gone (it would until TCP gives up);
+    /// aborting the ended assignment's writers ends it and closes the
+    /// connection.
+    #[tokio::test]
+    async fn test_a_writer_blocked_on_a_silent_peer_is_ended_with_its_assignment() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (me, up) = (
+            WorkerId::new("sink-0").expect("id"),
+            WorkerId::new("count-0").expect("id"),
+        );
+        let writers = Writers::default();
+        let peer = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
+        let tx = connect_output(&up, &me, addr, None, &writers)
+            .await
+            .expect("connect");
+        let mut silent = peer.await.expect("task").expect("accept");
+        // Fill the socket buffers and the channel: 64 KiB records, at most
+        // 4096 of them (256 MiB), until a send finds no room for 1 s.
+        let record = Record::new("k", vec![7u8; 64 << 10]);
+        let mut sent = 0;
+        for _ in 0..4096 {
+            let send = tx.send(DataMsg::Batch(vec![record.clone()]));
+            match tokio::time::timeout(Duration::from_secs(1), send).await {
+                Ok(result) => {
+                    result.expect("the writer holds the channel");
+                    sent += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        assert!(sent < 4096, "the silent peer never filled the connection");
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let running = |w: &Writers| {
+            w.0.lock()
+                .expect("lock")
+                .iter()
+                .filter(|t| !t.is_finished())
+                .count()
+        };
+        assert_eq!(
+            running(&writers),
+            1,
+            "blocked in a write, the writer outlives its sender"
+        );
+        assert_eq!(writers.abort_all(), 1);
+        // The aborted writer's connection closes: reading drains what was
+        // sent and then ends, within a bounded time.
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0usize;
+            loop {
+                match silent.read(&mut buf).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+            }
+        })
+        .await
+        .expect("the connection closes once its writer is aborted");
+        // What the kernel held was delivered (the handshake and whole
+        // frames, then part of the one being written); the frames still
+        // queued for the writer (the channel was full) were not: without
+        // the abort, reading would have unblocked the writer and every
+        // byte would have arrived.
+        let mut frame = Vec::new();
+        DataMsg::Batch(vec![record]).encode(&mut frame);
+        let total = sent * frame.len();
+        assert!(
+            drained > 0 && drained < total - (CHANNEL_DEPTH - 1) * frame.len(),
+            "read {drained} of {total} bytes sent"
+        );
+    }
 
     /// A halt ends an assignment that waits forever (a send to a peer on a
     /// lost host); the messages before it reach the assignment in order,

@@ -190,7 +190,44 @@ pub struct FileSink {
     output: PathBuf,
     staging: PathBuf,
     index: u32,
-    open: Option<BufWriter<File>>,
+    open: Option<Staged>,
+}
+
+/// Lines since the last barrier: `open.tmp` and what is buffered for it.
+/// Every full buffer is written and its disk write started at once
+/// ([`start_writeback`]), so the fsync at the barrier waits only for the
+/// last buffer: with a plain `BufWriter` it waited for the whole second's
+/// output, 36 ms on the long-tail corpus.
+struct Staged {
+    file: File,
+    buffer: Vec<u8>,
+    written: u64,
+}
+
+/// The staging buffer: written (and its disk write started) when full.
+const STAGED_BUFFER: usize = 1 << 20;
+
+impl Staged {
+    fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if self.buffer.len() + line.len() + 1 > STAGED_BUFFER {
+            self.write_out()?;
+        }
+        self.buffer.extend_from_slice(line);
+        self.buffer.push(b'\n');
+        Ok(())
+    }
+
+    fn write_out(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(&self.buffer)?;
+        let len = self.buffer.len() as u64;
+        start_writeback(&self.file, self.written, len);
+        self.written += len;
+        self.buffer.clear();
+        Ok(())
+    }
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -254,23 +291,26 @@ impl FileSink {
 impl Sink for FileSink {
     fn write(&mut self, record: Record) -> Result<(), BoxError> {
         if self.open.is_none() {
-            let f = OpenOptions::new()
+            let file = OpenOptions::new()
                 .create(true)
                 .truncate(true)
                 .write(true)
                 .open(self.open_path())?;
-            self.open = Some(BufWriter::with_capacity(1 << 20, f));
+            self.open = Some(Staged {
+                file,
+                buffer: Vec::with_capacity(STAGED_BUFFER),
+                written: 0,
+            });
         }
-        let w = self.open.as_mut().expect("opened above");
-        w.write_all(&record.value)?;
-        w.write_all(b"\n")?;
+        let staged = self.open.as_mut().expect("opened above");
+        staged.write_line(&record.value)?;
         Ok(())
     }
 
     fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<(), BoxError> {
-        if let Some(w) = self.open.take() {
-            let f = w.into_inner().map_err(|e| e.into_error())?;
-            f.sync_data()?;
+        if let Some(mut staged) = self.open.take() {
+            staged.write_out()?;
+            staged.file.sync_data()?;
             fs::rename(
                 self.open_path(),
                 self.staging.join(format!("{:020}.part", checkpoint.0)),
@@ -489,6 +529,34 @@ mod tests {
             last,
             [format!("{}\t3", "x".repeat(30)).as_bytes(), b"word\t8"]
         );
+    }
+
+    #[test]
+    fn test_the_sink_stages_lines_across_buffers_and_publishes_them_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ctx = Context::for_test("sink", 0, 1);
+        ctx.params
+            .insert("output".into(), dir.path().display().to_string());
+        let mut sink = FileSink::new(&ctx).expect("sink");
+        // More than two staging buffers of lines, so full buffers are
+        // written (and their disk write started) before the barrier.
+        let lines: Vec<String> = (0..300_000).map(|i| format!("word{i}\t{i}")).collect();
+        for line in &lines[..200_000] {
+            sink.write(Record::new("k", line.clone())).expect("write");
+        }
+        sink.pre_commit(CheckpointId(1)).expect("pre-commit 1");
+        for line in &lines[200_000..] {
+            sink.write(Record::new("k", line.clone())).expect("write");
+        }
+        sink.pre_commit(CheckpointId(2)).expect("pre-commit 2");
+        sink.commit(CheckpointId(1)).expect("commit 1");
+        let published = |n: u64| {
+            fs::read_to_string(dir.path().join(format!("part-0-{n:020}.txt"))).expect("published")
+        };
+        assert_eq!(published(1), lines[..200_000].join("\n") + "\n");
+        assert!(!dir.path().join(format!("part-0-{:020}.txt", 2)).exists());
+        sink.commit(CheckpointId(2)).expect("commit 2");
+        assert_eq!(published(2), lines[200_000..].join("\n") + "\n");
     }
 
     fn args(a: &[&str]) -> Vec<String> {
