@@ -83,7 +83,7 @@ impl JobStore {
     /// own, and on saturated cores each hand-off waits for a core: measured
     /// here, small chunks took 10 to 25 ms that way. This takes one. It
     /// offers its core to other threads (`sched_yield`) after every
-    /// [`WRITE_SEGMENT`] it checksums or writes of a chunk of 512 KiB or more
+    /// [`WRITE_SEGMENT`] it checksums or writes of a chunk of 1 MiB or more
     /// (see [`PACED_FROM`]), so a large chunk does not keep a runnable
     /// processing thread waiting.
     ///
@@ -173,8 +173,11 @@ impl JobStore {
 /// without; wordcount's counters write 16 such parts per checkpoint).
 /// Offering only after 200 µs of work instead, large chunks too, doubled
 /// the 1 GiB keyed-state bench's pause maximum (1.2 and 2.1 ms to 4.2 and
-/// 4.0 ms).
-const PACED_FROM: usize = 512 << 10;
+/// 4.0 ms). At 512 KiB, wordcount's long-tail parts (560-580 KB) offered
+/// three times each and its checkpoint latency p50 was 61-84 ms; at 1 MiB
+/// (the worker's threshold for a large part) 56-80 ms, with the
+/// serialization's offers limited the same way 50-63 ms (4 runs each).
+const PACED_FROM: usize = 1 << 20;
 
 /// Between two steps of a write: offers the core if the chunk is `paced`.
 fn offer_core(paced: bool) {

@@ -999,10 +999,21 @@ where
     }
 }
 
+/// A part whose last archive was this large (or that was never archived)
+/// offers its core while it is serialized (see
+/// [`crate::tuning::yield_after`]); a smaller one is serialized in one go,
+/// about a millisecond of work. On a saturated machine each offer gave the
+/// core away for other threads' whole slices: wordcount's long-tail parts
+/// (560-580 KB, three or four offers each) took 20-45 ms to serialize for
+/// under 1 ms of CPU. The same threshold as the worker's large parts (one
+/// per core) and the store's paced writes.
+const PACED_PART: usize = 1 << 20;
+
 /// A frozen key group's part (see [`PART_MAGIC`]), written into one buffer
 /// of about the last part's size: each shard still held is archived
 /// straight from its entries, each one a writer archived already is
-/// copied in.
+/// copied in. A part last archived at [`PACED_PART`] or more offers its
+/// core every 200 µs of work.
 fn archive<K, V>(slots: &Slots<K, V>, size_hint: usize) -> Result<bytes::Bytes, BoxError>
 where
     K: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
@@ -1015,8 +1026,11 @@ where
     buffer.resize(header, 0);
     let mut spans = Vec::with_capacity(slots.len());
     let mut ran = crate::clock::Stopwatch::start();
+    let paced = size_hint == 0 || size_hint >= PACED_PART;
     for slot in slots {
-        crate::tuning::yield_after(&mut ran);
+        if paced {
+            crate::tuning::yield_after(&mut ran);
+        }
         buffer.resize(buffer.len().next_multiple_of(16), 0);
         let start = buffer.len();
         // The slot stays locked while its shard is archived: a writer
