@@ -806,23 +806,7 @@ where
     /// assert_eq!(counts.get(&word), Some(&3));
     /// ```
     pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        let (group, shard) = Self::place(self.key_groups, key);
-        let g = self.groups.get_mut(&group)?;
-        // A shard no snapshot or restore shares (the usual case between
-        // checkpoints) is looked up once; a shared one is checked first,
-        // so a miss archives and copies nothing.
-        let only = &g.shards[shard];
-        if Arc::strong_count(only) == 1 && Arc::weak_count(only) == 0 {
-            let Group { shards, dirty, .. } = g;
-            let value = Arc::get_mut(&mut shards[shard])?.get_mut(key)?;
-            *dirty = true;
-            return Some(value);
-        }
-        if !g.shards[shard].contains_key(key) {
-            return None;
-        }
-        g.dirty = true;
-        writable(g, shard).get_mut(key)
+        self.on_held(key, |map| map.get_mut(key))
     }
 
     /// Sets `key` to `value`, returning the value it replaced; a snapshot
@@ -844,19 +828,34 @@ where
 
     /// Removes `key`.
     pub fn remove(&mut self, key: &K) -> Option<V> {
-        self.held_slot(key)?.remove(key)
+        self.on_held(key, |map| map.remove(key))
     }
 
-    /// The writable shard of a key this instance holds, its group marked
-    /// dirty; a miss copies and dirties nothing.
-    fn held_slot(&mut self, key: &K) -> Option<&mut Map<K, V>> {
+    /// `op` on the shard of a key this instance holds, its group marked
+    /// dirty when `op` finds the key; a miss copies and dirties nothing. A
+    /// shard no snapshot or restore shares (the usual case between
+    /// checkpoints) is looked up once; a shared one is checked first, so a
+    /// miss neither archives nor copies it.
+    fn on_held<'a, R>(
+        &'a mut self,
+        key: &K,
+        op: impl FnOnce(&'a mut Map<K, V>) -> Option<R>,
+    ) -> Option<R> {
         let (group, shard) = Self::place(self.key_groups, key);
         let g = self.groups.get_mut(&group)?;
+        let only = &g.shards[shard];
+        if Arc::strong_count(only) == 1 && Arc::weak_count(only) == 0 {
+            let Group { shards, dirty, .. } = g;
+            let map = Arc::get_mut(&mut shards[shard]).expect("no other pointer: checked above");
+            let found = op(map)?;
+            *dirty = true;
+            return Some(found);
+        }
         if !g.shards[shard].contains_key(key) {
             return None;
         }
         g.dirty = true;
-        Some(writable(g, shard))
+        op(writable(g, shard))
     }
 
     /// Number of keys held.
