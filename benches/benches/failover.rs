@@ -285,10 +285,27 @@ fn lazarus_trials(
         .join()
         .expect("client");
     assert!(bulk, "could not write the bulk state\n{}", c.logs());
+    if standby == "hot" {
+        // The trials measure a standby that follows: wait until it has
+        // followed the checkpoint holding the bulk state (for 1 GiB,
+        // seconds of copying and decoding that would otherwise overlap
+        // the first trials).
+        let st = ready("kv ready after the bulk state");
+        let bulk_at = cluster::job(&st, "kv")
+            .and_then(|j| j["last_checkpoint"].as_u64())
+            .expect("a checkpoint holds the bulk state");
+        c.wait(
+            "the standby followed the bulk state",
+            Duration::from_secs(120),
+            |s| {
+                cluster::worker(s, "kv", "kv-0")
+                    .and_then(|w| w["standby_checkpoint"].as_u64())
+                    .is_some_and(|n| n >= bulk_at)
+            },
+        );
+    }
     if state_mib >= 1024 {
-        // Let the standby follow the last bulk checkpoint, then read both
-        // processes' peak memory from the kernel.
-        std::thread::sleep(Duration::from_secs(3));
+        // Both processes' peak memory, from the kernel.
         memory_line(&c.bed.tag, state_mib);
     }
     let prober = Prober::start(&c.bed, "cl", addr);

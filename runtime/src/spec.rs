@@ -256,6 +256,12 @@ pub struct RestartSection {
     /// Default true.
     #[serde(default = "yes")]
     pub keep_processes: bool,
+    /// A hot standby promoted by a recovery is replaced this long after
+    /// every worker runs again, not at once: the new standby's start (its
+    /// process, then reading and decoding the whole state) would take the
+    /// cores the failover needs. Default 100ms.
+    #[serde(default = "default_standby_delay", deserialize_with = "de_duration")]
+    pub standby_delay: Duration,
 }
 
 fn yes() -> bool {
@@ -271,6 +277,9 @@ fn default_backoff() -> Duration {
 fn default_max_backoff() -> Duration {
     Duration::from_secs(5)
 }
+fn default_standby_delay() -> Duration {
+    Duration::from_millis(100)
+}
 
 impl Default for RestartSection {
     fn default() -> Self {
@@ -279,6 +288,7 @@ impl Default for RestartSection {
             backoff: default_backoff(),
             max_backoff: default_max_backoff(),
             keep_processes: true,
+            standby_delay: default_standby_delay(),
         }
     }
 }

@@ -28,19 +28,33 @@ impl JobStore {
     /// Claims `epoch` for this job: from now on commits with a lower epoch
     /// are fenced. Fails with [`StorageError::Fenced`] if a higher epoch has
     /// claimed the job already. A supervisor calls this when it takes over.
+    /// The claim is durable when this returns.
     pub async fn claim_epoch(&self, epoch: Epoch) -> Result<()> {
+        self.claim_epoch_visible(epoch).await?;
+        self.make_claim_durable(epoch).await
+    }
+
+    /// [`JobStore::claim_epoch`] without waiting for the claim to be
+    /// durable: the marker is visible to every writer (so it fences them)
+    /// when this returns, and durable against a power loss only after
+    /// [`JobStore::make_claim_durable`]. A recovery restores meanwhile;
+    /// this handle's first commit under `epoch` makes the claim durable
+    /// before its manifest, so no checkpoint of the epoch outlives its
+    /// claim. Returns whether this call created the marker (`false`: it
+    /// was there already, a retry or a writer that claimed the same epoch).
+    pub async fn claim_epoch_visible(&self, epoch: Epoch) -> Result<bool> {
         let rel = keys::epoch_marker(epoch);
         let body = serde_json::to_vec(&serde_json::json!({ "epoch": epoch.0 }))
             .expect("a json value always serializes");
         let encoded = frame::encode(FrameKind::EpochMarker, Codec::None, 1, body.into())?;
-        match self
+        let created = match self
             .put_small(&rel, PutPayload::from(encoded.to_vec()), true)
             .await
         {
-            Ok(()) => self.make_durable(&rel, true).await?,
-            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Ok(()) => true,
+            Err(object_store::Error::AlreadyExists { .. }) => false,
             Err(e) => return Err(StorageError::backend("put", self.full_key(&rel), e)),
-        }
+        };
         let current = self.current_epoch().await?;
         if current > epoch {
             return Err(StorageError::Fenced {
@@ -49,7 +63,61 @@ impl JobStore {
                 current,
             });
         }
+        Ok(created)
+    }
+
+    /// Makes the claim of `epoch` durable (local directories: its marker
+    /// and directory entry synced), once per handle and epoch.
+    pub async fn make_claim_durable(&self, epoch: Epoch) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.claims_durable.load(Ordering::Acquire) >= epoch.0 {
+            return Ok(());
+        }
+        self.make_durable(&keys::epoch_marker(epoch), true).await?;
+        self.claims_durable.fetch_max(epoch.0, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// The newest committed checkpoint, right after a claim of `claimed`
+    /// that `created` its marker ([`JobStore::claim_epoch_visible`]). Reads
+    /// the newest manifest only, instead of every manifest, when no epoch
+    /// above that manifest's was claimed but `claimed` (then no manifest
+    /// with a smaller id can fence it, see the zombie rule in `reader`);
+    /// otherwise it is [`JobStore::latest`]. `None`: no checkpoint yet.
+    pub async fn latest_after_claim(
+        &self,
+        claimed: Epoch,
+        created: bool,
+    ) -> Result<Option<Manifest>> {
+        let newest = self
+            .list_rel(keys::MANIFESTS)
+            .await?
+            .iter()
+            .filter_map(|(key, _)| keys::parse_manifest(key))
+            .max();
+        let Some(newest) = newest else {
+            return Ok(None);
+        };
+        if created {
+            if let Ok(m) = self.read_manifest(&keys::manifest(newest), newest).await {
+                let others = self
+                    .list_rel(keys::EPOCHS)
+                    .await?
+                    .iter()
+                    .filter_map(|(key, _)| keys::parse_epoch_marker(key))
+                    .filter(|e| *e != claimed)
+                    .max()
+                    .unwrap_or(Epoch(0));
+                if others <= m.epoch && m.epoch < claimed {
+                    return Ok(Some(m));
+                }
+            }
+        }
+        match self.latest().await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The highest epoch that has claimed this job (0 if none has).
@@ -91,6 +159,7 @@ impl JobStore {
                     what: "manifest",
                     reason,
                 })?;
+            // Rule 2, and the claim durable before anything committed under it.
             self.claim_epoch(manifest.epoch).await?;
             // The directory entries of the chunks this checkpoint wrote must be
             // durable before the manifest that makes them reachable.

@@ -157,7 +157,7 @@ impl JobStore {
         Ok(entries)
     }
 
-    async fn read_manifest(&self, rel: &str, id: CheckpointId) -> Result<Manifest> {
+    pub(crate) async fn read_manifest(&self, rel: &str, id: CheckpointId) -> Result<Manifest> {
         let key = self.full_key(rel);
         let bytes = self.get_bytes(rel).await?;
         let json = frame::decode(&key, FrameKind::Manifest, &bytes)?;
@@ -179,6 +179,31 @@ impl JobStore {
                 job: self.job.to_string(),
                 store: self.store.url.clone(),
             })
+    }
+
+    /// Manifest `id` alone: checked (frame, checksum, job and id) but
+    /// without the zombie rule, which reads every manifest. For a checkpoint
+    /// its supervisor announced as committed (a standby following it, a
+    /// worker restoring it); [`JobStore::manifest`] decides that itself.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), lazarus_storage::StorageError> {
+    /// use lazarus_storage::*;
+    /// let job = CheckpointStore::open("memory://")?.job(JobId::new("j")?);
+    /// job.commit(&Manifest::new(job.job().clone(), CheckpointId(1), Epoch(1))).await?;
+    /// assert_eq!(job.manifest_only(CheckpointId(1)).await?.checkpoint, CheckpointId(1));
+    /// assert!(job.manifest_only(CheckpointId(2)).await.is_err());
+    /// # Ok(()) }
+    /// ```
+    pub async fn manifest_only(&self, id: CheckpointId) -> Result<Manifest> {
+        match self.read_manifest(&keys::manifest(id), id).await {
+            Err(StorageError::ObjectNotFound { .. }) => Err(StorageError::CheckpointNotFound {
+                job: self.job.to_string(),
+                id,
+            }),
+            r => r,
+        }
     }
 
     /// The committed checkpoint `id`.

@@ -112,6 +112,7 @@ impl CheckpointStore {
             store: self.inner.clone(),
             job,
             root,
+            claims_durable: Arc::default(),
         }
     }
 
@@ -143,6 +144,9 @@ pub struct JobStore {
     pub(crate) job: JobId,
     /// `[prefix/]jobs/<job>`: every key of the job starts with it.
     pub(crate) root: String,
+    /// The highest epoch whose marker this handle (and its clones) made
+    /// durable: a commit under a claim made only visible syncs it first.
+    pub(crate) claims_durable: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for JobStore {

@@ -302,6 +302,56 @@ async fn test_fencing_refuses_lower_epochs(env: &Env) {
     assert_eq!(err.kind(), ErrorKind::Fenced);
 }
 
+/// A claim made only visible fences at once; the newest checkpoint read
+/// right after it (one manifest when nothing can fence that one) agrees
+/// with a full `latest`, zombies included.
+async fn test_latest_after_a_visible_claim_agrees_with_latest(env: &Env) {
+    let js = env.store.job(job("claim"));
+    let part = |id: &str| vec![("w", "s", id.as_bytes().to_vec(), Codec::None)];
+    let newest = |m: Option<Manifest>| m.map(|m| m.checkpoint.0);
+    assert!(js.claim_epoch_visible(Epoch(1)).await.expect("claim 1"));
+    let l = js.latest_after_claim(Epoch(1), true).await.expect("none");
+    assert_eq!(newest(l), None, "no checkpoint yet");
+    commit_checkpoint(&js, 1, 1, &part("1"), &[]).await;
+    commit_checkpoint(&js, 2, 1, &part("2"), &[]).await;
+    assert!(js.claim_epoch_visible(Epoch(2)).await.expect("claim 2"));
+    let l = js.latest_after_claim(Epoch(2), true).await.expect("latest");
+    assert_eq!(newest(l), Some(2));
+    // Id 4 under epoch 2, then id 3 under epoch 3: 4 is a zombie's.
+    commit_checkpoint(&js, 4, 2, &part("4"), &[]).await;
+    assert!(js.claim_epoch_visible(Epoch(3)).await.expect("claim 3"));
+    commit_checkpoint(&js, 3, 3, &part("3"), &[]).await;
+    assert_eq!(
+        js.latest().await.expect("latest").checkpoint,
+        CheckpointId(3)
+    );
+    assert!(js.claim_epoch_visible(Epoch(4)).await.expect("claim 4"));
+    let l = js.latest_after_claim(Epoch(4), true).await.expect("latest");
+    assert_eq!(
+        newest(l),
+        Some(3),
+        "the zombie's newer id is not the newest"
+    );
+    // Claimed again (a retry): not created, read in full.
+    assert!(!js.claim_epoch_visible(Epoch(4)).await.expect("again"));
+    let l = js
+        .latest_after_claim(Epoch(4), false)
+        .await
+        .expect("latest");
+    assert_eq!(newest(l), Some(3));
+    // The visible claim fences a lower epoch at once, and the epoch commits.
+    let err = js
+        .claim_epoch_visible(Epoch(2))
+        .await
+        .expect_err("below the claim");
+    assert_eq!(err.kind(), ErrorKind::Fenced);
+    commit_checkpoint(&js, 5, 4, &part("5"), &[]).await;
+    js.make_claim_durable(Epoch(4)).await.expect("durable");
+    assert!(js.claim_epoch_visible(Epoch(5)).await.expect("claim 5"));
+    let l = js.latest_after_claim(Epoch(5), true).await.expect("latest");
+    assert_eq!(newest(l), Some(5));
+}
+
 async fn test_retention_keeps_shared_and_in_progress_chunks(env: &Env) {
     let js = env.store.job(job("retain"));
     // Checkpoint 1 writes a base chunk; 2..=5 each write a delta and reference base.
@@ -924,6 +974,7 @@ suite!(
     test_large_chunk_uses_multipart,
     test_commit_race_has_one_winner,
     test_fencing_refuses_lower_epochs,
+    test_latest_after_a_visible_claim_agrees_with_latest,
     test_retention_keeps_shared_and_in_progress_chunks,
     test_falls_back_past_corrupt_and_incomplete,
     test_damaged_cache_file_is_fetched_again,

@@ -690,7 +690,8 @@ async fn follow_one(
     into: Option<&mut Prepared>,
     decoded: &DecodedParts,
 ) -> Result<u64> {
-    let manifest = js.manifest(n).await?;
+    // Announced as committed by the supervisor: read alone.
+    let manifest = js.manifest_only(n).await?;
     if !manifest.workers.contains_key(worker) {
         return Ok(0);
     }
@@ -952,7 +953,8 @@ async fn run_assignment(
             in_flight = InFlight::Records(prepared_in_flight);
         }
         (Some(n), _) => {
-            let manifest = js.manifest(n).await?;
+            // Named by the supervisor (committed): read alone.
+            let manifest = js.manifest_only(n).await?;
             let writers = instances_in(&manifest, &a.operator);
             let rescaled = !writers.is_empty() && writers.len() != a.parallelism as usize;
             let restored = if rescaled {

@@ -42,7 +42,7 @@ use crate::procs::{ExitKind, ProcessTable, Slot, WorkerExited};
 use crate::service::health::HealthChange;
 use crate::service::notify::{Notifier, NotifyEvent, NotifyState};
 use crate::service::spec::{HealthKind, NotifySpec};
-use crate::vip::{parse_vip, Vip};
+use crate::vip::{parse_vip, Announcement, Vip};
 
 /// `lazarus agent`'s settings.
 #[derive(Debug, Clone)]
@@ -139,6 +139,9 @@ struct HeldVip {
     holder: VipHolder,
     /// The running announcement burst; dropping it aborts the burst.
     announce: Option<AbortOnDrop>,
+    /// The burst prepared (interface and frames), so its first frame
+    /// leaves right after the address is added.
+    prepared: Option<Announcement>,
 }
 
 struct AgentState {
@@ -480,13 +483,29 @@ impl AgentState {
                     }
                 }
                 (HolderAction::StartAnnounce, _) => {
-                    let vip = v.vip.clone();
                     // Replacing the handle aborts a burst still running.
-                    v.announce = Some(AbortOnDrop(self.tasks.spawn(async move {
-                        if let Err(e) = vip.announce().await {
-                            tracing::error!(error = %e, "VIP announcement failed");
+                    v.announce = None;
+                    // The first frames leave now; the burst's rest in a task.
+                    // A prepared one that fails (the interface changed)
+                    // is prepared again.
+                    let started = match v.prepared.clone() {
+                        Some(p) => p
+                            .start()
+                            .or_else(|_| v.vip.prepare().and_then(Announcement::start)),
+                        None => v.vip.prepare().and_then(Announcement::start),
+                    };
+                    match started {
+                        Ok(rest) => {
+                            v.announce = Some(AbortOnDrop(self.tasks.spawn(async move {
+                                if let Err(e) = rest.await {
+                                    tracing::error!(error = %e, "VIP announcement failed");
+                                }
+                            })));
                         }
-                    })));
+                        Err(e) => {
+                            tracing::error!(vip = %name, error = %e, "VIP announcement failed")
+                        }
+                    }
                 }
                 (HolderAction::StopAnnounce, _) => {
                     v.announce = None;
@@ -861,6 +880,7 @@ impl AgentState {
                             },
                             holder: VipHolder::new(garp, renew),
                             announce: None,
+                            prepared: None,
                         })
                     }
                 };
@@ -868,6 +888,20 @@ impl AgentState {
                 v.vip.delay = Duration::from_millis(garp.delay_ms);
                 let actions = v.holder.hold(now, garp, &mut self.seq);
                 self.carry_out(&vip, actions, Some(out)).await;
+                // While the lease is asked for: ready to announce at once.
+                if let Some(v) = self.vips.get_mut(&vip) {
+                    if !v
+                        .prepared
+                        .as_ref()
+                        .is_some_and(|p| p.is_for(v.vip.count, v.vip.delay))
+                    {
+                        v.prepared = v
+                            .vip
+                            .prepare()
+                            .inspect_err(|e| tracing::warn!(%vip, error = %e, "cannot prepare the VIP's announcement"))
+                            .ok();
+                    }
+                }
             }
             SupervisorMsg::ReleaseVip { vip } => {
                 self.let_go(&vip, out).await;

@@ -882,6 +882,10 @@ pub struct JobController {
     standbys: BTreeMap<WorkerId, StandbyConn>,
     /// Failed hot standbys: failures in a row and when the next may start.
     standby_retry: BTreeMap<WorkerId, (u32, Duration)>,
+    /// No standby starts before this: a recovery's replacements wait until
+    /// every worker runs again (`Duration::MAX` until then), plus the
+    /// restart section's `standby_delay`.
+    standbys_after: Option<Duration>,
     /// Hot standbys whose health check says down: never promoted.
     standby_down: BTreeSet<WorkerId>,
     /// Where each VIP is assigned now.
@@ -988,6 +992,7 @@ impl JobController {
             conns: BTreeMap::new(),
             standbys: BTreeMap::new(),
             standby_retry: BTreeMap::new(),
+            standbys_after: None,
             standby_down: BTreeSet::new(),
             vips: BTreeMap::new(),
             att: AttemptState::default(),
@@ -1490,6 +1495,12 @@ impl JobController {
         if let Some(st) = &self.adopting {
             at = Some(at.map_or(st.deadline, |a| a.min(st.deadline)));
         }
+        if let Some(s) = self
+            .standbys_after
+            .filter(|_| matches!(self.phase, Phase::Running))
+        {
+            at = Some(at.map_or(s, |a| a.min(s)));
+        }
         if self.chaos_armed() && matches!(self.phase, Phase::Running) && self.chaos_may_fire() {
             at = Some(at.map_or(self.chaos_at, |a| a.min(self.chaos_at)));
         }
@@ -1887,6 +1898,11 @@ impl JobController {
         self.phase = Phase::Starting {
             deadline: now + self.cfg.startup_timeout,
         };
+        if self.clock.is_some() {
+            // A recovery: the promoted standbys' replacements start once
+            // every worker runs again.
+            self.standbys_after = Some(Duration::MAX);
+        }
         self.ensure_standbys(now);
     }
 
@@ -1972,7 +1988,12 @@ impl JobController {
                 self.carry_out(now, d);
                 if matches!(self.phase, Phase::Running) {
                     self.chaos(now);
-                    if self.standby_retry.values().any(|(_, at)| *at <= now) {
+                    let held_until = self.standbys_after.filter(|at| *at <= now);
+                    if held_until.is_some() {
+                        self.standbys_after = None;
+                    }
+                    if held_until.is_some() || self.standby_retry.values().any(|(_, at)| *at <= now)
+                    {
                         self.ensure_standbys(now);
                     }
                 }
@@ -2241,6 +2262,14 @@ impl JobController {
                     && matches!(self.phase, Phase::Starting { .. })
                 {
                     self.phase = Phase::Running;
+                    if self.standbys_after.is_some() {
+                        // The recovery is over: its standbys start soon.
+                        let delay = self.cfg.restart.standby_delay;
+                        self.standbys_after = Some(now + delay).filter(|_| !delay.is_zero());
+                        if delay.is_zero() {
+                            self.ensure_standbys(now);
+                        }
+                    }
                     let region_failover = self.partial.is_some();
                     if let Some(c) = self.clock.take() {
                         // Whole milliseconds of each moment, so the parts
@@ -2261,6 +2290,7 @@ impl JobController {
                         };
                         tracing::info!(?t, "recovered: every worker running again");
                         self.summary.recoveries.push(t);
+
                         // The sources given a replay target report when
                         // they reach it.
                         let waiting: BTreeSet<WorkerId> = c
@@ -3299,7 +3329,8 @@ impl JobController {
                 self.procs.remove(&(w.clone(), Slot::Standby));
                 self.standby_gone(&w);
             }
-            let waiting = self.standby_retry.get(&w).is_some_and(|(_, at)| now < *at);
+            let waiting = self.standby_retry.get(&w).is_some_and(|(_, at)| now < *at)
+                || self.standbys_after.is_some_and(|at| now < at);
             if let Some(h) = want.filter(|_| !waiting) {
                 tracing::info!(worker = %w, host = %h, "starting hot standby");
                 self.procs

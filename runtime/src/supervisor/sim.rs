@@ -1724,6 +1724,47 @@ mod scenarios {
         assert_ne!(new_standby, host, "a new standby on another host");
     }
 
+    /// A promoted standby's replacement starts only after the recovery:
+    /// once every worker runs again, plus the restart section's
+    /// `standby_delay` (its start would take the failover's cores).
+    #[test]
+    fn test_a_promoted_standby_is_replaced_only_after_the_recovery() {
+        let mut w = running(0, 3);
+        let (old, _) = w.proc_of("kv-0", Slot::Primary);
+        let killed = w.now;
+        w.die(old, ExitKind::Signal(9));
+        let mut ran = None;
+        while w.now < killed + ms(1000) {
+            w.run_for(ms(1));
+            if ran.is_none() && w.ctl.state() == JobState::Running {
+                ran = Some(w.now);
+            }
+        }
+        let ran = ran.expect("recovered");
+        let spawned: Vec<Duration> = w
+            .log
+            .iter()
+            .filter(|(at, a)| {
+                *at >= killed
+                    && matches!(a, Action::Spawn { slot: Slot::Standby, worker, .. } if worker.as_str() == "kv-0")
+            })
+            .map(|(at, _)| *at)
+            .collect();
+        assert_eq!(spawned.len(), 1, "one replacement standby: {spawned:?}");
+        assert!(
+            spawned[0] >= ran + ms(100),
+            "started {:?} after the recovery ran, not before its delay",
+            spawned[0].saturating_sub(ran)
+        );
+        assert!(
+            spawned[0] <= ran + ms(150),
+            "and soon after it: {:?}",
+            spawned[0].saturating_sub(ran)
+        );
+        let (_, host) = w.proc_of("kv-0", Slot::Standby);
+        assert_ne!(host, w.proc_of("kv-0", Slot::Primary).1);
+    }
+
     /// Detection is timed from the first sign of the failure: for a crash
     /// the exit or the closed connection (the wait for the other one,
     /// bounded by the root-cause wait), for a stall the last heartbeat

@@ -69,7 +69,18 @@ impl StorageWorker {
                     }
                     StorageRequest::ClaimEpoch(epoch) => {
                         let fact = claim(&js, epoch).await;
+                        let claimed = matches!(fact, Fact::EpochClaimed { .. });
                         let _ = facts.send(fact);
+                        // Durable before the next request (a commit under
+                        // it) runs; if this fails, that commit syncs again
+                        // and fails with the reason.
+                        if claimed {
+                            let watch = crate::clock::Stopwatch::start();
+                            match js.make_claim_durable(epoch).await {
+                                Ok(()) => tracing::debug!(%epoch, us = watch.elapsed().as_micros() as u64, "epoch claim durable"),
+                                Err(e) => tracing::warn!(%epoch, error = %e, "making the epoch claim durable failed; the next commit tries again"),
+                            }
+                        }
                     }
                     StorageRequest::Retention(keep) => {
                         let (js, facts, cache) = (js.clone(), facts.clone(), local_cache.clone());
@@ -113,11 +124,16 @@ async fn commit(js: &JobStore, manifest: &Manifest) -> Fact {
     }
 }
 
+/// Claims `epoch` and reads the newest committed checkpoint. The claim is
+/// visible (it fences) when this returns, not yet durable: the caller makes
+/// it durable next, while the recovery restores (the first commit under it
+/// waits for that).
 async fn claim(js: &JobStore, epoch: Epoch) -> Fact {
     let span = tracing::info_span!("claim_epoch", %epoch);
     async {
-        match js.claim_epoch(epoch).await {
-            Ok(()) => {}
+        let watch = crate::clock::Stopwatch::start();
+        let created = match js.claim_epoch_visible(epoch).await {
+            Ok(created) => created,
             Err(e) if e.kind() == ErrorKind::Fenced => {
                 return Fact::EpochFenced {
                     error: e.to_string(),
@@ -128,15 +144,18 @@ async fn claim(js: &JobStore, epoch: Epoch) -> Fact {
                     error: e.to_string(),
                 }
             }
-        }
-        match js.latest().await {
+        };
+        let claimed = watch.elapsed();
+        let latest = js.latest_after_claim(epoch, created).await;
+        tracing::info!(
+            claim_us = claimed.as_micros() as u64,
+            latest_us = (watch.elapsed() - claimed).as_micros() as u64,
+            "epoch claimed"
+        );
+        match latest {
             Ok(m) => Fact::EpochClaimed {
                 epoch,
-                latest: Some(m.checkpoint),
-            },
-            Err(e) if e.kind() == ErrorKind::NotFound => Fact::EpochClaimed {
-                epoch,
-                latest: None,
+                latest: m.map(|m| m.checkpoint),
             },
             Err(e) => Fact::StorageFailed {
                 error: format!("reading the latest checkpoint: {e}"),

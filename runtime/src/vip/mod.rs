@@ -188,6 +188,13 @@ impl Vip {
 
     /// Sends one burst of announcements.
     pub async fn announce(&self) -> Result<(), VipError> {
+        self.prepare()?.start()?.await
+    }
+
+    /// Looks up the interface's MAC address and builds the frames, so that
+    /// a later burst's first announcement leaves the moment it is started
+    /// ([`Announcement::start`]).
+    pub fn prepare(&self) -> Result<Announcement, VipError> {
         let iface = interface(&self.iface)?;
         let mac = iface.mac.ok_or_else(|| VipError::Raw {
             iface: self.iface.clone(),
@@ -200,32 +207,69 @@ impl Vip {
             ],
             IpAddr::V6(v6) => vec![frames::unsolicited_na(mac, v6)],
         };
+        Ok(Announcement {
+            iface,
+            frames,
+            count: self.count,
+            delay: self.delay,
+        })
+    }
+}
+
+/// A VIP's announcement burst, prepared ([`Vip::prepare`]): the interface
+/// found and the frames built. Until it is started no socket is open.
+#[derive(Debug, Clone)]
+pub struct Announcement {
+    iface: NetworkInterface,
+    frames: Vec<Vec<u8>>,
+    count: u32,
+    delay: Duration,
+}
+
+impl Announcement {
+    /// Whether it announces with these burst settings.
+    pub fn is_for(&self, count: u32, delay: Duration) -> bool {
+        self.count == count && self.delay == delay
+    }
+
+    /// Opens the raw channel and sends the first announcement now, before
+    /// returning; the returned future sends the rest of the burst.
+    pub fn start(
+        self,
+    ) -> Result<impl std::future::Future<Output = Result<(), VipError>> + Send, VipError> {
         let config = Config {
             promiscuous: false,
             ..Config::default()
         };
-        let raw = |message: String| VipError::Raw {
-            iface: self.iface.clone(),
+        let name = self.iface.name.clone();
+        let raw = move |message: String| VipError::Raw {
+            iface: name.clone(),
             message,
         };
-        let mut tx = match datalink::channel(&iface, config) {
+        let mut tx = match datalink::channel(&self.iface, config) {
             Ok(Channel::Ethernet(tx, _rx)) => tx,
             Ok(_) => return Err(raw("not an Ethernet channel".into())),
             Err(e) => return Err(raw(e.to_string())),
         };
-        for i in 0..self.count.max(1) {
-            for f in &frames {
+        let mut send = move || -> Result<(), VipError> {
+            for f in &self.frames {
                 match tx.send_to(f, None) {
                     Some(Ok(())) => {}
                     Some(Err(e)) => return Err(raw(e.to_string())),
                     None => return Err(raw("send failed".into())),
                 }
             }
-            if i + 1 < self.count {
-                tokio::time::sleep(self.delay).await;
+            Ok(())
+        };
+        send()?;
+        let (count, delay) = (self.count.max(1), self.delay);
+        Ok(async move {
+            for _ in 1..count {
+                tokio::time::sleep(delay).await;
+                send()?;
             }
-        }
-        tracing::info!(count = self.count, "VIP announced");
-        Ok(())
+            tracing::info!(count, "VIP announced");
+            Ok(())
+        })
     }
 }
