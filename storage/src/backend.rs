@@ -7,9 +7,9 @@
 //! | `s3://bucket/prefix` | any S3-compatible store; endpoint, region, credentials and `allow_http` from the `AWS_*` environment or [`StoreOptions::s3`] |
 //! | `memory://` | in-process memory, for unit tests |
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path as FsPath, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
@@ -210,22 +210,21 @@ pub(crate) fn fsync_file(root: &FsPath, key: &str) -> Result<()> {
         .map_err(|e| StorageError::io("fsync", &path, e))
 }
 
-/// Fsyncs the directories holding `keys`, and every ancestor up to the store
-/// root, each once.
-pub(crate) fn fsync_dirs<'a>(root: &FsPath, keys: impl IntoIterator<Item = &'a str>) -> Result<()> {
-    let mut dirs = std::collections::BTreeSet::new();
-    for key in keys {
-        let path = root.join(key);
-        let mut dir = path.parent();
-        while let Some(d) = dir {
-            if !dirs.insert(d.to_path_buf()) || d == root {
-                break;
-            }
-            dir = d.parent();
-        }
-    }
-    dirs.insert(root.to_path_buf());
-    // Deepest first: a directory's entry in its parent is synced after its own contents.
+/// Fsyncs the directories holding `keys` (their new entries), deepest
+/// first, and each ancestor up to the store root whose child on the way is
+/// not in `durable` yet: a directory whose entry in its parent was synced
+/// once (by this process) needs no sync of the parent again, as the store
+/// never removes directories. A commit syncs its manifest's directory, not
+/// the chain to the root each time: every directory sync is a device flush.
+pub(crate) fn fsync_dirs<'a>(
+    root: &FsPath,
+    keys: impl IntoIterator<Item = &'a str>,
+    durable: &Mutex<HashSet<PathBuf>>,
+) -> Result<()> {
+    let (dirs, learned) = {
+        let known = durable.lock().unwrap_or_else(|e| e.into_inner());
+        dirs_to_sync(root, keys, &known)
+    };
     for d in dirs.iter().rev() {
         let handle = std::fs::File::open(d)
             .map_err(|e| StorageError::io("open directory for fsync", d, e))?;
@@ -233,7 +232,40 @@ pub(crate) fn fsync_dirs<'a>(root: &FsPath, keys: impl IntoIterator<Item = &'a s
             .sync_all()
             .map_err(|e| StorageError::io("fsync directory", d, e))?;
     }
+    durable
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(learned);
     Ok(())
+}
+
+/// The directories [`fsync_dirs`] syncs (in path order: reversed, the
+/// deepest come first), and the directories whose entries that makes
+/// durable.
+fn dirs_to_sync<'a>(
+    root: &FsPath,
+    keys: impl IntoIterator<Item = &'a str>,
+    durable: &HashSet<PathBuf>,
+) -> (std::collections::BTreeSet<PathBuf>, Vec<PathBuf>) {
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut learned = Vec::new();
+    for key in keys {
+        let path = root.join(key);
+        let Some(parent) = path.parent() else {
+            continue;
+        };
+        dirs.insert(parent.to_path_buf());
+        let mut child = parent;
+        while child != root && child.starts_with(root) && !durable.contains(child) {
+            let Some(up) = child.parent() else {
+                break;
+            };
+            dirs.insert(up.to_path_buf());
+            learned.push(child.to_path_buf());
+            child = up;
+        }
+    }
+    (dirs, learned)
 }
 
 /// Opts in to the cloud instance's metadata credentials (an HTTP request to
@@ -282,6 +314,48 @@ fn check_s3_credentials(builder: &AmazonS3Builder) -> std::result::Result<(), St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first sync of a key's directory goes up to the root; later ones
+    /// stop below the first directory whose entry is durable already.
+    #[test]
+    fn test_directory_syncs_stop_below_entries_made_durable() {
+        let root = FsPath::new("/store");
+        let mut durable = HashSet::new();
+        let mut sync = |keys: &[&str]| {
+            let (dirs, learned) = dirs_to_sync(root, keys.iter().copied(), &durable);
+            durable.extend(learned);
+            dirs.iter()
+                .rev()
+                .map(|d| {
+                    d.strip_prefix(root)
+                        .expect("under root")
+                        .display()
+                        .to_string()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            sync(&["jobs/j/manifests/1.manifest"]),
+            ["jobs/j/manifests", "jobs/j", "jobs", ""],
+            "first: the whole chain, deepest first"
+        );
+        assert_eq!(sync(&["jobs/j/manifests/2.manifest"]), ["jobs/j/manifests"]);
+        assert_eq!(
+            sync(&["jobs/j/chunks/3/w/a.chunk", "jobs/j/chunks/3/w/b.chunk"]),
+            [
+                "jobs/j/chunks/3/w",
+                "jobs/j/chunks/3",
+                "jobs/j/chunks",
+                "jobs/j"
+            ],
+            "a new branch: up to the first durable entry"
+        );
+        assert_eq!(
+            sync(&["jobs/j/chunks/4/w/a.chunk"]),
+            ["jobs/j/chunks/4/w", "jobs/j/chunks/4", "jobs/j/chunks"]
+        );
+        assert!(sync(&[]).is_empty(), "no keys, nothing synced");
+    }
 
     /// Makes one field of the options bad.
     type Break = fn(&mut StoreOptions);

@@ -153,6 +153,7 @@ impl JobStore {
     pub async fn commit(&self, manifest: &Manifest) -> Result<()> {
         let span = tracing::info_span!("commit", job = %self.job, checkpoint = %manifest.checkpoint, epoch = %manifest.epoch);
         async {
+            let started = std::time::Instant::now();
             manifest
                 .validate(&self.job, manifest.checkpoint)
                 .map_err(|reason| StorageError::InvalidArgument {
@@ -182,7 +183,11 @@ impl JobStore {
             {
                 Ok(()) => {
                     self.make_durable(&rel, true).await?;
-                    tracing::info!(bytes = manifest.stored_bytes(), "checkpoint committed");
+                    tracing::info!(
+                        bytes = manifest.stored_bytes(),
+                        us = started.elapsed().as_micros() as u64,
+                        "checkpoint committed"
+                    );
                     Ok(())
                 }
                 Err(object_store::Error::AlreadyExists { .. })

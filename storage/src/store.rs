@@ -31,6 +31,10 @@ pub(crate) struct StoreInner {
     pub(crate) url: String,
     /// Upload and codec tunables.
     pub(crate) options: StoreOptions,
+    /// Local directories whose entry in their parent this process made
+    /// durable: the store never removes a directory, so such an entry stays
+    /// durable, and later syncs stop below it (`backend::fsync_dirs`).
+    pub(crate) durable_dirs: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
 }
 
 impl std::fmt::Debug for CheckpointStore {
@@ -68,6 +72,7 @@ impl CheckpointStore {
                 kind,
                 url: url.to_string(),
                 options,
+                durable_dirs: Default::default(),
             }),
         })
     }
@@ -87,6 +92,7 @@ impl CheckpointStore {
                 kind: BackendKind::Remote,
                 url: description.to_string(),
                 options,
+                durable_dirs: Default::default(),
             }),
         })
     }
@@ -256,6 +262,7 @@ impl JobStore {
         if let BackendKind::File { root } = &self.store.kind {
             let root = root.clone();
             let keys: Vec<String> = rels.iter().map(|r| self.full_key(r)).collect();
+            let store = self.store.clone();
             tokio::task::spawn_blocking(move || {
                 if files {
                     for k in &keys {
@@ -263,7 +270,11 @@ impl JobStore {
                     }
                 }
                 if dirs {
-                    backend::fsync_dirs(&root, keys.iter().map(String::as_str))?;
+                    backend::fsync_dirs(
+                        &root,
+                        keys.iter().map(String::as_str),
+                        &store.durable_dirs,
+                    )?;
                 }
                 Ok::<_, StorageError>(())
             })
