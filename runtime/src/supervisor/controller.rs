@@ -2290,7 +2290,6 @@ impl JobController {
                         };
                         tracing::info!(?t, "recovered: every worker running again");
                         self.summary.recoveries.push(t);
-
                         // The sources given a replay target report when
                         // they reach it.
                         let waiting: BTreeSet<WorkerId> = c
