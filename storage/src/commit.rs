@@ -13,6 +13,11 @@
 //!    Readers close that gap: a manifest whose epoch is lower than the epoch
 //!    of a manifest with a smaller id is a zombie's and is never restored
 //!    (see `reader`).
+//! 5. Within one handle (and its clones) the gap is closed: a claim's marker
+//!    put and each commit's final check and manifest put hold one lock, so
+//!    a claim finds every commit of the handle decided: its manifest visible
+//!    (perhaps not yet durable) or about to be fenced. A recovery in the
+//!    same supervisor therefore claims without waiting for a commit's sync.
 
 use object_store::PutPayload;
 use tracing::Instrument;
@@ -47,13 +52,19 @@ impl JobStore {
         let body = serde_json::to_vec(&serde_json::json!({ "epoch": epoch.0 }))
             .expect("a json value always serializes");
         let encoded = frame::encode(FrameKind::EpochMarker, Codec::None, 1, body.into())?;
-        let created = match self
-            .put_small(&rel, PutPayload::from(encoded.to_vec()), true)
-            .await
-        {
-            Ok(()) => true,
-            Err(object_store::Error::AlreadyExists { .. }) => false,
-            Err(e) => return Err(StorageError::backend("put", self.full_key(&rel), e)),
+        let created = {
+            // Rule 5: no commit of this handle is between its check and its put.
+            let mut fence = self.fence.lock().await;
+            let created = match self
+                .put_small(&rel, PutPayload::from(encoded.to_vec()), true)
+                .await
+            {
+                Ok(()) => true,
+                Err(object_store::Error::AlreadyExists { .. }) => false,
+                Err(e) => return Err(StorageError::backend("put", self.full_key(&rel), e)),
+            };
+            *fence = (*fence).max(epoch.0);
+            created
         };
         let current = self.current_epoch().await?;
         if current > epoch {
@@ -177,10 +188,20 @@ impl JobStore {
                 1,
                 manifest.to_json().into(),
             )?;
-            match self
-                .put_small(&rel, PutPayload::from(encoded.to_vec()), true)
-                .await
-            {
+            // Rule 5: checked again, with the put, under the claims' lock.
+            let put = {
+                let fence = self.fence.lock().await;
+                if *fence > manifest.epoch.0 {
+                    return Err(StorageError::Fenced {
+                        job: self.job.to_string(),
+                        attempted: manifest.epoch,
+                        current: Epoch(*fence),
+                    });
+                }
+                self.put_small(&rel, PutPayload::from(encoded.to_vec()), true)
+                    .await
+            };
+            match put {
                 Ok(()) => {
                     self.make_durable(&rel, true).await?;
                     tracing::info!(

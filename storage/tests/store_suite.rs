@@ -352,6 +352,69 @@ async fn test_latest_after_a_visible_claim_agrees_with_latest(env: &Env) {
     assert_eq!(newest(l), Some(5));
 }
 
+/// A claim racing a commit of the same handle (a recovery while its
+/// supervisor's last commit is in flight) finds the commit decided: either
+/// its manifest is the newest the claim reads, or the commit is fenced.
+/// Never both missed by the claim and committed: a recovery would restore
+/// the older checkpoint, and the one it missed could be restored later.
+async fn test_a_claim_finds_a_racing_commit_decided(env: &Env) {
+    let trials = 48u64;
+    let (mut landed, mut fenced) = (0, 0);
+    for trial in 0..trials {
+        let js = env.store.job(job(&format!("race-{trial}")));
+        commit_checkpoint(&js, 1, 1, &[("w", "s", b"one".to_vec(), Codec::None)], &[]).await;
+        let chunk = js
+            .write_chunk(
+                CheckpointId(2),
+                &worker("w"),
+                "s",
+                b"two".to_vec().into(),
+                Codec::None,
+            )
+            .await
+            .expect("chunk");
+        let mut m = Manifest::new(js.job().clone(), CheckpointId(2), Epoch(1));
+        m.workers.entry(worker("w")).or_default().chunks.push(chunk);
+        let committing = {
+            let js = js.clone();
+            tokio::spawn(async move { js.commit(&m).await })
+        };
+        // The claim starts at a different point of the commit each trial
+        // (a commit takes a few hundred microseconds on a local disk).
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_micros(15 * trial) {
+            std::hint::spin_loop();
+        }
+        let created = js.claim_epoch_visible(Epoch(2)).await.expect("claim");
+        let latest = js
+            .latest_after_claim(Epoch(2), created)
+            .await
+            .expect("latest")
+            .map(|m| m.checkpoint.0);
+        match committing.await.expect("commit task") {
+            Ok(()) => {
+                landed += 1;
+                assert_eq!(
+                    latest,
+                    Some(2),
+                    "trial {trial}: the claim missed a commit that landed"
+                );
+            }
+            Err(e) if e.kind() == ErrorKind::Fenced => {
+                fenced += 1;
+                assert_eq!(latest, Some(1), "trial {trial}: fenced, yet read");
+            }
+            Err(e) => panic!("trial {trial}: commit failed: {e}"),
+        }
+        assert_eq!(
+            js.latest().await.expect("latest").checkpoint.0,
+            latest.expect("a checkpoint"),
+            "trial {trial}: the full read agrees"
+        );
+    }
+    eprintln!("{trials} races: {landed} commits landed before the claim, {fenced} fenced by it");
+}
+
 async fn test_retention_keeps_shared_and_in_progress_chunks(env: &Env) {
     let js = env.store.job(job("retain"));
     // Checkpoint 1 writes a base chunk; 2..=5 each write a delta and reference base.
@@ -975,6 +1038,7 @@ suite!(
     test_commit_race_has_one_winner,
     test_fencing_refuses_lower_epochs,
     test_latest_after_a_visible_claim_agrees_with_latest,
+    test_a_claim_finds_a_racing_commit_decided,
     test_retention_keeps_shared_and_in_progress_chunks,
     test_falls_back_past_corrupt_and_incomplete,
     test_damaged_cache_file_is_fetched_again,

@@ -124,6 +124,12 @@ pub struct Assignment {
     /// [`ToSupervisor::Replayed`] once it has emitted that many again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_records: Option<u64>,
+    /// `restore` is visible in the store but its commit is not durable yet
+    /// (a recovery that did not wait for the failed attempt's last commit):
+    /// a sink recovers it only when [`ToWorker::Committed`] names it, so no
+    /// output is published from a checkpoint a power loss could undo.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore_pending: bool,
 }
 
 /// The environment variable naming the file descriptor of a worker's exit

@@ -909,6 +909,23 @@ fn context(a: &Assignment) -> Context {
     }
 }
 
+/// Waits until the supervisor says checkpoint `n` (restored while its
+/// commit was not yet durable) is committed: `Ok(true)`. `Ok(false)`: told
+/// to shut down (or the connection closed) first; a halt is an error.
+async fn until_durable(
+    n: CheckpointId,
+    ctl_in: &mut mpsc::UnboundedReceiver<Option<ToWorker>>,
+) -> Result<bool> {
+    loop {
+        match ctl_in.recv().await.flatten() {
+            Some(ToWorker::Committed { checkpoint }) if checkpoint >= n => return Ok(true),
+            Some(ToWorker::Shutdown) | None => return Ok(false),
+            Some(ToWorker::Halt) => return Err(Box::new(Halted)),
+            Some(other) => tracing::debug!(?other, "ignored before the sink recovers"),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_assignment(
     registry: &Registry,
@@ -986,6 +1003,12 @@ async fn run_assignment(
     // one may share) can go.
     let role = last_role.insert(role);
     if let Role::Sink(s) = role {
+        if let (true, Some(n)) = (a.restore_pending, a.restore) {
+            tracing::info!(checkpoint = %n, "waiting for the restored checkpoint's commit to be durable before recovering the sink");
+            if !until_durable(n, ctl_in).await? {
+                return Ok(());
+            }
+        }
         s.recover(a.restore)?;
     }
 
@@ -2056,6 +2079,49 @@ mod tests {
         assert!(e.to_string().contains("closed"), "{e}");
     }
 
+    /// A sink that restored a checkpoint not yet durable waits for its
+    /// `Committed`, and only for that one (or a newer); a shutdown or a
+    /// halt ends the wait.
+    #[tokio::test]
+    async fn test_a_sink_waits_for_its_restored_checkpoint_to_be_durable() {
+        let (ctl_tx, mut ctl_in) = mpsc::unbounded_channel();
+        let committed = |c| {
+            Some(ToWorker::Committed {
+                checkpoint: CheckpointId(c),
+            })
+        };
+        ctl_tx.send(committed(6)).expect("send");
+        {
+            let waiting = until_durable(CheckpointId(7), &mut ctl_in);
+            tokio::pin!(waiting);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+                    .await
+                    .is_err(),
+                "an older checkpoint's commit does not end the wait"
+            );
+            ctl_tx.send(committed(7)).expect("send");
+            assert!(waiting.await.expect("durable"), "its own commit does");
+        }
+        ctl_tx.send(committed(9)).expect("send");
+        assert!(until_durable(CheckpointId(8), &mut ctl_in)
+            .await
+            .expect("newer"));
+        ctl_tx.send(Some(ToWorker::Shutdown)).expect("send");
+        assert!(!until_durable(CheckpointId(10), &mut ctl_in)
+            .await
+            .expect("shut down"));
+        ctl_tx.send(Some(ToWorker::Halt)).expect("send");
+        let e = until_durable(CheckpointId(10), &mut ctl_in)
+            .await
+            .expect_err("halted");
+        assert!(e.is::<Halted>(), "{e}");
+        drop(ctl_tx);
+        assert!(!until_durable(CheckpointId(10), &mut ctl_in)
+            .await
+            .expect("closed"));
+    }
+
     /// Works `steps` steps of 50 µs each without ever waiting (inputs that
     /// are always ready), opening a [`ControlWindow`] before each step;
     /// `until(step)` ends it early. Returns the steps it took.
@@ -2249,6 +2315,7 @@ mod tests {
             codec: Codec::None,
             channel_key: None,
             replay_records: None,
+            restore_pending: false,
         }
     }
 

@@ -32,10 +32,14 @@
 //! 1. A manifest is committed only after every worker of the attempt acked
 //!    (the [`CheckpointCoordinator`]); `Committed(n)` is announced only after
 //!    the store reported the commit durable ([`Fact::CommitDone`]).
-//! 2. A recovery waits until no commit is in flight, then claims a new epoch
-//!    and restores the newest committed checkpoint (its own, or a newer one
-//!    the store reports with the claim), so nothing committed is lost and a
-//!    commit of the old attempt is fenced.
+//! 2. A recovery claims a new epoch and restores the newest committed
+//!    checkpoint the store reports with the claim (its own, or a newer one),
+//!    so nothing committed is lost and a commit of the old attempt is fenced.
+//!    It does not wait for a commit in flight: the store decides each of
+//!    them against the claim (visible before it, or fenced). A checkpoint
+//!    visible but not yet durable may be restored; its sinks then recover
+//!    it only on `Committed(n)`, sent when the commit is durable (rule 1),
+//!    so no output is published from a checkpoint a power loss could undo.
 //! 3. At most one primary process per worker: a failed attempt's primaries
 //!    are killed and their exits awaited (bounded) before the next attempt
 //!    places any; a standby is promoted only after its primary is gone.
@@ -392,6 +396,9 @@ pub enum Action {
         epoch: Epoch,
         /// The checkpoint it restores.
         restore: Option<CheckpointId>,
+        /// `restore` is visible but its commit is not durable yet: a sink
+        /// recovers it only on `Committed` (rule 2).
+        restore_pending: bool,
         /// Follow as a standby instead of running.
         standby: bool,
         /// A source rolled back after a failure: the records it emitted
@@ -782,8 +789,8 @@ enum Phase {
         exited: BTreeSet<WorkerId>,
         deadline: Duration,
     },
-    /// A failure: primaries killed, waiting for their exits, in-flight
-    /// commits and the backoff before the next attempt claims its epoch.
+    /// A failure: primaries killed, waiting for their exits and the
+    /// backoff before the next attempt claims its epoch.
     Recovering(Recovery),
     /// Waiting for the store to grant the next attempt's epoch.
     Claiming,
@@ -857,8 +864,10 @@ pub struct JobController {
     newest_committed: Option<CheckpointId>,
     /// The checkpoint the current attempt restored.
     restored: Option<CheckpointId>,
+    /// `restored`, while its commit (of the failed attempt) is visible in
+    /// the store but not reported durable (rule 2).
+    restore_pending: Option<CheckpointId>,
     coordinator: CheckpointCoordinator,
-    /// Commits handed to the store and not answered yet.
     /// Commits under way, with the bytes of records in flight each holds.
     commits_in_flight: BTreeMap<CheckpointId, u64>,
     /// A retention pass is running; when the last one started.
@@ -979,6 +988,7 @@ impl JobController {
             next_id,
             newest_committed: latest,
             restored: None,
+            restore_pending: None,
             coordinator,
             commits_in_flight: BTreeMap::new(),
             retention_running: false,
@@ -1389,7 +1399,18 @@ impl JobController {
             } => {
                 self.commits_in_flight.remove(&checkpoint);
                 tracing::warn!(%checkpoint, %error, "commit failed");
-                if epoch == self.epoch && self.is_active() {
+                if self.restore_pending == Some(checkpoint) {
+                    // Restored while visible, and now not known durable:
+                    // its sinks must not recover it. Again from the store.
+                    self.restore_pending = None;
+                    if matches!(self.phase, Phase::Starting { .. } | Phase::Running) {
+                        self.fail(
+                            now,
+                            format!("the commit of checkpoint {checkpoint}, which this attempt restored, failed: {error}"),
+                            false,
+                        );
+                    }
+                } else if epoch == self.epoch && self.is_active() {
                     let d = self.coordinator.on_commit_failed(checkpoint, error);
                     self.carry_out(now, d);
                 }
@@ -1400,7 +1421,10 @@ impl JobController {
                 error,
             } => {
                 self.commits_in_flight.remove(&checkpoint);
-                if epoch == self.epoch && !self.is_ended() {
+                if matches!(self.phase, Phase::Claiming) {
+                    // Our own claim fenced the failed attempt's commit.
+                    tracing::debug!(%checkpoint, %epoch, "commit fenced by this recovery's claim");
+                } else if epoch == self.epoch && !self.is_ended() {
                     self.broadcast(ToWorker::Shutdown);
                     self.end(JobState::Failed(format!("fenced: {error}")));
                 }
@@ -1412,6 +1436,13 @@ impl JobController {
                     if let Some(l) = latest {
                         self.newest_committed = Some(self.newest_committed.map_or(l, |n| n.max(l)));
                         self.next_id = self.next_id.max(l.next());
+                    }
+                    // A commit still in flight that the claim found visible.
+                    self.restore_pending = latest.filter(|l| {
+                        self.commits_in_flight.contains_key(l) && Some(*l) == self.newest_committed
+                    });
+                    if let Some(n) = self.restore_pending {
+                        tracing::info!(checkpoint = %n, "restoring a checkpoint whose commit is not yet durable: sinks wait for it");
                     }
                     self.begin_attempt(now);
                 }
@@ -2127,6 +2158,7 @@ impl JobController {
                 host: host.clone(),
                 epoch: self.epoch,
                 restore: self.newest_committed,
+                restore_pending: false,
                 standby: true,
                 replay: None,
             });
@@ -2187,6 +2219,8 @@ impl JobController {
             host: host.to_string(),
             epoch: self.epoch,
             restore: self.restored,
+            restore_pending: self.restore_pending.is_some()
+                && self.restore_pending == self.restored,
             standby: false,
             replay: self
                 .clock
@@ -2764,6 +2798,14 @@ impl JobController {
         );
         self.summary.committed += 1;
         self.summary.last_checkpoint = self.newest_committed;
+        if self.restore_pending == Some(checkpoint) {
+            // The attempt's restored checkpoint is durable now: its sinks
+            // recover it (rule 2).
+            self.restore_pending = None;
+            if matches!(self.phase, Phase::Starting { .. } | Phase::Running) {
+                self.broadcast(ToWorker::Committed { checkpoint });
+            }
+        }
         self.summary.last_checkpoint_bytes = bytes;
         self.consecutive_failures = 0;
         let standby_conns: Vec<ConnId> = self.standbys.values().map(|s| s.conn).collect();
@@ -3229,14 +3271,12 @@ impl JobController {
             })
             .count();
         let drained = live == 0 || now >= r.drain_until;
-        if !drained
-            || !self.commits_in_flight.is_empty()
-            || r.backoff_until.is_some_and(|b| now < b)
-        {
+        if !drained || r.backoff_until.is_some_and(|b| now < b) {
             return;
         }
         // Rule 2: the next attempt's epoch fences anything the old one
-        // still tries to commit; the store reports the newest checkpoint.
+        // still tries to commit; the store reports the newest checkpoint,
+        // with a commit in flight decided (visible, or fenced).
         self.attempt += 1;
         self.phase = Phase::Claiming;
         self.out.push(Action::ClaimEpoch(Epoch(self.epoch.0 + 1)));

@@ -551,6 +551,7 @@ impl Shell {
                     host,
                     epoch,
                     restore,
+                    restore_pending,
                     standby,
                     replay,
                 } => {
@@ -560,6 +561,7 @@ impl Shell {
                     let key = self.channel_key(epoch);
                     let mut a = Box::new(self.assignment(&w, epoch, restore, &host, key));
                     a.replay_records = replay;
+                    a.restore_pending = restore_pending;
                     let msg = if standby {
                         ToWorker::Standby(a)
                     } else {
@@ -636,6 +638,7 @@ impl Shell {
             codec: self.codec,
             channel_key: Some(channel_key),
             replay_records: None,
+            restore_pending: false,
         }
     }
 }

@@ -234,6 +234,9 @@ struct SimStore {
     epoch: Epoch,
     /// Committed manifests: id → epoch.
     committed: BTreeMap<CheckpointId, Epoch>,
+    /// Committed (visible) manifests whose commit has not been answered
+    /// yet: not durable. No sink may publish from one (rule 2).
+    not_durable: BTreeSet<CheckpointId>,
 }
 
 impl SimStore {
@@ -338,6 +341,7 @@ impl World {
         let store = SimStore {
             epoch: Epoch(1),
             committed: BTreeMap::new(),
+            not_durable: BTreeSet::new(),
         };
         let max_restarts = cfg.restart.max_attempts;
         let ctl = JobController::new(
@@ -432,6 +436,9 @@ impl World {
     fn deliver(&mut self, fact: Fact) {
         if self.trace {
             eprintln!("{:>8.1?} fact {fact:?}", self.now);
+        }
+        if let Fact::CommitDone { checkpoint, .. } = &fact {
+            self.store.not_durable.remove(checkpoint);
         }
         if let Fact::HostLost(h) = &fact {
             self.known_lost.insert(h.clone());
@@ -729,6 +736,9 @@ impl World {
         }
         self.conn_pid.clear();
         self.known_lost.clear();
+        // A commit the old leader had in flight: the new one restores what
+        // the store shows, as it always did.
+        self.store.not_durable.clear();
         let mut lost = Vec::new();
         for (pid, p) in self.procs.iter_mut().filter(|(_, p)| p.alive) {
             p.conn = None;
@@ -926,12 +936,23 @@ impl World {
                     conn,
                     worker,
                     restore,
+                    restore_pending,
                     standby,
                     epoch,
                     replay,
                     ..
                 } => {
                     if !standby {
+                        // Sinks recover what they are told to restore at
+                        // once, unless it is marked pending.
+                        let visible_only =
+                            restore.is_some_and(|n| self.store.not_durable.contains(&n));
+                        if visible_only != restore_pending {
+                            self.fail(&format!(
+                                "{worker} restores {restore:?} marked pending {restore_pending}, durable {}",
+                                !visible_only
+                            ));
+                        }
                         // Rule 2: a recovery restores the newest committed
                         // checkpoint (and works under the newest epoch).
                         if restore != self.store.latest() {
@@ -1006,6 +1027,13 @@ impl World {
                     }
                 }
                 Action::Send { conn, msg } => {
+                    if let ToWorker::Committed { checkpoint } = &msg {
+                        if self.store.not_durable.contains(checkpoint) {
+                            self.fail(&format!(
+                                "Committed({checkpoint}) sent before its commit is durable"
+                            ));
+                        }
+                    }
                     if let Some(&pid) = self.conn_pid.get(&conn) {
                         let d = self.rng.between(0, 2);
                         self.at(d, Event::Worker { pid, msg });
@@ -1056,6 +1084,7 @@ impl World {
                             self.fail("a manifest without every worker's ack");
                         }
                         self.store.committed.insert(m.checkpoint, m.epoch);
+                        self.store.not_durable.insert(m.checkpoint);
                         Fact::CommitDone {
                             checkpoint: m.checkpoint,
                             epoch: m.epoch,
@@ -2520,10 +2549,10 @@ mod scenarios {
     }
 
     #[test]
-    fn test_a_slow_commit_does_not_delay_handling_an_exit() {
+    fn test_a_slow_commit_does_not_delay_a_recovery_and_its_sinks_wait_for_it() {
         let mut w = running(0, 3);
         w.slow_commits = Some(ms(2000));
-        // Run until a commit is in flight.
+        // Run until a commit is in flight (visible in the store, not durable).
         for _ in 0..200 {
             if w.ctl.commits_in_flight() > 0 {
                 break;
@@ -2531,6 +2560,11 @@ mod scenarios {
             w.run_for(ms(1));
         }
         assert!(w.ctl.commits_in_flight() > 0, "a commit is in flight");
+        let pending = *w
+            .store
+            .not_durable
+            .last()
+            .expect("a commit not yet durable");
         let (victim, _) = w.proc_of("count-1", Slot::Primary);
         let t = w.now;
         w.die(victim, ExitKind::Signal(9));
@@ -2540,17 +2574,60 @@ mod scenarios {
             acted.iter().any(|a| matches!(a, Action::Send { msg: ToWorker::Halt, .. })),
             "the exit is handled at once (the others halted), with the commit still in flight: {acted:?}"
         );
-        assert_eq!(w.ctl.state(), JobState::Recovering);
-        assert!(
-            !acted.iter().any(|a| matches!(a, Action::ClaimEpoch(_))),
-            "the next attempt waits for the commit's answer (rule 2)"
-        );
-        w.run_for(ms(2500));
+        w.run_for(ms(300));
         assert_eq!(
             w.ctl.state(),
             JobState::Running,
-            "recovered once the commit answered"
+            "recovered without waiting for the commit's answer"
         );
+        assert!(
+            w.ctl.commits_in_flight() > 0,
+            "the commit is still in flight"
+        );
+        assert_eq!(
+            w.ctl.restored(),
+            Some(pending),
+            "the visible checkpoint is restored"
+        );
+        let acted = w.actions_since(t);
+        let assigned: Vec<bool> = acted
+            .iter()
+            .filter_map(|a| match a {
+                Action::Assign {
+                    standby: false,
+                    restore_pending,
+                    ..
+                } => Some(*restore_pending),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !assigned.is_empty() && assigned.iter().all(|p| *p),
+            "every assignment marks the restore pending: {assigned:?}"
+        );
+        let told = |acted: &[Action]| {
+            acted
+                .iter()
+                .filter(|a| matches!(a, Action::Send { msg: ToWorker::Committed { checkpoint }, .. } if *checkpoint == pending))
+                .count()
+        };
+        assert_eq!(
+            told(&acted),
+            0,
+            "nobody is told it is committed before it is durable"
+        );
+        let t = w.now;
+        w.run_for(ms(2000));
+        assert!(
+            !w.store.not_durable.contains(&pending),
+            "the commit answered"
+        );
+        assert_eq!(
+            told(&w.actions_since(t)),
+            w.plan.len(),
+            "once durable, every primary of the attempt hears of it"
+        );
+        assert_eq!(w.ctl.state(), JobState::Running);
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! Each result comes back to the shell as a controller [`Fact`], so a slow
 //! store never delays handling a worker's exit or heartbeat.
 //!
-//! Commits and claims share one queue because their order matters: a
-//! recovery's claim must come after every commit of the failed attempt (the
-//! controller also waits for those to be answered before it asks).
+//! Commits run in order in a task of their own; a claim runs beside them,
+//! so a recovery does not wait for a commit's sync. The store orders the
+//! two (`JobStore`'s fence, rule 5 in `lazarus_storage::commit`): a claim
+//! finds each commit of the failed attempt decided, its manifest visible
+//! (the newest the claim reports, perhaps not yet durable: the controller
+//! then holds the sinks until [`Fact::CommitDone`]) or fenced.
 //! Retention may overlap a commit: it never deletes a chunk newer than the
 //! newest committed checkpoint nor one a retained manifest references
 //! (`lazarus_storage::retention`).
@@ -52,6 +55,22 @@ impl StorageWorker {
         cancel: CancellationToken,
     ) -> StorageWorker {
         let (queue, mut rx) = mpsc::unbounded_channel::<StorageRequest>();
+        let (commits, mut commit_rx) = mpsc::unbounded_channel::<Box<Manifest>>();
+        {
+            let (js, facts, cancel) = (js.clone(), facts.clone(), cancel.clone());
+            tracker.spawn(async move {
+                loop {
+                    let manifest = tokio::select! {
+                        m = commit_rx.recv() => match m {
+                            Some(m) => m,
+                            None => break,
+                        },
+                        _ = cancel.cancelled() => break,
+                    };
+                    let _ = facts.send(commit(&js, &manifest).await);
+                }
+            });
+        }
         let inner = tracker.clone();
         tracker.spawn(async move {
             loop {
@@ -64,16 +83,15 @@ impl StorageWorker {
                 };
                 match req {
                     StorageRequest::Commit(manifest) => {
-                        let fact = commit(&js, &manifest).await;
-                        let _ = facts.send(fact);
+                        let _ = commits.send(manifest);
                     }
                     StorageRequest::ClaimEpoch(epoch) => {
                         let fact = claim(&js, epoch).await;
                         let claimed = matches!(fact, Fact::EpochClaimed { .. });
                         let _ = facts.send(fact);
-                        // Durable before the next request (a commit under
-                        // it) runs; if this fails, that commit syncs again
-                        // and fails with the reason.
+                        // Made durable now, while the recovery restores; a
+                        // commit under it syncs it first if this has not
+                        // (or failed: that commit then fails with the reason).
                         if claimed {
                             let watch = crate::clock::Stopwatch::start();
                             match js.make_claim_durable(epoch).await {
