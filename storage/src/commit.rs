@@ -29,6 +29,20 @@ use crate::keys;
 use crate::manifest::Manifest;
 use crate::store::JobStore;
 
+/// What a claim found ([`JobStore::claim_epoch_visible`]); hand it to
+/// [`JobStore::latest_after_claim`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// The epoch claimed.
+    pub epoch: Epoch,
+    /// This call created the marker (`false`: it was there already, a
+    /// retry or a writer that claimed the same epoch).
+    pub created: bool,
+    /// The highest other epoch listed right after the marker was put
+    /// (`Epoch(0)`: none); below `epoch`, or the claim was fenced.
+    pub highest_other: Epoch,
+}
+
 impl JobStore {
     /// Claims `epoch` for this job: from now on commits with a lower epoch
     /// are fenced. Fails with [`StorageError::Fenced`] if a higher epoch has
@@ -45,9 +59,20 @@ impl JobStore {
     /// [`JobStore::make_claim_durable`]. A recovery restores meanwhile;
     /// this handle's first commit under `epoch` makes the claim durable
     /// before its manifest, so no checkpoint of the epoch outlives its
-    /// claim. Returns whether this call created the marker (`false`: it
-    /// was there already, a retry or a writer that claimed the same epoch).
-    pub async fn claim_epoch_visible(&self, epoch: Epoch) -> Result<bool> {
+    /// claim.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), lazarus_storage::StorageError> {
+    /// use lazarus_storage::*;
+    /// let job = CheckpointStore::open("memory://")?.job(JobId::new("j")?);
+    /// let claim = job.claim_epoch_visible(Epoch(2)).await?;
+    /// assert!(claim.created);
+    /// assert_eq!(job.latest_after_claim(&claim).await?, None, "nothing committed yet");
+    /// job.make_claim_durable(Epoch(2)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn claim_epoch_visible(&self, epoch: Epoch) -> Result<Claim> {
         let rel = keys::epoch_marker(epoch);
         let body = serde_json::to_vec(&serde_json::json!({ "epoch": epoch.0 }))
             .expect("a json value always serializes");
@@ -66,15 +91,26 @@ impl JobStore {
             *fence = (*fence).max(epoch.0);
             created
         };
-        let current = self.current_epoch().await?;
-        if current > epoch {
+        let highest_other = self
+            .list_rel(keys::EPOCHS)
+            .await?
+            .iter()
+            .filter_map(|(key, _)| keys::parse_epoch_marker(key))
+            .filter(|e| *e != epoch)
+            .max()
+            .unwrap_or(Epoch(0));
+        if highest_other > epoch {
             return Err(StorageError::Fenced {
                 job: self.job.to_string(),
                 attempted: epoch,
-                current,
+                current: highest_other,
             });
         }
-        Ok(created)
+        Ok(Claim {
+            epoch,
+            created,
+            highest_other,
+        })
     }
 
     /// Makes the claim of `epoch` durable (local directories: its marker
@@ -89,17 +125,15 @@ impl JobStore {
         Ok(())
     }
 
-    /// The newest committed checkpoint, right after a claim of `claimed`
-    /// that `created` its marker ([`JobStore::claim_epoch_visible`]). Reads
-    /// the newest manifest only, instead of every manifest, when no epoch
-    /// above that manifest's was claimed but `claimed` (then no manifest
-    /// with a smaller id can fence it, see the zombie rule in `reader`);
-    /// otherwise it is [`JobStore::latest`]. `None`: no checkpoint yet.
-    pub async fn latest_after_claim(
-        &self,
-        claimed: Epoch,
-        created: bool,
-    ) -> Result<Option<Manifest>> {
+    /// The newest committed checkpoint, right after `claim`
+    /// ([`JobStore::claim_epoch_visible`]). When the claim created its
+    /// marker, reads the newest manifest only, instead of every manifest,
+    /// if no epoch above that manifest's was claimed but the claim's own
+    /// (then no manifest with a smaller id can fence it, see the zombie rule
+    /// in `reader`; an epoch claimed after the listing in `claim` is fenced
+    /// by it and lands nothing); otherwise it is [`JobStore::latest`].
+    /// `None`: no checkpoint yet.
+    pub async fn latest_after_claim(&self, claim: &Claim) -> Result<Option<Manifest>> {
         let newest = self
             .list_rel(keys::MANIFESTS)
             .await?
@@ -109,17 +143,9 @@ impl JobStore {
         let Some(newest) = newest else {
             return Ok(None);
         };
-        if created {
+        if claim.created {
             if let Ok(m) = self.read_manifest(&keys::manifest(newest), newest).await {
-                let others = self
-                    .list_rel(keys::EPOCHS)
-                    .await?
-                    .iter()
-                    .filter_map(|(key, _)| keys::parse_epoch_marker(key))
-                    .filter(|e| *e != claimed)
-                    .max()
-                    .unwrap_or(Epoch(0));
-                if others <= m.epoch && m.epoch < claimed {
+                if claim.highest_other <= m.epoch && m.epoch < claim.epoch {
                     return Ok(Some(m));
                 }
             }

@@ -66,6 +66,7 @@ mod writer;
 
 pub use backend::StoreOptions;
 pub use cache::{LocalCache, MappedChunk, RestoredWorker};
+pub use commit::Claim;
 pub use error::{CorruptReason, ErrorKind, Result, StorageError};
 pub use frame::Codec;
 pub use ids::{CheckpointId, Epoch, JobId, WorkerId};

@@ -309,46 +309,50 @@ async fn test_latest_after_a_visible_claim_agrees_with_latest(env: &Env) {
     let js = env.store.job(job("claim"));
     let part = |id: &str| vec![("w", "s", id.as_bytes().to_vec(), Codec::None)];
     let newest = |m: Option<Manifest>| m.map(|m| m.checkpoint.0);
-    assert!(js.claim_epoch_visible(Epoch(1)).await.expect("claim 1"));
-    let l = js.latest_after_claim(Epoch(1), true).await.expect("none");
+    let claim = |e: u64| {
+        let js = js.clone();
+        async move { js.claim_epoch_visible(Epoch(e)).await }
+    };
+    let c = claim(1).await.expect("claim 1");
+    assert!(c.created);
+    assert_eq!(c.highest_other, Epoch(0), "no other epoch");
+    let l = js.latest_after_claim(&c).await.expect("none");
     assert_eq!(newest(l), None, "no checkpoint yet");
     commit_checkpoint(&js, 1, 1, &part("1"), &[]).await;
     commit_checkpoint(&js, 2, 1, &part("2"), &[]).await;
-    assert!(js.claim_epoch_visible(Epoch(2)).await.expect("claim 2"));
-    let l = js.latest_after_claim(Epoch(2), true).await.expect("latest");
+    let c = claim(2).await.expect("claim 2");
+    assert_eq!((c.created, c.highest_other), (true, Epoch(1)));
+    let l = js.latest_after_claim(&c).await.expect("latest");
     assert_eq!(newest(l), Some(2));
     // Id 4 under epoch 2, then id 3 under epoch 3: 4 is a zombie's.
     commit_checkpoint(&js, 4, 2, &part("4"), &[]).await;
-    assert!(js.claim_epoch_visible(Epoch(3)).await.expect("claim 3"));
+    assert!(claim(3).await.expect("claim 3").created);
     commit_checkpoint(&js, 3, 3, &part("3"), &[]).await;
     assert_eq!(
         js.latest().await.expect("latest").checkpoint,
         CheckpointId(3)
     );
-    assert!(js.claim_epoch_visible(Epoch(4)).await.expect("claim 4"));
-    let l = js.latest_after_claim(Epoch(4), true).await.expect("latest");
+    let c = claim(4).await.expect("claim 4");
+    assert_eq!((c.created, c.highest_other), (true, Epoch(3)));
+    let l = js.latest_after_claim(&c).await.expect("latest");
     assert_eq!(
         newest(l),
         Some(3),
         "the zombie's newer id is not the newest"
     );
     // Claimed again (a retry): not created, read in full.
-    assert!(!js.claim_epoch_visible(Epoch(4)).await.expect("again"));
-    let l = js
-        .latest_after_claim(Epoch(4), false)
-        .await
-        .expect("latest");
+    let c = claim(4).await.expect("again");
+    assert!(!c.created);
+    let l = js.latest_after_claim(&c).await.expect("latest");
     assert_eq!(newest(l), Some(3));
     // The visible claim fences a lower epoch at once, and the epoch commits.
-    let err = js
-        .claim_epoch_visible(Epoch(2))
-        .await
-        .expect_err("below the claim");
+    let err = claim(2).await.expect_err("below the claim");
     assert_eq!(err.kind(), ErrorKind::Fenced);
     commit_checkpoint(&js, 5, 4, &part("5"), &[]).await;
     js.make_claim_durable(Epoch(4)).await.expect("durable");
-    assert!(js.claim_epoch_visible(Epoch(5)).await.expect("claim 5"));
-    let l = js.latest_after_claim(Epoch(5), true).await.expect("latest");
+    let c = claim(5).await.expect("claim 5");
+    assert!(c.created);
+    let l = js.latest_after_claim(&c).await.expect("latest");
     assert_eq!(newest(l), Some(5));
 }
 
@@ -385,9 +389,9 @@ async fn test_a_claim_finds_a_racing_commit_decided(env: &Env) {
         while start.elapsed() < std::time::Duration::from_micros(15 * trial) {
             std::hint::spin_loop();
         }
-        let created = js.claim_epoch_visible(Epoch(2)).await.expect("claim");
+        let claim = js.claim_epoch_visible(Epoch(2)).await.expect("claim");
         let latest = js
-            .latest_after_claim(Epoch(2), created)
+            .latest_after_claim(&claim)
             .await
             .expect("latest")
             .map(|m| m.checkpoint.0);

@@ -150,8 +150,8 @@ async fn claim(js: &JobStore, epoch: Epoch) -> Fact {
     let span = tracing::info_span!("claim_epoch", %epoch);
     async {
         let watch = crate::clock::Stopwatch::start();
-        let created = match js.claim_epoch_visible(epoch).await {
-            Ok(created) => created,
+        let claim = match js.claim_epoch_visible(epoch).await {
+            Ok(claim) => claim,
             Err(e) if e.kind() == ErrorKind::Fenced => {
                 return Fact::EpochFenced {
                     error: e.to_string(),
@@ -164,7 +164,7 @@ async fn claim(js: &JobStore, epoch: Epoch) -> Fact {
             }
         };
         let claimed = watch.elapsed();
-        let latest = js.latest_after_claim(epoch, created).await;
+        let latest = js.latest_after_claim(&claim).await;
         tracing::info!(
             claim_us = claimed.as_micros() as u64,
             latest_us = (watch.elapsed() - claimed).as_micros() as u64,
