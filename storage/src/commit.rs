@@ -24,10 +24,19 @@ use tracing::Instrument;
 
 use crate::error::{ErrorKind, Result, StorageError};
 use crate::frame::{self, Codec, FrameKind};
-use crate::ids::Epoch;
+use crate::ids::{CheckpointId, Epoch};
 use crate::keys;
 use crate::manifest::Manifest;
 use crate::store::JobStore;
+
+/// What a handle's claims and commits share (rule 5).
+#[derive(Debug, Default)]
+pub(crate) struct Fence {
+    /// The highest epoch claimed through the handle.
+    claimed: u64,
+    /// The last manifest the handle put (id, epoch), until a claim uses it.
+    last_put: Option<(CheckpointId, Epoch)>,
+}
 
 /// What a claim found ([`JobStore::claim_epoch_visible`]); hand it to
 /// [`JobStore::latest_after_claim`].
@@ -88,7 +97,7 @@ impl JobStore {
                 Err(object_store::Error::AlreadyExists { .. }) => false,
                 Err(e) => return Err(StorageError::backend("put", self.full_key(&rel), e)),
             };
-            *fence = (*fence).max(epoch.0);
+            fence.claimed = fence.claimed.max(epoch.0);
             created
         };
         let highest_other = self
@@ -127,13 +136,14 @@ impl JobStore {
 
     /// The newest committed checkpoint, right after `claim`
     /// ([`JobStore::claim_epoch_visible`]). When the claim created its
-    /// marker, reads the newest manifest only, instead of every manifest,
-    /// if no epoch above that manifest's was claimed but the claim's own
-    /// (then no manifest with a smaller id can fence it, see the zombie rule
-    /// in `reader`; an epoch claimed after the listing in `claim` is fenced
-    /// by it and lands nothing); otherwise it is [`JobStore::latest`].
-    /// `None`: no checkpoint yet.
-    pub async fn latest_after_claim(&self, claim: &Claim) -> Result<Option<Manifest>> {
+    /// marker and no epoch above the newest manifest's was claimed but the
+    /// claim's own, that manifest is the newest (no manifest with a smaller
+    /// id can fence it, see the zombie rule in `reader`; an epoch claimed
+    /// after the listing in `claim` is fenced by it and lands nothing). Its
+    /// epoch is read from it, or known without a read when this handle put
+    /// it last. Otherwise it is
+    /// [`JobStore::latest`]. `None`: no checkpoint yet.
+    pub async fn latest_after_claim(&self, claim: &Claim) -> Result<Option<CheckpointId>> {
         let newest = self
             .list_rel(keys::MANIFESTS)
             .await?
@@ -144,14 +154,23 @@ impl JobStore {
             return Ok(None);
         };
         if claim.created {
-            if let Ok(m) = self.read_manifest(&keys::manifest(newest), newest).await {
-                if claim.highest_other <= m.epoch && m.epoch < claim.epoch {
-                    return Ok(Some(m));
+            let put_here = self.fence.lock().await.last_put.take();
+            let epoch = match put_here.filter(|(id, _)| *id == newest) {
+                Some((_, epoch)) => Some(epoch),
+                None => self
+                    .read_manifest(&keys::manifest(newest), newest)
+                    .await
+                    .ok()
+                    .map(|m| m.epoch),
+            };
+            if let Some(epoch) = epoch {
+                if claim.highest_other <= epoch && epoch < claim.epoch {
+                    return Ok(Some(newest));
                 }
             }
         }
         match self.latest().await {
-            Ok(m) => Ok(Some(m)),
+            Ok(m) => Ok(Some(m.checkpoint)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -216,16 +235,21 @@ impl JobStore {
             )?;
             // Rule 5: checked again, with the put, under the claims' lock.
             let put = {
-                let fence = self.fence.lock().await;
-                if *fence > manifest.epoch.0 {
+                let mut fence = self.fence.lock().await;
+                if fence.claimed > manifest.epoch.0 {
                     return Err(StorageError::Fenced {
                         job: self.job.to_string(),
                         attempted: manifest.epoch,
-                        current: Epoch(*fence),
+                        current: Epoch(fence.claimed),
                     });
                 }
-                self.put_small(&rel, PutPayload::from(encoded.to_vec()), true)
-                    .await
+                let put = self
+                    .put_small(&rel, PutPayload::from(encoded.to_vec()), true)
+                    .await;
+                if put.is_ok() {
+                    fence.last_put = Some((manifest.checkpoint, manifest.epoch));
+                }
+                put
             };
             match put {
                 Ok(()) => {

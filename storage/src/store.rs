@@ -155,10 +155,11 @@ pub struct JobStore {
     /// durable: a commit under a claim made only visible syncs it first.
     pub(crate) claims_durable: Arc<std::sync::atomic::AtomicU64>,
     /// Serializes this handle's claims against its commits' last check and
-    /// manifest put, and holds the highest epoch claimed through it: a claim
-    /// finds each of the handle's commits decided (its manifest visible, or
-    /// it will be fenced), so a recovery need not wait for a commit's sync.
-    pub(crate) fence: Arc<tokio::sync::Mutex<u64>>,
+    /// manifest put, and holds the highest epoch claimed through it and the
+    /// last manifest it put: a claim finds each of the handle's commits
+    /// decided (its manifest visible, or it will be fenced), so a recovery
+    /// need not wait for a commit's sync.
+    pub(crate) fence: Arc<tokio::sync::Mutex<crate::commit::Fence>>,
 }
 
 impl std::fmt::Debug for JobStore {

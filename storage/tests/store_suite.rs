@@ -308,7 +308,7 @@ async fn test_fencing_refuses_lower_epochs(env: &Env) {
 async fn test_latest_after_a_visible_claim_agrees_with_latest(env: &Env) {
     let js = env.store.job(job("claim"));
     let part = |id: &str| vec![("w", "s", id.as_bytes().to_vec(), Codec::None)];
-    let newest = |m: Option<Manifest>| m.map(|m| m.checkpoint.0);
+    let newest = |m: Option<CheckpointId>| m.map(|m| m.0);
     let claim = |e: u64| {
         let js = js.clone();
         async move { js.claim_epoch_visible(Epoch(e)).await }
@@ -356,6 +356,38 @@ async fn test_latest_after_a_visible_claim_agrees_with_latest(env: &Env) {
     assert_eq!(newest(l), Some(5));
 }
 
+/// Right after a claim, the newest manifest this very handle put is known
+/// without reading it: damaged after its commit, it is still named by the
+/// claim (a restore would then refuse it, and the next recovery reads it
+/// and falls back past it). A handle that did not put it reads it.
+async fn test_a_claim_knows_the_manifest_its_handle_put_last(env: &Env) {
+    let js = env.store.job(job("put-here"));
+    let part = |id: &str| vec![("w", "s", id.as_bytes().to_vec(), Codec::None)];
+    commit_checkpoint(&js, 1, 1, &part("1"), &[]).await;
+    commit_checkpoint(&js, 2, 1, &part("2"), &[]).await;
+    env.flip_byte(&js.full_key("manifests/00000000000000000002.manifest"), 40)
+        .await;
+    let claim = js.claim_epoch_visible(Epoch(2)).await.expect("claim 2");
+    assert_eq!(
+        js.latest_after_claim(&claim).await.expect("latest"),
+        Some(CheckpointId(2)),
+        "the handle that put it knows its epoch without reading it"
+    );
+    let claim = js.claim_epoch_visible(Epoch(3)).await.expect("claim 3");
+    assert_eq!(
+        js.latest_after_claim(&claim).await.expect("latest"),
+        Some(CheckpointId(1)),
+        "a later claim (an epoch above the manifest's was claimed since) reads in full and falls back past it"
+    );
+    let other = env.store.job(job("put-here"));
+    let claim = other.claim_epoch_visible(Epoch(4)).await.expect("claim 4");
+    assert_eq!(
+        other.latest_after_claim(&claim).await.expect("latest"),
+        Some(CheckpointId(1)),
+        "another handle reads it"
+    );
+}
+
 /// A claim racing a commit of the same handle (a recovery while its
 /// supervisor's last commit is in flight) finds the commit decided: either
 /// its manifest is the newest the claim reads, or the commit is fenced.
@@ -394,7 +426,7 @@ async fn test_a_claim_finds_a_racing_commit_decided(env: &Env) {
             .latest_after_claim(&claim)
             .await
             .expect("latest")
-            .map(|m| m.checkpoint.0);
+            .map(|m| m.0);
         match committing.await.expect("commit task") {
             Ok(()) => {
                 landed += 1;
@@ -1043,6 +1075,7 @@ suite!(
     test_fencing_refuses_lower_epochs,
     test_latest_after_a_visible_claim_agrees_with_latest,
     test_a_claim_finds_a_racing_commit_decided,
+    test_a_claim_knows_the_manifest_its_handle_put_last,
     test_retention_keeps_shared_and_in_progress_chunks,
     test_falls_back_past_corrupt_and_incomplete,
     test_damaged_cache_file_is_fetched_again,

@@ -171,10 +171,7 @@ async fn claim(js: &JobStore, epoch: Epoch) -> Fact {
             "epoch claimed"
         );
         match latest {
-            Ok(m) => Fact::EpochClaimed {
-                epoch,
-                latest: m.map(|m| m.checkpoint),
-            },
+            Ok(latest) => Fact::EpochClaimed { epoch, latest },
             Err(e) => Fact::StorageFailed {
                 error: format!("reading the latest checkpoint: {e}"),
             },
