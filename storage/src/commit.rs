@@ -34,7 +34,7 @@ use crate::store::JobStore;
 pub(crate) struct Fence {
     /// The highest epoch claimed through the handle.
     claimed: u64,
-    /// The last manifest the handle put (id, epoch), until a claim uses it.
+    /// The last manifest the handle put (id, epoch).
     last_put: Option<(CheckpointId, Epoch)>,
 }
 
@@ -100,14 +100,7 @@ impl JobStore {
             fence.claimed = fence.claimed.max(epoch.0);
             created
         };
-        let highest_other = self
-            .list_rel(keys::EPOCHS)
-            .await?
-            .iter()
-            .filter_map(|(key, _)| keys::parse_epoch_marker(key))
-            .filter(|e| *e != epoch)
-            .max()
-            .unwrap_or(Epoch(0));
+        let highest_other = self.highest_epoch_except(Some(epoch)).await?;
         if highest_other > epoch {
             return Err(StorageError::Fenced {
                 job: self.job.to_string(),
@@ -154,7 +147,7 @@ impl JobStore {
             return Ok(None);
         };
         if claim.created {
-            let put_here = self.fence.lock().await.last_put.take();
+            let put_here = self.fence.lock().await.last_put;
             let epoch = match put_here.filter(|(id, _)| *id == newest) {
                 Some((_, epoch)) => Some(epoch),
                 None => self
@@ -178,11 +171,17 @@ impl JobStore {
 
     /// The highest epoch that has claimed this job (0 if none has).
     pub async fn current_epoch(&self) -> Result<Epoch> {
+        self.highest_epoch_except(None).await
+    }
+
+    /// The highest claimed epoch other than `except` (0 if none).
+    async fn highest_epoch_except(&self, except: Option<Epoch>) -> Result<Epoch> {
         Ok(self
             .list_rel(keys::EPOCHS)
             .await?
             .iter()
             .filter_map(|(key, _)| keys::parse_epoch_marker(key))
+            .filter(|e| Some(*e) != except)
             .max()
             .unwrap_or(Epoch(0)))
     }

@@ -864,9 +864,6 @@ pub struct JobController {
     newest_committed: Option<CheckpointId>,
     /// The checkpoint the current attempt restored.
     restored: Option<CheckpointId>,
-    /// `restored`, while its commit (of the failed attempt) is visible in
-    /// the store but not reported durable (rule 2).
-    restore_pending: Option<CheckpointId>,
     coordinator: CheckpointCoordinator,
     /// Commits under way, with the bytes of records in flight each holds.
     commits_in_flight: BTreeMap<CheckpointId, u64>,
@@ -988,7 +985,6 @@ impl JobController {
             next_id,
             newest_committed: latest,
             restored: None,
-            restore_pending: None,
             coordinator,
             commits_in_flight: BTreeMap::new(),
             retention_running: false,
@@ -1397,12 +1393,12 @@ impl JobController {
                 epoch,
                 error,
             } => {
+                let restored = self.restore_pending() == Some(checkpoint);
                 self.commits_in_flight.remove(&checkpoint);
                 tracing::warn!(%checkpoint, %error, "commit failed");
-                if self.restore_pending == Some(checkpoint) {
+                if restored {
                     // Restored while visible, and now not known durable:
                     // its sinks must not recover it. Again from the store.
-                    self.restore_pending = None;
                     if matches!(self.phase, Phase::Starting { .. } | Phase::Running) {
                         self.fail(
                             now,
@@ -1437,14 +1433,10 @@ impl JobController {
                         self.newest_committed = Some(self.newest_committed.map_or(l, |n| n.max(l)));
                         self.next_id = self.next_id.max(l.next());
                     }
-                    // A commit still in flight that the claim found visible.
-                    self.restore_pending = latest.filter(|l| {
-                        self.commits_in_flight.contains_key(l) && Some(*l) == self.newest_committed
-                    });
-                    if let Some(n) = self.restore_pending {
+                    self.begin_attempt(now);
+                    if let Some(n) = self.restore_pending() {
                         tracing::info!(checkpoint = %n, "restoring a checkpoint whose commit is not yet durable: sinks wait for it");
                     }
-                    self.begin_attempt(now);
                 }
             }
             Fact::EpochFenced { error } => {
@@ -1701,6 +1693,14 @@ impl JobController {
     /// workers of untouched regions keep an older one).
     pub fn attempt_of(&self, worker: &WorkerId) -> u64 {
         self.att_of.get(worker).copied().unwrap_or(self.attempt)
+    }
+
+    /// The checkpoint the attempt restored while its commit (of the failed
+    /// attempt, which the claim found visible) is still in flight: not yet
+    /// durable, so sinks wait before they recover it (rule 2).
+    fn restore_pending(&self) -> Option<CheckpointId> {
+        self.restored
+            .filter(|r| self.commits_in_flight.contains_key(r))
     }
 
     fn is_active(&self) -> bool {
@@ -2219,8 +2219,7 @@ impl JobController {
             host: host.to_string(),
             epoch: self.epoch,
             restore: self.restored,
-            restore_pending: self.restore_pending.is_some()
-                && self.restore_pending == self.restored,
+            restore_pending: self.restore_pending().is_some(),
             standby: false,
             replay: self
                 .clock
@@ -2784,6 +2783,7 @@ impl JobController {
         epoch: Epoch,
         bytes: u64,
     ) {
+        let restored = self.restore_pending() == Some(checkpoint);
         if let Some(in_flight) = self
             .commits_in_flight
             .remove(&checkpoint)
@@ -2798,10 +2798,9 @@ impl JobController {
         );
         self.summary.committed += 1;
         self.summary.last_checkpoint = self.newest_committed;
-        if self.restore_pending == Some(checkpoint) {
+        if restored {
             // The attempt's restored checkpoint is durable now: its sinks
             // recover it (rule 2).
-            self.restore_pending = None;
             if matches!(self.phase, Phase::Starting { .. } | Phase::Running) {
                 self.broadcast(ToWorker::Committed { checkpoint });
             }

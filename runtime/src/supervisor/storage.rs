@@ -59,28 +59,14 @@ impl StorageWorker {
         {
             let (js, facts, cancel) = (js.clone(), facts.clone(), cancel.clone());
             tracker.spawn(async move {
-                loop {
-                    let manifest = tokio::select! {
-                        m = commit_rx.recv() => match m {
-                            Some(m) => m,
-                            None => break,
-                        },
-                        _ = cancel.cancelled() => break,
-                    };
+                while let Some(manifest) = next(&mut commit_rx, &cancel).await {
                     let _ = facts.send(commit(&js, &manifest).await);
                 }
             });
         }
         let inner = tracker.clone();
         tracker.spawn(async move {
-            loop {
-                let req = tokio::select! {
-                    req = rx.recv() => match req {
-                        Some(r) => r,
-                        None => break,
-                    },
-                    _ = cancel.cancelled() => break,
-                };
+            while let Some(req) = next(&mut rx, &cancel).await {
                 match req {
                     StorageRequest::Commit(manifest) => {
                         let _ = commits.send(manifest);
@@ -116,6 +102,14 @@ impl StorageWorker {
     /// Queues `req`.
     pub fn send(&self, req: StorageRequest) {
         let _ = self.queue.send(req);
+    }
+}
+
+/// The next item of `rx`; `None` once it is closed or `cancel` fires.
+async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>, cancel: &CancellationToken) -> Option<T> {
+    tokio::select! {
+        item = rx.recv() => item,
+        _ = cancel.cancelled() => None,
     }
 }
 
