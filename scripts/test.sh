@@ -109,6 +109,10 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! id postgres >/de
     rm -f /usr/sbin/policy-rc.d
 fi
 
+# The storage test that fails a disk under a commit: ext4 on a loop device.
+command -v mkfs.ext4 >/dev/null && command -v dumpe2fs >/dev/null || apt_install e2fsprogs
+command -v losetup >/dev/null && command -v fallocate >/dev/null || apt_install util-linux
+
 # etcd for the HA tests: the binary only; each test starts its own servers.
 install_etcd() {
     command -v python3 >/dev/null || apt_install python3 python3-venv

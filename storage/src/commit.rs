@@ -141,6 +141,7 @@ impl JobStore {
             .list_rel(keys::MANIFESTS)
             .await?
             .iter()
+            .filter(|(key, _)| !self.is_withdrawn(key))
             .filter_map(|(key, _)| keys::parse_manifest(key))
             .max();
         let Some(newest) = newest else {
@@ -190,7 +191,10 @@ impl JobStore {
     /// committed and durable. Errors: [`StorageError::Fenced`] if a higher
     /// epoch claimed the job, [`StorageError::AlreadyCommitted`] if another
     /// writer committed this id first, `InvalidArgument` if the manifest is
-    /// not for this job or references chunks it may not.
+    /// not for this job or references chunks it may not,
+    /// [`StorageError::NotDurable`] if the manifest was put but its sync
+    /// failed (it is withdrawn: removed, and never listed again by this
+    /// process).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -215,8 +219,9 @@ impl JobStore {
                     what: "manifest",
                     reason,
                 })?;
-            // Rule 2, and the claim durable before anything committed under it.
-            self.claim_epoch(manifest.epoch).await?;
+            // Rules 1 and 2, and the claim durable before anything committed
+            // under it.
+            self.claim_for_commit(manifest.epoch).await?;
             // The directory entries of the chunks this checkpoint wrote must be
             // durable before the manifest that makes them reachable.
             let written: Vec<String> = manifest
@@ -252,7 +257,9 @@ impl JobStore {
             };
             match put {
                 Ok(()) => {
-                    self.make_durable(&rel, true).await?;
+                    if let Err(cause) = self.make_durable(&rel, true).await {
+                        return Err(self.withdraw(&rel, manifest.checkpoint, cause).await);
+                    }
                     tracing::info!(
                         bytes = manifest.stored_bytes(),
                         us = started.elapsed().as_micros() as u64,
@@ -289,5 +296,109 @@ impl JobStore {
         }
         .instrument(span)
         .await
+    }
+
+    /// Rules 1 and 2 for a commit under `epoch`: its claim, and the check
+    /// that no higher epoch has claimed the job. The marker is put (and
+    /// made durable) unless this handle claimed exactly `epoch` and made
+    /// that claim durable already: markers are never removed, so the put
+    /// would find it there, and on S3 it is a conditional PUT per
+    /// checkpoint on the commit's path. The listing stays: it is the check.
+    async fn claim_for_commit(&self, epoch: Epoch) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let claimed_here = self.fence.lock().await.claimed == epoch.0
+            && self.claims_durable.load(Ordering::Acquire) >= epoch.0;
+        if !claimed_here {
+            return self.claim_epoch(epoch).await;
+        }
+        let current = self.highest_epoch_except(Some(epoch)).await?;
+        if current > epoch {
+            return Err(StorageError::Fenced {
+                job: self.job.to_string(),
+                attempted: epoch,
+                current,
+            });
+        }
+        Ok(())
+    }
+
+    /// Withdraws the manifest at `rel`, put but not made durable (`cause`):
+    /// no reader of this process lists it from now on, the handle forgets
+    /// it put it, and it is removed (with its directory entry synced) if the
+    /// disk lets us. A recovery that restored it meanwhile learns from the
+    /// commit's error that it is not durable.
+    async fn withdraw(&self, rel: &str, id: CheckpointId, cause: StorageError) -> StorageError {
+        let key = self.full_key(rel);
+        self.store
+            .withdrawn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
+        {
+            let mut fence = self.fence.lock().await;
+            if fence.last_put.is_some_and(|(put, _)| put == id) {
+                fence.last_put = None;
+            }
+        }
+        let removed = match self.delete_rel(rel).await {
+            Ok(()) => self.make_dirs_durable(vec![rel.to_string()]).await,
+            Err(e) => Err(e),
+        };
+        let withdrawal = match removed {
+            Ok(()) => "it was removed".to_string(),
+            Err(e) => format!("removing it failed too ({e}); this process no longer lists it"),
+        };
+        tracing::error!(checkpoint = %id, %key, %cause, %withdrawal, "manifest not durable: withdrawn");
+        StorageError::NotDurable {
+            job: self.job.to_string(),
+            id,
+            key,
+            cause: cause.to_string(),
+            withdrawal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{CheckpointId, CheckpointStore, Epoch, JobId, Manifest};
+
+    /// A manifest withdrawn but not removed (the disk refused the removal
+    /// too) is passed over by every reader of the store that withdrew it.
+    /// (`storage/tests/failing_disk.rs` fails a real disk under a commit.)
+    #[tokio::test]
+    async fn test_a_withdrawn_manifest_is_never_listed() {
+        let store = CheckpointStore::open("memory://").expect("memory store");
+        let job = store.job(JobId::new("j").expect("job"));
+        for id in [1, 2] {
+            let m = Manifest::new(job.job().clone(), CheckpointId(id), Epoch(1));
+            job.commit(&m).await.expect("commit");
+        }
+        assert_eq!(
+            job.latest().await.expect("latest").checkpoint,
+            CheckpointId(2)
+        );
+        job.store
+            .withdrawn
+            .lock()
+            .expect("withdrawn set")
+            .insert(job.full_key(&crate::keys::manifest(CheckpointId(2))));
+        job.fence.lock().await.last_put = None;
+        let other = store.job(JobId::new("j").expect("job"));
+        for handle in [&job, &other] {
+            assert_eq!(
+                handle.latest().await.expect("latest").checkpoint,
+                CheckpointId(1)
+            );
+            assert_eq!(handle.list().await.expect("list").len(), 1);
+        }
+        let claim = job.claim_epoch_visible(Epoch(2)).await.expect("claim");
+        assert!(claim.created);
+        assert_eq!(
+            job.latest_after_claim(&claim)
+                .await
+                .expect("latest after claim"),
+            Some(CheckpointId(1))
+        );
     }
 }

@@ -201,6 +201,25 @@ pub enum StorageError {
         /// The epoch of the manifest that won.
         winner: Epoch,
     },
+    /// A checkpoint's manifest was put but could not be made durable (a
+    /// local disk's fsync failed). Such a manifest may vanish in a crash or
+    /// hold bytes the disk never took (a later fsync reports success: the
+    /// kernel drops the error), so the commit withdraws it: it is removed,
+    /// and the store this process opened never lists it again, also when the
+    /// removal fails.
+    #[error("checkpoint {id} of job {job}: its manifest {key} was written but could not be made durable ({cause}); {withdrawal}")]
+    NotDurable {
+        /// The job.
+        job: String,
+        /// The checkpoint.
+        id: CheckpointId,
+        /// The manifest's key.
+        key: String,
+        /// The failed sync.
+        cause: String,
+        /// What became of the manifest: removed, or why not.
+        withdrawal: String,
+    },
     /// The object store failed.
     /// (The cause is in the message, not a `source`: printed once in an
     /// error chain.)
@@ -246,7 +265,7 @@ impl StorageError {
                 | object_store::Error::Precondition { .. } => ErrorKind::Conflict,
                 _ => ErrorKind::Unavailable,
             },
-            StorageError::Io { .. } => ErrorKind::Unavailable,
+            StorageError::Io { .. } | StorageError::NotDurable { .. } => ErrorKind::Unavailable,
         }
     }
 

@@ -110,6 +110,7 @@ impl JobStore {
             .list_rel(keys::MANIFESTS)
             .await?
             .into_iter()
+            .filter(|(rel, _)| !self.is_withdrawn(rel))
             .filter_map(|(rel, size)| match keys::parse_manifest(&rel) {
                 Some(id) => Some((id, rel, size)),
                 None => {

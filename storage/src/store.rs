@@ -35,6 +35,10 @@ pub(crate) struct StoreInner {
     /// durable: the store never removes a directory, so such an entry stays
     /// durable, and later syncs stop below it (`backend::fsync_dirs`).
     pub(crate) durable_dirs: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
+    /// Manifests (full keys) whose commit failed to make them durable:
+    /// withdrawn, and never listed again by this process, even where the
+    /// removal failed (`commit`).
+    pub(crate) withdrawn: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for CheckpointStore {
@@ -73,6 +77,7 @@ impl CheckpointStore {
                 url: url.to_string(),
                 options,
                 durable_dirs: Default::default(),
+                withdrawn: Default::default(),
             }),
         })
     }
@@ -93,6 +98,7 @@ impl CheckpointStore {
                 url: description.to_string(),
                 options,
                 durable_dirs: Default::default(),
+                withdrawn: Default::default(),
             }),
         })
     }
@@ -289,6 +295,14 @@ impl JobStore {
             .map_err(|e| StorageError::io("fsync task", "", std::io::Error::other(e)))??;
         }
         Ok(())
+    }
+
+    /// Whether the object at `rel` is a manifest this process withdrew
+    /// (its commit could not make it durable).
+    pub(crate) fn is_withdrawn(&self, rel: &str) -> bool {
+        let withdrawn = self.store.withdrawn.lock();
+        let withdrawn = withdrawn.unwrap_or_else(|e| e.into_inner());
+        !withdrawn.is_empty() && withdrawn.contains(&self.full_key(rel))
     }
 
     /// Deletes objects by relative key; a key already gone is not an error.
