@@ -862,6 +862,15 @@ pub struct JobController {
     next_id: CheckpointId,
     /// The newest checkpoint known to be committed: recoveries restore it.
     newest_committed: Option<CheckpointId>,
+    /// A checkpoint a claim found in the store while its commit was still in
+    /// flight, which `newest_committed` took, and the value it had before:
+    /// if that commit fails, the store has withdrawn the manifest, and
+    /// `newest_committed` goes back.
+    unconfirmed: Option<(CheckpointId, Option<CheckpointId>)>,
+    /// Checkpoints above `newest_committed` whose commit failed. A claim
+    /// that read the store just before the store withdrew one of them (its
+    /// sync failed) names it; the recovery then claims again.
+    failed_commits: BTreeSet<CheckpointId>,
     /// The checkpoint the current attempt restored.
     restored: Option<CheckpointId>,
     coordinator: CheckpointCoordinator,
@@ -984,6 +993,8 @@ impl JobController {
             attempt: 0,
             next_id,
             newest_committed: latest,
+            unconfirmed: None,
+            failed_commits: BTreeSet::new(),
             restored: None,
             coordinator,
             commits_in_flight: BTreeMap::new(),
@@ -1396,6 +1407,14 @@ impl JobController {
                 let restored = self.restore_pending() == Some(checkpoint);
                 self.commits_in_flight.remove(&checkpoint);
                 tracing::warn!(%checkpoint, %error, "commit failed");
+                self.failed_commits.insert(checkpoint);
+                if let Some((_, before)) = self.unconfirmed.filter(|(u, _)| *u == checkpoint) {
+                    // Withdrawn by the store: no recovery restores it again.
+                    self.unconfirmed = None;
+                    if self.newest_committed == Some(checkpoint) {
+                        self.newest_committed = before;
+                    }
+                }
                 if restored {
                     // Restored while visible, and now not known durable:
                     // its sinks must not recover it. Again from the store.
@@ -1429,13 +1448,27 @@ impl JobController {
                 if matches!(self.phase, Phase::Claiming) {
                     self.epoch = epoch;
                     self.summary.epoch = epoch;
-                    if let Some(l) = latest {
-                        self.newest_committed = Some(self.newest_committed.map_or(l, |n| n.max(l)));
-                        self.next_id = self.next_id.max(l.next());
-                    }
-                    self.begin_attempt(now);
-                    if let Some(n) = self.restore_pending() {
-                        tracing::info!(checkpoint = %n, "restoring a checkpoint whose commit is not yet durable: sinks wait for it");
+                    if let Some(l) = latest.filter(|l| self.failed_commits.contains(l)) {
+                        self.fail(
+                            now,
+                            format!("the store named checkpoint {l}, whose commit has failed since (its manifest is withdrawn): claiming again"),
+                            true,
+                        );
+                    } else {
+                        if let Some(l) = latest {
+                            if self.commits_in_flight.contains_key(&l)
+                                && self.newest_committed.is_none_or(|n| n < l)
+                            {
+                                self.unconfirmed = Some((l, self.newest_committed));
+                            }
+                            self.newest_committed =
+                                Some(self.newest_committed.map_or(l, |n| n.max(l)));
+                            self.next_id = self.next_id.max(l.next());
+                        }
+                        self.begin_attempt(now);
+                        if let Some(n) = self.restore_pending() {
+                            tracing::info!(checkpoint = %n, "restoring a checkpoint whose commit is not yet durable: sinks wait for it");
+                        }
                     }
                 }
             }
@@ -2784,6 +2817,9 @@ impl JobController {
         bytes: u64,
     ) {
         let restored = self.restore_pending() == Some(checkpoint);
+        if self.unconfirmed.is_some_and(|(u, _)| u <= checkpoint) {
+            self.unconfirmed = None;
+        }
         if let Some(in_flight) = self
             .commits_in_flight
             .remove(&checkpoint)
@@ -2798,6 +2834,7 @@ impl JobController {
         );
         self.summary.committed += 1;
         self.summary.last_checkpoint = self.newest_committed;
+        self.failed_commits.retain(|f| *f > checkpoint);
         if restored {
             // The attempt's restored checkpoint is durable now: its sinks
             // recover it (rule 2).

@@ -237,6 +237,9 @@ struct SimStore {
     /// Committed (visible) manifests whose commit has not been answered
     /// yet: not durable. No sink may publish from one (rule 2).
     not_durable: BTreeSet<CheckpointId>,
+    /// Of those, the ones whose sync will fail: the store withdraws them
+    /// (no reader lists them again) as their commit answers `CommitFailed`.
+    sync_fails: BTreeSet<CheckpointId>,
 }
 
 impl SimStore {
@@ -342,6 +345,7 @@ impl World {
             epoch: Epoch(1),
             committed: BTreeMap::new(),
             not_durable: BTreeSet::new(),
+            sync_fails: BTreeSet::new(),
         };
         let max_restarts = cfg.restart.max_attempts;
         let ctl = JobController::new(
@@ -439,6 +443,12 @@ impl World {
         }
         if let Fact::CommitDone { checkpoint, .. } = &fact {
             self.store.not_durable.remove(checkpoint);
+        }
+        if let Fact::CommitFailed { checkpoint, .. } = &fact {
+            if self.store.sync_fails.remove(checkpoint) {
+                self.store.committed.remove(checkpoint);
+                self.store.not_durable.remove(checkpoint);
+            }
         }
         if let Fact::HostLost(h) = &fact {
             self.known_lost.insert(h.clone());
@@ -738,6 +748,9 @@ impl World {
         self.known_lost.clear();
         // A commit the old leader had in flight: the new one restores what
         // the store shows, as it always did.
+        for withdrawn in std::mem::take(&mut self.store.sync_fails) {
+            self.store.committed.remove(&withdrawn);
+        }
         self.store.not_durable.clear();
         let mut lost = Vec::new();
         for (pid, p) in self.procs.iter_mut().filter(|(_, p)| p.alive) {
@@ -1065,10 +1078,17 @@ impl World {
                             error: "fenced".into(),
                         }
                     } else if self.faults && self.rng.chance(40) {
+                        if self.rng.chance(500) {
+                            // Put, visible, then its sync fails: the store
+                            // withdraws it when the commit answers.
+                            self.store.committed.insert(m.checkpoint, m.epoch);
+                            self.store.not_durable.insert(m.checkpoint);
+                            self.store.sync_fails.insert(m.checkpoint);
+                        }
                         Fact::CommitFailed {
                             checkpoint: m.checkpoint,
                             epoch: m.epoch,
-                            error: "503 slow down".into(),
+                            error: "503 slow down, or the manifest's sync failed".into(),
                         }
                     } else {
                         // Ids only go up (rule: never backwards).
@@ -1418,9 +1438,13 @@ impl World {
                 self.fail(&format!("recovery parts do not add up: {r:?}"));
             }
         }
-        // Committed checkpoints and epochs never go backwards.
+        // Committed checkpoints and epochs never go backwards (but past a
+        // checkpoint the store withdrew: its sync failed).
         let newest = self.ctl.newest_committed();
-        if newest < self.newest_seen {
+        let withdrawn = self
+            .newest_seen
+            .is_some_and(|n| !self.store.committed.contains_key(&n));
+        if newest < self.newest_seen && !withdrawn {
             self.fail("the newest committed checkpoint went backwards");
         }
         self.newest_seen = newest;
