@@ -21,8 +21,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The supervisor's and the agents' threads wait for events and must
+    // answer at once: short time slices let them preempt a busy thread
+    // when they wake, such as a dying process's teardown during a
+    // failover (1 GiB failover p99 21-24 ms with them, 23-37 ms without,
+    // five interleaved runs each; docs/performance.md).
+    lazarus_sdk::latency_critical();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(lazarus_sdk::latency_critical)
         .build()
     {
         Ok(rt) => rt,

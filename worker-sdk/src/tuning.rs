@@ -62,13 +62,25 @@ fn set_by_operator(env_set: bool, tunables: Option<&str>, tunable: &str) -> bool
     env_set || tunables.is_some_and(|t| t.contains(tunable))
 }
 
-/// Asks the kernel for short time slices on the calling thread, the one
-/// that runs the operator (EEVDF's custom slice, Linux 6.12 and later): a
-/// waking processing thread then preempts a serialization or upload thread
-/// running a default slice instead of waiting for its slice to end. Its
-/// share of the CPU is unchanged. Only a thread at the default policy is
-/// changed, and its nice value is kept; an older kernel ignores the slice.
-pub(crate) fn latency_critical() {
+/// Asks the kernel for short time slices on the calling thread (EEVDF's
+/// custom slice, Linux 6.12 and later): when it wakes, it then preempts a
+/// thread running a default slice instead of waiting for that slice to
+/// end. Its share of the CPU is unchanged. The SDK calls it on the thread
+/// that runs the operator, so a waking processing thread does not wait for
+/// a serialization or upload thread; Lazarus's supervisor and agents call
+/// it on their runtime threads, which wait for events and must answer
+/// fast. Only a thread at the default policy is changed, and its nice
+/// value is kept; an older kernel ignores the slice.
+///
+/// ```
+/// // A thread of your own that waits for events and must answer at once:
+/// let answers = std::thread::spawn(|| {
+///     lazarus_sdk::latency_critical();
+///     // ... wait for an event, answer it ...
+/// });
+/// answers.join().unwrap();
+/// ```
+pub fn latency_critical() {
     // SAFETY: plain syscalls on the calling thread; no memory is passed.
     let (policy, nice) = unsafe {
         (
