@@ -24,12 +24,12 @@ fn main() -> ExitCode {
     // The supervisor's and the agents' threads wait for events and must
     // answer at once: short time slices let them preempt a busy thread
     // when they wake, such as a dying process's teardown during a
-    // failover (1 GiB failover p99 21-24 ms with them, 23-37 ms without,
-    // five interleaved runs each; docs/performance.md).
-    lazarus_sdk::latency_critical();
+    // failover (docs/performance.md). The workers and programs they start
+    // get the default slice back.
+    lazarus_sdk::latency_critical_alone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(lazarus_sdk::latency_critical)
+        .on_thread_start(lazarus_sdk::latency_critical_alone)
         .build()
     {
         Ok(rt) => rt,

@@ -39,7 +39,7 @@ pub use operator::{BoxError, Context, Fatal, Operator, Registry, Role, Sink, Sou
 pub use record::{group_owner, key_group, Emitter, Record};
 pub use short_string::ShortString;
 pub use state::{to_rkyv, Decoded, KeyedState, PartContent, Restored, Revive, Snapshot, StateKey};
-pub use tuning::latency_critical;
+pub use tuning::{latency_critical, latency_critical_alone};
 pub use worker::run_worker;
 
 /// Checkpoint storage, as the SDK sees it.

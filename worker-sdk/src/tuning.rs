@@ -65,12 +65,12 @@ fn set_by_operator(env_set: bool, tunables: Option<&str>, tunable: &str) -> bool
 /// Asks the kernel for short time slices on the calling thread (EEVDF's
 /// custom slice, Linux 6.12 and later): when it wakes, it then preempts a
 /// thread running a default slice instead of waiting for that slice to
-/// end. Its share of the CPU is unchanged. The SDK calls it on the thread
-/// that runs the operator, so a waking processing thread does not wait for
-/// a serialization or upload thread; Lazarus's supervisor and agents call
-/// it on their runtime threads, which wait for events and must answer
-/// fast. Only a thread at the default policy is changed, and its nice
-/// value is kept; an older kernel ignores the slice.
+/// end. Its share of the CPU is unchanged. Threads and processes the
+/// thread starts inherit the slice (see [`latency_critical_alone`]). The
+/// SDK calls it on the thread that runs the operator, so a waking
+/// processing thread does not wait for a serialization or upload thread.
+/// Only a thread at the default policy is changed, and its nice value is
+/// kept; an older kernel ignores the slice.
 ///
 /// ```
 /// // A thread of your own that waits for events and must answer at once:
@@ -81,6 +81,29 @@ fn set_by_operator(env_set: bool, tunables: Option<&str>, tunable: &str) -> bool
 /// answers.join().unwrap();
 /// ```
 pub fn latency_critical() {
+    short_slice(false);
+}
+
+/// [`latency_critical`] for the calling thread alone: threads and
+/// processes it starts get the kernel's default slice back
+/// (`SCHED_RESET_ON_FORK`). Lazarus's supervisor and agents call it on
+/// their runtime threads, which wait for events and must answer at once,
+/// while the workers and programs they start are scheduled as if started
+/// from a shell.
+///
+/// ```
+/// // An event thread whose helpers and children keep the default slice:
+/// let events = std::thread::spawn(|| {
+///     lazarus_sdk::latency_critical_alone();
+///     std::thread::spawn(|| { /* a helper: default slice */ }).join().unwrap();
+/// });
+/// events.join().unwrap();
+/// ```
+pub fn latency_critical_alone() {
+    short_slice(true);
+}
+
+fn short_slice(reset_on_fork: bool) {
     // SAFETY: plain syscalls on the calling thread; no memory is passed.
     let (policy, nice) = unsafe {
         (
@@ -105,7 +128,8 @@ pub fn latency_critical() {
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         policy: libc::SCHED_OTHER as u32,
-        flags: 0,
+        // SCHED_FLAG_RESET_ON_FORK
+        flags: u64::from(reset_on_fork),
         nice,
         priority: 0,
         // 100 µs, the shortest slice the kernel accepts.
