@@ -345,7 +345,16 @@ impl JobStore {
             Err(e) => Err(e),
         };
         let withdrawal = match removed {
-            Ok(()) => "it was removed".to_string(),
+            Ok(()) => {
+                // Gone: a listing that still names it finds nothing to read.
+                // Only manifests the disk would not let go stay in the set.
+                self.store
+                    .withdrawn
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                "it was removed".to_string()
+            }
             Err(e) => format!("removing it failed too ({e}); this process no longer lists it"),
         };
         tracing::error!(checkpoint = %id, %key, %cause, %withdrawal, "manifest not durable: withdrawn");

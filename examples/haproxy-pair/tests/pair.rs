@@ -605,9 +605,12 @@ fn test_haproxy_sigkill_and_backend_kill_keep_serving_with_hooks_in_order_and_me
     // 2. One back-end dies: HAProxy routes around it (its own checks and
     //    retries), the API keeps answering; Lazarus restarts it on be2.
     std::thread::sleep(Duration::from_secs(1));
-    let t1 = Instant::now();
     let api_pid = p.program_pid("api-2", "api-0", false);
+    // The kill lands somewhere between these two instants (starting `kill`
+    // takes a few ms): a request sent before `t1` may be in flight at it.
+    let t0_kill = Instant::now();
     common::netns::ok("kill", &["-KILL", &api_pid.to_string()]);
+    let t1 = Instant::now();
     p.c.wait("api-2 restarted", Duration::from_secs(20), |st| {
         cluster::job(st, "api-2")
             .is_some_and(|j| j["state"] == "running" && j["restarts"].as_u64() >= Some(1))
@@ -623,7 +626,7 @@ fn test_haproxy_sigkill_and_backend_kill_keep_serving_with_hooks_in_order_and_me
         .lock()
         .expect("failures")
         .iter()
-        .filter(|f| f.sent < t1 && f.failed >= t1)
+        .filter(|f| f.sent < t1 && f.failed >= t0_kill)
         .cloned()
         .collect();
     let after = failures_since(&failures, t1);

@@ -435,7 +435,17 @@ async fn test_stop_with_final_checkpoint_then_resume_is_exactly_once() {
         from: None,
     };
     let handle = tokio::spawn(run_local(first, stop_rx));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stop once the first output is committed (checkpoints come every 100
+    // ms; the whole input takes over a second even on an idle machine, so
+    // a fixed wait could see it done): bounded, 20 s.
+    let waited = std::time::Instant::now();
+    while !out.exists() || output_lines(&out).is_empty() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "no output committed within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let stopped = stop(&stop_tx, handle, StopRequest::Stop).await;
     // Stopped with a final checkpoint: every worker exited, output so far committed.
     assert!(

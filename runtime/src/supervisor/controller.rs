@@ -867,9 +867,10 @@ pub struct JobController {
     /// if that commit fails, the store has withdrawn the manifest, and
     /// `newest_committed` goes back.
     unconfirmed: Option<(CheckpointId, Option<CheckpointId>)>,
-    /// Checkpoints above `newest_committed` whose commit failed. A claim
-    /// that read the store just before the store withdrew one of them (its
-    /// sync failed) names it; the recovery then claims again.
+    /// The latest checkpoints above `newest_committed` whose commit failed
+    /// (at most 16). A claim that read the store just before the store
+    /// withdrew one of them (its sync failed) names it; the recovery then
+    /// claims again.
     failed_commits: BTreeSet<CheckpointId>,
     /// The checkpoint the current attempt restored.
     restored: Option<CheckpointId>,
@@ -1407,7 +1408,12 @@ impl JobController {
                 let restored = self.restore_pending() == Some(checkpoint);
                 self.commits_in_flight.remove(&checkpoint);
                 tracing::warn!(%checkpoint, %error, "commit failed");
+                // Commits run one after another, so only the latest few can
+                // race a claim's reading.
                 self.failed_commits.insert(checkpoint);
+                while self.failed_commits.len() > 16 {
+                    self.failed_commits.pop_first();
+                }
                 if let Some((_, before)) = self.unconfirmed.filter(|(u, _)| *u == checkpoint) {
                     // Withdrawn by the store: no recovery restores it again.
                     self.unconfirmed = None;
