@@ -100,14 +100,7 @@ impl JobStore {
             fence.claimed = fence.claimed.max(epoch.0);
             created
         };
-        let highest_other = self.highest_epoch_except(Some(epoch)).await?;
-        if highest_other > epoch {
-            return Err(StorageError::Fenced {
-                job: self.job.to_string(),
-                attempted: epoch,
-                current: highest_other,
-            });
-        }
+        let highest_other = self.unfenced(epoch).await?;
         Ok(Claim {
             epoch,
             created,
@@ -311,15 +304,21 @@ impl JobStore {
         if !claimed_here {
             return self.claim_epoch(epoch).await;
         }
-        let current = self.highest_epoch_except(Some(epoch)).await?;
-        if current > epoch {
+        self.unfenced(epoch).await.map(|_| ())
+    }
+
+    /// Rule 2: the highest epoch claimed other than `epoch` (`Epoch(0)`:
+    /// none), or [`StorageError::Fenced`] if it is above `epoch`.
+    async fn unfenced(&self, epoch: Epoch) -> Result<Epoch> {
+        let highest_other = self.highest_epoch_except(Some(epoch)).await?;
+        if highest_other > epoch {
             return Err(StorageError::Fenced {
                 job: self.job.to_string(),
                 attempted: epoch,
-                current,
+                current: highest_other,
             });
         }
-        Ok(())
+        Ok(highest_other)
     }
 
     /// Withdraws the manifest at `rel`, put but not made durable (`cause`):
@@ -329,11 +328,7 @@ impl JobStore {
     /// commit's error that it is not durable.
     async fn withdraw(&self, rel: &str, id: CheckpointId, cause: StorageError) -> StorageError {
         let key = self.full_key(rel);
-        self.store
-            .withdrawn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone());
+        self.withdrawn().insert(key.clone());
         {
             let mut fence = self.fence.lock().await;
             if fence.last_put.is_some_and(|(put, _)| put == id) {
@@ -348,11 +343,7 @@ impl JobStore {
             Ok(()) => {
                 // Gone: a listing that still names it finds nothing to read.
                 // Only manifests the disk would not let go stay in the set.
-                self.store
-                    .withdrawn
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
+                self.withdrawn().remove(&key);
                 "it was removed".to_string()
             }
             Err(e) => format!("removing it failed too ({e}); this process no longer lists it"),
@@ -387,10 +378,7 @@ mod tests {
             job.latest().await.expect("latest").checkpoint,
             CheckpointId(2)
         );
-        job.store
-            .withdrawn
-            .lock()
-            .expect("withdrawn set")
+        job.withdrawn()
             .insert(job.full_key(&crate::keys::manifest(CheckpointId(2))));
         job.fence.lock().await.last_put = None;
         let other = store.job(JobId::new("j").expect("job"));

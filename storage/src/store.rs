@@ -300,9 +300,16 @@ impl JobStore {
     /// Whether the object at `rel` is a manifest this process withdrew
     /// (its commit could not make it durable).
     pub(crate) fn is_withdrawn(&self, rel: &str) -> bool {
-        let withdrawn = self.store.withdrawn.lock();
-        let withdrawn = withdrawn.unwrap_or_else(|e| e.into_inner());
+        let withdrawn = self.withdrawn();
         !withdrawn.is_empty() && withdrawn.contains(&self.full_key(rel))
+    }
+
+    /// The store's withdrawn manifests (full keys).
+    pub(crate) fn withdrawn(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.store
+            .withdrawn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Deletes objects by relative key; a key already gone is not an error.

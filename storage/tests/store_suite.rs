@@ -300,6 +300,21 @@ async fn test_fencing_refuses_lower_epochs(env: &Env) {
         .await
         .expect_err("lower epoch on committed id");
     assert_eq!(err.kind(), ErrorKind::Fenced);
+    // This handle has claimed epoch 5 and made it durable, so its commits
+    // no longer put the marker; another handle (another supervisor) claims
+    // epoch 6, and the listing still fences this one.
+    env.store
+        .job(job("fence"))
+        .claim_epoch(Epoch(6))
+        .await
+        .expect("claim by another handle");
+    let next = Manifest::new(job("fence"), CheckpointId(3), Epoch(5));
+    let err = js
+        .commit(&next)
+        .await
+        .expect_err("fenced by another handle");
+    assert_eq!(err.kind(), ErrorKind::Fenced);
+    assert!(err.to_string().contains("is at epoch 6"), "{err}");
 }
 
 /// A claim made only visible fences at once; the newest checkpoint read
