@@ -10,6 +10,9 @@
 //! into that file, connects there, and says hello again with what it is doing
 //! ([`Rejoin`]). Messages for the supervisor while no connection exists are
 //! dropped (heartbeats, acks of checkpoints the new leader abandons anyway).
+//! A ticket that arrives while the connection is still open means the
+//! supervisor on it hangs (a SIGSTOP, a VM paused) and lost the lead: the
+//! link leaves it for the new leader the same way.
 //!
 //! A [`ToWorker::Adopt`] (active-active takeover) does not go to the worker's
 //! loops: it comes out of `adopt` as an [`Adoption`], naming the supervisor
@@ -118,6 +121,7 @@ pub(crate) async fn run(
     let mut last_token = env.token.clone();
     let mut supervisor = env.supervisor;
     loop {
+        let superseded = superseded(env.rejoin_file.as_ref(), last_token.as_deref(), &state);
         match pump(
             &mut read,
             &mut write,
@@ -125,11 +129,16 @@ pub(crate) async fn run(
             &ctl_tx,
             &adopt,
             supervisor,
+            superseded,
         )
         .await
         {
             Pumped::WorkerDone => return,
             Pumped::Lost => {}
+            Pumped::Superseded => tracing::warn!(
+                %supervisor,
+                "a new leader adopted this worker while the old one is silent (hung, not gone)"
+            ),
         }
         let (Some(file), Some(info)) = (env.rejoin_file.clone(), state.rejoin()) else {
             let _ = ctl_tx.send(None);
@@ -168,6 +177,36 @@ enum Pumped {
     WorkerDone,
     /// The connection broke.
     Lost,
+    /// A new leader's ticket arrived while the connection stays open: the
+    /// supervisor on it hangs (it lost the lead without knowing it).
+    Superseded,
+}
+
+/// How often a worker with a live connection looks for a new leader's
+/// ticket (one failed `open` when there is none).
+const TICKET_POLL: Duration = Duration::from_millis(50);
+
+/// Resolves when a ticket other than the last one used is in `file` and a
+/// rejoin makes sense: a new leader adopted this process. Pending without
+/// a rejoin file (not an HA cluster). The agent removes the file before
+/// it starts the process, so any ticket there names this process.
+async fn superseded(file: Option<&PathBuf>, last_token: Option<&str>, state: &LinkState) {
+    let Some(file) = file else {
+        return std::future::pending().await;
+    };
+    let mut poll = tokio::time::interval(TICKET_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        poll.tick().await;
+        let Ok(text) = std::fs::read(file) else {
+            continue;
+        };
+        let fresh = serde_json::from_slice::<RejoinTicket>(&text)
+            .is_ok_and(|t| Some(t.token.as_str()) != last_token);
+        if fresh && state.rejoin().is_some() {
+            return;
+        }
+    }
 }
 
 /// Relays both ways until one side ends. The reader is a task of its own
@@ -179,6 +218,7 @@ async fn pump(
     ctl_tx: &mpsc::UnboundedSender<Option<ToWorker>>,
     adopt: &mpsc::UnboundedSender<Adoption>,
     supervisor: SocketAddr,
+    superseded: impl std::future::Future<Output = ()>,
 ) -> Pumped {
     let reader = async {
         loop {
@@ -217,6 +257,7 @@ async fn pump(
     tokio::select! {
         _ = reader => Pumped::Lost,
         done = writer => if done { Pumped::WorkerDone } else { Pumped::Lost },
+        () = superseded => Pumped::Superseded,
     }
 }
 

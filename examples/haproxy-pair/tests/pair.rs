@@ -154,6 +154,36 @@ impl Pair {
         pair
     }
 
+    /// The last lines of both HAProxies' logs (failed, retried and
+    /// redispatched requests, server checks that changed a state), for
+    /// failure messages.
+    fn haproxy_logs(&self) -> String {
+        let mut out = String::new();
+        for lb in LBS {
+            let dir = self
+                .c
+                .dir
+                .path()
+                .join(format!("agent-{lb}"))
+                .join("lb")
+                .join("logs");
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            logs.sort();
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                out.push_str(&format!("--- {lb}: {} ---\n", log.display()));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
     /// Waits until every API job runs and HAProxy serves on the VIP with
     /// its standby running; returns the primary LB host.
     fn serving(&self) -> String {
@@ -352,6 +382,13 @@ fn failures_since(failures: &Mutex<Vec<Failure>>, from: Instant) -> Vec<String> 
         .collect()
 }
 
+/// How long the [`Client`] waits for one answer before it counts the
+/// request as failed. 300 ms failed once under the full suite's load (a
+/// GET sent 1 s after a back-end kill, when HAProxy had long routed around
+/// it); a request HAProxy retries on another server after its own connect
+/// timeout (500 ms) must still count as served.
+const REQUEST_LIMIT: Duration = Duration::from_secs(1);
+
 /// A failed request of the [`Client`].
 #[derive(Debug, Clone)]
 struct Failure {
@@ -404,13 +441,7 @@ impl Client {
                     50_000 + n
                 );
                 let sent = Instant::now();
-                let r = http(
-                    addr,
-                    "POST",
-                    "/employees",
-                    body.as_bytes(),
-                    Duration::from_millis(300),
-                );
+                let r = http(addr, "POST", "/employees", body.as_bytes(), REQUEST_LIMIT);
                 let ok = match &r {
                     Ok((201, b)) => {
                         let v: serde_json::Value = serde_json::from_slice(b).unwrap_or_default();
@@ -433,13 +464,7 @@ impl Client {
                 let last = a.lock().expect("acked").last().copied();
                 if let Some(id) = last {
                     let sent = Instant::now();
-                    let r = http(
-                        addr,
-                        "GET",
-                        &format!("/employees/{id}"),
-                        b"",
-                        Duration::from_millis(300),
-                    );
+                    let r = http(addr, "GET", &format!("/employees/{id}"), b"", REQUEST_LIMIT);
                     let ok = matches!(r, Ok((200, _)));
                     if !ok {
                         let r = r.map_err(|e| e.to_string());
@@ -643,8 +668,9 @@ fn test_haproxy_sigkill_and_backend_kill_keep_serving_with_hooks_in_order_and_me
     assert!(in_flight.len() <= 1, "one request at a time: {in_flight:?}");
     assert!(
         after.is_empty(),
-        "HAProxy routes around a dead back-end without a failed request: {after:#?}\n{}",
-        p.c.logs()
+        "HAProxy routes around a dead back-end without a failed request: {after:#?}\n{}\n{}",
+        p.c.logs(),
+        p.haproxy_logs()
     );
     check_no_loss(&p, &acked);
 

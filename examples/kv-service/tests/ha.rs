@@ -295,6 +295,102 @@ fn test_leader_sigkill_keeps_workers_and_vip_and_checkpoints_resume() {
     eprintln!("leader SIGKILL -> checkpoint committed by the new leader: {resumed:?}; {probes} reads, none failed");
 }
 
+/// The leader hangs (SIGSTOP: its connections stay open, nothing answers,
+/// as in a long pause of its VM): the other supervisor takes over when the
+/// leadership lease runs out, and the agents find it. An agent that dials
+/// the hung leader meanwhile waits for an answer to its registration; its
+/// VIP leases are renewed the whole time, so the VIP never moves, no read
+/// fails and no worker restarts. Resumed, the old leader does not act.
+#[test]
+fn test_hung_leader_is_replaced_without_moving_the_vip_or_a_failed_read() {
+    let ha = Ha {
+        supervisors: 2,
+        etcd_members: 1,
+        lease: "2s",
+    };
+    let (c, old_leader, before) = serving("kvha5", ha);
+    let st = c.status().expect("status");
+    let holder = cluster::vip(&st, VIP_KEY).expect("vip")["holder"]
+        .as_str()
+        .expect("holder")
+        .to_string();
+    let pids_before = kv_pids(&c);
+    let (epoch_before, ckpt_before) = (job_u64(&st, "epoch"), job_u64(&st, "last_checkpoint"));
+    let pid = c
+        .more_sups
+        .iter()
+        .filter_map(|(h, p)| p.as_ref().filter(|_| *h == old_leader))
+        .chain(c.sup.iter().filter(|_| old_leader == "sup"))
+        .map(|p| p.pid())
+        .next()
+        .expect("the leader's process");
+
+    let load = Load::start(&c, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped_at = Instant::now();
+    common::netns::ok("kill", &["-STOP", &pid.to_string()]);
+    let after = c.wait(
+        "the other supervisor leading and committing",
+        Duration::from_secs(30),
+        |st| {
+            leader(st).is_some_and(|l| l != old_leader)
+                && job_u64(st, "epoch") > epoch_before
+                && job_u64(st, "last_checkpoint") > ckpt_before
+                && cluster::job(st, "kv").is_some_and(|j| j["state"] == "running")
+        },
+    );
+    let resumed = stopped_at.elapsed();
+    // The hung leader comes back: it must see it lost the lead and stay
+    // out of the way.
+    common::netns::ok("kill", &["-CONT", &pid.to_string()]);
+    std::thread::sleep(Duration::from_secs(3));
+    let (failed, probes, acked) = load.finish();
+
+    assert!(probes > 300, "the prober ran: {probes} probes");
+    assert!(
+        failed.is_empty(),
+        "{} of {probes} reads through the VIP failed with the leader hung (first at {:?} after SIGSTOP)\n{}",
+        failed.len(),
+        failed.first().map(|t| t.saturating_duration_since(stopped_at)),
+        c.logs()
+    );
+    let st = c.status().expect("status");
+    assert!(
+        leader(&st).is_some_and(|l| l != old_leader),
+        "the resumed old leader did not take the lead back: {}",
+        st["ha"]
+    );
+    let v = cluster::vip(&after, VIP_KEY).expect("vip");
+    assert_eq!(
+        v["holder"].as_str(),
+        Some(holder.as_str()),
+        "VIP holder: {v}"
+    );
+    assert!(c.bed.holds(&holder, VIP4), "{holder} holds the VIP");
+    let other = if holder == "a" { "b" } else { "a" };
+    assert!(!c.bed.holds(other, VIP4), "{other} does not hold the VIP");
+    assert_eq!(
+        kv_pids(&c),
+        pids_before,
+        "no kv-0 process restarted\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        cluster::job(&st, "kv").expect("job")["restarts"],
+        0,
+        "adopted, never restarted"
+    );
+    assert!(
+        acked.iter().any(|(_, _, t)| *t > stopped_at + resumed),
+        "writes acknowledged after the new leader took over: {}",
+        acked.len()
+    );
+    let mut all = before;
+    all.extend(acked.into_iter().map(|(k, v, _)| (k, v)));
+    assert_readable(&c, all);
+    eprintln!("leader SIGSTOP -> checkpoint committed by the new leader: {resumed:?}; {probes} reads, none failed");
+}
+
 /// The leader loses etcd (a blackhole route to etcd in its host; agents,
 /// workers and the other supervisor still reach it): it stops acting once
 /// it cannot prove its lease, a commit under its old term is refused by the

@@ -44,6 +44,9 @@ use crate::service::notify::{Notifier, NotifyEvent, NotifyState};
 use crate::service::spec::{HealthKind, NotifySpec};
 use crate::vip::{parse_vip, Announcement, Vip};
 
+/// How long a supervisor may take to answer an agent's registration.
+const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// `lazarus agent`'s settings.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -286,6 +289,12 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
                 }
             }
             Err(e) => tracing::warn!(%addr, error = %e, "cannot reach the supervisor"),
+        }
+        // The next try goes to another supervisor than the one that just
+        // failed: a follower may still name a hung leader as the leader.
+        let count = st.opts.supervisors.len();
+        if count > 1 && st.opts.supervisors[next % count] == addr {
+            next += 1;
         }
         if st.ha.is_some() {
             // HA: the workers go on and the VIPs stay (etcd leases) while a
@@ -542,12 +551,31 @@ impl AgentState {
             state_dir: self.opts.state_dir.clone(),
             procs: self.report(),
         })?;
-        let welcome = tokio::time::timeout(
-            Duration::from_secs(5),
+        let registration = tokio::time::timeout(
+            REGISTRATION_TIMEOUT,
             protocol::read_control::<_, SupervisorMsg>(&mut read),
-        )
-        .await
-        .context("no answer to registration within 5 s")??;
+        );
+        let answer = if self.ha.is_some() {
+            // HA: as while dialling, VIP leases go on being renewed (or
+            // run out, by this host's clock) while the supervisor takes
+            // its time to answer: a leader whose etcd lost quorum can.
+            tokio::pin!(registration);
+            loop {
+                tokio::select! {
+                    r = &mut registration => break r,
+                    _ = self.detached(Duration::from_millis(50), stop) => {
+                        if *stop.borrow() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        } else {
+            registration.await
+        };
+        let welcome = answer.with_context(|| {
+            format!("no answer to registration within {REGISTRATION_TIMEOUT:?}")
+        })??;
         let (heartbeat, lease, renew) = match welcome {
             Some(SupervisorMsg::Welcome {
                 heartbeat_ms,

@@ -40,10 +40,12 @@ pub enum TransportError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     /// The handshake did not finish in time.
-    #[error("TLS handshake with {peer} did not finish within {HANDSHAKE_TIMEOUT:?}")]
+    #[error("TLS handshake with {peer} did not finish within {within:?}")]
     HandshakeTimeout {
         /// The peer.
         peer: SocketAddr,
+        /// The bound it missed.
+        within: Duration,
     },
     /// The handshake failed (no certificate, another CA, expired, ...).
     #[error("TLS handshake with {peer} failed: {error}")]
@@ -94,7 +96,10 @@ impl Acceptor {
             Acceptor::Tls(acceptor) => {
                 let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
                     .await
-                    .map_err(|_| TransportError::HandshakeTimeout { peer })?
+                    .map_err(|_| TransportError::HandshakeTimeout {
+                        peer,
+                        within: HANDSHAKE_TIMEOUT,
+                    })?
                     .map_err(|error| TransportError::Handshake { peer, error })?;
                 let cert = tls
                     .get_ref()
@@ -157,8 +162,10 @@ impl Dialer {
         Dialer::Tls(tokio_rustls::TlsConnector::from(config))
     }
 
-    /// Connects to `addr` (bounded: `limit` for TCP, then the handshake's
-    /// own bound). Also returns this side's local address.
+    /// Connects to `addr` (bounded: `limit` for TCP, then `limit` for the
+    /// TLS handshake: a supervisor that hangs, its listen queue still
+    /// accepting, costs the caller no more). Also returns this side's
+    /// local address.
     pub async fn dial(
         &self,
         addr: SocketAddr,
@@ -181,11 +188,14 @@ impl Dialer {
             }
             Dialer::Tls(connector) => {
                 let tls = tokio::time::timeout(
-                    HANDSHAKE_TIMEOUT,
+                    limit,
                     connector.connect(supervisor_server_name(), stream),
                 )
                 .await
-                .map_err(|_| TransportError::HandshakeTimeout { peer: addr })?
+                .map_err(|_| TransportError::HandshakeTimeout {
+                    peer: addr,
+                    within: limit,
+                })?
                 .map_err(|error| TransportError::Handshake { peer: addr, error })?;
                 let (r, w) = tokio::io::split(tls);
                 Ok((Box::new(r), Box::new(w), local))
