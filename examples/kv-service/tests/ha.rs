@@ -216,27 +216,132 @@ fn kv_pids(c: &LzCluster) -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
+/// A serving cluster of two supervisors on one etcd member, and what a
+/// change of leader must leave as it is.
+struct LeaderScene {
+    c: LzCluster,
+    old_leader: String,
+    /// Keys acknowledged before the change.
+    before: Vec<(String, String)>,
+    /// The VIP's holder.
+    holder: String,
+    pids: Vec<(String, Vec<u32>)>,
+    epoch: u64,
+    checkpoint: u64,
+}
+
+impl LeaderScene {
+    fn start(tag: &str) -> LeaderScene {
+        let ha = Ha {
+            supervisors: 2,
+            etcd_members: 1,
+            lease: "2s",
+        };
+        let (c, old_leader, before) = serving(tag, ha);
+        let st = c.status().expect("status");
+        let holder = cluster::vip(&st, VIP_KEY).expect("vip")["holder"]
+            .as_str()
+            .expect("holder")
+            .to_string();
+        let pids = kv_pids(&c);
+        let (epoch, checkpoint) = (job_u64(&st, "epoch"), job_u64(&st, "last_checkpoint"));
+        LeaderScene {
+            c,
+            old_leader,
+            before,
+            holder,
+            pids,
+            epoch,
+            checkpoint,
+        }
+    }
+
+    /// The old leader's process.
+    fn old_leader_proc(&self) -> &common::netns::Proc {
+        self.c
+            .more_sups
+            .iter()
+            .filter_map(|(h, p)| p.as_ref().filter(|_| *h == self.old_leader))
+            .chain(self.c.sup.iter().filter(|_| self.old_leader == "sup"))
+            .next()
+            .expect("the old leader's process")
+    }
+
+    /// Waits for another supervisor to lead the job under a newer epoch
+    /// and commit a checkpoint of its own; returns that status.
+    fn wait_new_leader(&self) -> serde_json::Value {
+        self.c.wait(
+            "another supervisor leading and committing",
+            Duration::from_secs(30),
+            |st| {
+                leader(st).is_some_and(|l| l != self.old_leader)
+                    && job_u64(st, "epoch") > self.epoch
+                    && job_u64(st, "last_checkpoint") > self.checkpoint
+                    && cluster::job(st, "kv").is_some_and(|j| j["state"] == "running")
+            },
+        )
+    }
+
+    /// No read failed, the VIP stayed with its holder (status and kernel
+    /// agree) and no kv-0 process restarted.
+    fn assert_undisturbed(
+        &self,
+        after: &serde_json::Value,
+        failed: &[Instant],
+        probes: usize,
+        since: Instant,
+        what: &str,
+    ) {
+        assert!(probes > 300, "the prober ran: {probes} probes");
+        assert!(
+            failed.is_empty(),
+            "{} of {probes} reads through the VIP failed (first at {:?} after {what})\n{}",
+            failed.len(),
+            failed.first().map(|t| t.saturating_duration_since(since)),
+            self.c.logs()
+        );
+        let v = cluster::vip(after, VIP_KEY).expect("vip");
+        assert_eq!(
+            v["holder"].as_str(),
+            Some(self.holder.as_str()),
+            "VIP holder: {v}"
+        );
+        let holder = &self.holder;
+        assert!(self.c.bed.holds(holder, VIP4), "{holder} holds the VIP");
+        let other = if holder == "a" { "b" } else { "a" };
+        assert!(
+            !self.c.bed.holds(other, VIP4),
+            "{other} does not hold the VIP"
+        );
+        assert_eq!(
+            kv_pids(&self.c),
+            self.pids,
+            "no kv-0 process restarted\n{}",
+            self.c.logs()
+        );
+        let j = cluster::job(after, "kv").expect("job");
+        assert_eq!(j["restarts"], 0, "adopted, never restarted: {j}");
+    }
+
+    /// Every write acknowledged before and during the change reads back.
+    fn assert_all_readable(self, acked: Vec<(String, String, Instant)>) {
+        let mut all = self.before.clone();
+        all.extend(acked.into_iter().map(|(k, v, _)| (k, v)));
+        assert_readable(&self.c, all);
+    }
+}
+
 #[test]
 fn test_leader_sigkill_keeps_workers_and_vip_and_checkpoints_resume() {
-    let ha = Ha {
-        supervisors: 2,
-        etcd_members: 1,
-        lease: "2s",
-    };
-    let (mut c, old_leader, before) = serving("kvha1", ha);
-    let st = c.status().expect("status");
-    let holder = cluster::vip(&st, VIP_KEY).expect("vip")["holder"]
-        .as_str()
-        .expect("holder")
-        .to_string();
-    let mac_before = c.bed.neighbour("cl", VIP4).map(|(m, _)| m);
-    let pids_before = kv_pids(&c);
-    let (epoch_before, ckpt_before) = (job_u64(&st, "epoch"), job_u64(&st, "last_checkpoint"));
-
-    let load = Load::start(&c, Duration::from_secs(60));
+    let mut scene = LeaderScene::start("kvha1");
+    let mac_before = scene.c.bed.neighbour("cl", VIP4).map(|(m, _)| m);
+    let load = Load::start(&scene.c, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(300));
     let killed_at = Instant::now();
-    c.supervisor_mut(&old_leader)
+    let old_leader = scene.old_leader.clone();
+    scene
+        .c
+        .supervisor_mut(&old_leader)
         .as_mut()
         .expect("leader process")
         .child
@@ -244,44 +349,16 @@ fn test_leader_sigkill_keeps_workers_and_vip_and_checkpoints_resume() {
         .expect("SIGKILL the leader");
 
     // A new leader adopts the job and commits a checkpoint of its own.
-    let after = c.wait(
-        "a new leader committing checkpoints of the adopted job",
-        Duration::from_secs(30),
-        |st| {
-            leader(st).is_some_and(|l| l != old_leader)
-                && job_u64(st, "epoch") > epoch_before
-                && job_u64(st, "last_checkpoint") > ckpt_before
-                && cluster::job(st, "kv").is_some_and(|j| j["state"] == "running")
-        },
-    );
+    let after = scene.wait_new_leader();
     let resumed = killed_at.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let (failed, probes, acked) = load.finish();
 
-    assert!(probes > 300, "the prober ran: {probes} probes");
-    assert!(
-        failed.is_empty(),
-        "{} of {probes} reads through the VIP failed during the supervisor failover (first at {:?} after the kill)\n{}",
-        failed.len(),
-        failed.first().map(|t| t.saturating_duration_since(killed_at)),
-        c.logs()
-    );
     // Nothing moved and nothing restarted.
-    let v = cluster::vip(&after, VIP_KEY).expect("vip");
+    scene.assert_undisturbed(&after, &failed, probes, killed_at, "the kill");
     assert_eq!(
-        v["holder"].as_str(),
-        Some(holder.as_str()),
-        "VIP holder: {v}"
-    );
-    assert!(c.bed.holds(&holder, VIP4), "{holder} holds the VIP");
-    let other = if holder == "a" { "b" } else { "a" };
-    assert!(!c.bed.holds(other, VIP4), "{other} does not hold the VIP");
-    assert_eq!(c.bed.neighbour("cl", VIP4).map(|(m, _)| m), mac_before);
-    assert_eq!(kv_pids(&c), pids_before, "no kv-0 process restarted");
-    let j = cluster::job(&after, "kv").expect("job");
-    assert_eq!(
-        j["restarts"], 0,
-        "the new leader adopted, not restarted: {j}"
+        scene.c.bed.neighbour("cl", VIP4).map(|(m, _)| m),
+        mac_before
     );
     // Writes went on (waiting at most for the new leader) and all are there.
     assert!(
@@ -289,56 +366,26 @@ fn test_leader_sigkill_keeps_workers_and_vip_and_checkpoints_resume() {
         "writes acknowledged after the failover: {}",
         acked.len()
     );
-    let mut all = before;
-    all.extend(acked.into_iter().map(|(k, v, _)| (k, v)));
-    assert_readable(&c, all);
+    scene.assert_all_readable(acked);
     eprintln!("leader SIGKILL -> checkpoint committed by the new leader: {resumed:?}; {probes} reads, none failed");
 }
 
 /// The leader hangs (SIGSTOP: its connections stay open, nothing answers,
 /// as in a long pause of its VM): the other supervisor takes over when the
-/// leadership lease runs out, and the agents find it. An agent that dials
-/// the hung leader meanwhile waits for an answer to its registration; its
-/// VIP leases are renewed the whole time, so the VIP never moves, no read
-/// fails and no worker restarts. Resumed, the old leader does not act.
+/// leadership lease runs out, and the agents find it (a handshake with the
+/// hung leader gives up after 1 s; their VIP leases are renewed the whole
+/// time), and the workers move to it on its rejoin ticket although their
+/// old connections stay open: the VIP never moves, no read fails and no
+/// worker restarts. Resumed, the old leader does not take the lead back.
 #[test]
 fn test_hung_leader_is_replaced_without_moving_the_vip_or_a_failed_read() {
-    let ha = Ha {
-        supervisors: 2,
-        etcd_members: 1,
-        lease: "2s",
-    };
-    let (c, old_leader, before) = serving("kvha5", ha);
-    let st = c.status().expect("status");
-    let holder = cluster::vip(&st, VIP_KEY).expect("vip")["holder"]
-        .as_str()
-        .expect("holder")
-        .to_string();
-    let pids_before = kv_pids(&c);
-    let (epoch_before, ckpt_before) = (job_u64(&st, "epoch"), job_u64(&st, "last_checkpoint"));
-    let pid = c
-        .more_sups
-        .iter()
-        .filter_map(|(h, p)| p.as_ref().filter(|_| *h == old_leader))
-        .chain(c.sup.iter().filter(|_| old_leader == "sup"))
-        .map(|p| p.pid())
-        .next()
-        .expect("the leader's process");
-
-    let load = Load::start(&c, Duration::from_secs(60));
+    let scene = LeaderScene::start("kvha5");
+    let pid = scene.old_leader_proc().pid();
+    let load = Load::start(&scene.c, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(300));
     let stopped_at = Instant::now();
     common::netns::ok("kill", &["-STOP", &pid.to_string()]);
-    let after = c.wait(
-        "the other supervisor leading and committing",
-        Duration::from_secs(30),
-        |st| {
-            leader(st).is_some_and(|l| l != old_leader)
-                && job_u64(st, "epoch") > epoch_before
-                && job_u64(st, "last_checkpoint") > ckpt_before
-                && cluster::job(st, "kv").is_some_and(|j| j["state"] == "running")
-        },
-    );
+    scene.wait_new_leader();
     let resumed = stopped_at.elapsed();
     // The hung leader comes back: it must see it lost the lead and stay
     // out of the way.
@@ -346,48 +393,19 @@ fn test_hung_leader_is_replaced_without_moving_the_vip_or_a_failed_read() {
     std::thread::sleep(Duration::from_secs(3));
     let (failed, probes, acked) = load.finish();
 
-    assert!(probes > 300, "the prober ran: {probes} probes");
+    let st = scene.c.status().expect("status");
     assert!(
-        failed.is_empty(),
-        "{} of {probes} reads through the VIP failed with the leader hung (first at {:?} after SIGSTOP)\n{}",
-        failed.len(),
-        failed.first().map(|t| t.saturating_duration_since(stopped_at)),
-        c.logs()
-    );
-    let st = c.status().expect("status");
-    assert!(
-        leader(&st).is_some_and(|l| l != old_leader),
+        leader(&st).is_some_and(|l| l != scene.old_leader),
         "the resumed old leader did not take the lead back: {}",
         st["ha"]
     );
-    let v = cluster::vip(&after, VIP_KEY).expect("vip");
-    assert_eq!(
-        v["holder"].as_str(),
-        Some(holder.as_str()),
-        "VIP holder: {v}"
-    );
-    assert!(c.bed.holds(&holder, VIP4), "{holder} holds the VIP");
-    let other = if holder == "a" { "b" } else { "a" };
-    assert!(!c.bed.holds(other, VIP4), "{other} does not hold the VIP");
-    assert_eq!(
-        kv_pids(&c),
-        pids_before,
-        "no kv-0 process restarted\n{}",
-        c.logs()
-    );
-    assert_eq!(
-        cluster::job(&st, "kv").expect("job")["restarts"],
-        0,
-        "adopted, never restarted"
-    );
+    scene.assert_undisturbed(&st, &failed, probes, stopped_at, "SIGSTOP");
     assert!(
         acked.iter().any(|(_, _, t)| *t > stopped_at + resumed),
         "writes acknowledged after the new leader took over: {}",
         acked.len()
     );
-    let mut all = before;
-    all.extend(acked.into_iter().map(|(k, v, _)| (k, v)));
-    assert_readable(&c, all);
+    scene.assert_all_readable(acked);
     eprintln!("leader SIGSTOP -> checkpoint committed by the new leader: {resumed:?}; {probes} reads, none failed");
 }
 
@@ -397,47 +415,19 @@ fn test_hung_leader_is_replaced_without_moving_the_vip_or_a_failed_read() {
 /// store, and the other supervisor adopts the job without a failed read.
 #[test]
 fn test_leader_cut_from_etcd_steps_down_and_is_fenced() {
-    let ha = Ha {
-        supervisors: 2,
-        etcd_members: 1,
-        lease: "2s",
-    };
-    let (c, old_leader, before) = serving("kvha2", ha);
-    let st = c.status().expect("status");
-    let holder = cluster::vip(&st, VIP_KEY).expect("vip")["holder"]
-        .as_str()
-        .expect("holder")
-        .to_string();
-    let pids_before = kv_pids(&c);
-    let (old_epoch, ckpt_before) = (job_u64(&st, "epoch"), job_u64(&st, "last_checkpoint"));
-
-    let load = Load::start(&c, Duration::from_secs(60));
+    let scene = LeaderScene::start("kvha2");
+    let c = &scene.c;
+    let load = Load::start(c, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(300));
     let cut_at = Instant::now();
-    c.bed.cut_route(&old_leader, &c.bed.ip("etcd1"));
-    let after = c.wait(
-        "the other supervisor leading and committing",
-        Duration::from_secs(30),
-        |st| {
-            leader(st).is_some_and(|l| l != old_leader)
-                && job_u64(st, "epoch") > old_epoch
-                && job_u64(st, "last_checkpoint") > ckpt_before
-                && cluster::job(st, "kv").is_some_and(|j| j["state"] == "running")
-        },
-    );
+    c.bed.cut_route(&scene.old_leader, &c.bed.ip("etcd1"));
+    let after = scene.wait_new_leader();
     let resumed = cut_at.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let (failed, probes, acked) = load.finish();
 
     // The old leader stopped acting, by its own clock.
-    let old_log = c
-        .more_sups
-        .iter()
-        .filter_map(|(h, p)| p.as_ref().filter(|_| *h == old_leader))
-        .chain(c.sup.iter().filter(|_| old_leader == "sup"))
-        .map(|p| p.log_text())
-        .next()
-        .expect("old leader's log");
+    let old_log = scene.old_leader_proc().log_text();
     assert!(
         old_log.contains("stepped down"),
         "the leader cut from etcd stepped down:\n{old_log}"
@@ -455,13 +445,13 @@ fn test_leader_cut_from_etcd_steps_down_and_is_fenced() {
         .expect("runtime");
     let latest = rt.block_on(js.latest()).expect("latest checkpoint");
     assert!(
-        latest.epoch.0 > old_epoch,
+        latest.epoch.0 > scene.epoch,
         "commits go on under the new term: {latest:?}"
     );
     let stale = lazarus_storage::Manifest::new(
         js.job().clone(),
         latest.checkpoint.next(),
-        lazarus_storage::Epoch(old_epoch),
+        lazarus_storage::Epoch(scene.epoch),
     );
     let refused = rt
         .block_on(js.commit(&stale))
@@ -472,24 +462,8 @@ fn test_leader_cut_from_etcd_steps_down_and_is_fenced() {
         "{refused}"
     );
 
-    assert!(probes > 300, "the prober ran: {probes} probes");
-    assert!(
-        failed.is_empty(),
-        "{} of {probes} reads through the VIP failed (first at {:?} after the cut)\n{}",
-        failed.len(),
-        failed.first().map(|t| t.saturating_duration_since(cut_at)),
-        c.logs()
-    );
-    let v = cluster::vip(&after, VIP_KEY).expect("vip");
-    assert_eq!(
-        v["holder"].as_str(),
-        Some(holder.as_str()),
-        "VIP holder: {v}"
-    );
-    assert_eq!(kv_pids(&c), pids_before, "no kv-0 process restarted");
-    let mut all = before;
-    all.extend(acked.into_iter().map(|(k, v, _)| (k, v)));
-    assert_readable(&c, all);
+    scene.assert_undisturbed(&after, &failed, probes, cut_at, "the cut");
+    scene.assert_all_readable(acked);
     eprintln!("leader cut from etcd -> checkpoint committed by the new leader: {resumed:?}; {probes} reads, none failed");
 }
 

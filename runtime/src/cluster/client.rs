@@ -13,16 +13,25 @@ use lazarus_storage::JobId;
 use crate::cluster::transport::Dialer;
 use crate::cluster::wire::{ClientReply, ClientRequest, StatusReport};
 
-/// Sends `req` and returns the reply (bounded: 5 s to connect, the TLS
-/// handshake's bound, 10 s to answer; a savepoint or a rescale, which wait
-/// for checkpoints and a stop, 150 s).
+/// How long to connect (and, separately, to finish the TLS handshake)
+/// when the request has nowhere else to go.
+const DIAL_ONLY: Duration = Duration::from_secs(5);
+
+/// The same when another supervisor can be asked instead: one that hangs
+/// (its kernel still accepts connections) costs this long, no more.
+pub const DIAL_ONE_OF_MANY: Duration = Duration::from_secs(1);
+
+/// Sends `req` and returns the reply (bounded: `dial_within` to connect
+/// and again for the TLS handshake, 10 s to answer; a savepoint or a
+/// rescale, which wait for checkpoints and a stop, 150 s).
 pub async fn request(
     dialer: &Dialer,
     supervisor: SocketAddr,
     req: &ClientRequest,
+    dial_within: Duration,
 ) -> anyhow::Result<ClientReply> {
     let (mut read, mut write, _) = dialer
-        .dial(supervisor, Duration::from_secs(5))
+        .dial(supervisor, dial_within)
         .await
         .with_context(|| format!("connecting to the supervisor at {supervisor}"))?;
     protocol::write_control(&mut write, req).await?;
@@ -43,6 +52,15 @@ pub async fn request(
         .with_context(|| format!("the supervisor closed the connection without answering{hint}"))
 }
 
+/// How long a dial to one of `supervisors` may take.
+fn dial_bound(supervisors: &[SocketAddr]) -> Duration {
+    if supervisors.len() > 1 {
+        DIAL_ONE_OF_MANY
+    } else {
+        DIAL_ONLY
+    }
+}
+
 /// Sends `req` to the first of `supervisors` that can be reached (every
 /// supervisor of an HA cluster forwards to the leader); an answer, even an
 /// error, ends the search.
@@ -53,7 +71,7 @@ pub async fn request_any(
 ) -> anyhow::Result<ClientReply> {
     let mut last = None;
     for &s in supervisors {
-        match request(dialer, s, req).await {
+        match request(dialer, s, req, dial_bound(supervisors)).await {
             // A follower that knows no leader: another may.
             Ok(ClientReply::Unavailable { message }) => {
                 last = Some(anyhow::anyhow!("{s}: {message}"));
@@ -135,7 +153,7 @@ pub async fn status(dialer: &Dialer, supervisor: &[SocketAddr]) -> anyhow::Resul
     let mut first = None;
     let mut last_err = None;
     for &s in supervisor {
-        match request_any(dialer, &[s], &ClientRequest::Status).await {
+        match request(dialer, s, &ClientRequest::Status, dial_bound(supervisor)).await {
             Ok(ClientReply::Status(r)) => {
                 if r.ha.as_ref().is_none_or(|h| h.leader.is_some()) {
                     return Ok(*r);

@@ -432,9 +432,17 @@ pub async fn forward(
     dialer: &Dialer,
 ) -> ClientReply {
     match leader {
-        Some(addr) => match crate::cluster::client::request(dialer, addr, &req).await {
+        Some(addr) => match crate::cluster::client::request(
+            dialer,
+            addr,
+            &req,
+            crate::cluster::client::DIAL_ONE_OF_MANY,
+        )
+        .await
+        {
             Ok(reply) => reply,
-            // The leader known here may be gone: ask another supervisor.
+            // The leader known here may be gone or hung: the client asks
+            // another supervisor.
             Err(e) => ClientReply::Unavailable {
                 message: format!("forwarding to the leader at {addr}: {e:#}"),
             },
