@@ -198,15 +198,26 @@ async fn superseded(file: Option<&PathBuf>, last_token: Option<&str>, state: &Li
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         poll.tick().await;
-        let Ok(text) = std::fs::read(file) else {
-            continue;
-        };
-        let fresh = serde_json::from_slice::<RejoinTicket>(&text)
-            .is_ok_and(|t| Some(t.token.as_str()) != last_token);
+        // An unreadable ticket is reported by `wait_for_leader`, not here
+        // every 50 ms.
+        let fresh = new_ticket(file, last_token).is_ok_and(|t| t.is_some());
         if fresh && state.rejoin().is_some() {
             return;
         }
     }
+}
+
+/// The ticket in `file` if there is one and it is not the last one used
+/// (`last_token`).
+fn new_ticket(
+    file: &PathBuf,
+    last_token: Option<&str>,
+) -> Result<Option<RejoinTicket>, serde_json::Error> {
+    let Ok(text) = std::fs::read(file) else {
+        return Ok(None);
+    };
+    let ticket: RejoinTicket = serde_json::from_slice(&text)?;
+    Ok((Some(ticket.token.as_str()) != last_token).then_some(ticket))
 }
 
 /// Relays both ways until one side ends. The reader is a task of its own
@@ -281,17 +292,14 @@ async fn wait_for_leader(
             }
             msg = to_sup.recv() => { msg.as_ref()?; }
             _ = poll.tick() => {
-                let Ok(text) = std::fs::read(file) else { continue };
-                let ticket: RejoinTicket = match serde_json::from_slice(&text) {
-                    Ok(t) => t,
+                let ticket = match new_ticket(file, last_token) {
+                    Ok(Some(t)) => t,
+                    Ok(None) => continue,
                     Err(e) => {
                         tracing::warn!(file = %file.display(), error = %e, "unreadable rejoin ticket");
                         continue;
                     }
                 };
-                if Some(ticket.token.as_str()) == last_token {
-                    continue;
-                }
                 match connect_supervisor(env, ticket.supervisor).await {
                     Ok((r, w)) => return Some((ticket, r, w)),
                     Err(e) => tracing::warn!(error = %e, "cannot reach the new leader yet"),

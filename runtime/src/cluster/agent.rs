@@ -243,25 +243,7 @@ pub async fn run_agent(opts: AgentOptions, mut stop: watch::Receiver<bool>) -> a
         st.supervisor = addr;
         let dialer = st.opts.dialer.clone();
         let dial = dialer.dial(addr, Duration::from_secs(1));
-        let dialed = if st.ha.is_some() {
-            // HA: VIP leases go on being renewed (or run out, by this
-            // host's clock) while a supervisor that does not answer is
-            // dialled: nothing may hold up the self-fencing.
-            tokio::pin!(dial);
-            loop {
-                tokio::select! {
-                    r = &mut dial => break Some(r),
-                    _ = st.detached(Duration::from_millis(50), &mut stop) => {
-                        if *stop.borrow() {
-                            break None;
-                        }
-                    }
-                }
-            }
-        } else {
-            Some(dial.await)
-        };
-        let Some(dialed) = dialed else {
+        let Some(dialed) = st.renewing(dial, &mut stop).await else {
             continue;
         };
         match dialed {
@@ -360,6 +342,31 @@ impl AgentState {
         (self.adopt_window + Duration::from_secs(5))
             .as_millis()
             .to_string()
+    }
+
+    /// Awaits `f`. On an HA cluster the VIP leases go on being renewed
+    /// (or run out, by this host's clock) meanwhile: a supervisor that is
+    /// slow to answer must not hold up the self-fencing. `None` if `stop`
+    /// was set.
+    async fn renewing<F: std::future::Future>(
+        &mut self,
+        f: F,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<F::Output> {
+        if self.ha.is_none() {
+            return Some(f.await);
+        }
+        tokio::pin!(f);
+        loop {
+            tokio::select! {
+                r = &mut f => return Some(r),
+                _ = self.detached(Duration::from_millis(50), stop) => {
+                    if *stop.borrow() {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Between sessions on an HA cluster (for `span`, or until `stop`):
@@ -555,23 +562,9 @@ impl AgentState {
             REGISTRATION_TIMEOUT,
             protocol::read_control::<_, SupervisorMsg>(&mut read),
         );
-        let answer = if self.ha.is_some() {
-            // HA: as while dialling, VIP leases go on being renewed (or
-            // run out, by this host's clock) while the supervisor takes
-            // its time to answer: a leader whose etcd lost quorum can.
-            tokio::pin!(registration);
-            loop {
-                tokio::select! {
-                    r = &mut registration => break r,
-                    _ = self.detached(Duration::from_millis(50), stop) => {
-                        if *stop.borrow() {
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-        } else {
-            registration.await
+        // A leader whose etcd lost quorum can take its time to answer.
+        let Some(answer) = self.renewing(registration, stop).await else {
+            return Ok(());
         };
         let welcome = answer.with_context(|| {
             format!("no answer to registration within {REGISTRATION_TIMEOUT:?}")
