@@ -112,6 +112,9 @@ fi
 # The storage test that fails a disk under a commit: ext4 on a loop device.
 command -v mkfs.ext4 >/dev/null && command -v dumpe2fs >/dev/null || apt_install e2fsprogs
 command -v losetup >/dev/null && command -v fallocate >/dev/null || apt_install util-linux
+# The supervisor-crash test kills `lazarus run` as it enters a commit's
+# fsync: strace's signal injection.
+command -v strace >/dev/null || apt_install strace
 
 # etcd for the HA tests: the binary only; each test starts its own servers.
 install_etcd() {

@@ -496,6 +496,7 @@ fn supervisor_trials(trials: usize) -> (Vec<Duration>, Vec<Duration>) {
         supervisors: 2,
         etcd_members: 1,
         lease: "2s",
+        tarpit: false,
     };
     let mut c = LzCluster::start_ha("fbsup", ha, &["a", "b"], &["cl"], config);
     let bins = cluster::bin_dir();

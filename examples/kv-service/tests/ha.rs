@@ -232,10 +232,17 @@ struct LeaderScene {
 
 impl LeaderScene {
     fn start(tag: &str) -> LeaderScene {
+        Self::start_with(tag, false)
+    }
+
+    /// As [`LeaderScene::start`]; with `tarpit`, the agents' list also
+    /// names a supervisor that never answers ([`Ha::tarpit`]).
+    fn start_with(tag: &str, tarpit: bool) -> LeaderScene {
         let ha = Ha {
             supervisors: 2,
             etcd_members: 1,
             lease: "2s",
+            tarpit,
         };
         let (c, old_leader, before) = serving(tag, ha);
         let st = c.status().expect("status");
@@ -409,6 +416,59 @@ fn test_hung_leader_is_replaced_without_moving_the_vip_or_a_failed_read() {
     eprintln!("leader SIGSTOP -> checkpoint committed by the new leader: {resumed:?}; {probes} reads, none failed");
 }
 
+/// The agents' list names a third supervisor that completes the TLS
+/// handshake and never answers (a supervisor hung right after accepting).
+/// With the leader SIGKILLed, the agents look for the new one while the
+/// follower still names the dead leader, reach the silent one and wait 5 s
+/// for an answer to their registration: longer than their VIP leases (2 s
+/// in etcd). The leases are renewed through that wait, so the VIP stays
+/// where it is and no primary stops; the new leader then adopts everything.
+#[test]
+fn test_a_silent_supervisor_stops_no_vip_lease_renewal() {
+    let scene = LeaderScene::start_with("kvha6", true);
+    let load = Load::start(&scene.c, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let killed_at = Instant::now();
+    let old_leader = scene.old_leader.clone();
+    common::netns::ok(
+        "kill",
+        &["-KILL", &scene.old_leader_proc().pid().to_string()],
+    );
+    let after = scene.wait_new_leader();
+    let resumed = killed_at.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let (failed, probes, acked) = load.finish();
+
+    // The silent supervisor held up both agents' registrations.
+    let tarpit = scene.c.tarpit.as_ref().expect("tarpit").log_text();
+    for a in ["a", "b"] {
+        let ip = scene.c.bed.ip(a);
+        assert!(
+            tarpit.contains(&format!("handshake {ip}\n")),
+            "agent {a} ({ip}) reached the silent supervisor:\n{tarpit}"
+        );
+        let log = std::fs::read_to_string(scene.c.dir.path().join(format!("agent-{a}.log")))
+            .expect("agent log");
+        assert!(
+            log.contains("no answer to registration within 5s"),
+            "agent {a} waited out a registration\n{}",
+            scene.c.logs()
+        );
+    }
+    assert!(
+        resumed > Duration::from_secs(5),
+        "the new leader adopted the job after the agents' wait: {resumed:?}"
+    );
+    scene.assert_undisturbed(&after, &failed, probes, killed_at, "the kill");
+    assert!(
+        acked.iter().any(|(_, _, t)| *t > killed_at + resumed),
+        "writes acknowledged after the new leader took over: {}",
+        acked.len()
+    );
+    scene.assert_all_readable(acked);
+    eprintln!("leader {old_leader} SIGKILL, agents held 5 s by a silent supervisor -> checkpoint committed by the new leader: {resumed:?}; {probes} reads, none failed");
+}
+
 /// The leader loses etcd (a blackhole route to etcd in its host; agents,
 /// workers and the other supervisor still reach it): it stops acting once
 /// it cannot prove its lease, a commit under its old term is refused by the
@@ -476,6 +536,7 @@ fn test_rolling_restart_of_every_supervisor_has_no_outage() {
         supervisors: 3,
         etcd_members: 1,
         lease: "2s",
+        tarpit: false,
     };
     let (mut c, _, before) = serving("kvha3", ha);
     let pids_before = kv_pids(&c);
@@ -547,6 +608,7 @@ fn test_etcd_quorum_loss_drops_the_vip_and_recovers_by_itself() {
         supervisors: 2,
         etcd_members: 3,
         lease: "2s",
+        tarpit: false,
     };
     let (mut c, _, before) = serving("kvha4", ha);
     let ckpt_before = job_u64(&c.status().expect("status"), "last_checkpoint");

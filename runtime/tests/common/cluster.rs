@@ -94,6 +94,8 @@ pub struct LzCluster {
     pub sup: Option<Proc>,
     /// HA: the other supervisors (hosts `sup2`, `sup3`, ...), by host.
     pub more_sups: Vec<(String, Option<Proc>)>,
+    /// HA with [`Ha::tarpit`]: the silent supervisor (host `tarpit`).
+    pub tarpit: Option<Proc>,
     /// HA: the etcd members, by host.
     pub etcd: Vec<(String, Option<Proc>)>,
     pub bed: Testbed,
@@ -141,6 +143,12 @@ pub struct Ha {
     pub supervisors: usize,
     pub etcd_members: usize,
     pub lease: &'static str,
+    /// One more address at the end of the agents' supervisor list (host
+    /// `tarpit`, not given to the CLI): a process that completes the TLS
+    /// handshake with a supervisor certificate of the cluster's CA and then
+    /// never answers, as a supervisor hung after its handshake would. It
+    /// logs `handshake <peer ip>` for every handshake.
+    pub tarpit: bool,
 }
 
 /// The etcd binary: `LAZARUS_TEST_ETCD` (scripts/test.sh installs it), or
@@ -191,6 +199,7 @@ impl LzCluster {
                 supervisors: 1,
                 etcd_members: 1,
                 lease: "2s",
+                tarpit: false,
             });
         Self::start_full(tag, agents, others, config, agent_config, ha, false)
     }
@@ -275,7 +284,11 @@ impl LzCluster {
         let etcd_hosts: Vec<String> = ha
             .map(|h| (1..=h.etcd_members).map(|i| format!("etcd{i}")).collect())
             .unwrap_or_default();
+        let tarpit = ha.is_some_and(|h| h.tarpit);
         let mut names: Vec<&str> = sup_hosts.iter().map(String::as_str).collect();
+        if tarpit {
+            names.push("tarpit");
+        }
         names.extend(etcd_hosts.iter().map(String::as_str));
         names.extend_from_slice(agents);
         names.extend_from_slice(others);
@@ -312,6 +325,9 @@ impl LzCluster {
                 .iter()
                 .map(|h| ("supervisor", h.as_str(), h.as_str())),
         );
+        if tarpit {
+            identities.push(("supervisor", "tarpit", "tarpit"));
+        }
         identities.extend(agents.iter().map(|a| ("agent", *a, *a)));
         for (role, name, out) in identities {
             let (ca, out) = (p("ca"), p(out));
@@ -335,6 +351,7 @@ impl LzCluster {
             agents: Vec::new(),
             sup: None,
             more_sups: Vec::new(),
+            tarpit: None,
             etcd: Vec::new(),
             bed,
             dir,
@@ -370,6 +387,11 @@ impl LzCluster {
                 cluster.more_sups.push((h.clone(), Some(p)));
             }
         }
+        let mut agent_sups = cluster.addr.clone();
+        if tarpit {
+            cluster.tarpit = Some(cluster.spawn_tarpit());
+            agent_sups.push_str(&format!(",{}:7070", cluster.bed.ip("tarpit")));
+        }
         let agent_config_path = cluster.dir.path().join("agent.toml");
         let agent_config = if unprivileged {
             format!(
@@ -399,7 +421,7 @@ impl LzCluster {
                 "--name",
                 a,
                 "--supervisor",
-                &cluster.addr,
+                &agent_sups,
                 "--iface",
                 "eth0",
                 "--state-dir",
@@ -423,6 +445,55 @@ impl LzCluster {
                 .is_some_and(|h| h.iter().filter(|h| h["alive"] == true).count() == n)
         });
         cluster
+    }
+
+    /// Starts the silent supervisor of [`Ha::tarpit`] in host `tarpit`
+    /// (Python's `ssl`, which is OpenSSL: another TLS stack than ours) and
+    /// waits until it listens.
+    fn spawn_tarpit(&self) -> Proc {
+        const TARPIT: &str = r#"
+import socket, ssl, sys, threading
+ip, pki = sys.argv[1], sys.argv[2]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(pki + "/cert.pem", pki + "/key.pem")
+ctx.load_verify_locations(pki + "/ca.pem")
+ctx.verify_mode = ssl.CERT_REQUIRED
+held = []
+def handshake(c, peer):
+    try:
+        c.settimeout(5)
+        t = ctx.wrap_socket(c, server_side=True)
+        t.settimeout(None)
+        held.append(t)
+        print("handshake", peer[0], flush=True)
+    except Exception as e:
+        print("handshake failed", peer[0], e, flush=True)
+srv = socket.create_server((ip, 7070))
+print("listening", flush=True)
+while True:
+    c, peer = srv.accept()
+    threading.Thread(target=handshake, args=(c, peer), daemon=True).start()
+"#;
+        let pki = self.dir.path().join("pki").join("tarpit");
+        let log = self.dir.path().join("tarpit.log");
+        let ip = self.bed.ip("tarpit");
+        let p = self.bed.spawn(
+            "tarpit",
+            Path::new("python3"),
+            &["-c", TARPIT, &ip, pki.to_str().expect("utf-8")],
+            &[],
+            &log,
+        );
+        let start = Instant::now();
+        while !p.log_text().contains("listening") {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the tarpit did not start: {}",
+                p.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
     }
 
     /// Starts `lazarus supervisor` in host `host` (with etcd when the
@@ -596,7 +667,8 @@ impl LzCluster {
     pub fn logs(&self) -> String {
         let mut out = String::new();
         let sups = self.more_sups.iter().filter_map(|(_, p)| p.as_ref());
-        for p in self.sup.iter().chain(sups).chain(self.agents.iter()) {
+        let all = self.sup.iter().chain(sups).chain(self.tarpit.iter());
+        for p in all.chain(self.agents.iter()) {
             let text = p.log_text();
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
             out.push_str(&format!("--- {} ({}) ---\n", p.name, p.log.display()));
