@@ -115,6 +115,35 @@ fn state_spec(dir: &Path, bytes: u64, duration_ms: u64) -> JobSpec {
     JobSpec::parse(&text, "state-bench", dir.to_path_buf()).expect("spec")
 }
 
+/// The machine's speed at the job's own work, for comparing runs across
+/// machines and hours: the same count in one thread, in memory, without
+/// Lazarus (split on whitespace, count in a `HashMap`, build each output
+/// line `word<TAB>count`), in words/s, best of `rounds`.
+fn single_thread_words_per_s(path: &Path, rounds: usize) -> f64 {
+    use std::io::Write;
+    let text = std::fs::read_to_string(path).expect("corpus");
+    let mut best = 0.0f64;
+    for _ in 0..rounds.max(1) {
+        let start = std::time::Instant::now();
+        let mut counts: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        let (mut words, mut out_bytes) = (0u64, 0usize);
+        let mut line = Vec::with_capacity(64);
+        for w in text.split_whitespace() {
+            let c = counts.entry(w).or_insert(0);
+            *c += 1;
+            line.clear();
+            line.extend_from_slice(w.as_bytes());
+            line.push(b'\t');
+            write!(line, "{c}").expect("in memory");
+            out_bytes += line.len();
+            words += 1;
+        }
+        std::hint::black_box(out_bytes);
+        best = best.max(words as f64 / start.elapsed().as_secs_f64());
+    }
+    best
+}
+
 /// Distinct whitespace-separated words of `path`.
 fn distinct_words(path: &Path) -> usize {
     let text = std::fs::read_to_string(path).expect("corpus");
@@ -166,6 +195,7 @@ fn main() {
             ("long tail of distinct words", &tail_input, tail_words),
         ] {
             let distinct = distinct_words(corpus);
+            let single = single_thread_words_per_s(corpus, rounds);
             let mut on = Vec::new();
             let mut off = Vec::new();
             let mut latencies = Vec::new();
@@ -198,6 +228,12 @@ fn main() {
                 percentile(&latencies, 0.5).as_millis(),
                 percentile(&latencies, 0.99).as_millis(),
                 latencies.len()
+            );
+            println!(
+                "  {:<44} {:>12.0} words/s   (the machine's speed now; Lazarus with checkpoints at {:.2} x it, on 2 cores)",
+                "reference: one thread, in memory, no Lazarus",
+                single,
+                on / single
             );
         }
         let _ = std::fs::remove_file(&tail_input);

@@ -590,6 +590,14 @@ impl DataMsg {
     }
 }
 
+/// Reads one data frame's body, not yet decoded ([`DataMsg::decode`]);
+/// `None` on a clean end of stream.
+pub(crate) async fn read_data_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Vec<u8>>, ProtocolError> {
+    read_frame(r, "data", MAX_DATA_FRAME).await
+}
+
 /// Reads one data frame; `None` on a clean end of stream.
 pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<DataMsg>, ProtocolError> {
     match read_frame(r, "data", MAX_DATA_FRAME).await? {
