@@ -119,9 +119,8 @@ fn state_spec(dir: &Path, bytes: u64, duration_ms: u64) -> JobSpec {
 /// machines and hours: the same count in one thread, in memory, without
 /// Lazarus (split on whitespace, count in a `HashMap`, build each output
 /// line `word<TAB>count`), in words/s, best of `rounds`.
-fn single_thread_words_per_s(path: &Path, rounds: usize) -> f64 {
+fn single_thread_words_per_s(text: &str, rounds: usize) -> f64 {
     use std::io::Write;
-    let text = std::fs::read_to_string(path).expect("corpus");
     let mut best = 0.0f64;
     for _ in 0..rounds.max(1) {
         let start = std::time::Instant::now();
@@ -144,9 +143,8 @@ fn single_thread_words_per_s(path: &Path, rounds: usize) -> f64 {
     best
 }
 
-/// Distinct whitespace-separated words of `path`.
-fn distinct_words(path: &Path) -> usize {
-    let text = std::fs::read_to_string(path).expect("corpus");
+/// Distinct whitespace-separated words of `text`.
+fn distinct_words(text: &str) -> usize {
     text.split_whitespace()
         .collect::<std::collections::HashSet<_>>()
         .len()
@@ -194,8 +192,10 @@ fn main() {
             ("generated, skewed 20k-word vocabulary", &input, words),
             ("long tail of distinct words", &tail_input, tail_words),
         ] {
-            let distinct = distinct_words(corpus);
-            let single = single_thread_words_per_s(corpus, rounds);
+            let text = std::fs::read_to_string(corpus).expect("corpus");
+            let distinct = distinct_words(&text);
+            let single = single_thread_words_per_s(&text, rounds);
+            drop(text);
             let mut on = Vec::new();
             let mut off = Vec::new();
             let mut latencies = Vec::new();

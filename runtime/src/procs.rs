@@ -703,7 +703,7 @@ mod tests {
         let script = dir.path().join("worker.sh");
         std::fs::write(
             &script,
-            "#!/bin/sh\nprintf '%s' \"$GLIBC_TUNABLES\" > \"$0.$LAZARUS_WORKER.env\"\nexec sleep 30\n",
+            "#!/bin/sh\nf=\"$0.$LAZARUS_WORKER.env\"\nprintf '%s' \"$GLIBC_TUNABLES\" > \"$f.tmp\" && mv \"$f.tmp\" \"$f\"\nexec sleep 30\n",
         )
         .expect("script");
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -720,7 +720,6 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             assert!(file.exists(), "{w} started");
-            std::thread::sleep(std::time::Duration::from_millis(20));
             std::fs::read_to_string(&file).expect("env")
         };
         t.spawn(

@@ -481,6 +481,22 @@ const TAG_BARRIER: u8 = 2;
 const TAG_END: u8 = 3;
 
 impl DataMsg {
+    /// The length of this message's frame, length prefix included: what
+    /// [`DataMsg::encode`] appends.
+    pub(crate) fn encoded_len(&self) -> usize {
+        4 + match self {
+            DataMsg::Hello(w) => 1 + w.as_str().len(),
+            DataMsg::Batch(records) => {
+                5 + records
+                    .iter()
+                    .map(|r| 8 + r.key.len() + r.value.len())
+                    .sum::<usize>()
+            }
+            DataMsg::Barrier(_) => 9,
+            DataMsg::End => 1,
+        }
+    }
+
     /// Appends the frame of this message to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
@@ -600,10 +616,10 @@ pub(crate) async fn read_data_body<R: AsyncRead + Unpin>(
 
 /// Reads one data frame; `None` on a clean end of stream.
 pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<DataMsg>, ProtocolError> {
-    match read_frame(r, "data", MAX_DATA_FRAME).await? {
-        Some(body) => DataMsg::decode(&body).map(Some),
-        None => Ok(None),
-    }
+    read_data_body(r)
+        .await?
+        .map(|body| DataMsg::decode(&body))
+        .transpose()
 }
 
 #[cfg(test)]
@@ -614,6 +630,7 @@ mod tests {
     fn round_trip(msg: DataMsg) -> DataMsg {
         let mut buf = Vec::new();
         msg.encode(&mut buf);
+        assert_eq!(buf.len(), msg.encoded_len(), "{msg:?}");
         let len = u32::from_le_bytes(buf[..4].try_into().expect("4")) as usize;
         assert_eq!(len, buf.len() - 4);
         DataMsg::decode(&buf[4..]).expect("decode")

@@ -186,16 +186,7 @@ struct Frame(Vec<u8>);
 
 impl Frame {
     fn of(msg: &DataMsg) -> Frame {
-        let size = match msg {
-            DataMsg::Batch(records) => {
-                9 + records
-                    .iter()
-                    .map(|r| 8 + r.key.len() + r.value.len())
-                    .sum::<usize>()
-            }
-            _ => 64,
-        };
-        let mut buf = Vec::with_capacity(size);
+        let mut buf = Vec::with_capacity(msg.encoded_len());
         msg.encode(&mut buf);
         Frame(buf)
     }
@@ -1808,6 +1799,13 @@ async fn connect_output(
 /// [`Frame`]).
 type InputRx = mpsc::Receiver<Result<Vec<u8>, protocol::ProtocolError>>;
 
+/// What an [`InputRx`] gave, decoded.
+fn decoded(
+    body: Option<Result<Vec<u8>, protocol::ProtocolError>>,
+) -> Option<Result<DataMsg, protocol::ProtocolError>> {
+    body.map(|b| b.and_then(|b| DataMsg::decode(&b)))
+}
+
 /// One incoming data connection's handshake: a fresh nonce out, the
 /// sender's name and (with a key) its proof back. Returns who it is.
 async fn data_handshake(
@@ -1921,12 +1919,7 @@ async fn next_input(
         .iter_mut()
         .enumerate()
         .filter(|(i, _)| !skip[*i])
-        .map(|(i, rx)| {
-            Box::pin(async move {
-                let body = rx.recv().await;
-                (i, body.map(|b| b.and_then(|b| DataMsg::decode(&b))))
-            })
-        })
+        .map(|(i, rx)| Box::pin(async move { (i, decoded(rx.recv().await)) }))
         .collect();
     if futures.is_empty() {
         return std::future::pending().await;
@@ -1985,10 +1978,11 @@ mod data_port_tests {
             .expect("task")
             .expect("accept");
         real.send(Frame::of(&DataMsg::End)).await.expect("send");
-        let first = tokio::time::timeout(Duration::from_secs(5), inputs[0].recv())
-            .await
-            .expect("a message")
-            .map(|body| body.and_then(|b| DataMsg::decode(&b)));
+        let first = decoded(
+            tokio::time::timeout(Duration::from_secs(5), inputs[0].recv())
+                .await
+                .expect("a message"),
+        );
         assert!(
             matches!(first, Some(Ok(DataMsg::End))),
             "only the real sender's bytes: {first:?}"
