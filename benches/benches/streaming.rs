@@ -8,7 +8,9 @@
 //!    latency; on the generated corpus (`LAZARUS_BENCH_WORDS`, default
 //!    10,000,000) and on one with a long tail of distinct words
 //!    (`LAZARUS_BENCH_TAIL_WORDS`, default 5,000,000: about 720,000
-//!    distinct, like the corpus of source text).
+//!    distinct, like the corpus of source text). Beside it, the
+//!    CPU time (user + sys) of the workers and the supervisor per run,
+//!    which moves less than wall time with the machine's speed.
 //! 2. checkpoint latency (trigger → commit) p50/p99 and the processing pause
 //!    of the snapshot (the synchronous part, per worker and checkpoint) at
 //!    keyed-state sizes of 10 MiB, 100 MiB and 1 GiB with 10 % of the key
@@ -143,6 +145,22 @@ fn single_thread_words_per_s(text: &str, rounds: usize) -> f64 {
     best
 }
 
+/// CPU time (user + system) of this process (the supervisor) and of its
+/// children waited for so far (the workers of finished runs).
+fn cpu_time() -> Duration {
+    let of = |who| {
+        // SAFETY: getrusage fills the struct it is given; zeroed is a valid
+        // rusage.
+        let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut r) };
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        tv(r.ru_utime) + tv(r.ru_stime)
+    };
+    of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN)
+}
+
 /// Distinct whitespace-separated words of `text`.
 fn distinct_words(text: &str) -> usize {
     text.split_whitespace()
@@ -199,11 +217,17 @@ fn main() {
             let mut on = Vec::new();
             let mut off = Vec::new();
             let mut latencies = Vec::new();
+            let (mut cpu_on, mut cpu_off) = (Vec::new(), Vec::new());
             for round in 0..rounds {
-                for (interval, out) in [("off", &mut off), ("1s", &mut on)] {
+                for (interval, out, cpu) in [
+                    ("off", &mut off, &mut cpu_off),
+                    ("1s", &mut on, &mut cpu_on),
+                ] {
                     let dir = base.join(format!("wc-{interval}-{round}"));
                     let spec = wordcount_spec(&base, corpus, &dir.join("out"), interval);
+                    let cpu_before = cpu_time();
                     let s = run(&rt, spec, &dir.join("state"));
+                    cpu.push(cpu_time().saturating_sub(cpu_before).as_secs_f64());
                     if interval == "1s" {
                         latencies.extend(s.checkpoint_latencies.iter().copied());
                     }
@@ -228,6 +252,17 @@ fn main() {
                 percentile(&latencies, 0.5).as_millis(),
                 percentile(&latencies, 0.99).as_millis(),
                 latencies.len()
+            );
+            // CPU time moves less than wall time with the machine's speed:
+            // what checkpointing costs in work, the least of the rounds each.
+            let least = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
+            let (cpu_on, cpu_off) = (least(&cpu_on), least(&cpu_off));
+            println!(
+                "  {:<44} {:>9.2} s off, {:.2} s every 1 s   overhead {:.1} %   (user + sys of the workers and the supervisor, least of {rounds} runs each)",
+                "CPU time",
+                cpu_off,
+                cpu_on,
+                100.0 * (cpu_on - cpu_off) / cpu_off
             );
             println!(
                 "  {:<44} {:>12.0} words/s   (the machine's speed now; Lazarus with checkpoints at {:.2} x it, on 2 cores)",

@@ -459,17 +459,23 @@ ctx.load_cert_chain(pki + "/cert.pem", pki + "/key.pem")
 ctx.load_verify_locations(pki + "/ca.pem")
 ctx.verify_mode = ssl.CERT_REQUIRED
 held = []
+lock = threading.Lock()
+def log(line):
+    # One line at a time: print() from two threads interleaves its pieces.
+    with lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 def handshake(c, peer):
     try:
         c.settimeout(5)
         t = ctx.wrap_socket(c, server_side=True)
         t.settimeout(None)
         held.append(t)
-        print("handshake", peer[0], flush=True)
+        log("handshake " + peer[0])
     except Exception as e:
-        print("handshake failed", peer[0], e, flush=True)
+        log("handshake failed %s %s" % (peer[0], e))
 srv = socket.create_server((ip, 7070))
-print("listening", flush=True)
+log("listening")
 while True:
     c, peer = srv.accept()
     threading.Thread(target=handshake, args=(c, peer), daemon=True).start()
