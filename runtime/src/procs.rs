@@ -32,6 +32,16 @@ use tokio_util::task::TaskTracker;
 /// used 25 % less CPU (docs/performance.md).
 pub const WORKER_GLIBC_TUNABLES: &str = "glibc.malloc.tcache_count=4096";
 
+/// The `GLIBC_TUNABLES` a worker process starts with when the spec's env
+/// does not set it: [`WORKER_GLIBC_TUNABLES`] for an SDK worker; nothing
+/// for a `process` operator's worker (the process worker and the program
+/// it runs, which is not ours to tune, keep this process's environment),
+/// nor when this process's own environment sets the variable (the
+/// operator's, passed on as it is).
+fn default_tunables(program_worker: bool, inherited: bool) -> Option<&'static str> {
+    (!program_worker && !inherited).then_some(WORKER_GLIBC_TUNABLES)
+}
+
 /// Where a table reports its processes' exits (a channel send, called from
 /// the task that waited for the child).
 pub type ExitReporter = Box<dyn Fn(WorkerExited) + Send + Sync>;
@@ -289,9 +299,12 @@ impl ProcessTable {
                 if slot == Slot::Standby { "1" } else { "0" },
             )
             .env("LAZARUS_TOKEN", token);
-        if !self.program_workers.contains(worker) && std::env::var_os("GLIBC_TUNABLES").is_none() {
+        if let Some(tunables) = default_tunables(
+            self.program_workers.contains(worker),
+            std::env::var_os("GLIBC_TUNABLES").is_some(),
+        ) {
             // Set before the spec's env, which may set its own.
-            cmd.env("GLIBC_TUNABLES", WORKER_GLIBC_TUNABLES);
+            cmd.env("GLIBC_TUNABLES", tunables);
         }
         cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -688,6 +701,22 @@ mod tests {
             serde_json::from_slice(&std::fs::read(&file).expect("ticket")).expect("parses");
         assert_eq!(read, ticket);
         t.kill_all();
+    }
+
+    #[test]
+    fn test_only_sdk_workers_get_default_tunables_and_never_over_the_operators() {
+        assert_eq!(default_tunables(false, false), Some(WORKER_GLIBC_TUNABLES));
+        assert_eq!(
+            default_tunables(true, false),
+            None,
+            "a process operator's program"
+        );
+        assert_eq!(
+            default_tunables(false, true),
+            None,
+            "the operator's own setting"
+        );
+        assert_eq!(default_tunables(true, true), None);
     }
 
     /// An SDK worker starts with the larger malloc cache, unless the spec's
