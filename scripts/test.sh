@@ -164,6 +164,7 @@ LAZARUS_BENCH_SIZE=64MiB LAZARUS_BENCH_ROUNDS=1 cargo test -p lazarus-benches --
 LAZARUS_BENCH_WORDS=200000 LAZARUS_BENCH_TAIL_WORDS=200000 LAZARUS_BENCH_ROUNDS=1 LAZARUS_BENCH_STATE_SIZES=4MiB LAZARUS_BENCH_STATE_MS=3000 \
     cargo test -p lazarus-benches --bench streaming --quiet
 LAZARUS_BENCH_TRIALS=1 cargo test -p lazarus-benches --bench failover --quiet
+LAZARUS_BENCH_KEYS=20000 cargo test -p lazarus-benches --bench state --quiet
 log "doc tests"
 cargo test --workspace --doc --quiet
 

@@ -10,7 +10,10 @@
 //!    (`LAZARUS_BENCH_TAIL_WORDS`, default 5,000,000: about 720,000
 //!    distinct, like the corpus of source text). Beside it, the
 //!    CPU time (user + sys) of the workers and the supervisor per run,
-//!    which moves less than wall time with the machine's speed.
+//!    which moves less than wall time with the machine's speed; and the
+//!    overhead of each round's pair (off and every 1 s back to back), the
+//!    median and range, which a drift of the machine's speed over minutes
+//!    moves less than the best of each.
 //! 2. checkpoint latency (trigger → commit) p50/p99 and the processing pause
 //!    of the snapshot (the synchronous part, per worker and checkpoint) at
 //!    keyed-state sizes of 10 MiB, 100 MiB and 1 GiB with 10 % of the key
@@ -236,6 +239,8 @@ fn main() {
                 }
             }
             let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+            let (on_rates, off_rates) = (on.clone(), off.clone());
+            let (cpu_on_all, cpu_off_all) = (cpu_on.clone(), cpu_off.clone());
             let (on, off) = (best(&on), best(&off));
             println!(
                 "wordcount, {n} words ({label}: {distinct} distinct), 7 worker processes (best of {rounds} runs each):"
@@ -263,6 +268,36 @@ fn main() {
                 cpu_off,
                 cpu_on,
                 100.0 * (cpu_on - cpu_off) / cpu_off
+            );
+            // Each round ran off and every 1 s back to back: the overhead
+            // of each pair moves less with the machine's speed over
+            // minutes than the best of each does.
+            let paired = |on: &[f64], off: &[f64], more_is_better: bool| {
+                let mut v: Vec<f64> = on
+                    .iter()
+                    .zip(off)
+                    .map(|(on, off)| {
+                        if more_is_better {
+                            100.0 * (off - on) / off
+                        } else {
+                            100.0 * (on - off) / off
+                        }
+                    })
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                (v[v.len() / 2], v[0], v[v.len() - 1])
+            };
+            let (wall, wall_lo, wall_hi) = paired(&on_rates, &off_rates, true);
+            let (cpu, cpu_lo, cpu_hi) = paired(&cpu_on_all, &cpu_off_all, false);
+            println!(
+                "  {:<44} wall {:.1} % ({:.1} to {:.1}), CPU {:.1} % ({:.1} to {:.1})   (median of {rounds} back-to-back pairs, range)",
+                "overhead per round",
+                wall,
+                wall_lo,
+                wall_hi,
+                cpu,
+                cpu_lo,
+                cpu_hi
             );
             println!(
                 "  {:<44} {:>12.0} words/s   (the machine's speed now; Lazarus with checkpoints at {:.2} x it, on 2 cores)",
