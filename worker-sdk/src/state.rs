@@ -5,15 +5,17 @@
 //! closure that serializes *frozen* data later, on a blocking thread, or a
 //! note that the part is unchanged since the previous checkpoint (the
 //! runtime then references the chunk it already wrote: incremental
-//! checkpoints). [`KeyedState`] freezes its key groups per shard: a
-//! snapshot clones one `Arc` per shard of a dirty group, and the first
-//! write to a frozen shard the serialization has not reached archives that
-//! shard for the snapshot, then changes it in place (archive-on-write).
+//! checkpoints). [`KeyedState`] freezes each dirty key group whole: a
+//! snapshot clones one `Arc` per dirty group (its vector of shards); the
+//! group's first write after it moves the shards into the snapshot's
+//! slots, one per shard, and the first write to a frozen shard the
+//! serialization has not reached archives that shard for the snapshot,
+//! then changes it in place (archive-on-write).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use lazarus_storage::rkyv::util::AlignedVec;
@@ -384,9 +386,10 @@ where
 /// faulted them in on the processing thread (37 faults, 186 µs of CPU at
 /// the median, 458 µs at p99, against 5 µs into a warm buffer). At 256 a
 /// shard is about 35 KiB and its buffer comes from the heap, reused: 30 /
-/// 182 µs, no faults at the median. The snapshot's synchronous part (an
-/// `Arc` clone per shard of each dirty group) grew from about 0.15-0.2 ms
-/// to 0.3-0.4 ms there (medians of two runs each).
+/// 182 µs, no faults at the median. The snapshot's synchronous part, then
+/// an `Arc` clone per shard of each dirty group, grew from about 0.15-0.2
+/// ms to 0.3-0.4 ms there; a snapshot now freezes a group whole (see
+/// [`Frozen`]), and the group's first write after it pays the clones.
 const SHARDS: usize = 256;
 
 /// The longest stall of a write on a frozen shard (archive-on-write or
@@ -405,6 +408,10 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 type Shard<K, V> = Arc<Map<K, V>>;
 
+/// A key group's shards, shared with a pending snapshot until the group's
+/// next write.
+type Shards<K, V> = Arc<Vec<Shard<K, V>>>;
+
 /// Shard `i` of `group` for writing. A snapshot whose serialization has
 /// not reached the shard yet gets its archive first, written by this call
 /// (archive-on-write: the entries' bytes, no copy of the keys and values
@@ -415,12 +422,16 @@ where
     K: Clone + Eq + Hash + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
     V: Clone + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
 {
-    if Arc::strong_count(&group.shards[i]) == 1 {
-        return Arc::make_mut(&mut group.shards[i]);
+    let alone = Arc::strong_count(&group.shards) == 1 && Arc::weak_count(&group.shards) == 0;
+    if alone && Arc::strong_count(&group.shards[i]) == 1 {
+        let shards = Arc::get_mut(&mut group.shards).expect("no other pointer: checked above");
+        return Arc::make_mut(&mut shards[i]);
     }
     let started = crate::clock::Stopwatch::start();
+    group.unshare();
     group.archive_for_pending(i);
-    let map = Arc::make_mut(&mut group.shards[i]);
+    let shards = Arc::get_mut(&mut group.shards).expect("unshared above");
+    let map = Arc::make_mut(&mut shards[i]);
     COW_STALL_NS.fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     map
 }
@@ -439,6 +450,57 @@ enum Slot<K, V> {
 
 /// The shards of one key group in one snapshot.
 type Slots<K, V> = Vec<std::sync::Mutex<Slot<K, V>>>;
+
+/// A dirty key group as a snapshot froze it: the group's vector of shards
+/// (one `Arc` clone at the snapshot, whatever the shard count), turned
+/// into one slot per shard by whichever comes first: the group's first
+/// write after the snapshot (which moves the shards into the slots) or
+/// the serialization (which clones them).
+struct Frozen<K, V> {
+    /// The vector, until the slots are made (under this lock).
+    shards: std::sync::Mutex<Option<Shards<K, V>>>,
+    slots: OnceLock<Slots<K, V>>,
+}
+
+impl<K, V> Frozen<K, V> {
+    fn new(shards: Shards<K, V>) -> Frozen<K, V> {
+        Frozen {
+            shards: std::sync::Mutex::new(Some(shards)),
+            slots: OnceLock::new(),
+        }
+    }
+
+    /// The slots, made now from the frozen vector if the group's writes
+    /// have not made them (the serialization's way in).
+    fn slots(&self) -> &Slots<K, V> {
+        if let Some(slots) = self.slots.get() {
+            return slots;
+        }
+        let mut held = lock(&self.shards);
+        if let Some(shards) = held.take() {
+            let _ = self.slots.set(held_slots(shards));
+        }
+        drop(held);
+        self.slots
+            .get()
+            .expect("made by whoever took the frozen vector")
+    }
+}
+
+/// One slot per shard of `shards`: the shards moved in when nothing else
+/// holds the vector, cloned otherwise.
+fn held_slots<K, V>(shards: Shards<K, V>) -> Slots<K, V> {
+    match Arc::try_unwrap(shards) {
+        Ok(shards) => shards
+            .into_iter()
+            .map(|s| std::sync::Mutex::new(Slot::Held(s)))
+            .collect(),
+        Err(shared) => shared
+            .iter()
+            .map(|s| std::sync::Mutex::new(Slot::Held(s.clone())))
+            .collect(),
+    }
+}
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -505,19 +567,18 @@ where
     rkyv::api::high::to_bytes_in::<_, rancor::Error>(&entries, buffer)
 }
 
-/// A revive function for `shards`: weak pointers, so it keeps nothing
-/// alive; it gives the shards back while no write has copied or changed
-/// any of them (copy-on-write moves a shard that only weak pointers share).
-fn revive_of<K, V>(shards: &[Shard<K, V>]) -> impl Fn() -> Option<Decoded> + Send + Sync + 'static
+/// A revive function for a group's vector of shards: a weak pointer, so
+/// it keeps nothing alive; it gives the vector back while the group or a
+/// snapshot still holds it as it was (a write first moves or copies a
+/// vector a weak pointer reaches, and never changes one of its shards in
+/// place while another vector holds that shard).
+fn revive_of<K, V>(shards: &Shards<K, V>) -> impl Fn() -> Option<Decoded> + Send + Sync + 'static
 where
     K: Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
-    let weak: Vec<Weak<Map<K, V>>> = shards.iter().map(Arc::downgrade).collect();
-    move || {
-        let strong: Option<Vec<Shard<K, V>>> = weak.iter().map(Weak::upgrade).collect();
-        strong.map(|s| Arc::new(s) as Decoded)
-    }
+    let weak = Arc::downgrade(shards);
+    move || weak.upgrade().map(|s| s as Decoded)
 }
 
 /// The archived layout of a key group: `ArchivedVec<ArchivedTuple2<K, V>>`,
@@ -650,21 +711,54 @@ pub struct KeyedState<K, V> {
 }
 
 struct Group<K, V> {
-    shards: Vec<Shard<K, V>>,
+    shards: Shards<K, V>,
     dirty: bool,
     /// Bytes of the group's last archive: the next one's buffer size.
     archived_len: Arc<AtomicUsize>,
     /// Snapshots of this group not serialized yet.
-    pending: Vec<Weak<Slots<K, V>>>,
+    pending: Vec<Weak<Frozen<K, V>>>,
 }
 
 impl<K, V> Group<K, V> {
     fn empty() -> Group<K, V> {
         Group {
-            shards: (0..SHARDS).map(|_| Arc::new(Map::default())).collect(),
+            shards: Arc::new((0..SHARDS).map(|_| Arc::new(Map::default())).collect()),
             dirty: true,
             archived_len: Arc::default(),
             pending: Vec::new(),
+        }
+    }
+
+    /// Makes the vector of shards the group's alone. A pending snapshot
+    /// that shares it gets it as its slots, the shards moved in (the group
+    /// clones one `Arc` per shard for its new vector: the work a snapshot
+    /// no longer does up front). A vector only weak pointers (revives)
+    /// reach is moved, so they no longer reach it.
+    fn unshare(&mut self) {
+        if Arc::strong_count(&self.shards) == 1 {
+            Arc::make_mut(&mut self.shards);
+            return;
+        }
+        let own: Vec<Shard<K, V>> = self.shards.iter().cloned().collect();
+        // At most one pending snapshot holds the vector: a group is
+        // snapshotted again only after a write, and every write unshares.
+        let mut frozen = Some(std::mem::replace(&mut self.shards, Arc::new(own)));
+        self.pending.retain(|p| p.strong_count() > 0);
+        for pending in self.pending.iter().filter_map(Weak::upgrade) {
+            let Some(old) = frozen.as_ref() else {
+                break;
+            };
+            // A serialization making the slots now clones the shards itself.
+            let mut held = match pending.shards.try_lock() {
+                Ok(held) => held,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => continue,
+            };
+            if held.as_ref().is_some_and(|s| Arc::ptr_eq(s, old)) {
+                let shards = held.take().expect("checked above");
+                drop(frozen.take());
+                let _ = pending.slots.set(held_slots(shards));
+            }
         }
     }
 
@@ -685,7 +779,12 @@ impl<K, V> Group<K, V> {
         let hint = hint + hint / 4 + 64;
         let mut archived = None;
         for pending in &self.pending {
-            let Some(slots) = pending.upgrade() else {
+            let Some(frozen) = pending.upgrade() else {
+                continue;
+            };
+            let Some(slots) = frozen.slots.get() else {
+                // The serialization is making them: it holds the shard,
+                // and the write copies it.
                 continue;
             };
             let mut slot = match slots[i].try_lock() {
@@ -852,9 +951,10 @@ where
     ) -> Option<R> {
         let (group, shard) = Self::place(self.key_groups, key);
         let g = self.groups.get_mut(&group)?;
-        let only = &g.shards[shard];
-        if Arc::strong_count(only) == 1 && Arc::weak_count(only) == 0 {
+        let alone = Arc::strong_count(&g.shards) == 1 && Arc::weak_count(&g.shards) == 0;
+        if alone && Arc::strong_count(&g.shards[shard]) == 1 {
             let Group { shards, dirty, .. } = g;
+            let shards = Arc::get_mut(shards).expect("no other pointer: checked above");
             let map = Arc::get_mut(&mut shards[shard]).expect("no other pointer: checked above");
             let found = op(map)?;
             *dirty = true;
@@ -871,7 +971,7 @@ where
     pub fn len(&self) -> usize {
         self.groups
             .values()
-            .flat_map(|g| &g.shards)
+            .flat_map(|g| g.shards.iter())
             .map(|s| s.len())
             .sum()
     }
@@ -881,8 +981,8 @@ where
         self.len() == 0
     }
 
-    /// Freezes the state: O(key groups × shards), independent of state
-    /// size. Dirty groups are serialized later by the runtime, straight
+    /// Freezes the state: O(key groups), independent of state size and
+    /// of the shard count. Dirty groups are serialized later by the runtime, straight
     /// from the frozen shards; clean ones are referenced.
     pub fn snapshot(&mut self) -> Snapshot {
         let mut snapshot = Snapshot::default();
@@ -890,20 +990,16 @@ where
             let g = self.groups.get_mut(&group).expect("listed above");
             if g.dirty {
                 g.dirty = false;
-                let slots: Arc<Slots<K, V>> = Arc::new(
-                    g.shards
-                        .iter()
-                        .map(|s| std::sync::Mutex::new(Slot::Held(s.clone())))
-                        .collect(),
-                );
+                let frozen = Arc::new(Frozen::new(g.shards.clone()));
                 g.pending.retain(|p| p.strong_count() > 0);
-                g.pending.push(Arc::downgrade(&slots));
+                g.pending.push(Arc::downgrade(&frozen));
                 let revive = revive_of(&g.shards);
                 let archived_len = g.archived_len.clone();
                 snapshot.add_fresh_decoded(
                     name,
                     move || {
-                        let bytes = archive(&slots, archived_len.load(Ordering::Relaxed))?;
+                        let slots = frozen.slots();
+                        let bytes = archive(slots, archived_len.load(Ordering::Relaxed))?;
                         archived_len.store(bytes.len(), Ordering::Relaxed);
                         Ok(bytes)
                     },
@@ -927,9 +1023,7 @@ where
                     .downcast::<Vec<Shard<K, V>>>()
                     .map_err(|_| {
                         format!("state part {name:?} is held decoded as another type (two states named {:?}?)", self.name)
-                    })?
-                    .as_ref()
-                    .clone(),
+                    })?,
                 None => {
                     let Some(bytes) = state.part(&name) else {
                         return Err(format!(
@@ -937,7 +1031,7 @@ where
                         )
                         .into());
                     };
-                    let shards = self.decode(group, &name, bytes)?;
+                    let shards = Arc::new(self.decode(group, &name, bytes)?);
                     state.release(&name);
                     state.keep_decoded(&name, revive_of(&shards));
                     shards
@@ -1544,24 +1638,27 @@ mod tests {
     fn test_a_write_after_a_snapshot_copies_one_shard_not_the_group() {
         let (ctx, mut st) = twenty_thousand_keys();
         let g = key_group(b"k1", 128);
-        let before: Vec<Shard<String, u64>> = st.groups[&g].shards.clone();
+        let before: Vec<Shard<String, u64>> = st.groups[&g].shards.to_vec();
         let frozen = st.snapshot();
         *st.entry("k1".into()).or_insert(0) += 1;
         let after = &st.groups[&g].shards;
         let copied = before
             .iter()
-            .zip(after)
+            .zip(after.iter())
             .filter(|(b, a)| !Arc::ptr_eq(b, a))
             .count();
         assert_eq!(copied, 1, "one shard of {SHARDS} copied");
         // ... and not as a copy of its entries: the write archived the
         // frozen shard for the snapshot and then changed it in place.
-        let slots = st.groups[&g]
+        let pending = st.groups[&g]
             .pending
             .last()
             .and_then(Weak::upgrade)
             .expect("the snapshot is pending");
-        let archived = slots
+        let archived = pending
+            .slots
+            .get()
+            .expect("the write moved the group's shards into the snapshot's slots")
             .iter()
             .filter(|slot| matches!(&*lock(slot), Slot::Archived(_)))
             .count();
@@ -1570,6 +1667,55 @@ mod tests {
         let back = restored_from(frozen, &ctx);
         assert_eq!(back.get(&"k1".to_string()), Some(&1));
         assert_eq!(back.len(), 20_000);
+    }
+
+    #[test]
+    fn test_a_snapshot_clones_one_pointer_per_group_and_the_first_write_moves_the_shards() {
+        let (ctx, mut st) = twenty_thousand_keys();
+        let g = key_group(b"k1", 128);
+        let frozen = st.snapshot();
+        // The snapshot holds each dirty group's vector, not its shards.
+        assert!(st
+            .groups
+            .values()
+            .all(|grp| Arc::strong_count(&grp.shards) == 2));
+        assert!(st.groups[&g]
+            .shards
+            .iter()
+            .all(|s| Arc::strong_count(s) == 1));
+        *st.entry("k1".into()).or_insert(0) += 1;
+        let pending = st.groups[&g]
+            .pending
+            .last()
+            .and_then(Weak::upgrade)
+            .expect("the snapshot is pending");
+        assert!(
+            lock(&pending.shards).is_none(),
+            "the write took the frozen vector"
+        );
+        assert_eq!(Arc::strong_count(&st.groups[&g].shards), 1);
+        // Every shard moved into the snapshot's slots (held there and by
+        // the group), but the written one: archived, then changed in place.
+        let shared = st.groups[&g]
+            .shards
+            .iter()
+            .filter(|s| Arc::strong_count(s) == 2)
+            .count();
+        assert_eq!(shared, SHARDS - 1);
+        // Groups not written since still share their vector with it.
+        assert!(st
+            .groups
+            .iter()
+            .filter(|(other, _)| **other != g)
+            .all(|(_, grp)| Arc::strong_count(&grp.shards) == 2));
+        let back = restored_from(frozen, &ctx);
+        assert_eq!(
+            back.get(&"k1".to_string()),
+            Some(&1),
+            "the snapshot's value"
+        );
+        assert_eq!(back.len(), 20_000);
+        assert_eq!(st.get(&"k1".to_string()), Some(&2));
     }
 
     #[test]
@@ -1582,12 +1728,14 @@ mod tests {
             .iter()
             .position(|s| s.contains_key("k1"))
             .expect("k1's shard");
-        let slots = st.groups[&g]
+        let pending = st.groups[&g]
             .pending
             .last()
             .and_then(Weak::upgrade)
             .expect("the snapshot is pending");
-        // The serialization holds the shard's slot (as while it archives).
+        // The serialization made the slots and holds the shard's (as while
+        // it archives).
+        let slots = pending.slots();
         let busy = lock(&slots[i]);
         let (done_tx, done) = std::sync::mpsc::channel();
         let waited = std::thread::scope(|scope| {
