@@ -1634,6 +1634,18 @@ mod tests {
         back
     }
 
+    /// The snapshot `frozen` of `twenty_thousand_keys` restores all of
+    /// them, `k1` at its value before the test's write.
+    fn assert_kept_k1_before_the_write(frozen: Snapshot, ctx: &Context) {
+        let back = restored_from(frozen, ctx);
+        assert_eq!(
+            back.get(&"k1".to_string()),
+            Some(&1),
+            "the snapshot's value"
+        );
+        assert_eq!(back.len(), 20_000);
+    }
+
     #[test]
     fn test_a_write_after_a_snapshot_copies_one_shard_not_the_group() {
         let (ctx, mut st) = twenty_thousand_keys();
@@ -1708,13 +1720,7 @@ mod tests {
             .iter()
             .filter(|(other, _)| **other != g)
             .all(|(_, grp)| Arc::strong_count(&grp.shards) == 2));
-        let back = restored_from(frozen, &ctx);
-        assert_eq!(
-            back.get(&"k1".to_string()),
-            Some(&1),
-            "the snapshot's value"
-        );
-        assert_eq!(back.len(), 20_000);
+        assert_kept_k1_before_the_write(frozen, &ctx);
         assert_eq!(st.get(&"k1".to_string()), Some(&2));
     }
 
@@ -1755,13 +1761,7 @@ mod tests {
             "the busy slot is the serialization's to archive"
         );
         assert_eq!(st.get(&"k1".to_string()), Some(&101));
-        let back = restored_from(frozen, &ctx);
-        assert_eq!(
-            back.get(&"k1".to_string()),
-            Some(&1),
-            "the snapshot's value"
-        );
-        assert_eq!(back.len(), 20_000);
+        assert_kept_k1_before_the_write(frozen, &ctx);
     }
 
     #[test]
