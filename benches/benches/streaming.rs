@@ -164,6 +164,13 @@ fn cpu_time() -> Duration {
     of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN)
 }
 
+/// The median, least and greatest of `values` (at least one).
+fn median_and_range(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
 /// Distinct whitespace-separated words of `text`.
 fn distinct_words(text: &str) -> usize {
     text.split_whitespace()
@@ -208,7 +215,8 @@ fn main() {
         let rounds: usize = std::env::var("LAZARUS_BENCH_ROUNDS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(3);
+            .unwrap_or(3)
+            .max(1);
         for (label, corpus, n) in [
             ("generated, skewed 20k-word vocabulary", &input, words),
             ("long tail of distinct words", &tail_input, tail_words),
@@ -238,9 +246,21 @@ fn main() {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
             }
+            // Each round ran off and every 1 s back to back: the overhead
+            // of each pair moves less with the machine's speed over
+            // minutes than the best of each does.
+            let (wall, wall_lo, wall_hi) = median_and_range(
+                on.iter()
+                    .zip(&off)
+                    .map(|(on, off)| 100.0 * (off - on) / off),
+            );
+            let (cpu, cpu_lo, cpu_hi) = median_and_range(
+                cpu_on
+                    .iter()
+                    .zip(&cpu_off)
+                    .map(|(on, off)| 100.0 * (on - off) / off),
+            );
             let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-            let (on_rates, off_rates) = (on.clone(), off.clone());
-            let (cpu_on_all, cpu_off_all) = (cpu_on.clone(), cpu_off.clone());
             let (on, off) = (best(&on), best(&off));
             println!(
                 "wordcount, {n} words ({label}: {distinct} distinct), 7 worker processes (best of {rounds} runs each):"
@@ -269,26 +289,6 @@ fn main() {
                 cpu_on,
                 100.0 * (cpu_on - cpu_off) / cpu_off
             );
-            // Each round ran off and every 1 s back to back: the overhead
-            // of each pair moves less with the machine's speed over
-            // minutes than the best of each does.
-            let paired = |on: &[f64], off: &[f64], more_is_better: bool| {
-                let mut v: Vec<f64> = on
-                    .iter()
-                    .zip(off)
-                    .map(|(on, off)| {
-                        if more_is_better {
-                            100.0 * (off - on) / off
-                        } else {
-                            100.0 * (on - off) / off
-                        }
-                    })
-                    .collect();
-                v.sort_by(f64::total_cmp);
-                (v[v.len() / 2], v[0], v[v.len() - 1])
-            };
-            let (wall, wall_lo, wall_hi) = paired(&on_rates, &off_rates, true);
-            let (cpu, cpu_lo, cpu_hi) = paired(&cpu_on_all, &cpu_off_all, false);
             println!(
                 "  {:<44} wall {:.1} % ({:.1} to {:.1}), CPU {:.1} % ({:.1} to {:.1})   (median of {rounds} back-to-back pairs, range)",
                 "overhead per round",

@@ -422,8 +422,7 @@ where
     K: Clone + Eq + Hash + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
     V: Clone + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
 {
-    let alone = Arc::strong_count(&group.shards) == 1 && Arc::weak_count(&group.shards) == 0;
-    if alone && Arc::strong_count(&group.shards[i]) == 1 {
+    if group.owns(i) {
         let shards = Arc::get_mut(&mut group.shards).expect("no other pointer: checked above");
         return Arc::make_mut(&mut shards[i]);
     }
@@ -504,6 +503,16 @@ fn held_slots<K, V>(shards: Shards<K, V>) -> Slots<K, V> {
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `m` locked if no one holds it now (a write never waits for the
+/// serialization).
+fn try_lock<T>(m: &std::sync::Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 /// A key group's part: `PART_MAGIC`, the shard count (u32 LE) and 4
@@ -729,6 +738,14 @@ impl<K, V> Group<K, V> {
         }
     }
 
+    /// True when nothing but the group holds its vector and shard `i`
+    /// (the usual case between checkpoints): a write changes it in place.
+    fn owns(&self, i: usize) -> bool {
+        Arc::strong_count(&self.shards) == 1
+            && Arc::weak_count(&self.shards) == 0
+            && Arc::strong_count(&self.shards[i]) == 1
+    }
+
     /// Makes the vector of shards the group's alone. A pending snapshot
     /// that shares it gets it as its slots, the shards moved in (the group
     /// clones one `Arc` per shard for its new vector: the work a snapshot
@@ -749,10 +766,8 @@ impl<K, V> Group<K, V> {
                 break;
             };
             // A serialization making the slots now clones the shards itself.
-            let mut held = match pending.shards.try_lock() {
-                Ok(held) => held,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => continue,
+            let Some(mut held) = try_lock(&pending.shards) else {
+                continue;
             };
             if held.as_ref().is_some_and(|s| Arc::ptr_eq(s, old)) {
                 let shards = held.take().expect("checked above");
@@ -787,10 +802,8 @@ impl<K, V> Group<K, V> {
                 // and the write copies it.
                 continue;
             };
-            let mut slot = match slots[i].try_lock() {
-                Ok(slot) => slot,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => continue,
+            let Some(mut slot) = try_lock(&slots[i]) else {
+                continue;
             };
             if matches!(&*slot, Slot::Held(frozen) if Arc::ptr_eq(frozen, &self.shards[i])) {
                 let bytes = archived.get_or_insert_with(|| {
@@ -951,8 +964,7 @@ where
     ) -> Option<R> {
         let (group, shard) = Self::place(self.key_groups, key);
         let g = self.groups.get_mut(&group)?;
-        let alone = Arc::strong_count(&g.shards) == 1 && Arc::weak_count(&g.shards) == 0;
-        if alone && Arc::strong_count(&g.shards[shard]) == 1 {
+        if g.owns(shard) {
             let Group { shards, dirty, .. } = g;
             let shards = Arc::get_mut(shards).expect("no other pointer: checked above");
             let map = Arc::get_mut(&mut shards[shard]).expect("no other pointer: checked above");
@@ -982,8 +994,8 @@ where
     }
 
     /// Freezes the state: O(key groups), independent of state size and
-    /// of the shard count. Dirty groups are serialized later by the runtime, straight
-    /// from the frozen shards; clean ones are referenced.
+    /// of the shard count. Dirty groups are serialized later by the
+    /// runtime, straight from the frozen shards; clean ones are referenced.
     pub fn snapshot(&mut self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for (group, name) in self.owned_parts() {

@@ -371,15 +371,33 @@ pub fn generate(words: u64, path: &Path, seed: u64) -> std::io::Result<()> {
     generate_with_tail(words, path, seed, 0)
 }
 
+/// The syllables that spell word `id` of the generated corpora (ids
+/// 20,000 and up are the long tail's), as [`generate_with_tail`] writes it.
+///
+/// ```
+/// let word: String = wordcount::word_syllables(20_000).collect();
+/// assert_eq!(word, "zarusgumi");
+/// ```
+pub fn word_syllables(id: u64) -> impl Iterator<Item = &'static str> {
+    const SYLLABLES: [&str; 16] = [
+        "la", "za", "rus", "ka", "mi", "to", "ne", "ri", "so", "vu", "pe", "do", "qi", "fa", "gu",
+        "he",
+    ];
+    let mut id = id + 1;
+    std::iter::from_fn(move || {
+        (id > 0).then(|| {
+            let syllable = SYLLABLES[(id % 16) as usize];
+            id /= 16;
+            syllable
+        })
+    })
+}
+
 /// As [`generate`], and with `tail` > 0 every other word is drawn
 /// uniformly from `tail` further words (a long tail, like identifiers in
 /// source code: 5 M words with a tail of 730,000 hold about 720,000
 /// distinct words).
 pub fn generate_with_tail(words: u64, path: &Path, seed: u64, tail: u64) -> std::io::Result<()> {
-    const SYLLABLES: [&str; 16] = [
-        "la", "za", "rus", "ka", "mi", "to", "ne", "ri", "so", "vu", "pe", "do", "qi", "fa", "gu",
-        "he",
-    ];
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
         x ^= x << 13;
@@ -399,13 +417,11 @@ pub fn generate_with_tail(words: u64, path: &Path, seed: u64, tail: u64) -> std:
             } else {
                 (r % 20_000) % (1 + (r >> 32) % 20_000)
             };
-            let mut id = id + 1;
             if i > 0 {
                 out.write_all(if r & 1 == 0 { b" " } else { b"  " })?;
             }
-            while id > 0 {
-                out.write_all(SYLLABLES[(id % 16) as usize].as_bytes())?;
-                id /= 16;
+            for syllable in word_syllables(id) {
+                out.write_all(syllable.as_bytes())?;
             }
         }
         out.write_all(b"\n")?;
