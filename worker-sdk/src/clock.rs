@@ -36,3 +36,83 @@ pub(crate) fn thread_cpu() -> Duration {
     }
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
+
+/// What the calling thread has used so far: CPU time, page faults and
+/// context switches. The difference of two readings around a step tells
+/// where its wall time went: work, page faults (the kernel's, on the
+/// thread's CPU time), waiting for a core (involuntary switches), waiting
+/// on a lock or the disk (voluntary ones); wall time with none of these is
+/// time the machine did not run the thread at all (a virtual CPU the host
+/// had descheduled).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ThreadUsage {
+    pub(crate) cpu: Duration,
+    pub(crate) page_faults: u64,
+    pub(crate) voluntary_switches: u64,
+    pub(crate) involuntary_switches: u64,
+}
+
+impl ThreadUsage {
+    /// The calling thread's usage now (zeros where the kernel refuses).
+    pub(crate) fn now() -> ThreadUsage {
+        // SAFETY: getrusage(2) fills the struct it is given; zeroed is a
+        // valid rusage.
+        let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+        #[cfg(target_os = "linux")]
+        let who = libc::RUSAGE_THREAD;
+        #[cfg(not(target_os = "linux"))]
+        let who = libc::RUSAGE_SELF;
+        if unsafe { libc::getrusage(who, &mut r) } != 0 {
+            return ThreadUsage::default();
+        }
+        ThreadUsage {
+            cpu: thread_cpu(),
+            page_faults: (r.ru_minflt + r.ru_majflt) as u64,
+            voluntary_switches: r.ru_nvcsw as u64,
+            involuntary_switches: r.ru_nivcsw as u64,
+        }
+    }
+
+    /// What was used between `earlier` and this reading.
+    pub(crate) fn since(&self, earlier: &ThreadUsage) -> ThreadUsage {
+        ThreadUsage {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            page_faults: self.page_faults.saturating_sub(earlier.page_faults),
+            voluntary_switches: self
+                .voluntary_switches
+                .saturating_sub(earlier.voluntary_switches),
+            involuntary_switches: self
+                .involuntary_switches
+                .saturating_sub(earlier.involuntary_switches),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_thread_usage_counts_this_threads_work_and_faults() {
+        let before = ThreadUsage::now();
+        // Work: a loop the optimizer cannot drop.
+        let mut x = 1u64;
+        for i in 0..5_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+        // Faults: fresh pages, each touched once.
+        let mut pages = vec![0u8; 64 << 20];
+        for p in pages.iter_mut().step_by(4096) {
+            *p = 1;
+        }
+        std::hint::black_box(&pages);
+        let used = ThreadUsage::now().since(&before);
+        assert!(used.cpu > Duration::from_micros(500), "{used:?}");
+        assert!(used.page_faults >= 1, "{used:?}");
+        assert_eq!(
+            ThreadUsage::now().since(&ThreadUsage::now()),
+            ThreadUsage::default(),
+            "a later reading minus an earlier one saturates at zero"
+        );
+    }
+}
