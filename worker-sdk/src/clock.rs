@@ -55,13 +55,13 @@ pub(crate) struct ThreadUsage {
 impl ThreadUsage {
     /// The calling thread's usage now (zeros where the kernel refuses).
     pub(crate) fn now() -> ThreadUsage {
-        // SAFETY: getrusage(2) fills the struct it is given; zeroed is a
-        // valid rusage.
+        // SAFETY: all zeros is a valid rusage (integers and timevals).
         let mut r: libc::rusage = unsafe { std::mem::zeroed() };
         #[cfg(target_os = "linux")]
         let who = libc::RUSAGE_THREAD;
         #[cfg(not(target_os = "linux"))]
         let who = libc::RUSAGE_SELF;
+        // SAFETY: getrusage(2) writes one rusage it is given.
         if unsafe { libc::getrusage(who, &mut r) } != 0 {
             return ThreadUsage::default();
         }
@@ -112,7 +112,7 @@ mod tests {
         assert_eq!(
             ThreadUsage::now().since(&ThreadUsage::now()),
             ThreadUsage::default(),
-            "a later reading minus an earlier one saturates at zero"
+            "an earlier reading less a later one saturates at zero"
         );
     }
 }

@@ -880,6 +880,9 @@ pub struct JobController {
     /// A retention pass is running; when the last one started.
     retention_running: bool,
     retention_last: Option<Duration>,
+    /// The final checkpoint committed while a pass ran: its own pass
+    /// starts when that one ends.
+    retention_final: bool,
     /// Live hosts.
     hosts: BTreeSet<String>,
     /// Where each worker's primary and standby go.
@@ -1001,6 +1004,7 @@ impl JobController {
             commits_in_flight: BTreeMap::new(),
             retention_running: false,
             retention_last: None,
+            retention_final: false,
             hosts,
             placement: BTreeMap::new(),
             failed: BTreeSet::new(),
@@ -1497,6 +1501,9 @@ impl JobController {
                 if let Some((newest, referenced)) = retained {
                     self.out.push(Action::PruneCaches { newest, referenced });
                 }
+                if std::mem::take(&mut self.retention_final) {
+                    self.maybe_retention(now, true);
+                }
             }
             Fact::StopRequested { final_checkpoint } => self.on_stop(now, final_checkpoint),
             Fact::MoveRequested { worker, host } => {
@@ -1590,6 +1597,11 @@ impl JobController {
     /// Commits handed out and not answered.
     pub fn commits_in_flight(&self) -> usize {
         self.commits_in_flight.len()
+    }
+
+    /// A retention pass is running or the final one waits for it.
+    pub fn retention_in_flight(&self) -> bool {
+        self.retention_running || self.retention_final
     }
 
     /// The state now.
@@ -2873,9 +2885,12 @@ impl JobController {
     }
 
     /// At most one retention pass per `retention_every`, none while one
-    /// runs; the final checkpoint's pass always runs.
+    /// runs; the final checkpoint's pass always runs, after the one
+    /// running if there is one (which listed the checkpoints before the
+    /// final one committed).
     fn maybe_retention(&mut self, now: Duration, force: bool) {
         if self.retention_running {
+            self.retention_final |= force;
             return;
         }
         let due = self

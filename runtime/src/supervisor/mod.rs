@@ -371,10 +371,11 @@ impl Shell {
         }
 
         // The job is over: every process was told to die and every VIP let
-        // go. Wait (bounded) for the exits, and for storage work in flight,
-        // so that nothing of the job outlives this call.
+        // go. Wait (bounded) for the exits, and for storage work in flight
+        // (the final checkpoint's retention pass included), so that nothing
+        // of the job outlives this call.
         let deadline = clock.deadline(clock.now() + DRAIN_TIMEOUT);
-        while ctl.live_processes() > 0 || ctl.commits_in_flight() > 0 {
+        while ctl.live_processes() > 0 || ctl.commits_in_flight() > 0 || ctl.retention_in_flight() {
             let fact = tokio::select! {
                 Some(ev) = events.recv() => shell.fleet_fact(ev),
                 Some(f) = facts.recv() => f,

@@ -295,6 +295,8 @@ struct World {
     log: Vec<(Duration, Action)>,
     /// Every commit takes this long (scripted scenarios).
     slow_commits: Option<Duration>,
+    /// Every retention pass takes this long (scripted scenarios).
+    slow_retention: Option<Duration>,
     /// The controller's settings (a new leader builds its own from them).
     cfg: ControllerConfig,
     /// Leader changes so far.
@@ -386,6 +388,7 @@ impl World {
             record: false,
             log: Vec::new(),
             slow_commits: None,
+            slow_retention: None,
             cfg,
             leader_changes: 0,
             standby_downs: 0,
@@ -1133,7 +1136,10 @@ impl World {
                     self.at(d, Event::Deliver(fact));
                 }
                 Action::Retention { .. } => {
-                    let d = self.rng.between(1, 300);
+                    let d = match self.slow_retention {
+                        Some(d) => d,
+                        None => self.rng.between(1, 300),
+                    };
                     self.at(d, Event::Deliver(Fact::RetentionDone { retained: None }));
                 }
                 Action::Rejoin {
@@ -1672,6 +1678,24 @@ mod scenarios {
             self.deliver(Fact::Message { conn, msg });
         }
 
+        /// As the shell after the job's end: events keep coming while
+        /// storage work is in flight, up to `until`.
+        fn drain_until(&mut self, until: Duration) {
+            while self.ctl.retention_in_flight() || self.ctl.commits_in_flight() > 0 {
+                let Some(std::cmp::Reverse((t, _, i))) = self.queue.peek().copied() else {
+                    break;
+                };
+                if t > until {
+                    break;
+                }
+                self.queue.pop();
+                self.now = t;
+                if let Some(ev) = self.events[i].take() {
+                    self.step(ev);
+                }
+            }
+        }
+
         fn actions_since(&self, t: Duration) -> Vec<Action> {
             self.log
                 .iter()
@@ -1749,6 +1773,64 @@ mod scenarios {
         for (n, to) in &aligned {
             assert_eq!(to, &BTreeSet::from([id("src-0")]), "checkpoint {n}");
         }
+    }
+
+    /// The final checkpoint's retention pass runs even when a periodic
+    /// pass is still running as it commits (that pass listed the
+    /// checkpoints before the final one): it starts when that pass ends,
+    /// and until then the job's end waits for it.
+    #[test]
+    fn test_the_final_retention_pass_runs_after_the_one_running() {
+        let mut w = running(0, 3);
+        let retention = |w: &World, since: Duration| {
+            w.actions_since(since)
+                .iter()
+                .filter(|a| matches!(a, Action::Retention { .. }))
+                .count()
+        };
+        // A pass that takes 10 s starts within one retention interval.
+        w.slow_retention = Some(ms(10_000));
+        let slow_from = w.now;
+        w.run_for(ms(2_500));
+        assert_eq!(
+            retention(&w, slow_from),
+            1,
+            "one periodic pass, still running"
+        );
+        assert!(w.ctl.retention_in_flight());
+
+        let src = w.primary_pids()[&id("src-0")];
+        w.causes.exhausted = true;
+        if let Some(p) = w.procs.get_mut(&src) {
+            p.exhausted = true;
+        }
+        let conn = w.procs[&src].conn.expect("connected");
+        let exhausted_at = w.now;
+        w.deliver(Fact::Message {
+            conn,
+            msg: ToSupervisor::SourceExhausted,
+        });
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Finished);
+        assert_eq!(
+            retention(&w, exhausted_at),
+            0,
+            "the final pass waits for the running one"
+        );
+        assert!(
+            w.ctl.retention_in_flight(),
+            "and the job's end waits for both"
+        );
+
+        w.slow_retention = None;
+        let until = w.now + ms(10_000);
+        w.drain_until(until);
+        assert_eq!(
+            retention(&w, exhausted_at),
+            1,
+            "the final checkpoint's pass ran once the other ended"
+        );
+        assert!(!w.ctl.retention_in_flight());
     }
 
     #[test]
