@@ -426,18 +426,24 @@ impl World {
 
     /// Runs events until `until` (virtual time) or the job ends.
     fn run_until(&mut self, until: Duration) {
-        while let Some(std::cmp::Reverse((t, _, i))) = self.queue.peek().copied() {
-            if t > until || self.ctl.is_ended() {
-                break;
-            }
-            self.queue.pop();
-            self.now = t;
-            let Some(ev) = self.events[i].take() else {
-                continue;
-            };
+        while !self.ctl.is_ended() && self.step_next(until) {}
+        self.now = self.now.max(until.min(self.now + ms(1)));
+    }
+
+    /// Runs the next event if it is due by `until`; false if none is.
+    fn step_next(&mut self, until: Duration) -> bool {
+        let Some(std::cmp::Reverse((t, _, i))) = self.queue.peek().copied() else {
+            return false;
+        };
+        if t > until {
+            return false;
+        }
+        self.queue.pop();
+        self.now = t;
+        if let Some(ev) = self.events[i].take() {
             self.step(ev);
         }
-        self.now = self.now.max(until.min(self.now + ms(1)));
+        true
     }
 
     fn deliver(&mut self, fact: Fact) {
@@ -1681,19 +1687,9 @@ mod scenarios {
         /// As the shell after the job's end: events keep coming while
         /// storage work is in flight, up to `until`.
         fn drain_until(&mut self, until: Duration) {
-            while self.ctl.retention_in_flight() || self.ctl.commits_in_flight() > 0 {
-                let Some(std::cmp::Reverse((t, _, i))) = self.queue.peek().copied() else {
-                    break;
-                };
-                if t > until {
-                    break;
-                }
-                self.queue.pop();
-                self.now = t;
-                if let Some(ev) = self.events[i].take() {
-                    self.step(ev);
-                }
-            }
+            while (self.ctl.retention_in_flight() || self.ctl.commits_in_flight() > 0)
+                && self.step_next(until)
+            {}
         }
 
         fn actions_since(&self, t: Duration) -> Vec<Action> {
