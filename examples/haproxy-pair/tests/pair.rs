@@ -223,24 +223,49 @@ impl Pair {
         primary
     }
 
-    /// The process id of `worker`'s program (not the worker around it), in
-    /// its primary or standby slot.
-    fn program_pid(&self, job: &str, worker: &str, standby: bool) -> u32 {
-        let slot = format!("LAZARUS_STANDBY={}", if standby { 1 } else { 0 });
+    /// The process id of `worker`'s program (not the worker around it) on
+    /// `host`. Found by the host it runs on, not by the slot its worker was
+    /// started in: a standby promoted before the test looks keeps the
+    /// environment of a standby.
+    fn program_pid(&self, job: &str, worker: &str, host: &str) -> u32 {
         let w = format!("LAZARUS_WORKER={worker}");
-        let shims = pids_with_env(&self.c.bed.tag, &[&w, &slot]);
         let jobvar = format!("LAZARUS_JOB={job}");
-        let programs = pids_with_env(&self.c.bed.tag, &[&w, &jobvar]);
-        programs
-            .iter()
-            .copied()
-            .find(|p| shims.contains(&ppid(*p)))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no program of {job}/{worker} (standby {standby}; workers {shims:?}, programs {programs:?})\n{}",
+        // A worker's program starts a moment after `status` names its slot.
+        let start = Instant::now();
+        loop {
+            let workers = pids_with_env(&self.c.bed.tag, &[&w]);
+            let programs = pids_with_env(&self.c.bed.tag, &[&w, &jobvar]);
+            // The program's parent is its worker (not another program: a
+            // program's own children are not it).
+            let found: Vec<u32> = programs
+                .iter()
+                .copied()
+                .filter(|p| {
+                    let parent = ppid(*p);
+                    workers.contains(&parent)
+                        && !programs.contains(&parent)
+                        && self.c.bed.runs_in(*p, host)
+                })
+                .collect();
+            match found[..] {
+                [pid] => return pid,
+                _ if start.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => panic!(
+                    "not one program of {job}/{worker} on {host} after 10 s: {found:?} (workers {workers:?}, programs {programs:?})\n{}",
                     self.c.logs()
-                )
-            })
+                ),
+            }
+        }
+    }
+
+    /// The host of `job`/`worker`'s primary slot, from `status`.
+    fn primary_host(&self, job: &str, worker: &str) -> String {
+        let st = self.c.status().expect("status");
+        cluster::worker(&st, job, worker)
+            .and_then(|w| w["primary"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("{job}/{worker} has no primary: {st}"))
     }
 
     fn notify_lines(&self, host: &str) -> Vec<String> {
@@ -605,14 +630,14 @@ fn test_haproxy_sigkill_and_backend_kill_keep_serving_with_hooks_in_order_and_me
 
     // 1. SIGKILL the active HAProxy: the standby's HAProxy (already
     //    running) gets the VIP.
-    let standby_pid = p.program_pid("lb", "haproxy-0", true);
-    let pid = p.program_pid("lb", "haproxy-0", false);
+    let standby_pid = p.program_pid("lb", "haproxy-0", new);
+    let pid = p.program_pid("lb", "haproxy-0", &old);
     let t0 = Instant::now();
     common::netns::ok("kill", &["-KILL", &pid.to_string()]);
     wait_vip_on(&p, new, Duration::from_secs(10));
     // The promoted HAProxy is the standby's process (its worker keeps the
     // environment it was started with): nothing restarted.
-    assert_eq!(p.program_pid("lb", "haproxy-0", true), standby_pid);
+    assert_eq!(p.program_pid("lb", "haproxy-0", new), standby_pid);
     assert!(std::path::Path::new(&format!("/proc/{standby_pid}")).exists());
     let (mac_ns, _) = {
         p.c.bed.touch("client", VIP);
@@ -630,7 +655,7 @@ fn test_haproxy_sigkill_and_backend_kill_keep_serving_with_hooks_in_order_and_me
     // 2. One back-end dies: HAProxy routes around it (its own checks and
     //    retries), the API keeps answering; Lazarus restarts it on be2.
     std::thread::sleep(Duration::from_secs(1));
-    let api_pid = p.program_pid("api-2", "api-0", false);
+    let api_pid = p.program_pid("api-2", "api-0", &p.primary_host("api-2", "api-0"));
     // The kill lands somewhere between these two instants (starting `kill`
     // takes a few ms): a request sent before `t1` may be in flight at it.
     let t0_kill = Instant::now();
@@ -772,7 +797,7 @@ fn test_haproxy_hang_fails_its_check_moves_the_vip_and_does_not_flap() {
     std::thread::sleep(Duration::from_millis(500));
 
     // HAProxy hangs: its process lives, but answers nothing.
-    let pid = p.program_pid("lb", "haproxy-0", false);
+    let pid = p.program_pid("lb", "haproxy-0", &old);
     let t0 = Instant::now();
     common::netns::ok("kill", &["-STOP", &pid.to_string()]);
     wait_vip_on(&p, new, Duration::from_secs(10));

@@ -177,6 +177,16 @@ impl Testbed {
         &self.namespaces[self.index(name)]
     }
 
+    /// Whether process `pid` runs in host `name` (its network namespace is
+    /// the host's). False if the process is gone.
+    pub fn runs_in(&self, pid: u32, name: &str) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let host = std::fs::metadata(format!("/run/netns/{}", self.ns(name)))
+            .unwrap_or_else(|e| panic!("namespace of host {name}: {e}"));
+        std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|m| m.dev() == host.dev() && m.ino() == host.ino())
+    }
+
     /// Host `name`'s IPv4 address.
     pub fn ip(&self, name: &str) -> String {
         format!("198.18.0.{}", self.index(name) + 1)
