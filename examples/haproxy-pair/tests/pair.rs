@@ -635,8 +635,8 @@ fn test_haproxy_sigkill_and_backend_kill_keep_serving_with_hooks_in_order_and_me
     let t0 = Instant::now();
     common::netns::ok("kill", &["-KILL", &pid.to_string()]);
     wait_vip_on(&p, new, Duration::from_secs(10));
-    // The promoted HAProxy is the standby's process (its worker keeps the
-    // environment it was started with): nothing restarted.
+    // The promoted HAProxy is the process the standby already ran on the
+    // new host: nothing restarted.
     assert_eq!(p.program_pid("lb", "haproxy-0", new), standby_pid);
     assert!(std::path::Path::new(&format!("/proc/{standby_pid}")).exists());
     let (mac_ns, _) = {
