@@ -12,7 +12,11 @@
 //! dropped (heartbeats, acks of checkpoints the new leader abandons anyway).
 //! A ticket that arrives while the connection is still open means the
 //! supervisor on it hangs (a SIGSTOP, a VM paused) and lost the lead: the
-//! link leaves it for the new leader the same way.
+//! link leaves it for the new leader the same way. A ticket naming the
+//! supervisor the link is (or was last) connected to is a duplicate, never
+//! a new leader: each run of a job listens on a fresh port, and a leader
+//! hands a second ticket when the agent registers twice during its
+//! adoption (the first one used makes the others void).
 //!
 //! A [`ToWorker::Adopt`] (active-active takeover) does not go to the worker's
 //! loops: it comes out of `adopt` as an [`Adoption`], naming the supervisor
@@ -121,7 +125,12 @@ pub(crate) async fn run(
     let mut last_token = env.token.clone();
     let mut supervisor = env.supervisor;
     loop {
-        let superseded = superseded(env.rejoin_file.as_ref(), last_token.as_deref(), &state);
+        let superseded = superseded(
+            env.rejoin_file.as_ref(),
+            last_token.as_deref(),
+            supervisor,
+            &state,
+        );
         match pump(
             &mut read,
             &mut write,
@@ -145,7 +154,7 @@ pub(crate) async fn run(
             return;
         };
         tracing::warn!("supervisor connection lost; waiting for the new leader");
-        match wait_for_leader(&env, &file, last_token.as_deref(), &mut to_sup).await {
+        match wait_for_leader(&env, &file, last_token.as_deref(), supervisor, &mut to_sup).await {
             Some((ticket, r, w)) => {
                 tracing::info!(supervisor = %ticket.supervisor, "rejoining the new leader");
                 read = r;
@@ -186,11 +195,16 @@ enum Pumped {
 /// ticket (one failed `open` when there is none).
 const TICKET_POLL: Duration = Duration::from_millis(50);
 
-/// Resolves when a ticket other than the last one used is in `file` and a
-/// rejoin makes sense: a new leader adopted this process. Pending without
-/// a rejoin file (not an HA cluster). The agent removes the file before
-/// it starts the process, so any ticket there names this process.
-async fn superseded(file: Option<&PathBuf>, last_token: Option<&str>, state: &LinkState) {
+/// Resolves when a ticket from a leader other than `connected` is in `file`
+/// and a rejoin makes sense: a new leader adopted this process. Pending
+/// without a rejoin file (not an HA cluster). The agent removes the file
+/// before it starts the process, so any ticket there names this process.
+async fn superseded(
+    file: Option<&PathBuf>,
+    last_token: Option<&str>,
+    connected: SocketAddr,
+    state: &LinkState,
+) {
     let Some(file) = file else {
         return std::future::pending().await;
     };
@@ -200,24 +214,28 @@ async fn superseded(file: Option<&PathBuf>, last_token: Option<&str>, state: &Li
         poll.tick().await;
         // An unreadable ticket is reported by `wait_for_leader`, not here
         // every 50 ms.
-        let fresh = new_ticket(file, last_token).is_ok_and(|t| t.is_some());
+        let fresh = new_ticket(file, last_token, connected).is_ok_and(|t| t.is_some());
         if fresh && state.rejoin().is_some() {
             return;
         }
     }
 }
 
-/// The ticket in `file` if there is one and it is not the last one used
-/// (`last_token`).
+/// The ticket in `file` if there is one from a new leader: not the last
+/// one used (`last_token`), and naming a supervisor other than `last` (the
+/// one this process is or was last connected to; a second ticket from it
+/// is a duplicate whose credential it already voided).
 fn new_ticket(
     file: &PathBuf,
     last_token: Option<&str>,
+    last: SocketAddr,
 ) -> Result<Option<RejoinTicket>, serde_json::Error> {
     let Ok(text) = std::fs::read(file) else {
         return Ok(None);
     };
     let ticket: RejoinTicket = serde_json::from_slice(&text)?;
-    Ok((Some(ticket.token.as_str()) != last_token).then_some(ticket))
+    let new = Some(ticket.token.as_str()) != last_token && ticket.supervisor != last;
+    Ok(new.then_some(ticket))
 }
 
 /// Relays both ways until one side ends. The reader is a task of its own
@@ -272,13 +290,15 @@ async fn pump(
     }
 }
 
-/// Waits for a ticket other than the last one used, then connects with it.
+/// Waits for a ticket from a new leader (see [`new_ticket`]), then
+/// connects with it.
 /// Messages for the supervisor meanwhile are dropped. `None`: timed out, or
 /// the worker ended.
 async fn wait_for_leader(
     env: &WorkerEnv,
     file: &PathBuf,
     last_token: Option<&str>,
+    last: SocketAddr,
     to_sup: &mut mpsc::UnboundedReceiver<ToSupervisor>,
 ) -> Option<(RejoinTicket, CtlRead, CtlWrite)> {
     let deadline = tokio::time::sleep(rejoin_timeout());
@@ -292,7 +312,7 @@ async fn wait_for_leader(
             }
             msg = to_sup.recv() => { msg.as_ref()?; }
             _ = poll.tick() => {
-                let ticket = match new_ticket(file, last_token) {
+                let ticket = match new_ticket(file, last_token, last) {
                     Ok(Some(t)) => t,
                     Ok(None) => continue,
                     Err(e) => {
@@ -306,5 +326,70 @@ async fn wait_for_leader(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_ticket(file: &PathBuf, supervisor: SocketAddr, token: &str) {
+        let t = RejoinTicket {
+            supervisor,
+            token: token.into(),
+            attempt: 0,
+            standby: false,
+        };
+        std::fs::write(file, serde_json::to_vec(&t).expect("ticket json")).expect("write ticket");
+    }
+
+    #[test]
+    fn test_only_a_ticket_from_another_leader_is_new() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("rejoin");
+        let leader: SocketAddr = "127.0.0.1:4100".parse().expect("addr");
+        let next: SocketAddr = "127.0.0.1:4200".parse().expect("addr");
+        assert!(new_ticket(&file, Some("t1"), leader)
+            .expect("no file")
+            .is_none());
+        write_ticket(&file, leader, "t1");
+        assert!(new_ticket(&file, Some("t1"), next).expect("used").is_none());
+        // A second ticket from the leader this process is connected to: a
+        // duplicate (its agent registered twice), not a new leader.
+        write_ticket(&file, leader, "t2");
+        assert!(new_ticket(&file, Some("t1"), leader)
+            .expect("dup")
+            .is_none());
+        write_ticket(&file, next, "t3");
+        let t = new_ticket(&file, Some("t1"), leader)
+            .expect("readable")
+            .expect("a new leader's ticket");
+        assert_eq!((t.supervisor, t.token.as_str()), (next, "t3"));
+        std::fs::write(&file, b"{not json").expect("write");
+        assert!(new_ticket(&file, Some("t1"), leader).is_err());
+    }
+
+    #[tokio::test]
+    async fn test_a_duplicate_ticket_does_not_drop_a_live_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("rejoin");
+        let leader: SocketAddr = "127.0.0.1:4100".parse().expect("addr");
+        let state = LinkState::default();
+        state.running();
+        write_ticket(&file, leader, "t2");
+        // Six polls and more: a duplicate never supersedes.
+        let dup = tokio::time::timeout(
+            TICKET_POLL * 6,
+            superseded(Some(&file), Some("t1"), leader, &state),
+        )
+        .await;
+        assert!(dup.is_err(), "a duplicate ticket superseded the connection");
+        write_ticket(&file, "127.0.0.1:4200".parse().expect("addr"), "t3");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            superseded(Some(&file), Some("t1"), leader, &state),
+        )
+        .await
+        .expect("a new leader's ticket supersedes the connection");
     }
 }

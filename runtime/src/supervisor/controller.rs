@@ -1171,7 +1171,14 @@ impl JobController {
         let Some(st) = self.adopting.as_mut() else {
             return;
         };
-        st.joined.insert(host.to_string());
+        // Joined already, with no loss between: the agent registered while
+        // this leader started (it was among the hosts at `adopt`, and its
+        // join event came after). No second tickets: the first one used
+        // voids the others, and a process must not take a second ticket
+        // on a live connection for a sign of yet another leader.
+        if !st.joined.insert(host.to_string()) {
+            return;
+        }
         if let Some(hosts) = &st.start_fresh {
             if hosts.is_subset(&st.joined) {
                 self.start_fresh(now);

@@ -742,7 +742,17 @@ impl World {
     /// running, a standby not yet following) exit on losing their control
     /// connection; the rest run on until a ticket reaches them through
     /// their agent, which registers with the new leader a little later.
+    /// Half the time an agent registered already as the new leader starts
+    /// (it is among the hosts the job starts with) and its join event
+    /// follows all the same, as a real supervisor's can.
     fn leader_change(&mut self) {
+        let early = self.rng.chance(500);
+        self.leader_change_with(early);
+    }
+
+    /// [`Self::leader_change`], the agents registered before the new leader
+    /// starts the job (`early`) or only after.
+    fn leader_change_with(&mut self, early: bool) {
         if self.ctl.is_ended() {
             return;
         }
@@ -782,7 +792,18 @@ impl World {
         self.store.epoch = epoch;
         let latest = self.store.latest();
         let next = latest.map_or(CheckpointId(1), |c| c.next());
-        let mut ctl = JobController::new(self.cfg.clone(), epoch, next, latest, BTreeSet::new());
+        let up: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(_, a)| **a)
+            .map(|(h, _)| h.clone())
+            .collect();
+        let registered = if early {
+            up.iter().cloned().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let mut ctl = JobController::new(self.cfg.clone(), epoch, next, latest, registered);
         if self.trace {
             eprintln!("{:>8.1?} LEADER CHANGE: adopting {record:?}", self.now);
         }
@@ -791,19 +812,19 @@ impl World {
         self.newest_seen = self.newest_seen.min(latest);
         self.epoch_seen = epoch;
         self.apply(actions);
-        let up: Vec<String> = self
-            .hosts
-            .iter()
-            .filter(|(_, a)| **a)
-            .map(|(h, _)| h.clone())
-            .collect();
         // The new controller knows nothing of health checks until each
         // agent registers and reports its standbys that are down.
         for p in self.procs.values_mut() {
             p.down_told = false;
         }
         for h in up {
-            let d = self.rng.between(5, 80);
+            // An early agent's join event was queued as the job started:
+            // it comes before any process used its ticket.
+            let d = if early {
+                self.rng.between(0, 1)
+            } else {
+                self.rng.between(5, 80)
+            };
             self.at(d, Event::Deliver(Fact::HostJoined(h.clone())));
             let down: Vec<Fact> = self
                 .procs
@@ -1158,14 +1179,20 @@ impl World {
                     if self.hosts.get(&host) != Some(&true) {
                         continue;
                     }
+                    let here = |p: &SimProc| {
+                        p.worker == worker
+                            && p.slot == slot
+                            && p.host == host
+                            && p.attempt == attempt
+                    };
+                    // A process on a live connection to this leader takes
+                    // a second ticket from it for a duplicate (the SDK's
+                    // link): it keeps the connection and ignores it.
+                    if !self.live_pids(|p| here(p) && p.conn.is_some()).is_empty() {
+                        continue;
+                    }
                     let pid = self
-                        .live_pids(|p| {
-                            p.worker == worker
-                                && p.slot == slot
-                                && p.host == host
-                                && p.attempt == attempt
-                                && p.conn.is_none()
-                        })
+                        .live_pids(|p| here(p) && p.conn.is_none())
                         .first()
                         .copied();
                     let d = self.rng.between(1, 8);
@@ -2036,6 +2063,37 @@ mod scenarios {
             "checkpoints resume under the new leader: {before} -> {after}"
         );
         assert!(w.ctl.epoch() > Epoch(1), "under a new epoch");
+    }
+
+    /// The agents registered as the new leader started the job, and their
+    /// join events came after: each process gets one ticket, not two (a
+    /// second one, handed to a process already connected with the first,
+    /// once made it leave the leader and be refused: a kv-service HA flake).
+    #[test]
+    fn test_agents_registered_at_the_start_of_an_adoption_hand_one_ticket_each() {
+        let mut w = running(0, 3);
+        let pids: Vec<u64> = w.live_pids(|_| true);
+        let t = w.now;
+        w.leader_change_with(true);
+        w.run_for(ms(300));
+        assert_eq!(w.ctl.state(), JobState::Running);
+        assert_eq!(w.ctl.summary().restarts, 0, "nothing restarted");
+        assert_eq!(w.live_pids(|_| true), pids, "every process kept running");
+        let mut tickets: BTreeMap<(String, Slot), usize> = BTreeMap::new();
+        for a in w.actions_since(t) {
+            if let Action::Rejoin { worker, slot, .. } = a {
+                *tickets.entry((worker.to_string(), slot)).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            tickets.len(),
+            pids.len(),
+            "a ticket for each process: {tickets:?}"
+        );
+        assert!(
+            tickets.values().all(|n| *n == 1),
+            "one ticket per process: {tickets:?}"
+        );
     }
 
     #[test]
