@@ -377,8 +377,8 @@ where
     Ok(rkyv::to_bytes::<rancor::Error>(value)?.to_vec())
 }
 
-/// Shards per key group: a write after a snapshot archives (or, where a
-/// restore still holds it, copies) one shard, 1/256 of the group, so the
+/// At most this many shards per key group: a write after a snapshot
+/// archives (or, where a restore still holds it, copies) one shard, so the
 /// processing thread never stalls for long however large a group grows.
 /// At 64, a shard of 1 GiB of keyed state in 128 groups was about 140
 /// KiB: its archive buffer was above glibc's mmap threshold (fixed at 128
@@ -386,11 +386,47 @@ where
 /// faulted them in on the processing thread (37 faults, 186 µs of CPU at
 /// the median, 458 µs at p99, against 5 µs into a warm buffer). At 256 a
 /// shard is about 35 KiB and its buffer comes from the heap, reused: 30 /
-/// 182 µs, no faults at the median. The snapshot's synchronous part, then
-/// an `Arc` clone per shard of each dirty group, grew from about 0.15-0.2
-/// ms to 0.3-0.4 ms there; a snapshot now freezes a group whole (see
+/// 182 µs, no faults at the median. A snapshot freezes a group whole (see
 /// [`Frozen`]), and the group's first write after it pays the clones.
-const SHARDS: usize = 256;
+const MAX_SHARDS: usize = 256;
+
+/// A group grows one shard at a time (linear hashing, see [`shard_of`])
+/// while a write finds its shard holding entries of about this many
+/// archived bytes. A group starts with one shard: at 256 always, a
+/// 20,000-word count spent 14 % more CPU with 1 s checkpoints than
+/// without, its maps spread over 16,384 allocations of one or two words
+/// each, all archived or copied one by one after every checkpoint, and it
+/// ran 5 % slower even with checkpoints off. Growing the whole group at
+/// once (doubling, every entry moved) was as fast, but one write paid for
+/// the group: 0.9-2.9 ms pauses at the median for a fast-growing 10 MiB
+/// state; a split moves about half of one shard's entries. At 32 KiB the
+/// 1 GiB state bench's groups stopped short of [`MAX_SHARDS`] with shards
+/// up to twice that (checkpoint latency p50 0.64-1.0 s against 0.19-0.5
+/// s); at 4 KiB the long-tail wordcount paid 10 % CPU for its 1 s
+/// checkpoints; at 16 KiB wordcount's overhead was -3 to 6 % (3-18 % at
+/// 256 shards) and the state bench about as at 256 (10 MiB pause p50
+/// 48-85 µs against 37-50; see docs/performance.md).
+const SHARD_BYTES: usize = 16 << 10;
+
+/// A group's first shard this long has one entry archived to learn the
+/// bytes per entry, until an archive of the whole group tells better.
+const SAMPLE_AT: usize = 16;
+
+/// The shard of shard hash `h` in a group of `n` shards (`n` ≥ 1): linear
+/// hashing. With `low` the largest power of two not above `n`, shards
+/// below `n - low` were split already and address by one bit more, so
+/// growing from `n` to `n + 1` shards moves keys only out of shard
+/// `n - low`, into the new shard `n`. At a power of two this is `h % n`
+/// (the layout of parts written with 256 shards always).
+fn shard_of(h: usize, n: usize) -> usize {
+    let low = 1usize << (usize::BITS - 1 - n.max(1).leading_zeros());
+    let i = h & (low - 1);
+    if i < n - low {
+        h & (2 * low - 1)
+    } else {
+        i
+    }
+}
 
 /// The longest stall of a write on a frozen shard (archive-on-write or
 /// copy-on-write) since it was last taken (nanoseconds).
@@ -765,15 +801,36 @@ struct Group<K, V> {
     archived_len: Arc<AtomicUsize>,
     /// Snapshots of this group not serialized yet.
     pending: Vec<Weak<Frozen<K, V>>>,
+    /// A write that finds its shard this long splits one (see
+    /// [`Group::split`]).
+    split_at: usize,
+    /// Whether `split_at` was set from an entry's or the group's archive.
+    sized: bool,
+    /// Archived bytes per entry in the group's last archive (0: none yet).
+    entry_bytes: Arc<AtomicUsize>,
 }
 
 impl<K, V> Group<K, V> {
     fn empty() -> Group<K, V> {
         Group {
-            shards: Arc::new((0..SHARDS).map(|_| Arc::new(Map::default())).collect()),
+            shards: Arc::new(vec![Arc::new(Map::default())]),
             dirty: true,
             archived_len: Arc::default(),
             pending: Vec::new(),
+            split_at: SAMPLE_AT,
+            sized: false,
+            entry_bytes: Arc::default(),
+        }
+    }
+
+    /// At a snapshot (once per dirty group; nothing but the group is
+    /// read): the last archive's bytes per entry set the shard length
+    /// that splits.
+    fn size_shards(&mut self) {
+        let e = self.entry_bytes.load(Ordering::Relaxed);
+        if e > 0 {
+            self.split_at = split_at(e);
+            self.sized = true;
         }
     }
 
@@ -841,7 +898,8 @@ impl<K, V> Group<K, V> {
                 // and the write copies it.
                 continue;
             };
-            let Some(mut slot) = try_lock(&slots[i]) else {
+            // A shard split off after the snapshot is not in it.
+            let Some(mut slot) = slots.get(i).and_then(try_lock) else {
                 continue;
             };
             if matches!(&*slot, Slot::Held(frozen) if Arc::ptr_eq(frozen, &self.shards[i])) {
@@ -852,6 +910,73 @@ impl<K, V> Group<K, V> {
                 *slot = Slot::Archived(bytes.clone());
             }
         }
+    }
+}
+
+/// The shard length that splits for entries of `entry_bytes` archived.
+fn split_at(entry_bytes: usize) -> usize {
+    (SHARD_BYTES / entry_bytes.max(1)).max(SAMPLE_AT)
+}
+
+impl<K, V> Group<K, V>
+where
+    K: Clone + Eq + Hash + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+    V: Clone + rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
+{
+    /// A write found shard `i` `split_at` long: the group grows by one
+    /// shard (at most [`MAX_SHARDS`]). The first time, one of its entries
+    /// is archived to learn the bytes per entry, and `split_at` set from
+    /// it instead (no split if the shard is below that). Returns whether
+    /// it split.
+    fn grow(&mut self, i: usize, hash: impl Fn(&K) -> usize) -> bool {
+        if self.shards.len() >= MAX_SHARDS {
+            return false;
+        }
+        if !self.sized {
+            self.sized = true;
+            let sample = self.shards[i]
+                .iter()
+                .next()
+                .map(|(k, v)| (k.clone(), v.clone()));
+            if let Some(Ok(bytes)) = sample.map(|e| rkyv::to_bytes::<rancor::Error>(&e)) {
+                self.split_at = split_at(bytes.len());
+                if self.shards[i].len() < self.split_at {
+                    return false;
+                }
+            }
+        }
+        self.split(hash);
+        true
+    }
+
+    /// Linear hashing's split: with `n` shards, shard `n - low` (see
+    /// [`shard_of`]) gives the keys that address the new shard `n` once
+    /// there are `n + 1`. One shard's entries are looked at and about half
+    /// of them moved (a pending snapshot gets that shard archived first,
+    /// as for any write); the others stay where they are. Counted as a
+    /// write stall.
+    fn split(&mut self, hash: impl Fn(&K) -> usize) {
+        let n = self.shards.len();
+        let low = 1usize << (usize::BITS - 1 - n.leading_zeros());
+        let from = n - low;
+        let started = crate::clock::Stopwatch::start();
+        let src = writable(self, from);
+        let moving: Vec<K> = src
+            .keys()
+            .filter(|k| shard_of(hash(k), n + 1) != from)
+            .cloned()
+            .collect();
+        let mut new =
+            Map::with_capacity_and_hasher(moving.len().max(src.len() / 2), Default::default());
+        for k in moving {
+            if let Some((k, v)) = src.remove_entry(&k) {
+                new.insert(k, v);
+            }
+        }
+        Arc::get_mut(&mut self.shards)
+            .expect("made the group's own by `writable`")
+            .push(Arc::new(new));
+        COW_STALL_NS.fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
@@ -909,20 +1034,20 @@ where
             .collect()
     }
 
-    /// The key group and shard of `key` (one CRC: the group is the same as
-    /// [`key_group`]'s).
+    /// The key group of `key` and the hash that picks its shard (see
+    /// [`shard_of`]); one CRC: the group is the same as [`key_group`]'s.
     fn place(key_groups: u32, key: &K) -> (u32, usize) {
         let hash = crc32fast::hash(key.key_bytes());
         let groups = key_groups.max(1);
-        (hash % groups, (hash / groups) as usize % SHARDS)
+        (hash % groups, (hash / groups) as usize)
     }
 
     /// The value of `key`.
     pub fn get(&self, key: &K) -> Option<&V> {
-        let (group, shard) = Self::place(self.key_groups, key);
+        let (group, h) = Self::place(self.key_groups, key);
         self.groups
             .get(&group)
-            .and_then(|g| g.shards[shard].get(key))
+            .and_then(|g| g.shards[shard_of(h, g.shards.len())].get(key))
     }
 
     /// Mutable access to `key`'s slot; a snapshot still holding the key's
@@ -937,11 +1062,17 @@ where
 
     /// The writable shard of `key`, its group marked dirty.
     fn entry_slot(&mut self, key: &K) -> &mut Map<K, V> {
-        let (group, shard) = Self::place(self.key_groups, key);
+        let (group, h) = Self::place(self.key_groups, key);
+        let key_groups = self.key_groups;
         let g = self.groups.get_mut(&group).unwrap_or_else(|| {
             panic!("key group {group} is not owned by this instance: is the input edge `hash`?")
         });
         g.dirty = true;
+        let mut shard = shard_of(h, g.shards.len());
+        // A long shard grows the group by one (a write may add a key).
+        if g.shards[shard].len() >= g.split_at && g.grow(shard, |k| Self::place(key_groups, k).1) {
+            shard = shard_of(h, g.shards.len());
+        }
         writable(g, shard)
     }
 
@@ -1001,8 +1132,9 @@ where
         key: &K,
         op: impl FnOnce(&'a mut Map<K, V>) -> Option<R>,
     ) -> Option<R> {
-        let (group, shard) = Self::place(self.key_groups, key);
+        let (group, h) = Self::place(self.key_groups, key);
         let g = self.groups.get_mut(&group)?;
+        let shard = shard_of(h, g.shards.len());
         if g.owns(shard) {
             let Group { shards, dirty, .. } = g;
             let shards = Arc::get_mut(shards).expect("no other pointer: checked above");
@@ -1041,17 +1173,23 @@ where
             let g = self.groups.get_mut(&group).expect("listed above");
             if g.dirty {
                 g.dirty = false;
+                g.size_shards();
                 let frozen = Arc::new(Frozen::new(g.shards.clone()));
                 g.pending.retain(|p| p.strong_count() > 0);
                 g.pending.push(Arc::downgrade(&frozen));
                 let revive = revive_of(&g.shards);
                 let archived_len = g.archived_len.clone();
+                let entry_bytes = g.entry_bytes.clone();
                 snapshot.add_fresh_decoded(
                     name,
                     move || {
                         let slots = frozen.slots();
-                        let bytes = archive(slots, archived_len.load(Ordering::Relaxed))?;
+                        let (bytes, per_entry) =
+                            archive(slots, archived_len.load(Ordering::Relaxed))?;
                         archived_len.store(bytes.len(), Ordering::Relaxed);
+                        if let Some(e) = per_entry {
+                            entry_bytes.store(e, Ordering::Relaxed);
+                        }
                         Ok(bytes)
                     },
                     revive,
@@ -1099,15 +1237,24 @@ where
     /// One key group's shards from its archive, every key checked to
     /// belong to the group.
     fn decode(&self, group: u32, name: &str, bytes: &[u8]) -> Result<Vec<Shard<K, V>>, BoxError> {
-        let archives = match part_shards(bytes)
+        let (archives, sharded) = match part_shards(bytes)
             .map_err(|e| format!("state part {name:?} does not decode: {e}"))?
         {
-            Some(archives) => archives,
-            None => vec![bytes],
+            Some(archives) => (archives, true),
+            None => (vec![bytes], false),
         };
-        let mut shards: Vec<Map<K, V>> = (0..SHARDS).map(|_| Map::default()).collect();
-        // A part of SHARDS shard archives fills one shard from each.
-        let homes = archives.len() == SHARDS;
+        // A part of up to MAX_SHARDS shard archives fills one shard from
+        // each, addressed as the group that wrote it did (see
+        // [`shard_of`]); one of the earlier single-archive layout is spread
+        // over as many shards as its size needs.
+        let count = archives.len();
+        let homes = sharded && count <= MAX_SHARDS;
+        let count = if homes {
+            count
+        } else {
+            (bytes.len() / SHARD_BYTES).clamp(1, MAX_SHARDS)
+        };
+        let mut shards: Vec<Map<K, V>> = (0..count).map(|_| Map::default()).collect();
         for (i, archive) in archives.into_iter().enumerate() {
             self.decode_into(group, name, archive, &mut shards, homes.then_some(i))?;
         }
@@ -1139,7 +1286,8 @@ where
                 .map_err(|e| format!("state part {name:?}: a key does not decode: {e}"))?;
             let value: V = rkyv::deserialize::<V, rancor::Error>(&entry.1)
                 .map_err(|e| format!("state part {name:?}: a value does not decode: {e}"))?;
-            let (g, shard) = Self::place(self.key_groups, &key);
+            let (g, h) = Self::place(self.key_groups, &key);
+            let shard = shard_of(h, shards.len());
             if g != group {
                 return Err(format!(
                     "state part {name:?} of key group {group} holds a key of group {g}"
@@ -1167,7 +1315,12 @@ const PACED_PART: usize = 1 << 20;
 /// straight from its entries, each one a writer archived already is
 /// copied in. A part last archived at [`PACED_PART`] or more offers its
 /// core every 200 µs of work.
-fn archive<K, V>(slots: &Slots<K, V>, size_hint: usize) -> Result<bytes::Bytes, BoxError>
+/// Returns the part and the archived bytes per entry of the shards it
+/// archived itself (`None` if every one was archived on write, or empty).
+fn archive<K, V>(
+    slots: &Slots<K, V>,
+    size_hint: usize,
+) -> Result<(bytes::Bytes, Option<usize>), BoxError>
 where
     K: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
     V: rkyv::Archive + for<'a> rkyv::Serialize<HighSerializer<'a>>,
@@ -1178,6 +1331,7 @@ where
     buffer.extend_from_slice(&(slots.len() as u32).to_le_bytes());
     buffer.resize(header, 0);
     let mut spans = Vec::with_capacity(slots.len());
+    let (mut entries, mut archived) = (0usize, 0usize);
     let mut ran = crate::clock::Stopwatch::start();
     let paced = size_hint == 0 || size_hint >= PACED_PART;
     for slot in slots {
@@ -1192,6 +1346,8 @@ where
         match std::mem::replace(&mut *slot, Slot::Taken) {
             Slot::Held(frozen) => {
                 buffer = archive_shard(&frozen, buffer)?;
+                entries += frozen.len();
+                archived += buffer.len() - start;
                 drop(frozen);
             }
             Slot::Archived(archived) => match archived.as_ref() {
@@ -1207,10 +1363,8 @@ where
         buffer[16 + 16 * i..24 + 16 * i].copy_from_slice(&start.to_le_bytes());
         buffer[24 + 16 * i..32 + 16 * i].copy_from_slice(&end.to_le_bytes());
     }
-    Ok(bytes::Bytes::from_owner(buffers::Pooled(
-        buffer,
-        &buffers::POOL,
-    )))
+    let part = bytes::Bytes::from_owner(buffers::Pooled(buffer, &buffers::POOL));
+    Ok((part, (entries > 0).then(|| archived / entries)))
 }
 
 /// Archive buffers kept for the next checkpoint. A fresh buffer of many
@@ -1449,8 +1603,10 @@ mod tests {
         misaligned[16..24].copy_from_slice(&(start + 1).to_le_bytes());
         let mut no_shards = good.clone();
         no_shards[8..12].copy_from_slice(&0u32.to_le_bytes());
+        // Cut inside the shard table (of one shard here: 16 bytes of
+        // header, 16 of table).
         let mut truncated = good.clone();
-        truncated.truncate(100);
+        truncated.truncate(24);
         for (what, bytes) in [
             ("end past the part", bad_end),
             ("misaligned start", misaligned),
@@ -1474,7 +1630,7 @@ mod tests {
     /// Every entry of a part, sorted.
     fn part_entries(bytes: &[u8]) -> Vec<(String, u64)> {
         let shards = part_shards(bytes).expect("header").expect("sharded layout");
-        assert_eq!(shards.len(), SHARDS);
+        assert!((1..=MAX_SHARDS).contains(&shards.len()));
         let mut all = Vec::new();
         for shard in shards {
             let mut aligned = AlignedVec::<16>::new();
@@ -1666,14 +1822,108 @@ mod tests {
         assert!(e.contains("does not decode"), "{e}");
     }
 
-    /// Keyed state of 20,000 keys `k{i}` holding `i`, one instance.
+    /// Keyed state of 20,000 keys `k{i}` holding `i`, one instance, each
+    /// group split to [`MAX_SHARDS`] shards (a group this small has one).
     fn twenty_thousand_keys() -> (Context, KeyedState<String, u64>) {
         let ctx = Context::for_test("c", 0, 1);
         let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
         for i in 0..20_000u64 {
             st.entry(format!("k{i}")).or_insert(i);
         }
+        split_to_max(&mut st);
         (ctx, st)
+    }
+
+    /// Splits every group of `st` to [`MAX_SHARDS`] shards.
+    fn split_to_max(st: &mut KeyedState<String, u64>) {
+        let key_groups = st.key_groups;
+        for g in st.groups.values_mut() {
+            while g.shards.len() < MAX_SHARDS {
+                g.split(|k| KeyedState::<String, u64>::place(key_groups, k).1);
+            }
+        }
+    }
+
+    #[test]
+    fn test_shard_of_is_linear_hashing() {
+        for n in 1..=MAX_SHARDS {
+            for h in 0..4096usize {
+                let i = shard_of(h, n);
+                assert!(i < n, "h {h} n {n} -> {i}");
+                if n.is_power_of_two() {
+                    assert_eq!(i, h % n);
+                }
+                // Growing to n + 1 moves a key only from the shard split
+                // (n - low) into the new one (n).
+                let j = shard_of(h, n + 1);
+                let low = 1 << (usize::BITS - 1 - n.leading_zeros());
+                assert!(
+                    j == i || (i == n - low && j == n),
+                    "h {h} n {n}: {i} -> {j}"
+                );
+            }
+        }
+    }
+
+    /// A group starts with one shard and grows one shard at a time while a
+    /// write finds its shard long (learning the bytes per entry from one
+    /// entry first, then from its archives); every entry stays reachable
+    /// through splits, snapshots pending over a split, and restores, which
+    /// decode a part into as many shards as it has archives.
+    #[test]
+    fn test_a_group_grows_one_shard_at_a_time_and_keeps_its_entries() {
+        let ctx = Context::for_test("c", 0, 1);
+        let mut st: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        let counts = |st: &KeyedState<String, u64>| -> Vec<usize> {
+            st.groups.values().map(|g| g.shards.len()).collect()
+        };
+        for i in 0..2_000u64 {
+            st.insert(format!("k{i}"), i);
+        }
+        assert!(counts(&st).iter().all(|n| *n == 1), "{:?}", counts(&st));
+        // A snapshot pending while the groups grow: it keeps what it froze.
+        let frozen = st.snapshot();
+        for i in 2_000..400_000u64 {
+            st.insert(format!("k{i}"), i);
+        }
+        let grown = counts(&st);
+        assert!(
+            grown.iter().all(|n| *n > 1 && *n <= MAX_SHARDS),
+            "{grown:?}"
+        );
+        let then = restored_from(frozen, &ctx);
+        assert_eq!(then.len(), 2_000);
+        assert_eq!(then.get(&"k1999".to_string()), Some(&1_999));
+        assert_eq!(then.get(&"k2000".to_string()), None);
+        // Each shard holds entries of about SHARD_BYTES archived (or fewer):
+        // none is more than twice the split length.
+        for g in st.groups.values() {
+            let longest = g.shards.iter().map(|s| s.len()).max().unwrap_or(0);
+            assert!(
+                longest <= 2 * g.split_at + 1,
+                "{longest} > 2 x {}",
+                g.split_at
+            );
+        }
+        assert_eq!(st.len(), 400_000);
+        for i in (0..400_000u64).step_by(997) {
+            assert_eq!(st.get(&format!("k{i}")), Some(&i), "k{i}");
+        }
+        let back = restored_from(st.snapshot(), &ctx);
+        assert_eq!(
+            counts(&back),
+            grown,
+            "restored with the shards it was written with"
+        );
+        assert_eq!(back.len(), 400_000);
+        assert_eq!(back.get(&"k123456".to_string()), Some(&123_456));
+        // The archive's bytes per entry size the next splits.
+        let k1 = key_group(b"k1", ctx.key_groups);
+        let e = st.groups[&k1].entry_bytes.load(Ordering::Relaxed);
+        assert!(e > 8 && e < 64, "{e} bytes per entry");
+        st.insert("k1".into(), 1);
+        let _ = st.snapshot();
+        assert_eq!(st.groups[&k1].split_at, split_at(e));
     }
 
     /// What `frozen` restores to, serialized as the uploader does.
@@ -1710,7 +1960,7 @@ mod tests {
             .zip(after.iter())
             .filter(|(b, a)| !Arc::ptr_eq(b, a))
             .count();
-        assert_eq!(copied, 1, "one shard of {SHARDS} copied");
+        assert_eq!(copied, 1, "one shard of {MAX_SHARDS} copied");
         // ... and not as a copy of its entries: the write archived the
         // frozen shard for the snapshot and then changed it in place.
         let pending = st.groups[&g]
@@ -1764,7 +2014,7 @@ mod tests {
             .iter()
             .filter(|s| Arc::strong_count(s) == 2)
             .count();
-        assert_eq!(shared, SHARDS - 1);
+        assert_eq!(shared, MAX_SHARDS - 1);
         // Groups not written since still share their vector with it.
         assert!(st
             .groups
