@@ -792,12 +792,7 @@ impl World {
         self.store.epoch = epoch;
         let latest = self.store.latest();
         let next = latest.map_or(CheckpointId(1), |c| c.next());
-        let up: Vec<String> = self
-            .hosts
-            .iter()
-            .filter(|(_, a)| **a)
-            .map(|(h, _)| h.clone())
-            .collect();
+        let up = self.up_hosts();
         let registered = if early {
             up.iter().cloned().collect()
         } else {
@@ -842,14 +837,18 @@ impl World {
         }
     }
 
-    /// Marks a random up host down, if at least one other stays up.
-    fn take_down_a_host(&mut self) -> Option<String> {
-        let up: Vec<String> = self
-            .hosts
+    /// The hosts up now.
+    fn up_hosts(&self) -> Vec<String> {
+        self.hosts
             .iter()
             .filter(|(_, a)| **a)
             .map(|(h, _)| h.clone())
-            .collect();
+            .collect()
+    }
+
+    /// Marks a random up host down, if at least one other stays up.
+    fn take_down_a_host(&mut self) -> Option<String> {
+        let up = self.up_hosts();
         if up.len() < 2 {
             return None;
         }
