@@ -412,6 +412,12 @@ const SHARD_BYTES: usize = 16 << 10;
 /// bytes per entry, until an archive of the whole group tells better.
 const SAMPLE_AT: usize = 16;
 
+/// The largest power of two not above `n` (1 for 0): with `n` shards,
+/// shard `n - low_of(n)` is the next to split (see [`shard_of`]).
+fn low_of(n: usize) -> usize {
+    1 << n.max(1).ilog2()
+}
+
 /// The shard of shard hash `h` in a group of `n` shards (`n` ≥ 1): linear
 /// hashing. With `low` the largest power of two not above `n`, shards
 /// below `n - low` were split already and address by one bit more, so
@@ -419,7 +425,7 @@ const SAMPLE_AT: usize = 16;
 /// `n - low`, into the new shard `n`. At a power of two this is `h % n`
 /// (the layout of parts written with 256 shards always).
 fn shard_of(h: usize, n: usize) -> usize {
-    let low = 1usize << (usize::BITS - 1 - n.max(1).leading_zeros());
+    let low = low_of(n);
     let i = h & (low - 1);
     if i < n - low {
         h & (2 * low - 1)
@@ -957,8 +963,7 @@ where
     /// write stall.
     fn split(&mut self, hash: impl Fn(&K) -> usize) {
         let n = self.shards.len();
-        let low = 1usize << (usize::BITS - 1 - n.leading_zeros());
-        let from = n - low;
+        let from = n - low_of(n);
         let started = crate::clock::Stopwatch::start();
         let src = writable(self, from);
         let moving: Vec<K> = src
@@ -1592,6 +1597,23 @@ mod tests {
             .expect("restore the earlier layout");
         assert_eq!(back.len(), 500);
         assert_eq!(back.get(&"k77".to_string()), Some(&77));
+        // A part of more shard archives than a group has shards (not one
+        // this code writes): its entries are spread by size, all kept.
+        let many: BTreeMap<String, bytes::Bytes> = parts
+            .iter()
+            .map(|(n, b)| {
+                (
+                    n.clone(),
+                    bytes::Bytes::from(sharded_part(&part_entries(b), 300)),
+                )
+            })
+            .collect();
+        let mut back: KeyedState<String, u64> = KeyedState::new("counts", &ctx);
+        back.restore(&Restored::from_parts(CheckpointId(1), many, Vec::new()))
+            .expect("restore a part of 300 shard archives");
+        assert_eq!(back.len(), 500);
+        assert_eq!(back.get(&"k77".to_string()), Some(&77));
+        assert!(back.groups.values().all(|g| g.shards.len() <= MAX_SHARDS));
         // A shard table pointing outside the part, misaligned, or an
         // impossible shard count: named, not a panic.
         let name = "counts-kg0".to_string();
@@ -1625,6 +1647,24 @@ mod tests {
                 "{what}: {e}"
             );
         }
+    }
+
+    /// A part in the sharded layout of `count` shard archives: every
+    /// entry in the first, the others empty.
+    fn sharded_part(entries: &[(String, u64)], count: usize) -> Vec<u8> {
+        let mut out = vec![0u8; part_header_len(count)];
+        out[..8].copy_from_slice(&PART_MAGIC);
+        out[8..12].copy_from_slice(&(count as u32).to_le_bytes());
+        for i in 0..count {
+            out.resize(out.len().next_multiple_of(16), 0);
+            let start = out.len() as u64;
+            let shard: Vec<(String, u64)> = if i == 0 { entries.to_vec() } else { Vec::new() };
+            out.extend_from_slice(&to_rkyv(&shard).expect("archive"));
+            let end = out.len() as u64;
+            out[16 + 16 * i..24 + 16 * i].copy_from_slice(&start.to_le_bytes());
+            out[24 + 16 * i..32 + 16 * i].copy_from_slice(&end.to_le_bytes());
+        }
+        out
     }
 
     /// Every entry of a part, sorted.
